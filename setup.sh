@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# dicomnode set-up: installs everything (Debian packages and the Python environment in .venv/),
+# then runs the main job on the embedded default unless --no-demo is given.
+#
+#   ./setup.sh            install + demo (phantom CT -> analysis -> SR/SC/result.json in ./demo-out)
+#   ./setup.sh --no-demo  install only (used by run-tests.sh on a fresh clone)
+set -euo pipefail
+cd "$(dirname "$0")"
+DEMO=1
+[[ "${1:-}" == "--no-demo" ]] && DEMO=0
+
+APT_PACKAGES=(orthanc orthanc-dicomweb dcmtk dicom3tools chromium)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+if [[ ! -x .venv/bin/python ]]; then
+  echo "setup: creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+# torch first, pinned: the CPU wheel provided on these machines. A resolver must never pick plain torch
+# (that pulls the CUDA build and gigabytes of GPU libraries).
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  echo "setup: installing torch==2.13.0 (CPU wheel)"
+  .venv/bin/pip install -q "torch==2.13.0"
+fi
+stamp=.venv/.dicomnode-installed
+if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+  echo "setup: installing dicomnode and its dependencies into .venv"
+  .venv/bin/pip install -q -e ".[dev]"
+  touch "$stamp"
+fi
+.venv/bin/python -c "import torch,sys; v=torch.__version__; sys.exit(0 if v.startswith('2.13.0') else 'torch '+v+' is not the pinned CPU build')"
+
+if ((DEMO)); then
+  exec .venv/bin/dicomnode demo --out demo-out
+fi
