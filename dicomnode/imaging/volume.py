@@ -62,7 +62,7 @@ class Volume:
     def lps_to_index(self, xyz: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Map (..., 3) LPS mm to fractional voxel indices (i, j, k)."""
         p = np.asarray(xyz, dtype=np.float64)
-        inv = np.linalg.inv(self.affine)
+        inv: npt.NDArray[np.float64] = np.asarray(np.linalg.inv(self.affine), dtype=np.float64)
         return p @ inv[:3, :3].T + inv[:3, 3]
 
     def canonical(self) -> Volume:

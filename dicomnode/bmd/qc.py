@@ -1,0 +1,252 @@
+"""Per-vertebra QC (field of view, ROI size, metal/cement, compression fracture, outliers), the ACR
+category on the L1-L2 pair (or the nearest valid pair), L1 HU flags and patient demographics.
+
+Thresholds and their sources:
+
+* ACR-SPR-SSR QCT: mean trabecular vBMD of two lumbar vertebrae (usually L1-L2): > 120 mg/cm3 normal,
+  80-120 osteopenia, < 80 osteoporosis (clinical.md 2.1).
+* L1 HU (Pickhardt et al., Ann Intern Med 2013, clinical.md 1.1): <= 110 HU > 90 % specific for
+  osteoporosis; <= 160 HU ~90 % sensitive; > 200 HU NPV 99 %. These are raw HU at 120 kV.
+* Compression fracture: height ratio (min/max of anterior, middle, posterior) < 0.8, i.e. >= 20 % height
+  loss = Genant grade >= 1 (Genant semiquantitative; TotalSegmentator spine report uses the same 0.8);
+  also a body whose height is < 80 % of its neighbours' mean. Fractured levels leave the average
+  (compression raises apparent density, clinical.md 4.4).
+* Outlier: calibrated trabecular HU more than 30 % and more than 30 HU away from the mean of both
+  neighbours (sclerotic lesion, haemangioma, mislabelled structure).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from dicomnode.bmd import calibration as cal
+from dicomnode.bmd.roi import METAL_MIN_MM3, RoiStats
+from dicomnode.bmd.segmentation import SpineSegmentation
+from dicomnode.domain import (
+    REPORTED_LEVELS,
+    BoneCategory,
+    Calibration,
+    ContrastPhase,
+    PatientInfo,
+    RoiOutline,
+    Summary,
+    VertebraResult,
+)
+from dicomnode.imaging.volume import Volume
+
+ACR_NORMAL = 120.0
+ACR_OSTEOPOROSIS = 80.0
+FRACTURE_RATIO = 0.8
+OUTLIER_FRACTION = 0.30
+OUTLIER_MIN_HU = 30.0
+
+#: Pairs tried in order when L1 or L2 is not usable (nearest to L1-L2 first).
+PAIRS: tuple[tuple[str, str], ...] = (("L1", "L2"), ("L2", "L3"), ("T12", "L1"), ("L3", "L4"), ("T11", "T12"))
+
+
+def category(vbmd: float) -> BoneCategory:
+    """ACR QCT category of a mean trabecular vBMD (mg/cm3)."""
+    if vbmd > ACR_NORMAL:
+        return BoneCategory.NORMAL
+    if vbmd >= ACR_OSTEOPOROSIS:
+        return BoneCategory.OSTEOPENIA
+    return BoneCategory.OSTEOPOROSIS
+
+
+def l1_hu_flags(hu: float) -> tuple[str, ...]:
+    """Meaning of an L1 trabecular HU value against Pickhardt 2013's 120 kV thresholds."""
+    flags = []
+    if hu <= 110.0:
+        flags.append("L1 <= 110 HU: >90% specific for osteoporosis (Pickhardt 2013)")
+    if hu <= 160.0:
+        flags.append("L1 <= 160 HU: below the ~90%-sensitive osteoporosis threshold (Pickhardt 2013)")
+    if hu > 200.0:
+        flags.append("L1 > 200 HU: osteoporosis very unlikely (NPV 99%, Pickhardt 2013)")
+    return tuple(flags)
+
+
+def build_vertebrae(
+    *,
+    volume: Volume,
+    canon: Volume,
+    seg: SpineSegmentation,
+    stats: Mapping[str, RoiStats],
+    fit: cal.TissueFit,
+    correction: float,
+    vbmd_ok: bool,
+    min_roi_mm3: float,
+    outline: Callable[[Volume, Volume, RoiStats, int], RoiOutline | None],
+) -> list[VertebraResult]:
+    """One ``VertebraResult`` per named level (cranial to caudal) with QC applied."""
+    order = {lv: i for i, lv in enumerate(REPORTED_LEVELS)}
+    levels = [lv for lv in seg.levels if lv in stats]
+    reasons: dict[str, list[str]] = {lv: [] for lv in levels}
+    qcs: dict[str, list[str]] = {lv: [] for lv in levels}
+    ratio: dict[str, float | None] = {}
+    for lv in levels:
+        st = stats[lv]
+        if lv in seg.truncated:
+            reasons[lv].append("vertebral body cut by the field of view")
+        if st.metal_mm3 >= METAL_MIN_MM3:
+            reasons[lv].append(f"metal or cement in the body ({st.metal_mm3:.0f} mm3 above 2000 HU)")
+        if st.volume_mm3 < min_roi_mm3:
+            reasons[lv].append(f"trabecular ROI too small ({st.volume_mm3:.0f} mm3 < {min_roi_mm3:.0f} mm3)")
+        h = st.heights_mm
+        if h is not None and lv not in seg.truncated:
+            r = min(h) / max(h) if max(h) > 0 else None
+            ratio[lv] = r
+            if r is not None and r < FRACTURE_RATIO:
+                reasons[lv].append(
+                    f"suspected compression fracture (height ratio {r:.2f} < {FRACTURE_RATIO}, Genant grade >= 1)"
+                )
+        else:
+            ratio[lv] = None
+    # height against neighbours (a uniformly crushed body keeps its own ratio)
+    for i, lv in enumerate(levels):
+        hs = stats[lv].heights_mm
+        if hs is None or lv in seg.truncated:
+            continue
+        nb = [
+            max(stats[n].heights_mm or (0.0,))
+            for n in (levels[i - 1] if i > 0 else None, levels[i + 1] if i + 1 < len(levels) else None)
+            if n is not None and n not in seg.truncated and stats[n].heights_mm is not None
+        ]
+        if nb and max(hs) < FRACTURE_RATIO * float(np.mean(nb)):
+            reasons[lv].append(
+                f"suspected compression fracture (height {max(hs):.0f} mm < 80% of neighbours' {np.mean(nb):.0f} mm)"
+            )
+    # outliers against both neighbours (calibrated HU), among otherwise valid levels
+    cal_hu = {lv: fit.apply(stats[lv].mean) for lv in levels if np.isfinite(stats[lv].mean)}
+    valid = [lv for lv in levels if not reasons[lv] and lv in cal_hu]
+    for i, lv in enumerate(valid):
+        if 0 < i < len(valid) - 1:
+            nb_mean = 0.5 * (cal_hu[valid[i - 1]] + cal_hu[valid[i + 1]])
+            d = cal_hu[lv] - nb_mean
+            if abs(d) > OUTLIER_MIN_HU and abs(d) > OUTLIER_FRACTION * abs(nb_mean):
+                qcs[lv].append(f"trabecular HU {d:+.0f} HU from its neighbours' mean")
+                reasons[lv].append("outlier against neighbours (lesion, sclerosis or mislabelled structure?)")
+    out: list[VertebraResult] = []
+    for lv in sorted(levels, key=lambda v: order.get(v, 99)):
+        st = stats[lv]
+        excl = bool(reasons[lv])
+        v_bmd = None
+        if vbmd_ok and np.isfinite(st.mean) and not excl:
+            v_bmd = float(cal.vbmd_from_hu(fit.apply(st.mean), correction))
+        if seg.level_uncertain:
+            qcs[lv].append("level naming uncertain")
+        mid_k: int | None = None
+        oline = None
+        if np.isfinite(st.centroid_ijk[2]):
+            mid_k = int(round(st.centroid_ijk[2]))
+            oline = outline(volume, canon, st, mid_k)
+        cen = (
+            tuple(float(c) for c in canon.index_to_lps(st.centroid_ijk))
+            if np.isfinite(st.centroid_ijk[0])
+            else (np.nan, np.nan, np.nan)
+        )
+        out.append(
+            VertebraResult(
+                level=lv,
+                level_uncertain=seg.level_uncertain,
+                excluded=excl,
+                qc=tuple(qcs[lv]) + tuple(reasons[lv]),
+                trabecular_hu_mean=st.mean,
+                trabecular_hu_median=st.median,
+                trabecular_hu_sd=st.sd,
+                roi_volume_mm3=st.volume_mm3,
+                roi_centroid_lps_mm=(cen[0], cen[1], cen[2]),
+                vbmd_mg_cm3=v_bmd,
+                exclusion_reason="; ".join(reasons[lv]) if excl else None,
+                height_ratio=ratio.get(lv),
+                mid_slice_index=mid_k,
+                outline=oline,
+            )
+        )
+    return out
+
+
+def summarise(
+    rows: Sequence[VertebraResult],
+    phase: ContrastPhase,
+    calib: Calibration,
+    notes: list[str],
+    uncertain: bool,
+) -> Summary:
+    """ACR category on L1-L2 (or the nearest valid pair), L1 HU and its flags, notes."""
+    by = {r.level: r for r in rows}
+    notes = list(notes)
+    used: tuple[str, ...] = ()
+    vb: float | None = None
+    for a, b in PAIRS:
+        ra, rb = by.get(a), by.get(b)
+        if ra and rb and ra.vbmd_mg_cm3 is not None and rb.vbmd_mg_cm3 is not None:
+            used = (a, b)
+            vb = 0.5 * (ra.vbmd_mg_cm3 + rb.vbmd_mg_cm3)
+            break
+    if used and used != ("L1", "L2"):
+        why = [f"{lv}: {by[lv].exclusion_reason or 'not in view'}" for lv in ("L1", "L2") if lv in by]
+        notes.append(f"L1-L2 not both usable ({'; '.join(why) or 'not in view'}); category on {used[0]}-{used[1]}")
+    if not used:
+        singles = [r for r in rows if r.vbmd_mg_cm3 is not None and r.level in ("L1", "L2", "L3")]
+        if singles:
+            used = (singles[0].level,)
+            vb = singles[0].vbmd_mg_cm3
+            notes.append(f"no valid pair of adjacent lumbar vertebrae; category on {used[0]} alone")
+        else:
+            notes.append("no vBMD available for classification")
+    l1 = by.get("L1")
+    l1_hu = l1.trabecular_hu_mean if l1 is not None and not l1.excluded else None
+    if l1 is not None and l1.excluded:
+        notes.append(f"L1 excluded: {l1.exclusion_reason}")
+    if uncertain:
+        notes.append("vertebral level naming uncertain: check the labels before relying on L1")
+    return Summary(
+        l1_hu=l1_hu,
+        vbmd_l1_l2_mg_cm3=vb,
+        category=category(vb) if vb is not None else None,
+        levels_used=used,
+        contrast_phase=phase,
+        calibration=calib,
+        l1_hu_flags=l1_hu_flags(l1_hu) if l1_hu is not None else (),
+        notes=tuple(dict.fromkeys(notes)),
+    )
+
+
+def _age_from_string(v: str) -> float | None:
+    m = re.fullmatch(r"\s*(\d{1,3})\s*([DWMY]?)\s*", v.upper())
+    if not m:
+        return None
+    n = float(m.group(1))
+    unit = m.group(2) or "Y"
+    return {"Y": n, "M": n / 12.0, "W": n * 7 / 365.25, "D": n / 365.25}[unit]
+
+
+def _date(v: Any) -> _dt.date | None:
+    s = str(v or "").strip()[:8]
+    try:
+        return _dt.datetime.strptime(s, "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def patient_info(header: Mapping[str, Any]) -> PatientInfo:
+    """Age (years) from PatientAge, else birth date and study date; sex M/F/O; missing -> None."""
+    age: float | None = None
+    pa = header.get("PatientAge")
+    if isinstance(pa, int | float) and not isinstance(pa, bool):
+        age = float(pa)
+    elif pa:
+        age = _age_from_string(str(pa))
+    if age is None:
+        b = _date(header.get("PatientBirthDate"))
+        s = _date(header.get("StudyDate") or header.get("SeriesDate") or header.get("AcquisitionDate"))
+        if b and s and s >= b:
+            age = round((s - b).days / 365.25, 1)
+    sex_raw = str(header.get("PatientSex") or "").strip().upper()
+    sex = sex_raw if sex_raw in ("M", "F", "O") else None
+    return PatientInfo(age_years=age, sex=sex)

@@ -1,0 +1,144 @@
+"""``dicomnode analyze INPUT --out DIR``: analyse one CT (DICOM folder/file or NIfTI) and write the outputs.
+
+Exit status: 0 analysed (status ok), 2 not qualifying (MR, localizer, head CT, dose report, too few slices,
+lumbar spine not in view...), 1 failure. ``DIR/result.json`` is written in every case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any, TextIO
+
+from dicomnode.domain import AnalysisResult, AnalysisStatus
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "analyze",
+        help="analyse one CT series (DICOM folder/file or NIfTI) and write SR, overlays and result.json",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "input", type=Path, help="DICOM folder (searched recursively), DICOM file, or .nii/.nii.gz"
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder (created if needed)")
+    p.add_argument(
+        "--job-key", default=None, help="stable job id: output UIDs derive from it (default: random)"
+    )
+    p.add_argument("--output-version", type=int, default=1, help="output version for the UIDs (default 1)")
+    p.add_argument("--disclaimer", default=None, help="line burned into the overlays")
+    p.add_argument("--no-png", action="store_true", help="do not write PNG copies of the overlays")
+    p.set_defaults(handler=run)
+
+
+def _f(value: float | None, digits: int = 1) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def print_result(result: AnalysisResult, out: TextIO) -> None:
+    """The short table: level, HU mean, vBMD, flags; then the summary line."""
+    out.write(f"{'level':<6}{'HU mean':>9}{'HU median':>11}{'vBMD mg/cm3':>13}  flags\n")
+    for v in result.vertebrae:
+        flags = []
+        if v.level_uncertain:
+            flags.append("level uncertain")
+        if v.excluded:
+            flags.append(f"excluded: {v.exclusion_reason or 'yes'}")
+        flags.extend(q for q in v.qc if not (v.excluded and q in (v.exclusion_reason or "")))
+        level = v.level + ("?" if v.level_uncertain else "")
+        out.write(
+            f"{level:<6}{_f(v.trabecular_hu_mean):>9}{_f(v.trabecular_hu_median):>11}"
+            f"{_f(v.vbmd_mg_cm3):>13}  {'; '.join(flags)}\n"
+        )
+    s = result.summary
+    if s is None:
+        return
+    levels = "-".join(s.levels_used) if s.levels_used else "none"
+    category = s.category.value if s.category is not None else "no category"
+    out.write(
+        f"\nmean vBMD ({levels}): {_f(s.vbmd_l1_l2_mg_cm3)} mg/cm3 -> {category} (ACR QCT categories)\n"
+    )
+    phase = s.contrast_phase.value
+    kvp = f"{s.calibration.kvp:g} kVp" if s.calibration.kvp is not None else "kVp unknown"
+    out.write(f"L1 HU: {_f(s.l1_hu)}   contrast: {phase}   {kvp}   calibration: {s.calibration.method}\n")
+    for note in (*s.l1_hu_flags, *s.notes, *s.calibration.flags, *result.warnings):
+        out.write(f"note: {note}\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``dicomnode analyze``; never lets a traceback reach the user (unless -vv)."""
+    verbose = int(getattr(args, "verbose", 0) or 0)
+    if verbose == 0:
+        # pydicom reports every odd value it tolerates; the user gets our one-line verdict instead.
+        # (import first: importing pydicom.config resets its logger's level)
+        import pydicom.config  # noqa: F401
+
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
+    try:
+        from dicomnode.pipeline.analyze import analyze_path
+
+        with warnings.catch_warnings():
+            if verbose == 0:
+                warnings.simplefilter("ignore")
+            run_ = analyze_path(
+                args.input,
+                args.out,
+                job_key=args.job_key,
+                version=args.output_version,
+                disclaimer=args.disclaimer,
+                write_png=not args.no_png,
+            )
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # outside analyze_path's own net (e.g. a broken install)
+        if verbose >= 2:
+            traceback.print_exc()
+        print(
+            f"dicomnode analyze: failed: {type(exc).__name__}: {exc} (rerun with -vv for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+    result = run_.result
+    if run_.error is not None and verbose >= 2:
+        traceback.print_exception(run_.error)
+    if run_.choice is not None and run_.choice.reasons:
+        chosen = run_.choice.chosen
+        what = f"series {chosen.series_instance_uid}" if chosen is not None else "input"
+        print(f"{what}: " + "; ".join(run_.choice.reasons))
+        if verbose >= 1:
+            for uid, why in run_.choice.others:
+                print(f"  not chosen {uid}: {why}")
+    if result.status is AnalysisStatus.OK:
+        print_result(result, sys.stdout)
+        if run_.outputs is not None:
+            o = run_.outputs
+            parts = [o.result_json.name]
+            if o.sr is not None:
+                parts.append(o.sr.name)
+            if o.sc:
+                parts.append(f"{len(o.sc)} secondary capture(s)")
+            if o.png:
+                parts.append(f"{len(o.png)} PNG")
+            print(f"\nwritten to {o.result_json.parent}: {', '.join(parts)}")
+            for note in o.notes:
+                print(f"note: {note}")
+        return 0
+    label = "not qualifying" if result.status is AnalysisStatus.NOT_QUALIFYING else "failed"
+    hint = (
+        " (unexpected error; rerun with -vv for the traceback)"
+        if run_.error is not None and verbose < 2
+        else ""
+    )
+    print(f"dicomnode analyze: {label}: {result.reason}{hint}", file=sys.stderr)
+    return run_.exit_code

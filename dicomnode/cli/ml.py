@@ -1,0 +1,131 @@
+"""``dicomnode evaluate`` and ``dicomnode train``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from dicomnode.errors import DicomnodeError
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``evaluate`` and ``train`` sub-commands."""
+    ev = subparsers.add_parser(
+        "evaluate",
+        help="compare predicted vBMD with a reference standard (metrics.json, plots, report.html)",
+        description="Compare predicted vBMD (CSV id,bmd_mg_cm3 or a folder of result.json) with a reference "
+        "CSV id,bmd_mg_cm3,osteoporosis.",
+    )
+    ev.add_argument("--reference", required=True, type=Path, help="CSV id,bmd_mg_cm3,osteoporosis")
+    ev.add_argument("--predictions", required=True, type=Path, help="CSV id,bmd_mg_cm3 or folder of result.json")
+    ev.add_argument("--out", required=True, type=Path, help="output folder")
+    ev.add_argument("--threshold", type=float, default=80.0, help="predicted vBMD below this = positive (mg/cm3)")
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95 %% CIs")
+    ev.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    ev.set_defaults(handler=run_evaluate)
+
+    tr = subparsers.add_parser(
+        "train",
+        help="train a network on local data and write a model bundle",
+        description="Train TASK (segmentation or bmd) with k-fold cross-validation by patient and write a "
+        "MONAI-layout bundle with a checksummed manifest.",
+    )
+    tr.add_argument("task", choices=("segmentation", "bmd"))
+    tr.add_argument("--data", required=True, type=Path, help="dataset folder (images/, labels/) or CSV")
+    tr.add_argument("--out", required=True, type=Path, help="bundle folder to write")
+    tr.add_argument("--external", type=Path, default=None, help="optional external test set (same layout)")
+    tr.add_argument("--folds", type=int, default=5, help="k of k-fold cross-validation by patient (0 = none)")
+    tr.add_argument("--epochs", type=int, default=20)
+    tr.add_argument("--batch-size", type=int, default=4)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--width", type=int, default=8, help="network width (first-layer channels)")
+    tr.add_argument(
+        "--patch", type=_patch, default=None, help="patch / crop size in voxels: N or DxHxW (default 64 / 32)"
+    )
+    tr.add_argument(
+        "--spacing", type=float, default=None, help="resample to this isotropic spacing in mm (default 3 / 1.5)"
+    )
+    tr.add_argument("--arch", choices=("unet", "segresnet"), default="unet", help="segmentation network")
+    tr.add_argument("--samples-per-case", type=int, default=2, help="crops per case per epoch")
+    tr.add_argument(
+        "--label-scheme",
+        choices=("auto", "totalseg", "verse", "dicomnode"),
+        default="auto",
+        help="label ids of the masks (TotalSegmentator v2 L1=31, VerSe L1=20, dicomnode 1..7 = T11..L5)",
+    )
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    tr.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    tr.add_argument("--name", default=None, help="bundle name (default: dicomnode-TASK)")
+    tr.add_argument("--version-tag", dest="bundle_version", default="0.1.0", help="bundle version")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tr.set_defaults(handler=run_train)
+
+
+def _patch(text: str) -> int | tuple[int, int, int]:
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"patch must be N or DxHxW, got {text!r}") from None
+    if len(sizes) == 1:
+        return sizes[0]
+    if len(sizes) != 3 or any(s <= 0 for s in sizes):
+        raise argparse.ArgumentTypeError(f"patch must be N or DxHxW, got {text!r}")
+    return (sizes[0], sizes[1], sizes[2])
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Handler of ``dicomnode evaluate``."""
+    from dicomnode.ml.evaluate import evaluate
+
+    try:
+        doc = evaluate(args.reference, args.predictions, args.out, args.threshold, args.bootstrap, args.seed)
+    except DicomnodeError as exc:
+        print(f"dicomnode evaluate: {exc}", file=sys.stderr)
+        return 1
+    summary = {k: doc[k] for k in ("n", "mae", "rmse", "r2", "auc", "sensitivity", "specificity")}
+    print(json.dumps(summary))
+    for key in ("missing_predictions", "unmatched_predictions", "predictions_without_value"):
+        if doc[key]:
+            print(f"{key}: {len(doc[key])} ({', '.join(map(str, doc[key][:10]))}{' ...' if len(doc[key]) > 10 else ''})")
+    print(f"report: {args.out / 'report.html'}")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Handler of ``dicomnode train``."""
+    from dicomnode.ml.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        task=args.task,
+        data=args.data,
+        out=args.out,
+        external=args.external,
+        folds=args.folds,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        width=args.width,
+        patch=args.patch if args.patch is not None else (64 if args.task == "segmentation" else 32),
+        arch=args.arch,
+        samples_per_case=args.samples_per_case,
+        spacing_mm=args.spacing,
+        label_scheme=args.label_scheme,
+        seed=args.seed,
+        device=args.device,
+        resume=args.resume,
+        name=args.name,
+        version=args.bundle_version,
+        progress=not args.no_progress,
+    )
+    try:
+        summary = train(cfg)
+    except DicomnodeError as exc:
+        print(f"dicomnode train: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
+    return 0

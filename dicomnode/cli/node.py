@@ -1,0 +1,345 @@
+"""The node's processes: ``serve`` (everything), ``receive`` + ``work`` (the same, split), and ``echo``.
+
+* ``dicomnode serve [--config FILE]``: the embedded default in one process: SQLite in the data dir (unless
+  ``database_url`` says otherwise), the spool, the C-STORE SCP, the HTTP app (health, metrics, STOW-RS),
+  the sweeps (APScheduler) and the workers.
+* ``dicomnode receive``: the SCP and the HTTP app with STOW-RS only (never analyses; stays light).
+* ``dicomnode work``: sweeps, workers and an HTTP admin/health app. Run it beside ``receive`` on the same
+  database (SQLite WAL on one host, PostgreSQL across hosts); give it another ``--http-port`` on one host.
+* ``dicomnode echo DEST``: C-ECHO (DIMSE) or a DICOMweb probe to a configured destination.
+
+All of them validate the config first (exit 2 naming the field) and apply the database migrations; SIGTERM
+or SIGINT stops them gracefully (listeners closed, workers finish or leave their job to recovery).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dicomnode.errors import ConfigError, DicomnodeError
+
+if TYPE_CHECKING:
+    from dicomnode.config import Settings
+
+log = logging.getLogger("dicomnode.node")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+ROLES = ("serve", "receive", "work")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``serve``, ``receive``, ``work`` and ``echo``."""
+    helps = {
+        "serve": "run the whole node in one process (receiver, HTTP, scheduler, workers)",
+        "receive": "run the receiver only: C-STORE SCP and HTTP with STOW-RS",
+        "work": "run the scheduler and the workers (with an HTTP admin/health app)",
+    }
+    for role in ROLES:
+        p: argparse.ArgumentParser = subparsers.add_parser(role, help=helps[role], description=helps[role])
+        _common(p)
+        p.add_argument("--http-port", type=int, help="HTTP port (overrides http.port)")
+        if role != "receive":
+            p.add_argument(
+                "--analysis-in-process",
+                action="store_true",
+                help="run the analysis in the worker thread instead of a child process (debugging)",
+            )
+            p.add_argument(
+                "--delivery-lease",
+                type=float,
+                default=120.0,
+                metavar="S",
+                help="seconds a delivery being sent is reserved; after a crash it is resent after that",
+            )
+            p.add_argument(
+                "--stale-job",
+                type=float,
+                default=300.0,
+                metavar="S",
+                help="seconds without heartbeat after which another host's ANALYSING job is taken back",
+            )
+        p.set_defaults(handler=run_node, role=role)
+
+    e: argparse.ArgumentParser = subparsers.add_parser(
+        "echo",
+        help="C-ECHO (or DICOMweb probe) a configured destination",
+        description="Verify a destination: C-ECHO for DIMSE, a probe for DICOMweb; exit 0 if it answers.",
+    )
+    _common(e)
+    e.add_argument("destination", help="the destination's name in the config")
+    e.set_defaults(handler=run_echo)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="config file, YAML or TOML (default: $DICOMNODE_CONFIG)")
+
+
+def load(args: argparse.Namespace) -> Settings:
+    """The validated settings of ``--config`` / ``$DICOMNODE_CONFIG`` (ConfigError naming the field)."""
+    from dicomnode.config import load_settings
+
+    path = args.config
+    if path is None and os.environ.get("DICOMNODE_CONFIG"):
+        path = Path(os.environ["DICOMNODE_CONFIG"])
+    settings = load_settings(path)
+    port = getattr(args, "http_port", None)
+    if port is not None:
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"config: --http-port: {port} is not a port number")
+        settings = settings.model_copy(update={"http": settings.http.model_copy(update={"port": port})})
+    return settings
+
+
+def run_echo(args: argparse.Namespace) -> int:
+    """``dicomnode echo DEST``."""
+    from dicomnode import delivery
+
+    try:
+        settings = load(args)
+        try:
+            dest = settings.destination(args.destination)
+        except KeyError:
+            known = ", ".join(settings.destination_names) or "none configured"
+            raise ConfigError(
+                f"config: destinations: no destination named {args.destination!r} ({known})"
+            ) from None
+    except ConfigError as exc:
+        print(f"dicomnode: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    result = delivery.echo(dest, calling_ae_title=settings.dicom.ae_title)
+    status = "OK" if result.ok else "FAILED"
+    print(f"echo {args.destination}: {status} in {result.elapsed_s:.3f} s: {result.message}")
+    return EXIT_OK if result.ok else EXIT_FAILURE
+
+
+@dataclass
+class Node:
+    """The parts of one running node process (built by :func:`build_node`, stopped by :meth:`stop`)."""
+
+    role: str
+    settings: Settings
+    store: Any
+    app: Any
+    scp: Any = None
+    runner: Any = None
+    executor: Any = None
+    scheduler: Any = None
+    analyzer: Any = None
+    server: Any = None
+    server_thread: threading.Thread | None = None
+    stopped: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> None:
+        """Start listeners, recovery, scheduler and workers (HTTP last: health means everything is up)."""
+        if self.scp is not None:
+            self.scp.start()
+        if self.runner is not None:
+            self.runner.recover()
+            if self.analyzer is not None:
+                self.analyzer.start(warm=True)
+            self.executor.start()
+            self.scheduler.start()
+        self._start_http()
+        log.info("dicomnode %s running (pid %d)", self.role, os.getpid())
+
+    def _start_http(self) -> None:
+        import uvicorn
+
+        cfg = uvicorn.Config(
+            self.app,
+            host=self.settings.http.host,
+            port=self.settings.http.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+        self.server = uvicorn.Server(cfg)
+        # In a thread: uvicorn then leaves the signal handlers to us (it would re-raise them after its own
+        # shutdown, killing the process before the workers and the SCP were stopped).
+        self.server_thread = threading.Thread(target=self.server.run, name="http", daemon=True)
+        self.server_thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.server_thread.is_alive():
+                raise DicomnodeError(
+                    f"HTTP server could not start on {self.settings.http.host}:{self.settings.http.port}"
+                )
+            if time.monotonic() > deadline:
+                raise DicomnodeError("HTTP server did not start within 30 s")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Graceful stop: stop accepting, stop the sweeps, let workers finish their step, close the store."""
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
+        log.info("dicomnode %s stopping", self.role)
+        if self.scp is not None:
+            self.scp.stop()
+        if self.scheduler is not None and self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        if self.executor is not None:
+            self.executor.stop(timeout=30)
+        if self.analyzer is not None:
+            self.analyzer.stop()
+        if self.server is not None:
+            self.server.should_exit = True
+            if self.server_thread is not None:
+                self.server_thread.join(timeout=10)
+        self.store.close()
+
+
+def build_node(
+    settings: Settings,
+    role: str,
+    *,
+    analysis_in_process: bool = False,
+    delivery_lease_s: float = 120.0,
+    stale_job_s: float = 300.0,
+    analyze: Any = None,
+) -> Node:
+    """Create every part of a node process for ``role`` ("serve", "receive" or "work"); nothing started.
+
+    Parameters
+    ----------
+    settings
+        Validated settings.
+    role
+        Which parts to build.
+    analysis_in_process
+        Run the analysis in the worker thread (default: in a pool of child processes).
+    delivery_lease_s, stale_job_s
+        See :class:`dicomnode.pipeline.runner.Runner`.
+    analyze
+        An analysis callable replacing the real one (tests).
+    """
+    from dicomnode.store import Store, make_engine, upgrade
+    from dicomnode.web.app import create_app
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.database_url_resolved())
+    upgrade(engine)
+    store = Store(engine)
+    routers: list[Any] = []
+    readiness: list[tuple[str, Any]] = [
+        ("database", lambda: None if store.ping() else "database unreachable")
+    ]
+    node = Node(role=role, settings=settings, store=store, app=None)
+
+    if role in ("serve", "receive"):
+        from dicomnode.ingest import Spool
+        from dicomnode.ingest.scp import StorageSCP
+        from dicomnode.ingest.stow import build_stow_router
+        from dicomnode.pipeline.sink import StoreSink
+
+        spool = Spool(
+            settings.spool_dir,
+            StoreSink(store),
+            free_space_floor_mb=settings.dicom.free_space_floor_mb,
+            other_classes=settings.dicom.accept_other_storage_classes,
+        )
+        node.scp = StorageSCP.from_settings(settings.dicom, spool)
+        routers.append(build_stow_router(spool))
+        scp = node.scp
+        readiness.append(("dicom", lambda: None if scp._server is not None else "DICOM listener not started"))
+
+    if role in ("serve", "work"):
+        from dicomnode.pipeline.executors import (
+            CeleryExecutor,
+            LocalExecutor,
+            ProcessAnalyzer,
+            analyze_job,
+            make_celery_app,
+        )
+        from dicomnode.pipeline.runner import Runner
+        from dicomnode.pipeline.scheduler import build_scheduler
+
+        if analyze is None:
+            if analysis_in_process or settings.workers.executor == "celery":
+                analyze = analyze_job
+            else:
+                node.analyzer = ProcessAnalyzer(settings.workers.count)
+                analyze = node.analyzer
+        runner = Runner(
+            settings,
+            store,
+            analyze=analyze,
+            delivery_lease_s=delivery_lease_s,
+            stale_job_s=stale_job_s,
+        )
+        if settings.workers.executor == "celery":
+            assert settings.workers.broker_url is not None  # validated by the settings
+            node.executor = CeleryExecutor(make_celery_app(settings.workers.broker_url), store=store)
+        else:
+            node.executor = LocalExecutor(runner, settings.workers.count)
+        runner.on_jobs_created = node.executor.wake
+        node.runner = runner
+        node.scheduler = build_scheduler(runner)
+        sched = node.scheduler
+        readiness.append(("scheduler", lambda: None if sched.running else "scheduler not running"))
+
+    node.app = create_app(settings, store, role=role, routers=routers, readiness=readiness)
+    return node
+
+
+def run_node(args: argparse.Namespace) -> int:
+    """``dicomnode serve|receive|work``: build, start, wait for SIGTERM/SIGINT, stop."""
+    try:
+        settings = load(args)
+    except ConfigError as exc:
+        print(f"dicomnode: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %s received", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    node: Node | None = None
+    try:
+        node = build_node(
+            settings,
+            args.role,
+            analysis_in_process=getattr(args, "analysis_in_process", False),
+            delivery_lease_s=getattr(args, "delivery_lease", 120.0),
+            stale_job_s=getattr(args, "stale_job", 300.0),
+        )
+        node.start()
+        print(
+            f"dicomnode {args.role}: HTTP http://{settings.http.host}:{settings.http.port}"
+            + (
+                f", DICOM {settings.dicom.ae_title}@{settings.dicom.host}:{settings.dicom.port}"
+                if node.scp
+                else ""
+            ),
+            flush=True,
+        )
+        while not stop.wait(1.0):
+            if node.server_thread is not None and not node.server_thread.is_alive():
+                log.error("HTTP server stopped unexpectedly")
+                return EXIT_FAILURE
+        return EXIT_OK
+    except ConfigError as exc:
+        print(f"dicomnode: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (DicomnodeError, OSError) as exc:
+        print(f"dicomnode {args.role}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        if node is not None:
+            node.stop()
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -1,0 +1,440 @@
+"""One typed settings object for the whole node: a file plus ``DICOMNODE_*`` environment overrides.
+
+Usage (from ``cli`` only; nothing reads the environment at import time)::
+
+    from dicomnode.config import load_settings
+    settings = load_settings(Path("dicomnode.yaml"))   # or None: defaults + environment
+    settings.dicom.port, settings.database_url_resolved(), settings.spool_dir
+
+Precedence, highest first: environment variables, the file (YAML ``.yaml``/``.yml`` or TOML ``.toml``),
+defaults. Environment variables are ``DICOMNODE_`` + the field path joined with ``__``, e.g.
+``DICOMNODE_DICOM__PORT=104``, ``DICOMNODE_HTTP__HOST=0.0.0.0``; list/dict fields take JSON, e.g.
+``DICOMNODE_DESTINATIONS='[{"kind": "dimse", "name": "pacs", "ae_title": "PACS", "host": "10.0.0.5",
+"port": 104}]'``.
+
+Any invalid value raises :class:`dicomnode.errors.ConfigError` whose one-line message names the field, e.g.
+``config: dicom.port: Input should be a valid integer``. Unknown keys are errors too (typos never silently
+fall back to defaults).
+
+Sections (see ``dicomnode.example.yaml`` at the repository root for a documented example):
+``data_dir``, ``database_url``, ``dicom``, ``http``, ``completion``, ``destinations``, ``delivery``,
+``rules_file``, ``retention``, ``analysis``, ``workers``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from dicomnode.errors import ConfigError
+
+__all__ = [
+    "AllowedAE",
+    "AnalysisSettings",
+    "BasicAuth",
+    "BearerAuth",
+    "CompletionSettings",
+    "DeliverySettings",
+    "Destination",
+    "DicomSettings",
+    "DicomwebDestination",
+    "DimseDestination",
+    "HttpSettings",
+    "RetentionSettings",
+    "Settings",
+    "WorkerSettings",
+    "format_validation_error",
+    "load_settings",
+]
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 1-16 chars of the default repertoire, no "\"
+
+DEFAULT_DISCLAIMER = (
+    "Opportunistic screening estimate from routine CT, not a diagnostic DXA/QCT measurement. "
+    "Not for clinical decision making without review."
+)
+
+
+def _check_ae(value: str) -> str:
+    v = value.strip()
+    if not v or not _AE_RE.match(v):
+        raise ValueError("must be 1-16 printable characters without backslash")
+    return v
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AllowedAE(_Section):
+    """A calling AE title allowed to associate, optionally pinned to a peer address (host name or IP)."""
+
+    ae_title: str
+    address: str | None = None
+
+    _ae = field_validator("ae_title")(_check_ae)
+
+
+class DicomSettings(_Section):
+    """The DICOM (DIMSE) listener."""
+
+    ae_title: str = "DICOMNODE"
+    port: int = Field(11112, ge=1, le=65535)
+    host: str = "127.0.0.1"
+    #: Calling AE titles allowed to associate; empty = any calling AE is accepted.
+    allowed_calling_aets: list[AllowedAE] = Field(default_factory=list)
+    #: What to do with storage SOP classes other than CT/enhanced CT: "ignore" = accept and keep but never
+    #: analyse, "refuse" = do not accept them in association negotiation.
+    accept_other_storage_classes: Literal["ignore", "refuse"] = "ignore"
+    max_associations: int = Field(10, ge=1, le=1000)
+    #: Refuse C-STORE (out of resources) when free space in data_dir drops below this.
+    free_space_floor_mb: int = Field(1024, ge=0)
+
+    _ae = field_validator("ae_title")(_check_ae)
+
+    @field_validator("allowed_calling_aets", mode="before")
+    @classmethod
+    def _plain_strings(cls, value: Any) -> Any:
+        # Allow the short form ``allowed_calling_aets: [PACS, MODALITY1]``.
+        if isinstance(value, list):
+            return [{"ae_title": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    def is_allowed(self, calling_aet: str, address: str | None = None) -> bool:
+        """Whether ``calling_aet`` (from ``address``) may associate."""
+        if not self.allowed_calling_aets:
+            return True
+        aet = calling_aet.strip()
+        for allowed in self.allowed_calling_aets:
+            if allowed.ae_title == aet and (allowed.address is None or allowed.address == address):
+                return True
+        return False
+
+
+class HttpSettings(_Section):
+    """The HTTP listener (admin UI, REST API, STOW-RS)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class CompletionSettings(_Section):
+    """When a received series counts as complete (no instance arrived for a while)."""
+
+    series_quiet_seconds: float = Field(60.0, gt=0)
+    study_quiet_seconds: float = Field(120.0, ge=0)
+    #: Complete a series at the latest this long after its first instance, even if instances keep coming.
+    max_wait_seconds: float = Field(3600.0, gt=0)
+
+
+class BasicAuth(_Section):
+    kind: Literal["basic"]
+    username: str
+    password: SecretStr
+
+
+class BearerAuth(_Section):
+    kind: Literal["bearer"]
+    token: SecretStr
+
+
+class DimseDestination(_Section):
+    """A C-STORE destination."""
+
+    kind: Literal["dimse"]
+    name: str = Field(min_length=1)
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    #: Our calling AE title towards this destination; None = ``dicom.ae_title``.
+    calling_ae: str | None = None
+    timeout_seconds: float = Field(30.0, gt=0)
+
+    _ae = field_validator("ae_title")(_check_ae)
+
+    @field_validator("calling_ae")
+    @classmethod
+    def _calling(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae(value)
+
+
+class DicomwebDestination(_Section):
+    """A STOW-RS destination; ``url`` is the DICOMweb service root (``.../studies`` is appended)."""
+
+    kind: Literal["dicomweb"]
+    name: str = Field(min_length=1)
+    url: str
+    auth: Annotated[BasicAuth | BearerAuth, Field(discriminator="kind")] | None = None
+    timeout_seconds: float = Field(30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+Destination = Annotated[DimseDestination | DicomwebDestination, Field(discriminator="kind")]
+
+
+class DeliverySettings(_Section):
+    """Retry policy for deliveries (transient failures only; permanent ones stop at once)."""
+
+    max_attempts: int = Field(8, ge=1)
+    backoff_base_seconds: float = Field(30.0, gt=0)
+    backoff_max_seconds: float = Field(3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> DeliverySettings:
+        if self.backoff_max_seconds < self.backoff_base_seconds:
+            raise ValueError("backoff_max_seconds must be >= backoff_base_seconds")
+        return self
+
+
+class RetentionSettings(_Section):
+    #: Received instances are removed from the spool this many days after their study finished (0 = never).
+    spool_days: int = Field(30, ge=0)
+
+
+class AnalysisSettings(_Section):
+    """Options passed to the analysis pipeline."""
+
+    disclaimer: str = DEFAULT_DISCLAIMER
+    #: Erosion of the vertebral-body mask (mm) before measuring trabecular bone.
+    erosion_mm: float = Field(3.0, ge=0, le=20)
+    #: Contrast-enhanced series: "offset" = subtract a phase-dependent HU offset and flag,
+    #: "abstain" = report no category.
+    contrast_policy: Literal["offset", "abstain"] = "offset"
+    backend: Literal["classical"] = "classical"
+
+
+class WorkerSettings(_Section):
+    count: int = Field(1, ge=1, le=64)
+    executor: Literal["local", "celery"] = "local"
+    #: Celery broker (e.g. ``redis://127.0.0.1:6379/0``); required when executor is "celery".
+    broker_url: str | None = None
+
+    @model_validator(mode="after")
+    def _broker(self) -> WorkerSettings:
+        if self.executor == "celery" and not self.broker_url:
+            raise ValueError("broker_url is required when executor is 'celery'")
+        return self
+
+
+class Settings(BaseSettings):
+    """Every setting of the node. Build it with :func:`load_settings`, then pass it (or parts of it) in."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DICOMNODE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    #: Holds the SQLite database (unless database_url says otherwise) and the spool of received files.
+    data_dir: Path = Path("./dicomnode-data")
+    #: SQLAlchemy URL; None = SQLite file ``dicomnode.sqlite3`` inside data_dir.
+    #: PostgreSQL: ``postgresql+psycopg://user@host:5432/dbname``.
+    database_url: str | None = None
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    completion: CompletionSettings = Field(default_factory=CompletionSettings)
+    destinations: list[Destination] = Field(default_factory=list)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    #: Routing rules (YAML); None = the rules shipped with dicomnode (``routing/default_rules.yaml``).
+    rules_file: Path | None = None
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
+    workers: WorkerSettings = Field(default_factory=WorkerSettings)
+
+    @field_validator("database_url")
+    @classmethod
+    def _db_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", value):
+            raise ValueError("must be a sqlite:// or postgresql+psycopg:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_destinations(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"destination names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file content arrives as init kwargs; the environment must override it, so it comes first.
+        return (_MappingEnvSource(settings_cls), init_settings)
+
+    # -- derived values -------------------------------------------------------------------------------
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where received instances (and produced artefacts) are written."""
+        return self.data_dir / "spool"
+
+    def database_url_resolved(self) -> str:
+        """``database_url``, or the SQLite file in ``data_dir`` when none is set."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'dicomnode.sqlite3').as_posix()}"
+
+    def destination(self, name: str) -> DimseDestination | DicomwebDestination:
+        """The destination called ``name``; ``KeyError`` when there is none."""
+        for d in self.destinations:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    @property
+    def destination_names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.destinations)
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "config") -> str:
+    """One line naming each failing field: ``config: dicom.port: Input should be a valid integer``."""
+    parts = []
+    for err in exc.errors():
+        loc = _format_loc(err.get("loc", ()))
+        msg = str(err.get("msg", "invalid"))
+        msg = msg.removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown setting"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"{prefix}: " + "; ".join(parts)
+
+
+_DISCRIMINATOR_TAGS = {"dimse", "dicomweb", "basic", "bearer"}
+
+
+def _format_loc(loc: tuple[int | str, ...] | Any) -> str:
+    out = ""
+    prev_int = False
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+            prev_int = True
+            continue
+        # Tagged unions insert the tag ("dimse") in the location; it is noise to a reader.
+        if part in _DISCRIMINATOR_TAGS and (prev_int or (i > 0 and loc[i - 1] == "auth")):
+            prev_int = False
+            continue
+        out += f".{part}" if out else str(part)
+        prev_int = False
+    return out
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            data: Any = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(s.strip() for s in first[:3])
+        raise ConfigError(
+            f"config: {path.name} is not valid {path.suffix.lstrip('.') or 'YAML'}: {detail}"
+        ) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path.name} must hold a mapping of settings at the top level")
+    return data
+
+
+def load_settings(path: Path | str | None = None, *, environ: Mapping[str, str] | None = None) -> Settings:
+    """Load, merge and validate the settings.
+
+    Parameters
+    ----------
+    path
+        YAML (``.yaml``/``.yml``) or TOML (``.toml``) file; None = defaults (plus the environment).
+        A relative ``data_dir`` / ``rules_file`` in the file is taken relative to the file's folder.
+    environ
+        Where to read ``DICOMNODE_*`` overrides from; None = ``os.environ`` (read now, not at import).
+
+    Returns
+    -------
+    Settings
+        The validated, frozen settings.
+
+    Raises
+    ------
+    ConfigError
+        The file is unreadable or a value is invalid; the message names the field.
+    """
+    data: dict[str, Any] = {}
+    base: Path | None = None
+    if path is not None:
+        p = Path(path)
+        data = _read_file(p)
+        base = p.resolve().parent
+    env = dict(os.environ) if environ is None else environ
+    try:
+        settings = _build(data, env)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    if base is not None:
+        # Paths in a config file mean "next to the file", not "wherever the process was started".
+        updates: dict[str, Any] = {}
+        if "data_dir" in data and not settings.data_dir.is_absolute():
+            updates["data_dir"] = base / settings.data_dir
+        if "rules_file" in data and settings.rules_file is not None and not settings.rules_file.is_absolute():
+            updates["rules_file"] = base / settings.rules_file
+        if updates:
+            settings = settings.model_copy(update=updates)
+    return settings
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """The environment source, reading a given mapping (the one :func:`load_settings` was handed)."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        env = _ENVIRON.get()
+        if env is None:
+            return super()._load_env_vars()
+        return {k.lower(): v for k, v in env.items() if k.upper().startswith("DICOMNODE_") and v != ""}
+
+
+#: The environment of the :func:`load_settings` call in progress (a context variable: thread safe).
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("dicomnode_config_environ", default=None)
+
+
+def _build(data: dict[str, Any], env: Mapping[str, str]) -> Settings:
+    token = _ENVIRON.set(env)
+    try:
+        return Settings(**data)
+    finally:
+        _ENVIRON.reset(token)

@@ -1,0 +1,195 @@
+"""STOW-RS delivery and a DICOMweb probe (dicomweb-client over requests).
+
+dicomweb-client's own HTTP retries are switched off: the delivery retry policy decides, durably, when to try
+again. HTTP 5xx / 408 / 429 and connection errors are transient, other 4xx permanent; a 200/202 response is
+read instance by instance (FailedSOPSequence FailureReason, ReferencedSOPSequence), and an instance the
+response does not confirm is not counted as delivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import Dataset
+
+from dicomnode.delivery.dimse import EchoResult
+from dicomnode.delivery.result import (
+    DeliveryResult,
+    FileStatus,
+    StatusClass,
+    classify_dimse_status,
+    classify_http_status,
+    combine,
+    outcome_of,
+)
+from dicomnode.domain import DeliveryOutcome
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DicomwebPeer:
+    """A DICOMweb service root (``{url}/studies``), with optional basic or bearer authentication."""
+
+    url: str
+    name: str = ""
+    timeout_s: float = 30.0
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None
+
+
+def _session(peer: DicomwebPeer) -> requests.Session:
+    session = requests.Session()
+    if peer.username is not None:
+        session.auth = (peer.username, peer.password or "")
+    if peer.token is not None:
+        session.headers["Authorization"] = f"Bearer {peer.token}"
+    return session
+
+
+def _client(peer: DicomwebPeer) -> DICOMwebClient:
+    client = DICOMwebClient(url=peer.url.rstrip("/"), session=_session(peer), timeout=peer.timeout_s)
+    client.set_http_retry_params(retry=False)
+    return client
+
+
+def _response_dataset(resp: requests.Response | None) -> Dataset | None:
+    if resp is None or not resp.content:
+        return None
+    try:
+        return Dataset.from_json(resp.json())
+    except Exception:  # not DICOM JSON (an HTML error page, XML): no per-instance detail
+        return None
+
+
+def _by_instance(response: Dataset | None) -> tuple[dict[str, int], dict[str, int]]:
+    """(referenced SOP -> warning reason or 0, failed SOP -> failure reason) from a STOW-RS response."""
+    ok: dict[str, int] = {}
+    failed: dict[str, int] = {}
+    if response is None:
+        return ok, failed
+    for item in response.get("ReferencedSOPSequence", None) or []:
+        uid = str(item.get("ReferencedSOPInstanceUID", "") or "")
+        if uid:
+            ok[uid] = int(item.get("WarningReason", 0) or 0)
+    for item in response.get("FailedSOPSequence", None) or []:
+        uid = str(item.get("ReferencedSOPInstanceUID", "") or "")
+        if uid:
+            failed[uid] = int(item.get("FailureReason", 0xC000) or 0xC000)
+    return ok, failed
+
+
+def send_stow(peer: DicomwebPeer, files: Sequence[Path]) -> DeliveryResult:
+    """STOW-RS ``files`` to ``peer`` in one request; never raises.
+
+    Parameters
+    ----------
+    peer
+        The DICOMweb destination.
+    files
+        Part 10 files (sent as stored; pixel data is not decoded).
+
+    Returns
+    -------
+    DeliveryResult
+        Per-file statuses and the overall outcome.
+    """
+    name = peer.name or peer.url
+    statuses: list[FileStatus] = []
+    datasets: list[Dataset] = []
+    sent: list[tuple[Path, str]] = []
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path)
+            sop = str(ds.SOPInstanceUID)
+        except Exception as exc:
+            statuses.append(
+                FileStatus(path, None, None, DeliveryOutcome.PERMANENT_FAILURE, f"cannot read: {exc}")
+            )
+            continue
+        datasets.append(ds)
+        sent.append((path, sop))
+
+    http_code: int | None = None
+    response: Dataset | None = None
+    transport_error: str | None = None
+    if datasets:
+        try:
+            response = _client(peer).store_instances(datasets=datasets)
+            http_code = 200
+        except requests.HTTPError as exc:
+            http_code = exc.response.status_code if exc.response is not None else 500
+            response = _response_dataset(exc.response)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            transport_error = f"cannot reach {peer.url}: {type(exc).__name__}"
+        except Exception as exc:  # malformed response, unexpected media type
+            transport_error = f"STOW-RS failed: {type(exc).__name__}: {exc}"
+
+    ok, failed = _by_instance(response)
+    for path, sop in sent:
+        if transport_error is not None:
+            statuses.append(FileStatus(path, sop, None, DeliveryOutcome.RETRYING, transport_error))
+        elif sop in failed:
+            code = failed[sop]
+            cls = classify_dimse_status(code)
+            if cls in (StatusClass.SUCCESS, StatusClass.WARNING):
+                cls = StatusClass.PERMANENT  # listed as failed whatever the code says
+            statuses.append(
+                FileStatus(path, sop, code, outcome_of(cls), f"STOW-RS FailureReason 0x{code:04X}")
+            )
+        elif sop in ok and http_code is not None and http_code < 300:
+            warn = ok[sop]
+            statuses.append(
+                FileStatus(path, sop, warn, DeliveryOutcome.SUCCESS, "stored" if not warn else "warning")
+            )
+        elif http_code is not None and http_code >= 300:
+            cls = classify_http_status(http_code)
+            statuses.append(FileStatus(path, sop, None, outcome_of(cls), f"HTTP {http_code}"))
+        else:
+            statuses.append(
+                FileStatus(path, sop, None, DeliveryOutcome.RETRYING, "not confirmed in the STOW-RS response")
+            )
+    result = combine(name, statuses)
+    if not result.ok:
+        LOGGER.warning("delivery to %s: %s: %s", name, result.outcome.value, result.message)
+    return result
+
+
+def probe_dicomweb(peer: DicomwebPeer) -> EchoResult:
+    """Check that ``peer`` answers a minimal QIDO-RS query (``GET {url}/studies?limit=1``); never raises."""
+    start = time.monotonic()
+    url = peer.url.rstrip("/") + "/studies"
+    try:
+        resp = _session(peer).get(
+            url, params={"limit": "1"}, headers={"Accept": "application/dicom+json"}, timeout=peer.timeout_s
+        )
+    except requests.RequestException as exc:
+        return EchoResult(
+            False, f"cannot reach {peer.url}: {type(exc).__name__}", time.monotonic() - start, True
+        )
+    elapsed = time.monotonic() - start
+    cls = classify_http_status(resp.status_code)
+    if cls is StatusClass.SUCCESS:
+        return EchoResult(True, f"DICOMweb ok (HTTP {resp.status_code})", elapsed)
+    return EchoResult(False, f"DICOMweb probe HTTP {resp.status_code}", elapsed, cls is StatusClass.TRANSIENT)
+
+
+def auth_fields(auth: Any) -> dict[str, str | None]:
+    """``DicomwebPeer`` keyword arguments from a config ``auth`` entry (basic / bearer / None)."""
+    if auth is None:
+        return {}
+    kind = getattr(auth, "kind", None)
+    if kind == "basic":
+        return {"username": auth.username, "password": auth.password.get_secret_value()}
+    if kind == "bearer":
+        return {"token": auth.token.get_secret_value()}
+    return {}

@@ -1,0 +1,229 @@
+"""Tolerant-but-honest reading of received datasets: structure check, header parse, UID validation.
+
+pydicom is lenient on purpose: a dataset cut in the middle of an element often parses without a warning.
+A receiver must not confirm such a dataset, so :func:`check_structure` walks every element header (tags and
+lengths only, no value decoding) and reports data that runs past its end or is not DICOM at all. Only then
+is the header (everything before the pixel data) parsed with pydicom for routing.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import zlib
+from io import BytesIO
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = 0xFFFEE000
+_ITEM_DELIM = 0xFFFEE00D
+_SEQ_DELIM = 0xFFFEE0DD
+_PIXEL_GROUP = 0x7FE0
+#: Explicit-VR VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_MAX_DEPTH = 64
+#: PS3.5 9.1: digits and dots, no leading zeros in a component, at most 64 characters.
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+
+
+class DatasetError(ValueError):
+    """The received bytes are not a usable DICOM dataset; the message says why in one line."""
+
+
+def _vr_ok(vr: bytes) -> bool:
+    return len(vr) == 2 and 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90
+
+
+class _Walker:
+    """Walk element headers of an encoded dataset without decoding values."""
+
+    def __init__(self, buf: bytes | memoryview, little_endian: bool) -> None:
+        self.buf = buf
+        self.n = len(buf)
+        e = "<" if little_endian else ">"
+        self.hh = struct.Struct(e + "HH")
+        self.h = struct.Struct(e + "H")
+        self.length = struct.Struct(e + "L")
+        # Items and delimiters are always tag + 4-byte length, whatever the VR encoding.
+        self.item = struct.Struct(e + "HHL")
+        self.le_item = struct.Struct("<HHL")
+        self.le_hh = struct.Struct("<HH")
+        self.le_length = struct.Struct("<L")
+        self.le_h = struct.Struct("<H")
+
+    def _need(self, pos: int, size: int, what: str) -> None:
+        if pos + size > self.n:
+            raise DatasetError(f"dataset truncated in {what} at byte {pos}")
+
+    def dataset(self, pos: int, implicit: bool, le_only: bool, in_item: bool, depth: int) -> int:
+        """Walk elements from ``pos``; return the offset after the dataset (or after its item delimiter)."""
+        if depth > _MAX_DEPTH:
+            raise DatasetError("sequences nested too deeply")
+        hh = self.le_hh if le_only else self.hh
+        h4 = self.le_length if le_only else self.length
+        h2 = self.le_h if le_only else self.h
+        buf = self.buf
+        while pos < self.n:
+            self._need(pos, 8, "an element header")
+            group, elem = hh.unpack_from(buf, pos)
+            if group == 0xFFFE:
+                tag = (group << 16) | elem
+                pos += 8
+                if tag == _ITEM_DELIM and in_item:
+                    return pos
+                raise DatasetError(f"unexpected delimiter ({group:04X},{elem:04X}) at byte {pos - 8}")
+            vr: bytes | None
+            if implicit:
+                vr = None
+                (length,) = h4.unpack_from(buf, pos + 4)
+                pos += 8
+            else:
+                vr = bytes(buf[pos + 4 : pos + 6])
+                if not _vr_ok(vr):
+                    raise DatasetError(f"invalid VR for ({group:04X},{elem:04X}) at byte {pos}")
+                if vr in _LONG_VRS:
+                    self._need(pos, 12, "an element header")
+                    (length,) = h4.unpack_from(buf, pos + 8)
+                    pos += 12
+                else:
+                    (length,) = h2.unpack_from(buf, pos + 6)
+                    pos += 8
+            if length == _UNDEFINED:
+                if vr is None or vr == b"SQ":
+                    pos = self.sequence(pos, implicit, le_only, fragments=False, depth=depth + 1)
+                elif vr == b"UN":
+                    # PS3.5 6.2.2: UN of undefined length holds an implicit VR little endian sequence.
+                    pos = self.sequence(pos, True, True, fragments=False, depth=depth + 1)
+                elif vr in (b"OB", b"OW") and group == _PIXEL_GROUP:
+                    pos = self.sequence(pos, implicit, le_only, fragments=True, depth=depth + 1)
+                else:
+                    raise DatasetError(f"undefined length on ({group:04X},{elem:04X}) with VR {vr.decode()}")
+            else:
+                pos += length
+                if pos > self.n:
+                    raise DatasetError(
+                        f"dataset truncated: element ({group:04X},{elem:04X}) "
+                        f"runs {pos - self.n} bytes past the end"
+                    )
+        if in_item:
+            raise DatasetError("dataset truncated inside a sequence item")
+        return pos
+
+    def sequence(self, pos: int, implicit: bool, le_only: bool, fragments: bool, depth: int) -> int:
+        item = self.le_item if le_only else self.item
+        while True:
+            self._need(pos, 8, "a sequence")
+            group, elem, length = item.unpack_from(self.buf, pos)
+            tag = (group << 16) | elem
+            pos += 8
+            if tag == _SEQ_DELIM:
+                return pos
+            if tag != _ITEM:
+                raise DatasetError(f"expected an item tag, found ({group:04X},{elem:04X}) at byte {pos - 8}")
+            if length == _UNDEFINED:
+                if fragments:
+                    raise DatasetError("pixel data fragment of undefined length")
+                pos = self.dataset(pos, implicit, le_only, in_item=True, depth=depth)
+            else:
+                pos += length
+                if pos > self.n:
+                    raise DatasetError("dataset truncated inside a sequence item")
+
+
+def check_structure(data: bytes | memoryview, *, implicit_vr: bool, little_endian: bool) -> None:
+    """Check that ``data`` is a complete encoded dataset; raise :class:`DatasetError` otherwise.
+
+    Parameters
+    ----------
+    data
+        The dataset bytes (no preamble, no file meta), already inflated for the deflated transfer syntax.
+    implicit_vr, little_endian
+        The encoding of the transfer syntax.
+
+    Raises
+    ------
+    DatasetError
+        When an element runs past the end of the data, a VR is not two capital letters, a sequence is not
+        terminated, or the data is empty.
+    """
+    if len(data) < 8:
+        raise DatasetError("dataset is empty or shorter than one element")
+    _Walker(data, little_endian).dataset(0, implicit_vr, False, in_item=False, depth=0)
+
+
+def inflate(data: bytes) -> bytes:
+    """Inflate a Deflated Explicit VR Little Endian dataset (raw deflate stream, PS3.5 A.5)."""
+    try:
+        return zlib.decompress(data, -zlib.MAX_WBITS)
+    except zlib.error as exc:
+        raise DatasetError(f"deflated dataset cannot be inflated: {exc}") from exc
+
+
+def _stop_at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
+    # Routing needs nothing at or after the pixel data group; stopping there keeps the parse cheap.
+    return tag >> 16 >= _PIXEL_GROUP
+
+
+def parse_header(data: bytes, transfer_syntax: str) -> Dataset:
+    """Check and parse the dataset bytes received in ``transfer_syntax``, up to the pixel data.
+
+    Parameters
+    ----------
+    data
+        The dataset bytes as received (deflated for the deflated transfer syntax).
+    transfer_syntax
+        The transfer syntax UID the bytes are encoded in.
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+        The elements before the pixel data (values decoded lazily by pydicom).
+
+    Raises
+    ------
+    DatasetError
+        When the bytes are not a complete, parseable dataset.
+    """
+    ts = UID(transfer_syntax)
+    if not ts.is_transfer_syntax:
+        raise DatasetError(f"unknown transfer syntax {ts}")
+    if ts == DeflatedExplicitVRLittleEndian:
+        data = inflate(data)
+    check_structure(data, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian)
+    try:
+        ds = read_dataset(BytesIO(data), ts.is_implicit_VR, ts.is_little_endian, stop_when=_stop_at_pixels)
+    except Exception as exc:  # pydicom raises many types on garbage; all mean "cannot understand"
+        raise DatasetError(f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from exc
+    ds.set_original_encoding(ts.is_implicit_VR, ts.is_little_endian, "iso8859")
+    return ds
+
+
+def is_valid_uid(value: object) -> bool:
+    """Whether ``value`` is a syntactically valid UID that is safe to use as a file or folder name.
+
+    Checks pydicom's ``UID.is_valid`` and, independently, the PS3.5 grammar (digits and dots, no leading zero
+    in a component, 1 to 64 characters), so a UID can never contain a path separator or ``..``.
+    """
+    if not isinstance(value, str):
+        return False
+    if not 0 < len(value) <= 64 or not _UID_RE.match(value):
+        return False
+    return bool(UID(value).is_valid)
+
+
+def get_uid(ds: Dataset, keyword: str) -> str | None:
+    """The value of a UID element as a stripped string, or None when absent, empty or unreadable."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # a malformed value must read as "missing", not crash the handler
+        return None
+    if value is None:
+        return None
+    text = str(value).strip().rstrip("\x00").strip()
+    return text or None

@@ -1,0 +1,298 @@
+"""The C-STORE / C-ECHO SCP (pynetdicom 3): thin, total handlers over the shared spool.
+
+Every handler validates, persists through :class:`~dicomnode.ingest.spool.Spool`, and returns a DICOM status;
+nothing escapes a handler (pynetdicom would otherwise answer 0xC001 and log a traceback). Association
+policy: the called AE title must be ours; calling AE titles (optionally pinned to a peer address) may be
+restricted, and others are rejected at association with "calling AE title not recognised" (permanent).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.presentation import StoragePresentationContexts
+
+from dicomnode.ingest import metrics
+from dicomnode.ingest.spool import PROCESSING_FAILURE, OtherClassPolicy, Spool
+from dicomnode.netutil import enable_tcp_nodelay
+
+if TYPE_CHECKING:
+    from pynetdicom.transport import ThreadedAssociationServer
+
+    from dicomnode.config import DicomSettings
+
+LOGGER = logging.getLogger(__name__)
+
+#: Verification SOP Class (C-ECHO).
+VERIFICATION = "1.2.840.10008.1.1"
+
+#: Transfer syntaxes accepted, in the order we prefer them. pynetdicom picks, for each proposed context, the
+#: first of *our* syntaxes that the requestor offers: lossless compressed syntaxes come first so that a sender
+#: holding compressed images sends them as they are (the node stores what it receives and decodes later)
+#: instead of transcoding; lossy syntaxes come last, accepted only when nothing else was offered.
+TRANSFER_SYNTAXES: tuple[UID, ...] = (
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    RLELossless,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGLSNearLossless,
+    JPEG2000,
+    HTJ2K,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+)
+
+
+@dataclass(frozen=True)
+class AllowedCaller:
+    """A calling AE title allowed to associate, optionally only from ``address`` (IP or host name)."""
+
+    ae_title: str
+    address: str | None = None
+
+
+def _resolve(address: str | None) -> frozenset[str] | None:
+    # Compare peer IPs, so host names in the configuration are resolved once, at start-up.
+    if address is None:
+        return None
+    out = {address}
+    try:
+        for info in socket.getaddrinfo(address, None):
+            out.add(str(info[4][0]))
+    except OSError:
+        LOGGER.warning("allowed caller address %s does not resolve; matching it literally", address)
+    return frozenset(out)
+
+
+class _NodeAE(AE):
+    """An AE whose calling-AE whitelist depends on the peer address of the association being negotiated.
+
+    pynetdicom checks ``require_calling_aet`` from the association's own thread during negotiation, and
+    rejects with (rejected-permanent, service-user, calling-AE-not-recognised) when the title is not listed.
+    Answering per peer address there gives address pinning with the standard rejection.
+    """
+
+    def __init__(self, ae_title: str, callers: Sequence[AllowedCaller]) -> None:
+        super().__init__(ae_title=ae_title)
+        self._callers = [(c.ae_title.strip(), _resolve(c.address)) for c in callers]
+
+    @property
+    def require_calling_aet(self) -> list[str]:
+        if not getattr(self, "_callers", None):
+            return []
+        thread = threading.current_thread()
+        peer = thread.requestor.address if isinstance(thread, Association) else None
+        titles = [
+            title for title, hosts in self._callers if hosts is None or (peer is not None and peer in hosts)
+        ]
+        # An empty list would mean "anyone": a title no peer can send keeps the rejection.
+        return titles or ["\\NO-CALLER\\"]
+
+    @require_calling_aet.setter
+    def require_calling_aet(self, ae_titles: list[str]) -> None:
+        # pynetdicom's __init__ assigns [] here; the whitelist comes from the constructor instead.
+        return None
+
+
+class StorageSCP:
+    """C-STORE and C-ECHO service provider writing into a :class:`Spool`.
+
+    Parameters
+    ----------
+    spool
+        Where received instances go (and the SOP class policy).
+    ae_title
+        Our AE title; associations addressed to another called AE title are rejected.
+    host, port
+        Bind address; port 0 picks a free port (see :attr:`port` after :meth:`start`).
+    allowed_callers
+        Calling AE titles allowed to associate; empty = anyone.
+    max_associations
+        Concurrent associations accepted; more are rejected (transient, local limit exceeded).
+    max_pdu
+        Maximum PDU length we receive (0 = unlimited).
+    network_timeout, acse_timeout, dimse_timeout
+        Seconds before an idle or stuck peer is dropped (a half-open connection never blocks a thread).
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        *,
+        ae_title: str = "DICOMNODE",
+        host: str = "127.0.0.1",
+        port: int = 11112,
+        allowed_callers: Iterable[AllowedCaller] = (),
+        max_associations: int = 10,
+        max_pdu: int = 0,
+        network_timeout: float = 60.0,
+        acse_timeout: float = 30.0,
+        dimse_timeout: float = 60.0,
+    ) -> None:
+        self.spool = spool
+        self.ae_title = ae_title
+        self.host = host
+        self._port = port
+        self.allowed_callers = tuple(allowed_callers)
+        self.max_associations = max_associations
+        self.max_pdu = max_pdu
+        self.network_timeout = network_timeout
+        self.acse_timeout = acse_timeout
+        self.dimse_timeout = dimse_timeout
+        self._server: ThreadedAssociationServer | None = None
+        self._stopped = threading.Event()
+        self.ae: AE | None = None
+
+    @classmethod
+    def from_settings(cls, dicom: DicomSettings, spool: Spool, **kwargs: Any) -> StorageSCP:
+        """Build the SCP from the ``dicom`` section of the settings (extra keyword arguments override)."""
+        params: dict[str, Any] = {
+            "ae_title": dicom.ae_title,
+            "host": dicom.host,
+            "port": dicom.port,
+            "allowed_callers": [AllowedCaller(a.ae_title, a.address) for a in dicom.allowed_calling_aets],
+            "max_associations": dicom.max_associations,
+        }
+        params.update(kwargs)
+        return cls(spool, **params)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def _build_ae(self) -> AE:
+        ae = _NodeAE(self.ae_title, self.allowed_callers)
+        ae.require_called_aet = True
+        ae.maximum_associations = self.max_associations
+        ae.maximum_pdu_size = self.max_pdu
+        ae.network_timeout = self.network_timeout
+        ae.acse_timeout = self.acse_timeout
+        ae.dimse_timeout = self.dimse_timeout
+        ae.add_supported_context(VERIFICATION)
+        ts = list(TRANSFER_SYNTAXES)
+        analysed = sorted(self.spool.analysed_sop_classes)
+        for sop_class in analysed:
+            ae.add_supported_context(sop_class, ts)
+        if self.spool.other_classes is not OtherClassPolicy.REFUSE:
+            for cx in StoragePresentationContexts:
+                uid = cx.abstract_syntax
+                if uid is not None and uid not in self.spool.analysed_sop_classes:
+                    ae.add_supported_context(uid, ts)
+        return ae
+
+    def start(self) -> None:
+        """Start listening in background threads (TCP_NODELAY enabled first)."""
+        if self._server is not None:
+            return
+        enable_tcp_nodelay()
+        self.ae = self._build_ae()
+        handlers: list[Any] = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        self._server = self.ae.start_server((self.host, self._port), block=False, evt_handlers=handlers)
+        LOGGER.info("DICOM SCP %s listening on %s:%d", self.ae_title, self.host, self.port)
+
+    def serve_forever(self) -> None:
+        """Start and block until :meth:`stop` is called from another thread (or KeyboardInterrupt)."""
+        self._stopped.clear()
+        self.start()
+        try:
+            self._stopped.wait()
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """Stop accepting, abort associations in progress and release the port."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+        self._stopped.set()
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when constructed with port 0)."""
+        if self._server is not None:
+            return int(self._server.server_address[1])
+        return self._port
+
+    def __enter__(self) -> StorageSCP:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- handlers (total: never raise) ---------------------------------------------------------------
+    def _on_store(self, event: evt.Event) -> Dataset:
+        status = Dataset()
+        try:
+            req = cast(C_STORE, event.request)
+            data = req.DataSet.getvalue() if req.DataSet is not None else b""
+            result = self.spool.ingest_dataset(
+                data,
+                str(event.context.transfer_syntax),
+                sop_class_uid=str(req.AffectedSOPClassUID) if req.AffectedSOPClassUID else None,
+                sop_instance_uid=str(req.AffectedSOPInstanceUID) if req.AffectedSOPInstanceUID else None,
+                calling_ae_title=str(event.assoc.requestor.ae_title).strip() or None,
+                source="dimse",
+            )
+            status.Status = result.status
+            if not result.ok and result.comment:
+                status.ErrorComment = _lo(result.comment)
+        except Exception as exc:  # belt and braces: Spool never raises, but the event plumbing might
+            LOGGER.error("C-STORE handler failed: %s: %s", type(exc).__name__, exc)
+            status = Dataset()
+            status.Status = PROCESSING_FAILURE
+            status.ErrorComment = _lo(f"processing failure: {type(exc).__name__}")
+        return status
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return 0x0000
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        try:
+            metrics.ASSOCIATIONS_REJECTED.inc()
+            rq = event.assoc.requestor
+            LOGGER.info("association rejected: calling AE %r from %s", str(rq.ae_title).strip(), rq.address)
+        except Exception:  # notification handlers must not raise either
+            LOGGER.debug("rejection logging failed", exc_info=True)
+
+
+def _lo(text: str) -> str:
+    # ErrorComment is LO: 64 characters, no backslash, no control characters.
+    clean = "".join(ch if 32 <= ord(ch) < 127 and ch != "\\" else " " for ch in text)
+    return clean[:64]

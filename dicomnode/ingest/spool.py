@@ -1,0 +1,647 @@
+"""The one write path for received instances, shared by the C-STORE SCP and the STOW-RS receiver.
+
+Durability contract (ARCHITECTURE.md): an instance is confirmed (status 0x0000) only when its bytes are on
+disk (temp file, fsync, rename, directory fsync) *and* recorded in the database. Everything else returns a
+failure status with a one-line comment, so the sender keeps its copy and retries; nothing raises.
+
+Layout under the spool root::
+
+    <study>/<series>/<sop>.dcm            analysed SOP classes (CT, Enhanced CT), bytes as received
+    ignored/<study>/<series>/<sop>.dcm    other storage classes under the "ignore" policy
+    .tmp/                                 files being written (never confirmed; safe to delete when stale)
+
+Duplicates (same SOP Instance UID) are **overwritten**: the last copy received wins, atomically (rename over
+the old file), and the sink is told again (it reports whether the instance was new).
+
+Status codes returned (PS3.4 B.2.3 / PS3.18 table 10.5-3 ranges):
+
+====== =================================================================
+0x0000 stored (or accepted and ignored)
+0xA700 out of resources: free space below the configured floor, or disk full
+0xA701 out of resources: the spool could not be written (I/O error)
+0xA702 out of resources: the database record failed (the file is kept; reindex_spool picks it up)
+0xA900 dataset does not match the SOP class of the request (or the study of a STOW request)
+0xC210 cannot understand: bytes are not a complete, parseable dataset
+0xC211 cannot understand: a required UID is missing or invalid
+0xC212 cannot understand: dataset SOP Instance UID differs from the request's
+0x0122 SOP class not supported (STOW-RS, "refuse" policy)
+0x0110 processing failure (an unexpected error; logged)
+====== =================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+)
+
+from dicomnode.ingest import metrics
+from dicomnode.ingest.dicomparse import DatasetError, get_uid, is_valid_uid, parse_header
+from dicomnode.ingest.sink import InstanceSink, ReceivedInstance
+
+LOGGER = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+OUT_OF_RESOURCES_WRITE = 0xA701
+OUT_OF_RESOURCES_DATABASE = 0xA702
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC210
+INVALID_UID = 0xC211
+INSTANCE_MISMATCH = 0xC212
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+PROCESSING_FAILURE = 0x0110
+
+#: The SOP classes the node analyses; everything else follows :class:`OtherClassPolicy`.
+ANALYSED_SOP_CLASSES: frozenset[str] = frozenset(
+    {str(CTImageStorage), str(EnhancedCTImageStorage), str(LegacyConvertedEnhancedCTImageStorage)}
+)
+
+#: Implementation identity written in the file meta of instances received over DIMSE.
+IMPLEMENTATION_VERSION_NAME = "DICOMNODE_01"
+
+IGNORED_DIR = "ignored"
+TEMP_DIR = ".tmp"
+
+
+class OtherClassPolicy(StrEnum):
+    """What to do with storage SOP classes the node does not analyse (SR, SC, RT, PT, MR, Seg, KOs...)."""
+
+    IGNORE = "ignore"  # accept (success), keep under ignored/, record as ignored
+    DISCARD = "discard"  # accept (success), keep nothing, record as ignored
+    REFUSE = "refuse"  # not negotiated over DIMSE; 0x0122 over STOW-RS
+
+    @classmethod
+    def coerce(cls, value: OtherClassPolicy | str | bool) -> OtherClassPolicy:
+        """Read a config value: a policy name, or a boolean (True = ignore, False = refuse)."""
+        if isinstance(value, bool):
+            return cls.IGNORE if value else cls.REFUSE
+        return cls(str(value).lower())
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """Outcome of one received instance: the DICOM status to answer with, and what happened."""
+
+    status: int
+    comment: str | None = None
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    path: Path | None = None
+    ignored: bool = False
+    #: True when the sink already knew this SOP instance (the file was overwritten).
+    duplicate: bool = False
+    size_bytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """Success or warning (0x0000, 0x0001, 0xB000-0xBFFF): the sender may consider it stored."""
+        return self.status in (0x0000, 0x0001) or 0xB000 <= self.status <= 0xBFFF
+
+
+@dataclass
+class ReindexReport:
+    """What :func:`reindex_spool` found."""
+
+    recorded_new: int = 0
+    already_known: int = 0
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    stale_temp_removed: int = 0
+
+
+HeaderFn = Callable[[Dataset], Mapping[str, Any]]
+
+
+def _default_header_fn() -> HeaderFn:
+    # Resolved at Spool construction, not at import, so ingest stays importable on its own.
+    from dicomnode.imaging.headers import SUMMARY_KEYWORDS, header_dict
+
+    def summary(ds: Dataset) -> Mapping[str, Any]:
+        return header_dict(ds, SUMMARY_KEYWORDS)
+
+    return summary
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename is durable only once the directory entry is flushed (POSIX); not possible on Windows.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
+
+
+def _instance_number(ds: Dataset) -> int | None:
+    try:
+        value = ds.get("InstanceNumber")
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class Spool:
+    """Write received instances durably under ``root`` and record them in ``sink``.
+
+    Parameters
+    ----------
+    root
+        Spool directory (created if missing). Temp files live in ``root/.tmp`` so renames stay on one
+        filesystem.
+    sink
+        Where each stored instance is recorded (the store in production).
+    free_space_floor_mb
+        Refuse (0xA700) when the free space of the spool filesystem is below this many MB (10^6 bytes).
+    other_classes
+        Policy for SOP classes outside ``analysed_sop_classes``.
+    analysed_sop_classes
+        SOP classes kept in the main spool for analysis.
+    header_fn
+        ``Dataset -> {keyword: value}`` series/study summary for routing; default
+        ``dicomnode.imaging.headers.header_dict`` with its ``SUMMARY_KEYWORDS``.
+    fsync
+        Flush files and directories to disk before confirming (leave True outside benchmarks of the
+        protocol itself).
+    on_result
+        Optional callback called with every :class:`IngestResult` (never allowed to break ingest).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        sink: InstanceSink,
+        *,
+        free_space_floor_mb: float = 0.0,
+        other_classes: OtherClassPolicy | str | bool = OtherClassPolicy.IGNORE,
+        analysed_sop_classes: frozenset[str] = ANALYSED_SOP_CLASSES,
+        header_fn: HeaderFn | None = None,
+        fsync: bool = True,
+        on_result: Callable[[IngestResult], None] | None = None,
+    ) -> None:
+        self.root = Path(root).resolve()
+        self.sink = sink
+        self.free_space_floor_bytes = int(free_space_floor_mb * 1_000_000)
+        self.other_classes = OtherClassPolicy.coerce(other_classes)
+        self.analysed_sop_classes = frozenset(analysed_sop_classes)
+        self.header_fn: HeaderFn = header_fn if header_fn is not None else _default_header_fn()
+        self.fsync = fsync
+        self.on_result = on_result
+        self.temp_dir = self.root / TEMP_DIR
+        self.ignored_dir = self.root / IGNORED_DIR
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- policy -------------------------------------------------------------------------------------
+    def is_analysed(self, sop_class_uid: str) -> bool:
+        """Whether instances of this SOP class are kept for analysis."""
+        return sop_class_uid in self.analysed_sop_classes
+
+    def accepts(self, sop_class_uid: str) -> bool:
+        """Whether instances of this SOP class are accepted (analysed, or other under ignore/discard)."""
+        return self.is_analysed(sop_class_uid) or self.other_classes is not OtherClassPolicy.REFUSE
+
+    def has_free_space(self) -> bool:
+        """Whether the spool filesystem has more free space than the configured floor."""
+        if self.free_space_floor_bytes <= 0:
+            return True
+        try:
+            return shutil.disk_usage(self.root).free >= self.free_space_floor_bytes
+        except OSError:
+            return False
+
+    def final_path(self, study: str, series: str, sop: str, *, ignored: bool) -> Path:
+        """Where an instance with these (validated) UIDs is stored."""
+        base = self.ignored_dir if ignored else self.root
+        return base / study / series / f"{sop}.dcm"
+
+    def new_temp_path(self) -> Path:
+        """A fresh path in the spool temp area (same filesystem as the final paths)."""
+        return self.temp_dir / f"{uuid.uuid4().hex}.part"
+
+    # -- entry points -------------------------------------------------------------------------------
+    def ingest_dataset(
+        self,
+        dataset_bytes: bytes,
+        transfer_syntax_uid: str,
+        *,
+        sop_class_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+        calling_ae_title: str | None = None,
+        source: str = "dimse",
+    ) -> IngestResult:
+        """Store a dataset received without file meta (a C-STORE request), exactly as encoded.
+
+        Parameters
+        ----------
+        dataset_bytes
+            The encoded dataset (``event.request.DataSet.getvalue()``).
+        transfer_syntax_uid
+            The transfer syntax of the presentation context it arrived on.
+        sop_class_uid, sop_instance_uid
+            Affected SOP Class / Instance UID of the request; the dataset must agree.
+        calling_ae_title
+            The sender, recorded in the file meta (Source Application Entity Title) and the record.
+        source
+            Label for records and metrics.
+
+        Returns
+        -------
+        IngestResult
+            Never raises; the status to answer with is ``result.status``.
+        """
+        try:
+            return self._finish(
+                self._ingest_dataset(
+                    dataset_bytes,
+                    transfer_syntax_uid,
+                    sop_class_uid,
+                    sop_instance_uid,
+                    calling_ae_title,
+                    source,
+                ),
+                source,
+            )
+        except Exception as exc:  # the handler contract: never raise, answer a failure status
+            LOGGER.exception("unexpected error while storing an instance from %s", calling_ae_title)
+            return self._finish(
+                IngestResult(PROCESSING_FAILURE, f"processing failure: {type(exc).__name__}"), source
+            )
+
+    def ingest_file(
+        self,
+        temp_path: Path,
+        *,
+        calling_ae_title: str | None = None,
+        source: str = "stow",
+        expected_study_uid: str | None = None,
+    ) -> IngestResult:
+        """Store a Part 10 file that was written (e.g. streamed from STOW-RS) into :meth:`new_temp_path`.
+
+        The spool takes ownership of ``temp_path``: it is renamed into place (bytes as received) or deleted.
+
+        Parameters
+        ----------
+        temp_path
+            A file in this spool's temp area.
+        calling_ae_title
+            Who sent it, for the record (None for STOW-RS).
+        source
+            Label for records and metrics.
+        expected_study_uid
+            For ``POST /studies/{study}``: instances of another study fail with 0xA900.
+
+        Returns
+        -------
+        IngestResult
+            Never raises.
+        """
+        try:
+            result = self._ingest_file(Path(temp_path), calling_ae_title, source, expected_study_uid)
+        except Exception as exc:
+            LOGGER.exception("unexpected error while storing a %s instance", source)
+            result = IngestResult(PROCESSING_FAILURE, f"processing failure: {type(exc).__name__}")
+        finally:
+            with contextlib.suppress(OSError):
+                Path(temp_path).unlink(missing_ok=True)
+        return self._finish(result, source)
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _finish(self, result: IngestResult, source: str) -> IngestResult:
+        if result.ok:
+            metrics.count_instance(source, "ignored" if result.ignored else "stored", result.size_bytes)
+        else:
+            metrics.count_instance(source, "failed")
+            LOGGER.warning(
+                "refused instance %s from %s: 0x%04X %s",
+                result.sop_instance_uid or "?",
+                source,
+                result.status,
+                result.comment or "",
+            )
+        if self.on_result is not None:
+            try:
+                self.on_result(result)
+            except Exception:
+                LOGGER.exception("ingest on_result callback failed")
+        return result
+
+    def _ingest_dataset(
+        self,
+        data: bytes,
+        ts: str,
+        cmd_class: str | None,
+        cmd_instance: str | None,
+        calling_ae: str | None,
+        source: str,
+    ) -> IngestResult:
+        if not self.has_free_space():
+            return IngestResult(OUT_OF_RESOURCES, "out of resources: spool free space below floor")
+        try:
+            header = parse_header(data, ts)
+        except DatasetError as exc:
+            return IngestResult(CANNOT_UNDERSTAND, str(exc), sop_instance_uid=cmd_instance)
+        checked = self._check_uids(header, cmd_class, cmd_instance, None)
+        if isinstance(checked, IngestResult):
+            return checked
+        sop_class, sop, study, series = checked
+
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = UID(sop_class)
+        meta.MediaStorageSOPInstanceUID = UID(sop)
+        meta.TransferSyntaxUID = UID(ts)
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        if calling_ae:
+            meta.SourceApplicationEntityTitle = calling_ae
+
+        def write(fp: BinaryIO) -> None:
+            fp.write(b"\x00" * 128 + b"DICM")
+            write_file_meta_info(fp, meta, enforce_standard=True)  # type: ignore[arg-type]
+            fp.write(data)
+
+        return self._commit(
+            header, sop_class, sop, study, series, ts, len(data), calling_ae, source, write=write
+        )
+
+    def _ingest_file(
+        self, temp_path: Path, calling_ae: str | None, source: str, expected_study: str | None
+    ) -> IngestResult:
+        if not self.has_free_space():
+            return IngestResult(OUT_OF_RESOURCES, "out of resources: spool free space below floor")
+        try:
+            with open(temp_path, "rb") as fp:
+                read_preamble(fp, False)
+                meta = _read_file_meta_info(fp)
+                data = fp.read()
+        except Exception as exc:  # no preamble/DICM prefix, broken meta group
+            return IngestResult(
+                CANNOT_UNDERSTAND, f"not a DICOM Part 10 file: {type(exc).__name__}: {exc}"[:200]
+            )
+        ts = get_uid(meta, "TransferSyntaxUID")
+        if ts is None:
+            return IngestResult(CANNOT_UNDERSTAND, "file meta has no Transfer Syntax UID")
+        try:
+            header = parse_header(data, ts)
+        except DatasetError as exc:
+            return IngestResult(CANNOT_UNDERSTAND, str(exc))
+        checked = self._check_uids(header, None, None, expected_study)
+        if isinstance(checked, IngestResult):
+            return checked
+        sop_class, sop, study, series = checked
+        return self._commit(
+            header, sop_class, sop, study, series, ts, len(data), calling_ae, source, existing=temp_path
+        )
+
+    def _check_uids(
+        self, header: Dataset, cmd_class: str | None, cmd_instance: str | None, expected_study: str | None
+    ) -> tuple[str, str, str, str] | IngestResult:
+        values: dict[str, str] = {}
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            value = get_uid(header, keyword)
+            if value is None:
+                return IngestResult(INVALID_UID, f"missing {keyword}", sop_instance_uid=cmd_instance)
+            if not is_valid_uid(value):
+                return IngestResult(INVALID_UID, f"invalid {keyword}", sop_instance_uid=cmd_instance)
+            values[keyword] = value
+        sop_class, sop = values["SOPClassUID"], values["SOPInstanceUID"]
+        study, series = values["StudyInstanceUID"], values["SeriesInstanceUID"]
+        ids: dict[str, Any] = {"sop_class_uid": sop_class, "sop_instance_uid": sop}
+        if cmd_class is not None and cmd_class.strip().rstrip("\x00") != sop_class:
+            return IngestResult(DATASET_MISMATCH, "dataset SOP Class UID differs from the request", **ids)
+        if cmd_instance is not None and cmd_instance.strip().rstrip("\x00") != sop:
+            return IngestResult(INSTANCE_MISMATCH, "dataset SOP Instance UID differs from the request", **ids)
+        if expected_study is not None and expected_study != study:
+            return IngestResult(DATASET_MISMATCH, "instance belongs to another study than the request", **ids)
+        if not self.accepts(sop_class):
+            return IngestResult(SOP_CLASS_NOT_SUPPORTED, "SOP class not supported", **ids)
+        return sop_class, sop, study, series
+
+    def _commit(
+        self,
+        header: Dataset,
+        sop_class: str,
+        sop: str,
+        study: str,
+        series: str,
+        ts: str,
+        size: int,
+        calling_ae: str | None,
+        source: str,
+        *,
+        write: Callable[[BinaryIO], None] | None = None,
+        existing: Path | None = None,
+    ) -> IngestResult:
+        ignored = not self.is_analysed(sop_class)
+        ids: dict[str, Any] = {
+            "sop_class_uid": sop_class,
+            "sop_instance_uid": sop,
+            "study_instance_uid": study,
+            "series_instance_uid": series,
+            "ignored": ignored,
+            "size_bytes": size,
+        }
+        keep = not (ignored and self.other_classes is OtherClassPolicy.DISCARD)
+        final: Path | None = None
+        if keep:
+            final = self.final_path(study, series, sop, ignored=ignored)
+            try:
+                self._land(final, write=write, existing=existing)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    return IngestResult(OUT_OF_RESOURCES, "out of resources: disk full", **ids)
+                LOGGER.error("spool write failed for %s: %s", sop, exc)
+                return IngestResult(
+                    OUT_OF_RESOURCES_WRITE, f"spool write failed: {exc.strerror or exc}", **ids
+                )
+
+        try:
+            attributes: Mapping[str, Any] = dict(self.header_fn(header))
+        except Exception as exc:  # a summary problem must not lose the instance; routing sees fewer keys
+            LOGGER.warning("header summary failed for %s: %s", sop, exc)
+            attributes = {}
+        pos = _floats(header.get("ImagePositionPatient"), 3)
+        ori = _floats(header.get("ImageOrientationPatient"), 6)
+        record = ReceivedInstance(
+            study_instance_uid=study,
+            series_instance_uid=series,
+            sop_instance_uid=sop,
+            sop_class_uid=sop_class,
+            transfer_syntax_uid=ts,
+            path=final,
+            size_bytes=size,
+            ignored=ignored,
+            source=source,
+            calling_ae_title=calling_ae,
+            attributes=attributes,
+            instance_number=_instance_number(header),
+            image_position_patient=pos,  # type: ignore[arg-type]
+            image_orientation_patient=ori,  # type: ignore[arg-type]
+        )
+        try:
+            new = self.sink.record_instance(record)
+        except Exception as exc:
+            # The file stays where it landed: the sender retries (failure status) and reindex_spool can
+            # record it later, so nothing received is lost.
+            LOGGER.error("database record failed for %s (file kept): %s", sop, exc)
+            return IngestResult(
+                OUT_OF_RESOURCES_DATABASE, "database unavailable, file kept; please retry", **ids
+            )
+        return IngestResult(SUCCESS, None, path=final, duplicate=not new, **ids)
+
+    def _land(self, final: Path, *, write: Callable[[BinaryIO], None] | None, existing: Path | None) -> None:
+        """Temp file, fsync, rename to ``final``, fsync the directory."""
+        tmp = existing if existing is not None else self.new_temp_path()
+        try:
+            if write is not None:
+                with open(tmp, "wb") as fp:
+                    write(fp)
+                    fp.flush()
+                    if self.fsync:
+                        os.fsync(fp.fileno())
+            elif self.fsync:
+                with open(tmp, "rb+") as fp:
+                    os.fsync(fp.fileno())
+            parent = final.parent
+            created = not parent.is_dir()
+            if created:
+                parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise
+        if self.fsync:
+            _fsync_dir(parent)
+            if created:
+                # New study/series folders must themselves be durable entries of their parents.
+                _fsync_dir(parent.parent)
+                _fsync_dir(parent.parent.parent)
+
+    # -- recovery -----------------------------------------------------------------------------------
+    def reindex(self, *, stale_temp_age_s: float = 86_400.0) -> ReindexReport:
+        """See :func:`reindex_spool`."""
+        return reindex_spool(self, stale_temp_age_s=stale_temp_age_s)
+
+
+def _iter_spooled(spool: Spool) -> list[tuple[Path, bool]]:
+    out: list[tuple[Path, bool]] = []
+    for base, ignored in ((spool.root, False), (spool.ignored_dir, True)):
+        if not base.is_dir():
+            continue
+        for study_dir in sorted(base.iterdir()):
+            if not study_dir.is_dir() or not is_valid_uid(study_dir.name):
+                continue  # skips .tmp and ignored/
+            for series_dir in sorted(study_dir.iterdir()):
+                if series_dir.is_dir():
+                    out.extend((p, ignored) for p in sorted(series_dir.glob("*.dcm")))
+    return out
+
+
+def reindex_spool(spool: Spool, *, stale_temp_age_s: float = 86_400.0) -> ReindexReport:
+    """Record every spooled file in the sink again (after a database outage or a restore).
+
+    Each file is re-read (header only) and passed to ``spool.sink.record_instance`` with source
+    ``"reindex"``; the sink reports whether it was new. Temp files older than ``stale_temp_age_s`` were
+    never confirmed to any sender (who therefore retried) and are removed.
+
+    Parameters
+    ----------
+    spool
+        The spool to sweep.
+    stale_temp_age_s
+        Age above which a temp file is considered abandoned.
+
+    Returns
+    -------
+    ReindexReport
+        Counts, and the files that could not be recorded with the reason (one line each).
+    """
+    report = ReindexReport()
+    for path, ignored in _iter_spooled(spool):
+        try:
+            with open(path, "rb") as fp:
+                read_preamble(fp, False)
+                meta = _read_file_meta_info(fp)
+                data = fp.read()
+            ts = get_uid(meta, "TransferSyntaxUID")
+            if ts is None:
+                raise DatasetError("file meta has no Transfer Syntax UID")
+            header = parse_header(data, ts)
+            uids = [get_uid(header, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+            sop_class = get_uid(header, "SOPClassUID")
+            if sop_class is None or any(u is None or not is_valid_uid(u) for u in uids):
+                raise DatasetError("missing or invalid UIDs")
+            study, series, sop = (str(u) for u in uids)
+            if spool.final_path(study, series, sop, ignored=ignored) != path:
+                raise DatasetError("file is not where its UIDs say it belongs")
+            try:
+                attributes: Mapping[str, Any] = dict(spool.header_fn(header))
+            except Exception:
+                attributes = {}
+            record = ReceivedInstance(
+                study_instance_uid=study,
+                series_instance_uid=series,
+                sop_instance_uid=sop,
+                sop_class_uid=sop_class,
+                transfer_syntax_uid=ts,
+                path=path,
+                size_bytes=len(data),
+                ignored=ignored,
+                source="reindex",
+                calling_ae_title=get_uid(meta, "SourceApplicationEntityTitle"),
+                attributes=attributes,
+                instance_number=_instance_number(header),
+                image_position_patient=_floats(header.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+                image_orientation_patient=_floats(header.get("ImageOrientationPatient"), 6),  # type: ignore[arg-type]
+            )
+            if spool.sink.record_instance(record):
+                report.recorded_new += 1
+            else:
+                report.already_known += 1
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            LOGGER.warning("reindex: cannot record %s: %s", path.name, reason)
+            report.failed.append((path, reason))
+    now = time.time()
+    if spool.temp_dir.is_dir():
+        for tmp in spool.temp_dir.iterdir():
+            try:
+                if tmp.is_file() and now - tmp.stat().st_mtime > stale_temp_age_s:
+                    tmp.unlink()
+                    report.stale_temp_removed += 1
+            except OSError:
+                continue
+    return report

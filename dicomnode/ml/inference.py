@@ -1,0 +1,352 @@
+"""Apply bundles to a series: segmentation (levels), per-vertebra vBMD, and a full ``AnalysisResult``.
+
+Every entry point first calls :func:`~dicomnode.ml.bundle.check_input_spec`, so a bundle is never applied to
+a series its spec cannot meet.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from scipy import ndimage
+
+from dicomnode.domain import (
+    REPORTED_LEVELS,
+    AnalysisResult,
+    AnalysisStatus,
+    Calibration,
+    ContrastPhase,
+    PatientInfo,
+    Summary,
+    VertebraResult,
+)
+from dicomnode.errors import AnalysisError, BundleError
+from dicomnode.imaging.volume import Volume
+from dicomnode.ml.bundle import LoadedBundle, check_input_spec
+from dicomnode.ml.datasets import LEVEL_CLASSES
+from dicomnode.ml.metrics import acr_category
+from dicomnode.ml.preprocess import Prepared, crop, pad_to_multiple, prepare, resample_back
+
+log = logging.getLogger(__name__)
+
+#: Vertebral bodies smaller than this (mm3) are treated as spurious and dropped.
+MIN_BODY_MM3 = 1500.0
+#: Erosion (mm) from the body outline to the trabecular ROI, as the classical engine does (cortex excluded).
+TRABECULAR_EROSION_MM = 3.0
+
+
+@dataclass(frozen=True, eq=False)
+class Segmentation:
+    """Level labels (0 background, 1..7 = T11..L5) on the canonical grid of ``canonical``."""
+
+    labels: npt.NDArray[np.int16]
+    canonical: Volume
+    notes: tuple[str, ...] = ()
+
+    def levels(self) -> tuple[str, ...]:
+        present = set(np.unique(self.labels).tolist())
+        return tuple(lvl for lvl in REPORTED_LEVELS if LEVEL_CLASSES[lvl] in present)
+
+    def centroid_lps(self, level: str) -> tuple[float, float, float] | None:
+        kji = np.argwhere(self.labels == LEVEL_CLASSES[level])
+        if len(kji) == 0:
+            return None
+        p = self.canonical.index_to_lps(kji.mean(axis=0)[::-1])
+        return (float(p[0]), float(p[1]), float(p[2]))
+
+
+def _spec_check(bundle: LoadedBundle, task: str) -> None:
+    if bundle.manifest.task != task:
+        raise BundleError(f"bundle {bundle.name} is a {bundle.manifest.task} bundle, not {task}")
+
+
+def segment_prepared(bundle: LoadedBundle, prep: Prepared, overlap: float = 0.25) -> npt.NDArray[np.int16]:
+    """Segment an already prepared array; labels on the canonical grid (probabilities resampled, then argmax).
+
+    Parameters
+    ----------
+    bundle : LoadedBundle
+        Segmentation bundle.
+    prep : Prepared
+        Output of :func:`~dicomnode.ml.preprocess.prepare` with the bundle's spec.
+    overlap : float
+        Sliding-window overlap.
+
+    Returns
+    -------
+    ndarray of int16
+        Class per canonical voxel.
+    """
+    from monai.inferers import sliding_window_inference
+
+    spec = bundle.input_spec
+    arr, shape = pad_to_multiple(prep.array, 8)
+    x = torch.from_numpy(arr[None, None]).to(bundle.device)
+    with torch.no_grad():
+        logits = sliding_window_inference(
+            x, tuple(spec.patch_size), sw_batch_size=1, predictor=bundle.network, overlap=overlap, mode="gaussian"
+        )
+        probs = torch.softmax(logits, dim=1)[0, :, : shape[0], : shape[1], : shape[2]].cpu().numpy()
+    coarse = np.argmax(probs, axis=0)
+    # keep the largest connected component of each level: a level exists once
+    for c in range(1, probs.shape[0]):
+        comp, n = ndimage.label(coarse == c)
+        if n > 1:
+            sizes = ndimage.sum_labels(np.ones_like(comp), comp, index=np.arange(1, n + 1))
+            keep = int(np.argmax(sizes)) + 1
+            stray = (comp > 0) & (comp != keep)
+            probs[c][stray] = 0.0
+    best = np.zeros(prep.grid.source_shape, np.float32)
+    labels = np.zeros(prep.grid.source_shape, np.int16)
+    for c in range(probs.shape[0]):  # class by class keeps memory at two canonical-size arrays
+        p = resample_back(probs[c], prep.grid, order=1)
+        better = p > best
+        best[better] = p[better]
+        labels[better] = c
+    return labels
+
+
+def segment(bundle: LoadedBundle, volume: Volume) -> Segmentation:
+    """Vertebral levels of a series with a segmentation bundle.
+
+    Parameters
+    ----------
+    bundle : LoadedBundle
+        Task ``segmentation``.
+    volume : Volume
+        HU volume.
+
+    Returns
+    -------
+    Segmentation
+        Labels on the canonical grid.
+
+    Raises
+    ------
+    BundleError
+        Wrong bundle task or the series does not meet the input spec.
+    """
+    _spec_check(bundle, "segmentation")
+    check_input_spec(bundle, volume)
+    spec = bundle.input_spec
+    prep = prepare(volume, spec.spacing_mm, spec.intensity_window, spec.intensity_normalisation)
+    labels = segment_prepared(bundle, prep)
+    notes = list(prep.notes)
+    voxel_mm3 = float(np.prod(prep.canonical.spacing))
+    for lvl, cls in LEVEL_CLASSES.items():
+        n = int(np.sum(labels == cls))
+        if 0 < n * voxel_mm3 < MIN_BODY_MM3:
+            labels[labels == cls] = 0
+            notes.append(f"{lvl}: segment of {n * voxel_mm3:.0f} mm3 dropped as too small")
+    return Segmentation(labels, prep.canonical, tuple(notes))
+
+
+def predict_vbmd_prepared(
+    bundle: LoadedBundle, prep: Prepared, centroids_lps: Mapping[str, Sequence[float]]
+) -> dict[str, float]:
+    """vBMD (mg/cm3) per level from crops of a prepared array around each vertebral-body centroid.
+
+    Parameters
+    ----------
+    bundle : LoadedBundle
+        Task ``bmd``.
+    prep : Prepared
+        Prepared with the bundle's spec.
+    centroids_lps : mapping
+        Level -> body centroid (LPS mm).
+
+    Returns
+    -------
+    dict
+        Level -> vBMD.
+    """
+    size = tuple(int(s) for s in bundle.input_spec.patch_size)
+    if len(size) != 3:
+        raise BundleError(f"bundle {bundle.name}: 3D patch expected, got {size}")
+    inv = np.linalg.inv(prep.grid.affine)
+    levels = list(centroids_lps)
+    if not levels:
+        return {}
+    crops = []
+    for lvl in levels:
+        ijk = np.asarray(centroids_lps[lvl], float) @ inv[:3, :3].T + inv[:3, 3]
+        crops.append(crop(prep.array, (ijk[2], ijk[1], ijk[0]), (size[0], size[1], size[2])))
+    x = torch.from_numpy(np.stack(crops)[:, None]).to(bundle.device)
+    with torch.no_grad():
+        out = bundle.network(x).cpu().numpy()
+    return {lvl: float(out[i, 0]) for i, lvl in enumerate(levels)}
+
+
+def predict_vbmd(
+    bundle: LoadedBundle, volume: Volume, centroids_lps: Mapping[str, Sequence[float]]
+) -> dict[str, float]:
+    """vBMD per level with a ``bmd`` bundle (checks the input spec first)."""
+    _spec_check(bundle, "bmd")
+    check_input_spec(bundle, volume)
+    spec = bundle.input_spec
+    prep = prepare(volume, spec.spacing_mm, spec.intensity_window, spec.intensity_normalisation)
+    return predict_vbmd_prepared(bundle, prep, centroids_lps)
+
+
+def _trabecular_stats(
+    canonical: Volume, mask: npt.NDArray[np.bool_]
+) -> tuple[npt.NDArray[np.bool_], float, float, float, float]:
+    sp = canonical.spacing  # i, j, k
+    dist = ndimage.distance_transform_edt(mask, sampling=(sp[2], sp[1], sp[0]))
+    roi = dist > TRABECULAR_EROSION_MM
+    if not roi.any():
+        roi = mask
+    vals = canonical.data[roi]
+    return roi, float(vals.mean()), float(np.median(vals)), float(vals.std()), float(roi.sum() * np.prod(sp))
+
+
+def analyse_with_bundles(
+    volume: Volume,
+    segmentation: LoadedBundle,
+    bmd: LoadedBundle | None = None,
+    classical_vbmd: Mapping[str, float] | None = None,
+) -> AnalysisResult:
+    """A whole analysis with model bundles: levels by the segmentation bundle, vBMD by the bmd bundle.
+
+    The trabecular HU statistics are measured in the segmented body eroded by 3 mm. Without a bmd bundle
+    no vBMD is given (HU only). ``algorithm_name`` / ``algorithm_version`` name the bundles used
+    (``name`` joined by ``+``), and ``warnings`` carry their checksums.
+
+    Parameters
+    ----------
+    volume : Volume
+        HU volume.
+    segmentation : LoadedBundle
+        Task ``segmentation``.
+    bmd : LoadedBundle, optional
+        Task ``bmd``.
+    classical_vbmd : mapping, optional
+        vBMD per level from the calibrated-ROI method, to report agreement ("both" mode).
+
+    Returns
+    -------
+    AnalysisResult
+        Status ``ok`` with per-level results.
+
+    Raises
+    ------
+    BundleError
+        A bundle cannot serve this series.
+    AnalysisError
+        No vertebra T11-L5 found.
+    """
+    seg = segment(segmentation, volume)
+    canonical = seg.canonical
+    levels = seg.levels()
+    if not levels:
+        raise AnalysisError(f"bundle {segmentation.name}: no vertebra T11-L5 found")
+    centroids = {lvl: c for lvl in levels if (c := seg.centroid_lps(lvl)) is not None}
+    vbmd: dict[str, float] = predict_vbmd(bmd, volume, centroids) if bmd is not None else {}
+    vertebrae = []
+    for lvl in levels:
+        mask = seg.labels == LEVEL_CLASSES[lvl]
+        _, mean, median, sd, roi_mm3 = _trabecular_stats(canonical, mask)
+        kji = np.argwhere(mask)
+        mid_k = int(round(float(kji[:, 0].mean())))
+        vertebrae.append(
+            VertebraResult(
+                level=lvl,
+                level_uncertain=False,
+                excluded=False,
+                qc=(),
+                trabecular_hu_mean=mean,
+                trabecular_hu_median=median,
+                trabecular_hu_sd=sd,
+                roi_volume_mm3=roi_mm3,
+                roi_centroid_lps_mm=centroids[lvl],
+                vbmd_mg_cm3=vbmd.get(lvl),
+                mid_slice_index=mid_k,
+            )
+        )
+    used = tuple(lvl for lvl in ("L1", "L2") if lvl in vbmd)
+    mean_vbmd = float(np.mean([vbmd[lvl] for lvl in used])) if used else None
+    l1 = next((v for v in vertebrae if v.level == "L1"), None)
+    names = [segmentation.name] + ([bmd.name] if bmd is not None else [])
+    versions = [segmentation.version] + ([bmd.version] if bmd is not None else [])
+    notes = list(seg.notes)
+    if classical_vbmd is not None and mean_vbmd is not None:
+        ref = [classical_vbmd[lvl] for lvl in used if lvl in classical_vbmd]
+        if ref:
+            diff = mean_vbmd - float(np.mean(ref))
+            notes.append(f"agreement with calibrated ROI: model - ROI = {diff:+.1f} mg/cm3 (L1-L2)")
+    calibration = Calibration(
+        method=f"model:{bmd.name}" if bmd is not None else "none",
+        source=bmd.manifest.identification if bmd is not None else "no vBMD model configured",
+        slope_mg_cm3_per_hu=None,
+        intercept_mg_cm3=None,
+        reference_hu={},
+        kvp=_float_or_none(volume.header.get("KVP")) if volume.header else None,
+        kernel=str(volume.header.get("ConvolutionKernel")) if volume.header.get("ConvolutionKernel") else None,
+        contrast_correction_hu=0.0,
+    )
+    summary = Summary(
+        l1_hu=l1.trabecular_hu_mean if l1 is not None else None,
+        vbmd_l1_l2_mg_cm3=mean_vbmd,
+        category=acr_category(mean_vbmd) if mean_vbmd is not None else None,
+        levels_used=used,
+        contrast_phase=ContrastPhase.UNKNOWN,
+        calibration=calibration,
+        notes=tuple(notes),
+    )
+    hdr = volume.header or {}
+    warnings = [f"model bundle {b.manifest.identification}" for b in (segmentation, bmd) if b is not None]
+    return AnalysisResult(
+        status=AnalysisStatus.OK,
+        reason=None,
+        study_instance_uid=str(hdr.get("StudyInstanceUID", "")),
+        series_instance_uid=str(hdr.get("SeriesInstanceUID", "")),
+        vertebrae=tuple(vertebrae),
+        summary=summary,
+        patient=PatientInfo(_float_or_none(hdr.get("PatientAgeYears")), hdr.get("PatientSex")),
+        algorithm_name="+".join(names),
+        algorithm_version="+".join(versions),
+        warnings=tuple(warnings),
+    )
+
+
+def _float_or_none(v: object) -> float | None:
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def dice_per_level(
+    truth: npt.NDArray[np.integer], pred: npt.NDArray[np.integer], levels: Sequence[str] = REPORTED_LEVELS
+) -> dict[str, float]:
+    """Dice of each level present in the truth (our classes).
+
+    Parameters
+    ----------
+    truth, pred : ndarray of int
+        Label images on the same grid.
+    levels : sequence of str
+        Levels to score.
+
+    Returns
+    -------
+    dict
+        Level -> Dice (levels absent from the truth are left out).
+    """
+    out = {}
+    for lvl in levels:
+        c = LEVEL_CLASSES[lvl]
+        t = truth == c
+        nt = int(t.sum())
+        if nt == 0:
+            continue
+        p = pred == c
+        out[lvl] = 2.0 * float(np.sum(t & p)) / (nt + float(p.sum()))
+    return out

@@ -1,0 +1,748 @@
+"""``dicomnode train``: k-fold cross-validation by patient, a final model, an optional external test, a bundle.
+
+Runs, in order: ``fold1`` ... ``foldK`` (each trained on the other folds' patients, scored on its own), then
+``final`` (all development data; it becomes the bundle), then the external test set (scored with ``final``).
+Folds are split by patient id, never by vertebra or image, so no patient is on both sides. Each run keeps a
+checkpoint after every epoch under ``OUT/training/checkpoints``; ``--resume`` continues a killed run from
+its last epoch and skips finished runs. Seeds derive from ``--seed`` and the run index.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dicomnode.errors import InputError
+from dicomnode.imaging.volume import Volume
+from dicomnode.ml import bundle as bdl
+from dicomnode.ml.datasets import LEVEL_CLASSES, N_SEG_CLASSES, load_image, map_labels, read_nifti
+from dicomnode.ml.inference import dice_per_level, predict_vbmd_prepared, segment_prepared
+from dicomnode.ml.preprocess import Prepared, crop, prepare, resample_to
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    task: str  # "segmentation" or "bmd"
+    data: Path
+    out: Path
+    external: Path | None = None
+    folds: int = 5
+    epochs: int = 20
+    batch_size: int = 4
+    lr: float = 1e-3
+    width: int = 8
+    patch: int | tuple[int, int, int] = 64
+    spacing_mm: float | None = None
+    label_scheme: str = "auto"
+    seed: int = 0
+    device: str = "cpu"
+    resume: bool = False
+    name: str | None = None
+    version: str = "0.1.0"
+    progress: bool = True
+    #: segmentation: "unet" or "segresnet"
+    arch: str = "unet"
+    #: crops drawn per case per epoch (segmentation) / per vertebra per epoch (bmd)
+    samples_per_case: int = 2
+    intensity_normalisation: str = "fat-soft-tissue"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def patch_size(self) -> tuple[int, int, int]:
+        if isinstance(self.patch, int):
+            return (self.patch, self.patch, self.patch)
+        p = tuple(int(v) for v in self.patch)
+        if len(p) != 3:
+            raise InputError(f"patch must be one or three sizes, got {self.patch}")
+        return (p[0], p[1], p[2])
+
+
+# ------------------------------------------------------------------------------------------- data sets
+
+
+@dataclass(frozen=True)
+class SegItem:
+    case_id: str
+    patient_id: str
+    image: Path
+    label: Path
+
+
+@dataclass(frozen=True)
+class BmdItem:
+    row_id: str
+    patient_id: str
+    image: Path
+    level: str
+    bmd: float
+    label: Path | None
+    centroid_lps: tuple[float, float, float] | None
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            return [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in csv.DictReader(fh)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: cannot read CSV: {exc}") from None
+
+
+def _strip_nii(name: str) -> str:
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def read_segmentation_dataset(path: Path) -> list[SegItem]:
+    """Cases of a segmentation dataset (folder ``images/`` + ``labels/`` [+ ``cases.csv``], or a CSV).
+
+    Parameters
+    ----------
+    path : Path
+        Folder or CSV ``id,patient_id,image,label``.
+
+    Returns
+    -------
+    list of SegItem
+        Sorted by id.
+    """
+    items: list[SegItem] = []
+    if path.is_file():
+        for i, r in enumerate(_read_rows(path), start=2):
+            for col in ("id", "image", "label"):
+                if not r.get(col):
+                    raise InputError(f"{path}:{i}: missing {col}")
+            items.append(
+                SegItem(r["id"], r.get("patient_id") or r["id"], path.parent / r["image"], path.parent / r["label"])
+            )
+    elif path.is_dir():
+        images = sorted((path / "images").glob("*.nii*"))
+        if not images:
+            raise InputError(f"{path}: no images/*.nii.gz")
+        patients: dict[str, str] = {}
+        if (path / "cases.csv").is_file():
+            patients = {r["id"]: r.get("patient_id") or r["id"] for r in _read_rows(path / "cases.csv")}
+        for img in images:
+            cid = _strip_nii(img.name)
+            lab = next((p for p in (path / "labels").glob(f"{cid}.nii*")), None)
+            if lab is None:
+                raise InputError(f"{path}: no label for image {img.name}")
+            items.append(SegItem(cid, patients.get(cid, cid), img, lab))
+    else:
+        raise InputError(f"{path}: no such dataset")
+    for it in items:
+        for p in (it.image, it.label):
+            if not p.exists():
+                raise InputError(f"{p}: no such file")
+    return sorted(items, key=lambda it: it.case_id)
+
+
+def read_bmd_dataset(path: Path) -> list[BmdItem]:
+    """Rows of a bmd dataset CSV (``id,patient_id,image,level,bmd_mg_cm3`` + ``label`` or ``cx,cy,cz``)."""
+    if not path.is_file():
+        raise InputError(f"{path}: the bmd dataset must be a CSV file")
+    out: list[BmdItem] = []
+    for i, r in enumerate(_read_rows(path), start=2):
+        for col in ("id", "image", "level", "bmd_mg_cm3"):
+            if not r.get(col):
+                raise InputError(f"{path}:{i}: missing {col}")
+        if r["level"] not in LEVEL_CLASSES:
+            raise InputError(f"{path}:{i}: level {r['level']!r} not one of {', '.join(LEVEL_CLASSES)}")
+        try:
+            bmd = float(r["bmd_mg_cm3"])
+            cen = (float(r["cx"]), float(r["cy"]), float(r["cz"])) if r.get("cx") else None
+        except ValueError as exc:
+            raise InputError(f"{path}:{i}: {exc}") from None
+        label = path.parent / r["label"] if r.get("label") else None
+        if label is None and cen is None:
+            raise InputError(f"{path}:{i}: needs a label mask or cx,cy,cz")
+        out.append(BmdItem(r["id"], r.get("patient_id") or r["id"], path.parent / r["image"], r["level"], bmd, label, cen))
+    if not out:
+        raise InputError(f"{path}: no rows")
+    return out
+
+
+def patient_folds(patient_ids: Sequence[str], k: int, seed: int) -> list[list[str]]:
+    """Split patients into ``k`` folds (shuffled with ``seed``, sizes differing by at most one).
+
+    Parameters
+    ----------
+    patient_ids : sequence of str
+        Patient ids (duplicates allowed; each patient lands in exactly one fold).
+    k : int
+        Number of folds (>= 2).
+    seed : int
+        Shuffle seed.
+
+    Returns
+    -------
+    list of list of str
+        The patients of each fold.
+    """
+    unique = sorted(set(patient_ids))
+    if k < 2:
+        raise InputError("cross-validation needs at least 2 folds")
+    if len(unique) < k:
+        raise InputError(f"{len(unique)} patients cannot be split into {k} folds")
+    order = np.random.default_rng(seed).permutation(len(unique))
+    folds: list[list[str]] = [[] for _ in range(k)]
+    for n, idx in enumerate(order):
+        folds[n % k].append(unique[int(idx)])
+    return [sorted(f) for f in folds]
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+
+class _Checkpoints:
+    def __init__(self, root: Path) -> None:
+        self.root = root / "training" / "checkpoints"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.root / "state.json"
+
+    def finished(self) -> dict[str, Any]:
+        if self.state_path.is_file():
+            data: dict[str, Any] = json.loads(self.state_path.read_text())
+            return data
+        return {}
+
+    def mark_finished(self, run: str, result: dict[str, Any]) -> None:
+        state = self.finished()
+        state[run] = result
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(self.state_path)
+
+    def path(self, run: str) -> Path:
+        return self.root / f"{run}.pt"
+
+    def save(self, run: str, epoch: int, net: nn.Module, opt: torch.optim.Optimizer, rng: np.random.Generator) -> None:
+        tmp = self.path(run).with_suffix(".tmp")
+        torch.save(
+            {
+                "epoch": epoch,
+                "model": net.state_dict(),
+                "optimizer": opt.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "numpy_rng": json.dumps(rng.bit_generator.state),
+            },
+            tmp,
+        )
+        tmp.replace(self.path(run))
+
+    def load(self, run: str, net: nn.Module, opt: torch.optim.Optimizer, rng: np.random.Generator) -> int:
+        """Restore a run; returns the next epoch to train (0 when there is no checkpoint)."""
+        p = self.path(run)
+        if not p.is_file():
+            return 0
+        ck = torch.load(p, map_location="cpu", weights_only=True)
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["torch_rng"])
+        rng.bit_generator.state = json.loads(ck["numpy_rng"])
+        return int(ck["epoch"]) + 1
+
+
+def _fit(
+    run: str,
+    net: nn.Module,
+    cfg: TrainConfig,
+    ckpt: _Checkpoints,
+    seed: int,
+    batches: Callable[[np.random.Generator], list[tuple[torch.Tensor, torch.Tensor]]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> list[float]:
+    """Generic loop: Adam + cosine decay, one checkpoint per epoch, resumable."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net.to(cfg.device)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    start = ckpt.load(run, net, opt, rng) if cfg.resume else 0
+    history: list[float] = []
+    bar = tqdm(range(start, cfg.epochs), desc=f"{cfg.task} {run}", disable=not cfg.progress, unit="epoch")
+    for epoch in bar:
+        lr = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / max(cfg.epochs, 1)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        net.train()
+        losses = []
+        for x, y in batches(rng):
+            opt.zero_grad()
+            loss = loss_fn(net(x.to(cfg.device)), y.to(cfg.device))
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        history.append(float(np.mean(losses)) if losses else math.nan)
+        bar.set_postfix(loss=f"{history[-1]:.4f}")
+        ckpt.save(run, epoch, net, opt, rng)
+    net.eval()
+    return history
+
+
+# ------------------------------------------------------------------------------------------ segmentation
+
+
+@dataclass(frozen=True, eq=False)
+class _SegCase:
+    item: SegItem
+    prep: Prepared
+    labels_rs: npt.NDArray[np.int64]  # on the resampled grid
+    labels_canonical: npt.NDArray[np.int16]
+    fg_index: npt.NDArray[np.int64]  # voxel indices of foreground on the resampled grid
+
+
+def _seg_spec(cfg: TrainConfig) -> bdl.InputSpec:
+    sp = cfg.spacing_mm or 3.0
+    return bdl.InputSpec(
+        spacing_mm=(sp, sp, sp),
+        intensity_window=(-250.0, 1250.0),
+        patch_size=cfg.patch_size(),
+        intensity_normalisation=cfg.intensity_normalisation,
+    )
+
+
+def _load_seg_case(item: SegItem, spec: bdl.InputSpec, scheme: str) -> _SegCase:
+    data, affine = read_nifti(item.image)
+    vol = Volume(data=data.astype(np.float32), affine=affine, source=(str(item.image),))
+    lab, lab_aff = read_nifti(item.label)
+    if lab.shape != data.shape or not np.allclose(lab_aff, affine, atol=1e-3):
+        raise InputError(f"{item.label}: label grid differs from its image {item.image.name}")
+    classes = map_labels(lab, scheme).astype(np.float32)
+    lab_can = Volume(data=classes, affine=affine).canonical().data.astype(np.int16)
+    prep = prepare(vol, spec.spacing_mm, spec.intensity_window, spec.intensity_normalisation)
+    lab_rs = resample_to(lab_can, prep.grid, order=0).astype(np.int64)
+    return _SegCase(item, prep, lab_rs, lab_can, np.argwhere(lab_rs > 0))
+
+
+def _seg_batches(
+    cases: Sequence[_SegCase], cfg: TrainConfig
+) -> Callable[[np.random.Generator], list[tuple[torch.Tensor, torch.Tensor]]]:
+    size = cfg.patch_size()
+
+    def make(rng: np.random.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        samples = []
+        for idx in rng.permutation(len(cases) * cfg.samples_per_case):
+            c = cases[int(idx) % len(cases)]
+            if len(c.fg_index) and rng.random() < 0.7:  # mostly centred on bone, sometimes anywhere
+                centre = c.fg_index[rng.integers(len(c.fg_index))].astype(float)
+            else:
+                centre = np.array([rng.uniform(0, n) for n in c.labels_rs.shape])
+            centre = centre + rng.integers(-size[0] // 4, size[0] // 4 + 1, 3)
+            x = crop(c.prep.array, (centre[0], centre[1], centre[2]), size)
+            y = crop(c.labels_rs, (centre[0], centre[1], centre[2]), size)
+            if rng.random() < 0.5:  # left-right flip keeps the level order
+                x, y = x[:, :, ::-1], y[:, :, ::-1]
+            x = x * rng.uniform(0.97, 1.03) + rng.uniform(-0.01, 0.01)
+            samples.append((np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y)))
+        batches = []
+        for s in range(0, len(samples), cfg.batch_size):
+            chunk = samples[s : s + cfg.batch_size]
+            xb = torch.from_numpy(np.stack([c[0] for c in chunk])[:, None])
+            yb = torch.from_numpy(np.stack([c[1] for c in chunk])[:, None])
+            batches.append((xb, yb))
+        return batches
+
+    return make
+
+
+def _seg_net_args(cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
+    if cfg.arch == "segresnet":
+        return "seg_segresnet", {"n_classes": N_SEG_CLASSES, "width": cfg.width}
+    return "seg_unet", {"n_classes": N_SEG_CLASSES, "width": cfg.width, "num_res_units": 1}
+
+
+def _score_seg(net: nn.Module, manifest: bdl.Manifest, cases: Sequence[_SegCase], device: str) -> dict[str, Any]:
+    lb = bdl.LoadedBundle(Path("."), manifest, net, device)
+    per_case = {}
+    for c in cases:
+        pred = segment_prepared(lb, c.prep)
+        per_case[c.item.case_id] = dice_per_level(c.labels_canonical, pred)
+    means = [float(np.mean(list(d.values()))) for d in per_case.values() if d]
+    return {"mean_dice": float(np.mean(means)) if means else math.nan, "dice_per_case": per_case}
+
+
+def _train_segmentation(cfg: TrainConfig) -> dict[str, Any]:
+    items = read_segmentation_dataset(cfg.data)
+    spec = _seg_spec(cfg)
+    bar = tqdm(items, desc="loading", disable=not cfg.progress, unit="case")
+    cases = [_load_seg_case(it, spec, cfg.label_scheme) for it in bar]
+    ext_cases = []
+    if cfg.external is not None:
+        ext_cases = [_load_seg_case(it, spec, cfg.label_scheme) for it in read_segmentation_dataset(cfg.external)]
+    factory, kwargs = _seg_net_args(cfg)
+    from monai.losses import DiceCELoss
+
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return dice_ce(out, y)  # type: ignore[no-any-return]
+
+    from dicomnode.ml.networks import build
+
+    manifest_stub = _stub_manifest(cfg, "segmentation", factory, kwargs, spec, {"units": "class-index"})
+    ckpt = _Checkpoints(cfg.out)
+    done = ckpt.finished()
+    report: dict[str, Any] = {"folds": {}}
+    runs = _runs([c.item.patient_id for c in cases], cfg)
+    for ridx, (run, val_patients) in enumerate(runs):
+        if run in done:
+            if run != "final":
+                report["folds"][run] = done[run]
+            continue
+        train_cases = [c for c in cases if c.item.patient_id not in val_patients]
+        val_cases = [c for c in cases if c.item.patient_id in val_patients]
+        net = build(factory, kwargs)
+        t0 = time.monotonic()
+        hist = _fit(run, net, cfg, ckpt, cfg.seed + 1000 * ridx, _seg_batches(train_cases, cfg), loss_fn)
+        result: dict[str, Any] = {"n_train": len(train_cases), "n_val": len(val_cases), "loss": hist[-1:] or None}
+        result["train_seconds"] = round(time.monotonic() - t0, 1)
+        if val_cases:
+            result.update(_score_seg(net, manifest_stub, val_cases, cfg.device))
+        ckpt.mark_finished(run, result)
+        if run == "final":
+            torch.save(net.state_dict(), ckpt.root / "final_model.pt")
+        else:
+            report["folds"][run] = result
+    final_net = build(factory, kwargs)
+    final_net.load_state_dict(torch.load(ckpt.root / "final_model.pt", weights_only=True))
+    final_net.eval()
+    fold_dice = [f["mean_dice"] for f in report["folds"].values() if "mean_dice" in f]
+    report["cv_mean_dice"] = float(np.mean(fold_dice)) if fold_dice else None
+    if ext_cases:
+        report["external"] = _score_seg(final_net, manifest_stub, ext_cases, cfg.device)
+    perf = {"cv_mean_dice": report["cv_mean_dice"], "external_mean_dice": report.get("external", {}).get("mean_dice")}
+    manifest = bdl.write_bundle(
+        cfg.out,
+        final_net,
+        factory=factory,
+        network_kwargs=kwargs,
+        name=cfg.name or "dicomnode-vertebra-segmentation",
+        version=cfg.version,
+        task="segmentation",
+        input_spec=spec,
+        output={"units": "class-index", "labels": {str(v): k for k, v in LEVEL_CLASSES.items()}},
+        intended_use=(
+            "Research use: segmentation and T11-L5 labelling of vertebral bodies on adult abdominal CT, as the "
+            "first stage of opportunistic vBMD measurement. Not a medical device."
+        ),
+        training_data=_training_statement(cfg, len(cases), len({c.item.patient_id for c in cases})),
+        extra={"performance": perf, "training": _cfg_dict(cfg)},
+        readme_extra=_perf_md(perf),
+    )
+    report["bundle"] = {"path": str(cfg.out), "sha256": manifest.sha256, "name": manifest.name}
+    _write_report(cfg, report)
+    return _summary(report, manifest)
+
+
+# ---------------------------------------------------------------------------------------------------- bmd
+
+
+def _bmd_spec(cfg: TrainConfig) -> bdl.InputSpec:
+    sp = cfg.spacing_mm or 1.5
+    return bdl.InputSpec(
+        spacing_mm=(sp, sp, sp),
+        intensity_window=(-200.0, 600.0),
+        patch_size=cfg.patch_size(),
+        intensity_normalisation=cfg.intensity_normalisation,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class _BmdImage:
+    prep: Prepared
+    centroids: dict[str, tuple[float, float, float]]  # level -> resampled index (k, j, i)
+
+
+def _load_bmd_images(items: Sequence[BmdItem], spec: bdl.InputSpec, scheme: str, progress: bool) -> dict[Path, _BmdImage]:
+    by_image: dict[Path, list[BmdItem]] = defaultdict(list)
+    for it in items:
+        by_image[it.image].append(it)
+    out: dict[Path, _BmdImage] = {}
+    for img, rows in tqdm(sorted(by_image.items()), desc="loading", disable=not progress, unit="image"):
+        vol = load_image(img)
+        prep = prepare(vol, spec.spacing_mm, spec.intensity_window, spec.intensity_normalisation)
+        inv = np.linalg.inv(prep.grid.affine)
+        cents: dict[str, tuple[float, float, float]] = {}
+        masks: dict[Path, npt.NDArray[np.int16]] = {}
+        for r in rows:
+            if r.centroid_lps is not None:
+                lps = np.asarray(r.centroid_lps, float)
+            else:
+                assert r.label is not None
+                if r.label not in masks:
+                    lab, _ = read_nifti(r.label)
+                    masks[r.label] = (
+                        Volume(data=map_labels(lab, scheme).astype(np.float32), affine=vol.affine)
+                        .canonical()
+                        .data.astype(np.int16)
+                    )
+                kji = np.argwhere(masks[r.label] == LEVEL_CLASSES[r.level])
+                if len(kji) == 0:
+                    raise InputError(f"{r.label}: no {r.level} voxels for row {r.row_id}")
+                lps = prep.canonical.index_to_lps(kji.mean(axis=0)[::-1])
+            ijk = lps @ inv[:3, :3].T + inv[:3, 3]
+            cents[r.level] = (float(ijk[2]), float(ijk[1]), float(ijk[0]))
+        out[img] = _BmdImage(prep, cents)
+    return out
+
+
+def _bmd_batches(
+    items: Sequence[BmdItem], images: dict[Path, _BmdImage], cfg: TrainConfig
+) -> Callable[[np.random.Generator], list[tuple[torch.Tensor, torch.Tensor]]]:
+    size = cfg.patch_size()
+
+    def make(rng: np.random.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        xs, ys = [], []
+        for idx in rng.permutation(len(items) * cfg.samples_per_case):
+            it = items[int(idx) % len(items)]
+            im = images[it.image]
+            c = np.asarray(im.centroids[it.level]) + rng.uniform(-2.0, 2.0, 3)  # placement jitter
+            x = crop(im.prep.array, (c[0], c[1], c[2]), size)
+            if rng.random() < 0.5:
+                x = x[:, :, ::-1]
+            xs.append(np.ascontiguousarray(x, np.float32))
+            ys.append(it.bmd)
+        out = []
+        for s in range(0, len(xs), cfg.batch_size):
+            out.append(
+                (
+                    torch.from_numpy(np.stack(xs[s : s + cfg.batch_size])[:, None]),
+                    torch.tensor(ys[s : s + cfg.batch_size], dtype=torch.float32)[:, None],
+                )
+            )
+        return out
+
+    return make
+
+
+def _bmd_net_args(cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
+    full = cfg.width >= 64
+    return "densenet121_3d", {
+        "out_channels": 1,
+        "width": cfg.width,
+        "growth_rate": 32 if full else max(4, cfg.width),
+        "block_config": [6, 12, 24, 16] if full else [2, 2, 2, 2],
+        "output_scale": [100.0],
+        "output_offset": [100.0],
+    }
+
+
+def _predict_items(
+    net: nn.Module, manifest: bdl.Manifest, items: Sequence[BmdItem], images: dict[Path, _BmdImage], device: str
+) -> dict[str, float]:
+    lb = bdl.LoadedBundle(Path("."), manifest, net, device)
+    out: dict[str, float] = {}
+    by_image: dict[Path, list[BmdItem]] = defaultdict(list)
+    for it in items:
+        by_image[it.image].append(it)
+    for img, rows in by_image.items():
+        im = images[img]
+        inv_aff = im.prep.grid.affine
+        cents = {}
+        for r in rows:
+            k, j, i = im.centroids[r.level]
+            cents[r.row_id] = tuple(float(v) for v in (np.array([i, j, k]) @ inv_aff[:3, :3].T + inv_aff[:3, 3]))
+        pred = predict_vbmd_prepared(lb, im.prep, cents)
+        out.update(pred)
+    return out
+
+
+def _write_pairs(path: Path, items: Sequence[BmdItem], preds: dict[str, float]) -> tuple[Path, Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    ref, pred = path / "reference.csv", path / "predictions.csv"
+    with ref.open("w", newline="") as fr, pred.open("w", newline="") as fp:
+        wr, wp = csv.writer(fr), csv.writer(fp)
+        wr.writerow(["id", "bmd_mg_cm3", "osteoporosis"])
+        wp.writerow(["id", "bmd_mg_cm3"])
+        for it in items:
+            wr.writerow([it.row_id, f"{it.bmd:.4f}", int(it.bmd < 80.0)])
+            if it.row_id in preds:
+                wp.writerow([it.row_id, f"{preds[it.row_id]:.4f}"])
+    return ref, pred
+
+
+def _train_bmd(cfg: TrainConfig) -> dict[str, Any]:
+    from dicomnode.ml.evaluate import evaluate
+    from dicomnode.ml.networks import build
+
+    items = read_bmd_dataset(cfg.data)
+    spec = _bmd_spec(cfg)
+    images = _load_bmd_images(items, spec, cfg.label_scheme, cfg.progress)
+    ext_items: list[BmdItem] = []
+    if cfg.external is not None:
+        ext_items = read_bmd_dataset(cfg.external)
+        images.update(_load_bmd_images(ext_items, spec, cfg.label_scheme, cfg.progress))
+    factory, kwargs = _bmd_net_args(cfg)
+    stub = _stub_manifest(cfg, "bmd", factory, kwargs, spec, {"units": "mg/cm3"})
+    ckpt = _Checkpoints(cfg.out)
+    done = ckpt.finished()
+    l1 = nn.SmoothL1Loss(beta=5.0)
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return l1(out, y)  # type: ignore[no-any-return]
+
+    report: dict[str, Any] = {"folds": {}}
+    oof: dict[str, float] = {}
+    for ridx, (run, val_patients) in enumerate(_runs([it.patient_id for it in items], cfg)):
+        val_items = [it for it in items if it.patient_id in val_patients]
+        if run in done:
+            if run != "final":
+                report["folds"][run] = done[run]
+                oof.update(done[run].get("predictions", {}))
+            continue
+        train_items = [it for it in items if it.patient_id not in val_patients]
+        net = build(factory, kwargs)
+        t0 = time.monotonic()
+        hist = _fit(run, net, cfg, ckpt, cfg.seed + 1000 * ridx, _bmd_batches(train_items, images, cfg), loss_fn)
+        result: dict[str, Any] = {"n_train": len(train_items), "n_val": len(val_items), "loss": hist[-1:] or None}
+        result["train_seconds"] = round(time.monotonic() - t0, 1)
+        if val_items:
+            preds = _predict_items(net, stub, val_items, images, cfg.device)
+            result["mae"] = float(np.mean([abs(preds[it.row_id] - it.bmd) for it in val_items]))
+            result["predictions"] = preds
+            oof.update(preds)
+        ckpt.mark_finished(run, result)
+        if run == "final":
+            torch.save(net.state_dict(), ckpt.root / "final_model.pt")
+        else:
+            report["folds"][run] = result
+    final_net = build(factory, kwargs)
+    final_net.load_state_dict(torch.load(ckpt.root / "final_model.pt", weights_only=True))
+    final_net.eval()
+    perf: dict[str, Any] = {}
+    evals = cfg.out / "training" / "evaluation"
+    if oof:
+        ref, pred = _write_pairs(evals / "cv" / "inputs", items, oof)
+        doc = evaluate(ref, pred, evals / "cv", n_boot=200, seed=cfg.seed)
+        perf["cv"] = {k: doc[k] for k in ("n", "mae", "rmse", "r2", "auc", "accuracy")}
+        report["cv_evaluation"] = str(evals / "cv" / "report.html")
+    if ext_items:
+        preds = _predict_items(final_net, stub, ext_items, images, cfg.device)
+        ref, pred = _write_pairs(evals / "external" / "inputs", ext_items, preds)
+        doc = evaluate(ref, pred, evals / "external", n_boot=200, seed=cfg.seed)
+        perf["external"] = {k: doc[k] for k in ("n", "mae", "rmse", "r2", "auc", "accuracy")}
+        report["external_evaluation"] = str(evals / "external" / "report.html")
+        report["external_predictions"] = preds
+    report["performance"] = perf
+    manifest = bdl.write_bundle(
+        cfg.out,
+        final_net,
+        factory=factory,
+        network_kwargs=kwargs,
+        name=cfg.name or "dicomnode-vertebra-vbmd",
+        version=cfg.version,
+        task="bmd",
+        input_spec=spec,
+        output={"units": "mg/cm3", "quantity": "trabecular vBMD (CHA-equivalent) of the vertebral body in the crop"},
+        intended_use=(
+            "Research use: per-vertebra trabecular vBMD regression from a crop centred on a segmented vertebral "
+            "body of adult abdominal CT (opportunistic screening). Not a medical device."
+        ),
+        training_data=_training_statement(cfg, len(items), len({it.patient_id for it in items})),
+        extra={"performance": perf, "training": _cfg_dict(cfg)},
+        readme_extra=_perf_md(perf),
+    )
+    report["bundle"] = {"path": str(cfg.out), "sha256": manifest.sha256, "name": manifest.name}
+    _write_report(cfg, report)
+    return _summary(report, manifest)
+
+
+# ------------------------------------------------------------------------------------------------ common
+
+
+def _runs(patient_ids: Sequence[str], cfg: TrainConfig) -> list[tuple[str, set[str]]]:
+    runs: list[tuple[str, set[str]]] = []
+    if cfg.folds and cfg.folds >= 2:
+        for i, fold in enumerate(patient_folds(patient_ids, cfg.folds, cfg.seed), start=1):
+            runs.append((f"fold{i}", set(fold)))
+    runs.append(("final", set()))
+    return runs
+
+
+def _stub_manifest(
+    cfg: TrainConfig, task: str, factory: str, kwargs: dict[str, Any], spec: bdl.InputSpec, output: dict[str, Any]
+) -> bdl.Manifest:
+    return bdl.Manifest(cfg.name or task, cfg.version, task, factory, kwargs, "", "0" * 64, spec, output, "", "")
+
+
+def _training_statement(cfg: TrainConfig, n_items: int, n_patients: int) -> str:
+    ext = f"; external test set {cfg.external.name}" if cfg.external else ""
+    return (
+        f"Trained locally with dicomnode train on {n_items} items from {n_patients} patients "
+        f"(dataset {cfg.data.name}{ext}); {cfg.folds}-fold cross-validation split by patient; seed {cfg.seed}."
+    )
+
+
+def _cfg_dict(cfg: TrainConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    for k in ("data", "out", "external"):
+        d[k] = Path(d[k]).name if d[k] is not None else None  # no paths of this machine in the bundle
+    return d
+
+
+def _perf_md(perf: dict[str, Any]) -> str:
+    return "## Performance (from training)\n\n```json\n" + json.dumps(perf, indent=2) + "\n```"
+
+
+def _write_report(cfg: TrainConfig, report: dict[str, Any]) -> None:
+    p = cfg.out / "training" / "report.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def _summary(report: dict[str, Any], manifest: bdl.Manifest) -> dict[str, Any]:
+    keep = {k: v for k, v in report.items() if k not in ("folds", "external_predictions")}
+    keep["folds"] = {
+        k: {kk: vv for kk, vv in v.items() if kk not in ("predictions", "dice_per_case")}
+        for k, v in report.get("folds", {}).items()
+    }
+    if isinstance(keep.get("external"), dict):
+        keep["external"] = {k: v for k, v in keep["external"].items() if k != "dice_per_case"}
+    keep["identification"] = manifest.identification
+    return keep
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train ``cfg.task`` and write the bundle (plus ``training/`` with checkpoints, report, evaluation).
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        Settings (see ``dicomnode train --help``).
+
+    Returns
+    -------
+    dict
+        Summary: per-fold figures, cross-validation and external results, bundle identification.
+
+    Raises
+    ------
+    InputError
+        Unreadable dataset, too few patients for the folds, CUDA requested but absent.
+    """
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda requested but no CUDA device is available")
+    if cfg.task not in ("segmentation", "bmd"):
+        raise InputError(f"unknown task {cfg.task!r}")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume and (cfg.out / "training" / "checkpoints" / "state.json").exists():
+        raise InputError(f"{cfg.out}: holds an earlier training run; use --resume or a new --out")
+    if cfg.task == "segmentation":
+        return _train_segmentation(cfg)
+    return _train_bmd(cfg)

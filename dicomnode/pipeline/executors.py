@@ -1,0 +1,253 @@
+"""Who runs the jobs: the analysis step itself, in-process worker threads, a process pool, Celery.
+
+* :func:`analyze_job` - the real analysis step: ``dicomnode.pipeline.analyze.analyze_path`` on the job's
+  input folder, turned into an :class:`~dicomnode.pipeline.runner.AnalysisOutcome`.
+* :class:`ProcessAnalyzer` - runs an analysis function in a pool of child processes, so a long analysis never
+  holds the interpreter lock of the process that receives images (children die with their parent).
+* :class:`LocalExecutor` - N worker threads that claim jobs from the database and run them.
+* :class:`CeleryExecutor` - hands "run the next job" to Celery workers (broker from the settings); the task
+  calls the very same :meth:`Runner.run_next_job`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import logging
+import multiprocessing
+import signal
+import threading
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+from dicomnode.domain import AnalysisStatus
+from dicomnode.pipeline.runner import AnalysisOutcome, AnalysisRequest, AnalyzeFn, Runner, make_worker_id
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CeleryExecutor", "LocalExecutor", "ProcessAnalyzer", "analyze_job"]
+
+
+def analyze_job(request: AnalysisRequest) -> AnalysisOutcome:
+    """The real analysis step: ``analyze_path`` on the job's files, outputs into ``request.out_dir``.
+
+    Never raises for bad input; the status and reason say what happened.
+    """
+    from dicomnode.pipeline.analyze import analyze_path
+
+    run = analyze_path(
+        request.input_dir,
+        request.out_dir,
+        job_key=request.job_key,
+        version=request.version,
+        disclaimer=request.disclaimer,
+        write_png=True,
+    )
+    if run.error is not None:
+        log.error("job %d: analysis error: %r", request.job_id, run.error)
+    outputs = run.outputs
+    dicom: tuple[Path, ...] = tuple(outputs.dicom) if outputs is not None else ()
+    files: tuple[Path, ...] = ()
+    if outputs is not None:
+        files = (outputs.result_json, *dicom, *outputs.png)
+    return AnalysisOutcome(
+        status=run.result.status,
+        reason=run.result.reason,
+        result_json=run.result.to_json_dict(),
+        dicom_files=dicom,
+        files=files,
+    )
+
+
+# -- analysis in child processes ------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_init() -> None:
+    """Runs in each pool child: die with the parent, ignore Ctrl-C (the parent decides when to stop)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:  # Linux: a SIGKILLed parent must not leave an orphan analysis running on
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # another OS: children exit when their task pipe closes
+        pass
+
+
+def _warm() -> bool:
+    """Import the analysis stack once in the child (the first job then does not pay for it)."""
+    import dicomnode.pipeline.analyze
+
+    try:
+        import dicomnode.bmd
+        import dicomnode.report  # noqa: F401
+    except ImportError:  # pragma: no cover - only while the engines are being built
+        pass
+    return True
+
+
+class ProcessAnalyzer:
+    """Runs an analysis function (default :func:`analyze_job`) in a pool of ``workers`` child processes.
+
+    The pool is created (and warmed) by the thread that calls :meth:`start`, which must live as long as the
+    pool (the main thread): on Linux the children get SIGKILL when that thread's process dies.
+    """
+
+    def __init__(self, workers: int = 1, fn: AnalyzeFn = analyze_job) -> None:
+        self.workers = workers
+        self.fn = fn
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def start(self, warm: bool = True) -> None:
+        with self._lock:
+            if self._pool is None:
+                self._pool = self._new_pool()
+        if warm:
+            pool = self._pool
+            for f in [pool.submit(_warm) for _ in range(self.workers)]:
+                try:
+                    f.result(timeout=300)
+                except Exception as exc:  # warming is an optimisation; the first job will tell
+                    log.warning("analysis process warm-up failed: %s", exc)
+
+    def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
+        ctx = multiprocessing.get_context("spawn")  # never fork a process with threads and sockets
+        return concurrent.futures.ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=ctx, initializer=_child_init
+        )
+
+    def __call__(self, request: AnalysisRequest) -> AnalysisOutcome:
+        with self._lock:
+            if self._pool is None:
+                self._pool = self._new_pool()
+            pool = self._pool
+        try:
+            return pool.submit(self.fn, request).result()
+        except BrokenProcessPool:
+            # The child died (out of memory, killed): fail this job, start a fresh pool for the next.
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = None
+            pool.shutdown(wait=False, cancel_futures=True)
+            return AnalysisOutcome(
+                AnalysisStatus.FAILED,
+                "the analysis process died (out of memory or killed)",
+                {"status": "failed", "reason": "analysis process died"},
+            )
+
+    def stop(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+# -- executors ---------------------------------------------------------------------------------------------
+
+
+class LocalExecutor:
+    """``count`` worker threads claiming jobs from the database and running them with ``runner``.
+
+    Workers sleep until :meth:`wake` (called when a sweep created jobs) or ``poll_s`` passed.
+    """
+
+    def __init__(self, runner: Runner, count: int = 1, *, poll_s: float = 1.0) -> None:
+        self.runner = runner
+        self.count = count
+        self.poll_s = poll_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        self._stop.clear()
+        for i in range(self.count):
+            t = threading.Thread(target=self._loop, args=(make_worker_id(f"t{i}"),), name=f"worker-{i}")
+            t.daemon = True
+            t.start()
+            self._threads.append(t)
+        log.info("%d local worker(s) started", self.count)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self, worker_id: str) -> None:
+        while not self._stop.is_set():
+            try:
+                job_id = self.runner.run_next_job(worker_id)
+            except Exception:  # the database hiccuped; never let a worker thread die
+                log.exception("worker %s: step failed", worker_id)
+                job_id = None
+            if job_id is None:
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask the workers to stop after their current job, and wait up to ``timeout`` seconds."""
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout)
+        self._threads.clear()
+
+
+#: Set in a Celery worker process by :func:`configure_celery_worker`.
+_CELERY_RUNNER: Runner | None = None
+
+
+def configure_celery_worker(runner: Runner) -> None:
+    """Give the Celery task of this process its runner (called once when a Celery worker starts)."""
+    global _CELERY_RUNNER
+    _CELERY_RUNNER = runner
+
+
+def run_next_job_task() -> int | None:
+    """The Celery task body: the same step the local workers run."""
+    if _CELERY_RUNNER is None:
+        raise RuntimeError("the Celery worker has no runner (configure_celery_worker was not called)")
+    return _CELERY_RUNNER.run_next_job(make_worker_id("celery"))
+
+
+def make_celery_app(broker_url: str, *, name: str = "dicomnode") -> Any:
+    """A Celery app with one task, ``dicomnode.run_next_job`` (no result backend: the database decides)."""
+    from celery import Celery
+
+    app = Celery(name, broker=broker_url)
+    app.conf.update(
+        task_acks_late=True,  # a worker killed mid-task leaves the message for another one
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        broker_connection_retry_on_startup=True,
+    )
+    app.task(name="dicomnode.run_next_job")(run_next_job_task)
+    return app
+
+
+class CeleryExecutor:
+    """Sends one "run the next job" task to Celery per PENDING job (workers may run on other hosts).
+
+    A task that finds no PENDING job does nothing, so sending one too many is harmless; one too few is
+    made up by the next wake (every sweep that creates jobs, and every recovery sweep).
+    """
+
+    def __init__(self, app: Any, *, store: Any) -> None:
+        self.app = app
+        self.store = store
+
+    def start(self) -> None:
+        log.info("Celery executor: jobs go to the broker at %s", self.app.conf.broker_url)
+
+    def wake(self) -> None:
+        from dicomnode.domain import JobState
+
+        try:
+            pending = self.store.list_jobs(state=JobState.PENDING, limit=1).total
+            for _ in range(pending):
+                self.app.send_task("dicomnode.run_next_job")
+        except Exception as exc:  # broker down: the jobs stay PENDING and the next wake sends them
+            log.warning("Celery broker unreachable: %s", exc)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        return None

@@ -1,0 +1,570 @@
+"""The job runner: completion, routing, analysis, delivery and restart recovery, one idempotent step each.
+
+The database is the truth; these steps only move work forward from what it says, so any of them may run
+again after a crash without doing anything twice:
+
+* :meth:`Runner.sweep_completion` - series quiet for long enough become complete; their study is routed
+  (``dicomnode.routing.select``, decisions stored with reasons) and a job is created per selected series and
+  version (``create_job`` is idempotent on series + pipeline + version).
+* :meth:`Runner.run_next_job` - a worker claims a PENDING job (atomic), analyses the series' spooled files
+  into ``<data_dir>/results/job-<id>/``, records the result, creates one delivery per destination (unique per
+  job + destination + version) and sends them.
+* :meth:`Runner.deliver_due` - deliveries whose time has come (first try, or retry after backoff) are sent;
+  the outcome is recorded; transient failures are rescheduled with exponential backoff up to the maximum
+  number of attempts, permanent ones stop at once (logged once, visible in the database).
+* :meth:`Runner.recover` - jobs left ANALYSING by a worker that died go back to PENDING; REPORTED jobs get
+  their deliveries.
+
+Nothing here creates threads, schedulers or network listeners (see :mod:`dicomnode.pipeline.scheduler` and
+:mod:`dicomnode.pipeline.executors`); the analysis and the sending are injected callables so tests can run
+the runner with trivial ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+from dicomnode.config import Settings
+from dicomnode.delivery import DeliveryResult, RetryPolicy
+from dicomnode.delivery import deliver as default_deliver
+from dicomnode.domain import AnalysisStatus, DeliveryOutcome, JobState, RuleDecision, SeriesSummary
+from dicomnode.store import Delivery, InvalidTransitionError, Job, NotFoundError, Store
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "AnalysisOutcome",
+    "AnalysisRequest",
+    "AnalyzeFn",
+    "DeliverFn",
+    "Runner",
+    "SelectFn",
+    "make_worker_id",
+]
+
+
+@dataclass(frozen=True)
+class AnalysisRequest:
+    """What the analysis step of one job gets."""
+
+    job_id: int
+    study_instance_uid: str
+    series_instance_uid: str
+    version: int
+    #: A folder holding exactly the series' instances known to the database (symbolic links to the spool).
+    input_dir: Path
+    #: Where the outputs go (empty folder, private to this attempt).
+    out_dir: Path
+    #: Seeds the output UIDs: the same job and version always produce the same SR/SC UIDs.
+    job_key: str
+    disclaimer: str | None = None
+
+
+@dataclass(frozen=True)
+class AnalysisOutcome:
+    """What the analysis step produced."""
+
+    status: AnalysisStatus
+    reason: str | None
+    result_json: dict[str, Any]
+    #: DICOM files to deliver (SR first, then SC).
+    dicom_files: tuple[Path, ...] = ()
+    #: Every file written (result.json, DICOM, PNG), kept in the result record.
+    files: tuple[Path, ...] = ()
+
+
+#: The analysis of one series; must not raise for bad input (it returns a FAILED/NOT_QUALIFYING outcome).
+AnalyzeFn = Callable[[AnalysisRequest], AnalysisOutcome]
+
+
+class DeliverFn(Protocol):
+    """Sends files to one destination once (``dicomnode.delivery.deliver``); never raises for peer errors."""
+
+    def __call__(
+        self, destination: Any, files: Sequence[Path], *, calling_ae_title: str
+    ) -> DeliveryResult: ...
+
+
+#: Routing: the summaries of one study's series -> one decision per series.
+SelectFn = Callable[[Sequence[SeriesSummary]], Sequence[RuleDecision]]
+
+
+def make_worker_id(tag: str = "w") -> str:
+    """``host:pid:tag``; recovery uses host and pid to tell a dead worker's jobs from a live one's."""
+    return f"{socket.gethostname()}:{os.getpid()}:{tag}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _worker_dead_here(worker_id: str | None) -> bool:
+    """True when ``worker_id`` names a process on this host that no longer exists."""
+    if not worker_id:
+        return False
+    parts = worker_id.split(":")
+    if len(parts) < 2 or parts[0] != socket.gethostname():
+        return False
+    try:
+        pid = int(parts[1])
+    except ValueError:
+        return False
+    return pid != os.getpid() and not _pid_alive(pid)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class RunnerStats:
+    """Counters of what this runner did (for logs, metrics and tests)."""
+
+    routed_studies: int = 0
+    jobs_created: int = 0
+    jobs_analysed: int = 0
+    deliveries_sent: int = 0
+    deliveries_failed: int = 0
+    jobs_recovered: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self.lock:
+            setattr(self, name, getattr(self, name) + n)
+
+
+class Runner:
+    """The steps of the node's pipeline over one :class:`~dicomnode.store.Store`.
+
+    Parameters
+    ----------
+    settings
+        Completion periods, destinations, retry policy and the data directory come from here.
+    store
+        The database (the only place job state changes).
+    analyze
+        The analysis step (see :func:`dicomnode.pipeline.analysis.analyze_job` for the real one).
+    select
+        Routing for one study (default: ``dicomnode.routing.select`` with the configured rules).
+    deliver
+        Sends files to one destination (default: ``dicomnode.delivery.deliver``).
+    delivery_lease_s
+        While a delivery is being sent its next attempt is pushed this far ahead, so that no other sweep sends
+        it at the same time; after a crash it is picked up again once the lease has run out.
+    stale_job_s
+        An ANALYSING job without heartbeat for this long is given back to PENDING (a worker on another host
+        died); a worker of this host that no longer exists is detected at once.
+    on_jobs_created
+        Called after a sweep created jobs (wakes the local workers up).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        analyze: AnalyzeFn,
+        select: SelectFn | None = None,
+        deliver: DeliverFn = default_deliver,
+        delivery_lease_s: float = 120.0,
+        stale_job_s: float = 300.0,
+        heartbeat_s: float = 5.0,
+        on_jobs_created: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.analyze = analyze
+        self.select = select if select is not None else default_select(settings)
+        self.deliver = deliver
+        self.policy = RetryPolicy.from_settings(settings.delivery)
+        self.delivery_lease_s = delivery_lease_s
+        self.stale_job_s = stale_job_s
+        self.heartbeat_s = heartbeat_s
+        self.on_jobs_created = on_jobs_created
+        self.results_dir = settings.data_dir / "results"
+        self.stats = RunnerStats()
+        # Deliveries being sent by this process: the sweep never sends one twice at the same time here,
+        # whatever the lease says.
+        self._sending: set[int] = set()
+        self._sending_lock = threading.Lock()
+
+    # -- completion and routing ------------------------------------------------------------------------
+
+    def sweep_completion(self, now: datetime | None = None) -> list[int]:
+        """Complete the series that have been quiet long enough, route their studies, create the jobs.
+
+        Returns
+        -------
+        list of int
+            Ids of the jobs this sweep created (or found already created: the step is idempotent).
+        """
+        now = now or _now()
+        c = self.settings.completion
+        ready = self.store.series_ready_for_completion(
+            now, c.series_quiet_seconds, c.study_quiet_seconds, c.max_wait_seconds
+        )
+        studies: dict[str, None] = {}
+        for series in ready:
+            self.store.mark_series_complete(series.series_instance_uid, now=now)
+            studies[series.study_instance_uid] = None
+            log.info(
+                "series %s complete (%d instances, version %d)",
+                series.series_instance_uid,
+                series.n_instances,
+                series.version,
+            )
+        jobs: list[int] = []
+        for study_uid in studies:
+            jobs.extend(self.route_study(study_uid, now=now))
+        if jobs and self.on_jobs_created is not None:
+            self.on_jobs_created()
+        return jobs
+
+    def route_study(self, study_uid: str, now: datetime | None = None) -> list[int]:
+        """Route one study: decisions (with reasons) recorded, one job per selected complete series."""
+        now = now or _now()
+        summaries = self.store.series_summaries(study_uid)
+        decisions = list(self.select(summaries))
+        self.store.record_decisions(study_uid, decisions, now=now)
+        self.stats.add("routed_studies")
+        jobs: list[int] = []
+        for d in decisions:
+            if not d.selected or d.action != "analyse":
+                log.debug("series %s not analysed: %s", d.series_instance_uid, "; ".join(d.reasons[-2:]))
+                continue
+            series = self.store.get_series(d.series_instance_uid)
+            if series.completed_at is None:
+                continue  # its own completion routes the study again
+            destinations = d.destinations or self.settings.destination_names
+            job_id = self.store.create_job(
+                series.series_instance_uid, d.pipeline or "bmd", list(destinations), series.version, now=now
+            )
+            if series.version > 1:
+                # Instances arrived after analysis started: the new version replaces the old results.
+                self.store.supersede(
+                    series.series_instance_uid,
+                    below_version=series.version,
+                    message=f"series re-opened: replaced by version {series.version} (job {job_id})",
+                    now=now,
+                )
+            jobs.append(job_id)
+            self.stats.add("jobs_created")
+            log.info(
+                "study %s: series %s selected by rule %s -> job %d (v%d)",
+                study_uid,
+                series.series_instance_uid,
+                d.rule,
+                job_id,
+                series.version,
+            )
+        return jobs
+
+    # -- analysis ---------------------------------------------------------------------------------------
+
+    def run_next_job(self, worker_id: str) -> int | None:
+        """Claim the oldest PENDING job and carry it through analysis and delivery.
+
+        Returns
+        -------
+        int or None
+            The id of the job handled, None when there was nothing to do.
+        """
+        job = self.store.claim_next_job(worker_id)
+        if job is None:
+            return None
+        self.run_claimed_job(job, worker_id)
+        return job.id
+
+    def run_claimed_job(self, job: Job, worker_id: str) -> None:
+        """Analyse a job this worker holds (ANALYSING), then record and deliver; never raises."""
+        log.info(
+            "job %d: analysing series %s v%d (%s)", job.id, job.series_instance_uid, job.version, worker_id
+        )
+        stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job.id, stop), name=f"heartbeat-{job.id}")
+        beat.daemon = True
+        beat.start()
+        try:
+            outcome = self._analyse(job)
+        finally:
+            stop.set()
+            beat.join(timeout=5)
+        self.stats.add("jobs_analysed")
+        try:
+            self._record_outcome(job, outcome, worker_id)
+        except InvalidTransitionError as exc:
+            # Superseded (or reset by an admin) while we were busy: our result is no longer wanted.
+            log.info("job %d: result dropped, the job moved on meanwhile (%s)", job.id, exc)
+            return
+        except NotFoundError as exc:
+            log.warning("job %d: gone while analysing (%s)", job.id, exc)
+            return
+        self.deliver_job(job.id)
+
+    def _heartbeat(self, job_id: int, stop: threading.Event) -> None:
+        while not stop.wait(self.heartbeat_s):
+            try:
+                self.store.heartbeat(job_id)
+            except Exception as exc:  # a missed beat only risks a needless reset; keep analysing
+                log.warning("job %d: heartbeat failed: %s", job_id, exc)
+
+    def _analyse(self, job: Job) -> AnalysisOutcome:
+        attempt_dir = self.results_dir / f"job-{job.id}" / f"v{job.version}-attempt{job.attempts}"
+        try:
+            input_dir = attempt_dir / "input"
+            out_dir = attempt_dir / "out"
+            if attempt_dir.exists():  # same attempt number again: only after a crash mid-claim
+                shutil.rmtree(attempt_dir)
+            input_dir.mkdir(parents=True)
+            out_dir.mkdir(parents=True)
+            instances = self.store.instances(job.series_instance_uid)
+            missing = link_inputs([i.path for i in instances], input_dir)
+            if missing:
+                log.warning("job %d: %d spooled file(s) missing", job.id, missing)
+            request = AnalysisRequest(
+                job_id=job.id,
+                study_instance_uid=job.study_instance_uid,
+                series_instance_uid=job.series_instance_uid,
+                version=job.version,
+                input_dir=input_dir,
+                out_dir=out_dir,
+                job_key=f"{job.series_instance_uid}/{job.pipeline}",
+                disclaimer=self.settings.analysis.disclaimer,
+            )
+            return self.analyze(request)
+        except Exception as exc:  # a bug in a step must fail the job, not the worker
+            log.exception("job %d: analysis step crashed", job.id)
+            return AnalysisOutcome(
+                AnalysisStatus.FAILED, f"internal error ({type(exc).__name__}: {exc})", {"status": "failed"}
+            )
+
+    def _record_outcome(self, job: Job, outcome: AnalysisOutcome, worker_id: str) -> None:
+        self.store.record_result(job.id, outcome.result_json, list(outcome.files))
+        if outcome.status is AnalysisStatus.OK and outcome.dicom_files:
+            self.store.set_job_state(job.id, JobState.REPORTED, actor=worker_id)
+            self.store.create_deliveries(job.id, job.destinations)
+            log.info("job %d: reported (%d DICOM file(s))", job.id, len(outcome.dicom_files))
+        elif outcome.status is AnalysisStatus.NOT_QUALIFYING:
+            self.store.set_job_state(job.id, JobState.NOT_QUALIFYING, outcome.reason, actor=worker_id)
+            log.info("job %d: not qualifying: %s", job.id, outcome.reason)
+        else:
+            reason = outcome.reason or "analysis produced no DICOM output"
+            self.store.set_job_state(job.id, JobState.FAILED, reason, actor=worker_id)
+            log.warning("job %d: analysis failed: %s", job.id, reason)
+
+    # -- delivery ---------------------------------------------------------------------------------------
+
+    def deliver_job(self, job_id: int) -> None:
+        """Send every delivery of the job that is due now (right after analysis; retries go to the sweep)."""
+        for d in self.store.list_deliveries(job_id=job_id, limit=1000).items:
+            if d.outcome in (DeliveryOutcome.PENDING, DeliveryOutcome.RETRYING) and (
+                d.next_attempt_at is None or d.next_attempt_at <= _now()
+            ):
+                self.deliver_one(d)
+
+    def deliver_due(self, now: datetime | None = None, limit: int = 50) -> int:
+        """Send the deliveries that are due (first attempts and retries); returns how many were attempted."""
+        now = now or _now()
+        due = self.store.due_deliveries(now, limit=limit, lease=self.delivery_lease_s)
+        n = 0
+        for d in due:
+            if self.deliver_one(d):
+                n += 1
+        return n
+
+    def deliver_one(self, delivery: Delivery) -> bool:
+        """One attempt of one delivery, outcome recorded; False when it was already being sent here."""
+        with self._sending_lock:
+            if delivery.id in self._sending:
+                return False
+            self._sending.add(delivery.id)
+        try:
+            self._deliver_one(delivery)
+        finally:
+            with self._sending_lock:
+                self._sending.discard(delivery.id)
+        return True
+
+    def _deliver_one(self, delivery: Delivery) -> None:
+        # Re-read: another process may have finished it since the sweep listed it.
+        current = self.store.get_delivery(delivery.id)
+        if current.outcome.is_final:
+            return
+        job = self.store.get_job(current.job_id)
+        if job.state is JobState.SUPERSEDED or job.version != current.version:
+            self.store.record_delivery_attempt(
+                current.id, DeliveryOutcome.PERMANENT_FAILURE, "not sent: the job was superseded"
+            )
+            return
+        try:
+            destination = self.settings.destination(current.destination)
+        except KeyError:
+            msg = f"destination {current.destination!r} is not configured"
+            log.error("delivery %d (job %d): %s", current.id, job.id, msg)
+            self.store.record_delivery_attempt(current.id, DeliveryOutcome.PERMANENT_FAILURE, msg)
+            return
+        result_row = self.store.get_result(job.id)
+        files = [Path(f) for f in (result_row.files if result_row else ()) if str(f).endswith(".dcm")]
+        missing = [f for f in files if not f.is_file()]
+        if not files or missing:
+            msg = f"result files missing ({len(missing)} of {len(files)}); re-run the job"
+            log.error("delivery %d (job %d): %s", current.id, job.id, msg)
+            self.store.record_delivery_attempt(current.id, DeliveryOutcome.PERMANENT_FAILURE, msg)
+            return
+        t0 = time.perf_counter()
+        try:
+            result = self.deliver(destination, files, calling_ae_title=self.settings.dicom.ae_title)
+        except Exception as exc:  # deliver() should not raise; if it does, treat it as transient
+            log.exception("delivery %d: sender crashed", current.id)
+            result = DeliveryResult(
+                current.destination, DeliveryOutcome.RETRYING, f"{type(exc).__name__}: {exc}"
+            )
+        attempt = current.attempts + 1
+        outcome, delay = self.policy.decide(result, attempt)
+        next_at = _now() + timedelta(seconds=delay) if delay is not None else None
+        message = result.message
+        if outcome is DeliveryOutcome.PERMANENT_FAILURE and result.outcome is DeliveryOutcome.RETRYING:
+            message = f"gave up after {attempt} attempts: {result.message}"
+        self.store.record_delivery_attempt(current.id, outcome, message, next_attempt_at=next_at)
+        dt = time.perf_counter() - t0
+        if outcome is DeliveryOutcome.SUCCESS:
+            self.stats.add("deliveries_sent")
+            log.info(
+                "delivery %d: job %d v%d sent to %s in %.2f s",
+                current.id,
+                job.id,
+                job.version,
+                current.destination,
+                dt,
+            )
+        elif outcome is DeliveryOutcome.RETRYING:
+            log.warning(
+                "delivery %d to %s failed (attempt %d, retry in %.0f s): %s",
+                current.id,
+                current.destination,
+                attempt,
+                delay or 0.0,
+                result.message,
+            )
+        else:
+            # Logged once: a permanent failure is never retried automatically.
+            self.stats.add("deliveries_failed")
+            log.error(
+                "delivery %d to %s failed permanently (job %d): %s",
+                current.id,
+                current.destination,
+                job.id,
+                message,
+            )
+
+    # -- recovery ---------------------------------------------------------------------------------------
+
+    def recover(self, now: datetime | None = None) -> list[int]:
+        """Give the jobs of dead workers back and finish interrupted steps; returns the ids of jobs touched.
+
+        * ANALYSING jobs of a worker process of this host that no longer exists go back to PENDING at once;
+          those not updated (heartbeat) for ``stale_job_s`` go back too (a worker on another host died).
+        * REPORTED jobs (stopped between recording the result and creating deliveries) get their deliveries.
+        """
+        now = now or _now()
+        touched: list[int] = []
+        for job in self.store.unfinished_jobs():
+            if job.state is JobState.ANALYSING and _worker_dead_here(job.worker_id):
+                try:
+                    self.store.set_job_state(
+                        job.id, JobState.PENDING, f"reset: worker {job.worker_id} stopped", actor="recovery"
+                    )
+                    touched.append(job.id)
+                except InvalidTransitionError:
+                    pass
+            elif job.state is JobState.REPORTED:
+                self.store.create_deliveries(job.id, job.destinations)
+                touched.append(job.id)
+        stale = self.store.reset_stale_jobs(now - timedelta(seconds=self.stale_job_s), now=now)
+        touched.extend(stale)
+        if touched:
+            self.stats.add("jobs_recovered", len(touched))
+            log.warning("recovery: resumed job(s) %s", ", ".join(map(str, touched)))
+            if self.on_jobs_created is not None:
+                self.on_jobs_created()
+        return touched
+
+    # -- retention --------------------------------------------------------------------------------------
+
+    def clean_spool(self, now: datetime | None = None) -> int:
+        """Remove spooled study folders older than ``retention.spool_days`` whose jobs are all final.
+
+        The database rows stay (the history remains visible); only the received files go. Returns the number
+        of study folders removed.
+        """
+        days = self.settings.retention.spool_days
+        if days <= 0:
+            return 0
+        now = now or _now()
+        cutoff = (now - timedelta(days=days)).timestamp()
+        spool = self.settings.spool_dir
+        removed = 0
+        for base in (spool, spool / "ignored"):
+            if not base.is_dir():
+                continue
+            for study_dir in base.iterdir():
+                if not study_dir.is_dir() or study_dir.name.startswith(".") or study_dir.name == "ignored":
+                    continue
+                newest = max((p.stat().st_mtime for p in study_dir.rglob("*") if p.is_file()), default=0.0)
+                if newest > cutoff:
+                    continue
+                jobs = self.store.list_jobs(study_uid=study_dir.name, limit=1000).items
+                if any(not j.state.is_final for j in jobs):
+                    continue
+                shutil.rmtree(study_dir, ignore_errors=True)
+                removed += 1
+                log.info("retention: removed spooled study %s", study_dir.name)
+        return removed
+
+
+def link_inputs(paths: Sequence[Path], folder: Path) -> int:
+    """Link ``paths`` into ``folder`` (copy where links are impossible); returns how many are missing."""
+    missing = 0
+    for i, src in enumerate(paths):
+        if not src.is_file():
+            missing += 1
+            continue
+        dst = folder / f"{i:06d}_{src.name}"
+        try:
+            dst.symlink_to(src.resolve())
+        except OSError:
+            shutil.copy2(src, dst)
+    return missing
+
+
+def default_select(settings: Settings) -> SelectFn:
+    """Routing with the configured rules file (or the shipped default rules)."""
+    from dicomnode import routing
+
+    rules = (
+        routing.load_rules(settings.rules_file, destinations=settings.destination_names)
+        if settings.rules_file is not None
+        else routing.default_rules()
+    )
+    names = settings.destination_names
+
+    def select(summaries: Sequence[SeriesSummary]) -> Sequence[RuleDecision]:
+        return routing.select(list(summaries), rules, all_destinations=names)
+
+    return select

@@ -1,0 +1,154 @@
+"""Write one analysis' outputs: ``result.json``, ``sr.dcm``, ``sc_*.dcm`` (and PNG previews)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+from pydicom.dataset import Dataset
+
+from dicomnode.domain import AnalysisResult, AnalysisStatus
+from dicomnode.imaging.volume import Volume
+from dicomnode.report.render import DEFAULT_DISCLAIMER, RenderedImage, render_all
+from dicomnode.report.sc import build_sc
+from dicomnode.report.sr import build_sr
+from dicomnode.report.uids import UidPolicy
+
+log = logging.getLogger(__name__)
+
+
+class MeasuredSeries(Protocol):
+    """What the report needs from a measurement (``dicomnode.bmd.BmdOutput`` provides it)."""
+
+    @property
+    def result(self) -> AnalysisResult: ...
+
+    @property
+    def canonical(self) -> Volume: ...
+
+    @property
+    def roi_masks(self) -> Mapping[str, npt.NDArray[np.bool_]] | None: ...
+
+
+@dataclass(frozen=True)
+class OutputFiles:
+    """What ``write_outputs`` wrote."""
+
+    result_json: Path
+    sr: Path | None = None
+    sc: tuple[Path, ...] = ()
+    png: tuple[Path, ...] = ()
+    #: Why something was not written (e.g. no SR for NIfTI input), human readable.
+    notes: tuple[str, ...] = ()
+
+    @property
+    def dicom(self) -> tuple[Path, ...]:
+        return ((self.sr,) if self.sr is not None else ()) + self.sc
+
+
+def _atomic_write(path: Path, write: object) -> None:
+    """Write via a temporary file in the same folder, fsync, then rename (never a half-written file)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)  # type: ignore[operator]
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_result_json(result: AnalysisResult, out_dir: Path) -> Path:
+    """Write ``result.json`` (schema: ``AnalysisResult.to_json_dict``) into ``out_dir``; return its path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "result.json"
+    text = json.dumps(result.to_json_dict(), indent=2, allow_nan=False) + "\n"
+    _atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    return path
+
+
+def _ref_for(image: RenderedImage, by_sop: dict[str, Dataset], fallback: Dataset) -> Dataset:
+    if image.source_sop_instance_uid is not None:
+        return by_sop.get(image.source_sop_instance_uid, fallback)
+    return fallback
+
+
+def write_outputs(
+    bmd_output: MeasuredSeries,
+    source_datasets: Sequence[Dataset],
+    out_dir: Path,
+    *,
+    job_key: str | None = None,
+    version: int = 1,
+    disclaimer: str = DEFAULT_DISCLAIMER,
+    write_png: bool = True,
+    levels: Sequence[str] | None = None,
+) -> OutputFiles:
+    """Write ``result.json`` always; for an ok result also the SR, the SC overlays and PNG previews.
+
+    Parameters
+    ----------
+    bmd_output
+        The measurement (result, canonical volume, ROI masks in canonical space).
+    source_datasets
+        Datasets of the analysed series (headers suffice). Empty for NIfTI input: then no DICOM is written
+        (there is no study to put it in) and ``notes`` says so.
+    out_dir
+        Created if needed. Files: ``result.json``, ``sr.dcm``, ``sc_00_overview.dcm``,
+        ``sc_NN_<level>.dcm``, ``overlay_*.png``.
+    job_key, version
+        Deterministic UIDs from (job key, version, artefact); random without a job key.
+    disclaimer
+        Burned into every overlay and written into the SC ImageComments.
+    write_png
+        Also write the overlays as PNG (for people, and for NIfTI input).
+    levels
+        Restrict the axial overlays to these levels (default: every vertebra found).
+    """
+    result = bmd_output.result
+    json_path = write_result_json(result, out_dir)
+    if result.status is not AnalysisStatus.OK or not result.vertebrae:
+        return OutputFiles(result_json=json_path, notes=(f"status {result.status.value}: no SR or SC",))
+    uids = UidPolicy(job_key=job_key, version=version)
+    notes: list[str] = []
+    images = render_all(
+        result, bmd_output.canonical, bmd_output.roi_masks, disclaimer=disclaimer, levels=levels
+    )
+    pngs: list[Path] = []
+    if write_png:
+        for n, image in enumerate(images):
+            png = out_dir / f"overlay_{n:02d}_{image.name}.png"
+            _atomic_write(png, lambda p, im=image: Image.fromarray(im.rgb).save(p, format="PNG", compress_level=1))
+            pngs.append(png)
+    if not source_datasets:
+        notes.append("no source DICOM images (NIfTI input): result.json and PNG overlays only, no SR or SC")
+        return OutputFiles(result_json=json_path, png=tuple(pngs), notes=tuple(notes))
+
+    sr = build_sr(result, source_datasets, uids)
+    sr_path = out_dir / "sr.dcm"
+    _atomic_write(sr_path, lambda p: sr.save_as(p, enforce_file_format=True))
+    by_sop = {str(ds.SOPInstanceUID): ds for ds in source_datasets}
+    fallback = source_datasets[len(source_datasets) // 2]
+    sc_paths: list[Path] = []
+    for n, image in enumerate(images):
+        sc = build_sc(image, _ref_for(image, by_sop, fallback), uids, n + 1, disclaimer=disclaimer)
+        path = out_dir / f"sc_{n:02d}_{image.name}.dcm"
+        _atomic_write(path, lambda p, ds=sc: ds.save_as(p, enforce_file_format=True))
+        sc_paths.append(path)
+    log.info(
+        "wrote SR %s and %d SC for series %s", sr.SOPInstanceUID, len(sc_paths), result.series_instance_uid
+    )
+    return OutputFiles(
+        result_json=json_path, sr=sr_path, sc=tuple(sc_paths), png=tuple(pngs), notes=tuple(notes)
+    )

@@ -1,0 +1,218 @@
+"""Which of a study's accepted series is best for trabecular BMD, and why (pure).
+
+Criteria, most important first (a later one only breaks ties of the earlier ones):
+
+1. image type: ORIGINAL and PRIMARY and AXIAL, not LOCALIZER (acquired axial images, not reformats);
+2. lumbar coverage: z-extent >= ``min_lumbar_extent_mm`` (or, when the extent is unknown, a body part that
+   includes the lumbar spine); a series too short to hold T12-L2 cannot be measured well;
+3. native phase: no ContrastBolusAgent (iodine raises trabecular HU; clinical.md 1.4);
+4. soft-tissue / standard kernel rather than a sharp (bone, lung, edge) kernel, which shifts HU in bone
+   (clinical.md section 5); see :data:`SHARP_KERNEL_PATTERNS`;
+5. thinnest slices (less partial volume with end-plates);
+6. more images, then the lower SeriesNumber, then the Series Instance UID (deterministic).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dicomnode.domain import SeriesSummary
+
+#: Kernel names (case-insensitive regex, searched in each value of ConvolutionKernel) meaning a sharp,
+#: bone, lung or edge-enhancing reconstruction. A heuristic across vendors:
+#: GE (BONE, BONEPLUS, LUNG, EDGE, DETAIL; STANDARD/SOFT are soft), Siemens classic B/H/U kernels 50-99
+#: (B60f, H70h, U90u) and ADMIRE/SAFIRE-era Br/Bv/Bl/Hr/Qr/Sa/Ur 50-99 (Br64, Bl57; Br36-Br44 are soft),
+#: Canon/Toshiba FC30-FC39 (bone), FC50-FC59 (lung), FC80-FC89; Philips D, E, L, YC-YF (sharp; A, B, C soft;
+#: the Philips Y-series mapping is the least certain).
+SHARP_KERNEL_PATTERNS: tuple[str, ...] = (
+    r"BONE",
+    r"SHARP",
+    r"LUNG",
+    r"EDGE",
+    r"DETAIL",
+    r"ULTRA",
+    r"HIGH ?RES",
+    r"^[BHUS][5-9]\d",
+    r"^(?:BR|BV|BL|HR|QR|SA|UR|HC|HP)[5-9]\d",
+    r"^BL\d",
+    r"^FC(?:3\d|5\d|8\d)",
+    r"^[DEL]$",
+    r"^Y[C-F]$",
+)
+
+#: BodyPartExamined values (upper case, spaces removed) whose field of view normally includes L1-L2.
+LUMBAR_BODY_PARTS: frozenset[str] = frozenset(
+    {
+        "ABDOMEN",
+        "ABDOMENPELVIS",
+        "ABDPELVIS",
+        "CHESTABDOMEN",
+        "CHESTABDPELVIS",
+        "CHESTABDOMENPELVIS",
+        "TLSPINE",
+        "LSPINE",
+        "L_SPINE",
+        "LUMBARSPINE",
+        "SPINE",
+        "WHOLEBODY",
+        "TORSO",
+        "KIDNEY",
+        "PANCREAS",
+        "LIVER",
+    }
+)
+
+#: ContrastBolusAgent values that mean "no contrast was given".
+NO_CONTRAST_VALUES: frozenset[str] = frozenset({"", "NONE", "NO", "N/A", "NA", "NIL", "WITHOUT", "0"})
+
+
+def values_of(value: Any) -> tuple[Any, ...]:
+    """An attribute value as a tuple (multi-valued elements as is, single values wrapped, None empty)."""
+    if value is None:
+        return ()
+    if isinstance(value, list | tuple):
+        return tuple(value)
+    if isinstance(value, str) and "\\" in value:
+        return tuple(value.split("\\"))
+    return (value,)
+
+
+def _upper_values(value: Any) -> list[str]:
+    return [str(v).strip().upper() for v in values_of(value)]
+
+
+def is_sharp_kernel(kernel: Any, extra_patterns: Iterable[str] = ()) -> bool:
+    """True when any value of ConvolutionKernel matches a sharp/bone/lung pattern."""
+    pats = [*SHARP_KERNEL_PATTERNS, *extra_patterns]
+    return any(re.search(p, v, re.IGNORECASE) for v in _upper_values(kernel) if v for p in pats)
+
+
+def is_native(contrast_agent: Any) -> bool:
+    """True when ContrastBolusAgent is absent or says no contrast."""
+    vals = _upper_values(contrast_agent)
+    return all(v in NO_CONTRAST_VALUES for v in vals)
+
+
+def _float(value: Any) -> float | None:
+    vals = values_of(value)
+    if not vals:
+        return None
+    try:
+        f = float(vals[0])
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def image_count(s: SeriesSummary) -> int:
+    """Instances x NumberOfFrames (an enhanced multi-frame series counts its frames)."""
+    frames = _float(s.get("NumberOfFrames"))
+    return s.n_instances * (int(frames) if frames and frames > 1 else 1)
+
+
+@dataclass(frozen=True)
+class RankFeatures:
+    """The facts ranking uses about one series, each with the words that explain it."""
+
+    series_instance_uid: str
+    axial_original: bool
+    coverage: int  # 2 = covers the lumbar spine, 1 = unknown, 0 = too short / other region
+    native: bool
+    kernel: int  # 2 = soft/standard, 1 = unknown, 0 = sharp
+    slice_thickness: float | None
+    images: int
+    series_number: float | None
+
+    def key(self) -> tuple[Any, ...]:
+        """Sort key: smaller is better."""
+        return (
+            not self.axial_original,
+            -self.coverage,
+            not self.native,
+            -self.kernel,
+            self.slice_thickness if self.slice_thickness is not None else math.inf,
+            -self.images,
+            self.series_number if self.series_number is not None else math.inf,
+            self.series_instance_uid,
+        )
+
+    def describe(self) -> str:
+        parts = [
+            "ORIGINAL/PRIMARY/AXIAL" if self.axial_original else "not ORIGINAL/PRIMARY/AXIAL",
+            {2: "lumbar coverage", 1: "coverage unknown", 0: "no lumbar coverage"}[self.coverage],
+            "native" if self.native else "contrast",
+            {2: "soft kernel", 1: "kernel unknown", 0: "sharp kernel"}[self.kernel],
+            f"slice {_mm(self.slice_thickness)}",
+            f"{self.images} images",
+        ]
+        return ", ".join(parts)
+
+
+def _mm(x: float | None) -> str:
+    if x is None:
+        return "thickness unknown"
+    return f"{x:g} mm"
+
+
+def features(
+    s: SeriesSummary, *, min_lumbar_extent_mm: float = 90.0, extra_sharp: Sequence[str] = ()
+) -> RankFeatures:
+    """Compute the ranking facts of one series from its summary."""
+    it = set(_upper_values(s.get("ImageType")))
+    # Enhanced CT writes VOLUME where CT Image Storage writes AXIAL (value 3 of ImageType).
+    axial_original = (
+        {"ORIGINAL", "PRIMARY"} <= it and bool(it & {"AXIAL", "VOLUME"}) and "LOCALIZER" not in it
+    )
+    body = {v.replace(" ", "") for v in _upper_values(s.get("BodyPartExamined"))}
+    if s.z_extent_mm is not None:
+        coverage = 2 if s.z_extent_mm >= min_lumbar_extent_mm else 0
+    elif body:
+        coverage = 2 if body & LUMBAR_BODY_PARTS else 0
+    else:
+        coverage = 1
+    kernel_value = s.get("ConvolutionKernel")
+    if not _upper_values(kernel_value) or not any(_upper_values(kernel_value)):
+        kernel = 1
+    else:
+        kernel = 0 if is_sharp_kernel(kernel_value, extra_sharp) else 2
+    return RankFeatures(
+        series_instance_uid=s.series_instance_uid,
+        axial_original=axial_original,
+        coverage=coverage,
+        native=is_native(s.get("ContrastBolusAgent")),
+        kernel=kernel,
+        slice_thickness=_float(s.get("SliceThickness")),
+        images=image_count(s),
+        series_number=_float(s.get("SeriesNumber")),
+    )
+
+
+def why_better(best: RankFeatures, other: RankFeatures) -> str:
+    """The first criterion on which ``best`` beats ``other``, in words."""
+    if best.axial_original != other.axial_original:
+        return "it is ORIGINAL/PRIMARY/AXIAL"
+    if best.coverage != other.coverage:
+        return "it covers the lumbar spine" if best.coverage == 2 else "its coverage is less doubtful"
+    if best.native != other.native:
+        return "it is native (no contrast agent)"
+    if best.kernel != other.kernel:
+        return "it has a soft kernel" if best.kernel == 2 else "its kernel is not sharp"
+    if best.slice_thickness != other.slice_thickness:
+        return f"thinner slices ({_mm(best.slice_thickness)} vs {_mm(other.slice_thickness)})"
+    if best.images != other.images:
+        return f"more images ({best.images} vs {other.images})"
+    return "tie broken by series number / UID"
+
+
+def rank(
+    series: Sequence[SeriesSummary], *, min_lumbar_extent_mm: float = 90.0, extra_sharp: Sequence[str] = ()
+) -> list[tuple[SeriesSummary, RankFeatures]]:
+    """The series ordered best first, each with its features."""
+    feats = [
+        (s, features(s, min_lumbar_extent_mm=min_lumbar_extent_mm, extra_sharp=extra_sharp)) for s in series
+    ]
+    return sorted(feats, key=lambda sf: sf[1].key())

@@ -1,0 +1,94 @@
+"""Engine creation (called from ``cli``; the engine is then passed to :class:`~dicomnode.store.Store`).
+
+SQLite gets WAL (readers never block the writer), a busy timeout, foreign keys on, and ``BEGIN IMMEDIATE``
+for write transactions (a deferred transaction that reads then writes can fail at once with "database is
+locked" in WAL mode, whatever the busy timeout). PostgreSQL uses psycopg 3 (``postgresql+psycopg://``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+
+from dicomnode.errors import ConfigError
+
+#: Execution option asking for ``BEGIN IMMEDIATE`` on SQLite (ignored elsewhere).
+IMMEDIATE = "dicomnode_sqlite_immediate"
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def normalise_url(url: str) -> str:
+    """``postgresql://`` -> ``postgresql+psycopg://`` (the driver we ship); other URLs unchanged."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """Create the engine for ``url`` with the settings dicomnode relies on.
+
+    Parameters
+    ----------
+    url
+        ``sqlite:///path/to/file.sqlite3`` or ``postgresql+psycopg://user@host:port/db``.
+    **kwargs
+        Passed to :func:`sqlalchemy.create_engine`.
+
+    Raises
+    ------
+    ConfigError
+        The URL cannot be parsed or names an unsupported backend.
+    """
+    url = normalise_url(url)
+    parsed = check_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        db = parsed.database
+        if db and db != ":memory:":
+            Path(db).parent.mkdir(parents=True, exist_ok=True)
+        kwargs.setdefault("connect_args", {})
+        kwargs["connect_args"].setdefault("check_same_thread", False)
+        kwargs["connect_args"].setdefault("timeout", SQLITE_BUSY_TIMEOUT_MS / 1000)
+        engine = create_engine(url, **kwargs)
+        _sqlite_events(engine)
+        return engine
+    if backend == "postgresql":
+        kwargs.setdefault("pool_pre_ping", True)
+        return create_engine(url, **kwargs)
+    raise AssertionError("unreachable: check_url accepts sqlite and postgresql only")
+
+
+def check_url(url: str) -> URL:
+    """Parse a database URL without touching anything; :class:`ConfigError` when unusable."""
+    try:
+        parsed = make_url(normalise_url(url))
+    except Exception:  # sqlalchemy raises ArgumentError with a long text (and maybe the password)
+        raise ConfigError("config: database_url: cannot be parsed as a database URL") from None
+    backend = parsed.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise ConfigError(
+            f"config: database_url: unsupported database {backend!r} (use sqlite or postgresql)"
+        )
+    return parsed
+
+
+def _sqlite_events(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event below emit BEGIN itself (pysqlite's implicit BEGIN is deferred only).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA synchronous=NORMAL")  # durable in WAL mode except on power loss mid-checkpoint
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        immediate = conn.get_execution_options().get(IMMEDIATE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

@@ -1,0 +1,1 @@
+"""HTTP side of the node (FastAPI): health, metrics, STOW-RS, admin pages and REST API."""

@@ -1,0 +1,201 @@
+"""Structure check and header parse of received datasets (dicomnode.ingest.dicomparse)."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+    generate_uid,
+)
+
+from dicomnode.ingest.dicomparse import DatasetError, check_structure, get_uid, is_valid_uid, parse_header
+
+
+def _ct(rows: int = 8) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "CT"
+    ds.PatientName = "Test^Patient"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SliceThickness = "1.0"
+    # A nested sequence: item with its own sequence, to exercise the walker's recursion.
+    inner = Dataset()
+    inner.CodeValue = "T-D4000"
+    inner.CodingSchemeDesignator = "SRT"
+    outer = Dataset()
+    outer.AnatomicRegionSequence = Sequence([inner])
+    outer.ContrastBolusAgent = "NONE"
+    ds.ContrastBolusAgentSequence = Sequence([outer])
+    ds.Rows = rows
+    ds.Columns = rows
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = (np.arange(rows * rows, dtype=np.int16) - 1000).tobytes()
+    return ds
+
+
+def _encode(ds: Dataset, implicit: bool, little: bool, *, undefined_seq: bool = False) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_implicit_VR = implicit
+    fp.is_little_endian = little
+    if undefined_seq:
+        for elem in ds.iterall():
+            if elem.VR == "SQ":
+                elem.is_undefined_length = True
+        for item in ds.ContrastBolusAgentSequence:
+            item.is_undefined_length_sequence_item = True
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+ENCODINGS = [
+    (ImplicitVRLittleEndian, True, True),
+    (ExplicitVRLittleEndian, False, True),
+    (ExplicitVRBigEndian, False, False),
+]
+
+
+@pytest.mark.parametrize(("ts", "implicit", "little"), ENCODINGS)
+@pytest.mark.parametrize("undefined", [False, True])
+def test_complete_datasets_pass_and_parse(ts: str, implicit: bool, little: bool, undefined: bool) -> None:
+    ds = _ct()
+    data = _encode(ds, implicit, little, undefined_seq=undefined)
+    check_structure(data, implicit_vr=implicit, little_endian=little)
+    header = parse_header(data, ts)
+    assert header.SOPInstanceUID == ds.SOPInstanceUID
+    assert header.ContrastBolusAgentSequence[0].AnatomicRegionSequence[0].CodeValue == "T-D4000"
+    # The header parse stops before the pixel data (routing never needs it).
+    assert "PixelData" not in header
+
+
+def _top_level_boundaries(ds: Dataset, implicit: bool, little: bool) -> set[int]:
+    """Byte offsets at which a top-level element ends (elements are written in tag order)."""
+    out = set()
+    partial = Dataset()
+    for elem in ds:
+        partial.add(elem)
+        out.add(len(_encode(partial, implicit, little, undefined_seq=False)))
+    return out
+
+
+@pytest.mark.parametrize(("ts", "implicit", "little"), ENCODINGS)
+def test_every_cut_inside_an_element_is_detected(ts: str, implicit: bool, little: bool) -> None:
+    ds = _ct()
+    data = _encode(ds, implicit, little)
+    boundaries = _top_level_boundaries(ds, implicit, little)
+    assert len(data) in boundaries
+    for cut in range(1, len(data)):
+        if cut in boundaries:
+            # A cut between two top-level elements is a shorter but well-formed dataset; what it lacks is
+            # caught later (missing UIDs) or by decoding, not by the structure check.
+            check_structure(data[:cut], implicit_vr=implicit, little_endian=little)
+        else:
+            with pytest.raises(DatasetError):
+                parse_header(data[:cut], ts)
+
+
+@pytest.mark.parametrize(("ts", "implicit", "little"), ENCODINGS)
+def test_cut_inside_undefined_length_sequence_is_detected(ts: str, implicit: bool, little: bool) -> None:
+    ds = _ct()
+    data = _encode(ds, implicit, little, undefined_seq=True)
+    start = data.index(b"NONE")  # ContrastBolusAgent, last element of the undefined-length item
+    # The item delimiter (8 bytes) and the sequence delimiter (8 bytes) follow; any cut before they are
+    # complete leaves the sequence unterminated.
+    for cut in range(start, start + 4 + 8 + 8):
+        with pytest.raises(DatasetError):
+            parse_header(data[:cut], ts)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cut=st.integers(min_value=1, max_value=127))
+def test_cut_inside_pixel_data_is_always_detected(cut: int) -> None:
+    data = _encode(_ct(), False, True)
+    with pytest.raises(DatasetError, match="truncated"):
+        check_structure(data[:-cut], implicit_vr=False, little_endian=True)
+
+
+def test_encapsulated_pixel_data_is_walked() -> None:
+    ds = _ct()
+    ds.PixelData = encapsulate([b"\x01\x02" * 10, b"\x03\x04" * 6])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    data = _encode(ds, False, True)
+    header = parse_header(data, RLELossless)
+    assert header.SOPInstanceUID == ds.SOPInstanceUID
+    with pytest.raises(DatasetError):
+        parse_header(data[:-8], RLELossless)  # sequence delimiter missing
+
+
+def test_deflated_dataset_is_inflated() -> None:
+    ds = _ct()
+    raw = _encode(ds, False, True)
+    comp = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = comp.compress(raw) + comp.flush()
+    assert parse_header(deflated, DeflatedExplicitVRLittleEndian).SOPInstanceUID == ds.SOPInstanceUID
+    with pytest.raises(DatasetError, match="inflate"):
+        parse_header(b"not deflate at all", DeflatedExplicitVRLittleEndian)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x00" * 4, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", bytes(range(256)) * 4],
+)
+def test_garbage_is_refused(data: bytes) -> None:
+    with pytest.raises(DatasetError):
+        parse_header(data, ExplicitVRLittleEndian)
+
+
+def test_unknown_transfer_syntax_is_refused() -> None:
+    with pytest.raises(DatasetError, match="transfer syntax"):
+        parse_header(_encode(_ct(), False, True), "1.2.3.4")
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.2", True),
+        ("2.25.123456789012345678901234567890", True),
+        ("1.2.3", True),
+        ("", False),
+        ("1", False),
+        ("1.02.3", False),  # leading zero in a component
+        ("1.2.3.", False),
+        ("../../etc/passwd", False),
+        ("1.2/3", False),
+        ("1.2.3\x00", False),
+        ("1." + "2" * 70, False),  # longer than 64
+        (None, False),
+        (123, False),
+    ],
+)
+def test_uid_validation(value: object, ok: bool) -> None:
+    assert is_valid_uid(value) is ok
+
+
+def test_get_uid_strips_padding_and_handles_missing() -> None:
+    ds = Dataset()
+    ds.SOPInstanceUID = "1.2.3"
+    assert get_uid(ds, "SOPInstanceUID") == "1.2.3"
+    assert get_uid(ds, "StudyInstanceUID") is None

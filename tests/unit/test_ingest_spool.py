@@ -1,0 +1,317 @@
+"""The shared write path of ingest (dicomnode.ingest.spool) with a real filesystem and an in-memory sink."""
+
+from __future__ import annotations
+
+import os
+import time
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from prometheus_client import REGISTRY
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
+
+from dicomnode.ingest import MemorySink, OtherClassPolicy, ReceivedInstance, Spool, reindex_spool
+from dicomnode.ingest import spool as spool_mod
+
+# Some tests build deliberately invalid UIDs; pydicom warns when they are assigned.
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+
+def make_ds(sop_class: str = CTImageStorage, *, study: str | None = None, series: str | None = None) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = study or generate_uid()
+    ds.SeriesInstanceUID = series or generate_uid()
+    ds.Modality = "CT" if sop_class == CTImageStorage else "MR"
+    ds.PatientName = "Doe^Jane"
+    ds.StudyDescription = "CT ABDOMEN"
+    ds.SliceThickness = "1.25"
+    ds.InstanceNumber = "7"
+    ds.ImagePositionPatient = ["-100", "-120", "35.5"]
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ds.Rows = 4
+    ds.Columns = 4
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = np.arange(16, dtype=np.int16).tobytes()
+    return ds
+
+
+def encode(ds: Dataset, ts: str = ExplicitVRLittleEndian) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_implicit_VR = ts == ImplicitVRLittleEndian
+    fp.is_little_endian = True
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def part10(ds: Dataset, ts: str = ExplicitVRLittleEndian) -> bytes:
+    ds = ds.copy()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ts
+    fp = BytesIO()
+    ds.save_as(fp, enforce_file_format=True)
+    return fp.getvalue()
+
+
+class FailingSink:
+    """A sink whose database is down (raises), then comes back."""
+
+    def __init__(self) -> None:
+        self.down = True
+        self.inner = MemorySink()
+
+    def record_instance(self, instance: ReceivedInstance) -> bool:
+        if self.down:
+            raise ConnectionError("database is down")
+        return self.inner.record_instance(instance)
+
+
+@pytest.fixture
+def sink() -> MemorySink:
+    return MemorySink()
+
+
+@pytest.fixture
+def spool(tmp_path: Path, sink: MemorySink) -> Spool:
+    return Spool(tmp_path / "spool", sink)
+
+
+def test_stored_bytes_are_exactly_what_was_received(spool: Spool, sink: MemorySink) -> None:
+    ds = make_ds()
+    data = encode(ds, ImplicitVRLittleEndian)
+    res = spool.ingest_dataset(
+        data, ImplicitVRLittleEndian, sop_class_uid=CTImageStorage, sop_instance_uid=ds.SOPInstanceUID,
+        calling_ae_title="PACS",
+    )  # fmt: skip
+    assert res.status == 0x0000 and res.ok and not res.ignored
+    assert res.path == spool.root / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    raw = res.path.read_bytes()
+    assert raw.endswith(data), "dataset bytes must be written as received, not re-encoded"
+    back = pydicom.dcmread(res.path)
+    assert back.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    assert back.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert back.file_meta.SourceApplicationEntityTitle == "PACS"
+    assert np.array_equal(back.pixel_array, np.arange(16, dtype=np.int16).reshape(4, 4))
+    rec = sink.instances[ds.SOPInstanceUID]
+    assert rec.path == res.path and rec.source == "dimse" and rec.calling_ae_title == "PACS"
+    assert rec.attributes["StudyDescription"] == "CT ABDOMEN"
+    assert rec.attributes["SliceThickness"] == pytest.approx(1.25)
+    assert "PatientName" not in rec.attributes
+    assert rec.instance_number == 7
+    assert rec.image_position_patient == (-100.0, -120.0, 35.5)
+    assert rec.image_orientation_patient == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    assert not list((spool.root / ".tmp").iterdir()), "no temp file left behind"
+
+
+def test_duplicate_is_overwritten_and_reported(spool: Spool, sink: MemorySink) -> None:
+    ds = make_ds()
+    first = spool.ingest_dataset(encode(ds), ExplicitVRLittleEndian)
+    ds.SliceThickness = "2.5"
+    second = spool.ingest_dataset(encode(ds), ExplicitVRLittleEndian)
+    assert first.ok and not first.duplicate
+    assert second.ok and second.duplicate
+    assert second.path == first.path
+    assert second.path is not None and pydicom.dcmread(second.path).SliceThickness == 2.5
+    assert len(sink) == 1 and sink.calls == 2
+
+
+@pytest.mark.parametrize(
+    ("mutate", "status", "word"),
+    [
+        (lambda ds: delattr(ds, "SOPInstanceUID"), 0xC211, "SOPInstanceUID"),
+        (lambda ds: setattr(ds, "StudyInstanceUID", "../../etc"), 0xC211, "StudyInstanceUID"),
+        (lambda ds: setattr(ds, "SeriesInstanceUID", "1.2.03"), 0xC211, "SeriesInstanceUID"),
+        (lambda ds: delattr(ds, "SOPClassUID"), 0xC211, "SOPClassUID"),
+    ],
+)
+def test_bad_uids_fail_and_write_nothing(spool: Spool, sink: MemorySink, mutate: Any, status: int, word: str) -> None:
+    ds = make_ds()
+    mutate(ds)
+    res = spool.ingest_dataset(encode(ds), ExplicitVRLittleEndian)
+    assert res.status == status and not res.ok
+    assert res.comment is not None and word in res.comment
+    assert len(sink) == 0
+    assert [p for p in spool.root.rglob("*") if p.is_file()] == []
+
+
+def test_request_and_dataset_must_agree(spool: Spool) -> None:
+    ds = make_ds()
+    data = encode(ds)
+    wrong_class = spool.ingest_dataset(data, ExplicitVRLittleEndian, sop_class_uid=MRImageStorage)
+    wrong_sop = spool.ingest_dataset(data, ExplicitVRLittleEndian, sop_instance_uid="1.2.3.4")
+    assert wrong_class.status == 0xA900
+    assert wrong_sop.status == 0xC212
+
+
+def test_unparseable_and_truncated_data_fail_with_c210(spool: Spool, sink: MemorySink) -> None:
+    data = encode(make_ds())
+    for bad in (b"\x00\x01garbage", data[: len(data) - 5]):
+        res = spool.ingest_dataset(bad, ExplicitVRLittleEndian)
+        assert res.status == 0xC210 and res.comment
+    assert len(sink) == 0
+
+
+def test_free_space_floor_gives_a700(tmp_path: Path, sink: MemorySink) -> None:
+    spool = Spool(tmp_path / "s", sink, free_space_floor_mb=10**12)  # an exabyte: always below
+    res = spool.ingest_dataset(encode(make_ds()), ExplicitVRLittleEndian)
+    assert res.status == 0xA700 and "free space" in (res.comment or "")
+    assert len(sink) == 0
+
+
+def test_database_failure_keeps_file_fails_and_reindex_recovers(tmp_path: Path) -> None:
+    failing = FailingSink()
+    spool = Spool(tmp_path / "s", failing)
+    ds = make_ds()
+    res = spool.ingest_dataset(encode(ds), ExplicitVRLittleEndian)
+    assert res.status == 0xA702 and not res.ok
+    assert res.path is None
+    kept = spool.final_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ignored=False)
+    assert kept.is_file(), "the file must stay when the database write fails"
+    failing.down = False
+    report = reindex_spool(spool)
+    assert report.recorded_new == 1 and report.failed == []
+    rec = failing.inner.instances[ds.SOPInstanceUID]
+    assert rec.source == "reindex" and rec.path == kept
+    assert rec.attributes["Modality"] == "CT"
+    again = spool.reindex()
+    assert again.recorded_new == 0 and again.already_known == 1
+
+
+def test_reindex_reports_misplaced_files_and_removes_stale_temp(spool: Spool, sink: MemorySink) -> None:
+    ds = make_ds()
+    wrong = spool.root / "1.2.3" / "4.5.6" / "7.8.9.dcm"
+    wrong.parent.mkdir(parents=True)
+    wrong.write_bytes(part10(ds))
+    stale = spool.new_temp_path()
+    stale.write_bytes(b"half a file")
+    old = time.time() - 10 * 86400
+    os.utime(stale, (old, old))
+    fresh = spool.new_temp_path()
+    fresh.write_bytes(b"being written")
+    report = reindex_spool(spool)
+    assert report.recorded_new == 0
+    assert len(report.failed) == 1 and "belongs" in report.failed[0][1]
+    assert report.stale_temp_removed == 1
+    assert not stale.exists() and fresh.exists()
+
+
+@pytest.mark.parametrize("policy", list(OtherClassPolicy))
+def test_other_sop_classes_follow_the_policy(tmp_path: Path, policy: OtherClassPolicy) -> None:
+    sink = MemorySink()
+    spool = Spool(tmp_path / "s", sink, other_classes=policy)
+    ds = make_ds(MRImageStorage)
+    res = spool.ingest_dataset(encode(ds), ExplicitVRLittleEndian)
+    if policy is OtherClassPolicy.REFUSE:
+        assert res.status == 0x0122 and len(sink) == 0
+        return
+    assert res.status == 0x0000 and res.ignored
+    rec = sink.instances[ds.SOPInstanceUID]
+    assert rec.ignored
+    if policy is OtherClassPolicy.IGNORE:
+        assert res.path == spool.ignored_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+        assert res.path.is_file()
+    else:
+        assert res.path is None and rec.path is None
+        assert [p for p in spool.root.rglob("*.dcm")] == []
+
+
+def test_policy_coercion_from_config_values() -> None:
+    assert OtherClassPolicy.coerce("ignore") is OtherClassPolicy.IGNORE
+    assert OtherClassPolicy.coerce("REFUSE") is OtherClassPolicy.REFUSE
+    assert OtherClassPolicy.coerce(True) is OtherClassPolicy.IGNORE
+    assert OtherClassPolicy.coerce(False) is OtherClassPolicy.REFUSE
+    with pytest.raises(ValueError):
+        OtherClassPolicy.coerce("maybe")
+
+
+def test_ingest_file_moves_part10_bytes_unchanged(spool: Spool, sink: MemorySink) -> None:
+    ds = make_ds()
+    raw = part10(ds)
+    tmp = spool.new_temp_path()
+    tmp.write_bytes(raw)
+    res = spool.ingest_file(tmp, source="stow")
+    assert res.ok and res.path is not None
+    assert res.path.read_bytes() == raw
+    assert not tmp.exists()
+    assert sink.instances[ds.SOPInstanceUID].source == "stow"
+
+
+def test_ingest_file_refuses_non_part10_and_other_study(spool: Spool, sink: MemorySink) -> None:
+    tmp = spool.new_temp_path()
+    tmp.write_bytes(encode(make_ds()))  # no preamble / file meta
+    res = spool.ingest_file(tmp)
+    assert res.status == 0xC210 and not tmp.exists()
+    tmp2 = spool.new_temp_path()
+    tmp2.write_bytes(part10(make_ds()))
+    res2 = spool.ingest_file(tmp2, expected_study_uid="1.2.3.4.5")
+    assert res2.status == 0xA900 and not tmp2.exists()
+    assert len(sink) == 0
+
+
+def test_write_error_is_a_failure_not_an_exception(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_replace(src: Any, dst: Any) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(spool_mod.os, "replace", broken_replace)
+    res = spool.ingest_dataset(encode(make_ds()), ExplicitVRLittleEndian)
+    assert res.status == 0xA701 and "Permission denied" in (res.comment or "")
+    assert not list(spool.temp_dir.iterdir()), "the temp file is cleaned up"
+
+
+def test_unexpected_errors_never_escape(tmp_path: Path) -> None:
+    def bad_summary(ds: Dataset) -> dict[str, Any]:
+        raise RuntimeError("summary exploded")
+
+    def bad_callback(result: Any) -> None:
+        raise RuntimeError("callback exploded")
+
+    sink = MemorySink()
+    spool = Spool(tmp_path / "s", sink, header_fn=bad_summary, on_result=bad_callback)
+    ds = make_ds()
+    res = spool.ingest_dataset(encode(ds), ExplicitVRLittleEndian)
+    # A broken summary loses attributes, never the instance.
+    assert res.ok and sink.instances[ds.SOPInstanceUID].attributes == {}
+
+
+def test_metrics_count_instances_and_bytes(spool: Spool) -> None:
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    stored0 = value("dicomnode_ingest_instances_total", source="dimse", result="stored")
+    failed0 = value("dicomnode_ingest_instances_total", source="dimse", result="failed")
+    bytes0 = value("dicomnode_ingest_bytes_total", source="dimse")
+    data = encode(make_ds())
+    spool.ingest_dataset(data, ExplicitVRLittleEndian)
+    spool.ingest_dataset(b"garbage!", ExplicitVRLittleEndian)
+    assert value("dicomnode_ingest_instances_total", source="dimse", result="stored") == stored0 + 1
+    assert value("dicomnode_ingest_instances_total", source="dimse", result="failed") == failed0 + 1
+    assert value("dicomnode_ingest_bytes_total", source="dimse") == bytes0 + len(data)
+
+
+def test_logs_carry_no_patient_data(spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    ds = make_ds()
+    ds.SOPInstanceUID = "1.2.03"  # invalid: produces a warning line
+    spool.ingest_dataset(encode(ds), ExplicitVRLittleEndian)
+    assert caplog.records, "a refused instance is logged"
+    assert "Doe" not in caplog.text and "Jane" not in caplog.text

@@ -1,0 +1,308 @@
+"""The job runner's steps on a real SQLite store, with an injected analysis and sender (no network).
+
+The clock is the only thing mocked: every step takes ``now``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dicomnode.config import Settings
+from dicomnode.delivery import DeliveryResult
+from dicomnode.domain import AnalysisStatus, DeliveryOutcome, JobState
+from dicomnode.pipeline.runner import AnalysisOutcome, AnalysisRequest, Runner
+from dicomnode.store import Store, make_engine, upgrade
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+STUDY = "1.2.826.0.1.3680043.8.498.1"
+AXIAL = "1.2.826.0.1.3680043.8.498.1.1"
+SCOUT = "1.2.826.0.1.3680043.8.498.1.2"
+
+
+def _settings(tmp: Path, **over: Any) -> Settings:
+    data: dict[str, Any] = {
+        "data_dir": tmp / "data",
+        "completion": {"series_quiet_seconds": 5, "study_quiet_seconds": 5, "max_wait_seconds": 600},
+        "destinations": [
+            {"kind": "dimse", "name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 9}
+        ],
+        "delivery": {"max_attempts": 3, "backoff_base_seconds": 10, "backoff_max_seconds": 60},
+    }
+    data.update(over)
+    return Settings(**data)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    upgrade(engine)
+    return Store(engine)
+
+
+def _receive(
+    store: Store, tmp: Path, series: str, n: int, *, image_type: tuple[str, ...], at: datetime
+) -> None:
+    folder = tmp / "spool" / STUDY / series
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        sop = f"{series}.{i + 1}"
+        path = folder / f"{sop}.dcm"
+        path.write_bytes(b"DICM")
+        store.record_instance(
+            study_uid=STUDY,
+            series_uid=series,
+            sop_instance_uid=sop,
+            sop_class_uid=CT,
+            transfer_syntax="1.2.840.10008.1.2.1",
+            path=path,
+            size_bytes=4,
+            study_attrs={"StudyDescription": "CT ABDOMEN"},
+            series_attrs={
+                "Modality": "CT",
+                "SOPClassUID": CT,
+                "ImageType": image_type,
+                "SliceThickness": 3.0,
+                "ConvolutionKernel": "STANDARD",
+                "BodyPartExamined": "ABDOMEN",
+            },
+            calling_aet="ORTHANC",
+            source="dimse",
+            slice_position=float(i * 3),
+            now=at,
+        )
+
+
+class FakeAnalysis:
+    """Writes an 'SR' and an 'SC' file; records the requests it got."""
+
+    def __init__(self, status: AnalysisStatus = AnalysisStatus.OK) -> None:
+        self.status = status
+        self.requests: list[AnalysisRequest] = []
+
+    def __call__(self, req: AnalysisRequest) -> AnalysisOutcome:
+        self.requests.append(req)
+        inputs = sorted(req.input_dir.iterdir())
+        sr, sc = req.out_dir / "sr.dcm", req.out_dir / "sc_1.dcm"
+        sr.write_bytes(b"sr")
+        sc.write_bytes(b"sc")
+        return AnalysisOutcome(
+            self.status,
+            None if self.status is AnalysisStatus.OK else "not a lumbar CT",
+            {"status": self.status.value, "n_inputs": len(inputs)},
+            dicom_files=(sr, sc) if self.status is AnalysisStatus.OK else (),
+            files=(sr, sc),
+        )
+
+
+class FakeSender:
+    """Answers each call with the next outcome of ``script`` (the last one repeats)."""
+
+    def __init__(self, *script: DeliveryOutcome) -> None:
+        self.script = list(script)
+        self.calls: list[tuple[str, tuple[Path, ...], str]] = []
+
+    def __call__(self, destination: Any, files: Sequence[Path], *, calling_ae_title: str) -> DeliveryResult:
+        self.calls.append((destination.name, tuple(files), calling_ae_title))
+        outcome = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        return DeliveryResult(destination.name, outcome, outcome.value)
+
+
+def _runner(tmp: Path, store: Store, analysis: Any, sender: Any, **over: Any) -> Runner:
+    return Runner(_settings(tmp, **over), store, analyze=analysis, deliver=sender)
+
+
+def _study(store: Store, tmp: Path) -> None:
+    _receive(store, tmp, AXIAL, 40, image_type=("ORIGINAL", "PRIMARY", "AXIAL"), at=T0)
+    _receive(store, tmp, SCOUT, 2, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), at=T0)
+
+
+def test_nothing_completes_before_the_quiet_period(tmp_path: Path, store: Store) -> None:
+    _study(store, tmp_path)
+    runner = _runner(tmp_path, store, FakeAnalysis(), FakeSender(DeliveryOutcome.SUCCESS))
+    assert runner.sweep_completion(now=T0 + timedelta(seconds=2)) == []
+    assert store.get_series(AXIAL).completed_at is None
+
+
+def test_complete_route_analyse_deliver(tmp_path: Path, store: Store) -> None:
+    _study(store, tmp_path)
+    analysis, sender = FakeAnalysis(), FakeSender(DeliveryOutcome.SUCCESS)
+    runner = _runner(tmp_path, store, analysis, sender)
+    jobs = runner.sweep_completion(now=T0 + timedelta(seconds=6))
+    assert len(jobs) == 1
+    # The localizer is not analysed, and the decision says why.
+    decisions = {d.decision.series_instance_uid: d.decision for d in store.decisions(STUDY)}
+    assert decisions[AXIAL].selected and not decisions[SCOUT].selected
+    assert decisions[SCOUT].reasons
+    # A second sweep creates nothing new (idempotent).
+    assert runner.sweep_completion(now=T0 + timedelta(seconds=7)) == []
+    assert runner.run_next_job("test:1:w") == jobs[0]
+    assert len(list(analysis.requests[0].input_dir.iterdir())) == 40
+    job = store.get_job(jobs[0])
+    assert job.state is JobState.DONE
+    assert [c[0] for c in sender.calls] == ["pacs"]
+    assert sender.calls[0][2] == "DICOMNODE"
+    assert {p.name for p in sender.calls[0][1]} == {"sr.dcm", "sc_1.dcm"}
+    result = store.get_result(jobs[0])
+    assert result is not None and result.result_json["n_inputs"] == 40
+    assert runner.run_next_job("test:1:w") is None
+
+
+def test_transient_failure_retries_with_backoff_then_succeeds(tmp_path: Path, store: Store) -> None:
+    _study(store, tmp_path)
+    sender = FakeSender(DeliveryOutcome.RETRYING, DeliveryOutcome.SUCCESS)
+    runner = _runner(tmp_path, store, FakeAnalysis(), sender)
+    (job_id,) = runner.sweep_completion(now=T0 + timedelta(seconds=6))
+    runner.run_next_job("test:1:w")
+    (d,) = store.list_deliveries(job_id=job_id).items
+    assert d.outcome is DeliveryOutcome.RETRYING and d.next_attempt_at is not None
+    assert store.get_job(job_id).state is JobState.DELIVERING
+    # Not due before the backoff ran out.
+    assert runner.deliver_due(now=datetime.now(UTC)) == 0
+    assert runner.deliver_due(now=d.next_attempt_at + timedelta(seconds=1)) == 1
+    assert store.get_delivery(d.id).outcome is DeliveryOutcome.SUCCESS
+    assert store.get_job(job_id).state is JobState.DONE
+    assert len(sender.calls) == 2
+
+
+def test_permanent_failure_stops_at_once(
+    tmp_path: Path, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    _study(store, tmp_path)
+    sender = FakeSender(DeliveryOutcome.PERMANENT_FAILURE)
+    runner = _runner(tmp_path, store, FakeAnalysis(), sender)
+    (job_id,) = runner.sweep_completion(now=T0 + timedelta(seconds=6))
+    with caplog.at_level("ERROR"):
+        runner.run_next_job("test:1:w")
+        for k in range(5):
+            runner.deliver_due(now=datetime.now(UTC) + timedelta(hours=k + 1))
+    (d,) = store.list_deliveries(job_id=job_id).items
+    assert d.outcome is DeliveryOutcome.PERMANENT_FAILURE and d.attempts == 1
+    assert store.get_job(job_id).state is JobState.FAILED
+    assert len(sender.calls) == 1
+    assert sum("failed permanently" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_retries_stop_after_max_attempts(tmp_path: Path, store: Store) -> None:
+    _study(store, tmp_path)
+    sender = FakeSender(DeliveryOutcome.RETRYING)
+    runner = _runner(tmp_path, store, FakeAnalysis(), sender)
+    (job_id,) = runner.sweep_completion(now=T0 + timedelta(seconds=6))
+    runner.run_next_job("test:1:w")
+    for k in range(10):
+        runner.deliver_due(now=datetime.now(UTC) + timedelta(hours=k + 1))
+    (d,) = store.list_deliveries(job_id=job_id).items
+    assert d.outcome is DeliveryOutcome.PERMANENT_FAILURE
+    assert d.attempts == 3 and len(sender.calls) == 3
+    assert "gave up after 3 attempts" in (d.message or "")
+
+
+def test_not_qualifying_is_final_without_delivery(tmp_path: Path, store: Store) -> None:
+    _study(store, tmp_path)
+    sender = FakeSender(DeliveryOutcome.SUCCESS)
+    runner = _runner(tmp_path, store, FakeAnalysis(AnalysisStatus.NOT_QUALIFYING), sender)
+    (job_id,) = runner.sweep_completion(now=T0 + timedelta(seconds=6))
+    runner.run_next_job("test:1:w")
+    job = store.get_job(job_id)
+    assert job.state is JobState.NOT_QUALIFYING and job.message == "not a lumbar CT"
+    assert sender.calls == []
+
+
+def test_late_instance_creates_a_new_version_that_supersedes(tmp_path: Path, store: Store) -> None:
+    _study(store, tmp_path)
+    analysis = FakeAnalysis()
+    runner = _runner(tmp_path, store, analysis, FakeSender(DeliveryOutcome.SUCCESS))
+    (job1,) = runner.sweep_completion(now=T0 + timedelta(seconds=6))
+    runner.run_next_job("test:1:w")
+    late = T0 + timedelta(seconds=60)
+    folder = tmp_path / "spool" / STUDY / AXIAL
+    store.record_instance(
+        study_uid=STUDY,
+        series_uid=AXIAL,
+        sop_instance_uid=f"{AXIAL}.999",
+        sop_class_uid=CT,
+        transfer_syntax="1.2.840.10008.1.2.1",
+        path=folder / "late.dcm",
+        size_bytes=4,
+        study_attrs={},
+        series_attrs={"Modality": "CT"},
+        calling_aet="ORTHANC",
+        source="dimse",
+        now=late,
+    )
+    (folder / "late.dcm").write_bytes(b"DICM")
+    (job2,) = runner.sweep_completion(now=late + timedelta(seconds=6))
+    assert job2 != job1
+    assert store.get_job(job2).version == 2
+    assert store.get_job(job1).state is JobState.SUPERSEDED
+    runner.run_next_job("test:1:w")
+    assert store.get_job(job2).state is JobState.DONE
+    # Same series, new version: the UID seed is the same, the version differs.
+    assert analysis.requests[0].job_key == analysis.requests[1].job_key
+    assert (analysis.requests[0].version, analysis.requests[1].version) == (1, 2)
+    assert len(list(analysis.requests[1].input_dir.iterdir())) == 41
+
+
+def test_recovery_gives_back_the_job_of_a_dead_worker(tmp_path: Path, store: Store) -> None:
+    _study(store, tmp_path)
+    runner = _runner(tmp_path, store, FakeAnalysis(), FakeSender(DeliveryOutcome.SUCCESS))
+    (job_id,) = runner.sweep_completion(now=T0 + timedelta(seconds=6))
+    # A process that existed and is gone: its pid is free now.
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead = int(proc.stdout)
+    import socket
+
+    claimed = store.claim_next_job(f"{socket.gethostname()}:{dead}:t0")
+    assert claimed is not None and claimed.state is JobState.ANALYSING
+    # A live worker (this process) is left alone.
+    assert runner.recover() == [job_id]
+    assert store.get_job(job_id).state is JobState.PENDING
+    assert runner.run_next_job("test:1:w") == job_id
+    assert store.get_job(job_id).state is JobState.DONE
+
+
+def test_recovery_leaves_a_live_workers_job(tmp_path: Path, store: Store) -> None:
+    _study(store, tmp_path)
+    runner = _runner(tmp_path, store, FakeAnalysis(), FakeSender(DeliveryOutcome.SUCCESS))
+    runner.sweep_completion(now=T0 + timedelta(seconds=6))
+    from dicomnode.pipeline.runner import make_worker_id
+
+    store.claim_next_job(make_worker_id("t0"))
+    assert runner.recover() == []
+
+
+def test_a_superseded_job_result_is_dropped(tmp_path: Path, store: Store) -> None:
+    _study(store, tmp_path)
+    sender = FakeSender(DeliveryOutcome.SUCCESS)
+
+    def analysis(req: AnalysisRequest) -> AnalysisOutcome:
+        # Meanwhile the series was re-opened and a new version replaced this job.
+        store.supersede(req.series_instance_uid, below_version=req.version + 1)
+        return FakeAnalysis()(req)
+
+    runner = _runner(tmp_path, store, analysis, sender)
+    (job_id,) = runner.sweep_completion(now=T0 + timedelta(seconds=6))
+    runner.run_next_job("test:1:w")
+    assert store.get_job(job_id).state is JobState.SUPERSEDED
+    assert sender.calls == []
+
+
+def test_unknown_destination_fails_permanently(tmp_path: Path, store: Store) -> None:
+    _study(store, tmp_path)
+    sender = FakeSender(DeliveryOutcome.SUCCESS)
+    runner = _runner(tmp_path, store, FakeAnalysis(), sender)
+    (job_id,) = runner.sweep_completion(now=T0 + timedelta(seconds=6))
+    runner.settings = _settings(tmp_path, destinations=[])
+    runner.run_next_job("test:1:w")
+    (d,) = store.list_deliveries(job_id=job_id).items
+    assert d.outcome is DeliveryOutcome.PERMANENT_FAILURE and "not configured" in (d.message or "")
+    assert sender.calls == []
