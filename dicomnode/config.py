@@ -223,7 +223,21 @@ class AnalysisSettings(_Section):
     #: Contrast-enhanced series: "offset" = subtract a phase-dependent HU offset and flag,
     #: "abstain" = report no category.
     contrast_policy: Literal["offset", "abstain"] = "offset"
-    backend: Literal["classical"] = "classical"
+    #: Analysis backend: "classical" (built in), or a model bundle as "bundle:PATH" / "both:PATH".
+    backend: str = "classical"
+    #: Finer choices read by the ML bundle loader (``kind`` or ``kind:PATH``); None = the pipeline's default.
+    segmentation_backend: str | None = None
+    bmd_estimator: str | None = None
+
+    @field_validator("backend", "segmentation_backend", "bmd_estimator")
+    @classmethod
+    def _spec(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        kind, sep, rest = value.partition(":")
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", kind.strip().lower()) or (sep and not rest.strip()):
+            raise ValueError("must be a name (e.g. 'classical') or 'KIND:PATH' (e.g. 'bundle:models/x')")
+        return value.strip()
 
 
 class WorkerSettings(_Section):
@@ -364,9 +378,8 @@ def _read_file(path: Path) -> dict[str, Any]:
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         first = str(exc).strip().splitlines()
         detail = " ".join(s.strip() for s in first[:3])
-        raise ConfigError(
-            f"config: {path.name} is not valid {path.suffix.lstrip('.') or 'YAML'}: {detail}"
-        ) from None
+        kind = "TOML" if path.suffix.lower() == ".toml" else "YAML"
+        raise ConfigError(f"config: {path.name} is not valid {kind}: {detail}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

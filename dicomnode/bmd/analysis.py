@@ -236,7 +236,8 @@ def _analyze(volume: Volume, opts: BmdOptions) -> BmdOutput:
             continue
         box = padded_box(objs[q - 1], canon.shape)  # type: ignore[arg-type]
         body_q = seg.body_labels[box] == q
-        st = trabecular_roi(canon, body_q, box, opts.erosion_mm, opts.endplate_margin_mm)
+        axis = seg.hints.get("axes", {}).get(lvl) if isinstance(seg.hints.get("axes"), dict) else None
+        st = trabecular_roi(canon, body_q, box, opts.erosion_mm, opts.endplate_margin_mm, axis)
         stats[lvl] = st
         sub = roi_labels[box]
         sub[st.roi] = q

@@ -16,7 +16,7 @@ Pipeline (all on the ~2 mm isotropic working grid, in calibrated HU, distances i
    vertebra; the lowest of the rib-bearing run from the top is T12. *Sacrum*: slices where solid bone
    connected to the body extends 28-60 mm to both sides at body depth (sacral alae, fused with the body)
    over at least 8 mm, below the lumbar column; the vertebra above is L5.
-5. **Naming.** Both anchors: names agree when T12 and L5 are six vertebrae apart, otherwise every level is
+5. **Naming.** Both anchors: names agree when five rib-free vertebrae lie between them (T12 ... L5), otherwise every level is
    uncertain (11/13 rib pairs, transitional vertebra) and the sacrum-based names are used. One anchor:
    names from it, uncertain when its evidence is weak (one-sided ribs, a lowest rib that reaches the
    anterior half of the trunk like an 11th rib, or a stub like a lumbar rib). No anchor: uncertain.
@@ -51,6 +51,8 @@ BONE_HU = 180.0
 WALL_HU = 120.0
 CANAL_MAX_HU = 100.0
 CORE_HALF_WIDTH_MM = 45.0
+#: Score cost of one disc in the disc chain (HU of dip depth): end plate/disc contrast is 50-150 HU.
+DISC_COST = 25.0
 RIB_MIN_REACH_MM = 75.0
 
 
@@ -137,6 +139,15 @@ def _find_canal(hu: F32, body: B, g: float) -> tuple[Frame, B]:
     r_open = max(1, int(round(7.0 / g)))
     st_open = disk(r_open)
     yy, xx = np.mgrid[0:ny, 0:nx]
+    # posterior skin line near the midline per slice (the table, when it touches the back, is not body)
+    skin_y = np.full(nz, np.nan)
+    for z in range(nz):
+        cols = body[z].any(axis=0)
+        if cols.any():
+            xs = np.nonzero(cols)[0]
+            xm = int(round(xs.mean()))
+            ys = np.nonzero(body[z][:, max(0, xm - 3) : xm + 4].any(axis=1))[0]
+            skin_y[z] = float(ys.max()) if ys.size else np.nan
     for z in range(nz):
         w = wall[z]
         if w.sum() * g * g < 300.0 or not body[z].any():
@@ -153,9 +164,14 @@ def _find_canal(hu: F32, body: B, g: float) -> tuple[Frame, B]:
         idx = np.arange(1, n + 1)
         areas = ndi.sum_labels(np.ones_like(lab), lab, idx) * g * g
         cms = ndi.center_of_mass(op, lab, idx)
+        # bright cortex inside (not the table or an enhanced organ) and well inside the back (>= 25 mm)
+        p90 = np.where(np.asarray(ndi.mean(hu[z] > 200.0, lab, idx)) >= 0.1, 1000.0, 0.0)
+        back = skin_y[z] if np.isfinite(skin_y[z]) else np.inf
         best, best_y = 0, -np.inf
         for q, (area, (cy, cx)) in enumerate(zip(areas, cms, strict=True)):
             if area < 400.0 or abs(cx - mid_x) * g > 35.0 or cy < mid_y - 30.0 / g:
+                continue
+            if p90[q] < 200.0 or (back - cy) * g < 25.0:
                 continue
             if cy > best_y:
                 best, best_y = q + 1, cy
@@ -227,44 +243,165 @@ def _bodies(hu: F32, body: B, frame: Frame, g: float) -> B:
     return out
 
 
-def _split_segments(bodies: B, g: float) -> list[Segment]:
-    lab, n = ndi.label(bodies, structure=ndi.generate_binary_structure(3, 1))
-    segs: list[Segment] = []
+@dataclass
+class Column:
+    """Smoothed body centreline (coarse index units) and its unit tangent (z, y, x) per slice."""
+
+    yb: npt.NDArray[np.float64]
+    xb: npt.NDArray[np.float64]
+    tangent: npt.NDArray[np.float64]  # (nz, 3)
+
+
+def _centreline(bodies: B, frame: Frame, g: float) -> Column:
+    """Body centreline from slices with a well-formed body (area >= half the local maximum; partial slices
+    at the end plates and discs are ignored), interpolated and smoothed over ~20 mm (the lordotic curve
+    bends by less than ~10 degrees over that length), with its tangent."""
     nz = bodies.shape[0]
-    objs = ndi.find_objects(lab)
-    pending: list[tuple[B, int]] = []
-    for q, sl in enumerate(objs):
-        if sl is None:
+    area = bodies.sum(axis=(1, 2)).astype(float)
+    local_max = ndi.maximum_filter1d(area, max(3, int(round(30.0 / g))), mode="nearest")
+    yb = np.full(nz, np.nan)
+    for z in range(nz):
+        if area[z] > 0 and area[z] >= 0.5 * local_max[z]:
+            yb[z] = np.nonzero(bodies[z])[0].mean()
+    ok = np.isfinite(yb)
+    zz = np.arange(nz)
+    if ok.sum() < 2:
+        raise NotQualifyingError("spine not found: vertebral bodies not traceable")
+    yb = np.interp(zz, zz[ok], yb[ok])
+    sigma = 8.0 / g
+    yb = ndi.gaussian_filter1d(yb, sigma, mode="nearest")
+    xb = ndi.gaussian_filter1d(frame.xc, sigma, mode="nearest")
+    t = np.stack([np.ones(nz), np.gradient(yb), np.gradient(xb)], axis=1)
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    return Column(yb, xb, t)
+
+
+def _plane_basis(t: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    u = np.array([0.0, 0.0, 1.0]) - t * t[2]
+    u /= np.linalg.norm(u)
+    return u, np.cross(t, u)
+
+
+def _axial_profile(hu: F32, col: Column, z_lo: int, z_hi: int, g: float, radius_mm: float = 10.0) -> Any:
+    """Mean HU on a disk (radius 10 mm) perpendicular to the column axis, centred on the body, per slice."""
+    nz = hu.shape[0]
+    r = radius_mm / g
+    a = np.arange(-r, r + 1e-6, 0.75)
+    aa, bb = np.meshgrid(a, a, indexing="ij")
+    keep = aa**2 + bb**2 <= r * r
+    pa, pb = aa[keep], bb[keep]
+    p = np.full(nz, np.nan)
+    for z in range(z_lo, z_hi + 1):
+        t = col.tangent[z]
+        u, v = _plane_basis(t)
+        c = np.array([z, col.yb[z], col.xb[z]])
+        pts = c[None, :] + pa[:, None] * u[None, :] + pb[:, None] * v[None, :]
+        p[z] = float(ndi.map_coordinates(hu, pts.T, order=1, mode="nearest").mean())
+    return p
+
+
+def _find_discs(p: npt.NDArray[np.float64], z_lo: int, z_hi: int, g: float) -> list[int]:
+    """Intervertebral discs: dips of the axial profile flanked within 6 mm by brighter end plates on both
+    sides (a mid-body dip has its end plates 12-15 mm away), chosen as the best-scoring chain with a
+    vertebral pitch of 20-50 mm (dynamic programming), gaps filled with the best dip available."""
+    k0, k1 = 1, max(2, int(round(6.0 / g)))
+    nz = p.size
+    d = np.full(nz, -np.inf)
+    for z in range(z_lo + k1, z_hi - k1 + 1):
+        lo, hi = p[z - k1 : z - k0 + 1], p[z + k0 : z + k1 + 1]
+        if np.isfinite(lo).any() and np.isfinite(hi).any() and np.isfinite(p[z]):
+            d[z] = min(np.nanmax(lo), np.nanmax(hi)) - p[z]
+    cands = [
+        z
+        for z in range(nz)
+        if np.isfinite(d[z]) and d[z] >= 12.0 and d[z] >= d[max(0, z - 1)] and d[z] >= d[min(nz - 1, z + 1)]
+    ]
+    # non-maximum suppression within 6 mm
+    cands.sort(key=lambda z: -d[z])
+    kept: list[int] = []
+    for z in cands:
+        if all(abs(z - k) * g > 6.0 for k in kept):
+            kept.append(z)
+    c = sorted(kept)
+    if not c:
+        return []
+    smin, smax = 22.0, 50.0
+    # each disc costs DISC_COST so that two weak mid-body dips never beat one real disc
+    best = np.array([d[z] - DISC_COST for z in c], dtype=float)
+    prev = [-1] * len(c)
+    for i in range(len(c)):
+        for j in range(i):
+            delta = (c[i] - c[j]) * g
+            if delta < smin:
+                continue
+            pen = 0.0 if delta <= smax else (60.0 if delta <= 2.2 * smax else np.inf)
+            cand = best[j] - pen + d[c[i]] - DISC_COST
+            if cand > best[i]:
+                best[i], prev[i] = cand, j
+    i = int(np.argmax(best))
+    chain = []
+    while i >= 0:
+        chain.append(c[i])
+        i = prev[i]
+    chain.sort()
+    # fill gaps left by a missed disc with the best remaining dip in the middle of the gap
+    out = list(chain)
+    if len(out) >= 2:
+        pitch = float(np.median(np.diff(out))) * g
+        changed = True
+        while changed:
+            changed = False
+            for a, b in zip(out[:-1], out[1:], strict=True):
+                if (b - a) * g > max(smax, 1.6 * pitch):
+                    mid = [z for z in range(a + int(smin / g), b - int(smin / g) + 1) if np.isfinite(d[z])]
+                    if mid:
+                        out.append(max(mid, key=lambda z: d[z]))
+                        out.sort()
+                        changed = True
+                        break
+    return out
+
+
+def _n_above(discs: list[int], col: Column, z: Any, y: Any, x: Any) -> Any:
+    """How many disc planes each point lies above (cranial to)."""
+    n = np.zeros(np.shape(z), dtype=np.int32)
+    for dz in discs:
+        t = col.tangent[dz]
+        n += ((z - dz) * t[0] + (y - col.yb[dz]) * t[1] + (x - col.xb[dz]) * t[2] > 0).astype(np.int32)
+    return n
+
+
+def _segments_from_discs(bodies: B, discs: list[int], col: Column, g: float) -> list[Segment]:
+    """Split the body mask by the disc planes (perpendicular to the column axis, so tilted discs split
+    cleanly), close each body along the axis (mid-body slices with a faint cortex) and fill holes."""
+    from dicomnode.bmd.grid import fill_holes_2d
+
+    nz = bodies.shape[0]
+    zz, yy, xx = np.nonzero(bodies)
+    n_above = _n_above(discs, col, zz, yy, xx)
+    segs: list[Segment] = []
+    r = max(1, int(round(6.0 / g)))
+    for k in range(len(discs) + 1):
+        sel = n_above == k
+        if sel.sum() * g**3 < 1500.0:
             continue
+        z0, z1 = int(zz[sel].min()), int(zz[sel].max())
+        y0, y1 = int(yy[sel].min()), int(yy[sel].max())
+        x0, x1 = int(xx[sel].min()), int(xx[sel].max())
+        bz0, bz1 = max(0, z0 - r), min(nz, z1 + r + 1)
+        sub = np.zeros((bz1 - bz0, y1 - y0 + 1, x1 - x0 + 1), dtype=bool)
+        sub[zz[sel] - bz0, yy[sel] - y0, xx[sel] - x0] = True
+        closed = ndi.binary_closing(np.pad(sub, ((r, r), (0, 0), (0, 0))), structure=np.ones((2 * r + 1, 1, 1), bool))
+        sub = closed[r:-r] | sub
+        # keep the closing inside this vertebra's slab between its two disc planes
+        sz_, sy_, sx_ = np.nonzero(sub)
+        wrong = _n_above(discs, col, sz_ + bz0, sy_ + y0, sx_ + x0) != k
+        sub[sz_[wrong], sy_[wrong], sx_[wrong]] = False
+        sub = fill_holes_2d(sub)
         m = np.zeros_like(bodies)
-        m[sl] = lab[sl] == q + 1
-        vol = float(m.sum()) * g**3
-        if vol < 1500.0:
-            continue
-        pending.append((m, 0))
-    max_h = 42.0
-    while pending:
-        m, depth = pending.pop()
-        zs = np.nonzero(m.any(axis=(1, 2)))[0]
+        m[bz0:bz1, y0 : y1 + 1, x0 : x1 + 1] = sub
+        zs = np.nonzero(sub.any(axis=(1, 2)))[0] + bz0
         z0, z1 = int(zs.min()), int(zs.max())
-        h = (z1 - z0 + 1) * g
-        if h > max_h and depth < 6:
-            area = m.sum(axis=(1, 2)).astype(float)
-            margin = int(round(10.0 / g))
-            inner = np.arange(z0 + margin, z1 - margin + 1)
-            if inner.size:
-                prof = ndi.uniform_filter1d(area, 3)[inner]
-                zc = int(inner[int(np.argmin(prof))])
-                med = float(np.median(area[z0 : z1 + 1]))
-                if prof.min() < 0.75 * med:
-                    lo = m.copy()
-                    lo[zc:] = False
-                    hi = m.copy()
-                    hi[: zc + 1] = False
-                    for part in (lo, hi):
-                        if part.sum() * g**3 >= 1500.0:
-                            pending.append((part, depth + 1))
-                    continue
         segs.append(Segment(0, z0, z1, m, truncated=(z0 == 0 or z1 == nz - 1)))
     segs.sort(key=lambda s: -s.zc)  # cranial first (z grows superior)
     for i, s in enumerate(segs):
@@ -273,86 +410,102 @@ def _split_segments(bodies: B, g: float) -> list[Segment]:
 
 
 def _rib_evidence(hu: F32, body: B, frame: Frame, segs: list[Segment], g: float) -> list[str]:
-    """Attach rib volume passing next to each vertebra; return notes."""
+    """Attach to each vertebra the rib bone that passes next to it; return notes.
+
+    Rib = bone outside the 45 mm spine core that reaches >= 75 mm off the axis (lumbar transverse processes
+    end before), is not the pelvis (< 150 cm3) and whose medial part lies inside the field of view. Its
+    voxels 45-62 mm off the axis at canal depth (the rib neck, at the level of the vertebra it articulates
+    with) are credited to the nearest vertebra along z.
+    """
     notes: list[str] = []
     nz, ny, nx = hu.shape
+    zl, zh = frame.z_lo, frame.z_hi + 1
+    sub = hu[zl:zh]
+    xc = frame.xc[zl:zh, None, None]
     xx = np.arange(nx)[None, None, :]
-    xc = frame.xc[:, None, None]
-    dx = (xx - xc) * g
-    bone = (hu > BONE_HU) & body
-    outside = bone & (np.abs(dx) >= CORE_HALF_WIDTH_MM)
-    lab, n = ndi.label(outside, structure=np.ones((3, 3, 3), dtype=bool))
-    if n == 0:
+    adx = np.abs(xx - xc) * g  # (nzc, 1, nx)
+    bone = (sub > BONE_HU) & body[zl:zh] & (adx >= CORE_HALF_WIDTH_MM)
+    lab, n = ndi.label(bone, structure=np.ones((3, 3, 3), dtype=bool))
+    if n == 0 or not segs:
         return notes
-    idx = np.arange(1, n + 1)
-    adx = np.abs(dx) * np.ones_like(hu)
-    reach = ndi.maximum(adx, lab, idx)
-    vol = ndi.sum_labels(np.ones_like(hu), lab, idx) * g**3
-    zs = np.arange(nz)[:, None, None] * np.ones_like(hu)
-    ztop = ndi.maximum(zs, lab, idx)
-    # medial end must lie inside the field of view (a rib entering from the top has an unknown head)
-    ok = (reach >= RIB_MIN_REACH_MM) & (vol < 150_000.0) & (vol > 300.0)
-    lut = np.zeros(n + 1, dtype=bool)
-    lut[1:] = ok
-    ribs = lut[lab]
+    vol = np.bincount(lab.ravel(), minlength=n + 1)[1:] * g**3
+    objs = ndi.find_objects(lab)
+    x_mid = float(np.nanmedian(frame.xc[zl:zh]))
+    ok = np.zeros(n + 1, dtype=bool)
+    top_touch = np.zeros(n + 1, dtype=bool)
+    for q, sl in enumerate(objs, start=1):
+        if sl is None:
+            continue
+        reach = max(abs(sl[2].start - x_mid), abs(sl[2].stop - 1 - x_mid)) * g
+        ok[q] = reach >= RIB_MIN_REACH_MM and 300.0 < vol[q - 1] < 150_000.0
+        top_touch[q] = zl + sl[0].stop >= nz
     yy = np.arange(ny)[None, :, None]
-    dy = (yy - frame.yc[:, None, None]) * g
-    ann = ribs & (np.abs(dx) >= CORE_HALF_WIDTH_MM) & (np.abs(dx) <= 62.0) & (dy >= -30.0) & (dy <= 40.0)
-    if not ann.any() or not segs:
+    dy = (yy - frame.yc[zl:zh, None, None]) * g
+    ann = ok[lab] & (adx <= 62.0) & (dy >= -30.0) & (dy <= 40.0)
+    if not ann.any():
         return notes
-    # assign each annulus voxel to the nearest vertebra along z
     zc = np.array([s.zc for s in segs])
     az, ay, ax = np.nonzero(ann)
-    nearest = np.argmin(np.abs(az[:, None] - zc[None, :]), axis=1)
-    side_left = (ax - frame.xc[az]) > 0
+    azf = az + zl
+    nearest = np.argmin(np.abs(azf[:, None] - zc[None, :]), axis=1)
+    side_left = (ax - frame.xc[azf]) > 0
     comp_of = lab[az, ay, ax]
-    top_touch = {int(c) for c in np.unique(comp_of) if ztop[c - 1] >= nz - 1}
-    # components whose annulus part touches the top slice: head outside the FOV
+    body_y = np.full(nz, np.nan)
+    for z in range(zl, zh):
+        rows = np.nonzero(body[z].any(axis=1))[0]
+        if rows.size:
+            body_y[z] = 0.5 * (rows.min() + rows.max())
     for s_i, s in enumerate(segs):
         sel = nearest == s_i
         if not sel.any():
             continue
-        comps = np.unique(comp_of[sel])
-        usable = [c for c in comps if not (c in top_touch and az[sel & (comp_of == c)].max() >= nz - 2)]
+        # a rib entering from the top edge next to this vertebra has its head outside the field of view
+        usable = [int(c) for c in np.unique(comp_of[sel]) if not (top_touch[c] and azf[sel].max() >= nz - 3)]
         use = sel & np.isin(comp_of, usable)
         s.rib_l = float((use & side_left).sum()) * g**3
         s.rib_r = float((use & ~side_left).sum()) * g**3
-        # ignore tiny contacts (< 150 mm3): a rib cross-section over 15 mm is several hundred mm3
+        # ignore tiny contacts: a rib cross-section over 15 mm is several hundred mm3
         if s.rib_l < 150.0:
             s.rib_l = 0.0
         if s.rib_r < 150.0:
             s.rib_r = 0.0
         if s.has_rib:
-            # angular reach of the rib components around the trunk (0 posterior, pi anterior)
+            # angular reach around the trunk centre (0 posterior, pi anterior) of the rib components
             reach_angle = 0.0
             for c in usable:
-                cz, cy, cx = np.nonzero(lab == c)
-                xcz = frame.xc[cz]
-                body_y = np.array([np.nonzero(body[z])[0].mean() for z in np.unique(cz)])
-                ymap = dict(zip(np.unique(cz).tolist(), body_y.tolist(), strict=True))
-                ty = np.array([ymap[z] for z in cz.tolist()])
-                ang = np.arctan2(np.abs(cx - xcz), (cy - ty))
+                sl = objs[c - 1]
+                if sl is None:
+                    continue
+                cz, cy, cx = np.nonzero(lab[sl] == c)
+                cz = cz + sl[0].start + zl
+                cy = cy + sl[1].start
+                cx = cx + sl[2].start
+                ang = np.arctan2(np.abs(cx - frame.xc[cz]), (cy - body_y[cz]))
                 reach_angle = max(reach_angle, float(np.percentile(ang, 99)))
             s.rib_reach = reach_angle
     return notes
 
 
-def _sacral_slices(hu: F32, filled: B, frame: Frame, g: float) -> npt.NDArray[np.bool_]:
+def _sacral_slices(hu: F32, filled: B, bodies: B, frame: Frame, g: float) -> npt.NDArray[np.bool_]:
+    """Slices where solid bone fused with the vertebral body spreads 28-60 mm to both sides at body depth
+    over >= 450 mm2 per side: the sacral alae. Lumbar transverse processes are ~10 mm bars (< 250 mm2 in
+    that window); rib heads are excluded later (the sacrum must lie below every rib-bearing vertebra)."""
     nz, ny, nx = hu.shape
     yy, xx = np.mgrid[0:ny, 0:nx]
     out = np.zeros(nz, dtype=bool)
     st = disk(1)
     for z in range(frame.z_lo, frame.z_hi + 1):
         xc, ya = frame.xc[z], frame.ya[z]
-        f = filled[z]
-        if not f.any():
+        b = bodies[z]
+        if not b.any():
             continue
-        f = ndi.binary_closing(f, structure=st) | f
+        f = ndi.binary_closing(filled[z], structure=st) | filled[z] | b
         lab, n = ndi.label(f)
-        sy, sx = int(round(ya - 12.0 / g)), int(round(xc))
-        if not (0 <= sy < ny and 0 <= sx < nx) or lab[sy, sx] == 0:
+        ids = np.unique(lab[b])
+        ids = ids[ids > 0]
+        if ids.size == 0:
             continue
-        comp = lab == lab[sy, sx]
+        comp = np.isin(lab, ids)
         band = (yy >= ya - 35.0 / g) & (yy <= ya + 15.0 / g)
         dxm = (xx - xc) * g
         left = comp & band & (dxm >= 28.0) & (dxm <= 60.0)
@@ -381,9 +534,6 @@ def _name(segs: list[Segment], sacrum_top: int | None, sacral_run_mm: float, g: 
         while i + 1 < n and segs[i + 1].has_rib:
             i += 1
         t12 = i
-        below = [j for j in range(i + 2, n) if segs[j].has_rib]
-        if below:
-            ev.append(f"rib-like bone at {len(below)} vertebra(e) below a rib-free one ignored (pelvis?)")
         s = segs[t12]
         if not (s.rib_l > 0 and s.rib_r > 0):
             rib_weak = True
@@ -396,7 +546,7 @@ def _name(segs: list[Segment], sacrum_top: int | None, sacral_run_mm: float, g: 
                 f"lowest rib reaches {np.degrees(s.rib_reach):.0f} deg around the trunk (an 11th rib does; "
                 "a 12th usually ends behind the flank): 11 rib pairs possible"
             )
-        elif s.rib_reach and s.rib_reach < np.radians(50.0):
+        elif s.rib_reach and s.rib_reach < np.radians(35.0):
             rib_weak = True
             ev.append(f"lowest rib is a stub ({np.degrees(s.rib_reach):.0f} deg): lumbar rib possible")
         if first == 0 and segs[0].truncated:
@@ -409,7 +559,8 @@ def _name(segs: list[Segment], sacrum_top: int | None, sacral_run_mm: float, g: 
     l5: int | None = None
     sac_weak = False
     if sacrum_top is not None:
-        above = [i for i, s in enumerate(segs) if s.z0 > sacrum_top - int(round(6.0 / g))]
+        # the alae rise beside the lower end of L5 (sacral tilt): compare body centres with the run top
+        above = [i for i, s in enumerate(segs) if s.zc > sacrum_top]
         if above:
             l5 = max(above, key=lambda i: -segs[i].zc)  # the lowest vertebra above the sacrum
             ev.append(f"sacrum (alae fused with the body over {sacral_run_mm:.0f} mm) below vertebra #{l5 + 1}: L5 anchor")
@@ -424,15 +575,15 @@ def _name(segs: list[Segment], sacrum_top: int | None, sacral_run_mm: float, g: 
     i_t12 = NORMAL_LEVELS.index("T12")
     i_l5 = NORMAL_LEVELS.index("L5")
     if t12 is not None and l5 is not None:
-        gap = l5 - t12
-        if gap == 6:
+        gap = l5 - t12  # T12 -> L5 is five steps with five lumbar vertebrae
+        if gap == 5:
             base = i_t12 - t12
             uncertain = rib_weak and sac_weak
             ev.append("rib and sacrum anchors agree (5 lumbar vertebrae)")
         else:
             base = i_l5 - l5
             uncertain = True
-            lumbar = gap - 1
+            lumbar = gap
             ev.append(
                 f"rib and sacrum anchors disagree ({lumbar} rib-free vertebrae above the sacrum instead of 5: "
                 "11/13 rib pairs or a transitional vertebra); named from the sacrum, all levels uncertain"
@@ -502,14 +653,50 @@ class ClassicalBackend:
         body = context.body
         if body.sum() * g**3 < 1.0e6:
             raise NotQualifyingError("no trunk in view (body volume below 1 litre)")
-        frame, filled = _find_canal(hu, body, g)
-        context.frame = frame
-        bodies = _bodies(hu, body, frame, g)
-        segs = _split_segments(bodies, g)
+        # the column lies within 90 mm of the trunk's midline and behind its centre: work on that crop
+        zz_, yy_, xx_ = np.nonzero(body[:: max(1, body.shape[0] // 40)])
+        mx, my = float(xx_.mean()), float(yy_.mean())
+        x0 = max(0, int(mx - 90.0 / g))
+        x1 = min(hu.shape[2], int(mx + 90.0 / g) + 1)
+        y0 = max(0, int(my - 70.0 / g))
+        hu_c, body_c = hu[:, y0:, x0:x1], body[:, y0:, x0:x1]
+        frame_c, filled = _find_canal(hu_c, body_c, g)
+        bodies = _bodies(hu_c, body_c, frame_c, g)
+        col = _centreline(bodies, frame_c, g)
+        prof = _axial_profile(hu_c, col, frame_c.z_lo, frame_c.z_hi, g)
+        discs = _find_discs(prof, frame_c.z_lo, frame_c.z_hi, g)
+        sac = _sacral_slices(hu_c, filled, bodies, frame_c, g)
+        sac_run = _caudal_run(sac, g)
+        if sac_run is not None:
+            lo, hi = sac_run
+            below = [d for d in discs if d <= hi + int(round(10.0 / g))]
+            # a missed lumbosacral disc: bodies continue > 45 mm above the alae with no disc in between
+            above_top = [d for d in discs if d > hi]
+            next_disc = min(above_top) if above_top else frame_c.z_hi
+            if not below and (next_disc - hi) * g > 45.0:
+                discs = sorted([*discs, hi + 1])
+        segs = _segments_from_discs(bodies, discs, col, g)
         if len(segs) < 2:
             raise NotQualifyingError(f"spine not found: {len(segs)} vertebral body candidate(s) in view")
+        for sg in segs:  # back to the whole working grid
+            full_m = np.zeros(hu.shape, dtype=bool)
+            full_m[:, y0:, x0:x1] = sg.mask
+            sg.mask = full_m
+        frame = Frame(frame_c.xc + x0, frame_c.yc + y0, frame_c.ya + y0, frame_c.found, frame_c.z_lo, frame_c.z_hi)
+        context.frame = frame
         notes = _rib_evidence(hu, body, frame, segs, g)
-        sac = _sacral_slices(hu, filled, frame, g)
+        # ribs belong to the run of rib-bearing vertebrae from the top; rib-like bone further down (iliac
+        # crest next to L4/L5, a stray fragment) is not a rib
+        first = next((i for i, sg in enumerate(segs) if sg.has_rib), None)
+        if first is not None:
+            i = first
+            while i + 1 < len(segs) and segs[i + 1].has_rib:
+                i += 1
+            stray = [sg for sg in segs[i + 1 :] if sg.has_rib]
+            if stray:
+                notes.append(f"rib-like bone next to {len(stray)} vertebra(e) below the rib-free ones ignored")
+            for sg in stray:
+                sg.rib_l = sg.rib_r = 0.0
         sacrum_top, run_mm = _sacrum_top(sac, segs, g)
         naming = _name(segs, sacrum_top, run_mm, g)
         context.segments = segs
@@ -517,6 +704,7 @@ class ClassicalBackend:
         coarse_labels = np.zeros(hu.shape, dtype=np.uint8)
         levels: list[str] = []
         truncated: set[str] = set()
+        axes: dict[str, tuple[float, float, float]] = {}
         for s in segs:
             lvl = naming.names.get(s.label)
             if lvl is None:
@@ -525,6 +713,8 @@ class ClassicalBackend:
                 continue
             levels.append(lvl)
             coarse_labels[s.mask] = len(levels)
+            t = col.tangent[int(round(np.clip(s.zc, 0, len(col.tangent) - 1)))]
+            axes[lvl] = (float(t[2]), float(t[1]), float(t[0]))  # (x, y, z) in canonical mm directions
             if s.truncated:
                 truncated.add(lvl)
         if not levels:
@@ -538,8 +728,21 @@ class ClassicalBackend:
             level_uncertain=naming.uncertain,
             evidence=tuple(ev),
             truncated=frozenset(truncated),
-            hints={"frame": frame, "sacrum_top_z": sacrum_top},
+            hints={"frame": frame, "sacrum_top_z": sacrum_top, "axes": axes},
         )
+
+
+def _caudal_run(sac: npt.NDArray[np.bool_], g: float) -> tuple[int, int] | None:
+    """The caudal-most run of sacral slices at least 8 mm long."""
+    if not sac.any():
+        return None
+    lab, n = ndi.label(sac)
+    runs = []
+    for q in range(1, n + 1):
+        zs = np.nonzero(lab == q)[0]
+        if (zs.max() - zs.min() + 1) * g >= 8.0:
+            runs.append((int(zs.min()), int(zs.max())))
+    return min(runs, key=lambda r: r[0]) if runs else None
 
 
 def _sacrum_top(sac: npt.NDArray[np.bool_], segs: list[Segment], g: float) -> tuple[int | None, float]:

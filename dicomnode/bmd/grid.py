@@ -110,10 +110,10 @@ def disk(radius_vox: int) -> B:
 
 
 def body_mask(hu: F32, g: float) -> B:
-    """The patient's body on the coarse grid: > -400 HU, opened (drops the table and blankets), largest
+    """The patient's body on the coarse grid: > -400 HU, opened by 5 mm (drops the table and blankets), largest
     3-D component, holes filled slice by slice (lungs and bowel gas belong to the body)."""
     m = hu > -400.0
-    r = max(1, int(round(3.0 / g)))
+    r = max(1, int(round(5.0 / g)))
     st = np.zeros((1, 2 * r + 1, 2 * r + 1), dtype=bool)
     st[0] = disk(r)
     m = ndi.binary_opening(m, structure=st)
@@ -123,7 +123,9 @@ def body_mask(hu: F32, g: float) -> B:
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
     m = lab == int(np.argmax(sizes))
-    return fill_holes_2d(m)
+    # give back the skin the opening shaved off (not the table: it is joined only through the contact)
+    grown = ndi.binary_dilation(m, structure=st, iterations=1) & (hu > -400.0)
+    return fill_holes_2d(grown)
 
 
 def fill_holes_2d(m: B) -> B:

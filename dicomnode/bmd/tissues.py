@@ -32,12 +32,25 @@ def robust_mean(values: npt.NDArray[np.float32]) -> float | None:
     return float(keep.mean()) if keep.size else med
 
 
-def depth_from_skin(body: B, g: float) -> F32:
-    """In-plane distance (mm) of each body voxel from the skin (2-D per axial slice)."""
-    # a huge sampling along z makes the 3-D transform a per-slice 2-D one
-    padded = np.pad(body, ((1, 1), (0, 0), (0, 0)), constant_values=True)
-    d = ndi.distance_transform_edt(padded, sampling=(1e6, g, g))[1:-1]
-    return np.asarray(np.minimum(d, 1e5), dtype=np.float32)
+def depth_from_skin(body: B, g: float, max_mm: float = 30.0) -> F32:
+    """In-plane depth (mm) of each body voxel under the skin, capped at ``max_mm``.
+
+    Repeated in-plane erosions alternating a cross and a square (an octagon approximates a disk to within a
+    few percent); much cheaper than a distance transform and exact enough for 3-25 mm bands.
+    """
+    cross = np.zeros((1, 3, 3), dtype=bool)
+    cross[0] = ndi.generate_binary_structure(2, 1)
+    square = np.ones((1, 3, 3), dtype=bool)
+    depth = np.zeros(body.shape, dtype=np.float32)
+    cur = body.copy()
+    n = int(np.ceil(max_mm / g))
+    for it in range(n):
+        depth[cur] += np.float32(g)
+        cur = ndi.binary_erosion(cur, structure=cross if it % 2 == 0 else square)
+        if not cur.any():
+            break
+    depth[cur] = np.float32(max_mm + g)
+    return depth
 
 
 def measure_air(hu: F32, body: B, g: float) -> float | None:

@@ -72,7 +72,7 @@ def print_result(result: AnalysisResult, out: TextIO) -> None:
     phase = s.contrast_phase.value
     kvp = f"{s.calibration.kvp:g} kVp" if s.calibration.kvp is not None else "kVp unknown"
     out.write(f"L1 HU: {_f(s.l1_hu)}   contrast: {phase}   {kvp}   calibration: {s.calibration.method}\n")
-    for note in (*s.l1_hu_flags, *s.notes, *s.calibration.flags, *result.warnings):
+    for note in dict.fromkeys((*s.l1_hu_flags, *s.notes, *s.calibration.flags, *result.warnings)):
         out.write(f"note: {note}\n")
 
 
@@ -115,10 +115,14 @@ def run(args: argparse.Namespace) -> int:
     if run_.choice is not None and run_.choice.reasons:
         chosen = run_.choice.chosen
         what = f"series {chosen.series_instance_uid}" if chosen is not None else "input"
-        print(f"{what}: " + "; ".join(run_.choice.reasons))
+        # the first reason names the rule; ranking lines say why this one; -v prints every condition
+        shown = [r for n, r in enumerate(run_.choice.reasons) if n == 0 or verbose >= 1 or "ranking" in r]
+        print(f"{what}: " + "; ".join(shown))
         if verbose >= 1:
             for uid, why in run_.choice.others:
                 print(f"  not chosen {uid}: {why}")
+    if verbose >= 1 and run_.timings_s:
+        print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in run_.timings_s.items()))
     if result.status is AnalysisStatus.OK:
         print_result(result, sys.stdout)
         if run_.outputs is not None:

@@ -301,6 +301,9 @@ def run_node(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"dicomnode: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if not log.isEnabledFor(logging.DEBUG):
+        # Lines per sweep tick (run, skipped while the previous one still runs) are noise; -vv shows them.
+        logging.getLogger("apscheduler").setLevel(logging.ERROR)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

@@ -45,7 +45,8 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--z-range",
         default="T10:S1",
-        help="LEVEL:LEVEL (e.g. T12:L3; S1 includes the pelvis) or ZMIN:ZMAX in mm (default T10:S1)",
+        help="LEVEL:LEVEL (e.g. T12:L3; S1 includes the pelvis) or ZMIN:ZMAX in mm, negative values as "
+        "--z-range=-300:-200 (default T10:S1)",
     )
     p.add_argument("--orientation", default="HFS", help="HFS, FFS, HFP/PRONE or FFP (default HFS)")
     p.add_argument("--flip-rows", action="store_true", help="reverse the row order")
@@ -55,6 +56,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ribs", type=int, default=12, choices=(11, 12, 13), help="rib pairs (default 12)")
     p.add_argument("--contrast", default="native", choices=("native", "arterial", "portal_venous"))
     p.add_argument("--noise", type=float, default=10.0, help="Gaussian noise SD in HU (default 10)")
+    p.add_argument(
+        "--noise-fwhm", type=float, default=0.0, help="noise correlation FWHM mm (default 0: white)"
+    )
+    p.add_argument("--texture", type=float, default=0.0, help="trabecular texture SD in HU (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kvp", type=float, default=120.0)
     p.add_argument("--gain", type=float, default=None, help="scanner map gain (default: drawn with the seed)")
@@ -119,6 +124,8 @@ def build_spec(args: argparse.Namespace) -> Any:
         rib_pairs=args.ribs,
         contrast=args.contrast,
         noise_sd=args.noise,
+        noise_fwhm_mm=args.noise_fwhm,
+        texture_sd=args.texture,
         seed=args.seed,
         kvp=args.kvp,
         gain=args.gain,

@@ -160,7 +160,8 @@ def send_stow(peer: DicomwebPeer, files: Sequence[Path]) -> DeliveryResult:
             )
     result = combine(name, statuses)
     if not result.ok:
-        LOGGER.warning("delivery to %s: %s: %s", name, result.outcome.value, result.message)
+        # DEBUG only: the caller (pipeline runner, CLI) reports the failure once, with its context.
+        LOGGER.debug("delivery to %s: %s: %s", name, result.outcome.value, result.message)
     return result
 
 

@@ -9,14 +9,16 @@ little endian.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from dicomnode.delivery.result import (
@@ -81,9 +83,19 @@ def _make_ae(peer: DimsePeer) -> AE:
     return ae
 
 
-def _not_established(assoc: Association, peer: DimsePeer) -> tuple[DeliveryOutcome, str]:
+def _associate(ae: AE, peer: DimsePeer) -> tuple[Association, threading.Event]:
+    """Request an association; the event records whether the TCP connection itself was made."""
+    connected = threading.Event()
+    handlers: list[Any] = [(evt.EVT_CONN_OPEN, lambda event: connected.set())]
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=handlers)
+    return assoc, connected
+
+
+def _not_established(assoc: Association, peer: DimsePeer, connected: bool) -> tuple[DeliveryOutcome, str]:
     """Why an association was not established, and whether that is permanent."""
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
+    if not connected:
+        return DeliveryOutcome.RETRYING, f"cannot connect to {where} (refused or timed out)"
     if assoc.is_rejected:
         prim = assoc.acceptor.primitive
         result = int(getattr(prim, "result", 0) or 0)
@@ -93,9 +105,12 @@ def _not_established(assoc: Association, peer: DimsePeer) -> tuple[DeliveryOutco
         if result == 0x01:
             return DeliveryOutcome.PERMANENT_FAILURE, f"association rejected (permanent) by {where}: {reason}"
         return DeliveryOutcome.RETRYING, f"association rejected (transient) by {where}: {reason}"
+    if assoc.rejected_contexts and not assoc.accepted_contexts:
+        # The peer answered, but refused every SOP class / transfer syntax we proposed (pynetdicom aborts).
+        return DeliveryOutcome.PERMANENT_FAILURE, f"{where} accepted none of the proposed SOP classes"
     if assoc.is_aborted:
         return DeliveryOutcome.RETRYING, f"association aborted by {where}"
-    return DeliveryOutcome.RETRYING, f"cannot connect to {where} (refused or timed out)"
+    return DeliveryOutcome.RETRYING, f"association with {where} not established (timeout)"
 
 
 def echo_dimse(peer: DimsePeer) -> EchoResult:
@@ -115,9 +130,9 @@ def echo_dimse(peer: DimsePeer) -> EchoResult:
     try:
         ae = _make_ae(peer)
         ae.add_requested_context(VERIFICATION)
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+        assoc, connected = _associate(ae, peer)
         if not assoc.is_established:
-            outcome, msg = _not_established(assoc, peer)
+            outcome, msg = _not_established(assoc, peer, connected.is_set())
             return EchoResult(False, msg, time.monotonic() - start, outcome is DeliveryOutcome.RETRYING)
         try:
             status = assoc.send_c_echo()
@@ -201,7 +216,8 @@ def send_dimse(peer: DimsePeer, files: Sequence[Path]) -> DeliveryResult:
         statuses.extend(_send_batch(peer, batch, contexts))
     result = combine(name, statuses)
     if not result.ok:
-        LOGGER.warning("delivery to %s: %s: %s", name, result.outcome.value, result.message)
+        # DEBUG only: the caller (pipeline runner, CLI) reports the failure once, with its context.
+        LOGGER.debug("delivery to %s: %s: %s", name, result.outcome.value, result.message)
     return result
 
 
@@ -213,12 +229,12 @@ def _send_batch(
         ae = _make_ae(peer)
         for sop_class, tss in contexts:
             ae.add_requested_context(sop_class, tss)
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+        assoc, connected = _associate(ae, peer)
     except Exception as exc:
         msg = f"association failed: {type(exc).__name__}: {exc}"
         return [FileStatus(p, sop, None, DeliveryOutcome.RETRYING, msg) for p, _, _, sop in batch]
     if not assoc.is_established:
-        outcome, msg = _not_established(assoc, peer)
+        outcome, msg = _not_established(assoc, peer, connected.is_set())
         return [FileStatus(p, sop, None, outcome, msg) for p, _, _, sop in batch]
     try:
         for path, sop_class, _ts, sop in batch:

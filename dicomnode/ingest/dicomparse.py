@@ -227,3 +227,43 @@ def get_uid(ds: Dataset, keyword: str) -> str | None:
         return None
     text = str(value).strip().rstrip("\x00").strip()
     return text or None
+
+
+def _meta_element(elem: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2sxxL", 0x0002, elem, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, elem, vr, len(value)) + value
+
+
+def _even(value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def encode_file_meta(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    implementation_class_uid: str,
+    implementation_version_name: str | None = None,
+    source_ae_title: str | None = None,
+) -> bytes:
+    """Preamble, ``DICM`` and the File Meta Information group (PS3.10 7.1), explicit VR little endian.
+
+    Equivalent to ``pydicom.filewriter.write_file_meta_info`` for these elements, about ten times faster,
+    which matters at hundreds of instances per second. The UIDs must already be validated.
+    """
+    body = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\x00\x01"),
+            _meta_element(0x0002, b"UI", _even(sop_class_uid, b"\x00")),
+            _meta_element(0x0003, b"UI", _even(sop_instance_uid, b"\x00")),
+            _meta_element(0x0010, b"UI", _even(transfer_syntax_uid, b"\x00")),
+            _meta_element(0x0012, b"UI", _even(implementation_class_uid, b"\x00")),
+            _meta_element(0x0013, b"SH", _even(implementation_version_name, b" "))
+            if implementation_version_name
+            else b"",
+            _meta_element(0x0016, b"AE", _even(source_ae_title, b" ")) if source_ae_title else b"",
+        )
+    )
+    return b"\x00" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<L", len(body))) + body

@@ -36,27 +36,28 @@ import errno
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, BinaryIO
 
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
-    UID,
     CTImageStorage,
     EnhancedCTImageStorage,
     LegacyConvertedEnhancedCTImageStorage,
 )
 
 from dicomnode.ingest import metrics
-from dicomnode.ingest.dicomparse import DatasetError, get_uid, is_valid_uid, parse_header
+from dicomnode.ingest.dicomparse import DatasetError, encode_file_meta, get_uid, is_valid_uid, parse_header
 from dicomnode.ingest.sink import InstanceSink, ReceivedInstance
 
 LOGGER = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ ANALYSED_SOP_CLASSES: frozenset[str] = frozenset(
 IMPLEMENTATION_VERSION_NAME = "DICOMNODE_01"
 
 IGNORED_DIR = "ignored"
+_SERIES_CACHE_SIZE = 256
 TEMP_DIR = ".tmp"
 
 
@@ -158,6 +160,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _sync_data(fd: int) -> None:
+    # fdatasync flushes the data and the metadata needed to read it back (size), skipping timestamps.
+    sync = getattr(os, "fdatasync", os.fsync)
+    sync(fd)
+
+
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     try:
         out = tuple(float(v) for v in value)
@@ -223,6 +231,8 @@ class Spool:
         self.temp_dir = self.root / TEMP_DIR
         self.ignored_dir = self.root / IGNORED_DIR
         self.temp_dir.mkdir(parents=True, exist_ok=True)
+        self._cache_lock = threading.Lock()
+        self._series_cache: OrderedDict[str, Mapping[str, Any]] = OrderedDict()
 
     # -- policy -------------------------------------------------------------------------------------
     def is_analysed(self, sop_class_uid: str) -> bool:
@@ -302,20 +312,21 @@ class Spool:
 
     def ingest_file(
         self,
-        temp_path: Path,
+        path: Path,
         *,
         calling_ae_title: str | None = None,
         source: str = "stow",
         expected_study_uid: str | None = None,
     ) -> IngestResult:
-        """Store a Part 10 file that was written (e.g. streamed from STOW-RS) into :meth:`new_temp_path`.
+        """Store a Part 10 file, bytes unchanged (STOW-RS parts, imports).
 
-        The spool takes ownership of ``temp_path``: it is renamed into place (bytes as received) or deleted.
+        A file in this spool's temp area (:meth:`new_temp_path`, e.g. a streamed STOW-RS part) is taken
+        over: renamed into place, or deleted when refused. Any other file is copied first and left as it is.
 
         Parameters
         ----------
-        temp_path
-            A file in this spool's temp area.
+        path
+            The Part 10 file.
         calling_ae_title
             Who sent it, for the record (None for STOW-RS).
         source
@@ -328,14 +339,27 @@ class Spool:
         IngestResult
             Never raises.
         """
+        path = Path(path)
+        temp: Path | None = None
         try:
-            result = self._ingest_file(Path(temp_path), calling_ae_title, source, expected_study_uid)
+            if path.resolve().parent == self.temp_dir:
+                temp = path
+            else:
+                if not self.has_free_space():
+                    return self._finish(
+                        IngestResult(OUT_OF_RESOURCES, "out of resources: spool free space below floor"),
+                        source,
+                    )
+                temp = self.new_temp_path()
+                shutil.copyfile(path, temp)
+            result = self._ingest_file(temp, calling_ae_title, source, expected_study_uid)
         except Exception as exc:
             LOGGER.exception("unexpected error while storing a %s instance", source)
             result = IngestResult(PROCESSING_FAILURE, f"processing failure: {type(exc).__name__}")
         finally:
-            with contextlib.suppress(OSError):
-                Path(temp_path).unlink(missing_ok=True)
+            if temp is not None:
+                with contextlib.suppress(OSError):
+                    temp.unlink(missing_ok=True)
         return self._finish(result, source)
 
     # -- internals ----------------------------------------------------------------------------------
@@ -378,18 +402,18 @@ class Spool:
             return checked
         sop_class, sop, study, series = checked
 
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = UID(sop_class)
-        meta.MediaStorageSOPInstanceUID = UID(sop)
-        meta.TransferSyntaxUID = UID(ts)
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-        if calling_ae:
-            meta.SourceApplicationEntityTitle = calling_ae
+        ae = calling_ae if calling_ae and all(32 <= ord(c) < 127 and c != "\\" for c in calling_ae) else None
+        meta = encode_file_meta(
+            sop_class,
+            sop,
+            ts,
+            PYDICOM_IMPLEMENTATION_UID,
+            IMPLEMENTATION_VERSION_NAME,
+            ae[:16] if ae else None,
+        )
 
         def write(fp: BinaryIO) -> None:
-            fp.write(b"\x00" * 128 + b"DICM")
-            write_file_meta_info(fp, meta, enforce_standard=True)  # type: ignore[arg-type]
+            fp.write(meta)
             fp.write(data)
 
         return self._commit(
@@ -487,11 +511,7 @@ class Spool:
                     OUT_OF_RESOURCES_WRITE, f"spool write failed: {exc.strerror or exc}", **ids
                 )
 
-        try:
-            attributes: Mapping[str, Any] = dict(self.header_fn(header))
-        except Exception as exc:  # a summary problem must not lose the instance; routing sees fewer keys
-            LOGGER.warning("header summary failed for %s: %s", sop, exc)
-            attributes = {}
+        attributes = self._series_attributes(series, header, sop)
         pos = _floats(header.get("ImagePositionPatient"), 3)
         ori = _floats(header.get("ImageOrientationPatient"), 6)
         record = ReceivedInstance(
@@ -521,8 +541,28 @@ class Spool:
             )
         return IngestResult(SUCCESS, None, path=final, duplicate=not new, **ids)
 
+    def _series_attributes(self, series: str, header: Dataset, sop: str) -> Mapping[str, Any]:
+        # The summary holds series/study-level attributes, identical for every instance of a series; it is
+        # computed for the first instance of a series and reused (the first instance wins, as in
+        # imaging.headers.summarize), which keeps a 300-slice series from paying for it 300 times.
+        with self._cache_lock:
+            cached = self._series_cache.get(series)
+            if cached is not None:
+                self._series_cache.move_to_end(series)
+                return cached
+        try:
+            attributes: Mapping[str, Any] = MappingProxyType(dict(self.header_fn(header)))
+        except Exception as exc:  # a summary problem must not lose the instance; routing sees fewer keys
+            LOGGER.warning("header summary failed for %s: %s", sop, exc)
+            return MappingProxyType({})
+        with self._cache_lock:
+            self._series_cache[series] = attributes
+            while len(self._series_cache) > _SERIES_CACHE_SIZE:
+                self._series_cache.popitem(last=False)
+        return attributes
+
     def _land(self, final: Path, *, write: Callable[[BinaryIO], None] | None, existing: Path | None) -> None:
-        """Temp file, fsync, rename to ``final``, fsync the directory."""
+        """Temp file, flush to disk, rename to ``final``, flush the directory entries."""
         tmp = existing if existing is not None else self.new_temp_path()
         try:
             if write is not None:
@@ -530,13 +570,15 @@ class Spool:
                     write(fp)
                     fp.flush()
                     if self.fsync:
-                        os.fsync(fp.fileno())
+                        _sync_data(fp.fileno())
             elif self.fsync:
                 with open(tmp, "rb+") as fp:
-                    os.fsync(fp.fileno())
+                    _sync_data(fp.fileno())
             parent = final.parent
-            created = not parent.is_dir()
-            if created:
+            # Folders about to be created (series, study, maybe ignored/): their entries must be flushed too.
+            new_dirs = [d for d in (parent, *parent.parents) if d != self.root and self.root in d.parents]
+            new_dirs = [d for d in new_dirs if not d.is_dir()]
+            if new_dirs:
                 parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
         except BaseException:
@@ -545,10 +587,8 @@ class Spool:
             raise
         if self.fsync:
             _fsync_dir(parent)
-            if created:
-                # New study/series folders must themselves be durable entries of their parents.
-                _fsync_dir(parent.parent)
-                _fsync_dir(parent.parent.parent)
+            for d in new_dirs:
+                _fsync_dir(d.parent)
 
     # -- recovery -----------------------------------------------------------------------------------
     def reindex(self, *, stale_temp_age_s: float = 86_400.0) -> ReindexReport:

@@ -15,9 +15,10 @@ the core equals the truth HU up to noise).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -96,6 +97,10 @@ class PhantomSpec:
     rib_pairs: int = 12
     contrast: str = "native"
     noise_sd: float = 10.0
+    noise_fwhm_mm: float = 0.0  # > 0: in-plane correlated noise (white noise blurred, rescaled to noise_sd)
+    #: SD (HU) of a zero-mean trabecular texture (correlated field, ~1.5 mm grain) inside trabecular bone;
+    #: 0 = homogeneous marrow. Truth HU stays the expected value.
+    texture_sd: float = 0.0
     seed: int = 0
     kvp: float = 120.0
     gain: float | None = None  # scanner map; None = drawn from tissue.GAIN_RANGE with the seed
@@ -108,6 +113,16 @@ class PhantomSpec:
     l1_center_lps: tuple[float, float, float] = (3.0, 20.0, -250.0)
     fov_center_xy: tuple[float, float] | None = None  # default: centre of the trunk
     kernel: str = "STANDARD"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PhantomSpec:
+        """Rebuild a spec from ``PhantomTruth.spec`` / ``truth.json["spec"]`` (lists back to tuples)."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise InputError(f"unknown phantom spec field(s): {', '.join(sorted(unknown))}")
+        kw: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        return cls(**kw)
 
 
 @dataclass(frozen=True)
@@ -141,6 +156,9 @@ class PhantomTruth:
     levels: tuple[LevelTruth, ...]
     rib_pairs: int
     last_rib_level: str
+    #: What each level would be called by a labeller that counts down from the last rib-bearing vertebra
+    #: as T12 (differs from ``level`` only with 11 or 13 rib pairs: the transitional-anatomy trap).
+    names_by_last_rib: Mapping[str, str]
     gain: float
     offset: float
     kvp: float
@@ -154,6 +172,8 @@ class PhantomTruth:
     #: Named points (LPS mm) inside reference tissues at the L1 mid-plane: ``aorta``, ``ivc``,
     #: ``paraspinal_left``/``_right`` (muscle), ``subcutaneous_fat_anterior``, ``air_anterior``.
     landmarks: Mapping[str, tuple[float, float, float]] = field(default_factory=dict)
+    #: The PhantomSpec that produced it (JSON-ready), so a truth file can be re-rendered.
+    spec: Mapping[str, Any] = field(default_factory=dict)
 
     def level(self, name: str) -> LevelTruth:
         for lv in self.levels:
@@ -168,6 +188,7 @@ class PhantomTruth:
         d["tissue_hu_true"] = dict(self.tissue_hu_true)
         d["geometry"] = dict(self.geometry)
         d["landmarks"] = {k: list(v) for k, v in self.landmarks.items()}
+        d["spec"] = json.loads(json.dumps(dict(self.spec)))
         d["coordinate_system"] = "DICOM patient LPS, mm"
         return d
 
@@ -210,8 +231,8 @@ def _validate(spec: PhantomSpec) -> None:
     for lv, b in spec.bmd.items():
         if not 0.0 <= b <= 400.0:
             raise InputError(f"vBMD of {lv} must be 0-400 mg/cm3, not {b}")
-    if spec.noise_sd < 0:
-        raise InputError("noise SD must be >= 0")
+    if spec.noise_sd < 0 or spec.noise_fwhm_mm < 0 or spec.texture_sd < 0:
+        raise InputError("noise SD, noise FWHM and texture SD must be >= 0")
     normalise_position(spec.orientation)
 
 
@@ -344,6 +365,17 @@ def _luts(
     return scanned, body, vert, core
 
 
+def _noise(rng: np.random.Generator, m: int, sd: float, sigma_px: float) -> npt.NDArray[np.float32]:
+    """Gaussian noise of standard deviation ``sd``; spatially correlated when ``sigma_px`` > 0."""
+    white = rng.standard_normal((m, m), dtype=np.float32)
+    if sigma_px <= 0.05:
+        return white * np.float32(sd)
+    corr = ndimage.gaussian_filter(white, sigma_px, mode="wrap")
+    # a Gaussian kernel of sigma s divides the SD of white noise by 2 * sqrt(pi) * s (2-D)
+    gain = 1.0 / (2.0 * math.sqrt(math.pi) * sigma_px)
+    return np.asarray(corr * np.float32(sd / gain), dtype=np.float32)
+
+
 def make_phantom(spec: PhantomSpec | None = None) -> Phantom:
     """Render the phantom described by ``spec``.
 
@@ -410,9 +442,16 @@ def make_phantom(spec: PhantomSpec | None = None) -> Phantom:
     vert_lab = np.zeros((n_sl, m, m), dtype=np.uint8)
     core_lab = np.zeros((n_sl, m, m), dtype=np.uint8)
     rng = np.random.default_rng([spec.seed, 11])
+    rng_tex = np.random.default_rng([spec.seed, 13])
+    trab_lut = np.zeros(256, dtype=bool)
+    for n in range(len(PHANTOM_LEVELS)):
+        trab_lut[LEVEL_BASE + 5 * n + P_CORE] = trab_lut[LEVEL_BASE + 5 * n + P_MARGIN] = True
+    trab_mask = np.zeros((m, m), dtype=bool)
     sigma_px = sigma_mm / sp
+    noise_sigma_px = spec.noise_fwhm_mm / 2.3548 / sp
     bounds = [v.extent_bounds() for v in spine]
     acc = np.empty((m, m), dtype=np.float32)
+    class_counts = np.zeros(256, dtype=np.int64)  # voxels per class on the label (centre) sub-slices
     for k, zc in enumerate(zs):
         acc[:] = 0.0
         for q, off in enumerate(offsets):
@@ -429,14 +468,19 @@ def make_phantom(spec: PhantomSpec | None = None) -> Phantom:
                     paint_vertebra(cv, z, vert, upper, margins)
             acc += hu_lut[cv.cls]
             if q == n_sub // 2:
+                class_counts += np.bincount(cv.cls.ravel(), minlength=256)
                 body_lab[k] = body_lut[cv.cls]
                 vert_lab[k] = vert_lut[cv.cls]
                 core_lab[k] = core_lut[cv.cls]
+                trab_mask = trab_lut[cv.cls]
         img = acc / np.float32(n_sub)
+        if spec.texture_sd > 0:
+            tex = _noise(rng_tex, m, spec.texture_sd, 1.5 / 2.3548 / sp)
+            img = img + np.where(trab_mask, tex, np.float32(0.0))
         if sigma_px > 0.05:
             img = ndimage.gaussian_filter(img, sigma_px, mode="nearest")
         if spec.noise_sd > 0:
-            img = img + rng.standard_normal((m, m), dtype=np.float32) * np.float32(spec.noise_sd)
+            img = img + _noise(rng, m, spec.noise_sd, noise_sigma_px)
         data[k] = img
 
     affine = np.eye(4)
@@ -446,7 +490,9 @@ def make_phantom(spec: PhantomSpec | None = None) -> Phantom:
     (data, body_lab, vert_lab, core_lab), affine = reorient_arrays(
         [data, body_lab, vert_lab, core_lab], affine, pos, flip_rows=spec.flip_rows, flip_cols=spec.flip_cols
     )
-    truth = _truth(spec, spine, gain, offset, vbmd, zs, body_lab, core_lab, affine, hu_lut, trunk)
+    body_counts = np.bincount(body_lut, weights=class_counts, minlength=256).astype(np.int64)
+    core_counts = np.bincount(core_lut, weights=class_counts, minlength=256).astype(np.int64)
+    truth = _truth(spec, spine, gain, offset, vbmd, zs, body_counts, core_counts, affine, hu_lut, trunk)
     header: dict[str, Any] = {
         "Modality": "CT",
         "KVP": spec.kvp,
@@ -473,14 +519,12 @@ def _truth(
     offset: float,
     vbmd: dict[str, float],
     zs: npt.NDArray[np.float64],
-    body_lab: npt.NDArray[np.uint8],
-    core_lab: npt.NDArray[np.uint8],
+    body_counts: npt.NDArray[np.int64],
+    core_counts: npt.NDArray[np.int64],
     affine: npt.NDArray[np.float64],
     hu_lut: npt.NDArray[np.float32],
     trunk: Trunk,
 ) -> PhantomTruth:
-    body_counts = np.bincount(body_lab.ravel(), minlength=256)
-    core_counts = np.bincount(core_lab.ravel(), minlength=256)
     zmin, zmax = float(zs.min()), float(zs.max())
     rib_levels = [v.name for v in spine if v.name.startswith("T")][: spec.rib_pairs]
     if spec.rib_pairs == 13:
@@ -493,7 +537,7 @@ def _truth(
                 v.world(su * a, sv, sw)
                 for su in (-1, 1)
                 for sv in (-b, v.posterior_wall_v)
-                for sw in (-h / 2, h / 2)
+                for sw in (-h / 2, float(v.top_w(sv)))  # a wedge fracture lowers the anterior top
             ]
         )
         ha, hm, hp = v.heights_mm()
@@ -536,7 +580,7 @@ def _truth(
         "cortical": float(hu_lut[LEVEL_BASE + P_CORTEX]),
     }
     geometry = {
-        "shape_kji": list(body_lab.shape),
+        "shape_kji": [int(zs.size), spec.matrix, spec.matrix],
         "affine": affine.tolist(),
         "pixel_spacing_mm": spec.spacing_mm,
         "slice_thickness_mm": spec.thickness_mm,
@@ -552,6 +596,7 @@ def _truth(
         levels=tuple(levels),
         rib_pairs=spec.rib_pairs,
         last_rib_level=rib_levels[-1],
+        names_by_last_rib=_names_by_last_rib(rib_levels[-1]),
         gain=gain,
         offset=offset,
         kvp=spec.kvp,
@@ -563,6 +608,7 @@ def _truth(
         geometry=geometry,
         label_names={lv.label: lv.level for lv in levels},
         landmarks=_landmarks(spine, trunk),
+        spec={k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(spec).items()},
     )
 
 
@@ -580,3 +626,16 @@ def _landmarks(spine: list[Vertebra], trunk: Trunk) -> dict[str, tuple[float, fl
         "subcutaneous_fat_anterior": (trunk.center_x, trunk.center_y - ay + trunk.fat_mm / 2.0, z),
         "air_anterior": (trunk.center_x, trunk.center_y - ay - 25.0, z),
     }
+
+
+def _names_by_last_rib(last_rib_level: str) -> dict[str, str]:
+    """Level names a labeller gives when it takes the last rib-bearing vertebra as T12 and counts from there.
+
+    With 12 rib pairs this is the identity; with 13 our L1 becomes "T12" and L2 "L1"; with 11 our T12
+    becomes "L1" and L5 "L6". S1 is recognised from the sacrum and keeps its name.
+    """
+    names = ["C7", *PHANTOM_LEVELS[:-1], "L6"]  # T1..L5 with one name of slack either side
+    shift = PHANTOM_LEVELS.index(last_rib_level) - PHANTOM_LEVELS.index("T12")
+    out = {lv: names[names.index(lv) - shift] for lv in PHANTOM_LEVELS[:-1]}
+    out["S1"] = "S1"
+    return out

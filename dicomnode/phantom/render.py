@@ -254,10 +254,12 @@ def _paint_sacrum(cv: SliceCanvas, z: float, s1: Vertebra) -> None:
             sub[inner] = PELVIS_MARROW
         # alae (S1, S2) and the dorsal sacral plate behind the canal (all segments)
         if seg.name in ("S1", "S2"):
-            ala = (np.abs(u) >= a - 4.0) & (np.abs(u) <= reach) & (v >= -0.5 * b) & (v <= b + 8.0)
+            # wing-shaped: the anterior border sweeps back as the ala runs laterally
+            v_front = -0.5 * b + 0.45 * np.maximum(np.abs(u) - a, 0.0)
+            ala = (np.abs(u) >= a - 4.0) & (np.abs(u) <= reach) & (v >= v_front) & (v <= b + 8.0)
             ala &= np.abs(w) <= h / 2 + 1.0
             sub[ala & ~(sub >= LEVEL_BASE)] = PELVIS_CORTEX
-            ala_in = ala & (np.abs(u) <= reach - 1.5) & (v >= -0.5 * b + 1.5) & (v <= b + 6.5)
+            ala_in = ala & (np.abs(u) <= reach - 1.5) & (v >= v_front + 1.5) & (v <= b + 6.5)
             sub[ala_in & ~(sub >= LEVEL_BASE)] = PELVIS_MARROW
         vc = b + 7.0
         plate = (np.abs(u) <= a * 0.9) & (v >= b) & (v <= vc + 12.0) & (np.abs(w) <= h / 2 + 1.0)

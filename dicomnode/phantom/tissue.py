@@ -15,8 +15,9 @@ HU model (all values at 120 kVp, native phase, before the per-scan scanner map)
   maps to 180 mg/cm3 (a typical young-adult QCT value); the ACR osteoporosis cut of 80 mg/cm3 (section 2.1)
   maps to 116 HU, next to Pickhardt's 110 HU "specific for osteoporosis" cut (section 1.1); 120 mg/cm3 maps
   to 164 HU, next to the 160 HU "sensitive" cut. It is a reference scanner, not a claim about any real one.
-* Cortical bone of vertebral bodies 800 HU (within the 700-1000 HU range of thin cortex at clinical
-  resolution); posterior elements, ribs and pelvis are cortical shell + marrow.
+* Cortical bone of vertebral bodies (shell and end plates) 800 HU (within the 700-1000 HU range of thin
+  cortex at clinical resolution); ribs and pelvis are cortical shell (720 HU) + marrow (220 HU); the
+  vertebral arch is one 450 HU mixture.
 * Contrast (section 1.4 of clinical.md): trabecular bone +14 HU in arterial phase (Grunewald, late arterial
   +14.4 HU) and +11 HU in portal-venous phase (Pickhardt 2016, +11.2 HU). Aortic blood 40 HU native,
   ~275 HU arterial, ~165 HU portal-venous; veins, liver, kidney and muscle enhance by the amounts in
@@ -50,7 +51,6 @@ REFERENCE_HU: Mapping[str, float] = MappingProxyType(
         "marrow": 220.0,  # rib/pelvis/posterior-element marrow (red + yellow marrow with trabeculae)
         "posterior_elements": 450.0,  # vertebral arch: cortex + marrow averaged at clinical resolution
         "cortical": 800.0,
-        "endplate": 700.0,
     }
 )
 

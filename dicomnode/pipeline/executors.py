@@ -87,6 +87,12 @@ def _warm() -> bool:
     return True
 
 
+def _log_warm_failure(future: concurrent.futures.Future[bool]) -> None:
+    exc = future.exception()
+    if exc is not None:  # warming is an optimisation; the first job will tell the real story
+        log.warning("analysis process warm-up failed: %s", exc)
+
+
 class ProcessAnalyzer:
     """Runs an analysis function (default :func:`analyze_job`) in a pool of ``workers`` child processes.
 
@@ -104,13 +110,12 @@ class ProcessAnalyzer:
         with self._lock:
             if self._pool is None:
                 self._pool = self._new_pool()
-        if warm:
             pool = self._pool
-            for f in [pool.submit(_warm) for _ in range(self.workers)]:
-                try:
-                    f.result(timeout=300)
-                except Exception as exc:  # warming is an optimisation; the first job will tell
-                    log.warning("analysis process warm-up failed: %s", exc)
+        if warm:
+            # Submitted from this thread (so the children are its children), not waited for: the node is up
+            # while the children import the analysis stack.
+            for _ in range(self.workers):
+                pool.submit(_warm).add_done_callback(_log_warm_failure)
 
     def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
         ctx = multiprocessing.get_context("spawn")  # never fork a process with threads and sockets

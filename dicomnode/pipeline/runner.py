@@ -371,12 +371,13 @@ class Runner:
     # -- delivery ---------------------------------------------------------------------------------------
 
     def deliver_job(self, job_id: int) -> None:
-        """Send every delivery of the job that is due now (right after analysis; retries go to the sweep)."""
-        for d in self.store.list_deliveries(job_id=job_id, limit=1000).items:
-            if d.outcome in (DeliveryOutcome.PENDING, DeliveryOutcome.RETRYING) and (
-                d.next_attempt_at is None or d.next_attempt_at <= _now()
-            ):
-                self.deliver_one(d)
+        """Send the deliveries due now, right after a job was reported (retries are left to the sweep).
+
+        Goes through :meth:`deliver_due` so the deliveries are leased like any other: no other process's
+        sweep sends them at the same time.
+        """
+        n = self.deliver_due()
+        log.debug("job %d: %d delivery attempt(s) made", job_id, n)
 
     def deliver_due(self, now: datetime | None = None, limit: int = 50) -> int:
         """Send the deliveries that are due (first attempts and retries); returns how many were attempted."""

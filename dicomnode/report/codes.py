@@ -132,13 +132,13 @@ def qc_flag_code(flag: str) -> Code:
     The flag vocabulary belongs to the measurement engine; the rule that turns a flag into a code is fixed
     (documented in docs/conformance.md) so a reader can always recover the flag.
     """
-    slug = re.sub(r"[^A-Z0-9]+", "-", flag.upper()).strip("-")[:12] or "UNNAMED"
+    slug = re.sub(r"[^A-Z0-9]+", "-", flag.upper()).strip("-")[:12].strip("-") or "UNNAMED"
     return _private(f"QC-{slug}", flag[:64])
 
 
 def calibration_method_code(method: str) -> Code:
     """Code the HU -> vBMD calibration method (``CAL-<METHOD>``), meaning = the method name."""
-    slug = re.sub(r"[^A-Z0-9]+", "-", method.upper()).strip("-")[:12] or "NONE"
+    slug = re.sub(r"[^A-Z0-9]+", "-", method.upper()).strip("-")[:12].strip("-") or "NONE"
     return _private(f"CAL-{slug}", method[:64])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -69,12 +70,27 @@ def _atomic_write(path: Path, write: object) -> None:
         raise
 
 
+#: Names of the files we write (anything else in the folder is never touched).
+_OUR_FILES = re.compile(r"^(sr\.dcm|sc_\d{2}_[A-Za-z0-9]+\.dcm|overlay_\d{2}_[A-Za-z0-9]+\.png)$")
+
+
+def _remove_stale(out_dir: Path, keep: set[Path]) -> None:
+    """Remove outputs of an earlier run into the same folder that this run did not rewrite (e.g. a level
+    no longer found), so the folder always describes one analysis."""
+    for path in out_dir.iterdir():
+        if path.is_file() and _OUR_FILES.match(path.name) and path not in keep:
+            log.debug("removing stale output %s", path.name)
+            path.unlink(missing_ok=True)
+
+
 def write_result_json(result: AnalysisResult, out_dir: Path) -> Path:
     """Write ``result.json`` (schema: ``AnalysisResult.to_json_dict``) into ``out_dir``; return its path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "result.json"
     text = json.dumps(result.to_json_dict(), indent=2, allow_nan=False) + "\n"
     _atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    if result.status is not AnalysisStatus.OK:
+        _remove_stale(out_dir, set())
     return path
 
 
@@ -119,6 +135,7 @@ def write_outputs(
     result = bmd_output.result
     json_path = write_result_json(result, out_dir)
     if result.status is not AnalysisStatus.OK or not result.vertebrae:
+        _remove_stale(out_dir, set())
         return OutputFiles(result_json=json_path, notes=(f"status {result.status.value}: no SR or SC",))
     uids = UidPolicy(job_key=job_key, version=version)
     notes: list[str] = []
@@ -129,10 +146,13 @@ def write_outputs(
     if write_png:
         for n, image in enumerate(images):
             png = out_dir / f"overlay_{n:02d}_{image.name}.png"
-            _atomic_write(png, lambda p, im=image: Image.fromarray(im.rgb).save(p, format="PNG", compress_level=1))
+            _atomic_write(
+                png, lambda p, im=image: Image.fromarray(im.rgb).save(p, format="PNG", compress_level=1)
+            )
             pngs.append(png)
     if not source_datasets:
         notes.append("no source DICOM images (NIfTI input): result.json and PNG overlays only, no SR or SC")
+        _remove_stale(out_dir, set(pngs))
         return OutputFiles(result_json=json_path, png=tuple(pngs), notes=tuple(notes))
 
     sr = build_sr(result, source_datasets, uids)
@@ -146,6 +166,7 @@ def write_outputs(
         path = out_dir / f"sc_{n:02d}_{image.name}.dcm"
         _atomic_write(path, lambda p, ds=sc: ds.save_as(p, enforce_file_format=True))
         sc_paths.append(path)
+    _remove_stale(out_dir, {sr_path, *sc_paths, *pngs})
     log.info(
         "wrote SR %s and %d SC for series %s", sr.SOPInstanceUID, len(sc_paths), result.series_instance_uid
     )

@@ -281,6 +281,8 @@ def render_overview(
         if v.excluded:
             _text(draw, (nx, ty - 22), "excluded", EXCLUDED_C, f_label)
             reason = v.exclusion_reason or "excluded from the summary"
+            if len(reason) > 44:  # keep the gist; the full text is in the axial image and result.json
+                reason = reason.split(" (")[0][:44]
             _text(draw, (tx, ty + 2), reason[:44], EXCLUDED_C, f_small)
         else:
             vb = f"{_fmt(v.vbmd_mg_cm3)} mg/cm³" if v.vbmd_mg_cm3 is not None else "vBMD n/a"
@@ -291,8 +293,8 @@ def render_overview(
             _text(draw, (tx, ty + 2), extra[:48], MUTED, f_small)
 
     # orientation letters and a 50 mm scale bar on the image
-    _text(draw, (8, header_h + disp_h // 2 - 10), "A", TEXT, f_title)
-    _text(draw, (disp_w - 22, header_h + disp_h // 2 - 10), "P", TEXT, f_title)
+    _text(draw, (10, header_h + 8), "A", TEXT, f_title)
+    _text(draw, (disp_w - 24, header_h + 8), "P", TEXT, f_title)
     _text(draw, (disp_w // 2 - 6, header_h + 6), "S", TEXT, f_title)
     _scale_bar(draw, 14, header_h + disp_h - 20, ppm, f_small)
 

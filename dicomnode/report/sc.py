@@ -56,6 +56,7 @@ def build_sc(
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
     sc.SeriesDescription = SC_SERIES_DESCRIPTION
+    sc.ConversionType = "WSD"  # rendered by software ("workstation"), not digitised from a video interface
     sc.BodyPartExamined = BODY_PART
     sc.BurnedInAnnotation = "YES"  # labels and numbers are drawn into the pixels (no patient identifiers)
     sc.SoftwareVersions = f"dicomnode {__version__}"

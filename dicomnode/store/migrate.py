@@ -8,9 +8,14 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
+
+from dicomnode.store.engine import IMMEDIATE
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+#: PostgreSQL advisory lock id held while migrating (any constant unique to dicomnode).
+_MIGRATION_LOCK_KEY = 0x0D1C0_0DE
 
 
 def alembic_config() -> Config:
@@ -29,9 +34,14 @@ def upgrade(engine: Engine, revision: str = "head") -> str | None:
         The revision the database is at afterwards.
     """
     cfg = alembic_config()
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, revision)
+    with engine.connect() as conn:
+        # Several processes (receive, work) may start at once: one migrates, the others wait for it.
+        conn.execution_options(**{IMMEDIATE: True})  # SQLite: take the write lock at BEGIN
+        with conn.begin():
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
     return current_revision(engine)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -99,19 +100,22 @@ def jsonable_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _jsonable_value(value: Any) -> Any:
-    if value is None or isinstance(value, bool | int | str):
+    # pydicom hands out str/int/float subclasses (UID, IS, DSfloat, PersonName...): store plain types.
+    if value is None or isinstance(value, bool):
         return value
+    if isinstance(value, int):
+        return int(value)
     if isinstance(value, float):
-        return value if value == value and value not in (float("inf"), float("-inf")) else None
-    if isinstance(value, list | tuple) or (
-        hasattr(value, "__iter__") and type(value).__name__ == "MultiValue"
-    ):
-        return [_jsonable_value(v) for v in value]
-    if isinstance(value, bytes):
+        f = float(value)
+        return f if math.isfinite(f) else None
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, bytes | bytearray):
         return None  # binary values never belong in the summary columns
-    # pydicom DSfloat/IS/PersonName/UID: keep numbers numeric, the rest as text.
-    if isinstance(value, int | float):
-        return _jsonable_value(float(value) if isinstance(value, float) else int(value))
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return [_jsonable_value(v) for v in value]
     return str(value)
 
 
@@ -911,8 +915,8 @@ class Store:
                 actor=actor,
                 action=action,
                 target=target,
-                before=_jsonable_value(before) if not isinstance(before, dict) else jsonable_attrs(before),
-                after=_jsonable_value(after) if not isinstance(after, dict) else jsonable_attrs(after),
+                before=_jsonable_value(before),
+                after=_jsonable_value(after),
             )
             s.add(row)
             s.flush()

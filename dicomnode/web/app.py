@@ -31,6 +31,7 @@ def create_app(
     role: str = "serve",
     routers: Sequence[APIRouter] = (),
     readiness: Sequence[tuple[str, ReadinessCheck]] = (),
+    admin: bool = True,
 ) -> FastAPI:
     """Build the node's HTTP app.
 
@@ -46,6 +47,9 @@ def create_app(
         Routers to mount as they are (e.g. the STOW-RS router from ``dicomnode.ingest``).
     readiness
         ``(name, check)`` pairs evaluated by ``/api/ready``; a check returns None when ready, or a reason.
+    admin
+        With a store: install the admin UI, REST API, authentication and database metrics
+        (:func:`dicomnode.web.admin.install_admin`); False = the bare app (health, ready, metrics, routers).
 
     Returns
     -------
@@ -90,4 +94,11 @@ def create_app(
 
     for router in routers:
         app.include_router(router)
+
+    # --- hook: admin UI + REST API + auth + DB metrics (owner: dicomnode.web.admin) -------------------
+    if admin and store is not None:
+        from dicomnode.web.admin import install_admin
+
+        install_admin(app, settings, store, role=role, readiness=checks)
+    # --- end hook --------------------------------------------------------------------------------------
     return app

@@ -90,12 +90,16 @@ def make_ct(folder: Path, n: int, *, study: str | None = None, rows: int = 16) -
     return paths
 
 
-def storescu(port: int, *args: str, aet: str = "STORESCU", aec: str = "DICOMNODE") -> subprocess.CompletedProcess[str]:
+def storescu(
+    port: int, *args: str, aet: str = "STORESCU", aec: str = "DICOMNODE"
+) -> subprocess.CompletedProcess[str]:
     cmd = [need_tool(STORESCU), "-aet", aet, "-aec", aec, *args[:-1], "127.0.0.1", str(port), args[-1]]
     return subprocess.run(cmd, env=dcmtk_env(), capture_output=True, text=True, timeout=120)
 
 
-def send_raw(port: int, sop_class: str, sop_instance: str, data: bytes, *, context_class: str | None = None) -> int | None:
+def send_raw(
+    port: int, sop_class: str, sop_instance: str, data: bytes, *, context_class: str | None = None
+) -> int | None:
     """Send a C-STORE whose dataset bytes are exactly ``data`` (pynetdicom would re-encode a Dataset)."""
     ae = AE(ae_title="STORESCU")
     ae.add_requested_context(context_class or sop_class, ExplicitVRLittleEndian)
@@ -108,15 +112,16 @@ def send_raw(port: int, sop_class: str, sop_instance: str, data: bytes, *, conte
         req.AffectedSOPClassUID = sop_class
         req.AffectedSOPInstanceUID = sop_instance
         req.DataSet = BytesIO(data)
-        cx = assoc.accepted_contexts[0]
+        cx_id = assoc.accepted_contexts[0].context_id
+        assert cx_id is not None
         # Same dance as Association.send_c_store: pause the reactor while we exchange one message.
         assoc._reactor_checkpoint.clear()
         while not assoc._is_paused:
             time.sleep(0.0001)
-        assoc.dimse.send_msg(req, cx.context_id)
+        assoc.dimse.send_msg(req, cx_id)
         _, rsp = assoc.dimse.get_msg(block=True)
         assoc._reactor_checkpoint.set()
-        return None if rsp is None else int(rsp.Status)
+        return None if rsp is None or rsp.Status is None else int(rsp.Status)
     finally:
         if assoc.is_established:
             assoc.release()
@@ -236,7 +241,9 @@ def test_garbage_and_half_open_connections_do_not_stop_the_scp(
     idle.close()
 
 
-def test_truncated_wrong_class_and_uidless_datasets(node: tuple[StorageSCP, MemorySink, Spool], tmp_path: Path) -> None:
+def test_truncated_wrong_class_and_uidless_datasets(
+    node: tuple[StorageSCP, MemorySink, Spool], tmp_path: Path
+) -> None:
     scp, sink, spool = node
     ds = pydicom.dcmread(make_ct(tmp_path / "in", 1)[0])
     sop = str(ds.SOPInstanceUID)
@@ -259,7 +266,9 @@ def test_refuse_policy_rejects_other_classes_at_negotiation(tmp_path: Path, shar
     with StorageSCP(Spool(tmp_path / "s", sink, other_classes="refuse"), port=0) as scp:
         r = storescu(scp.port, str(shared_data / CORNERSTONE / "no-pixel-data_SR.dcm"))
         assert r.returncode != 0
-        assert "No presentation context" in r.stderr or "no acceptable presentation context" in r.stderr.lower()
+        assert (
+            "No presentation context" in r.stderr or "no acceptable presentation context" in r.stderr.lower()
+        )
         ok = storescu(scp.port, str(make_ct(tmp_path / "in", 1)[0]))
         assert ok.returncode == 0, ok.stderr
     assert len(sink) == 1
@@ -319,8 +328,38 @@ def test_below_free_space_floor_answers_a700(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "s", sink, free_space_floor_mb=shutil.disk_usage(tmp_path).free / 1e6 + 10_000)
     with StorageSCP(spool, port=0) as scp:
         f = make_ct(tmp_path / "in", 1)[0]
-        r = storescu(scp.port, str(f))
-        assert "0xa700" in r.stderr.lower() or "Out of Resources" in r.stderr, r.stderr
+        r = storescu(scp.port, "-v", str(f))
+        assert r.returncode != 0
+        assert "Refused: OutOfResources" in r.stderr, r.stderr
         ds = pydicom.dcmread(f)
         assert send_raw(scp.port, CTImageStorage, ds.SOPInstanceUID, encode(ds)) == 0xA700
     assert len(sink) == 0
+
+
+def test_storescu_into_the_real_store(tmp_path: Path) -> None:
+    """The production sink: storescu -> SCP -> spool -> Store (SQLite), concurrent associations included."""
+    from dicomnode.pipeline.sink import StoreSink
+    from dicomnode.store import Store, make_engine, upgrade
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    upgrade(engine)
+    store = Store(engine)
+    spool = Spool(tmp_path / "spool", StoreSink(store))
+    study = generate_uid()
+    folders = [tmp_path / f"in{k}" for k in range(3)]
+    files = {k: make_ct(folders[k], 5, study=study) for k in range(3)}
+    with StorageSCP(spool, port=0) as scp:
+        threads = [threading.Thread(target=storescu, args=(scp.port, "+sd", str(f))) for f in folders]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        storescu(scp.port, str(files[0][0]))  # a duplicate
+    for k in range(3):
+        series_uid = str(pydicom.dcmread(files[k][0], stop_before_pixels=True).SeriesInstanceUID)
+        rows = store.instances(series_uid)
+        assert len(rows) == 5
+        assert all(r.path.is_file() and r.source == "dimse" and r.calling_aet == "STORESCU" for r in rows)
+        series = store.get_series(series_uid)
+        assert series.n_instances == 5 and series.modality == "CT"
+    engine.dispose()

@@ -99,3 +99,28 @@ def test_cli_db_upgrade_on_postgres(
     assert "jobs" in inspect(engine).get_table_names()
     engine.dispose()
     assert main(["db", "current"]) == 0
+
+
+def test_concurrent_upgrades_of_a_fresh_postgres_database(pg_url: str) -> None:
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        eng = make_engine(pg_url)
+        try:
+            upgrade(eng)
+        except BaseException as exc:  # collected and asserted on below
+            errors.append(exc)
+        finally:
+            eng.dispose()
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    engine = make_engine(pg_url)
+    assert current_revision(engine) == head_revision()
+    engine.dispose()

@@ -123,11 +123,18 @@ def test_decide_stops_on_permanent_and_after_max_attempts() -> None:
 
 
 def test_policy_from_settings_and_validation() -> None:
-    p = RetryPolicy.from_settings(DeliverySettings(max_attempts=4, backoff_base_seconds=2, backoff_max_seconds=8))
+    p = RetryPolicy.from_settings(
+        DeliverySettings(max_attempts=4, backoff_base_seconds=2, backoff_max_seconds=8)
+    )
     assert (p.max_attempts, p.base_delay_s, p.max_delay_s) == (4, 2, 8)
-    for bad in ({"max_attempts": 0}, {"base_delay_s": 10, "max_delay_s": 5}, {"multiplier": 0.5}, {"jitter": 1.0}):
+    for bad in (
+        {"max_attempts": 0},
+        {"base_delay_s": 10, "max_delay_s": 5},
+        {"multiplier": 0.5},
+        {"jitter": 1.0},
+    ):
         with pytest.raises(ValueError):
-            RetryPolicy(**bad)  # type: ignore[arg-type]
+            RetryPolicy(**bad)
 
 
 def test_config_destinations_become_peers() -> None:

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import zlib
+from io import BytesIO
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -23,7 +26,14 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicomnode.ingest.dicomparse import DatasetError, check_structure, get_uid, is_valid_uid, parse_header
+from dicomnode.ingest.dicomparse import (
+    DatasetError,
+    check_structure,
+    encode_file_meta,
+    get_uid,
+    is_valid_uid,
+    parse_header,
+)
 
 
 def _ct(rows: int = 8) -> Dataset:
@@ -199,3 +209,37 @@ def test_get_uid_strips_padding_and_handles_missing() -> None:
     ds.SOPInstanceUID = "1.2.3"
     assert get_uid(ds, "SOPInstanceUID") == "1.2.3"
     assert get_uid(ds, "StudyInstanceUID") is None
+
+
+@pytest.mark.parametrize(("version", "ae"), [("DICOMNODE_01", "PACS"), (None, None), ("ODD", "AE3")])
+def test_fast_file_meta_matches_pydicom(version: str | None, ae: str | None) -> None:
+    sop = generate_uid()
+    raw = encode_file_meta(
+        CTImageStorage, sop, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, version, ae
+    )
+    fp = BytesIO(raw)
+    read_preamble(fp, False)
+    meta = _read_file_meta_info(fp)
+    assert fp.tell() == len(raw), "group length covers exactly the meta elements"
+    assert meta.MediaStorageSOPClassUID == CTImageStorage
+    assert meta.MediaStorageSOPInstanceUID == sop
+    assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert meta.ImplementationClassUID == PYDICOM_IMPLEMENTATION_UID
+    assert meta.FileMetaInformationVersion == b"\x00\x01"
+    assert meta.get("ImplementationVersionName") == version
+    assert meta.get("SourceApplicationEntityTitle") == ae
+    if version is None:
+        return  # pydicom would add its own ImplementationVersionName
+    # Byte-identical to what pydicom writes for the same elements.
+    ref = FileMetaDataset()
+    ref.FileMetaInformationVersion = b"\x00\x01"
+    ref.MediaStorageSOPClassUID = CTImageStorage
+    ref.MediaStorageSOPInstanceUID = sop
+    ref.TransferSyntaxUID = ExplicitVRLittleEndian
+    ref.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ref.ImplementationVersionName = version
+    if ae:
+        ref.SourceApplicationEntityTitle = ae
+    out = DicomBytesIO()
+    write_file_meta_info(out, ref, enforce_standard=True)
+    assert raw[132:] == out.getvalue()

@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -24,12 +25,14 @@ from pydicom.uid import (
 )
 
 from dicomnode.ingest import MemorySink, OtherClassPolicy, ReceivedInstance, Spool, reindex_spool
-from dicomnode.ingest import spool as spool_mod
 
 # Some tests build deliberately invalid UIDs; pydicom warns when they are assigned.
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 
-def make_ds(sop_class: str = CTImageStorage, *, study: str | None = None, series: str | None = None) -> Dataset:
+
+def make_ds(
+    sop_class: str = CTImageStorage, *, study: str | None = None, series: str | None = None
+) -> Dataset:
     ds = Dataset()
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = generate_uid()
@@ -67,7 +70,7 @@ def part10(ds: Dataset, ts: str = ExplicitVRLittleEndian) -> bytes:
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ts
+    ds.file_meta.TransferSyntaxUID = UID(ts)
     fp = BytesIO()
     ds.save_as(fp, enforce_file_format=True)
     return fp.getvalue()
@@ -105,6 +108,7 @@ def test_stored_bytes_are_exactly_what_was_received(spool: Spool, sink: MemorySi
     )  # fmt: skip
     assert res.status == 0x0000 and res.ok and not res.ignored
     assert res.path == spool.root / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    assert res.path is not None
     raw = res.path.read_bytes()
     assert raw.endswith(data), "dataset bytes must be written as received, not re-encoded"
     back = pydicom.dcmread(res.path)
@@ -144,7 +148,9 @@ def test_duplicate_is_overwritten_and_reported(spool: Spool, sink: MemorySink) -
         (lambda ds: delattr(ds, "SOPClassUID"), 0xC211, "SOPClassUID"),
     ],
 )
-def test_bad_uids_fail_and_write_nothing(spool: Spool, sink: MemorySink, mutate: Any, status: int, word: str) -> None:
+def test_bad_uids_fail_and_write_nothing(
+    spool: Spool, sink: MemorySink, mutate: Any, status: int, word: str
+) -> None:
     ds = make_ds()
     mutate(ds)
     res = spool.ingest_dataset(encode(ds), ExplicitVRLittleEndian)
@@ -228,8 +234,11 @@ def test_other_sop_classes_follow_the_policy(tmp_path: Path, policy: OtherClassP
     rec = sink.instances[ds.SOPInstanceUID]
     assert rec.ignored
     if policy is OtherClassPolicy.IGNORE:
-        assert res.path == spool.ignored_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
-        assert res.path.is_file()
+        assert (
+            res.path
+            == spool.ignored_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+        )
+        assert res.path is not None and res.path.is_file()
     else:
         assert res.path is None and rec.path is None
         assert [p for p in spool.root.rglob("*.dcm")] == []
@@ -272,7 +281,7 @@ def test_write_error_is_a_failure_not_an_exception(spool: Spool, monkeypatch: py
     def broken_replace(src: Any, dst: Any) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(spool_mod.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)
     res = spool.ingest_dataset(encode(make_ds()), ExplicitVRLittleEndian)
     assert res.status == 0xA701 and "Permission denied" in (res.comment or "")
     assert not list(spool.temp_dir.iterdir()), "the temp file is cleaned up"
@@ -315,3 +324,75 @@ def test_logs_carry_no_patient_data(spool: Spool, caplog: pytest.LogCaptureFixtu
     spool.ingest_dataset(encode(ds), ExplicitVRLittleEndian)
     assert caplog.records, "a refused instance is logged"
     assert "Doe" not in caplog.text and "Jane" not in caplog.text
+
+
+def test_series_summary_is_computed_once_per_series(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def summary(ds: Dataset) -> dict[str, Any]:
+        calls.append(str(ds.SOPInstanceUID))
+        return {"SeriesDescription": str(ds.get("SeriesDescription", ""))}
+
+    sink = MemorySink()
+    spool = Spool(tmp_path / "s", sink, header_fn=summary)
+    first = make_ds()
+    first.SeriesDescription = "first"
+    second = make_ds(study=first.StudyInstanceUID, series=first.SeriesInstanceUID)
+    second.SeriesDescription = "second"
+    other = make_ds()
+    for ds in (first, second, other):
+        assert spool.ingest_dataset(encode(ds), ExplicitVRLittleEndian).ok
+    assert calls == [first.SOPInstanceUID, other.SOPInstanceUID]
+    assert sink.instances[second.SOPInstanceUID].attributes["SeriesDescription"] == "first"
+
+
+def test_ingest_file_outside_the_temp_area_is_copied_not_taken(
+    spool: Spool, sink: MemorySink, tmp_path: Path
+) -> None:
+    ds = make_ds()
+    src = tmp_path / "import" / "a.dcm"
+    src.parent.mkdir()
+    src.write_bytes(part10(ds))
+    res = spool.ingest_file(src, source="import")
+    assert res.ok and res.path is not None
+    assert src.is_file() and src.read_bytes() == res.path.read_bytes()
+    junk = tmp_path / "import" / "junk.dcm"
+    junk.write_bytes(b"junk")
+    assert spool.ingest_file(junk).status == 0xC210
+    assert junk.is_file(), "a refused file outside the spool is left alone"
+    assert not list(spool.temp_dir.iterdir())
+
+
+def test_durability_order_data_sync_then_rename_then_directory_sync(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[tuple[str, str]] = []
+    real_replace, real_fsync = os.replace, os.fsync
+    real_fdatasync = getattr(os, "fdatasync", os.fsync)
+
+    def fdatasync(fd: int) -> None:
+        events.append(
+            ("data", os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else "?")
+        )
+        real_fdatasync(fd)
+
+    def fsync(fd: int) -> None:
+        events.append(("dir", os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else "?"))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append(("rename", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    ds = make_ds()
+    res = spool.ingest_dataset(encode(ds), ExplicitVRLittleEndian)
+    assert res.ok and res.path is not None
+    kinds = [k for k, _ in events]
+    assert kinds[:2] == ["data", "rename"], "file data is on disk before it gets its final name"
+    dirs = {p for k, p in events if k == "dir"}
+    if "?" not in dirs:  # /proc available: check which directories were flushed
+        series_dir, study_dir = res.path.parent, res.path.parent.parent
+        assert {str(series_dir), str(study_dir), str(spool.root)} <= dirs

@@ -10,11 +10,10 @@ import pydicom
 import pytest
 from fastapi import FastAPI
 from pydicom.uid import MRImageStorage
+from test_ingest_spool import make_ds, part10
 
 from dicomnode.ingest import MemorySink, Spool
 from dicomnode.ingest.stow import _Parser, build_stow_router
-
-from test_ingest_spool import make_ds, part10
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # starlette warns about its httpx-based client
@@ -93,7 +92,9 @@ def test_partial_failure_gives_202_with_failure_reasons(client: TestClient, sink
 
 
 def test_all_failed_gives_409(client: TestClient, sink: MemorySink) -> None:
-    r = client.post("/dicomweb/studies", content=multipart([b"junk", b"more junk"]), headers={"content-type": ctype()})
+    r = client.post(
+        "/dicomweb/studies", content=multipart([b"junk", b"more junk"]), headers={"content-type": ctype()}
+    )
     assert r.status_code == 409
     assert len(r.json()["00081198"]["Value"]) == 2
     assert len(sink) == 0
@@ -103,7 +104,8 @@ def test_study_in_path_must_match(client: TestClient, sink: MemorySink) -> None:
     a = make_ds()
     b = make_ds(study=a.StudyInstanceUID)
     other = make_ds()
-    r = client.post(f"/dicomweb/studies/{a.StudyInstanceUID}", content=multipart([part10(x) for x in (a, b, other)]),
+    body = multipart([part10(x) for x in (a, b, other)])
+    r = client.post(f"/dicomweb/studies/{a.StudyInstanceUID}", content=body,
                     headers={"content-type": ctype()})  # fmt: skip
     assert r.status_code == 202
     failed = r.json()["00081198"]["Value"]
@@ -123,13 +125,21 @@ def test_wrong_media_type_gives_415(client: TestClient, content_type: str) -> No
 
 
 def test_missing_boundary_or_parts_gives_400(client: TestClient) -> None:
-    r = client.post("/dicomweb/studies", content=b"x", headers={"content-type": 'multipart/related; type="application/dicom"'})
+    r = client.post(
+        "/dicomweb/studies",
+        content=b"x",
+        headers={"content-type": 'multipart/related; type="application/dicom"'},
+    )
     assert r.status_code == 400
-    r = client.post("/dicomweb/studies", content=f"--{BOUNDARY}--\r\n".encode(), headers={"content-type": ctype()})
+    r = client.post(
+        "/dicomweb/studies", content=f"--{BOUNDARY}--\r\n".encode(), headers={"content-type": ctype()}
+    )
     assert r.status_code == 400
 
 
-def test_body_ending_inside_a_part_stores_only_complete_parts(client: TestClient, sink: MemorySink, spool: Spool) -> None:
+def test_body_ending_inside_a_part_stores_only_complete_parts(
+    client: TestClient, sink: MemorySink, spool: Spool
+) -> None:
     a, b = make_ds(), make_ds()
     body = multipart([part10(a)]).rsplit(f"--{BOUNDARY}--".encode(), 1)[0]
     body += f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part10(b)[:300]
@@ -171,7 +181,9 @@ def test_below_free_space_floor_parts_fail_with_a700(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "s", sink, free_space_floor_mb=10**12)
     app = FastAPI()
     app.include_router(build_stow_router(spool, prefix="/dw"))
-    r = TestClient(app).post("/dw/studies", content=multipart([part10(make_ds())]), headers={"content-type": ctype()})
+    r = TestClient(app).post(
+        "/dw/studies", content=multipart([part10(make_ds())]), headers={"content-type": ctype()}
+    )
     assert r.status_code == 409
     assert r.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA700]
     assert not list(spool.temp_dir.iterdir())

@@ -12,8 +12,10 @@ import pytest
 from dicomnode.errors import InputError
 from dicomnode.phantom import Phantom, PhantomSpec, make_phantom, tissue
 
-# a small but anatomically complete scan: 3 mm pixels, 2 mm slices, T11 to L3
-SMALL = PhantomSpec(matrix=128, spacing_mm=2.8, thickness_mm=2.0, z_levels=("T11", "L3"), noise_sd=10.0, seed=3)
+# a small but anatomically complete scan: 2.8 mm pixels, 3 mm slices, T11 to L3
+SMALL = PhantomSpec(
+    matrix=128, spacing_mm=2.8, thickness_mm=3.0, z_levels=("T11", "L3"), noise_sd=10.0, seed=3
+)
 
 
 _CACHE: dict[str, Phantom] = {}
@@ -61,7 +63,9 @@ def test_truth_hu_follows_the_documented_model() -> None:
     g, o = ph.truth.gain, ph.truth.offset
     assert tissue.GAIN_RANGE[0] <= g <= tissue.GAIN_RANGE[1]
     for lv in ph.truth.levels:
-        assert lv.trabecular_hu_ref == pytest.approx(tissue.TRAB_HU_INTERCEPT + tissue.TRAB_HU_PER_MG * lv.vbmd_mg_cm3)
+        assert lv.trabecular_hu_ref == pytest.approx(
+            tissue.TRAB_HU_INTERCEPT + tissue.TRAB_HU_PER_MG * lv.vbmd_mg_cm3
+        )
         assert lv.trabecular_hu_true == pytest.approx(g * lv.trabecular_hu_ref + o, abs=1e-3)
     assert ph.truth.tissue_hu_true["air"] == pytest.approx(g * -1000.0 + o, abs=1e-3)
     assert ph.truth.tissue_hu_true["fat"] == pytest.approx(g * -100.0 + o, abs=1e-3)
@@ -109,6 +113,18 @@ def test_reference_tissues_at_landmarks() -> None:
     assert _disk_mean(ph, lm["paraspinal_left"], 6.0) == pytest.approx(t["muscle"], abs=3.0)
     assert _disk_mean(ph, lm["air_anterior"], 6.0) == pytest.approx(t["air"], abs=3.0)
     assert _disk_mean(ph, lm["subcutaneous_fat_anterior"], 3.0) == pytest.approx(t["fat"], abs=5.0)
+    # the disc sits half-way between two body centres
+    mid = tuple((np.array(ph.truth.level("L1").centroid_lps_mm) + ph.truth.level("L2").centroid_lps_mm) / 2)
+    assert _disk_mean(ph, mid, 3.0) == pytest.approx(t["disc"], abs=5.0)
+
+
+def test_vertebral_sizes_are_adult_like() -> None:
+    ph = _phantom(SMALL)
+    for name in ("L1", "L2", "L3", "L4", "L5"):
+        lv = ph.truth.level(name)
+        assert 40.0 <= lv.width_mm <= 52.0 and 30.0 <= lv.depth_mm <= 35.0
+        assert 25.0 <= lv.height_posterior_mm <= 30.0
+    assert ph.truth.level("T8").width_mm < ph.truth.level("L3").width_mm
 
 
 def test_contrast_raises_aorta_and_bone() -> None:
@@ -121,11 +137,16 @@ def test_contrast_raises_aorta_and_bone() -> None:
         assert ph.truth.contrast == phase
     assert means["native"] == pytest.approx(40.0, abs=3.0)
     assert means["arterial"] > means["portal_venous"] > means["native"] + 80.0
-    assert truths["arterial"] - truths["native"] == pytest.approx(tissue.contrast_offset("arterial", "trabecular"))
+    assert truths["arterial"] - truths["native"] == pytest.approx(
+        tissue.contrast_offset("arterial", "trabecular")
+    )
     assert truths["portal_venous"] - truths["native"] == pytest.approx(11.0)
 
 
-@pytest.mark.parametrize(("orientation", "flip_rows", "flip_cols"), [("FFS", False, False), ("HFP", True, False), ("FFP", False, True)])
+@pytest.mark.parametrize(
+    ("orientation", "flip_rows", "flip_cols"),
+    [("FFS", False, False), ("HFP", True, False), ("FFP", False, True)],
+)
 def test_orientation_keeps_anatomy_in_place(orientation: str, flip_rows: bool, flip_cols: bool) -> None:
     base = replace(SMALL, table=False)
     ref = _phantom(base)
@@ -173,7 +194,7 @@ def test_z_crop_by_levels_and_mm() -> None:
 
 
 def _lateral_bone(ph: Phantom, level: str) -> int:
-    """Bone voxels posterolateral to the spine (> 50 mm from the midline) within +-6 mm of a level's centre."""
+    """Bone voxels posterolateral to the spine (> 50 mm off the midline), +-6 mm around a level centre."""
     can = ph.volume.canonical()
     lv = ph.truth.level(level)
     cx, cy, cz = lv.centroid_lps_mm
@@ -188,8 +209,16 @@ def _lateral_bone(ph: Phantom, level: str) -> int:
 def test_rib_count_variants() -> None:
     base = replace(SMALL, z_levels=("T11", "L2"), noise_sd=0.0, matrix=160, spacing_mm=2.2)
     r11, r12, r13 = (_phantom(replace(base, rib_pairs=n)) for n in (11, 12, 13))
-    assert (r11.truth.last_rib_level, r12.truth.last_rib_level, r13.truth.last_rib_level) == ("T11", "T12", "L1")
+    assert (r11.truth.last_rib_level, r12.truth.last_rib_level, r13.truth.last_rib_level) == (
+        "T11",
+        "T12",
+        "L1",
+    )
     assert r13.truth.level("L1").bears_rib and not r12.truth.level("L1").bears_rib
+    # what a labeller that counts down from the last rib would call the levels (the transitional trap)
+    assert all(k == v for k, v in r12.truth.names_by_last_rib.items())
+    assert r13.truth.names_by_last_rib["L1"] == "T12" and r13.truth.names_by_last_rib["L2"] == "L1"
+    assert r11.truth.names_by_last_rib["T12"] == "L1" and r11.truth.names_by_last_rib["L5"] == "L6"
     assert not r11.truth.level("T12").bears_rib
     assert _lateral_bone(r13, "L1") > _lateral_bone(r12, "L1") + 20
     assert _lateral_bone(r12, "T12") > _lateral_bone(r11, "T12") + 20
@@ -203,6 +232,12 @@ def test_fracture_reduces_anterior_height() -> None:
     assert lv.height_anterior_mm == pytest.approx(0.7 * lv.height_posterior_mm, rel=1e-3)
     assert lv0.height_anterior_mm == pytest.approx(lv0.height_posterior_mm)
     assert lv.body_voxels < 0.92 * lv0.body_voxels
+    # the labelled body fits the (lowered) truth bounding box
+    kji = np.argwhere(ph.body_labels == lv.label)
+    pts = ph.volume.index_to_lps(kji[:, ::-1])
+    tol = max(ph.volume.spacing)
+    assert pts[:, 2].max() <= lv.body_bbox_lps_mm[1][2] + tol
+    assert lv.body_bbox_lps_mm[1][2] < lv0.body_bbox_lps_mm[1][2]
 
 
 def test_sacrum_and_pelvis_present() -> None:
@@ -223,8 +258,8 @@ def test_noise_seed_and_scanner_map() -> None:
     b = make_phantom(replace(SMALL, gain=1.05, offset=-12.0))
     np.testing.assert_array_equal(a.volume.data, b.volume.data)
     assert a.truth.gain == 1.05 and a.truth.offset == -12.0
-    air = _disk_mean(a, a.truth.landmarks["air_anterior"], 8.0)
-    assert air == pytest.approx(1.05 * -1000.0 - 12.0, abs=4.0)
+    air = _disk_mean(a, a.truth.landmarks["air_anterior"], 14.0)  # ~80 voxels: SE ~1.1 HU
+    assert air == pytest.approx(1.05 * -1000.0 - 12.0, abs=5.5)
     c = _phantom(replace(SMALL, seed=4))
     assert (c.truth.gain, c.truth.offset) != (_phantom(SMALL).truth.gain, _phantom(SMALL).truth.offset)
 
@@ -253,6 +288,11 @@ def test_truth_dict_is_json_and_lps() -> None:
     assert l1["centroid_lps_mm"] == list(ph.truth.level("L1").centroid_lps_mm)
     assert d["label_names"][str(l1["label"])] == "L1"
     np.testing.assert_allclose(np.array(d["geometry"]["affine"]), ph.volume.affine)
+    # the truth file carries its spec: re-rendering reproduces the scan exactly
+    again = make_phantom(PhantomSpec.from_dict(d["spec"]))
+    np.testing.assert_array_equal(again.volume.data, ph.volume.data)
+    with pytest.raises(InputError):
+        PhantomSpec.from_dict({"nonsense": 1})
 
 
 def test_cli_writes_series_truth_and_labels(tmp_path: Path) -> None:
@@ -274,3 +314,51 @@ def test_cli_writes_series_truth_and_labels(tmp_path: Path) -> None:
     img = nib.load(str(out / "truth_labels.nii.gz"))
     assert set(np.unique(np.asarray(img.dataobj))) >= {0, truth["levels"][12]["label"]}
     assert main(["phantom", "--out", str(out), "--bmd", "L1"]) == 1
+
+
+def test_correlated_noise_keeps_its_sd() -> None:
+    white = _phantom(replace(SMALL, gain=1.0, offset=0.0, noise_sd=12.0))
+    corr = _phantom(replace(SMALL, gain=1.0, offset=0.0, noise_sd=12.0, noise_fwhm_mm=6.0))
+    for ph, correlated in ((white, False), (corr, True)):
+        air = ph.volume.data[:, :12, :20]  # anterior corner: air only
+        assert float(air.std()) == pytest.approx(12.0, rel=0.15)
+        d = air - air.mean()
+        rho = float((d[:, :, 1:] * d[:, :, :-1]).mean() / d.var())
+        assert (rho > 0.3) == correlated
+
+
+def test_trabecular_texture_is_zero_mean_and_confined_to_bone() -> None:
+    plain = _phantom(replace(SMALL, noise_sd=0.0))
+    tex = _phantom(replace(SMALL, noise_sd=0.0, texture_sd=25.0))
+    diff = tex.volume.data - plain.volume.data
+    lv = tex.truth.level("L2")
+    core = tex.core_labels == lv.label
+    assert float(diff[core].std()) == pytest.approx(25.0, rel=0.3)
+    # zero-mean: the core mean moves only by sampling error (a few hundred voxels of SD 25 -> ~1-2 HU)
+    assert abs(float(diff[core].mean())) < 4.0
+    far = _far_from_bone(tex)
+    assert np.all(diff[far] == 0.0)
+
+
+def _far_from_bone(ph: Phantom) -> np.ndarray:
+    from scipy import ndimage
+
+    near = np.asarray(ndimage.binary_dilation(ph.vertebra_labels > 0, iterations=3), dtype=bool)
+    return ~near
+
+
+def test_cli_study_writes_three_series(tmp_path: Path) -> None:
+    from dicomnode.cli import main
+
+    out = tmp_path / "st"
+    rc = main(
+        ["phantom", "--out", str(out), "--matrix", "72", "--spacing", "5", "--thickness", "1",
+         "--z-range", "L1:L2", "--study", "--contrast", "arterial", "--transfer-syntax", "rle"]
+    )  # fmt: skip
+    assert rc == 0
+    truth = json.loads((out / "truth.json").read_text())
+    assert set(truth["written"]) == {"localizer", "soft", "bone"}
+    assert truth["contrast"] == "arterial"
+    for name in ("localizer", "soft", "bone"):
+        files = list((out / truth["written"][name]["folder"]).glob("*.dcm"))
+        assert len(files) == truth["written"][name]["files"] > 0

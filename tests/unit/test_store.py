@@ -497,3 +497,52 @@ def test_concurrent_ingest_of_one_series_loses_no_instance(store: Store) -> None
     assert errors == []
     assert store.get_series("1.2.3.1").n_instances == 30
     assert store.list_studies().total == 1
+
+
+def _upgrade_concurrently(url: str, n: int = 3) -> list[BaseException]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        eng = make_engine(url)
+        try:
+            upgrade(eng)
+        except BaseException as exc:  # collected and asserted on below
+            errors.append(exc)
+        finally:
+            eng.dispose()
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def test_concurrent_upgrades_of_a_fresh_sqlite_database(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.sqlite3'}"
+    assert _upgrade_concurrently(url) == []
+    eng = make_engine(url)
+    assert current_revision(eng) == head_revision()
+    eng.dispose()
+
+
+def test_attribute_values_are_stored_as_plain_json(store: Store) -> None:
+    from pydicom.multival import MultiValue
+    from pydicom.valuerep import IS, DSfloat, PersonName
+
+    attrs = {
+        "SliceThickness": DSfloat("2.5"),
+        "SeriesNumber": IS("3"),
+        "ImageType": MultiValue(str, ["ORIGINAL", "PRIMARY"]),
+        "OperatorsName": PersonName("Doe^J"),
+        "Weird": float("nan"),
+        "Blob": b"\x00\x01",
+    }
+    add(store, 1, series_attrs={"Modality": "CT", **attrs})
+    got = store.get_series("1.2.3.1").attributes
+    assert got["SliceThickness"] == 2.5 and type(got["SliceThickness"]) is float
+    assert got["SeriesNumber"] == 3 and type(got["SeriesNumber"]) is int
+    assert got["ImageType"] == ("ORIGINAL", "PRIMARY")
+    assert got["OperatorsName"] == "Doe^J"
+    assert got["Weird"] is None and got["Blob"] is None

@@ -1,0 +1,104 @@
+"""Benchmark of ``dicomnode analyze`` on a 512 x 512 x 300, 1 mm phantom CT series, on 2 cores.
+
+Prints, for each run, the wall time and the peak memory (max RSS of the analysing process, from
+``resource.getrusage(RUSAGE_CHILDREN)`` in a small runner process, so runs do not mask each other), against
+the targets (<= 10 s wall, <= 2.5 GB). Figures only, never pass/fail.
+
+    .venv/bin/python benchmarks/analyze.py [--matrix 512] [--slices 300] [--cores 2] [--repeat 2] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET_WALL_S = 10.0
+TARGET_RSS_GB = 2.5
+
+#: Runs in a fresh interpreter: pins itself to N CPUs, runs the command, reports its wall time and max RSS.
+RUNNER = """
+import json, os, resource, subprocess, sys, time
+cores = int(sys.argv[1])
+os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
+t0 = time.perf_counter()
+p = subprocess.run(sys.argv[2:], capture_output=True, text=True)
+wall = time.perf_counter() - t0
+rss_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
+print(json.dumps({"rc": p.returncode, "wall_s": wall, "rss_gb": rss_kib * 1024 / 1e9,
+                  "stdout": p.stdout[-2000:], "stderr": p.stderr[-1000:]}))
+"""
+
+
+def make_series(folder: Path, matrix: int, slices: int) -> float:
+    """Write the phantom series (0.7 mm pixels at 512, 1 mm slices); return the time it took."""
+    from dicomnode.imaging.writer import write_dicom_series
+    from dicomnode.phantom import PhantomSpec, make_phantom
+
+    t0 = time.perf_counter()
+    spec = PhantomSpec(
+        matrix=matrix, spacing_mm=0.7 * 512 / matrix, thickness_mm=1.0, n_slices=slices, seed=5
+    )
+    write_dicom_series(make_phantom(spec).volume, folder)
+    return time.perf_counter() - t0
+
+
+def measure(cmd: list[str], cores: int) -> dict[str, object]:
+    """Run ``cmd`` on ``cores`` CPUs (thread pools capped too) and return rc, wall_s, rss_gb, output tails."""
+    n = str(cores)
+    env = dict(os.environ, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n)
+    out = subprocess.run(
+        [sys.executable, "-c", RUNNER, n, *cmd], capture_output=True, text=True, env=env, check=True
+    )
+    result: dict[str, object] = json.loads(out.stdout)
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--matrix", type=int, default=512)
+    ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--keep", type=Path, default=None, help="keep the series and outputs in this folder")
+    args = ap.parse_args()
+    work = args.keep or Path(tempfile.mkdtemp(prefix="dicomnode-bench-"))
+    series = work / "ct"
+    try:
+        if not series.is_dir():
+            gen = make_series(series, args.matrix, args.slices)
+            print(f"phantom series {args.matrix}x{args.matrix}x{args.slices} written in {gen:.1f} s")
+        script = Path(sys.executable).parent / "dicomnode"
+        print(
+            f"dicomnode analyze (fresh process, imports included) on {args.cores} core(s); "
+            f"targets <= {TARGET_WALL_S:g} s wall, <= {TARGET_RSS_GB:g} GB peak RSS"
+        )
+        for n in range(args.repeat):
+            cmd = [str(script), "-v", "analyze", str(series), "--out", str(work / f"out{n}"), "--no-png"]
+            r = measure(cmd, args.cores)
+            steps = next((ln for ln in str(r["stdout"]).splitlines() if ln.startswith("timings:")), "")
+            print(f"run {n + 1}: exit {r['rc']}, wall {r['wall_s']:.1f} s, peak RSS {r['rss_gb']:.2f} GB")
+            if steps:
+                print(f"       {steps}")
+            if r["rc"] not in (0, 2):
+                print(r["stderr"], file=sys.stderr)
+        last = work / f"out{args.repeat - 1}" / "result.json"
+        if last.is_file():
+            doc = json.loads(last.read_text())
+            s = doc.get("summary") or {}
+            vbmd, cat = s.get("vbmd_l1_l2_mg_cm3"), s.get("category")
+            print(f"result: status {doc['status']}, L1-L2 vBMD {vbmd} mg/cm3, category {cat}")
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

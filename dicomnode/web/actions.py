@@ -1,0 +1,141 @@
+"""Admin actions behind the buttons: re-run a job, resend deliveries, test a destination.
+
+Thin adapters over the store and the delivery module, each audited (who, what, before, after). The
+pipeline picks the effects up on its own: a re-run job is PENDING again (a worker claims it), a resent
+delivery is PENDING again (the delivery sweep sends it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dicomnode.config import Settings
+from dicomnode.domain import DeliveryOutcome, JobState
+from dicomnode.store import Delivery, InvalidTransitionError, Job, Store
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RERUNNABLE", "Actions", "ProbeResult"]
+
+#: States from which an admin may re-run a job (the store's life cycle allows -> PENDING from these).
+RERUNNABLE: frozenset[JobState] = frozenset({JobState.DONE, JobState.FAILED, JobState.NOT_QUALIFYING})
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Outcome of a destination test (C-ECHO or DICOMweb probe)."""
+
+    destination: str
+    ok: bool
+    message: str
+    elapsed_s: float
+
+
+#: ``(destination entry, calling AE title) -> object with ok, message, elapsed_s``.
+ProbeFn = Callable[[Any, str], Any]
+
+
+def _default_probe(destination: Any, calling_ae_title: str) -> Any:
+    from dicomnode import delivery  # lazy: pynetdicom / requests only when a test button is pressed
+
+    return delivery.echo(destination, calling_ae_title=calling_ae_title)
+
+
+class Actions:
+    """What admins can make the node do.
+
+    Parameters
+    ----------
+    store
+        The database (job state changes go through it).
+    settings
+        Destinations and our AE title.
+    probe
+        Destination test (default: :func:`dicomnode.delivery.echo`); injectable for tests.
+    on_jobs_created
+        Called after a re-run so local workers wake up at once (optional).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        probe: ProbeFn | None = None,
+        on_jobs_created: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.probe = probe or _default_probe
+        self.on_jobs_created = on_jobs_created
+
+    def rerun(self, job_id: int, actor: str) -> Job:
+        """Queue a finished job again (its next attempt writes a new result; timeline and audit say who).
+
+        Raises
+        ------
+        dicomnode.store.NotFoundError
+            No such job.
+        dicomnode.store.InvalidTransitionError
+            The job is not finished (pending, analysing, delivering) or was superseded.
+        """
+        before = self.store.get_job(job_id)
+        if before.state not in RERUNNABLE:
+            raise InvalidTransitionError(
+                f"job {job_id} is {before.state.value}; "
+                "only done, failed or not-qualifying jobs can be re-run"
+            )
+        job = self.store.set_job_state(job_id, JobState.PENDING, f"re-run requested by {actor}", actor=actor)
+        self.store.audit(
+            actor,
+            "job.rerun",
+            f"job:{job_id}",
+            before={"state": before.state.value, "attempts": before.attempts, "message": before.message},
+            after={"state": job.state.value},
+        )
+        log.info("job %d: re-run requested by %s", job_id, actor)
+        if self.on_jobs_created is not None:
+            self.on_jobs_created()
+        return job
+
+    def resend(self, delivery_id: int, actor: str) -> Delivery:
+        """Schedule one delivery again (the store records the audit event)."""
+        d = self.store.resend_delivery(delivery_id, actor=actor)
+        log.info("delivery %d: resend requested by %s", delivery_id, actor)
+        return d
+
+    def resend_failed(self, actor: str, destination: str | None = None) -> list[Delivery]:
+        """Resend every permanently failed delivery (of one destination, or all)."""
+        out: list[Delivery] = []
+        while True:
+            page = self.store.list_deliveries(
+                outcome=DeliveryOutcome.PERMANENT_FAILURE, destination=destination, limit=200
+            )
+            if not page.items:
+                break
+            for d in page.items:
+                out.append(self.store.resend_delivery(d.id, actor=actor))
+        self.store.audit(
+            actor,
+            "delivery.resend_all",
+            f"destination:{destination}" if destination else "deliveries",
+            before={"failed": len(out)},
+            after={"resent": [d.id for d in out]},
+        )
+        return out
+
+    def test_destination(self, name: str, actor: str) -> ProbeResult:
+        """C-ECHO a DIMSE destination or probe a DICOMweb one; ``KeyError`` for an unknown name."""
+        dest = self.settings.destination(name)
+        try:
+            r = self.probe(dest, self.settings.dicom.ae_title)
+            res = ProbeResult(name, bool(r.ok), str(r.message), float(r.elapsed_s))
+        except Exception as exc:  # the probe should not raise; a button press must never give a 500
+            res = ProbeResult(name, False, f"{type(exc).__name__}: {exc}", 0.0)
+        self.store.audit(
+            actor, "destination.test", f"destination:{name}", after={"ok": res.ok, "message": res.message}
+        )
+        return res

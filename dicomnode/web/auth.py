@@ -1,0 +1,254 @@
+"""Authentication for the admin app: session cookies for the pages, HTTP Basic or bearer tokens for scripts.
+
+* :class:`SessionCodec` signs the session cookie (``itsdangerous``; HttpOnly, SameSite=Lax, Secure when the
+  request came over https). The session holds the user name and a CSRF token; the role is read from the
+  users table on every request, so a demoted user loses rights at once.
+* :class:`AuthMiddleware` (pure ASGI, so streamed STOW-RS bodies pass untouched) authenticates every request
+  except the public paths (``/api/health``, ``/login``, ``/static/``). Anonymous API calls get 401 with
+  ``WWW-Authenticate: Basic``; anonymous page views are redirected to ``/login``.
+* CSRF: every state-changing request authenticated by the cookie must carry the session's token, in the
+  ``X-CSRF-Token`` header (fetch) or the ``csrf_token`` form field (forms); see
+  :func:`dicomnode.web.deps.csrf`.
+  Basic/bearer requests carry no ambient credential and need no token.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from itsdangerous import BadSignature, URLSafeTimedSerializer
+
+from dicomnode.web.users import User, UserStore
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SESSION_COOKIE",
+    "AuthMiddleware",
+    "Session",
+    "SessionCodec",
+    "load_or_create_secret",
+]
+
+SESSION_COOKIE = "dicomnode_session"
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Paths anyone may fetch (prefix match for those ending in "/").
+PUBLIC_PATHS: tuple[str, ...] = ("/api/health", "/login", "/static/", "/favicon.ico")
+#: Path prefixes answered with 401 rather than a redirect to the login page.
+API_PREFIXES: tuple[str, ...] = ("/api/", "/metrics", "/dicomweb")
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """The key that signs session cookies, kept in ``path`` (created 0600) so sessions survive restarts."""
+    try:
+        data = path.read_bytes().strip()
+        if len(data) >= 32:
+            return data
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32).encode()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(key)
+    tmp.chmod(0o600)
+    tmp.replace(path)
+    return key
+
+
+@dataclass(frozen=True)
+class Session:
+    username: str
+    csrf: str
+
+
+class SessionCodec:
+    """Signs and reads the session cookie.
+
+    Parameters
+    ----------
+    secret
+        Signing key.
+    max_age_s
+        Sessions older than this are refused (the user logs in again).
+    """
+
+    def __init__(self, secret: bytes, max_age_s: float = 12 * 3600) -> None:
+        self._s = URLSafeTimedSerializer(secret, salt="dicomnode-session")
+        self.max_age_s = max_age_s
+
+    def issue(self, username: str) -> tuple[str, Session]:
+        sess = Session(username, secrets.token_urlsafe(24))
+        return self._s.dumps({"u": sess.username, "c": sess.csrf}), sess
+
+    def read(self, cookie: str) -> Session | None:
+        try:
+            data = self._s.loads(cookie, max_age=int(self.max_age_s))
+        except BadSignature:
+            return None
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("u"), str)
+            or not isinstance(data.get("c"), str)
+        ):
+            return None
+        return Session(data["u"], data["c"])
+
+
+class _CredentialCache:
+    """Short-lived memory of verified Basic credentials: argon2 is slow on purpose, scripts poll often."""
+
+    def __init__(self, ttl_s: float = 60.0, size: int = 256) -> None:
+        self.ttl_s = ttl_s
+        self.size = size
+        self._key = secrets.token_bytes(32)
+        self._d: dict[bytes, tuple[float, User]] = {}
+        self._lock = threading.Lock()
+
+    def _k(self, username: str, password: str) -> bytes:
+        return hmac.new(self._key, f"{username}\0{password}".encode(), hashlib.sha256).digest()
+
+    def get(self, username: str, password: str) -> User | None:
+        k = self._k(username, password)
+        with self._lock:
+            hit = self._d.get(k)
+            if hit is None or hit[0] < time.monotonic():
+                self._d.pop(k, None)
+                return None
+            return hit[1]
+
+    def put(self, username: str, password: str, user: User) -> None:
+        with self._lock:
+            if len(self._d) >= self.size:
+                self._d.clear()
+            self._d[self._k(username, password)] = (time.monotonic() + self.ttl_s, user)
+
+
+def _is_public(path: str) -> bool:
+    return any(path == p or (p.endswith("/") and path.startswith(p)) for p in PUBLIC_PATHS)
+
+
+def _is_api(path: str) -> bool:
+    return any(path == p.rstrip("/") or path.startswith(p) for p in API_PREFIXES)
+
+
+def _cookies(headers: dict[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in headers.get("cookie", "").split(";"):
+        k, sep, v = part.strip().partition("=")
+        if sep:
+            out[k] = v
+    return out
+
+
+class AuthMiddleware:
+    """Authenticate every non-public request; put ``user``, ``auth`` and ``csrf`` in ``request.state``.
+
+    Parameters
+    ----------
+    app
+        The wrapped ASGI app.
+    users
+        Where users, password hashes and token hashes live.
+    sessions
+        The cookie codec.
+    """
+
+    def __init__(self, app: ASGIApp, users: UserStore, sessions: SessionCodec) -> None:
+        self.app = app
+        self.users = users
+        self.sessions = sessions
+        self._cache = _CredentialCache()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        user, how, csrf = await self._authenticate(headers)
+        state = scope.setdefault("state", {})
+        state["user"] = user
+        state["auth"] = how
+        state["csrf"] = csrf
+        if user is None and not _is_public(path):
+            await self._deny(scope, send, path, bad_credentials=how == "failed")
+            return
+        await self.app(scope, receive, send)
+
+    async def _authenticate(self, headers: dict[str, str]) -> tuple[User | None, str | None, str | None]:
+        from starlette.concurrency import run_in_threadpool
+
+        authz = headers.get("authorization", "")
+        scheme, _, value = authz.partition(" ")
+        if scheme.lower() == "basic" and value:
+            try:
+                username, _, password = base64.b64decode(value.strip()).decode("utf-8").partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                return None, "failed", None
+            user = self._cache.get(username, password)
+            if user is None:
+                # argon2 takes tens of ms: off the event loop.
+                user = await run_in_threadpool(self.users.verify_password, username, password)
+                if user is not None:
+                    self._cache.put(username, password, user)
+            return (user, "basic", None) if user is not None else (None, "failed", None)
+        if scheme.lower() == "bearer" and value:
+            user = await run_in_threadpool(self.users.verify_token, value.strip())
+            return (user, "bearer", None) if user is not None else (None, "failed", None)
+        cookie = _cookies(headers).get(SESSION_COOKIE)
+        if cookie:
+            sess = self.sessions.read(cookie)
+            if sess is not None:
+                user = await run_in_threadpool(self.users.get, sess.username)
+                if user is not None:
+                    return user, "session", sess.csrf
+        return None, None, None
+
+    async def _deny(self, scope: Scope, send: Send, path: str, *, bad_credentials: bool) -> None:
+        method = scope.get("method", "GET")
+        if not _is_api(path) and method in ("GET", "HEAD") and not bad_credentials:
+            query = scope.get("query_string", b"").decode("latin-1")
+            target = path + (f"?{query}" if query else "")
+            await _respond(send, 303, b"", [(b"location", f"/login?next={quote(target, safe='')}".encode())])
+            return
+        body = json.dumps({"detail": "authentication required"}).encode()
+        await _respond(
+            send,
+            401,
+            body,
+            [(b"content-type", b"application/json"), (b"www-authenticate", b'Basic realm="dicomnode"')],
+        )
+
+
+async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def session_cookie_kwargs(secure: bool) -> dict[str, Any]:
+    """Attributes of the session cookie (``Response.set_cookie`` keywords)."""
+    return {"httponly": True, "samesite": "lax", "secure": secure, "path": "/"}

@@ -1,0 +1,262 @@
+"""The current routing rules, their history, validation and dry runs (the Rules page and ``/api/rules``).
+
+:class:`RulesService` is also the *provider* the running node reads its rules from: pass
+``service.select`` as the ``select`` of :class:`dicomnode.pipeline.runner.Runner` and a rule version saved in
+the UI applies to the next routed study without a restart. Where the rules come from, first found:
+
+1. the newest row of the store's ``rule_versions`` (saved in the UI or with ``PUT /api/rules``);
+2. ``settings.rules_file``;
+3. the shipped ``default_rules.yaml``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from dicomnode import routing
+from dicomnode.config import Settings
+from dicomnode.domain import RuleDecision, SeriesSummary
+from dicomnode.errors import ConfigError
+from dicomnode.routing import RuleSet
+from dicomnode.store import RuleVersion, Store
+
+__all__ = ["CurrentRules", "RuleProblem", "RulesService", "explain_rows", "parse_problems"]
+
+
+@dataclass(frozen=True)
+class RuleProblem:
+    """One validation problem, located as precisely as the validator can tell."""
+
+    message: str
+    rule: str | None = None
+    condition: int | None = None
+    field: str | None = None
+    line: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "message": self.message,
+            "rule": self.rule,
+            "condition": self.condition,
+            "field": self.field,
+            "line": self.line,
+        }
+
+
+@dataclass(frozen=True)
+class CurrentRules:
+    """The rules in force: parsed, their text, and where they came from."""
+
+    rules: RuleSet
+    text: str
+    #: Store rule version id, or None for the config file / shipped defaults.
+    version: int | None
+    source: str
+
+
+_RULE_RE = re.compile(r"rule (?:'(?P<name>[^']*)'|\"(?P<dq>[^\"]*)\"|(?P<num>\d+))")
+_COND_RE = re.compile(r"condition (\d+)")
+_LINE_RE = re.compile(r"line (\d+)")
+
+
+def parse_problems(message: str) -> list[RuleProblem]:
+    """Split a :class:`~dicomnode.errors.ConfigError` message of ``routing`` into located problems.
+
+    ``rules: rule 'abd' condition 2: unknown DICOM keyword 'SliceThicknes'; rule 'abd': action: ...``
+    gives one problem per ``;``-separated part, with the rule name, the condition number and the field.
+    """
+    body = message
+    for prefix in ("rules: ", "rules (text): "):
+        if body.startswith(prefix):
+            body = body[len(prefix) :]
+            break
+    if body.startswith("invalid YAML"):
+        m = _LINE_RE.search(body)
+        return [RuleProblem(message=body, line=int(m.group(1)) if m else None)]
+    out: list[RuleProblem] = []
+    for part in [p.strip() for p in body.split("; ") if p.strip()]:
+        rule: str | None = None
+        cond: int | None = None
+        fld: str | None = None
+        head, _, _ = part.partition(": ")
+        m = _RULE_RE.match(head)
+        if m:
+            rule = m.group("name") or m.group("dq") or m.group("num")
+            c = _COND_RE.search(head)
+            cond = int(c.group(1)) if c else None
+            # "rule 'x' condition 2: range.min: Input should be ..." -> field "range.min"
+            rest = part[len(head) + 2 :]
+            fhead, sep, _ = rest.partition(": ")
+            if sep and re.fullmatch(r"[A-Za-z_][\w.\[\]]*", fhead):
+                fld = fhead
+        elif head and re.fullmatch(r"[A-Za-z_][\w.\[\]]*", head):
+            fld = head
+        out.append(RuleProblem(message=part, rule=rule, condition=cond, field=fld))
+    return out or [RuleProblem(message=message)]
+
+
+def explain_rows(
+    decisions: Sequence[RuleDecision], summaries: Sequence[SeriesSummary]
+) -> list[dict[str, Any]]:
+    """The JSON rows of ``POST /api/rules/explain``: one per decision, with the series' main headers."""
+    by_uid = {s.series_instance_uid: s for s in summaries}
+    rows = []
+    for d in decisions:
+        s = by_uid.get(d.series_instance_uid)
+        rows.append(
+            {
+                "series_instance_uid": d.series_instance_uid,
+                "selected": d.selected,
+                "rule": d.rule,
+                "action": d.action,
+                "rank": d.rank,
+                "destinations": list(d.destinations),
+                "reasons": list(d.reasons),
+                "series_description": str(s.get("SeriesDescription", "") or "") if s else "",
+                "series_number": _plain(s.get("SeriesNumber")) if s else None,
+                "images": s.n_instances if s else None,
+                "slice_thickness": _plain(s.get("SliceThickness")) if s else None,
+                "kernel": _plain(s.get("ConvolutionKernel")) if s else None,
+            }
+        )
+    return rows
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, list | tuple):
+        return "\\".join(str(x) for x in v)
+    if v is None or isinstance(v, int | float | str):
+        return v
+    return str(v)
+
+
+class RulesService:
+    """Rules in force, versions, validation and dry runs, over the store.
+
+    Parameters
+    ----------
+    store
+        Holds the rule versions and the received series.
+    settings
+        ``rules_file`` (the fallback when no version was saved) and the destination names.
+    """
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._cache: CurrentRules | None = None
+
+    # -- what is in force --------------------------------------------------------------------------------
+
+    def base_text(self) -> tuple[str, str]:
+        """Text and source of the rules used while no version is saved (config file or shipped defaults)."""
+        if self.settings.rules_file is not None:
+            return self.settings.rules_file.read_text(encoding="utf-8"), str(self.settings.rules_file.name)
+        return routing.default_rules_text(), "default"
+
+    def current(self) -> CurrentRules:
+        """The rules in force now (the newest saved version; re-read when a new version appears)."""
+        latest: RuleVersion | None = self.store.latest_rule_version()
+        with self._lock:
+            cached = self._cache
+            if cached is not None and cached.version == (latest.id if latest else None):
+                return cached
+        if latest is not None:
+            rules = self.parse(latest.yaml_text)
+            cur = CurrentRules(rules, latest.yaml_text, latest.id, f"version {latest.id}")
+        else:
+            text, source = self.base_text()
+            cur = CurrentRules(self.parse(text), text, None, source)
+        with self._lock:
+            self._cache = cur
+        return cur
+
+    def select(self, summaries: Sequence[SeriesSummary]) -> list[RuleDecision]:
+        """Routing with the rules in force (the ``select`` callable of the pipeline's Runner)."""
+        rules = self.current().rules
+        return routing.select(list(summaries), rules, all_destinations=self.settings.destination_names)
+
+    # -- validation -------------------------------------------------------------------------------------
+
+    def parse(self, text: str) -> RuleSet:
+        """Validated rules from YAML text; ``ConfigError`` naming rule, condition and field."""
+        # Parsed here rather than with routing.load_rules: a one-line text naming a file must never be read.
+        if not text.strip():
+            raise ConfigError("rules: the rules text is empty")
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"rules: invalid YAML{where}: {problem}") from None
+        return routing.parse_rules(data, source="text", destinations=self.settings.destination_names)
+
+    def validate(self, text: str) -> list[RuleProblem]:
+        """Every problem of ``text`` (empty list: valid)."""
+        try:
+            self.parse(text)
+        except ConfigError as exc:
+            return parse_problems(str(exc))
+        return []
+
+    # -- versions ---------------------------------------------------------------------------------------
+
+    def save(self, text: str, author: str, comment: str | None = None) -> int:
+        """Validate and keep ``text`` as the new version in force; audited. ``ConfigError`` when invalid."""
+        self.parse(text)
+        before = self.current()
+        vid = self.store.add_rule_version(author, text, comment)
+        self.store.audit(
+            author,
+            "rules.save",
+            f"rules:version:{vid}",
+            before={"version": before.version, "source": before.source, "yaml": before.text},
+            after={"version": vid, "comment": comment, "yaml": text},
+        )
+        return vid
+
+    def rollback(self, version_id: int, author: str) -> int:
+        """Put an earlier version back in force (as a new version, so history only grows)."""
+        old = self.store.get_rule_version(version_id)
+        return self.save(old.yaml_text, author, f"roll back to version {version_id}")
+
+    def version_text(self, version_id: int | None) -> str:
+        """Text of a saved version, or of the base rules for None / 0."""
+        if not version_id:
+            return self.base_text()[0]
+        return self.store.get_rule_version(version_id).yaml_text
+
+    def diff(self, a: int | None, b: int | None) -> str:
+        """Unified diff between two versions (None / 0 = the base rules)."""
+        ta, tb = self.version_text(a), self.version_text(b)
+        la = f"version {a}" if a else "base rules"
+        lb = f"version {b}" if b else "base rules"
+        return "".join(
+            difflib.unified_diff(ta.splitlines(keepends=True), tb.splitlines(keepends=True), la, lb)
+        )
+
+    # -- dry runs ---------------------------------------------------------------------------------------
+
+    def explain(self, study_uid: str, text: str | None = None) -> list[dict[str, Any]]:
+        """Decisions with reasons for every series of a received study, with ``text`` or the rules in force.
+
+        Raises
+        ------
+        ConfigError
+            ``text`` is invalid.
+        dicomnode.store.NotFoundError
+            No such study.
+        """
+        rules = self.parse(text) if text is not None else self.current().rules
+        summaries = self.store.series_summaries(study_uid)
+        decisions = routing.select(summaries, rules, all_destinations=self.settings.destination_names)
+        return explain_rows(decisions, summaries)

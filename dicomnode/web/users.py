@@ -1,0 +1,241 @@
+"""Users of the admin UI / REST API: names, roles, argon2 password hashes, API tokens.
+
+The ``users`` table lives in its own :class:`~sqlalchemy.MetaData` (same naming convention as the store's)
+and is created by :func:`ensure_users_table` when the admin app is installed: the store's migrations do not
+hold it yet (requested from the store owner; once a migration creates it, ensure_users_table is a no-op).
+
+Roles: ``admin`` (change rules, resend, re-run, manage users) and ``viewer`` (read only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import Column, DateTime, Engine, Integer, MetaData, String, Table, insert, select, update
+
+from dicomnode.errors import InputError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ROLES",
+    "Role",
+    "User",
+    "UserStore",
+    "bootstrap_admin",
+    "ensure_users_table",
+    "users_table",
+]
+
+Role = Literal["admin", "viewer"]
+ROLES: tuple[Role, ...] = ("admin", "viewer")
+
+_metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+#: name, role, argon2 hash of the password, sha256 of the API token (None = no token).
+users_table = Table(
+    "users",
+    _metadata,
+    Column("id", Integer, primary_key=True),
+    Column("username", String(64), nullable=False, unique=True),
+    Column("role", String(16), nullable=False),
+    Column("password_hash", String(256), nullable=False),
+    Column("token_sha256", String(64), nullable=True, unique=True),
+    Column("created_at", DateTime(timezone=False), nullable=False),
+    Column("disabled", Integer, nullable=False, default=0),
+)
+
+_USERNAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-@")
+
+
+@dataclass(frozen=True)
+class User:
+    """An authenticated user (what request handlers see)."""
+
+    username: str
+    role: Role
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def ensure_users_table(engine: Engine) -> None:
+    """Create the ``users`` table when it does not exist (idempotent, safe on SQLite and PostgreSQL)."""
+    _metadata.create_all(engine, tables=[users_table], checkfirst=True)
+
+
+def _check_username(username: str) -> str:
+    name = username.strip()
+    if not (1 <= len(name) <= 64) or not set(name) <= _USERNAME_CHARS:
+        raise InputError("user name must be 1-64 characters of letters, digits, '.', '_', '-', '@'")
+    return name
+
+
+class UserStore:
+    """User accounts on the node's database engine.
+
+    Parameters
+    ----------
+    engine
+        The store's engine (``store.engine``); call :func:`ensure_users_table` first.
+    hasher
+        argon2 parameters (tests pass cheaper ones; the default is argon2-cffi's recommended profile).
+    """
+
+    def __init__(self, engine: Engine, hasher: PasswordHasher | None = None) -> None:
+        self.engine = engine
+        self.hasher = hasher or PasswordHasher()
+
+    def count(self) -> int:
+        with self.engine.connect() as conn:
+            return len(conn.execute(select(users_table.c.id)).all())
+
+    def list_users(self) -> list[tuple[User, datetime, bool]]:
+        """Every user with its creation time and whether it has an API token."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(users_table).order_by(users_table.c.username)).mappings().all()
+        return [
+            (
+                User(r["username"], r["role"]),
+                r["created_at"].replace(tzinfo=UTC),
+                r["token_sha256"] is not None,
+            )
+            for r in rows
+        ]
+
+    def get(self, username: str) -> User | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(select(users_table).where(users_table.c.username == username)).mappings().first()
+        if r is None or r["disabled"]:
+            return None
+        return User(r["username"], r["role"])
+
+    def create(self, username: str, password: str, role: Role) -> User:
+        """Add a user; ``InputError`` for a bad name, a short password, an unknown role or a duplicate."""
+        name = _check_username(username)
+        if role not in ROLES:
+            raise InputError(f"role must be one of {', '.join(ROLES)}")
+        if len(password) < 8:
+            raise InputError("password must have at least 8 characters")
+        if self.get(name) is not None:
+            raise InputError(f"user {name!r} exists already")
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(users_table).values(
+                    username=name,
+                    role=role,
+                    password_hash=self.hasher.hash(password),
+                    created_at=datetime.now(UTC).replace(tzinfo=None),
+                    disabled=0,
+                )
+            )
+        log.info("user %s created (role %s)", name, role)
+        return User(name, role)
+
+    def set_password(self, username: str, password: str) -> None:
+        if len(password) < 8:
+            raise InputError("password must have at least 8 characters")
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(users_table)
+                .where(users_table.c.username == username)
+                .values(password_hash=self.hasher.hash(password))
+            )
+
+    def new_token(self, username: str) -> str:
+        """Issue a new API (bearer) token for ``username`` (returned once; only its SHA-256 is kept)."""
+        token = "dn_" + secrets.token_urlsafe(32)
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(users_table)
+                .where(users_table.c.username == username)
+                .values(token_sha256=hashlib.sha256(token.encode()).hexdigest())
+            )
+        return token
+
+    def verify_password(self, username: str, password: str) -> User | None:
+        """The user when ``password`` is right, else None (same cost whether the user exists or not)."""
+        with self.engine.connect() as conn:
+            r = conn.execute(select(users_table).where(users_table.c.username == username)).mappings().first()
+        stored = r["password_hash"] if r is not None else _DUMMY_HASH.get(self.hasher)
+        try:
+            self.hasher.verify(stored, password)
+        except (VerificationError, InvalidHashError):
+            return None
+        if r is None or r["disabled"]:
+            return None
+        if self.hasher.check_needs_rehash(stored):
+            self.set_password(username, password)
+        return User(r["username"], r["role"])
+
+    def verify_token(self, token: str) -> User | None:
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        with self.engine.connect() as conn:
+            r = (
+                conn.execute(select(users_table).where(users_table.c.token_sha256 == digest))
+                .mappings()
+                .first()
+            )
+        if r is None or r["disabled"]:
+            return None
+        return User(r["username"], r["role"])
+
+
+class _DummyHash:
+    """A hash to verify against for unknown users, so timing does not reveal which names exist."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, str] = {}
+
+    def get(self, hasher: PasswordHasher) -> str:
+        key = id(hasher)
+        if key not in self._cache:
+            self._cache[key] = hasher.hash(secrets.token_hex(16))
+        return self._cache[key]
+
+
+_DUMMY_HASH = _DummyHash()
+
+
+def bootstrap_admin(users: UserStore, environ: Mapping[str, str], *, print_fn: object = None) -> str | None:
+    """Make sure an admin exists: the first start creates ``admin``.
+
+    Its password is ``DICOMNODE_ADMIN_PASSWORD`` from ``environ`` (read now, at app start), or a generated
+    one that is printed once (to stderr via ``print_fn``, never logged).
+
+    Returns
+    -------
+    str or None
+        The generated password when one was generated, else None.
+    """
+    if users.count() > 0:
+        return None
+    given = environ.get("DICOMNODE_ADMIN_PASSWORD", "")
+    password = given or secrets.token_urlsafe(12)
+    users.create("admin", password, "admin")
+    if given:
+        log.info("admin user created with the password from DICOMNODE_ADMIN_PASSWORD")
+        return None
+    import sys
+
+    out = print_fn if callable(print_fn) else (lambda text: print(text, file=sys.stderr, flush=True))
+    out(
+        "dicomnode: created user 'admin' with the generated password "
+        f"{password}  (shown once; change it on the Users page or set DICOMNODE_ADMIN_PASSWORD)"
+    )
+    return password

@@ -1,0 +1,228 @@
+"""``dicomnode analyze``: the real console script on good and bad input, and the pipeline behind it."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from pydicom.uid import generate_uid
+
+from dicomnode.domain import AnalysisResult, AnalysisStatus, SeriesSummary
+from dicomnode.imaging.volume import Volume
+from dicomnode.pipeline.analyze import analyze_path, interim_select
+from dicomnode.report.synthetic import SyntheticCase, make_case
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _console_script() -> Path:
+    script = Path(sys.executable).parent / "dicomnode"
+    if not script.exists():
+        msg = f"console script {script} not installed (pip install -e .)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return script
+
+
+def _run(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}
+    return subprocess.run(
+        [str(_console_script()), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def _negative_inputs() -> list[Path]:
+    data = Path(os.environ.get("DICOMNODE_TEST_DATA") or REPO.parent / "shared" / "data")
+    edge = data / "edge_and_negative"
+    if not edge.is_dir():
+        return []
+    files = sorted(p for p in edge.rglob("*") if p.is_file())
+    return [
+        *files,
+        edge / "pydicom" / "head_ct_series_16x16",
+        data / "totalsegmentator_mr_nifti" / "example_mr_sm.nii.gz",
+    ]
+
+
+NEGATIVE = _negative_inputs()
+
+
+@pytest.mark.parametrize("path", NEGATIVE, ids=[p.name for p in NEGATIVE] or None)
+def test_bad_input_gives_one_clear_line(path: Path, shared_data: Path, tmp_path: Path) -> None:
+    assert path.exists()
+    proc = _run("analyze", path, "--out", tmp_path / "out")
+    assert proc.returncode in (1, 2), (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    label = "not qualifying" if proc.returncode == 2 else "failed"
+    assert lines[0].startswith(f"dicomnode analyze: {label}: ")
+    assert len(lines[0]) > len(f"dicomnode analyze: {label}: ") + 10  # a reason, not just a label
+    doc = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert doc["status"] == ("not_qualifying" if proc.returncode == 2 else "failed")
+    assert doc["reason"] and doc["reason"] in lines[0]
+    assert doc["vertebrae"] == []
+
+
+def test_missing_path_fails_cleanly(tmp_path: Path) -> None:
+    proc = _run("analyze", tmp_path / "nope", "--out", tmp_path / "out")
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "no such file" in proc.stderr
+
+
+@pytest.mark.slow
+def test_phantom_study_end_to_end(tmp_path: Path) -> None:
+    """A phantom study (localizer + soft + bone series): the soft series is chosen and analysed."""
+    gen = _run(
+        "phantom", "--out", tmp_path / "ph", "--matrix", "256", "--spacing", "1.4", "--thickness", "2",
+        "--z-range", "T11:L4", "--study",
+    )  # fmt: skip
+    if gen.returncode != 0:
+        pytest.skip(f"phantom generator unavailable: {gen.stderr.strip()[-200:]}")
+    proc = _run("analyze", tmp_path / "ph", "--out", tmp_path / "out", "--job-key", "e2e-1")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "L1" in proc.stdout and "mg/cm3" in proc.stdout and "series " in proc.stdout
+    doc = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert doc["status"] == "ok" and doc["vertebrae"]
+    assert any("soft" in s.lower() or "STANDARD" in s for s in doc["series_selection"])
+    assert (tmp_path / "out" / "sr.dcm").is_file()
+    assert sorted(p.name for p in (tmp_path / "out").glob("sc_*.dcm"))[0] == "sc_00_overview.dcm"
+
+
+# --- the pipeline in-process, with the measurement injected ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measured:
+    result: AnalysisResult
+    canonical: Volume
+    roi_masks: Mapping[str, npt.NDArray[np.bool_]] | None
+
+
+@pytest.fixture(scope="module")
+def case() -> SyntheticCase:
+    return make_case(shape=(84, 128, 128), spacing=(2.0, 2.0, 3.0))
+
+
+def _write_series(case: SyntheticCase, folder: Path, *, kernel: str | None = None) -> str:
+    """Write the case's slices; with ``kernel``, as a second series (new UIDs) with that kernel."""
+    folder.mkdir(parents=True)
+    series_uid = generate_uid() if kernel else str(case.datasets[0].SeriesInstanceUID)
+    for n, ds in enumerate(case.datasets):
+        ds = copy.deepcopy(ds)  # pydicom's copy() shares elements: setting a value would change the case
+        if kernel:
+            ds.SeriesInstanceUID = series_uid
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.ConvolutionKernel = kernel
+            ds.SeriesDescription = f"Abdomen 3.0 {kernel}"
+            ds.SeriesNumber = 3
+        ds.save_as(folder / f"{n:03d}.dcm", enforce_file_format=True)
+    return series_uid
+
+
+def test_pipeline_chooses_the_soft_series_and_writes_everything(case: SyntheticCase, tmp_path: Path) -> None:
+    _write_series(case, tmp_path / "in" / "soft")
+    _write_series(case, tmp_path / "in" / "sharp", kernel="B70f")
+    seen: list[str] = []
+
+    def measure(volume: Volume) -> Measured:
+        seen.append(str(volume.header.get("ConvolutionKernel")))
+        canonical = volume.canonical()
+        assert canonical.shape == case.canonical.shape
+        return Measured(
+            replace(case.result, study_instance_uid="", series_instance_uid=""), canonical, case.roi_masks
+        )
+
+    run = analyze_path(tmp_path / "in", tmp_path / "out", measure=measure, job_key="k")
+    assert run.error is None and run.exit_code == 0, run.result.reason
+    assert seen == ["B30f"]
+    assert run.result.series_instance_uid == case.datasets[0].SeriesInstanceUID  # filled in by the pipeline
+    assert run.result.study_instance_uid == case.datasets[0].StudyInstanceUID
+    assert run.result.series_selection and run.choice is not None and len(run.choice.others) == 1
+    assert run.outputs is not None and run.outputs.sr is not None and len(run.outputs.sc) == 8
+    doc = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert doc["series_selection"] == list(run.result.series_selection)
+
+
+def test_unexpected_error_is_one_line_and_kept_for_vv(case: SyntheticCase, tmp_path: Path) -> None:
+    _write_series(case, tmp_path / "in")
+
+    def boom(volume: Volume) -> Measured:
+        raise RuntimeError("boom")
+
+    run = analyze_path(tmp_path / "in", tmp_path / "out", measure=boom)
+    assert run.exit_code == 1 and run.result.status is AnalysisStatus.FAILED
+    assert run.result.reason == "internal error (RuntimeError: boom)"
+    assert isinstance(run.error, RuntimeError)
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["status"] == "failed"
+
+
+def test_cli_prints_hint_on_unexpected_error(
+    case: SyntheticCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dicomnode import cli
+    from dicomnode.pipeline import analyze as pa
+
+    _write_series(case, tmp_path / "in")
+
+    def boom(volume: Volume) -> Measured:
+        raise ValueError("unexpected")
+
+    monkeypatch.setattr(pa, "default_measure", boom)
+    rc = cli.main(["analyze", str(tmp_path / "in"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert err[-1] == (
+        "dicomnode analyze: failed: internal error (ValueError: unexpected) "
+        "(unexpected error; rerun with -vv for the traceback)"
+    )
+
+
+def _summary(**attrs: object) -> SeriesSummary:
+    base: dict[str, object] = {
+        "Modality": "CT",
+        "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
+        "ImageType": ("ORIGINAL", "PRIMARY", "AXIAL"),
+        "SliceThickness": 1.0,
+        "ConvolutionKernel": "B30f",
+        "BodyPartExamined": "ABDOMEN",
+    }
+    base.update(attrs)
+    n = int(str(base.pop("n", 300)))
+    return SeriesSummary("1.2", str(base.pop("uid", generate_uid())), base, n, z_extent_mm=n * 1.0)
+
+
+def test_interim_rule_rejects_and_ranks() -> None:
+    rejects = {
+        "mr": _summary(Modality="MR"),
+        "scout": _summary(ImageType=("ORIGINAL", "PRIMARY", "LOCALIZER")),
+        "derived": _summary(ImageType=("DERIVED", "SECONDARY", "AXIAL")),
+        "head": _summary(BodyPartExamined="HEAD"),
+        "few": _summary(n=10),
+        "dose": _summary(Modality="SR", SOPClassUID="1.2.840.10008.5.1.4.1.1.88.67"),
+    }
+    for name, s in rejects.items():
+        (d,) = interim_select([s])
+        assert not d.selected and d.reasons, name
+    contrast = _summary(uid="c", ContrastBolusAgent="IOMEPROL")
+    sharp = _summary(uid="s", ConvolutionKernel="B70f")
+    thick = _summary(uid="t", SliceThickness=3.0)
+    best = _summary(uid="b")
+    decisions = {d.series_instance_uid: d for d in interim_select([contrast, sharp, thick, best])}
+    assert decisions["b"].rank == 1  # native, soft, thinnest
+    assert decisions["t"].rank == 2
+    assert decisions["s"].rank == 3
+    assert decisions["c"].rank == 4  # contrast ranks last

@@ -1,0 +1,221 @@
+"""Settings: defaults, files (YAML/TOML), environment overrides, one-line errors naming the field, CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicomnode.cli import main
+from dicomnode.config import DicomSettings, DicomwebDestination, DimseDestination, Settings, load_settings
+from dicomnode.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_without_file() -> None:
+    s = load_settings(None, environ={})
+    assert (s.dicom.ae_title, s.dicom.port, s.dicom.host) == ("DICOMNODE", 11112, "127.0.0.1")
+    assert s.dicom.accept_other_storage_classes == "ignore"
+    assert (s.http.host, s.http.port) == ("127.0.0.1", 8000)
+    assert s.data_dir == Path("dicomnode-data")
+    assert s.database_url is None
+    assert s.database_url_resolved() == "sqlite:///dicomnode-data/dicomnode.sqlite3"
+    assert s.spool_dir == Path("dicomnode-data/spool")
+    assert s.destinations == [] and s.rules_file is None
+    assert (s.workers.executor, s.analysis.backend, s.analysis.contrast_policy) == (
+        "local",
+        "classical",
+        "offset",
+    )
+
+
+def test_yaml_file_and_relative_paths(tmp_path: Path) -> None:
+    cfg = tmp_path / "conf" / "node.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text(
+        "data_dir: data\nrules_file: rules.yaml\n"
+        "dicom: {ae_title: BMDNODE, port: 104,\n"
+        "        allowed_calling_aets: [PACS, {ae_title: CT1, address: 10.0.0.7}]}\n"
+        "destinations:\n"
+        "  - {kind: dimse, name: pacs, ae_title: PACS, host: 10.0.0.5, port: 104}\n"
+        "  - {kind: dicomweb, name: web, url: 'http://archive/dicom-web/',\n"
+        "     auth: {kind: bearer, token: t0k}}\n"
+    )
+    s = load_settings(cfg, environ={})
+    assert s.data_dir == cfg.parent / "data"  # relative to the file, not the working directory
+    assert s.rules_file == cfg.parent / "rules.yaml"
+    assert s.database_url_resolved().endswith("conf/data/dicomnode.sqlite3")
+    assert s.dicom.ae_title == "BMDNODE" and s.dicom.port == 104
+    assert s.destination_names == ("pacs", "web")
+    pacs, web = s.destinations
+    assert isinstance(pacs, DimseDestination) and pacs.calling_ae is None
+    assert isinstance(web, DicomwebDestination) and web.url == "http://archive/dicom-web"
+    assert web.auth is not None and web.auth.kind == "bearer"
+    assert "t0k" not in repr(s)  # secrets are not printed
+    assert s.destination("web") is web
+    with pytest.raises(KeyError):
+        s.destination("nope")
+
+
+def test_allowed_calling_aets() -> None:
+    d = DicomSettings.model_validate(
+        {"allowed_calling_aets": ["PACS", {"ae_title": "CT1", "address": "10.0.0.7"}]}
+    )
+    assert d.is_allowed("PACS", "1.2.3.4")
+    assert d.is_allowed("CT1 ", "10.0.0.7")
+    assert not d.is_allowed("CT1", "10.0.0.8")
+    assert not d.is_allowed("OTHER")
+    assert DicomSettings().is_allowed("ANYONE")  # empty list: anyone
+
+
+def test_toml_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(
+        'database_url = "postgresql+psycopg://u@db/dn"\n'
+        "[http]\nport = 9000\n[completion]\nmax_wait_seconds = 60\n"
+    )
+    s = load_settings(cfg, environ={})
+    assert s.http.port == 9000 and s.completion.max_wait_seconds == 60
+    assert s.database_url_resolved() == "postgresql+psycopg://u@db/dn"
+
+
+def test_environment_overrides_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text("dicom: {ae_title: FROMFILE, port: 104}\nhttp: {port: 9000}\n")
+    env = {
+        "DICOMNODE_DICOM__PORT": "11113",
+        "DICOMNODE_WORKERS__EXECUTOR": "celery",
+        "DICOMNODE_WORKERS__BROKER_URL": "redis://127.0.0.1:6379/0",
+        "DICOMNODE_DESTINATIONS": '[{"kind": "dimse", "name": "p", "ae_title": "P", "host": "h", "port": 1}]',
+        "DICOMNODE_TEST_DATA": "/somewhere",  # other DICOMNODE_ variables are not settings: ignored
+        "UNRELATED": "x",
+    }
+    s = load_settings(cfg, environ=env)
+    assert s.dicom.port == 11113
+    assert s.dicom.ae_title == "FROMFILE"  # nested merge: the rest of the section stays
+    assert s.http.port == 9000
+    assert s.workers.executor == "celery"
+    assert s.destination_names == ("p",)
+
+
+def test_process_environment_is_read_at_call_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DICOMNODE_HTTP__PORT", "8123")
+    assert load_settings().http.port == 8123
+    assert load_settings(environ={}).http.port == 8000
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "env", "message"),
+    [
+        ("dicom: {port: abc}\n", {}, "config: dicom.port: Input should be a valid integer"),
+        ("", {"DICOMNODE_DICOM__PORT": "x"}, "config: dicom.port: Input should be a valid integer"),
+        ("dicom: {port: 70000}\n", {}, "config: dicom.port: Input should be less than or equal to 65535"),
+        ("dicom: {prot: 104}\n", {}, "config: dicom.prot: unknown setting"),
+        ("colour: blue\n", {}, "config: colour: unknown setting"),
+        ("dicom: {ae_title: 'THIS AE TITLE IS WAY TOO LONG'}\n", {}, "config: dicom.ae_title: must be 1-16"),
+        (
+            "dicom: {accept_other_storage_classes: maybe}\n",
+            {},
+            "dicom.accept_other_storage_classes: Input should be",
+        ),
+        (
+            "destinations: [{kind: dimse, name: p, ae_title: P, host: h, port: x}]\n",
+            {},
+            "config: destinations[0].port: Input should be a valid integer",
+        ),
+        ("destinations: [{kind: carrier, name: p}]\n", {}, "config: destinations[0]: Input tag 'carrier'"),
+        (
+            "destinations: [{kind: dicomweb, name: w, url: 'ftp://x'}]\n",
+            {},
+            "destinations[0].url: must be an http",
+        ),
+        (
+            "destinations: [{kind: dicomweb, name: w, url: 'http://x', auth: {kind: basic, username: u}}]\n",
+            {},
+            "config: destinations[0].auth.password: Field required",
+        ),
+        (
+            "destinations:\n  - {kind: dimse, name: p, ae_title: P, host: h, port: 1}\n"
+            "  - {kind: dicomweb, name: p, url: 'http://x'}\n",
+            {},
+            "destination names must be unique, repeated: p",
+        ),
+        ("workers: {executor: celery}\n", {}, "config: workers: broker_url is required"),
+        (
+            "delivery: {backoff_base_seconds: 60, backoff_max_seconds: 10}\n",
+            {},
+            "backoff_max_seconds must be >=",
+        ),
+        ("database_url: 'mysql://x/y'\n", {}, "config: database_url: must be a sqlite"),
+        ("analysis: {contrast_policy: ignore}\n", {}, "config: analysis.contrast_policy: Input should be"),
+        ("analysis: {backend: 'bundle:'}\n", {}, "config: analysis.backend: must be a name"),
+        ("- a\n- list\n", {}, "must hold a mapping"),
+        ("dicom: [unclosed\n", {}, "is not valid YAML"),
+    ],
+)
+def test_bad_config_names_the_field(
+    tmp_path: Path, yaml_text: str, env: dict[str, str], message: str
+) -> None:
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(yaml_text)
+    with pytest.raises(ConfigError) as exc:
+        load_settings(cfg, environ=env)
+    assert message in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "absent.yaml", environ={})
+
+
+def test_analysis_backend_specs() -> None:
+    s = load_settings(None, environ={"DICOMNODE_ANALYSIS__BACKEND": "bundle:models/spine-v1"})
+    assert s.analysis.backend == "bundle:models/spine-v1"
+    assert s.analysis.segmentation_backend is None
+
+
+def test_settings_are_frozen() -> None:
+    s = Settings()
+    with pytest.raises(Exception, match="frozen"):
+        s.http = s.http  # type: ignore[misc]
+
+
+def test_example_config_is_valid() -> None:
+    s = load_settings(REPO / "dicomnode.example.yaml", environ={})
+    assert s.destination_names == ("pacs", "archive")
+    assert s.dicom.allowed_calling_aets[0].ae_title == "ORTHANC"
+
+
+def test_check_config_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DICOMNODE_CONFIG", raising=False)
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        "data_dir: data\n"
+        "destinations: [{kind: dimse, name: pacs, ae_title: PACS, host: 127.0.0.1, port: 4242}]\n"
+    )
+    assert main(["check-config", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("config OK")
+    assert "destination   pacs (dimse) PACS@127.0.0.1:4242" in out
+    assert "rules         default" in out
+    assert not (tmp_path / "data").exists()  # checking starts and creates nothing
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dicom:\n  port: eleven\n")
+    assert main(["check-config", str(bad)]) == 2
+    assert "config: dicom.port: Input should be a valid integer" in capsys.readouterr().err
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - name: r\n    action: analyse\n    destinations: [elsewhere]\n")
+    with_rules = tmp_path / "with_rules.yaml"
+    with_rules.write_text("rules_file: rules.yaml\n")
+    assert main(["check-config", str(with_rules)]) == 2
+    assert "rule 'r': unknown destination 'elsewhere'" in capsys.readouterr().err
+
+    monkeypatch.setenv("DICOMNODE_CONFIG", str(good))
+    assert main(["check-config"]) == 0
+    assert "good.yaml" in capsys.readouterr().out
