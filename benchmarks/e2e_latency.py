@@ -15,6 +15,7 @@ import argparse
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     key = "LATENCY minus quiet period"
     values = sorted(r[key] for r in rows)
     print(
-        f"\n{key}: median {values[len(values) // 2]:.2f} s, max {values[-1]:.2f} s "
+        f"\n{key}: median {statistics.median(values):.2f} s, max {values[-1]:.2f} s "
         f"(target <= {TARGET_S:g} s on 2 cores)"
     )
     return 0

@@ -123,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
+    ap.add_argument(
+        "--poll-interval",
+        type=float,
+        default=None,
+        help="StorageSCP poll_interval_s (default: pynetdicom's 1 ms)",
+    )
     args = ap.parse_args(argv)
     for tool in (STORESCU, STORESCP):
         if not os.path.exists(tool):
@@ -151,19 +157,29 @@ def main(argv: list[str] | None = None) -> int:
         )
         wait_port(dport)
 
-        sinks = {"durable": MemorySink(), "nofsync": MemorySink()}
+        # name -> (label, fsync, poll interval)
+        configs: dict[str, tuple[str, bool, float | None]] = {
+            "durable": ("dicomnode SCP (fsync + rename + record)", True, None),
+            "nofsync": ("dicomnode SCP (no fsync)", False, None),
+        }
+        if args.poll_interval is not None:
+            ms = args.poll_interval * 1000
+            configs["durable-poll"] = (f"dicomnode SCP (fsync, poll {ms:g} ms)", True, args.poll_interval)
+            configs["nofsync-poll"] = (f"dicomnode SCP (no fsync, poll {ms:g} ms)", False, args.poll_interval)
+        sinks = {name: MemorySink() for name in configs}
         ours = {
             name: StorageSCP(
-                Spool(work / f"spool-{name}", sinks[name], fsync=(name == "durable")),
+                Spool(work / f"spool-{name}", sinks[name], fsync=fsync),
                 ae_title="DICOMNODE",
                 port=0,
+                poll_interval_s=poll,
             )
-            for name in sinks
+            for name, (_, fsync, poll) in configs.items()
         }
         for scp in ours.values():
             scp.start()
 
-        times: dict[str, list[float]] = {"storescp": [], "durable": [], "nofsync": []}
+        times: dict[str, list[float]] = {"storescp": [], **{name: [] for name in configs}}
         try:
             for run in range(args.runs):
                 times["storescp"].append(send(dport, "STORESCP", series))
@@ -173,11 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                     times[name].append(send(scp.port, "DICOMNODE", series))
                     if len(sinks[name]) != args.images:
                         raise RuntimeError(f"{name}: {len(sinks[name])} of {args.images} instances recorded")
-                print(
-                    f"run {run + 1}: storescp {times['storescp'][-1]:.2f} s, "
-                    f"dicomnode {times['durable'][-1]:.2f} s, "
-                    f"dicomnode (no fsync) {times['nofsync'][-1]:.2f} s"
-                )
+                print(f"run {run + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
         finally:
             for scp in ours.values():
                 scp.stop()
@@ -186,20 +198,17 @@ def main(argv: list[str] | None = None) -> int:
 
         med = {k: statistics.median(v) for k, v in times.items()}
         ref = args.images / med["storescp"]
-        labels = {
-            "storescp": "dcmtk storescp (TCP_NODELAY)",
-            "durable": "dicomnode SCP (fsync + rename + record)",
-            "nofsync": "dicomnode SCP (no fsync)",
-        }
+        labels = {"storescp": "dcmtk storescp (TCP_NODELAY)", **{k: v[0] for k, v in configs.items()}}
         print(f"\nmedian of {args.runs} runs; storescu +sd, one association, loopback, TCP_NODELAY both ends")
-        print(f"{'receiver':42s} {'time s':>8s} {'img/s':>8s} {'MB/s':>8s} {'ratio':>6s}")
-        for key in ("storescp", "durable", "nofsync"):
+        print(f"{'receiver':44s} {'time s':>8s} {'img/s':>8s} {'MB/s':>8s} {'ratio':>6s}")
+        for key in times:
             ips = args.images / med[key]
             print(
-                f"{labels[key]:42s} {med[key]:8.2f} {ips:8.1f} {total / 1e6 / med[key]:8.1f} {ips / ref:6.2f}"
+                f"{labels[key]:44s} {med[key]:8.2f} {ips:8.1f} {total / 1e6 / med[key]:8.1f} {ips / ref:6.2f}"
             )
-        ratio = (args.images / med["durable"]) / ref
-        print(f"\nratio dicomnode (durable) / storescp = {ratio:.2f} (target >= 0.8)")
+        for key in configs:
+            ratio = (args.images / med[key]) / ref
+            print(f"ratio {key} / storescp = {ratio:.2f} (target >= 0.8)")
     finally:
         if args.keep:
             print(f"kept {work}")

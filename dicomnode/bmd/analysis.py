@@ -29,6 +29,7 @@ from dicomnode.bmd.tissues import (
     measure_air,
     measure_fat,
     measure_muscle,
+    measure_psoas,
 )
 from dicomnode.domain import (
     REPORTED_LEVELS,
@@ -107,7 +108,8 @@ def _frame_from_labels(seg: SpineSegmentation, canon: Volume, g: float, nz: int)
     lab = seg.body_labels
     x = np.full(nz, np.nan)
     yf = np.full(nz, np.nan)
-    yc = np.full(nz, np.nan)
+    yb = np.full(nz, np.nan)
+    hw = np.full(nz, np.nan)
     ks = np.nonzero(lab.any(axis=(1, 2)))[0]
     for k in ks:
         jj, ii = np.nonzero(lab[k])
@@ -115,14 +117,17 @@ def _frame_from_labels(seg: SpineSegmentation, canon: Volume, g: float, nz: int)
         if 0 <= z < nz:
             x[z] = ii.mean() * sx
             yf[z] = np.percentile(jj, 2) * sy
-            yc[z] = np.percentile(jj, 98) * sy + 10.0  # canal centre ~10 mm behind the posterior wall
+            yb[z] = np.percentile(jj, 98) * sy
+            hw[z] = 0.5 * (np.percentile(ii, 98) - np.percentile(ii, 2)) * sx
     ok = np.isfinite(x)
     idx = np.nonzero(ok)[0]
     if idx.size:
         zz = np.arange(nz)
         x = np.where(ok, x, np.interp(zz, idx, x[idx]))
         yf = np.where(ok, yf, np.interp(zz, idx, yf[idx]))
-        yc = np.where(ok, yc, np.interp(zz, idx, yc[idx]))
+        yb = np.where(ok, yb, np.interp(zz, idx, yb[idx]))
+        hw = np.where(ok, hw, np.interp(zz, idx, hw[idx]))
+    yc = yb + 10.0  # canal centre ~10 mm behind the posterior wall
     # tissue slab: L1-L4 when named, else the whole labelled range
     lumbar = [i + 1 for i, lv in enumerate(seg.levels) if lv in ("L1", "L2", "L3", "L4")]
     sel = np.isin(lab, lumbar).any(axis=(1, 2)) if lumbar else lab.any(axis=(1, 2))
@@ -131,7 +136,7 @@ def _frame_from_labels(seg: SpineSegmentation, canon: Volume, g: float, nz: int)
         kk = ks
     z_lo = int(np.floor(kk.min() * sz / g)) if kk.size else 0
     z_hi = int(np.ceil(kk.max() * sz / g)) if kk.size else nz - 1
-    return SpineFrame(x, yf, yc, z_lo, z_hi), z_lo, z_hi
+    return SpineFrame(x, yf, yc, z_lo, z_hi, yb, hw), z_lo, z_hi
 
 
 def analyze_volume(volume: Volume, options: BmdOptions | None = None) -> BmdOutput:
@@ -182,10 +187,14 @@ def _analyze(volume: Volume, opts: BmdOptions) -> BmdOutput:
     if body.sum() * g**3 < 1.0e6:
         raise NotQualifyingError("no trunk in view (body volume below 1 litre)")
 
-    # 1. air and fat first: they need no anatomy, and they put the detection thresholds on a common scale
-    depth = depth_from_skin(body, g)
-    air = measure_air(grid.hu, body, g)
-    fat = measure_fat(grid.hu, body, depth)
+    # 1. air and fat first: they need no anatomy, and they put the detection thresholds on a common scale.
+    # Tissues are sampled on every third working slice (6 mm apart): plenty of voxels, a third of the work.
+    tz = np.zeros(grid.hu.shape[0], dtype=bool)
+    tz[::3] = True
+    depth = np.zeros(grid.hu.shape, dtype=np.float32)
+    depth[tz] = depth_from_skin(body[tz], g)
+    air = measure_air(grid.hu[tz], body[tz], g)
+    fat = measure_fat(grid.hu[tz], body[tz], depth[tz])
     pre = cal.fit_tissue_map({"air": air, "fat": fat}, ContrastPhase.UNKNOWN)
     hu_cal = (grid.hu * np.float32(pre.gain) + np.float32(pre.offset)).astype(np.float32)
 
@@ -200,8 +209,21 @@ def _analyze(volume: Volume, opts: BmdOptions) -> BmdOutput:
     frame, _, _ = _frame_from_labels(seg, canon, g, grid.hu.shape[0])
 
     # 3. muscle and aorta, contrast phase, final calibration
-    muscle = measure_muscle(grid.hu, body, depth, frame, g)
-    aorta = measure_aorta(grid.hu, body, frame, g)
+    # psoas first (keeps its density with age); paraspinal muscle when the psoas is not measurable
+    tframe = SpineFrame(
+        frame.x_mm[tz],
+        frame.y_front_mm[tz],
+        frame.y_canal_mm[tz],
+        int(np.ceil(frame.z_lo / 3)),
+        frame.z_hi // 3,
+        None if frame.y_back_mm is None else frame.y_back_mm[tz],
+        None if frame.half_width_mm is None else frame.half_width_mm[tz],
+    )
+    hu_t, body_t, depth_t = grid.hu[tz], body[tz], depth[tz]
+    muscle = measure_psoas(hu_t, body_t, depth_t, tframe, g)
+    if muscle is None:
+        muscle = measure_muscle(hu_t, body_t, depth_t, tframe, g)
+    aorta = measure_aorta(hu_t, body_t, tframe, g)
     aorta_cal = pre.apply(aorta) if aorta is not None else None
     phase, phase_notes = cal.decide_phase(volume.header, aorta_cal)
     fit = cal.fit_tissue_map({"air": air, "fat": fat, "muscle": muscle, "blood": aorta}, phase)

@@ -102,8 +102,22 @@ class TissueFit:
         return self.gain * hu + self.offset
 
 
+def _wls(meas: Mapping[str, float], used: tuple[str, ...]) -> tuple[float, float]:
+    x = np.array([meas[t] for t in used])
+    y = np.array([REFERENCE_HU[t] for t in used])
+    sw = np.array([1.0 / TISSUE_SD_HU[t] for t in used])
+    a = np.vstack([x, np.ones_like(x)]).T
+    sol, *_ = np.linalg.lstsq(a * sw[:, None], y * sw, rcond=None)
+    return float(sol[0]), float(sol[1])
+
+
 def fit_tissue_map(measured: Mapping[str, float | None], phase: ContrastPhase) -> TissueFit:
     """Fit ``HU_ref = gain * HU_measured + offset`` on the available internal tissues.
+
+    Air and fat (900 HU apart, stable between patients) set the map; muscle and blood join the weighted
+    fit only in native scans and only when they agree with the air/fat map within 30 HU (paraspinal muscle
+    of older patients is often fatty, aortic ROIs can catch the wall or a thrombus): a disagreeing tissue
+    is reported, not used.
 
     Parameters
     ----------
@@ -119,33 +133,42 @@ def fit_tissue_map(measured: Mapping[str, float | None], phase: ContrastPhase) -
     """
     flags: list[str] = []
     meas = {k: float(v) for k, v in measured.items() if v is not None and np.isfinite(v)}
-    usable = ["air", "fat"]
-    if phase == ContrastPhase.NATIVE:
-        usable += ["muscle", "blood"]
-    else:
-        usable += []  # muscle and blood enhance after contrast: not references
-    used = tuple(t for t in usable if t in meas)
-    for t in ("air", "fat", "muscle"):
-        if t not in meas:
+    for t in ("air", "fat"):
+        if t not in meas and t in measured:
             flags.append(f"calibration tissue not measurable: {t}")
-    if len(used) < 2 or not ({"air", "fat"} <= set(used) or len(used) >= 3):
+    optional = ["muscle", "blood"] if phase == ContrastPhase.NATIVE else []
+    primary = tuple(t for t in ("air", "fat") if t in meas)
+    if len(primary) == 2:
+        gain, offset = _wls(meas, primary)
+        used = list(primary)
+        for t in optional:
+            if t not in meas:
+                continue
+            res = gain * meas[t] + offset - REFERENCE_HU[t]
+            if abs(res) > 30.0:
+                flags.append(
+                    f"{t} reads {gain * meas[t] + offset:.0f} HU after air/fat calibration (reference "
+                    f"{REFERENCE_HU[t]:.0f}): not used as a reference"
+                )
+            else:
+                used.append(t)
+    else:
+        used = [t for t in (*primary, *optional) if t in meas]
+    used_t = tuple(used)
+    if len(used_t) < 2 or not ("air" in used_t or "fat" in used_t):
         flags.append("internal calibration not possible (too few reference tissues): identity map used")
         return TissueFit(1.0, 0.0, meas, (), tuple(flags))
-    x = np.array([meas[t] for t in used])
-    y = np.array([REFERENCE_HU[t] for t in used])
-    w = np.array([1.0 / TISSUE_SD_HU[t] ** 2 for t in used])
-    a = np.vstack([x, np.ones_like(x)]).T
-    sw = np.sqrt(w)
-    sol, *_ = np.linalg.lstsq(a * sw[:, None], y * sw, rcond=None)
-    gain, offset = float(sol[0]), float(sol[1])
+    gain, offset = _wls(meas, used_t)
+    x = np.array([meas[t] for t in used_t])
+    y = np.array([REFERENCE_HU[t] for t in used_t])
     resid = np.abs(gain * x + offset - y)
-    if not (0.8 <= gain <= 1.25) or abs(offset) > 100.0 or float(resid.max()) > 25.0:
+    if not (0.8 <= gain <= 1.25) or abs(offset) > 100.0 or float(resid.max()) > 30.0:
         flags.append(
             f"internal calibration implausible (gain {gain:.3f}, offset {offset:.1f} HU, max residual "
             f"{float(resid.max()):.1f} HU): identity map used"
         )
-        return TissueFit(1.0, 0.0, meas, used, tuple(flags))
-    return TissueFit(gain, offset, meas, used, tuple(flags))
+        return TissueFit(1.0, 0.0, meas, used_t, tuple(flags))
+    return TissueFit(gain, offset, meas, used_t, tuple(flags))
 
 
 def vbmd_from_hu(hu_calibrated: float, contrast_correction_hu: float = 0.0) -> float:
@@ -276,11 +299,9 @@ def build_calibration(
     ref = {f"{k}_measured": float(v) for k, v in fit.measured.items()}
     ref.update({f"{k}_reference": float(REFERENCE_HU[k]) for k in fit.used})
     if vbmd_available:
-        slope = fit.gain / HU_PER_MG_CM3
-        intercept = (fit.offset - contrast_correction_hu - HU_AT_ZERO_MINERAL) / HU_PER_MG_CM3
-        method = "internal-" + "-".join(fit.used) if fit.used and fit.gain != 1.0 else "reference-relation-only"
-        if fit.used and (fit.gain, fit.offset) != (1.0, 0.0):
-            method = "internal-" + "-".join(fit.used)
+        slope: float | None = fit.gain / HU_PER_MG_CM3
+        intercept: float | None = (fit.offset - contrast_correction_hu - HU_AT_ZERO_MINERAL) / HU_PER_MG_CM3
+        method = "internal-" + "-".join(fit.used) if fit.used else "reference-relation-uncalibrated"
     else:
         slope, intercept, method = None, None, "none"
     return Calibration(

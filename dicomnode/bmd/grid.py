@@ -110,22 +110,26 @@ def disk(radius_vox: int) -> B:
 
 
 def body_mask(hu: F32, g: float) -> B:
-    """The patient's body on the coarse grid: > -400 HU, opened by 5 mm (drops the table and blankets), largest
-    3-D component, holes filled slice by slice (lungs and bowel gas belong to the body)."""
+    """The patient's body on the coarse grid: > -400 HU, opened by ~5 mm (drops the table and blankets that
+    touch the skin), largest 3-D component, skin given back, holes filled slice by slice (lungs and bowel
+    gas belong to the body). The morphology runs on every second row/column (4 mm) for speed; the final
+    mask is at the working resolution."""
     m = hu > -400.0
-    r = max(1, int(round(5.0 / g)))
+    small = m[:, ::2, ::2]
+    gs = 2.0 * g
+    r = max(1, int(round(5.0 / gs)))
     st = np.zeros((1, 2 * r + 1, 2 * r + 1), dtype=bool)
     st[0] = disk(r)
-    m = ndi.binary_opening(m, structure=st)
-    lab, n = ndi.label(m)
+    small = ndi.binary_opening(small, structure=st)
+    lab, n = ndi.label(small)
     if n == 0:
-        return m
+        return np.zeros_like(m)
     sizes = np.bincount(lab.ravel())
     sizes[0] = 0
-    m = lab == int(np.argmax(sizes))
-    # give back the skin the opening shaved off (not the table: it is joined only through the contact)
-    grown = ndi.binary_dilation(m, structure=st, iterations=1) & (hu > -400.0)
-    return fill_holes_2d(grown)
+    small = lab == int(np.argmax(sizes))
+    small = ndi.binary_dilation(small, structure=st)
+    up = np.repeat(np.repeat(small, 2, axis=1), 2, axis=2)[:, : m.shape[1], : m.shape[2]]
+    return fill_holes_2d(up & m)
 
 
 def fill_holes_2d(m: B) -> B:

@@ -88,7 +88,12 @@ def build_vertebrae(
     reasons: dict[str, list[str]] = {lv: [] for lv in levels}
     qcs: dict[str, list[str]] = {lv: [] for lv in levels}
     ratio: dict[str, float | None] = {}
-    for lv in levels:
+    def _max_h(lv: str | None) -> float | None:
+        if lv is None or lv in seg.truncated or stats[lv].heights_mm is None:
+            return None
+        return max(stats[lv].heights_mm or (0.0,))
+
+    for i, lv in enumerate(levels):
         st = stats[lv]
         if lv in seg.truncated:
             reasons[lv].append("vertebral body cut by the field of view")
@@ -97,28 +102,26 @@ def build_vertebrae(
         if st.volume_mm3 < min_roi_mm3:
             reasons[lv].append(f"trabecular ROI too small ({st.volume_mm3:.0f} mm3 < {min_roi_mm3:.0f} mm3)")
         h = st.heights_mm
-        if h is not None and lv not in seg.truncated:
-            r = min(h) / max(h) if max(h) > 0 else None
-            ratio[lv] = r
-            if r is not None and r < FRACTURE_RATIO:
-                reasons[lv].append(
-                    f"suspected compression fracture (height ratio {r:.2f} < {FRACTURE_RATIO}, Genant grade >= 1)"
-                )
-        else:
-            ratio[lv] = None
-    # height against neighbours (a uniformly crushed body keeps its own ratio)
-    for i, lv in enumerate(levels):
-        hs = stats[lv].heights_mm
-        if hs is None or lv in seg.truncated:
+        ratio[lv] = None
+        if h is None or lv in seg.truncated or max(h) <= 0:
             continue
+        r = min(h) / max(h)
+        ratio[lv] = r
         nb = [
-            max(stats[n].heights_mm or (0.0,))
-            for n in (levels[i - 1] if i > 0 else None, levels[i + 1] if i + 1 < len(levels) else None)
-            if n is not None and n not in seg.truncated and stats[n].heights_mm is not None
+            x
+            for x in (_max_h(levels[i - 1] if i > 0 else None), _max_h(levels[i + 1] if i + 1 < len(levels) else None))
+            if x is not None
         ]
-        if nb and max(hs) < FRACTURE_RATIO * float(np.mean(nb)):
+        # the reference height: the median of this body's tallest height and its neighbours' (one inflated
+        # height at a pedicle root must not fake a wedge)
+        ref = float(np.median([max(h), *nb]))
+        if r < FRACTURE_RATIO and min(h) < FRACTURE_RATIO * ref:
             reasons[lv].append(
-                f"suspected compression fracture (height {max(hs):.0f} mm < 80% of neighbours' {np.mean(nb):.0f} mm)"
+                f"suspected compression fracture (height ratio {r:.2f} < {FRACTURE_RATIO}, Genant grade >= 1)"
+            )
+        elif nb and max(h) < FRACTURE_RATIO * float(np.mean(nb)):
+            reasons[lv].append(
+                f"suspected compression fracture (height {max(h):.0f} mm < 80% of neighbours' {np.mean(nb):.0f} mm)"
             )
     # outliers against both neighbours (calibrated HU), among otherwise valid levels
     cal_hu = {lv: fit.apply(stats[lv].mean) for lv in levels if np.isfinite(stats[lv].mean)}

@@ -59,6 +59,7 @@ def trabecular_roi(
     * end plates: voxels closer than ``max(endplate_margin_mm, erosion_mm + slice thickness)`` along the
       cranio-caudal axis to the body's end go (the slice sensitivity profile smears the dense end plate over
       about one slice thickness beyond its own edge);
+    * mid-vertebral slab: only the central half of the body height along the vertebra's axis;
     * shape: an elliptic cylinder centred slightly anterior of the body centre (0.45 of the depth from the
       front) with semi-axes 36 % of the width and 33 % of the depth, like the oval ROI of manual L1
       measurements (Pickhardt; Comp2Comp uses 65 % x 50 % diameters); it keeps pedicle roots and the
@@ -77,6 +78,17 @@ def trabecular_roi(
     heights = body_heights(body, (sx, sy, sz), axis_mm)
     if body.any():
         kk, jj, ii = np.nonzero(body)
+        # mid-vertebral slab: the central half of the body height along its own axis (clinical L1 ROIs are
+        # drawn on the mid-vertebral slice; end plate sclerosis and Schmorl nodes sit in the outer quarters)
+        a = np.asarray(axis_mm if axis_mm is not None else (0.0, 0.0, 1.0), dtype=float)
+        a /= np.linalg.norm(a)
+        h_all = ii * sx * a[0] + jj * sy * a[1] + kk * sz * a[2]
+        h_lo, h_hi = np.percentile(h_all, 2), np.percentile(h_all, 98)
+        span = h_hi - h_lo
+        rk, rj, ri = np.nonzero(roi)
+        hr = ri * sx * a[0] + rj * sy * a[1] + rk * sz * a[2]
+        out_slab = (hr < h_lo + 0.25 * span) | (hr > h_hi - 0.25 * span)
+        roi[rk[out_slab], rj[out_slab], ri[out_slab]] = False
         y_ant, y_post = np.percentile(jj, 2) * sy, np.percentile(jj, 98) * sy
         x_lo, x_hi = np.percentile(ii, 2) * sx, np.percentile(ii, 98) * sx
         depth, width = max(y_post - y_ant, 1.0), max(x_hi - x_lo, 1.0)

@@ -70,6 +70,13 @@ def register(subparsers: Any) -> None:
                 metavar="S",
                 help="seconds without heartbeat after which another host's ANALYSING job is taken back",
             )
+        if role == "work":
+            p.add_argument(
+                "--celery-worker",
+                action="store_true",
+                help="run a Celery worker only (workers.executor celery): it takes the jobs the sweeps of "
+                "another 'work' process queue on the broker; no scheduler, no HTTP",
+            )
         p.set_defaults(handler=run_node, role=role)
 
     e: argparse.ArgumentParser = subparsers.add_parser(
@@ -310,6 +317,8 @@ def run_node(args: argparse.Namespace) -> int:
         log.info("signal %s received", signal.Signals(signum).name)
         stop.set()
 
+    if getattr(args, "celery_worker", False):
+        return run_celery_worker(settings)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     node: Node | None = None
     try:
@@ -346,3 +355,42 @@ def run_node(args: argparse.Namespace) -> int:
             node.stop()
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def run_celery_worker(settings: Settings) -> int:
+    """``dicomnode work --celery-worker``: a Celery worker running :meth:`Runner.run_next_job` tasks.
+
+    Celery handles SIGTERM itself (warm shutdown: the task in progress finishes; tasks are acknowledged late,
+    so one lost with a killed worker is delivered again, and its job is reset by the recovery sweep).
+    """
+    if settings.workers.executor != "celery" or not settings.workers.broker_url:
+        print(
+            "dicomnode: config: workers.executor: must be 'celery' (with broker_url) for --celery-worker",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    from dicomnode.pipeline.executors import analyze_job, configure_celery_worker, make_celery_app
+    from dicomnode.pipeline.runner import Runner
+    from dicomnode.store import Store, make_engine, upgrade
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.database_url_resolved())
+    upgrade(engine)
+    store = Store(engine)
+    configure_celery_worker(Runner(settings, store, analyze=analyze_job))
+    app = make_celery_app(settings.workers.broker_url)
+    try:
+        app.worker_main(
+            [
+                "worker",
+                "--pool",
+                "threads",
+                "--concurrency",
+                str(settings.workers.count),
+                "--loglevel",
+                "INFO",
+            ]
+        )
+    finally:
+        store.close()
+    return EXIT_OK

@@ -148,6 +148,10 @@ class StorageSCP:
         Maximum PDU length we receive (0 = unlimited).
     network_timeout, acse_timeout, dimse_timeout
         Seconds before an idle or stuck peer is dropped (a half-open connection never blocks a thread).
+    poll_interval_s
+        How long pynetdicom's network reactor sleeps between polls of an idle socket (its default is 1 ms).
+        Smaller values cut the latency of each C-STORE at the cost of a few % of a CPU core per open,
+        idle association; None keeps pynetdicom's default.
     """
 
     def __init__(
@@ -163,6 +167,7 @@ class StorageSCP:
         network_timeout: float = 60.0,
         acse_timeout: float = 30.0,
         dimse_timeout: float = 60.0,
+        poll_interval_s: float | None = None,
     ) -> None:
         self.spool = spool
         self.ae_title = ae_title
@@ -174,6 +179,7 @@ class StorageSCP:
         self.network_timeout = network_timeout
         self.acse_timeout = acse_timeout
         self.dimse_timeout = dimse_timeout
+        self.poll_interval_s = poll_interval_s
         self._server: ThreadedAssociationServer | None = None
         self._stopped = threading.Event()
         self.ae: AE | None = None
@@ -223,6 +229,8 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
+        if self.poll_interval_s is not None:
+            handlers.append((evt.EVT_CONN_OPEN, self._on_conn_open))
         self._server = self.ae.start_server((self.host, self._port), block=False, evt_handlers=handlers)
         LOGGER.info("DICOM SCP %s listening on %s:%d", self.ae_title, self.host, self.port)
 
@@ -279,6 +287,16 @@ class StorageSCP:
             status.Status = PROCESSING_FAILURE
             status.ErrorComment = _lo(f"processing failure: {type(exc).__name__}")
         return status
+
+    def _on_conn_open(self, event: evt.Event) -> None:
+        # pynetdicom exposes the reactor delay only as an attribute of each association's DUL.
+        delay = self.poll_interval_s
+        if delay is None:
+            return
+        try:
+            event.assoc.dul._run_loop_delay = delay
+        except Exception:
+            LOGGER.debug("could not set the poll interval", exc_info=True)
 
     def _on_echo(self, event: evt.Event) -> int:
         return 0x0000

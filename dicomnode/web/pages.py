@@ -166,7 +166,7 @@ def studies(request: Request, user: AnyUser, ctx: Ctx, page: Page = 1) -> HTMLRe
         "studies",
         studies=p,
         job_states=job_states,
-        pager=_pager(p.total, page, "/studies", {}),
+        paging=_pager(p.total, page, "/studies", {}),
     )
 
 
@@ -186,10 +186,18 @@ def study(study_uid: str, request: Request, user: AnyUser, ctx: Ctx) -> HTMLResp
         "study.html",
         "studies",
         study=st,
-        series=ctx.store.list_series(study_uid=study_uid, limit=500).items,
+        series=sorted(ctx.store.list_series(study_uid=study_uid, limit=500).items, key=_series_order),
         jobs=ctx.store.list_jobs(study_uid=study_uid, limit=500).items,
         decisions=latest,
     )
+
+
+def _series_order(s: Any) -> tuple[float, str]:
+    try:
+        number = float(s.attributes.get("SeriesNumber"))
+    except (TypeError, ValueError):
+        number = float("inf")
+    return number, s.first_received_at.isoformat()
 
 
 @router.get("/jobs", response_class=HTMLResponse)
@@ -211,7 +219,7 @@ def jobs(
         state=st.value if st else "",
         states=list(JobState),
         counts=ctx.store.job_counts(),
-        pager=_pager(p.total, page, "/jobs", {"state": st.value if st else None}),
+        paging=_pager(p.total, page, "/jobs", {"state": st.value if st else None}),
     )
 
 
@@ -313,7 +321,7 @@ def deliveries(
         destination=dest or "",
         outcomes=list(DeliveryOutcome),
         counts=ctx.store.delivery_counts(),
-        pager=_pager(
+        paging=_pager(
             p.total, page, "/deliveries", {"outcome": oc.value if oc else None, "destination": dest}
         ),
     )
@@ -338,7 +346,7 @@ def audit(
         "audit",
         events=p,
         target=target or "",
-        pager=_pager(p.total, page, "/audit", {"target": target}),
+        paging=_pager(p.total, page, "/audit", {"target": target}),
     )
 
 

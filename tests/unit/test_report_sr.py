@@ -212,3 +212,24 @@ def test_rerun_into_the_same_folder_leaves_one_analysis(case: SyntheticCase, tmp
     failed = AnalysisResult(AnalysisStatus.FAILED, "boom", "", "")
     write_outputs(Measured(failed, case.canonical, None), case.datasets, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "result.json"]
+
+
+def test_multiframe_source_references_the_frame(case: SyntheticCase, shared_data: Path) -> None:
+    from dicomnode.domain import RoiOutline
+
+    enhanced = pydicom.dcmread(
+        shared_data / "edge_and_negative" / "pydicom-data" / "eCT_Supplemental.dcm", stop_before_pixels=True
+    )
+    square = ((10.5, 10.5), (20.5, 10.5), (20.5, 20.5), (10.5, 10.5))
+    outline = RoiOutline(str(enhanced.SOPInstanceUID), 2, square)
+    verts = tuple(dataclasses.replace(v, outline=outline) for v in case.result.vertebrae[:2])
+    sr = build_sr(dataclasses.replace(case.result, vertebrae=verts), [enhanced], UidPolicy())
+    refs = [
+        ds.ReferencedSOPSequence[0]
+        for ds in _walk(sr)
+        if getattr(ds, "ValueType", "") == "IMAGE" and "ReferencedSOPSequence" in ds
+    ]
+    assert len(refs) == 2
+    assert all(r.ReferencedSOPInstanceUID == enhanced.SOPInstanceUID for r in refs)
+    assert all(int(r.ReferencedFrameNumber) == 2 for r in refs)
+    assert sr.StudyInstanceUID == enhanced.StudyInstanceUID

@@ -442,3 +442,31 @@ def _series_uid(path: Path) -> str:
     import pydicom
 
     return str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
+
+
+def test_pages_render_for_admin_and_viewer(client: TestClient, node: SeededNode) -> None:
+    pages = {
+        "/": "Dashboard",
+        "/studies": "CT ABDOMEN PHANTOM",
+        f"/studies/{node.study.study_uid}": "Abdomen 3.0 mm STANDARD",
+        "/jobs": f"#{node.job_id}",
+        "/jobs?state=failed&page=1": "of 1",
+        f"/jobs/{node.job_id}": "Timeline",
+        "/rules": "Dry run",
+        "/rules/diff?a=0&b=0": "identical",
+        "/deliveries": "C-STORE",
+        "/audit": "Audit log",
+        "/health": "Readiness",
+    }
+    for path, text in pages.items():
+        r = client.get(path, auth=VIEWER)
+        assert r.status_code == 200, path
+        assert text in r.text, path
+        assert r.headers["cache-control"] == "no-store"
+    job_admin = client.get(f"/jobs/{node.job_id}", auth=ADMIN).text
+    job_viewer = client.get(f"/jobs/{node.job_id}", auth=VIEWER).text
+    assert 'id="rerun"' in job_admin and 'id="rerun"' not in job_viewer
+    assert "Save as new version" in client.get("/rules", auth=ADMIN).text
+    assert "Save as new version" not in client.get("/rules", auth=VIEWER).text
+    assert client.get("/jobs/424242", auth=VIEWER, headers={"accept": "text/html"}).status_code == 404
+    assert client.get("/jobs", params={"page": 0}, auth=VIEWER).status_code == 422

@@ -156,7 +156,7 @@ function initRules() {
           const meta = [s.series_number !== null && s.series_number !== undefined ? `#${s.series_number}` : "", s.images !== null ? `${s.images} images` : "",
             s.slice_thickness ? `${s.slice_thickness} mm` : "", s.kernel || ""].filter(Boolean).join(" · ");
           const reasons = s.reasons.map((x) => {
-            const cls = /FAIL|not selected|not matched/.test(x) ? "fail" : (/: pass/.test(x) ? "pass" : "");
+            const cls = /FAIL|not selected/.test(x) ? "fail" : (/: pass/.test(x) ? "pass" : "");
             return `<li class="${cls}">${esc(x)}</li>`;
           }).join("");
           return `<div class="dry-series ${s.selected ? "selected" : ""}" data-series="${esc(s.series_instance_uid)}" data-selected="${s.selected}">
@@ -186,7 +186,7 @@ async function initHealth() {
     for (const [name, why] of Object.entries(r.problems || {})) {
       rows.push(`<tr><td>${esc(name)}</td><td><span class="badge st-bad">not ready</span> ${esc(why)}</td></tr>`);
     }
-    if (r.status === "ready") rows.push('<tr><td colspan="2" class="muted">Every check passes (database, listeners, scheduler, spool space).</td></tr>');
+    if (r.status === "ready") rows.push('<tr><td colspan="2" class="muted">Every readiness check of this process passes.</td></tr>');
     ready.innerHTML = `<tbody>${rows.join("")}</tbody>`;
   } catch (e) {
     ready.innerHTML = `<tbody><tr><td class="bad">${esc(e.message)}</td></tr></tbody>`;
