@@ -16,6 +16,8 @@
 #   NODE_SERIES_QUIET (2) NODE_STUDY_QUIET (2)  completion quiet periods of the node, seconds
 #   NODE_START (1)             0 = start Orthanc only (tests that run their own node processes)
 #   NODE_EXTRA_CONFIG          a YAML fragment appended to the generated node config
+#   DICOMNODE_ADMIN_PASSWORD   the node's admin password (admin UI, REST API, STOW-RS into the node); when
+#                              unset the node generates one and prints it once into STATE_DIR/logs/node.log
 #   DICOMNODE (.venv/bin/dicomnode)  PYTHON (.venv/bin/python)  ORTHANC (Orthanc)
 set -euo pipefail
 

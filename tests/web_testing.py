@@ -88,7 +88,9 @@ def write_phantom_study(folder: Path, matrix: int = 96) -> PhantomStudy:
     from dicomnode.phantom import PhantomSpec, make_phantom
 
     ph = make_phantom(
-        PhantomSpec(matrix=matrix, spacing_mm=min(5.0, 384.0 / matrix), thickness_mm=1.5, z_levels=("T11", "L5"))
+        PhantomSpec(
+            matrix=matrix, spacing_mm=min(5.0, 384.0 / matrix), thickness_mm=1.5, z_levels=("T11", "L5")
+        )
     )
     series = write_study(
         ph.volume, folder, header={"StudyDescription": "CT ABDOMEN PHANTOM", "BodyPartExamined": "ABDOMEN"}

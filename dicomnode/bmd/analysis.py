@@ -19,7 +19,7 @@ import dicomnode
 from dicomnode.bmd import calibration as cal
 from dicomnode.bmd import qc
 from dicomnode.bmd.classical import ClassicalBackend, ClassicalContext
-from dicomnode.bmd.grid import body_mask, make_coarse
+from dicomnode.bmd.grid import CoarseGrid, body_mask, make_coarse
 from dicomnode.bmd.roi import RoiStats, outline_on_slice, padded_box, trabecular_roi
 from dicomnode.bmd.segmentation import SegmentationBackend, SpineSegmentation, get_backend
 from dicomnode.bmd.tissues import (
@@ -102,23 +102,28 @@ class BmdOutput:
     segmentation: SpineSegmentation | None = None
 
 
-def _frame_from_labels(seg: SpineSegmentation, canon: Volume, g: float, nz: int) -> tuple[SpineFrame, int, int]:
-    """Per coarse slice: body centre x, front y and an estimated canal y (mm), from the body labels."""
-    sx, sy, sz = canon.spacing
-    lab = seg.body_labels
+def _frame_from_labels(
+    seg: SpineSegmentation, canon: Volume, grid: CoarseGrid
+) -> tuple[SpineFrame, int, int]:
+    """Per coarse slice: body centre x, front/back y and half width (mm), from the body labels sampled
+    onto the working grid (nearest neighbour; cheap even for 512 x 512 x 500 volumes)."""
+    g = grid.g
+    nz, ny, nx = grid.hu.shape
+    ks = np.clip(np.round(np.arange(nz) * grid.step[2]).astype(int), 0, canon.shape[0] - 1)
+    js = np.clip(np.round(np.arange(ny) * grid.step[1]).astype(int), 0, canon.shape[1] - 1)
+    is_ = np.clip(np.round(np.arange(nx) * grid.step[0]).astype(int), 0, canon.shape[2] - 1)
+    lab = seg.body_labels[np.ix_(ks, js, is_)]
     x = np.full(nz, np.nan)
     yf = np.full(nz, np.nan)
     yb = np.full(nz, np.nan)
     hw = np.full(nz, np.nan)
-    ks = np.nonzero(lab.any(axis=(1, 2)))[0]
-    for k in ks:
-        jj, ii = np.nonzero(lab[k])
-        z = int(round(k * sz / g))
-        if 0 <= z < nz:
-            x[z] = ii.mean() * sx
-            yf[z] = np.percentile(jj, 2) * sy
-            yb[z] = np.percentile(jj, 98) * sy
-            hw[z] = 0.5 * (np.percentile(ii, 98) - np.percentile(ii, 2)) * sx
+    zs = np.nonzero(lab.any(axis=(1, 2)))[0]
+    for z in zs:
+        jj, ii = np.nonzero(lab[z])
+        x[z] = ii.mean() * g
+        yf[z] = np.percentile(jj, 2) * g
+        yb[z] = np.percentile(jj, 98) * g
+        hw[z] = 0.5 * (np.percentile(ii, 98) - np.percentile(ii, 2)) * g
     ok = np.isfinite(x)
     idx = np.nonzero(ok)[0]
     if idx.size:
@@ -130,12 +135,14 @@ def _frame_from_labels(seg: SpineSegmentation, canon: Volume, g: float, nz: int)
     yc = yb + 10.0  # canal centre ~10 mm behind the posterior wall
     # tissue slab: L1-L4 when named, else the whole labelled range
     lumbar = [i + 1 for i, lv in enumerate(seg.levels) if lv in ("L1", "L2", "L3", "L4")]
-    sel = np.isin(lab, lumbar).any(axis=(1, 2)) if lumbar else lab.any(axis=(1, 2))
+    present = np.zeros(len(seg.levels) + 2, dtype=bool)
+    present[lumbar] = True
+    sel = present[np.minimum(lab, len(seg.levels) + 1)].any(axis=(1, 2)) if lumbar else lab.any(axis=(1, 2))
     kk = np.nonzero(sel)[0]
     if kk.size == 0:
-        kk = ks
-    z_lo = int(np.floor(kk.min() * sz / g)) if kk.size else 0
-    z_hi = int(np.ceil(kk.max() * sz / g)) if kk.size else nz - 1
+        kk = zs
+    z_lo = int(kk.min()) if kk.size else 0
+    z_hi = int(kk.max()) if kk.size else nz - 1
     return SpineFrame(x, yf, yc, z_lo, z_hi, yb, hw), z_lo, z_hi
 
 
@@ -206,7 +213,7 @@ def _analyze(volume: Volume, opts: BmdOptions) -> BmdOutput:
     else:
         backend = get_backend(opts.backend)
         seg = backend.segment(canon)
-    frame, _, _ = _frame_from_labels(seg, canon, g, grid.hu.shape[0])
+    frame, _, _ = _frame_from_labels(seg, canon, grid)
 
     # 3. muscle and aorta, contrast phase, final calibration
     # psoas first (keeps its density with age); paraspinal muscle when the psoas is not measurable

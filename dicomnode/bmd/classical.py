@@ -69,6 +69,7 @@ class Segment:
     rib_r: float = 0.0
     rib_reach: float = 0.0  # angular reach (rad, 0 posterior, pi anterior) of its ribs
     sacral: bool = False
+    slab: int = -1  # number of disc planes below it (its place between the discs)
 
     @property
     def zc(self) -> float:
@@ -206,14 +207,20 @@ def _bodies(hu: F32, body: B, frame: Frame, g: float) -> B:
     """Vertebral bodies per slice: solid bone in front of the canal, near the tracked column.
 
     The wall mask is closed by 4 mm in-plane (thin or osteoporotic cortex leaves gaps) and its marrow-like
-    holes filled; only in-plane operations, so the disc gaps between bodies stay open along z.
+    holes filled; only in-plane operations, so the disc gaps between bodies stay open along z. Anything the
+    closing glued to the body (an enhanced aorta, the psoas, an osteophyte) is split off by a watershed on
+    the distance map (one basin per thick blob), and thin attachments by a 4 mm opening.
     """
+    from skimage.morphology import h_maxima
+    from skimage.segmentation import watershed
+
     nz, ny, nx = hu.shape
     yy, xx = np.mgrid[0:ny, 0:nx]
     out = np.zeros(hu.shape, dtype=bool)
     r_open = max(1, int(round(4.0 / g)))
     st_open = disk(r_open)
-    st_close = disk(max(1, int(round(4.0 / g))))
+    st_close = disk(max(1, int(round(2.0 / g))))
+    grow = ndi.generate_binary_structure(2, 1)
     for z in range(frame.z_lo, frame.z_hi + 1):
         xc, ya = frame.xc[z], frame.ya[z]
         win = (yy <= ya + 0.5) & (yy >= ya - 70.0 / g) & (np.abs(xx - xc) <= 40.0 / g)
@@ -224,20 +231,28 @@ def _bodies(hu: F32, body: B, frame: Frame, g: float) -> B:
         reg = _fill_bright_holes(closed, hu[z], 40.0) & win
         if reg.sum() * g * g < 150.0:
             continue
+        dist = ndi.distance_transform_edt(reg)
+        # one marker per thick blob: maxima of the distance map standing >= 2.5 mm above their saddle
+        # (a neck to the aorta is a deep saddle; the irregular outline of one body is not)
+        hmax = h_maxima(dist, 2.5 / g) & (dist >= 4.0 / g)
+        markers, n_mark = ndi.label(hmax, structure=np.ones((3, 3), dtype=bool))
+        sy, sx = ya - 12.0 / g, xc
+        if n_mark > 1:
+            basins = watershed(-dist, markers, mask=reg)
+            # the basin nearest to the point 12 mm in front of the posterior wall
+            dmin = ndi.labeled_comprehension(
+                np.hypot(yy - sy, xx - sx), basins, np.arange(1, n_mark + 1), np.min, float, np.inf
+            )
+            reg = basins == int(np.argmin(dmin)) + 1
         op = ndi.binary_opening(reg, structure=st_open)
         lab, n = ndi.label(op)
         if n == 0:
             continue
-        # the component nearest to the point 12 mm in front of the posterior wall
-        sy, sx = ya - 12.0 / g, xc
-        d = ndi.labeled_comprehension(
-            np.hypot(yy - sy, xx - sx), lab, np.arange(1, n + 1), np.min, float, np.inf
-        )
+        d = ndi.labeled_comprehension(np.hypot(yy - sy, xx - sx), lab, np.arange(1, n + 1), np.min, float, np.inf)
         k = int(np.argmin(d)) + 1
         if d[k - 1] * g > 15.0:
             continue
-        comp = lab == k
-        comp = ndi.binary_dilation(comp, structure=ndi.generate_binary_structure(2, 1), iterations=r_open) & reg
+        comp = ndi.binary_dilation(lab == k, structure=grow, iterations=r_open) & reg
         if comp.sum() * g * g >= 150.0:
             out[z] = comp
     return out
@@ -348,6 +363,13 @@ def _find_discs(p: npt.NDArray[np.float64], z_lo: int, z_hi: int, g: float) -> l
     out = list(chain)
     if len(out) >= 2:
         pitch = float(np.median(np.diff(out))) * g
+        # above the top disc: another vertebra's worth of column means a missed disc up there
+        top = max(out)
+        if (z_hi - top) * g > 1.6 * pitch:
+            above = [z for z in range(top + int(smin / g), z_hi - int(10.0 / g) + 1) if np.isfinite(d[z])]
+            if above:
+                out.append(max(above, key=lambda z: d[z]))
+                out.sort()
         changed = True
         while changed:
             changed = False
@@ -402,14 +424,21 @@ def _segments_from_discs(bodies: B, discs: list[int], col: Column, g: float) -> 
         m[bz0:bz1, y0 : y1 + 1, x0 : x1 + 1] = sub
         zs = np.nonzero(sub.any(axis=(1, 2)))[0] + bz0
         z0, z1 = int(zs.min()), int(zs.max())
-        segs.append(Segment(0, z0, z1, m, truncated=(z0 == 0 or z1 == nz - 1)))
+        segs.append(Segment(0, z0, z1, m, truncated=(z0 == 0 or z1 == nz - 1), slab=k))
     segs.sort(key=lambda s: -s.zc)  # cranial first (z grows superior)
     for i, s in enumerate(segs):
         s.label = i + 1
     return segs
 
 
-def _rib_evidence(hu: F32, body: B, frame: Frame, segs: list[Segment], g: float) -> list[str]:
+def _rib_evidence(
+    hu: F32,
+    body: B,
+    frame: Frame,
+    segs: list[Segment],
+    g: float,
+    slab_of: Any = None,
+) -> list[str]:
     """Attach to each vertebra the rib bone that passes next to it; return notes.
 
     Rib = bone outside the 45 mm spine core that reaches >= 75 mm off the axis (lumbar transverse processes
@@ -447,7 +476,13 @@ def _rib_evidence(hu: F32, body: B, frame: Frame, segs: list[Segment], g: float)
     zc = np.array([s.zc for s in segs])
     az, ay, ax = np.nonzero(ann)
     azf = az + zl
-    nearest = np.argmin(np.abs(azf[:, None] - zc[None, :]), axis=1)
+    if slab_of is not None:
+        # the vertebra whose disc planes enclose the rib neck (robust to bodies cut by the field of view)
+        slab = slab_of(azf, ay, ax)
+        index = {s.slab: i for i, s in enumerate(segs)}
+        nearest = np.array([index.get(int(k), -1) for k in slab])
+    else:
+        nearest = np.argmin(np.abs(azf[:, None] - zc[None, :]), axis=1)
     side_left = (ax - frame.xc[azf]) > 0
     comp_of = lab[az, ay, ax]
     body_y = np.full(nz, np.nan)
@@ -486,33 +521,60 @@ def _rib_evidence(hu: F32, body: B, frame: Frame, segs: list[Segment], g: float)
     return notes
 
 
-def _sacral_slices(hu: F32, filled: B, bodies: B, frame: Frame, g: float) -> npt.NDArray[np.bool_]:
-    """Slices where solid bone fused with the vertebral body spreads 28-60 mm to both sides at body depth
-    over >= 450 mm2 per side: the sacral alae. Lumbar transverse processes are ~10 mm bars (< 250 mm2 in
-    that window); rib heads are excluded later (the sacrum must lie below every rib-bearing vertebra)."""
+def _sacral_slices(hu: F32, filled: B, bodies: B, frame: Frame, g: float) -> npt.NDArray[np.int8]:
+    """Per slice: 2 = sacrum-like on both sides, 1 = on one side, 0 = not.
+
+    Sacrum-like: bone joined to the vertebral body reaches >= 90 mm off the axis (sacrum joined to the
+    iliac bones across the sacroiliac joint; lumbar transverse processes end at ~50 mm and the iliac
+    crest is usually separated from L5 by the iliolumbar space), or solid bone spreads 28-60 mm beside the
+    body at body depth over >= 450 mm2 (sacral alae). Ribs also reach far laterally; they are handled by
+    requiring the sacrum to be the lowest vertebra, below every rib-bearing one.
+    """
     nz, ny, nx = hu.shape
     yy, xx = np.mgrid[0:ny, 0:nx]
-    out = np.zeros(nz, dtype=bool)
+    out = np.zeros(nz, dtype=np.int8)
     st = disk(1)
     for z in range(frame.z_lo, frame.z_hi + 1):
         xc, ya = frame.xc[z], frame.ya[z]
         b = bodies[z]
         if not b.any():
             continue
-        f = ndi.binary_closing(filled[z], structure=st) | filled[z] | b
-        lab, n = ndi.label(f)
-        ids = np.unique(lab[b])
-        ids = ids[ids > 0]
-        if ids.size == 0:
-            continue
-        comp = np.isin(lab, ids)
-        band = (yy >= ya - 35.0 / g) & (yy <= ya + 15.0 / g)
         dxm = (xx - xc) * g
-        left = comp & band & (dxm >= 28.0) & (dxm <= 60.0)
-        right = comp & band & (dxm <= -28.0) & (dxm >= -60.0)
-        if left.sum() * g * g >= 450.0 and right.sum() * g * g >= 450.0:
-            out[z] = True
+        f = ndi.binary_closing((hu[z] > BONE_HU) | b, structure=st) | b
+        lab, _ = ndi.label(f)
+        ids = np.unique(lab[b])
+        comp = np.isin(lab, ids[ids > 0])
+        reach_l = float(dxm[comp].max()) if comp.any() else 0.0
+        reach_r = float(-dxm[comp].min()) if comp.any() else 0.0
+        f2 = ndi.binary_closing(filled[z], structure=st) | filled[z] | b
+        lab2, _ = ndi.label(f2)
+        ids2 = np.unique(lab2[b])
+        comp2 = np.isin(lab2, ids2[ids2 > 0])
+        band = (yy >= ya - 35.0 / g) & (yy <= ya + 15.0 / g)
+        ala_l = (comp2 & band & (dxm >= 28.0) & (dxm <= 60.0)).sum() * g * g >= 450.0
+        ala_r = (comp2 & band & (dxm <= -28.0) & (dxm >= -60.0)).sum() * g * g >= 450.0
+        left = reach_l >= 90.0 or ala_l
+        right = reach_r >= 90.0 or ala_r
+        out[z] = int(left) + int(right)
     return out
+
+
+def _find_sacrum(sac: npt.NDArray[np.int8], segs: list[Segment], g: float) -> tuple[int | None, bool, str]:
+    """The sacrum is the lowest of the bottom three vertebrae with >= 3 sacrum-like slices (6 mm) and no
+    rib; everything below it is sacrum too (S1-S2 remnant discs split the sacrum into pieces). Strong
+    evidence when >= 3 slices are sacrum-like on both sides."""
+    for i in range(len(segs) - 1, max(-1, len(segs) - 4), -1):
+        s = segs[i]
+        if s.has_rib:
+            return None, False, ""
+        zs = sac[s.z0 : s.z1 + 1]
+        n_any, n_both = int((zs > 0).sum()), int((zs > 1).sum())
+        if n_any < 3:
+            continue
+        strong = n_both >= 3
+        side = "both sides" if strong else "one side only"
+        return i, strong, f"sacrum: vertebra #{i + 1} joined to the iliac bones / alae on {side} over {n_any * g:.0f} mm"
+    return None, False, ""
 
 
 @dataclass(frozen=True)
@@ -522,7 +584,7 @@ class Naming:
     evidence: tuple[str, ...]
 
 
-def _name(segs: list[Segment], sacrum_top: int | None, sacral_run_mm: float, g: float) -> Naming:
+def _name(segs: list[Segment], sacrum: int | None, sacrum_strong: bool, sacrum_note: str) -> Naming:
     ev: list[str] = []
     n = len(segs)
     # rib anchor: the run of rib-bearing vertebrae from the top
@@ -555,20 +617,16 @@ def _name(segs: list[Segment], sacrum_top: int | None, sacral_run_mm: float, g: 
             f"ribs articulate down to vertebra #{t12 + 1} of {n} in view (left {s.rib_l:.0f} mm3, right "
             f"{s.rib_r:.0f} mm3): T12 anchor"
         )
-    # sacrum anchor
+    # sacrum anchor: the vertebra above the sacrum is L5
     l5: int | None = None
     sac_weak = False
-    if sacrum_top is not None:
-        # the alae rise beside the lower end of L5 (sacral tilt): compare body centres with the run top
-        above = [i for i, s in enumerate(segs) if s.zc > sacrum_top]
-        if above:
-            l5 = max(above, key=lambda i: -segs[i].zc)  # the lowest vertebra above the sacrum
-            ev.append(f"sacrum (alae fused with the body over {sacral_run_mm:.0f} mm) below vertebra #{l5 + 1}: L5 anchor")
-            if sacral_run_mm < 16.0:
-                sac_weak = True
-                ev.append("sacral evidence short")
-            if segs[l5].truncated:
-                sac_weak = True
+    if sacrum is not None and sacrum >= 1:
+        l5 = sacrum - 1
+        ev.append(f"{sacrum_note}; vertebra #{l5 + 1} above it: L5 anchor")
+        if not sacrum_strong:
+            sac_weak = True
+        if segs[l5].truncated:
+            sac_weak = True
     names: dict[int, str] = {}
     uncertain = False
     base: int | None = None  # NORMAL_LEVELS index of segment 0
@@ -666,12 +724,12 @@ class ClassicalBackend:
         prof = _axial_profile(hu_c, col, frame_c.z_lo, frame_c.z_hi, g)
         discs = _find_discs(prof, frame_c.z_lo, frame_c.z_hi, g)
         sac = _sacral_slices(hu_c, filled, bodies, frame_c, g)
-        sac_run = _caudal_run(sac, g)
+        sac_run = _caudal_run(sac > 0, g)
         if sac_run is not None:
             lo, hi = sac_run
-            below = [d for d in discs if d <= hi + int(round(10.0 / g))]
-            # a missed lumbosacral disc: bodies continue > 45 mm above the alae with no disc in between
+            # a missed lumbosacral disc: a body continues > 45 mm above the sacral slices with no disc
             above_top = [d for d in discs if d > hi]
+            below = [d for d in discs if d <= hi + int(round(10.0 / g))]
             next_disc = min(above_top) if above_top else frame_c.z_hi
             if not below and (next_disc - hi) * g > 45.0:
                 discs = sorted([*discs, hi + 1])
@@ -684,10 +742,20 @@ class ClassicalBackend:
             sg.mask = full_m
         frame = Frame(frame_c.xc + x0, frame_c.yc + y0, frame_c.ya + y0, frame_c.found, frame_c.z_lo, frame_c.z_hi)
         context.frame = frame
-        notes = _rib_evidence(hu, body, frame, segs, g)
+        notes = _rib_evidence(
+            hu, body, frame, segs, g, slab_of=lambda z, y, x: _n_above(discs, col, z, y - y0, x - x0)
+        )
         # ribs belong to the run of rib-bearing vertebrae from the top; rib-like bone further down (iliac
         # crest next to L4/L5, a stray fragment) is not a rib
         first = next((i for i, sg in enumerate(segs) if sg.has_rib), None)
+        # rib-bearing vertebrae are the uppermost ones: a run that starts below rib-free vertebrae (other
+        # than a first one cut by the field of view) is pelvis or other lateral bone, not ribs
+        allowed_first = 1 if segs[0].truncated else 0
+        if first is not None and first > allowed_first:
+            notes.append(f"rib-like bone first at vertebra #{first + 1}, below rib-free ones: not ribs")
+            for sg in segs:
+                sg.rib_l = sg.rib_r = 0.0
+            first = None
         if first is not None:
             i = first
             while i + 1 < len(segs) and segs[i + 1].has_rib:
@@ -697,8 +765,8 @@ class ClassicalBackend:
                 notes.append(f"rib-like bone next to {len(stray)} vertebra(e) below the rib-free ones ignored")
             for sg in stray:
                 sg.rib_l = sg.rib_r = 0.0
-        sacrum_top, run_mm = _sacrum_top(sac, segs, g)
-        naming = _name(segs, sacrum_top, run_mm, g)
+        sacrum, sac_strong, sac_note = _find_sacrum(sac, segs, g)
+        naming = _name(segs, sacrum, sac_strong, sac_note)
         context.segments = segs
         # vertebrae inside the sacrum are not vertebrae for our purpose
         coarse_labels = np.zeros(hu.shape, dtype=np.uint8)
@@ -709,7 +777,7 @@ class ClassicalBackend:
             lvl = naming.names.get(s.label)
             if lvl is None:
                 continue
-            if sacrum_top is not None and s.zc < sacrum_top:
+            if sacrum is not None and s.label - 1 >= sacrum:
                 continue
             levels.append(lvl)
             coarse_labels[s.mask] = len(levels)
@@ -728,7 +796,7 @@ class ClassicalBackend:
             level_uncertain=naming.uncertain,
             evidence=tuple(ev),
             truncated=frozenset(truncated),
-            hints={"frame": frame, "sacrum_top_z": sacrum_top, "axes": axes},
+            hints={"frame": frame, "axes": axes},
         )
 
 
@@ -743,31 +811,6 @@ def _caudal_run(sac: npt.NDArray[np.bool_], g: float) -> tuple[int, int] | None:
         if (zs.max() - zs.min() + 1) * g >= 8.0:
             runs.append((int(zs.min()), int(zs.max())))
     return min(runs, key=lambda r: r[0]) if runs else None
-
-
-def _sacrum_top(sac: npt.NDArray[np.bool_], segs: list[Segment], g: float) -> tuple[int | None, float]:
-    """Top slice of the caudal-most run of sacral slices (>= 8 mm), if it lies below a lumbar vertebra."""
-    if not sac.any():
-        return None, 0.0
-    lab, n = ndi.label(sac)
-    runs = []
-    for q in range(1, n + 1):
-        zs = np.nonzero(lab == q)[0]
-        runs.append((int(zs.min()), int(zs.max())))
-    runs = [r for r in runs if (r[1] - r[0] + 1) * g >= 8.0]
-    if not runs:
-        return None, 0.0
-    # the sacrum lies below every rib-bearing vertebra (rib heads next to thoracic bodies look alike)
-    rib_z = [s.z0 for s in segs if s.has_rib]
-    if rib_z:
-        runs = [r for r in runs if r[1] < min(rib_z)]
-    if not runs:
-        return None, 0.0
-    lo, hi = min(runs, key=lambda r: r[0])  # caudal-most
-    # at least one vertebra must lie entirely above it
-    if not any(s.z0 > hi for s in segs):
-        return None, 0.0
-    return hi, (hi - lo + 1) * g
 
 
 def _labels_to_full(grid: CoarseGrid, labels: npt.NDArray[np.uint8], n: int) -> npt.NDArray[np.uint8]:

@@ -46,12 +46,20 @@ def make_coarse(canon: Volume, g: float = GRID_MM) -> CoarseGrid:
     sx, sy, sz = canon.spacing
     data = canon.data
     f = [max(1, int(np.floor(g / s + 1e-6))) for s in (sz, sy, sx)]  # numpy axis order k, j, i
-    if any(v > 1 for v in f):
-        nk, nj, ni = (data.shape[0] // f[0]) * f[0], (data.shape[1] // f[1]) * f[1], (data.shape[2] // f[2]) * f[2]
-        d = data[:nk, :nj, :ni]
-        d = d.reshape(nk // f[0], f[0], nj // f[1], f[1], ni // f[2], f[2]).mean(axis=(1, 3, 5), dtype=np.float32)
-    else:
-        d = data
+    d = np.asarray(data, dtype=np.float32)
+    # block mean by strided sums, one axis at a time (far faster than a 6-D reshape mean on big volumes)
+    for axis, fa in enumerate(f):
+        if fa <= 1:
+            continue
+        n = (d.shape[axis] // fa) * fa
+        acc: F32 | None = None
+        for o in range(fa):
+            sl = [slice(None)] * 3
+            sl[axis] = slice(o, n, fa)
+            part = d[tuple(sl)]
+            acc = part.astype(np.float32, copy=True) if acc is None else acc + part
+        assert acc is not None
+        d = acc * np.float32(1.0 / fa)
     s_np = (sz, sy, sx)
     out_shape = tuple(max(1, int(np.floor((data.shape[a] - 1) * s_np[a] / g)) + 1) for a in range(3))
     # coarse index c -> original index c*g/s -> block index (c*g/s - (f-1)/2) / f

@@ -8,9 +8,10 @@ Thresholds and their sources:
 * L1 HU (Pickhardt et al., Ann Intern Med 2013, clinical.md 1.1): <= 110 HU > 90 % specific for
   osteoporosis; <= 160 HU ~90 % sensitive; > 200 HU NPV 99 %. These are raw HU at 120 kV.
 * Compression fracture: height ratio (min/max of anterior, middle, posterior) < 0.8, i.e. >= 20 % height
-  loss = Genant grade >= 1 (Genant semiquantitative; TotalSegmentator spine report uses the same 0.8);
-  also a body whose height is < 80 % of its neighbours' mean. Fractured levels leave the average
-  (compression raises apparent density, clinical.md 4.4).
+  loss = Genant grade >= 1 (Genant semiquantitative; TotalSegmentator spine report uses the same 0.8),
+  confirmed against the neighbours' heights; also a body < 80 % of its neighbours' mean height. Grade >= 2
+  (ratio < 0.75) leaves the average (compression raises apparent density, clinical.md 4.4); grade 1 is
+  reported in QC only (physiological wedging at T12-L1, reverse wedge of L5).
 * Outlier: calibrated trabecular HU more than 30 % and more than 30 HU away from the mean of both
   neighbours (sclerotic lesion, haemangioma, mislabelled structure).
 """
@@ -42,6 +43,9 @@ from dicomnode.imaging.volume import Volume
 ACR_NORMAL = 120.0
 ACR_OSTEOPOROSIS = 80.0
 FRACTURE_RATIO = 0.8
+#: Exclusion from the average from Genant grade 2 (>= 25 % height loss); grade 1 (20-25 %) is reported only,
+#: because physiological wedging at T12-L1 and L5 produces the same ratios (poor grade-1 specificity).
+FRACTURE_EXCLUDE_RATIO = 0.75
 OUTLIER_FRACTION = 0.30
 OUTLIER_MIN_HU = 30.0
 
@@ -105,7 +109,8 @@ def build_vertebrae(
         ratio[lv] = None
         if h is None or lv in seg.truncated or max(h) <= 0:
             continue
-        r = min(h) / max(h)
+        # L5 is physiologically shorter at the back (lumbosacral wedge): judge it on anterior and middle
+        r = (min(h[0], h[1]) if lv == "L5" else min(h)) / max(h)
         ratio[lv] = r
         nb = [
             x
@@ -115,9 +120,16 @@ def build_vertebrae(
         # the reference height: the median of this body's tallest height and its neighbours' (one inflated
         # height at a pedicle root must not fake a wedge)
         ref = float(np.median([max(h), *nb]))
-        if r < FRACTURE_RATIO and min(h) < FRACTURE_RATIO * ref:
+        short = min(h[0], h[1]) if lv == "L5" else min(h)
+        if r < FRACTURE_EXCLUDE_RATIO and short < FRACTURE_RATIO * ref:
+            grade = 2 if r >= 0.6 else 3
             reasons[lv].append(
-                f"suspected compression fracture (height ratio {r:.2f} < {FRACTURE_RATIO}, Genant grade >= 1)"
+                f"suspected compression fracture (height ratio {r:.2f}, Genant grade {grade}): excluded"
+            )
+        elif r < FRACTURE_RATIO and short < FRACTURE_RATIO * ref:
+            qcs[lv].append(
+                f"possible mild deformity (height ratio {r:.2f}, Genant grade 1; physiological wedging looks "
+                "alike): kept"
             )
         elif nb and max(h) < FRACTURE_RATIO * float(np.mean(nb)):
             reasons[lv].append(

@@ -148,13 +148,16 @@ def body_heights(
     if band.sum() < 10:
         return None
     v0, v1 = np.percentile(v[band], 2), np.percentile(v[band], 98)
+    # height = body volume in a 12 x 6 mm column / its cross-section: an average over the column, so a
+    # pedicle root or a osteophyte poking out at one corner barely changes it
+    u0 = float(np.median(u))
+    voxel = sx * sy * sz
     out = []
     for frac in (0.15, 0.5, 0.85):
-        sel = band & (np.abs(v - (v0 + frac * (v1 - v0))) <= 2.0)
+        sel = (np.abs(u - u0) <= 6.0) & (np.abs(v - (v0 + frac * (v1 - v0))) <= 3.0)
         if sel.sum() < 3:
             return None
-        hs = h[sel]
-        out.append(float(np.percentile(hs, 99) - np.percentile(hs, 1)) + sz)
+        out.append(float(sel.sum()) * voxel / 72.0)
     return (out[0], out[1], out[2])
 
 

@@ -167,13 +167,13 @@ def measure_aorta(hu: F32, body: B, frame: SpineFrame, g: float) -> float | None
             continue
         dx = xx * g - xc
         dy = yy * g - yf
-        win = body[z] & (dx >= -20.0) & (dx <= 50.0) & (dy >= -50.0) & (dy <= 5.0)
+        win = body[z] & (dx >= -20.0) & (dx <= 50.0) & (dy >= -50.0) & (dy <= -2.0)
         sl = ndi.uniform_filter(hu[z], size=3)
         best: tuple[float, float] | None = None  # (score, value)
         for lo, hi in ((150.0, 700.0), (10.0, 100.0)):
             cand = win & (sl > lo) & (sl < hi)
             for comp, _area, circ in _round_blobs(cand, g):
-                if circ < 0.6:
+                if circ < 0.5:
                     continue
                 cj, ci = ndi.center_of_mass(comp)
                 dist = float(np.hypot(ci * g - (xc + 15.0), cj * g - (yf - 15.0)))

@@ -311,6 +311,8 @@ def run_node(args: argparse.Namespace) -> int:
     if not log.isEnabledFor(logging.DEBUG):
         # Lines per sweep tick (run, skipped while the previous one still runs) are noise; -vv shows them.
         logging.getLogger("apscheduler").setLevel(logging.ERROR)
+        # pynetdicom logs every association and C-STORE at INFO: thousands of lines per study.
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

@@ -71,6 +71,11 @@ class InstanceInfo:
     image_orientation: tuple[float, ...] | None
     image_position: tuple[float, float, float] | None
     acquisition_number: int | None = None
+    #: Where the native (uncompressed) Pixel Data value starts in the file and its length in bytes, as
+    #: seen by the header read (None when encapsulated, undefined length or not deferred): lets the loader
+    #: read the pixels without parsing the header a second time.
+    pixel_offset: int | None = None
+    pixel_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,19 @@ class SeriesFiles:
     series_instance_uid: str
     summary: SeriesSummary
     instances: tuple[InstanceInfo, ...]
+    #: The header-only datasets read by the scan (pixel data and private elements removed), parallel to
+    #: ``instances``; empty when the series was built without them. Reused by the loader (rescale,
+    #: padding) and the report (SR evidence, SC patient/study) so that no header is read twice.
+    headers: tuple[Dataset, ...] = field(default=(), compare=False, repr=False)
+
+    def header_of(self, path: str) -> Dataset | None:
+        """The scanned header of the file at ``path`` (None when not kept)."""
+        if len(self.headers) != len(self.instances):
+            return None
+        for info, ds in zip(self.instances, self.headers, strict=True):
+            if info.path == path:
+                return ds
+        return None
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -218,6 +236,7 @@ def instance_info(path: str, ds: Dataset) -> InstanceInfo:
         image_type = (image_type,)
     ts = plain_value(meta.get("TransferSyntaxUID")) if meta is not None else None
     has_pixels = any(kw in ds for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+    offset, length = _native_pixel_location(ds)
     return InstanceInfo(
         path=path,
         sop_instance_uid=sop,
@@ -234,7 +253,28 @@ def instance_info(path: str, ds: Dataset) -> InstanceInfo:
         image_orientation=image_orientation(ds),
         image_position=image_position(ds),
         acquisition_number=_int(ds.get("AcquisitionNumber")),
+        pixel_offset=offset,
+        pixel_length=length,
     )
+
+
+_PIXEL_DATA_TAG = 0x7FE00010
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _native_pixel_location(ds: Dataset) -> tuple[int | None, int | None]:
+    """(file offset, length) of a deferred, defined-length Pixel Data value, else (None, None)."""
+    if _PIXEL_DATA_TAG not in ds:
+        return None, None
+    try:
+        elem = ds.get_item(_PIXEL_DATA_TAG, keep_deferred=True)
+    except Exception:  # tolerant: the loader then takes the ordinary decoding path
+        return None, None
+    tell = getattr(elem, "value_tell", None)
+    length = getattr(elem, "length", None)
+    if not isinstance(tell, int) or not isinstance(length, int) or length in (0, _UNDEFINED_LENGTH):
+        return None, None
+    return tell, length
 
 
 def _iter_files(root: Path) -> Iterator[Path]:
@@ -320,7 +360,11 @@ def scan(path: str | os.PathLike[str]) -> ScanResult:
         datasets = [ds for _, ds in members]
         summary = summarize(datasets, series_instance_uid=key if key in blank_uid else None)
         instances = tuple(info for info, _ in members)
-        result.series.append(SeriesFiles(series_instance_uid=key, summary=summary, instances=instances))
+        result.series.append(
+            SeriesFiles(
+                series_instance_uid=key, summary=summary, instances=instances, headers=tuple(datasets)
+            )
+        )
     result.series.sort(
         key=lambda s: (
             s.summary.study_instance_uid,

@@ -33,17 +33,45 @@ from dicomnode.imaging.volume import Volume
 
 log = logging.getLogger(__name__)
 
-#: Our classes: 0 background, then REPORTED_LEVELS in order (T11 = 1 ... L5 = 7).
+#: Our level classes: 0 background, then REPORTED_LEVELS in order (T11 = 1 ... L5 = 7).
 LEVEL_CLASSES: dict[str, int] = {lvl: i + 1 for i, lvl in enumerate(REPORTED_LEVELS)}
-N_SEG_CLASSES = len(REPORTED_LEVELS) + 1
+#: Extra ids of our exported masks: any other vertebra (e.g. T10), and the sacrum/S1 (the labelling anchor).
+OTHER_VERTEBRA_ID = 8
+SACRUM_ID = 9
 
-#: Source label id -> level name, per scheme.
-LABEL_SCHEMES: dict[str, dict[int, str]] = {
-    "dicomnode": {i + 1: lvl for i, lvl in enumerate(REPORTED_LEVELS)},
-    # TotalSegmentator v2 task "total" (map_to_binary.py): 27 L5, 28 L4, ... 31 L1, 32 T12, 33 T11
-    "totalseg": {33: "T11", 32: "T12", 31: "L1", 30: "L2", 29: "L3", 28: "L4", 27: "L5"},
-    # VerSe: C1-C7 = 1-7, T1-T12 = 8-19, L1-L5 = 20-24 (L6 25, sacrum 26, T13 28 not mapped)
-    "verse": {18: "T11", 19: "T12", 20: "L1", 21: "L2", 22: "L3", 23: "L4", 24: "L5"},
+#: What the segmentation network predicts: background, vertebral body (any level), sacrum. Level names come
+#: from the order of the bodies above the sacrum (see ``dicomnode.ml.inference.label_levels``); learning
+#: seven look-alike classes directly needs far more data and compute than a local training run has.
+SEG_BACKGROUND, SEG_VERTEBRA, SEG_SACRUM = 0, 1, 2
+N_SEG_CLASSES = 3
+
+
+@dataclass(frozen=True)
+class LabelScheme:
+    levels: Mapping[int, str]  # source id -> reported level
+    vertebrae: frozenset[int]  # every vertebra id (any level)
+    sacrum: frozenset[int]  # sacrum / S1 ids
+
+
+#: Label schemes understood by ``dicomnode train``.
+LABEL_SCHEMES: dict[str, LabelScheme] = {
+    "dicomnode": LabelScheme(
+        {i + 1: lvl for i, lvl in enumerate(REPORTED_LEVELS)},
+        frozenset(range(1, OTHER_VERTEBRA_ID + 1)),
+        frozenset({SACRUM_ID}),
+    ),
+    # TotalSegmentator v2 task "total" (map_to_binary.py): 25 sacrum, 26 S1, 27 L5 ... 33 T11 ... 50 C1
+    "totalseg": LabelScheme(
+        {33: "T11", 32: "T12", 31: "L1", 30: "L2", 29: "L3", 28: "L4", 27: "L5"},
+        frozenset(range(27, 51)),
+        frozenset({25, 26}),
+    ),
+    # VerSe: C1-C7 = 1-7, T1-T12 = 8-19, L1-L5 = 20-24, L6 25, sacrum 26, T13 28
+    "verse": LabelScheme(
+        {18: "T11", 19: "T12", 20: "L1", 21: "L2", 22: "L3", 23: "L4", 24: "L5"},
+        frozenset(set(range(1, 26)) | {28}),
+        frozenset({26}),
+    ),
 }
 
 
@@ -58,19 +86,36 @@ def detect_scheme(labels: npt.NDArray[Any]) -> str:
     Returns
     -------
     str
-        ``dicomnode`` when every id is 1..7, ``verse`` when every id is <= 28 and some lumbar VerSe id
+        ``dicomnode`` when every id is 1..9, ``verse`` when every id is <= 28 and some lumbar VerSe id
         (20-24) is present, else ``totalseg``.
     """
     present = {int(v) for v in np.unique(labels)} - {0}
-    if present and present <= set(range(1, 8)):
+    if present and present <= set(range(1, SACRUM_ID + 1)):
         return "dicomnode"
     if present and max(present) <= 28 and present & set(range(20, 25)):
         return "verse"
     return "totalseg"
 
 
+def _lut(labels: npt.NDArray[Any], table: Mapping[int, int]) -> npt.NDArray[np.int64]:
+    src = np.asarray(labels).astype(np.int64)
+    size = max(int(src.max(initial=0)), max(table, default=0)) + 1
+    lut = np.zeros(size, dtype=np.int64)
+    for sid, cls in table.items():
+        lut[sid] = cls
+    return lut[np.clip(src, 0, size - 1)]
+
+
+def _scheme(labels: npt.NDArray[Any], scheme: str) -> LabelScheme:
+    if scheme == "auto":
+        scheme = detect_scheme(labels)
+    if scheme not in LABEL_SCHEMES:
+        raise InputError(f"unknown label scheme {scheme!r}")
+    return LABEL_SCHEMES[scheme]
+
+
 def map_labels(labels: npt.NDArray[Any], scheme: str = "auto") -> npt.NDArray[np.int64]:
-    """Map a mask in ``scheme`` to our classes (0 background, 1..7 = T11..L5).
+    """Map a mask in ``scheme`` to our level classes (0 background, 1..7 = T11..L5; the rest 0).
 
     Parameters
     ----------
@@ -84,16 +129,16 @@ def map_labels(labels: npt.NDArray[Any], scheme: str = "auto") -> npt.NDArray[np
     ndarray of int64
         Same shape, our classes.
     """
-    if scheme == "auto":
-        scheme = detect_scheme(labels)
-    if scheme not in LABEL_SCHEMES:
-        raise InputError(f"unknown label scheme {scheme!r}")
-    src = np.asarray(labels).astype(np.int64)
-    lut_size = max(int(src.max(initial=0)) + 1, max(LABEL_SCHEMES[scheme]) + 1)
-    lut = np.zeros(lut_size, dtype=np.int64)
-    for sid, lvl in LABEL_SCHEMES[scheme].items():
-        lut[sid] = LEVEL_CLASSES[lvl]
-    return lut[np.clip(src, 0, lut_size - 1)]
+    sch = _scheme(labels, scheme)
+    return _lut(labels, {sid: LEVEL_CLASSES[lvl] for sid, lvl in sch.levels.items()})
+
+
+def map_seg_targets(labels: npt.NDArray[Any], scheme: str = "auto") -> npt.NDArray[np.int64]:
+    """Map a mask in ``scheme`` to the segmentation network's targets (0 background, 1 vertebra, 2 sacrum)."""
+    sch = _scheme(labels, scheme)
+    table = {sid: SEG_VERTEBRA for sid in sch.vertebrae}
+    table.update({sid: SEG_SACRUM for sid in sch.sacrum})
+    return _lut(labels, table)
 
 
 # ------------------------------------------------------------------------------------------------ NIfTI
@@ -174,6 +219,7 @@ class SpineCase:
     case_id: str
     patient_id: str
     volume: Volume
+    #: 1..7 = T11..L5 bodies, 8 = other vertebral bodies, 9 = sacrum (the "dicomnode" scheme)
     labels: npt.NDArray[np.int16]
     vbmd: Mapping[str, float]
 
@@ -191,8 +237,18 @@ def phantom_available() -> bool:
     return _phantom_module() is not None
 
 
-def phantom_case(seed: int, patient_id: str | None = None, **spec_kwargs: Any) -> SpineCase:
-    """One case from ``dicomnode.phantom.make_phantom`` (vertebral-body truth labels, per-level vBMD).
+def phantom_case(
+    seed: int,
+    patient_id: str | None = None,
+    vbmd_range: tuple[float, float] = (40.0, 200.0),
+    matrix: int = 96,
+    spacing_mm: float = 3.0,
+    **spec_kwargs: Any,
+) -> SpineCase:
+    """One case from ``dicomnode.phantom.make_phantom``: a small, coarse scan T10-S1 for training.
+
+    The per-level vBMD is drawn from ``vbmd_range`` (patient level, +/- 8 mg/cm3 per level) with ``seed``;
+    the phantom draws its own scanner gain/offset and noise from the same seed.
 
     Parameters
     ----------
@@ -200,54 +256,36 @@ def phantom_case(seed: int, patient_id: str | None = None, **spec_kwargs: Any) -
         Phantom seed.
     patient_id : str, optional
         Defaults to ``P<seed>``.
+    vbmd_range : (float, float)
+        Range of the patient-level vBMD (mg/cm3).
+    matrix, spacing_mm : int, float
+        In-plane matrix and pixel size (also used as slice thickness).
     **spec_kwargs
-        Passed to ``PhantomSpec``.
+        More ``PhantomSpec`` fields.
 
     Returns
     -------
     SpineCase
-        The case, labels in our classes.
+        The case, labels in the "dicomnode" scheme (1..7 T11..L5, 8 other vertebrae, 9 S1).
     """
     ph = _phantom_module()
     if ph is None:
         raise InputError("dicomnode.phantom.make_phantom is not available")
-    result = ph.make_phantom(ph.PhantomSpec(seed=seed, **spec_kwargs))
-    volume: Volume = result.volume
-    body = _phantom_body_labels(result)
-    vbmd = {str(k): float(v) for k, v in _phantom_vbmd(result).items()}
-    return SpineCase(f"phantom{seed:04d}", patient_id or f"P{seed:04d}", volume, body, vbmd)
-
-
-def _phantom_body_labels(result: Any) -> npt.NDArray[np.int16]:
-    """Vertebral-body level mask of a phantom in our classes (tolerant of the phantom's field names)."""
-    for attr in ("body_labels", "vertebral_body_labels", "labels_body", "labels"):
-        lab = getattr(result, attr, None)
-        if lab is None:
-            continue
-        names = getattr(result, "label_names", None) or getattr(result, "level_labels", None)
-        arr = np.asarray(lab)
-        if isinstance(names, Mapping):
-            out = np.zeros(arr.shape, np.int16)
-            for lid, lvl in names.items():
-                if str(lvl) in LEVEL_CLASSES:
-                    out[arr == int(lid)] = LEVEL_CLASSES[str(lvl)]
-            return out
-        return map_labels(arr, "auto").astype(np.int16)
-    raise InputError("phantom result carries no vertebral-body labels")
-
-
-def _phantom_vbmd(result: Any) -> Mapping[str, float]:
-    for attr in ("vbmd", "vbmd_mg_cm3", "truth_vbmd", "level_vbmd"):
-        v = getattr(result, attr, None)
-        if isinstance(v, Mapping):
-            return v
-    truth = getattr(result, "truth", None)
-    if truth is not None:
-        for attr in ("vbmd", "vbmd_mg_cm3", "level_vbmd"):
-            v = getattr(truth, attr, None)
-            if isinstance(v, Mapping):
-                return v
-    raise InputError("phantom result carries no per-level vBMD")
+    rng = np.random.default_rng(10_000 + seed)
+    base = rng.uniform(*vbmd_range)
+    levels = ("T10", *REPORTED_LEVELS, "S1")
+    bmd = {lvl: float(np.clip(base + rng.uniform(-8.0, 8.0), 5.0, 260.0)) for lvl in levels}
+    kw: dict[str, Any] = {"matrix": matrix, "spacing_mm": spacing_mm, "thickness_mm": spacing_mm, "bmd": bmd}
+    kw.update(spec_kwargs)
+    result = ph.make_phantom(ph.PhantomSpec(seed=seed, **kw))
+    names: Mapping[int, str] = result.truth.label_names
+    src = np.asarray(result.body_labels)
+    labels = np.zeros(src.shape, np.int16)
+    for lid, lvl in names.items():
+        cls = LEVEL_CLASSES.get(lvl, SACRUM_ID if lvl == "S1" else OTHER_VERTEBRA_ID)
+        labels[src == int(lid)] = cls
+    vbmd = {lt.level: float(lt.vbmd_mg_cm3) for lt in result.truth.levels if lt.level in LEVEL_CLASSES}
+    return SpineCase(f"phantom{seed:04d}", patient_id or f"P{seed:04d}", result.volume, labels, vbmd)
 
 
 def synthetic_case(
@@ -384,8 +422,7 @@ def synthetic_case(
                     & ((Y - spine_y - 10.0 + 0.3 * np.abs(rx)) ** 2 + (Z - zc) ** 2 <= 5.0**2)
                 )
                 hu[rib & (r_trunk <= 1.0)] = 400.0
-        if lvl in LEVEL_CLASSES:
-            labels[body] = LEVEL_CLASSES[lvl]
+        labels[body] = LEVEL_CLASSES.get(lvl, SACRUM_ID if lvl == "S1" else OTHER_VERTEBRA_ID)
         # disc below
         if lvl != "S1":
             disc = (rr <= 1.0) & (Z < z0) & (Z >= z0 - discs[lvl] * size_scale)
@@ -421,7 +458,7 @@ def make_cases(seeds: Iterable[int], source: str = "auto", **kwargs: Any) -> lis
 
 
 def export_segmentation(cases: Sequence[SpineCase], out: Path) -> Path:
-    """Write ``images/``, ``labels/`` (our classes) and ``cases.csv`` (``id,patient_id``).
+    """Write ``images/``, ``labels/`` ("dicomnode" label scheme) and ``cases.csv`` (``id,patient_id``).
 
     Returns
     -------

@@ -29,7 +29,7 @@ from dicomnode.domain import (
 from dicomnode.errors import AnalysisError, BundleError
 from dicomnode.imaging.volume import Volume
 from dicomnode.ml.bundle import LoadedBundle, check_input_spec
-from dicomnode.ml.datasets import LEVEL_CLASSES
+from dicomnode.ml.datasets import LEVEL_CLASSES, SEG_SACRUM, SEG_VERTEBRA
 from dicomnode.ml.metrics import acr_category
 from dicomnode.ml.preprocess import Prepared, crop, pad_to_multiple, prepare, resample_back
 
@@ -93,15 +93,6 @@ def segment_prepared(bundle: LoadedBundle, prep: Prepared, overlap: float = 0.25
             x, tuple(spec.patch_size), sw_batch_size=1, predictor=bundle.network, overlap=overlap, mode="gaussian"
         )
         probs = torch.softmax(logits, dim=1)[0, :, : shape[0], : shape[1], : shape[2]].cpu().numpy()
-    coarse = np.argmax(probs, axis=0)
-    # keep the largest connected component of each level: a level exists once
-    for c in range(1, probs.shape[0]):
-        comp, n = ndimage.label(coarse == c)
-        if n > 1:
-            sizes = ndimage.sum_labels(np.ones_like(comp), comp, index=np.arange(1, n + 1))
-            keep = int(np.argmax(sizes)) + 1
-            stray = (comp > 0) & (comp != keep)
-            probs[c][stray] = 0.0
     best = np.zeros(prep.grid.source_shape, np.float32)
     labels = np.zeros(prep.grid.source_shape, np.int16)
     for c in range(probs.shape[0]):  # class by class keeps memory at two canonical-size arrays
@@ -110,6 +101,55 @@ def segment_prepared(bundle: LoadedBundle, prep: Prepared, overlap: float = 0.25
         best[better] = p[better]
         labels[better] = c
     return labels
+
+
+def label_levels(classes: npt.NDArray[np.integer], canonical: Volume) -> tuple[npt.NDArray[np.int16], list[str]]:
+    """Name the vertebral bodies T11..L5 by their order above the sacrum.
+
+    Each connected vertebral-body component (26-connected, at least ``MIN_BODY_MM3``) is one vertebra; the
+    lowest one above the sacrum's top is L5, the next L4 and so on up to T11. Without a sacrum in view the
+    lowest body is taken as L5 and a note says the labels are uncertain.
+
+    Parameters
+    ----------
+    classes : ndarray
+        Network classes on the canonical grid (0 background, 1 vertebral body, 2 sacrum).
+    canonical : Volume
+        The canonical volume (for voxel size and the superior axis).
+
+    Returns
+    -------
+    (labels, notes)
+        Level classes (0, 1..7 = T11..L5) and human-readable notes.
+    """
+    notes: list[str] = []
+    sp = canonical.spacing
+    voxel_mm3 = float(sp[0] * sp[1] * sp[2])
+    comp, n = ndimage.label(classes == SEG_VERTEBRA, structure=np.ones((3, 3, 3), bool))
+    out = np.zeros(classes.shape, np.int16)
+    if n == 0:
+        return out, ["no vertebral body segmented"]
+    idx = np.arange(1, n + 1)
+    ones = np.ones(classes.shape, np.float32)
+    sizes = np.asarray(ndimage.sum_labels(ones, comp, index=idx)) * voxel_mm3
+    kz = np.asarray(ndimage.mean(np.indices(classes.shape)[0], comp, index=idx))  # k grows superiorly
+    bodies = [(float(kz[i]), int(idx[i])) for i in range(n) if sizes[i] >= MIN_BODY_MM3]
+    dropped = n - len(bodies)
+    if dropped:
+        notes.append(f"{dropped} small vertebral fragment(s) ignored")
+    sac = classes == SEG_SACRUM
+    if sac.any():
+        scomp, sn = ndimage.label(sac)
+        ssizes = np.asarray(ndimage.sum_labels(ones, scomp, index=np.arange(1, sn + 1)))
+        ks = np.argwhere(scomp == int(np.argmax(ssizes)) + 1)[:, 0]
+        floor = max(float(ks.mean()), float(ks.max()) - 2.0)
+        bodies = [b for b in bodies if b[0] > floor]
+    else:
+        notes.append("no sacrum in view: lowest vertebral body assumed to be L5 (levels uncertain)")
+    bodies.sort()  # caudal first
+    for lvl, (_, cid) in zip(reversed(REPORTED_LEVELS), bodies, strict=False):
+        out[comp == cid] = LEVEL_CLASSES[lvl]
+    return out, notes
 
 
 def segment(bundle: LoadedBundle, volume: Volume) -> Segmentation:
@@ -136,14 +176,8 @@ def segment(bundle: LoadedBundle, volume: Volume) -> Segmentation:
     check_input_spec(bundle, volume)
     spec = bundle.input_spec
     prep = prepare(volume, spec.spacing_mm, spec.intensity_window, spec.intensity_normalisation)
-    labels = segment_prepared(bundle, prep)
-    notes = list(prep.notes)
-    voxel_mm3 = float(np.prod(prep.canonical.spacing))
-    for lvl, cls in LEVEL_CLASSES.items():
-        n = int(np.sum(labels == cls))
-        if 0 < n * voxel_mm3 < MIN_BODY_MM3:
-            labels[labels == cls] = 0
-            notes.append(f"{lvl}: segment of {n * voxel_mm3:.0f} mm3 dropped as too small")
+    labels, level_notes = label_levels(segment_prepared(bundle, prep), prep.canonical)
+    notes = list(prep.notes) + level_notes
     return Segmentation(labels, prep.canonical, tuple(notes))
 
 

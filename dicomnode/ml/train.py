@@ -29,8 +29,15 @@ from tqdm import tqdm
 from dicomnode.errors import InputError
 from dicomnode.imaging.volume import Volume
 from dicomnode.ml import bundle as bdl
-from dicomnode.ml.datasets import LEVEL_CLASSES, N_SEG_CLASSES, load_image, map_labels, read_nifti
-from dicomnode.ml.inference import dice_per_level, predict_vbmd_prepared, segment_prepared
+from dicomnode.ml.datasets import (
+    LEVEL_CLASSES,
+    N_SEG_CLASSES,
+    load_image,
+    map_labels,
+    map_seg_targets,
+    read_nifti,
+)
+from dicomnode.ml.inference import dice_per_level, label_levels, predict_vbmd_prepared, segment_prepared
 from dicomnode.ml.preprocess import Prepared, crop, prepare, resample_to
 
 log = logging.getLogger(__name__)
@@ -302,8 +309,8 @@ def _fit(
 class _SegCase:
     item: SegItem
     prep: Prepared
-    labels_rs: npt.NDArray[np.int64]  # on the resampled grid
-    labels_canonical: npt.NDArray[np.int16]
+    labels_rs: npt.NDArray[np.int64]  # network targets (0/1/2) on the resampled grid
+    labels_canonical: npt.NDArray[np.int16]  # level classes on the canonical grid (for Dice)
     fg_index: npt.NDArray[np.int64]  # voxel indices of foreground on the resampled grid
 
 
@@ -323,11 +330,13 @@ def _load_seg_case(item: SegItem, spec: bdl.InputSpec, scheme: str) -> _SegCase:
     lab, lab_aff = read_nifti(item.label)
     if lab.shape != data.shape or not np.allclose(lab_aff, affine, atol=1e-3):
         raise InputError(f"{item.label}: label grid differs from its image {item.image.name}")
-    classes = map_labels(lab, scheme).astype(np.float32)
-    lab_can = Volume(data=classes, affine=affine).canonical().data.astype(np.int16)
+    levels = map_labels(lab, scheme).astype(np.float32)
+    targets = map_seg_targets(lab, scheme).astype(np.float32)
+    lev_can = Volume(data=levels, affine=affine).canonical().data.astype(np.int16)
+    tgt_can = Volume(data=targets, affine=affine).canonical().data.astype(np.int16)
     prep = prepare(vol, spec.spacing_mm, spec.intensity_window, spec.intensity_normalisation)
-    lab_rs = resample_to(lab_can, prep.grid, order=0).astype(np.int64)
-    return _SegCase(item, prep, lab_rs, lab_can, np.argwhere(lab_rs > 0))
+    tgt_rs = resample_to(tgt_can, prep.grid, order=0).astype(np.int64)
+    return _SegCase(item, prep, tgt_rs, lev_can, np.argwhere(tgt_rs > 0))
 
 
 def _seg_batches(
@@ -364,14 +373,15 @@ def _seg_batches(
 def _seg_net_args(cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
     if cfg.arch == "segresnet":
         return "seg_segresnet", {"n_classes": N_SEG_CLASSES, "width": cfg.width}
-    return "seg_unet", {"n_classes": N_SEG_CLASSES, "width": cfg.width, "num_res_units": 1}
+    # residual units double the cost; the tiny widths used for local training go without them
+    return "seg_unet", {"n_classes": N_SEG_CLASSES, "width": cfg.width, "num_res_units": 0 if cfg.width <= 16 else 2}
 
 
 def _score_seg(net: nn.Module, manifest: bdl.Manifest, cases: Sequence[_SegCase], device: str) -> dict[str, Any]:
     lb = bdl.LoadedBundle(Path("."), manifest, net, device)
     per_case = {}
     for c in cases:
-        pred = segment_prepared(lb, c.prep)
+        pred, _ = label_levels(segment_prepared(lb, c.prep), c.prep.canonical)
         per_case[c.item.case_id] = dice_per_level(c.labels_canonical, pred)
     means = [float(np.mean(list(d.values()))) for d in per_case.values() if d]
     return {"mean_dice": float(np.mean(means)) if means else math.nan, "dice_per_case": per_case}
@@ -436,7 +446,11 @@ def _train_segmentation(cfg: TrainConfig) -> dict[str, Any]:
         version=cfg.version,
         task="segmentation",
         input_spec=spec,
-        output={"units": "class-index", "labels": {str(v): k for k, v in LEVEL_CLASSES.items()}},
+        output={
+            "units": "class-index",
+            "labels": {"0": "background", "1": "vertebral body", "2": "sacrum"},
+            "levels": "T11-L5 named by order above the sacrum (dicomnode.ml.inference.label_levels)",
+        },
         intended_use=(
             "Research use: segmentation and T11-L5 labelling of vertebral bodies on adult abdominal CT, as the "
             "first stage of opportunistic vBMD measurement. Not a medical device."

@@ -250,13 +250,20 @@ def _one_line(text: str) -> str:
 
 
 def source_datasets(volume: Volume, chosen: Any | None) -> list[Dataset]:
-    """Headers of the analysed images (SR evidence, SC patient/study), in slice order."""
+    """Headers of the analysed images (SR evidence, SC patient/study), in slice order.
+
+    The headers the scan already read are reused (``SeriesFiles.headers``); a file is read again only
+    when the scan did not keep its header.
+    """
     from dicomnode.imaging.series import read_dicom
 
     paths = list(dict.fromkeys(p for p in volume.source if p))
     if not paths and chosen is not None:
         paths = list(chosen.paths)
-    return [read_dicom(p, header_only=True) for p in paths]
+    kept: dict[str, Dataset] = {}
+    if chosen is not None and len(getattr(chosen, "headers", ())) == len(chosen.instances):
+        kept = dict(zip(chosen.paths, chosen.headers, strict=True))
+    return [kept[p] if p in kept else read_dicom(p, header_only=True) for p in paths]
 
 
 def analyze_path(

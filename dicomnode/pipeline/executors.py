@@ -208,11 +208,19 @@ def configure_celery_worker(runner: Runner) -> None:
     _CELERY_RUNNER = runner
 
 
-def run_next_job_task() -> int | None:
-    """The Celery task body: the same step the local workers run."""
+def run_next_job_task() -> int:
+    """The Celery task body: the step the local workers run, repeated while PENDING jobs are left.
+
+    Draining makes a task sent once too often a no-op, and one sent too few made up by any other.
+    Returns how many jobs this task ran.
+    """
     if _CELERY_RUNNER is None:
         raise RuntimeError("the Celery worker has no runner (configure_celery_worker was not called)")
-    return _CELERY_RUNNER.run_next_job(make_worker_id("celery"))
+    worker_id = make_worker_id("celery")
+    n = 0
+    while _CELERY_RUNNER.run_next_job(worker_id) is not None:
+        n += 1
+    return n
 
 
 def make_celery_app(broker_url: str, *, name: str = "dicomnode") -> Any:
@@ -231,15 +239,17 @@ def make_celery_app(broker_url: str, *, name: str = "dicomnode") -> Any:
 
 
 class CeleryExecutor:
-    """Sends one "run the next job" task to Celery per PENDING job (workers may run on other hosts).
+    """Sends "run the pending jobs" tasks to Celery (workers may run on other hosts).
 
-    A task that finds no PENDING job does nothing, so sending one too many is harmless; one too few is
-    made up by the next wake (every sweep that creates jobs, and every recovery sweep).
+    One task per PENDING job, at most ``max_tasks`` per wake. A task runs jobs until none is left, so one
+    sent too many is a no-op and one too few is made up by the others, or by the next wake (every sweep that
+    creates jobs, and every recovery sweep while jobs are pending: a broker that was down is caught up).
     """
 
-    def __init__(self, app: Any, *, store: Any) -> None:
+    def __init__(self, app: Any, *, store: Any, max_tasks: int = 8) -> None:
         self.app = app
         self.store = store
+        self.max_tasks = max_tasks
 
     def start(self) -> None:
         log.info("Celery executor: jobs go to the broker at %s", self.app.conf.broker_url)
@@ -249,7 +259,7 @@ class CeleryExecutor:
 
         try:
             pending = self.store.list_jobs(state=JobState.PENDING, limit=1).total
-            for _ in range(pending):
+            for _ in range(min(pending, self.max_tasks)):
                 self.app.send_task("dicomnode.run_next_job")
         except Exception as exc:  # broker down: the jobs stay PENDING and the next wake sends them
             log.warning("Celery broker unreachable: %s", exc)

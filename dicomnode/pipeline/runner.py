@@ -219,25 +219,29 @@ class Runner:
         ready = self.store.series_ready_for_completion(
             now, c.series_quiet_seconds, c.study_quiet_seconds, c.max_wait_seconds
         )
-        studies: dict[str, None] = {}
+        studies: dict[str, list[str]] = {}
         for series in ready:
-            self.store.mark_series_complete(series.series_instance_uid, now=now)
-            studies[series.study_instance_uid] = None
-            log.info(
-                "series %s complete (%d instances, version %d)",
-                series.series_instance_uid,
-                series.n_instances,
-                series.version,
-            )
+            studies.setdefault(series.study_instance_uid, []).append(series.series_instance_uid)
         jobs: list[int] = []
-        for study_uid in studies:
-            jobs.extend(self.route_study(study_uid, now=now))
+        for study_uid, series_uids in studies.items():
+            # Jobs first, "complete" second: a crash in between only means routing runs again (idempotent),
+            # never a complete series without its job.
+            jobs.extend(self.route_study(study_uid, now=now, ready=frozenset(series_uids)))
+            for uid in series_uids:
+                done = self.store.mark_series_complete(uid, now=now)
+                log.info("series %s complete (%d instances, version %d)", uid, done.n_instances, done.version)
         if jobs and self.on_jobs_created is not None:
             self.on_jobs_created()
         return jobs
 
-    def route_study(self, study_uid: str, now: datetime | None = None) -> list[int]:
-        """Route one study: decisions (with reasons) recorded, one job per selected complete series."""
+    def route_study(
+        self, study_uid: str, now: datetime | None = None, ready: frozenset[str] = frozenset()
+    ) -> list[int]:
+        """Route one study: decisions (with reasons) recorded, one job per selected complete series.
+
+        ``ready`` names series that count as complete although not marked so yet (the sweep marks them once
+        their jobs exist).
+        """
         now = now or _now()
         summaries = self.store.series_summaries(study_uid)
         decisions = list(self.select(summaries))
@@ -249,7 +253,7 @@ class Runner:
                 log.debug("series %s not analysed: %s", d.series_instance_uid, "; ".join(d.reasons[-2:]))
                 continue
             series = self.store.get_series(d.series_instance_uid)
-            if series.completed_at is None:
+            if series.completed_at is None and series.series_instance_uid not in ready:
                 continue  # its own completion routes the study again
             destinations = d.destinations or self.settings.destination_names
             job_id = self.store.create_job(
@@ -502,8 +506,11 @@ class Runner:
         if touched:
             self.stats.add("jobs_recovered", len(touched))
             log.warning("recovery: resumed job(s) %s", ", ".join(map(str, touched)))
-            if self.on_jobs_created is not None:
-                self.on_jobs_created()
+        if self.on_jobs_created is not None and (
+            touched or self.store.list_jobs(state=JobState.PENDING, limit=1).total
+        ):
+            # Also for jobs left PENDING by a wake that did not reach a worker (a broker that was down).
+            self.on_jobs_created()
         return touched
 
     # -- retention --------------------------------------------------------------------------------------

@@ -133,6 +133,52 @@ def _text(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fill: C
             x += _text_w(draw, "3", small) + 2
 
 
+def _split_long_word(draw: ImageDraw.ImageDraw, word: str, font: Any, max_w: int) -> list[str]:
+    """A single word wider than the line, cut into pieces that fit (nothing is ever dropped)."""
+    pieces: list[str] = []
+    cur = ""
+    for ch in word:
+        if cur and _text_w(draw, cur + ch, font) > max_w:
+            pieces.append(cur)
+            cur = ch
+        else:
+            cur += ch
+    if cur:
+        pieces.append(cur)
+    return pieces
+
+
+def wrap_text(draw: ImageDraw.ImageDraw, text: str, font: Any, max_w: int) -> list[str]:
+    """Wrap ``text`` into lines no wider than ``max_w`` pixels in ``font``; never truncates.
+
+    Breaks between words (a word wider than a whole line is split), keeps every character, and keeps
+    the text's own line breaks.
+    """
+    lines: list[str] = []
+    for para in text.split("\n"):
+        cur = ""
+        for word in para.split():
+            trial = f"{cur} {word}" if cur else word
+            if _text_w(draw, trial, font) <= max_w:
+                cur = trial
+                continue
+            if cur:
+                lines.append(cur)
+            if _text_w(draw, word, font) <= max_w:
+                cur = word
+            else:
+                *full, cur = _split_long_word(draw, word, font, max_w)
+                lines.extend(full)
+        lines.append(cur)
+    return [ln for ln in lines if ln] or [""]
+
+
+def fmt_ratio(value: float | None) -> str:
+    """A height ratio with three decimals, so that it reads true against a threshold (0.796 < 0.8,
+    where two decimals would print 0.80)."""
+    return _fmt(value, 3)
+
+
 def _summary_line(result: AnalysisResult) -> tuple[str, Colour]:
     s = result.summary
     if s is None or s.vbmd_l1_l2_mg_cm3 is None:
@@ -169,6 +215,39 @@ def _draw_legend(draw: ImageDraw.ImageDraw, x: int, y: int, font: Any) -> None:
         x += 22 + _text_w(draw, label, font) + 26
 
 
+#: Font sizes (px). The SC images are shown scaled to fit a viewer tile (often 500-700 px high); the small
+#: size stays >= 13 px there.
+SIZE_TITLE, SIZE_BIG, SIZE_LABEL, SIZE_TEXT, SIZE_SMALL = 20, 26, 21, 19, 17
+LINE_SMALL, LINE_TEXT = 22, 25  # line heights of small and normal text
+
+
+def _measure_draw() -> ImageDraw.ImageDraw:
+    """A drawing context for measuring text before the canvas size is known."""
+    return ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+
+def _projection(mask: BoolArray) -> BoolArray:
+    """Left-right projection of a canonical mask ``[k, j, i]`` -> ``[k, j]`` (the sagittal view)."""
+    return np.asarray(mask.any(axis=2), dtype=bool)
+
+
+def _common_flags(verts: Sequence[VertebraResult]) -> tuple[str, ...]:
+    """QC flags carried by every vertebra (e.g. level naming uncertain): said once, not on each label."""
+    if len(verts) < 2:
+        return ()
+    first = verts[0].qc
+    return tuple(q for q in first if all(q in v.qc for v in verts[1:]))
+
+
+def _label_details(v: VertebraResult, common: Sequence[str]) -> list[tuple[str, Colour]]:
+    """The items under a vertebra's label in the overview side panel (each starts a line), with colours."""
+    flags = [q for q in v.qc if q not in common]
+    if v.excluded:
+        reason = v.exclusion_reason or "excluded from the summary"
+        return [(reason, EXCLUDED_C), *((q, EXCLUDED_C) for q in flags if q not in reason)]
+    return [(f"{_fmt(v.trabecular_hu_mean, 0)} HU mean", MUTED), *((q, UNCERTAIN) for q in flags)]
+
+
 def render_overview(
     result: AnalysisResult,
     volume: Volume,
@@ -192,6 +271,25 @@ def render_overview(
     target_px
         Longest side of the image area in pixels.
     """
+    projections: dict[str, BoolArray] | None = None
+    if roi_masks is not None:
+        projections = {}
+        for v in result.vertebrae:
+            mask = roi_masks.get(v.level)
+            if mask is not None and mask.shape == volume.data.shape:
+                projections[v.level] = _projection(mask)
+    return _render_overview(result, volume, projections, disclaimer=disclaimer, target_px=target_px)
+
+
+def _render_overview(
+    result: AnalysisResult,
+    volume: Volume,
+    projections: Mapping[str, BoolArray] | None,
+    *,
+    disclaimer: str,
+    target_px: int,
+) -> RenderedImage:
+    """:func:`render_overview` on the masks' left-right projections (``[k, j]`` each)."""
     data = volume.data
     nk, nj, ni = data.shape
     _si, sj, sk = volume.spacing
@@ -227,70 +325,103 @@ def render_overview(
     anchors: list[tuple[VertebraResult, float, float]] = []  # vertebra, label y, leader start x
     for v in verts:
         colour = level_colour(v)
-        mask = roi_masks.get(v.level) if roi_masks is not None else None
+        proj = projections.get(v.level) if projections is not None else None
         cx, cy = to_disp(_centroid_index(volume, v))
         x_right = cx
-        if mask is not None and mask.shape == data.shape and mask.any():
-            proj: BoolArray = np.asarray(mask.any(axis=2), dtype=bool)[::-1, :][r0:r1, c0:c1]
-            dm = _resize_mask(proj, (disp_w, disp_h))
-            _paint_roi(rgb, dm, colour, 0.30 if not v.excluded else 0.15)
-            ys, xs = np.nonzero(dm)
-            if xs.size:
-                x_right = float(xs.max())
-                cy = float(ys.mean())
+        if proj is not None and proj.shape == (nk, nj):
+            part = proj[::-1, :][r0:r1, c0:c1]
+            if part.any():
+                dm = _resize_mask(part, (disp_w, disp_h))
+                _paint_roi(rgb, dm, colour, 0.30 if not v.excluded else 0.15)
+                ys, xs = np.nonzero(dm)
+                if xs.size:
+                    x_right = float(xs.max())
+                    cy = float(ys.mean())
         anchors.append((v, cy, x_right))
 
-    header_h, footer_h, panel_w, pad = 78, 118, 430, 16
+    pad, panel_w = 16, 430
     width = disp_w + panel_w
-    height = header_h + disp_h + footer_h
+    f_title, f_big, f_label, f_small = (
+        _font(SIZE_TITLE),
+        _font(SIZE_BIG),
+        _font(SIZE_LABEL),
+        _font(SIZE_SMALL),
+    )
+    md = _measure_draw()
+
+    # side panel blocks: level + value on one line, then the details wrapped to the panel width
+    tx = disp_w + 36
+    text_w = width - tx - pad
+    common = _common_flags(verts)
+    ordered = sorted(anchors, key=lambda a: a[1])
+    blocks: list[list[tuple[str, Colour]]] = []  # per vertebra: wrapped detail lines with their colour
+    for v, _cy, _x in ordered:
+        blocks.append(
+            [
+                (ln, col)
+                for item, col in _label_details(v, common)
+                for ln in wrap_text(md, item, f_small, text_w)
+            ]
+        )
+    first_line_h, gap = 28, 16
+    heights = [first_line_h + LINE_SMALL * len(lines) for lines in blocks]
+
+    # header: title + summary (wrapped when long, e.g. a failure reason)
+    summary, scol = _summary_line(result)
+    summary_lines = wrap_text(md, summary, f_big, width - 2 * pad)
+    header_h = 44 + 32 * len(summary_lines) + 2
+    # footer: legend, details, common QC flags, disclaimer, all wrapped to the width
+    foot: list[tuple[str, Colour, Any, int]] = []  # (text, colour, font, line height)
+    for line in _footer_lines(result):
+        foot.extend((ln, MUTED, f_small, LINE_SMALL) for ln in wrap_text(md, line, f_small, width - 2 * pad))
+    if common:
+        note = "All levels: " + "  ·  ".join(common)
+        foot.extend(
+            (ln, UNCERTAIN, f_small, LINE_SMALL) for ln in wrap_text(md, note, f_small, width - 2 * pad)
+        )
+    f_disc = _font(SIZE_TEXT)  # the disclaimer stays readable when the image is shown small
+    foot.extend((ln, WARN, f_disc, LINE_TEXT) for ln in wrap_text(md, disclaimer, f_disc, width - 2 * pad))
+    footer_h = 10 + 30 + sum(f[3] for f in foot) + 12
+
+    # the panel may need more height than the image when many labels wrap: the canvas grows, never clips
+    needed = sum(heights) + gap * max(len(heights) - 1, 0) + 16
+    panel_h = max(disp_h, needed)
+    height = header_h + panel_h + footer_h
     canvas = Image.new("RGB", (width, height), BG)
     canvas.paste(Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)), (0, header_h))
     draw = ImageDraw.Draw(canvas)
-    f_title, f_big, f_label, f_small = _font(20), _font(26), _font(21), _font(16)
 
-    # header: title + the legend line with the summary
     draw.rectangle((0, 0, width, header_h), fill=PANEL)
     _text(draw, (pad, 8), "Trabecular bone density  ·  sagittal overview", MUTED, f_title)
-    summary, scol = _summary_line(result)
-    _text(draw, (pad, 36), summary, scol, f_big)
+    for n, line in enumerate(summary_lines):
+        _text(draw, (pad, 36 + 32 * n), line, scol, f_big)
 
-    # side panel with one label per vertebra, joined to its ROI by a leader line
-    draw.rectangle((disp_w, header_h, width, header_h + disp_h), fill=PANEL)
-    line_h = 50
-    ordered = sorted(anchors, key=lambda a: a[1])
-    ys_wanted = [header_h + a[1] for a in ordered]
-    placed: list[float] = []
-    for y in ys_wanted:
-        y = max(y, header_h + line_h / 2 + 4, (placed[-1] + line_h) if placed else -1e9)
-        placed.append(y)
-    overflow = (placed[-1] + line_h / 2) - (header_h + disp_h) if placed else 0
-    if overflow > 0:  # push the stack back up, keeping the spacing
-        placed = [y - overflow for y in placed]
-        for n in range(1, len(placed)):
-            placed[n] = max(placed[n], placed[n - 1] + line_h)
-    tx = disp_w + 36
-    for (v, cy, x_right), ty in zip(ordered, placed, strict=True):
+    # place the blocks as close as possible to their ROI, in order, without overlap, inside the panel
+    draw.rectangle((disp_w, header_h, width, header_h + panel_h), fill=PANEL)
+    top_limit, bottom_limit = header_h + 8, header_h + panel_h - 8
+    tops: list[float] = []
+    for n, (_v, cy, _x) in enumerate(ordered):
+        want = header_h + cy - first_line_h / 2
+        tops.append(max(want, top_limit, (tops[-1] + heights[n - 1] + gap) if n else top_limit))
+    for n in range(len(tops) - 1, -1, -1):  # push back up from the bottom where the stack overflows
+        limit = bottom_limit if n == len(tops) - 1 else tops[n + 1] - gap
+        tops[n] = min(tops[n], limit - heights[n])
+    for (v, cy, x_right), top, lines in zip(ordered, tops, blocks, strict=True):
         colour = level_colour(v)
+        ty = top + first_line_h / 2
         draw.line(
             [(x_right + 4, header_h + cy), (disp_w, header_h + cy), (disp_w + 24, ty)], fill=colour, width=2
         )
         draw.ellipse((disp_w + 20, ty - 4, disp_w + 28, ty + 4), fill=colour)
-        name = level_label(v)
-        _text(draw, (tx, ty - 22), name, colour, f_label)
+        _text(draw, (tx, top), level_label(v), colour, f_label)
         nx = tx + 58
         if v.excluded:
-            _text(draw, (nx, ty - 22), "excluded", EXCLUDED_C, f_label)
-            reason = v.exclusion_reason or "excluded from the summary"
-            if len(reason) > 44:  # keep the gist; the full text is in the axial image and result.json
-                reason = reason.split(" (")[0][:44]
-            _text(draw, (tx, ty + 2), reason[:44], EXCLUDED_C, f_small)
+            _text(draw, (nx, top), "excluded", EXCLUDED_C, f_label)
         else:
             vb = f"{_fmt(v.vbmd_mg_cm3)} mg/cm³" if v.vbmd_mg_cm3 is not None else "vBMD n/a"
-            _text(draw, (nx, ty - 22), vb, TEXT, f_label)
-            extra = f"{_fmt(v.trabecular_hu_mean, 0)} HU mean"
-            if v.qc:
-                extra += "  ·  " + ", ".join(v.qc)
-            _text(draw, (tx, ty + 2), extra[:48], MUTED, f_small)
+            _text(draw, (nx, top), vb, TEXT, f_label)
+        for n, (line, dcol) in enumerate(lines):
+            _text(draw, (tx, top + first_line_h + LINE_SMALL * n), line, dcol, f_small)
 
     # orientation letters and a 50 mm scale bar on the image
     _text(draw, (10, header_h + 8), "A", TEXT, f_title)
@@ -298,22 +429,21 @@ def render_overview(
     _text(draw, (disp_w // 2 - 6, header_h + 6), "S", TEXT, f_title)
     _scale_bar(draw, 14, header_h + disp_h - 20, ppm, f_small)
 
-    # footer: legend, details, disclaimer
-    fy = header_h + disp_h + 10
-    draw.rectangle((0, header_h + disp_h, width, height), fill=PANEL)
-    _draw_legend(draw, pad, fy, f_small)
-    for n, line in enumerate(_footer_lines(result)):
-        _text(draw, (pad, fy + 26 + 22 * n), line, MUTED, f_small)
-    _text(draw, (pad, height - 30), disclaimer, WARN, f_small)
+    fy = header_h + panel_h
+    draw.rectangle((0, fy, width, height), fill=PANEL)
+    _draw_legend(draw, pad, fy + 10, f_small)
+    y = fy + 40
+    for line, colour, font, line_h in foot:
+        _text(draw, (pad, y), line, colour, font)
+        y += line_h
 
-    sop = None
     return RenderedImage(
         name="overview",
         rgb=np.asarray(canvas, dtype=np.uint8),
         pixel_spacing_mm=(1 / ppm, 1 / ppm),
         patient_orientation=("P", "F"),
         description="sagittal overview",
-        source_sop_instance_uid=sop,
+        source_sop_instance_uid=None,
     )
 
 
@@ -323,6 +453,13 @@ def _scale_bar(draw: ImageDraw.ImageDraw, x: int, y: int, ppm: float, font: Any)
     draw.line([(x, y - 6), (x, y + 2)], fill=TEXT, width=2)
     draw.line([(x + length, y - 6), (x + length, y + 2)], fill=TEXT, width=2)
     _text(draw, (x + length + 8, y - 10), "50 mm", TEXT, font)
+
+
+def _axial_k(volume: Volume, v: VertebraResult) -> int:
+    """The canonical slice index shown for ``v`` (its mid-vertebral slice)."""
+    nk = volume.data.shape[0]
+    k = v.mid_slice_index if v.mid_slice_index is not None else round(float(_centroid_index(volume, v)[2]))
+    return min(max(int(k), 0), nk - 1)
 
 
 def render_axial(
@@ -352,12 +489,29 @@ def render_axial(
     fov_mm, target_px
         Side of the square field of view around the vertebral body, and its size on screen.
     """
+    k = _axial_k(volume, v)
+    roi_slice = roi_mask[k] if roi_mask is not None and roi_mask.shape == volume.data.shape else None
+    return _render_axial(
+        result, volume, v, roi_slice, disclaimer=disclaimer, fov_mm=fov_mm, target_px=target_px
+    )
+
+
+def _render_axial(
+    result: AnalysisResult,
+    volume: Volume,
+    v: VertebraResult,
+    roi_slice: BoolArray | None,
+    *,
+    disclaimer: str,
+    fov_mm: float,
+    target_px: int,
+) -> RenderedImage:
+    """:func:`render_axial` on the mask's slice ``[j, i]`` at the shown level (None: draw the outline)."""
     data = volume.data
-    nk, nj, ni = data.shape
+    _nk, nj, ni = data.shape
     si, sj, _sk = volume.spacing
     c = _centroid_index(volume, v)
-    k = v.mid_slice_index if v.mid_slice_index is not None else round(float(c[2]))
-    k = min(max(int(k), 0), nk - 1)
+    k = _axial_k(volume, v)
     ci, cj = float(c[0]), float(c[1])
     half_i, half_j = fov_mm / 2 / si, fov_mm / 2 / sj
     i0, i1 = max(round(ci - half_i), 0), min(round(ci + half_i), ni)
@@ -369,50 +523,38 @@ def render_axial(
     grey = Image.fromarray(_window(crop)).resize((disp_w, disp_h), Image.Resampling.BICUBIC)
     rgb = np.repeat(np.asarray(grey, dtype=np.float32)[..., None], 3, axis=2)
     colour = level_colour(v)
-    if roi_mask is not None and roi_mask.shape == data.shape:
-        dm = _resize_mask(roi_mask[k, j0:j1, i0:i1], (disp_w, disp_h))
+    has_mask = roi_slice is not None and roi_slice.shape == (nj, ni)
+    if has_mask and roi_slice is not None:
+        dm = _resize_mask(roi_slice[j0:j1, i0:i1], (disp_w, disp_h))
         _paint_roi(rgb, dm, colour, 0.30)
     img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
-    if (roi_mask is None or roi_mask.shape != data.shape) and v.outline and v.outline.points_lps_mm:
+    if not has_mask and v.outline and v.outline.points_lps_mm:
         # no mask: draw the engine's outline, mapped from LPS into this view
         pts = volume.lps_to_index(np.asarray(v.outline.points_lps_mm, dtype=np.float64))
         xy = [((p[0] - i0 + 0.5) * si * ppm, (p[1] - j0 + 0.5) * sj * ppm) for p in pts]
         ImageDraw.Draw(img).line(xy + xy[:1], fill=colour, width=2)
 
-    header_h, panel_w, footer_h, pad = 64, 400, 64, 16
-    width, height = disp_w + panel_w, header_h + max(disp_h, 420) + footer_h
-    canvas = Image.new("RGB", (width, height), BG)
-    canvas.paste(img, (0, header_h))
-    draw = ImageDraw.Draw(canvas)
-    f_title, f_big, f_text, f_small = _font(20), _font(30), _font(19), _font(16)
-    draw.rectangle((0, 0, width, header_h), fill=PANEL)
-    z_mm = float(volume.index_to_lps(np.array([ci, cj, k], dtype=np.float64))[2])
-    _text(
-        draw, (pad, 8), f"{level_label(v)}  ·  mid-vertebral axial slice (z = {z_mm:.1f} mm)", TEXT, f_title
-    )
-    summary, scol = _summary_line(result)
-    _text(draw, (pad, 36), summary, scol, f_small)
-    # orientation letters (radiological convention: patient's right on the viewer's left)
-    iy = header_h
-    _text(draw, (6, iy + disp_h // 2 - 10), "R", TEXT, f_title)
-    _text(draw, (disp_w - 20, iy + disp_h // 2 - 10), "L", TEXT, f_title)
-    _text(draw, (disp_w // 2 - 6, iy + 4), "A", TEXT, f_title)
-    _text(draw, (disp_w // 2 - 6, iy + disp_h - 26), "P", TEXT, f_title)
-    _scale_bar(draw, 14, iy + disp_h - 40, ppm, f_small)
+    pad, panel_w = 16, 400
+    width = disp_w + panel_w
+    f_title, f_big, f_text, f_small = _font(SIZE_TITLE), _font(30), _font(SIZE_TEXT), _font(SIZE_SMALL)
+    md = _measure_draw()
+    px = disp_w + 24
+    text_w = width - px - pad
 
-    # numbers panel
-    px, py = disp_w + 24, header_h + 16
-    draw.rectangle((disp_w, header_h, width, height - footer_h), fill=PANEL)
-    _text(draw, (px, py), level_label(v), colour, f_big)
+    # the numbers panel, laid out first (y relative to the panel top) so the canvas can fit all of it
+    ops: list[tuple[float, float, str, Colour, Any]] = []  # (x, y, text, colour, font)
+    py = 16.0
+    ops.append((px, py, level_label(v), colour, f_big))
     if v.level_uncertain:
-        _text(draw, (px + 70, py + 8), "level uncertain", UNCERTAIN, f_text)
+        ops.append((px + 70, py + 8, "level uncertain", UNCERTAIN, f_text))
     py += 52
+    reason = v.exclusion_reason or ""
     if v.excluded:
-        _text(draw, (px, py), "Excluded from the summary", EXCLUDED_C, f_text)
-        py += 26
-        for chunk in _wrap(v.exclusion_reason or "", 36):
-            _text(draw, (px, py), chunk, EXCLUDED_C, f_small)
-            py += 22
+        ops.append((px, py, "Excluded from the summary", EXCLUDED_C, f_text))
+        py += 28
+        for line in wrap_text(md, reason, f_small, text_w) if reason else []:
+            ops.append((px, py, line, EXCLUDED_C, f_small))
+            py += LINE_SMALL
         py += 10
     vb = f"{_fmt(v.vbmd_mg_cm3)} mg/cm³" if v.vbmd_mg_cm3 is not None else "n/a"
     rows_txt: list[tuple[str, str]] = [
@@ -423,22 +565,66 @@ def render_axial(
         ("ROI volume", f"{_fmt(v.roi_volume_mm3 / 1000.0, 2)} cm³"),
     ]
     if v.height_ratio is not None:
-        rows_txt.append(("Height ratio", _fmt(v.height_ratio, 2)))
+        rows_txt.append(("Height ratio", fmt_ratio(v.height_ratio)))
     for label, value in rows_txt:
-        _text(draw, (px, py), label, MUTED, f_text)
-        _text(draw, (px + 150, py), value, TEXT if not v.excluded else EXCLUDED_C, f_text)
+        ops.append((px, py, label, MUTED, f_text))
+        ops.append((px + 150, py, value, TEXT if not v.excluded else EXCLUDED_C, f_text))
         py += 30
-    if v.qc:
+    # QC flags, each wrapped with a hanging indent; the exclusion reason is not repeated
+    flags = [q for q in v.qc if not (v.excluded and q in reason)]
+    if flags:
         py += 8
-        _text(draw, (px, py), "QC flags", MUTED, f_text)
-        py += 26
-        for flag in v.qc[:6]:
-            _text(draw, (px, py), f"· {flag}"[:40], UNCERTAIN, f_small)
-            py += 22
+        ops.append((px, py, "QC flags", MUTED, f_text))
+        py += 28
+        bullet_w = _text_w(md, "·  ", f_small)
+        for flag in flags:
+            for n, line in enumerate(wrap_text(md, flag, f_small, text_w - bullet_w)):
+                if n == 0:
+                    ops.append((px, py, "·", UNCERTAIN, f_small))
+                ops.append((px + bullet_w, py, line, UNCERTAIN, f_small))
+                py += LINE_SMALL
+            py += 4
+    panel_needed = int(py) + 12
 
-    draw.rectangle((0, height - footer_h, width, height), fill=PANEL)
-    _text(draw, (pad, height - footer_h + 8), _footer_lines(result)[-1], MUTED, f_small)
-    _text(draw, (pad, height - footer_h + 34), disclaimer, WARN, f_small)
+    foot: list[tuple[str, Colour, Any, int]] = [
+        (ln, MUTED, f_small, LINE_SMALL)
+        for ln in wrap_text(md, _footer_lines(result)[-1], f_small, width - 2 * pad)
+    ]
+    foot.extend((ln, WARN, f_text, LINE_TEXT) for ln in wrap_text(md, disclaimer, f_text, width - 2 * pad))
+    footer_h = 12 + sum(f[3] for f in foot) + 10
+    summary, scol = _summary_line(result)
+    summary_lines = wrap_text(md, summary, f_text, width - 2 * pad)
+    header_h = 36 + LINE_TEXT * len(summary_lines) + 6
+    body_h = max(disp_h, 420, panel_needed)
+    height = header_h + body_h + footer_h
+    canvas = Image.new("RGB", (width, height), BG)
+    canvas.paste(img, (0, header_h))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle((0, 0, width, header_h), fill=PANEL)
+    z_mm = float(volume.index_to_lps(np.array([ci, cj, k], dtype=np.float64))[2])
+    _text(
+        draw, (pad, 8), f"{level_label(v)}  ·  mid-vertebral axial slice (z = {z_mm:.1f} mm)", TEXT, f_title
+    )
+    for n, line in enumerate(summary_lines):
+        _text(draw, (pad, 36 + LINE_TEXT * n), line, scol, f_text)
+    # orientation letters (radiological convention: patient's right on the viewer's left)
+    iy = header_h
+    _text(draw, (6, iy + disp_h // 2 - 10), "R", TEXT, f_title)
+    _text(draw, (disp_w - 20, iy + disp_h // 2 - 10), "L", TEXT, f_title)
+    _text(draw, (disp_w // 2 - 6, iy + 4), "A", TEXT, f_title)
+    _text(draw, (disp_w // 2 - 6, iy + disp_h - 26), "P", TEXT, f_title)
+    _scale_bar(draw, 14, iy + disp_h - 40, ppm, f_small)
+
+    draw.rectangle((disp_w, header_h, width, header_h + body_h), fill=PANEL)
+    for x, y, text, col, font in ops:
+        _text(draw, (x, header_h + y), text, col, font)
+
+    fy = header_h + body_h
+    draw.rectangle((0, fy, width, height), fill=PANEL)
+    y = fy + 10
+    for line, col, font, line_h in foot:
+        _text(draw, (pad, y), line, col, font)
+        y += line_h
 
     sop = frame = None
     if k < len(volume.slice_sop_instance_uids):
@@ -455,19 +641,6 @@ def render_axial(
     )
 
 
-def _wrap(text: str, width: int) -> list[str]:
-    words, lines, cur = text.split(), [], ""
-    for w in words:
-        if cur and len(cur) + 1 + len(w) > width:
-            lines.append(cur)
-            cur = w
-        else:
-            cur = f"{cur} {w}".strip()
-    if cur:
-        lines.append(cur)
-    return lines
-
-
 def render_all(
     result: AnalysisResult,
     volume: Volume,
@@ -476,13 +649,30 @@ def render_all(
     disclaimer: str = DEFAULT_DISCLAIMER,
     levels: Sequence[str] | None = None,
 ) -> list[RenderedImage]:
-    """The overview plus one axial image per vertebra (or per level in ``levels``), cranial to caudal."""
-    images = [render_overview(result, volume, roi_masks, disclaimer=disclaimer)]
-    for v in result.vertebrae:
+    """The overview plus one axial image per vertebra (or per level in ``levels``), cranial to caudal.
+
+    Each level's mask is taken from ``roi_masks`` once (a mapping may compute it on access) and reduced at
+    once to what the images show: its left-right projection and its mid-vertebral slice.
+    """
+    shown = [v for v in result.vertebrae if np.all(np.isfinite(v.roi_centroid_lps_mm))]
+    projections: dict[str, BoolArray] | None = {} if roi_masks is not None else None
+    slices: dict[str, BoolArray] = {}
+    if roi_masks is not None and projections is not None:
+        for v in shown:
+            mask = roi_masks.get(v.level)
+            if mask is None or mask.shape != volume.data.shape:
+                continue
+            projections[v.level] = _projection(mask)
+            if levels is None or v.level in levels:
+                slices[v.level] = np.array(mask[_axial_k(volume, v)], dtype=bool)
+            del mask  # one full-size mask alive at a time
+    images = [_render_overview(result, volume, projections, disclaimer=disclaimer, target_px=900)]
+    for v in shown:
         if levels is not None and v.level not in levels:
             continue
-        if not np.all(np.isfinite(v.roi_centroid_lps_mm)):
-            continue
-        mask = roi_masks.get(v.level) if roi_masks is not None else None
-        images.append(render_axial(result, volume, v, mask, disclaimer=disclaimer))
+        images.append(
+            _render_axial(
+                result, volume, v, slices.get(v.level), disclaimer=disclaimer, fov_mm=160.0, target_px=640
+            )
+        )
     return images

@@ -238,6 +238,9 @@ def job(job_id: int, request: Request, user: AnyUser, ctx: Ctx) -> HTMLResponse:
     decision = next(
         (x for x in d.decisions if x.decision.series_instance_uid == d.job.series_instance_uid), None
     )
+    # The milestones describe the current attempt: the events since the job last (re)entered PENDING.
+    starts = [i for i, e in enumerate(d.events) if e.to_state is JobState.PENDING]
+    attempt_events = d.events[starts[-1] :] if starts else d.events
     return _render(
         ctx,
         request,
@@ -250,6 +253,7 @@ def job(job_id: int, request: Request, user: AnyUser, ctx: Ctx) -> HTMLResponse:
         overlays=[f"/api/jobs/{job_id}/overlays/{i}.png" for i in range(len(overlays))],
         overlay_names=[p.stem for p in overlays],
         decision=decision,
+        attempt_events=attempt_events,
         rerunnable=d.job.state in (JobState.DONE, JobState.FAILED, JobState.NOT_QUALIFYING),
     )
 

@@ -19,7 +19,20 @@ from typing import Literal
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Column, DateTime, Engine, Integer, MetaData, String, Table, insert, select, update
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    insert,
+    inspect,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from dicomnode.errors import InputError
 
@@ -76,7 +89,12 @@ class User:
 
 def ensure_users_table(engine: Engine) -> None:
     """Create the ``users`` table when it does not exist (idempotent, safe on SQLite and PostgreSQL)."""
-    _metadata.create_all(engine, tables=[users_table], checkfirst=True)
+    try:
+        _metadata.create_all(engine, tables=[users_table], checkfirst=True)
+    except (OperationalError, ProgrammingError):
+        # ``receive`` and ``work`` starting together on one database: the other process created it first.
+        if not inspect(engine).has_table("users"):
+            raise
 
 
 def _check_username(username: str) -> str:
@@ -227,7 +245,10 @@ def bootstrap_admin(users: UserStore, environ: Mapping[str, str], *, print_fn: o
         return None
     given = environ.get("DICOMNODE_ADMIN_PASSWORD", "")
     password = given or secrets.token_urlsafe(12)
-    users.create("admin", password, "admin")
+    try:
+        users.create("admin", password, "admin")
+    except (IntegrityError, InputError):
+        return None  # another process of the node created it at the same moment
     if given:
         log.info("admin user created with the password from DICOMNODE_ADMIN_PASSWORD")
         return None

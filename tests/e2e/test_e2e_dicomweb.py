@@ -1,4 +1,5 @@
-"""Acceptance: the same round trip over DICOMweb both ways (STOW-RS into the node, STOW-RS out to Orthanc)."""
+"""Acceptance: the same round trip over DICOMweb both ways (STOW-RS into the node, STOW-RS out to Orthanc);
+then a late instance re-opens the series and a new version of the result follows."""
 
 from __future__ import annotations
 
@@ -40,7 +41,9 @@ def test_stow_into_node_and_stow_out_to_orthanc(
     )
     node = NodeProcess("serve", cfg, tmp_path / "node.log", http).start()
     with running(node):
-        stow_to_node(http, phantom_study.all_files)
+        # The last soft slice is held back: it arrives after the analysis, as a late instance.
+        late = phantom_study.files["soft"][-1]
+        stow_to_node(http, [f for f in phantom_study.all_files if f != late])
         out = wait_for(
             "the node's SR in Orthanc",
             lambda: (o := node_outputs(stack, phantom_study.study_uid))["SR"] and o,
@@ -69,3 +72,37 @@ def test_stow_into_node_and_stow_out_to_orthanc(
         # Every secondary capture the job wrote reached Orthanc, once.
         assert n_sc >= 1
         assert len(node_outputs(stack, phantom_study.study_uid)["OT"]) == n_sc
+
+        # A late instance re-opens the series: version 2 is analysed and sent, version 1 is superseded.
+        stow_to_node(http, [late])
+        store = open_store(data)
+        try:
+            job2 = wait_for(
+                "the version-2 job done",
+                lambda: [
+                    j
+                    for j in store.list_jobs(study_uid=phantom_study.study_uid).items
+                    if j.version == 2 and j.state is JobState.DONE
+                ],
+                timeout=180,
+                interval=1.0,
+            )[0]
+            assert job2.series_instance_uid == phantom_study.series["soft"]
+            assert store.get_job(job.id).state is JobState.SUPERSEDED
+            result2 = store.get_result(job2.id)
+            assert result2 is not None
+        finally:
+            store.close()
+        # The new SR is in the PACS beside the first (new content, new UIDs), with the late slice in evidence.
+        srs = node_outputs(stack, phantom_study.study_uid)["SR"]
+        assert len(srs) == 2
+        (new_uid,) = set(srs) - set(out["SR"])
+        sr2 = pydicom.dcmread(retrieve(stack, phantom_study.study_uid, new_uid, tmp_path / "sr2.dcm"))
+        late_uid = pydicom.dcmread(late, stop_before_pixels=True).SOPInstanceUID
+        refs = {
+            r.ReferencedSOPInstanceUID
+            for e in sr2.CurrentRequestedProcedureEvidenceSequence
+            for s in e.ReferencedSeriesSequence
+            for r in s.ReferencedSOPSequence
+        }
+        assert late_uid in refs

@@ -144,6 +144,7 @@ def node(tmp_path: Path) -> Iterator[tuple[StorageSCP, MemorySink, Spool]]:
         port=0,
         allowed_callers=[AllowedCaller("STORESCU"), AllowedCaller("PINNED", "10.255.255.1")],
         max_associations=30,
+        poll_interval_s=0.0002,
     )
     scp.start()
     try:

@@ -19,7 +19,6 @@ import pytest
 import requests
 import yaml
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
 
 from dicomnode.domain import JobState
 from dicomnode.store import Store
@@ -43,9 +42,10 @@ class Peer:
         self.received: list[pydicom.Dataset] = []
         self.callers: list[str] = []
         ae = AE(ae_title)
-        ae.add_supported_context(Verification)
+        ae.add_supported_context("1.2.840.10008.1.1")  # Verification
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax)
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax)
         self.port = _free_port()
         self.server = ae.start_server(
             ("127.0.0.1", self.port),
@@ -59,7 +59,8 @@ class Peer:
         return 0x0000
 
     def stop(self) -> None:
-        self.server.shutdown()
+        if self.server is not None:
+            self.server.shutdown()
 
 
 @pytest.fixture

@@ -522,3 +522,80 @@ def test_read_back_with_pydicom_is_unchanged(tmp_path: Path) -> None:
     one(tmp_path)
     assert path.read_bytes() == before
     assert pydicom.dcmread(path).Modality == "CT"
+
+
+# ---------------------------------------------------------------------------------------------------
+# direct native pixel reads (scan offsets) agree with pydicom decoding
+
+
+def _slow(series: Any) -> Volume:
+    """Load without the scanned headers: every slice decoded by pydicom (the reference path)."""
+    import dataclasses
+
+    plain = dataclasses.replace(
+        series,
+        headers=(),
+        instances=tuple(dataclasses.replace(i, pixel_offset=None, pixel_length=None) for i in series.instances),
+    )
+    return load_series(plain)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["signed", "unsigned-padding", "signed-12-bit", "slope", "implicit", "fill-below"],
+)
+def test_direct_pixel_read_matches_pydicom(
+    tmp_path: Path, variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(7)
+    n = 20  # enough slices for the decoding thread pool
+    ts = ImplicitVRLittleEndian if variant == "implicit" else ExplicitVRLittleEndian
+    for k in range(n):
+        px = rng.integers(0, 3000, size=(ROWS, COLS))
+        kw: dict[str, Any] = {}
+        if variant == "unsigned-padding":
+            px[0, : k % 3] = 0
+            kw = {"signed": False, "padding": 0}
+        elif variant == "slope":
+            kw = {"slope": 0.5, "intercept": -1000.25}
+        elif variant == "fill-below":
+            px[1, 1] = -3100
+            kw = {"intercept": 0}
+        ds = ct_dataset((0, 0, 2.0 * k), pixels=px, **kw)
+        if variant == "signed-12-bit":
+            ds = ct_dataset((0, 0, 2.0 * k), pixels=(px - 1500) & 0x0FFF, intercept=0)
+            ds.BitsStored, ds.HighBit = 12, 11
+        save(ds, tmp_path / f"s{k:02d}.dcm", ts=ts)
+    [series] = scan_path(tmp_path)
+    assert all(i.pixel_offset is not None for i in series.instances)
+    assert len(series.headers) == len(series.instances)
+    import dicomnode.imaging.loader as loader_mod
+
+    def no_second_parse(*args: Any, **kwargs: Any) -> Dataset:
+        raise AssertionError("a file was parsed again although the scan kept its header")
+
+    with monkeypatch.context() as m:
+        m.setattr(loader_mod, "read_dicom", no_second_parse)
+        fast = load_series(series)
+    slow = _slow(series)
+    np.testing.assert_array_equal(fast.data, slow.data)
+    assert fast.header == slow.header
+    assert fast.slice_sop_instance_uids == slow.slice_sop_instance_uids
+    if variant == "signed-12-bit":
+        assert float(fast.data.min()) < 0  # sign-extended from 12 bits
+    if variant == "unsigned-padding":
+        assert fast.header["padding_voxels"] == sum(k % 3 for k in range(n)) > 0
+
+
+def test_file_replaced_after_scan_is_still_read_correctly(tmp_path: Path) -> None:
+    # the scan recorded the pixel offset; a file rewritten since (another header length) must not be
+    # read at the old offset
+    for k in range(3):
+        save(ct_dataset((0, 0, 1.0 * k), pixels=marked(k)), tmp_path / f"s{k}.dcm")
+    [series] = scan_path(tmp_path)
+    ds = ct_dataset((0, 0, 1.0), pixels=marked(7))
+    ds.SeriesInstanceUID = "1.2.3.4"
+    ds.StudyDescription = "a longer header than before " * 2
+    save(ds, tmp_path / "s1.dcm")
+    vol = load_series(series)
+    assert np.all(vol.data[1] == 70.0)

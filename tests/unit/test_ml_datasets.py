@@ -17,6 +17,7 @@ from dicomnode.ml.train import patient_folds, read_bmd_dataset, read_segmentatio
 
 def test_label_schemes_map_to_levels() -> None:
     ts = np.array([0, 33, 32, 31, 30, 29, 28, 27, 26, 5, 79])
+    assert ds.map_seg_targets(ts, "totalseg").tolist() == [0, 1, 1, 1, 1, 1, 1, 1, 2, 0, 0]
     assert ds.map_labels(ts, "totalseg").tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0]
     verse = np.array([0, 18, 19, 20, 21, 22, 23, 24, 25, 28, 8])
     assert ds.map_labels(verse, "verse").tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 0]
@@ -43,7 +44,7 @@ def test_nifti_roundtrip_keeps_lps_geometry(tmp_path: Path) -> None:
 
 def test_synthetic_case_physics_and_export(tmp_path: Path) -> None:
     case = ds.synthetic_case(3)
-    assert set(np.unique(case.labels)) == set(range(8))
+    assert set(np.unique(case.labels)) == set(range(10))
     # labels run cranial (T11 = 1) to caudal (L5 = 7): centroid z decreases with the class
     zs = [np.argwhere(case.labels == c)[:, 0].mean() for c in range(1, 8)]
     assert all(a > b for a, b in zip(zs, zs[1:], strict=False))

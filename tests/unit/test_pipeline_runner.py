@@ -5,6 +5,8 @@ The clock is the only thing mocked: every step takes ``now``.
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -259,8 +261,6 @@ def test_recovery_gives_back_the_job_of_a_dead_worker(tmp_path: Path, store: Sto
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
     dead = int(proc.stdout)
-    import socket
-
     claimed = store.claim_next_job(f"{socket.gethostname()}:{dead}:t0")
     assert claimed is not None and claimed.state is JobState.ANALYSING
     # A live worker (this process) is left alone.
@@ -306,3 +306,52 @@ def test_unknown_destination_fails_permanently(tmp_path: Path, store: Store) -> 
     (d,) = store.list_deliveries(job_id=job_id).items
     assert d.outcome is DeliveryOutcome.PERMANENT_FAILURE and "not configured" in (d.message or "")
     assert sender.calls == []
+
+
+def test_retention_removes_old_spooled_studies_whose_jobs_are_final(tmp_path: Path, store: Store) -> None:
+    settings = _settings(tmp_path, retention={"spool_days": 30})
+    spool = settings.spool_dir
+    _study(store, tmp_path)
+    runner = Runner(settings, store, analyze=FakeAnalysis(), deliver=FakeSender(DeliveryOutcome.SUCCESS))
+    (job_id,) = runner.sweep_completion(now=T0 + timedelta(seconds=6))
+    old, other = spool / STUDY, spool / "1.2.826.0.1.3680043.8.498.2"
+    for folder in (old / AXIAL, other / "1.2.826.0.1.3680043.8.498.2.1"):
+        folder.mkdir(parents=True)
+        (folder / "a.dcm").write_bytes(b"DICM")
+    ancient = (datetime.now(UTC) - timedelta(days=31)).timestamp()
+    for f in [*old.rglob("*"), *other.rglob("*")]:
+        os.utime(f, (ancient, ancient))
+    # The study with an unfinished (PENDING) job stays; the other one, with no job at all, goes.
+    assert runner.clean_spool() == 1
+    assert old.is_dir() and not other.exists()
+    runner.run_next_job("test:1:w")
+    assert store.get_job(job_id).state is JobState.DONE
+    assert runner.clean_spool() == 1
+    assert not old.exists()
+    # Nothing recent is touched, and 0 days means "keep forever".
+    fresh = spool / "1.2.826.0.1.3680043.8.498.3" / "x"
+    fresh.mkdir(parents=True)
+    (fresh / "a.dcm").write_bytes(b"DICM")
+    assert runner.clean_spool() == 0
+    runner.settings = _settings(tmp_path, retention={"spool_days": 0})
+    assert runner.clean_spool(now=datetime.now(UTC) + timedelta(days=999)) == 0
+
+
+def test_a_crash_between_routing_and_completion_loses_no_job(
+    tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _study(store, tmp_path)
+    runner = _runner(tmp_path, store, FakeAnalysis(), FakeSender(DeliveryOutcome.SUCCESS))
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(store, "mark_series_complete", crash)
+    with pytest.raises(RuntimeError):
+        runner.sweep_completion(now=T0 + timedelta(seconds=6))
+    monkeypatch.undo()
+    (job_id,) = [j.id for j in store.list_jobs().items]
+    # The series is still "ready": the next sweep finds it again, the job is not duplicated.
+    assert runner.sweep_completion(now=T0 + timedelta(seconds=7)) == [job_id]
+    assert store.get_series(AXIAL).completed_at is not None
+    assert runner.sweep_completion(now=T0 + timedelta(seconds=8)) == []

@@ -450,7 +450,7 @@ def test_pages_render_for_admin_and_viewer(client: TestClient, node: SeededNode)
         "/studies": "CT ABDOMEN PHANTOM",
         f"/studies/{node.study.study_uid}": "Abdomen 3.0 mm STANDARD",
         "/jobs": f"#{node.job_id}",
-        "/jobs?state=failed&page=1": "of 1",
+        "/jobs?page=1": "1–1 of 1",
         f"/jobs/{node.job_id}": "Timeline",
         "/rules": "Dry run",
         "/rules/diff?a=0&b=0": "identical",
@@ -470,3 +470,16 @@ def test_pages_render_for_admin_and_viewer(client: TestClient, node: SeededNode)
     assert "Save as new version" not in client.get("/rules", auth=VIEWER).text
     assert client.get("/jobs/424242", auth=VIEWER, headers={"accept": "text/html"}).status_code == 404
     assert client.get("/jobs", params={"page": 0}, auth=VIEWER).status_code == 422
+
+
+def test_access_log_is_structured_and_has_no_query_strings(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="dicomnode.web.access"):
+        client.get("/api/audit", params={"target": "PATIENT^NAME"}, auth=VIEWER)
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "dicomnode.web.access"]
+    assert lines[-1]["path"] == "/api/audit" and lines[-1]["status"] == 200 and lines[-1]["user"] == "viewer"
+    assert all("PATIENT" not in r.getMessage() for r in caplog.records)

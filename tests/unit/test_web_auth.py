@@ -24,7 +24,7 @@ def users(tmp_path: Path) -> UserStore:
 def test_passwords_are_hashed_with_argon2_and_verified(users: UserStore) -> None:
     users.create("alice", "correct horse", "admin")
     with users.engine.connect() as conn:
-        stored = conn.exec_driver_sql("SELECT password_hash FROM users").scalar()
+        stored = str(conn.exec_driver_sql("SELECT password_hash FROM users").scalar())
     assert stored.startswith("$argon2id$") and "correct horse" not in stored
     u = users.verify_password("alice", "correct horse")
     assert u is not None and u.is_admin
@@ -51,7 +51,7 @@ def test_tokens_are_stored_hashed(users: UserStore) -> None:
     users.create("script", "longenough", "viewer")
     token = users.new_token("script")
     with users.engine.connect() as conn:
-        stored = conn.exec_driver_sql("SELECT token_sha256 FROM users").scalar()
+        stored = str(conn.exec_driver_sql("SELECT token_sha256 FROM users").scalar())
     assert token not in stored and len(stored) == 64
     assert users.verify_token(token) is not None
     assert users.verify_token(token + "x") is None

@@ -20,7 +20,8 @@ def test_rgb_secondary_capture_keeps_its_colours(tmp_path: Path) -> None:
     png = dicom_to_png(write_sc(tmp_path / "sc_00.dcm", size=48))
     img = Image.open(io.BytesIO(png))
     assert img.mode == "RGB" and img.size == (48, 48)
-    assert img.getpixel((18, 18))[:2] == (255, 0)  # the red square drawn by write_sc
+    pixel = img.getpixel((18, 18))
+    assert isinstance(pixel, tuple) and pixel[:2] == (255, 0)  # the red square drawn by write_sc
 
 
 def test_greyscale_is_windowed(tmp_path: Path) -> None:
