@@ -560,21 +560,26 @@ def _sacral_slices(hu: F32, filled: B, bodies: B, frame: Frame, g: float) -> npt
 
 
 def _find_sacrum(sac: npt.NDArray[np.int8], segs: list[Segment], g: float) -> tuple[int | None, bool, str]:
-    """The sacrum is the lowest of the bottom three vertebrae with >= 3 sacrum-like slices (6 mm) and no
-    rib; everything below it is sacrum too (S1-S2 remnant discs split the sacrum into pieces). Strong
+    """The sacrum: walking up from the lowest vertebra (at most four), the highest of a contiguous run of
+    pieces with sacral evidence (>= 3 sacrum-like slices, >= 30 % of the piece; S1-S2 remnant discs split
+    the sacrum into pieces, and the alae rise beside the lower end of L5, hence the fraction). Strong
     evidence when >= 3 slices are sacrum-like on both sides."""
-    for i in range(len(segs) - 1, max(-1, len(segs) - 4), -1):
+    found: tuple[int, bool, int] | None = None
+    for i in range(len(segs) - 1, max(-1, len(segs) - 5), -1):
         s = segs[i]
         if s.has_rib:
-            return None, False, ""
+            break
         zs = sac[s.z0 : s.z1 + 1]
         n_any, n_both = int((zs > 0).sum()), int((zs > 1).sum())
-        if n_any < 3:
-            continue
-        strong = n_both >= 3
-        side = "both sides" if strong else "one side only"
-        return i, strong, f"sacrum: vertebra #{i + 1} joined to the iliac bones / alae on {side} over {n_any * g:.0f} mm"
-    return None, False, ""
+        if n_any >= 3 and n_any >= 0.3 * zs.size:
+            found = (i, n_both >= 3, n_any)
+        elif found is not None:
+            break
+    if found is None:
+        return None, False, ""
+    i, strong, n_any = found
+    side = "both sides" if strong else "one side only"
+    return i, strong, f"sacrum: vertebra #{i + 1} joined to the iliac bones / alae on {side} over {n_any * g:.0f} mm"
 
 
 @dataclass(frozen=True)
