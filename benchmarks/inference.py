@@ -1,6 +1,6 @@
 """Inference time and peak memory of each network on CPU for a 300-slice study (prints figures).
 
-Run: ``.venv/bin/python benchmarks/inference.py [--slices 300] [--size 512] [--width full|tiny] [--threads N]``
+Run: ``.venv/bin/python benchmarks/inference.py [--slices 300] [--size 512] [--width full|tiny]``
 
 For each network the full pipeline step is timed on a synthetic 300 x 512 x 512 HU volume
 (0.75 mm pixels, 1 mm slices): preprocessing (canonical, resampling, normalisation) plus the forward pass
@@ -115,21 +115,24 @@ def main() -> None:
         return
     names = ("seg_unet", "densenet121_3d", "resnet50_2d_sagittal", "resnet50_2d_radiograph")
     print(
-        f"CPU inference, {args.slices} x {args.size} x {args.size} study, {args.width} width, {args.threads} threads"
+        f"CPU inference, {args.slices} x {args.size} x {args.size} study, "
+        f"{args.width} width, {args.threads} threads"
     )
     print(f"{'network':26s} {'params':>10s} {'prep s':>8s} {'total s':>8s} {'peak RSS MiB':>13s}")
     for name in names:
-        cmd = [sys.executable, __file__, "--only", name, "--slices", str(args.slices), "--size", str(args.size),
-               "--width", args.width, "--threads", str(args.threads)]  # fmt: skip
+        cmd = [sys.executable, __file__, "--only", name, "--slices", str(args.slices)]
+        cmd += ["--size", str(args.size), "--width", args.width, "--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
         if proc.returncode != 0:
             print(
-                f"{name:26s} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+                f"{name:26s} failed: "
+                f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
             )
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         print(
-            f"{name:26s} {r['parameters']:>10,d} {r['preprocess_s']:>8.2f} {r['total_s']:>8.2f} {r['peak_rss_mib']:>13.0f}"
+            f"{name:26s} {r['parameters']:>10,d} {r['preprocess_s']:>8.2f} {r['total_s']:>8.2f} "
+            f"{r['peak_rss_mib']:>13.0f}"
         )
 
 

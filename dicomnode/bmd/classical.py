@@ -366,7 +366,11 @@ def _find_discs(p: npt.NDArray[np.float64], z_lo: int, z_hi: int, g: float) -> l
         # above the top disc: another vertebra's worth of column means a missed disc up there
         top = max(out)
         if (z_hi - top) * g > 1.6 * pitch:
-            above = [z for z in range(top + int(smin / g), z_hi - int(10.0 / g) + 1) if np.isfinite(d[z])]
+            above = [
+                z
+                for z in range(top + int(smin / g), z_hi - int(10.0 / g) + 1)
+                if np.isfinite(d[z]) and d[z] >= 20.0
+            ]
             if above:
                 out.append(max(above, key=lambda z: d[z]))
                 out.sort()
@@ -429,6 +433,33 @@ def _segments_from_discs(bodies: B, discs: list[int], col: Column, g: float) -> 
     for i, s in enumerate(segs):
         s.label = i + 1
     return segs
+
+
+def _refine_segments(hu: F32, segs: list[Segment], discs: list[int], col: Column, g: float) -> None:
+    """Second pass per vertebra: the axial cross-section of a vertebral body is convex but for its shallow
+    posterior concavity, so each slice of the body becomes the convex hull of what the first pass found
+    on it. A thin cortex left open at the basivertebral foramen, or broken into arcs on a mid-body slice,
+    gets its full cross-section back; nothing outside the first pass's reach is added (the hull never
+    crosses a disc plane: voxels past the body's own planes are dropped)."""
+    from skimage.morphology import convex_hull_image
+
+    for sg in segs:
+        zz, yy, xx = np.nonzero(sg.mask)
+        if zz.size == 0:
+            continue
+        y0, y1 = int(yy.min()), int(yy.max()) + 1
+        x0, x1 = int(xx.min()), int(xx.max()) + 1
+        z0, z1 = sg.z0, sg.z1 + 1
+        sub = sg.mask[z0:z1, y0:y1, x0:x1].copy()
+        for k in range(z1 - z0):
+            if sub[k].sum() >= 3:
+                sub[k] = convex_hull_image(sub[k])
+        nz_, ny_, nx_ = np.nonzero(sub & ~sg.mask[z0:z1, y0:y1, x0:x1])
+        if nz_.size:
+            wrong = _n_above(discs, col, nz_ + z0, ny_ + y0, nx_ + x0) != sg.slab
+            sub[nz_[wrong], ny_[wrong], nx_[wrong]] = False
+        sg.mask[z0:z1, y0:y1, x0:x1] = sub
+    _ = hu
 
 
 def _rib_evidence(
@@ -739,6 +770,7 @@ class ClassicalBackend:
             if not below and (next_disc - hi) * g > 45.0:
                 discs = sorted([*discs, hi + 1])
         segs = _segments_from_discs(bodies, discs, col, g)
+        _refine_segments(hu_c, segs, discs, col, g)
         if len(segs) < 2:
             raise NotQualifyingError(f"spine not found: {len(segs)} vertebral body candidate(s) in view")
         for sg in segs:  # back to the whole working grid
@@ -777,6 +809,9 @@ class ClassicalBackend:
         coarse_labels = np.zeros(hu.shape, dtype=np.uint8)
         levels: list[str] = []
         truncated: set[str] = set()
+        unreliable: dict[str, str] = {}
+        heights = [(sg.z1 - sg.z0 + 1) * g for sg in segs if not sg.truncated]
+        med_h = float(np.median(heights)) if heights else 0.0
         axes: dict[str, tuple[float, float, float]] = {}
         for s in segs:
             lvl = naming.names.get(s.label)
@@ -790,6 +825,10 @@ class ClassicalBackend:
             axes[lvl] = (float(t[2]), float(t[1]), float(t[0]))  # (x, y, z) in canonical mm directions
             if s.truncated:
                 truncated.add(lvl)
+            elif med_h and (s.z1 - s.z0 + 1) * g > 1.6 * med_h and s.label == 1:
+                # the top piece spans two vertebrae: its upper disc was not resolved (thin thoracic disc)
+                unreliable[lvl] = "vertebral boundaries unclear (upper disc not resolved)"
+
         if not levels:
             raise NotQualifyingError("no vertebra could be named")
         full = _labels_to_full(context.grid, coarse_labels, len(levels))
@@ -801,6 +840,7 @@ class ClassicalBackend:
             level_uncertain=naming.uncertain,
             evidence=tuple(ev),
             truncated=frozenset(truncated),
+            unreliable=unreliable,
             hints={"frame": frame, "axes": axes},
         )
 

@@ -101,6 +101,8 @@ def build_vertebrae(
         st = stats[lv]
         if lv in seg.truncated:
             reasons[lv].append("vertebral body cut by the field of view")
+        if lv in seg.unreliable:
+            reasons[lv].append(seg.unreliable[lv])
         if st.metal_mm3 >= METAL_MIN_MM3:
             reasons[lv].append(f"metal or cement in the body ({st.metal_mm3:.0f} mm3 above 2000 HU)")
         if st.volume_mm3 < min_roi_mm3:

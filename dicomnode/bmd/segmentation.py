@@ -35,6 +35,8 @@ class SpineSegmentation:
         Human-readable lines saying how the levels were named (ribs, sacrum, counts).
     truncated
         Levels whose body is cut by the field of view (not measurable).
+    unreliable
+        Levels whose body mask is not trustworthy (e.g. two bodies merged), with the reason.
     hints
         Backend-specific extras (e.g. canal centreline), never required by callers.
     """
@@ -44,6 +46,8 @@ class SpineSegmentation:
     level_uncertain: bool
     evidence: tuple[str, ...] = ()
     truncated: frozenset[str] = frozenset()
+    #: Levels whose mask is not trustworthy, with the reason (excluded from measurement).
+    unreliable: Mapping[str, str] = field(default_factory=dict)
     hints: Mapping[str, Any] = field(default_factory=dict)
 
     def mask(self, level: str) -> npt.NDArray[np.bool_]:

@@ -20,9 +20,13 @@ def register(subparsers: Any) -> None:
         "CSV id,bmd_mg_cm3,osteoporosis.",
     )
     ev.add_argument("--reference", required=True, type=Path, help="CSV id,bmd_mg_cm3,osteoporosis")
-    ev.add_argument("--predictions", required=True, type=Path, help="CSV id,bmd_mg_cm3 or folder of result.json")
+    ev.add_argument(
+        "--predictions", required=True, type=Path, help="CSV id,bmd_mg_cm3 or folder of result.json"
+    )
     ev.add_argument("--out", required=True, type=Path, help="output folder")
-    ev.add_argument("--threshold", type=float, default=80.0, help="predicted vBMD below this = positive (mg/cm3)")
+    ev.add_argument(
+        "--threshold", type=float, default=80.0, help="predicted vBMD below this = positive (mg/cm3)"
+    )
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95 %% CIs")
     ev.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ev.set_defaults(handler=run_evaluate)
@@ -46,7 +50,10 @@ def register(subparsers: Any) -> None:
         "--patch", type=_patch, default=None, help="patch / crop size in voxels: N or DxHxW (default 64 / 32)"
     )
     tr.add_argument(
-        "--spacing", type=float, default=None, help="resample to this isotropic spacing in mm (default 3 / 1.5)"
+        "--spacing",
+        type=float,
+        default=None,
+        help="resample to this isotropic spacing in mm (default 3 / 1.5)",
     )
     tr.add_argument("--arch", choices=("unet", "segresnet"), default="unet", help="segmentation network")
     tr.add_argument("--samples-per-case", type=int, default=2, help="crops per case per epoch")
@@ -91,7 +98,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(json.dumps(summary))
     for key in ("missing_predictions", "unmatched_predictions", "predictions_without_value"):
         if doc[key]:
-            print(f"{key}: {len(doc[key])} ({', '.join(map(str, doc[key][:10]))}{' ...' if len(doc[key]) > 10 else ''})")
+            print(
+                f"{key}: {len(doc[key])} ({', '.join(map(str, doc[key][:10]))}"
+                f"{' ...' if len(doc[key]) > 10 else ''})"
+            )
     print(f"report: {args.out / 'report.html'}")
     return 0
 

@@ -340,7 +340,7 @@ def _rescale(
     if ds is not None and "ModalityLUTSequence" in ds and "RescaleSlope" not in ds:
         from pydicom.pixels.processing import apply_modality_lut
 
-        hu = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
+        hu: npt.NDArray[Any] = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
     elif slope == 1.0 and float(np.float32(intercept)) == intercept and raw.dtype.itemsize <= 2:
         # the common CT case, computed in float32 directly: 16-bit integers and an intercept exact in
         # float32 give the same single rounding as the float64 route, at half the memory traffic
@@ -361,7 +361,8 @@ def _rescale(
         hu[fill] = AIR_HU
     if n_pad or n_fill:
         counters.add(padding=n_pad, outside_fov=n_fill)
-    return hu if hu.dtype == np.float32 else hu.astype(np.float32)
+    out: FloatArray = np.asarray(hu, dtype=np.float32)  # no copy when already float32
+    return out
 
 
 def _float(value: Any, default: float) -> float:

@@ -265,7 +265,8 @@ def verify_bundle(path: Path | str) -> Manifest:
     if actual != manifest.sha256:
         raise BundleError(
             f"bundle {p}: sha256 mismatch for {manifest.weights_path} "
-            f"(manifest {manifest.sha256[:12]}..., file {actual[:12]}...): refusing tampered or corrupt weights"
+            f"(manifest {manifest.sha256[:12]}..., file {actual[:12]}...): "
+            "refusing tampered or corrupt weights"
         )
     return manifest
 
@@ -355,7 +356,8 @@ def check_input_spec(bundle: LoadedBundle | Manifest, volume: Volume) -> None:
     sp = volume.spacing
     if max(sp) > spec.max_spacing_mm:
         raise BundleError(
-            f"{who}: voxel spacing {max(sp):.2f} mm coarser than the {spec.max_spacing_mm:g} mm the model accepts"
+            f"{who}: voxel spacing {max(sp):.2f} mm coarser than the "
+            f"{spec.max_spacing_mm:g} mm the model accepts"
         )
     if len(spec.patch_size) == 3 and min(volume.shape) < 2:
         raise BundleError(f"{who}: a 3D network needs a volume, got shape {volume.shape}")

@@ -162,7 +162,7 @@ def read_nifti(path: Path) -> tuple[npt.NDArray[Any], npt.NDArray[np.float64]]:
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises several types for broken files
         raise InputError(f"{path}: cannot read NIfTI: {exc}") from None
@@ -179,7 +179,8 @@ def write_nifti(path: Path, data: npt.NDArray[Any], affine_lps: npt.NDArray[np.f
     import nibabel as nib
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(np.transpose(np.asarray(data), (2, 1, 0)), _RAS_TO_LPS @ affine_lps)
+    nib_any: Any = nib  # nibabel has no type hints for its image classes
+    img = nib_any.Nifti1Image(np.transpose(np.asarray(data), (2, 1, 0)), _RAS_TO_LPS @ affine_lps)
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
     nib.save(img, str(path))
@@ -206,7 +207,11 @@ def load_image(path: Path) -> Volume:
         from dicomnode.imaging import loader
     except ImportError as exc:  # the DICOM loader is another module's; say so plainly
         raise InputError(f"{path}: DICOM input needs dicomnode.imaging.loader ({exc})") from None
-    return loader.load_path(path).volume  # type: ignore[no-any-return,attr-defined,unused-ignore]
+    loaded: Any = loader.load_path(path)
+    volume = getattr(loaded, "volume", None)
+    if not isinstance(volume, Volume):
+        raise InputError(f"{path}: no CT volume could be loaded")
+    return volume
 
 
 # ------------------------------------------------------------------------------------------- the cases
@@ -346,9 +351,9 @@ def synthetic_case(
     # field of view: from mid-T10 (+/- jitter) down into the sacrum
     z_hi = tops["T10"][0] + rng.uniform(0.2, 0.9) * (tops["T10"][1] - tops["T10"][0])
     z_lo = -rng.uniform(15.0, 35.0)
-    nk = int(math.ceil((z_hi - z_lo) / sz))
-    ni = int(round(fov_mm[0] / sx))
-    nj = int(round(fov_mm[1] / sy))
+    nk = math.ceil((z_hi - z_lo) / sz)
+    ni = round(fov_mm[0] / sx)
+    nj = round(fov_mm[1] / sy)
     x = (np.arange(ni) - (ni - 1) / 2.0) * sx  # +x = patient left
     y = (np.arange(nj) - (nj - 1) / 2.0) * sy  # +y = posterior
     zs = z_lo + np.arange(nk) * sz
@@ -376,7 +381,7 @@ def synthetic_case(
     hu[para & inner] = 50.0
     for side in (-1.0, 1.0):
         psoas = ((X - spine_x - side * 32.0) / 14.0) ** 2 + ((Y - spine_y + 2.0) / 14.0) ** 2 <= 1.0
-        hu[psoas & (Z < tops["L1"][1]) & inner] = 50.0
+        hu[psoas & (tops["L1"][1] > Z) & inner] = 50.0
     # aorta anterior to the spine
     aorta = (X - spine_x - 12.0) ** 2 + (Y - spine_y + 32.0) ** 2 <= 11.0**2
     hu[aorta] = 40.0
@@ -397,7 +402,7 @@ def synthetic_case(
         body = (rr <= 1.0) & (np.abs(Z - zc) <= hz)
         if lvl == "S1":  # sacrum: a wide wedge
             wide = ((X - spine_x) / (a * 2.2)) ** 2 + ((Y - spine_y - 8.0) / b) ** 2 <= 1.0
-            body = wide & (Z <= z1) & (Z >= z0)
+            body = wide & (z1 >= Z) & (z0 <= Z)
         shell_a, shell_b = a - 2.0, b - 2.0
         core = (((X - spine_x) / shell_a) ** 2 + ((Y - spine_y) / shell_b) ** 2 <= 1.0) & (
             np.abs(Z - zc) <= hz - 1.5
@@ -411,7 +416,7 @@ def synthetic_case(
         canal = (X - spine_x) ** 2 + (Y - canal_y) ** 2 <= 8.0**2
         if lvl != "S1":
             hu[arch & ~canal] = 300.0
-        hu[canal & (Z < z_top_spine) & (Z > z0)] = 10.0
+        hu[canal & (z_top_spine > Z) & (z0 < Z)] = 10.0
         if lvl in ("T10", "T11", "T12"):  # ribs: the anchor that tells T12 from L1
             for side in (-1.0, 1.0):
                 rib_len = 70.0 if lvl != "T12" else 45.0
@@ -425,7 +430,7 @@ def synthetic_case(
         labels[body] = LEVEL_CLASSES.get(lvl, SACRUM_ID if lvl == "S1" else OTHER_VERTEBRA_ID)
         # disc below
         if lvl != "S1":
-            disc = (rr <= 1.0) & (Z < z0) & (Z >= z0 - discs[lvl] * size_scale)
+            disc = (rr <= 1.0) & (z0 > Z) & (z0 - discs[lvl] * size_scale <= Z)
             hu[disc] = 90.0
     # iliac wings at the sacrum
     for side in (-1.0, 1.0):
@@ -440,7 +445,11 @@ def synthetic_case(
     volume = Volume(
         data=hu.astype(np.float32),
         affine=affine,
-        header={"Modality": "CT", "StudyInstanceUID": f"2.25.{1000 + seed}", "SeriesInstanceUID": f"2.25.{9000 + seed}"},
+        header={
+            "Modality": "CT",
+            "StudyInstanceUID": f"2.25.{1000 + seed}",
+            "SeriesInstanceUID": f"2.25.{9000 + seed}",
+        },
         source=(f"synthetic:{seed}",),
     )
     return SpineCase(f"synth{seed:04d}", patient_id or f"S{seed:04d}", volume, labels, vbmd)

@@ -1,4 +1,4 @@
-"""``dicomnode evaluate``: compare predicted vBMD with a reference standard, write metrics, plots and a report.
+"""``dicomnode evaluate``: compare predicted vBMD with a reference, write metrics, plots and a report.
 
 Inputs are read at the edge (:func:`read_reference`, :func:`read_predictions`), matched by id
 (:func:`match`) and scored by the pure functions of :mod:`dicomnode.ml.metrics`. Nothing is dropped
@@ -77,7 +77,9 @@ def _read_csv(path: Path, required: Iterable[str]) -> list[dict[str, str]]:
             fields = [f.strip() for f in (reader.fieldnames or [])]
             missing = [c for c in required if c not in fields]
             if missing:
-                raise InputError(f"{path}: missing column(s) {', '.join(missing)} (have: {', '.join(fields)})")
+                raise InputError(
+                    f"{path}: missing column(s) {', '.join(missing)} (have: {', '.join(fields)})"
+                )
             return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise InputError(f"{path}: cannot read CSV: {exc}") from None
@@ -349,7 +351,11 @@ def _plots(matched: Matched, threshold: float, out: Path, doc: dict[str, Any]) -
     mean = (ref + pred) / 2.0
     diff = pred - ref
     ax.scatter(mean, diff, s=14, alpha=0.7)
-    for key, style in (("bland_altman_bias", "-"), ("bland_altman_loa_low", "--"), ("bland_altman_loa_high", "--")):
+    for key, style in (
+        ("bland_altman_bias", "-"),
+        ("bland_altman_loa_low", "--"),
+        ("bland_altman_loa_high", "--"),
+    ):
         v = doc.get(key)
         if v is not None:
             ax.axhline(v, color="k", ls=style, lw=1)
@@ -390,7 +396,9 @@ def render_html(doc: dict[str, Any], plots: dict[str, Path]) -> str:
         if name == "n":
             continue
         ci = doc.get(f"{name}_ci95") or [None, None]
-        rows.append(f"<tr><td>{name}</td><td>{_fmt(doc.get(name))}</td><td>{_fmt(ci[0])} - {_fmt(ci[1])}</td></tr>")
+        rows.append(
+            f"<tr><td>{name}</td><td>{_fmt(doc.get(name))}</td><td>{_fmt(ci[0])} - {_fmt(ci[1])}</td></tr>"
+        )
     cm = doc["confusion_matrix_acr"]
     head = "".join(f"<th>pred {html.escape(lbl)}</th>" for lbl in cm["labels"])
     cm_rows = "".join(
@@ -400,7 +408,10 @@ def render_html(doc: dict[str, Any], plots: dict[str, Path]) -> str:
     imgs = []
     for name, p in plots.items():
         b64 = base64.b64encode(p.read_bytes()).decode("ascii")
-        imgs.append(f'<figure><img alt="{name}" src="data:image/png;base64,{b64}"><figcaption>{name}</figcaption></figure>')
+        imgs.append(
+            f'<figure><img alt="{name}" src="data:image/png;base64,{b64}">'
+            f"<figcaption>{name}</figcaption></figure>"
+        )
     lists = []
     for key, title in (
         ("missing_predictions", "Reference ids without a prediction"),

@@ -83,15 +83,21 @@ def segment_prepared(bundle: LoadedBundle, prep: Prepared, overlap: float = 0.25
     ndarray of int16
         Class per canonical voxel.
     """
-    from monai.inferers import sliding_window_inference
+    from monai.inferers.utils import sliding_window_inference
 
     spec = bundle.input_spec
     arr, shape = pad_to_multiple(prep.array, 8)
     x = torch.from_numpy(arr[None, None]).to(bundle.device)
     with torch.no_grad():
         logits = sliding_window_inference(
-            x, tuple(spec.patch_size), sw_batch_size=1, predictor=bundle.network, overlap=overlap, mode="gaussian"
+            x,
+            tuple(spec.patch_size),
+            sw_batch_size=1,
+            predictor=bundle.network,
+            overlap=overlap,
+            mode="gaussian",
         )
+        assert isinstance(logits, torch.Tensor)  # a plain predictor gives a plain tensor
         probs = torch.softmax(logits, dim=1)[0, :, : shape[0], : shape[1], : shape[2]].cpu().numpy()
     best = np.zeros(prep.grid.source_shape, np.float32)
     labels = np.zeros(prep.grid.source_shape, np.int16)
@@ -103,7 +109,54 @@ def segment_prepared(bundle: LoadedBundle, prep: Prepared, overlap: float = 0.25
     return labels
 
 
-def label_levels(classes: npt.NDArray[np.integer], canonical: Volume) -> tuple[npt.NDArray[np.int16], list[str]]:
+def split_bodies(
+    mask: npt.NDArray[np.bool_], spacing: tuple[float, float, float]
+) -> tuple[npt.NDArray[np.int32], int]:
+    """Connected vertebral bodies, separated where a thin bridge joins two across a disc.
+
+    The mask is eroded by increasing distances (0, 2, 4, 6 mm); the erosion giving the most body-sized cores
+    wins (the smallest on ties), and every mask voxel then joins its nearest core.
+
+    Parameters
+    ----------
+    mask : ndarray of bool
+        Vertebral-body voxels (canonical grid).
+    spacing : (float, float, float)
+        Voxel size along i, j, k.
+
+    Returns
+    -------
+    (components, n)
+        Component ids (0 outside the mask) and their count.
+    """
+    if not mask.any():
+        return np.zeros(mask.shape, np.int32), 0
+    sampling = (spacing[2], spacing[1], spacing[0])
+    dist = ndimage.distance_transform_edt(mask, sampling=sampling)
+    voxel_mm3 = float(np.prod(spacing))
+    best: tuple[int, npt.NDArray[np.int32], int] | None = None
+    for r in (0.0, 2.0, 4.0, 6.0):
+        core, n = ndimage.label(dist > r, structure=np.ones((3, 3, 3), bool))
+        if n == 0:
+            continue
+        sizes = np.bincount(core.ravel())[1:] * voxel_mm3
+        big = int(np.sum(sizes >= MIN_BODY_MM3 / 5.0))
+        if best is None or big > best[0]:
+            best = (big, core.astype(np.int32), n)
+    assert best is not None
+    _, core, n = best
+    if n == 0:
+        return np.zeros(mask.shape, np.int32), 0
+    # every mask voxel takes the id of its nearest core voxel
+    _, idx = ndimage.distance_transform_edt(core == 0, sampling=sampling, return_indices=True)
+    nearest = core[idx[0], idx[1], idx[2]]
+    comp = np.where(mask, nearest, 0).astype(np.int32)
+    return comp, n
+
+
+def label_levels(
+    classes: npt.NDArray[np.integer], canonical: Volume
+) -> tuple[npt.NDArray[np.int16], list[str]]:
     """Name the vertebral bodies T11..L5 by their order above the sacrum.
 
     Each connected vertebral-body component (26-connected, at least ``MIN_BODY_MM3``) is one vertebra; the
@@ -125,7 +178,7 @@ def label_levels(classes: npt.NDArray[np.integer], canonical: Volume) -> tuple[n
     notes: list[str] = []
     sp = canonical.spacing
     voxel_mm3 = float(sp[0] * sp[1] * sp[2])
-    comp, n = ndimage.label(classes == SEG_VERTEBRA, structure=np.ones((3, 3, 3), bool))
+    comp, n = split_bodies(classes == SEG_VERTEBRA, sp)
     out = np.zeros(classes.shape, np.int16)
     if n == 0:
         return out, ["no vertebral body segmented"]
@@ -287,7 +340,7 @@ def analyse_with_bundles(
         mask = seg.labels == LEVEL_CLASSES[lvl]
         _, mean, median, sd, roi_mm3 = _trabecular_stats(canonical, mask)
         kji = np.argwhere(mask)
-        mid_k = int(round(float(kji[:, 0].mean())))
+        mid_k = round(float(kji[:, 0].mean()))
         vertebrae.append(
             VertebraResult(
                 level=lvl,
@@ -321,7 +374,9 @@ def analyse_with_bundles(
         intercept_mg_cm3=None,
         reference_hu={},
         kvp=_float_or_none(volume.header.get("KVP")) if volume.header else None,
-        kernel=str(volume.header.get("ConvolutionKernel")) if volume.header.get("ConvolutionKernel") else None,
+        kernel=str(volume.header.get("ConvolutionKernel"))
+        if volume.header.get("ConvolutionKernel")
+        else None,
         contrast_correction_hu=0.0,
     )
     summary = Summary(

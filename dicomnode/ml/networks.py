@@ -23,7 +23,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from monai.networks.nets import DenseNet, ResNet, SegResNet, UNet
+from monai.networks.nets.densenet import DenseNet
+from monai.networks.nets.resnet import ResNet
+from monai.networks.nets.segresnet import SegResNet
+from monai.networks.nets.unet import UNet
 from torch import nn
 
 
@@ -90,6 +93,9 @@ class _ScaledHead(nn.Module):
     Why: regression targets in mg/cm3 (tens to hundreds) train badly as raw outputs; keeping the scaling in
     the module means the saved bundle returns mg/cm3 directly and nobody re-applies it by hand.
     """
+
+    scale: torch.Tensor
+    offset: torch.Tensor
 
     def __init__(self, backbone: nn.Module, scale: Sequence[float], offset: Sequence[float]) -> None:
         super().__init__()

@@ -65,7 +65,7 @@ def resample_grid(canonical: Volume, spacing_mm: tuple[float, float, float]) -> 
     tgt_kji = tuple(spacing_mm)[::-1]
     shape_in = canonical.shape
     scale = tuple(t / s for t, s in zip(tgt_kji, src_sp_kji, strict=True))
-    shape = tuple(max(1, int(round(n / sc))) for n, sc in zip(shape_in, scale, strict=True))
+    shape = tuple(max(1, round(n / sc)) for n, sc in zip(shape_in, scale, strict=True))
     shift = tuple(0.5 * sc - 0.5 for sc in scale)
     aff = canonical.affine.copy()
     # voxel axis i is numpy axis 2 etc.; column c of the affine scales with that axis' factor
@@ -139,7 +139,10 @@ def tissue_peaks(hu: npt.NDArray[Any]) -> tuple[float, float] | None:
     centres = (edges[:-1] + edges[1:]) / 2.0
     fat_sel = (centres >= -200.0) & (centres <= -40.0)
     soft_sel = (centres >= 0.0) & (centres <= 120.0)
-    if smooth[fat_sel].max(initial=0.0) < 0.002 * v.size or smooth[soft_sel].max(initial=0.0) < 0.002 * v.size:
+    if (
+        smooth[fat_sel].max(initial=0.0) < 0.002 * v.size
+        or smooth[soft_sel].max(initial=0.0) < 0.002 * v.size
+    ):
         return None
     fat = float(centres[fat_sel][np.argmax(smooth[fat_sel])])
     soft = float(centres[soft_sel][np.argmax(smooth[soft_sel])])
@@ -193,13 +196,15 @@ def prepare(
     return Prepared(arr, grid, canonical, (gain, offset), tuple(notes))
 
 
-def crop(arr: npt.NDArray[Any], center: tuple[float, float, float], size: tuple[int, int, int], fill: float = 0.0) -> Any:
+def crop(
+    arr: npt.NDArray[Any], center: tuple[float, float, float], size: tuple[int, int, int], fill: float = 0.0
+) -> Any:
     """A box of ``size`` around ``center`` (k, j, i, voxel units), padded with ``fill`` outside the array."""
     out = np.full(size, fill, dtype=arr.dtype)
     src_sl = []
     dst_sl = []
     for ax in range(3):
-        start = int(math.floor(center[ax] - size[ax] / 2.0 + 0.5))
+        start = math.floor(center[ax] - size[ax] / 2.0 + 0.5)
         s0, s1 = max(start, 0), min(start + size[ax], arr.shape[ax])
         if s1 <= s0:
             return out
@@ -209,7 +214,9 @@ def crop(arr: npt.NDArray[Any], center: tuple[float, float, float], size: tuple[
     return out
 
 
-def pad_to_multiple(arr: npt.NDArray[Any], multiple: int, fill: float = 0.0) -> tuple[Any, tuple[int, int, int]]:
+def pad_to_multiple(
+    arr: npt.NDArray[Any], multiple: int, fill: float = 0.0
+) -> tuple[Any, tuple[int, int, int]]:
     """Pad at the end of each axis to a multiple of ``multiple``; returns the array and the original shape."""
     shape = arr.shape
     pads = [(0, (-n) % multiple) for n in shape]

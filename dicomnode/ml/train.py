@@ -1,4 +1,4 @@
-"""``dicomnode train``: k-fold cross-validation by patient, a final model, an optional external test, a bundle.
+"""``dicomnode train``: k-fold cross-validation by patient, a final model, an external test, a bundle.
 
 Runs, in order: ``fold1`` ... ``foldK`` (each trained on the other folds' patients, scored on its own), then
 ``final`` (all development data; it becomes the bundle), then the external test set (scored with ``final``).
@@ -136,7 +136,12 @@ def read_segmentation_dataset(path: Path) -> list[SegItem]:
                 if not r.get(col):
                     raise InputError(f"{path}:{i}: missing {col}")
             items.append(
-                SegItem(r["id"], r.get("patient_id") or r["id"], path.parent / r["image"], path.parent / r["label"])
+                SegItem(
+                    r["id"],
+                    r.get("patient_id") or r["id"],
+                    path.parent / r["image"],
+                    path.parent / r["label"],
+                )
             )
     elif path.is_dir():
         images = sorted((path / "images").glob("*.nii*"))
@@ -179,7 +184,11 @@ def read_bmd_dataset(path: Path) -> list[BmdItem]:
         label = path.parent / r["label"] if r.get("label") else None
         if label is None and cen is None:
             raise InputError(f"{path}:{i}: needs a label mask or cx,cy,cz")
-        out.append(BmdItem(r["id"], r.get("patient_id") or r["id"], path.parent / r["image"], r["level"], bmd, label, cen))
+        out.append(
+            BmdItem(
+                r["id"], r.get("patient_id") or r["id"], path.parent / r["image"], r["level"], bmd, label, cen
+            )
+        )
     if not out:
         raise InputError(f"{path}: no rows")
     return out
@@ -239,7 +248,9 @@ class _Checkpoints:
     def path(self, run: str) -> Path:
         return self.root / f"{run}.pt"
 
-    def save(self, run: str, epoch: int, net: nn.Module, opt: torch.optim.Optimizer, rng: np.random.Generator) -> None:
+    def save(
+        self, run: str, epoch: int, net: nn.Module, opt: torch.optim.Optimizer, rng: np.random.Generator
+    ) -> None:
         tmp = self.path(run).with_suffix(".tmp")
         torch.save(
             {
@@ -292,7 +303,7 @@ def _fit(
         for x, y in batches(rng):
             opt.zero_grad()
             loss = loss_fn(net(x.to(cfg.device)), y.to(cfg.device))
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             losses.append(float(loss.detach()))
         history.append(float(np.mean(losses)) if losses else math.nan)
@@ -374,10 +385,16 @@ def _seg_net_args(cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
     if cfg.arch == "segresnet":
         return "seg_segresnet", {"n_classes": N_SEG_CLASSES, "width": cfg.width}
     # residual units double the cost; the tiny widths used for local training go without them
-    return "seg_unet", {"n_classes": N_SEG_CLASSES, "width": cfg.width, "num_res_units": 0 if cfg.width <= 16 else 2}
+    return "seg_unet", {
+        "n_classes": N_SEG_CLASSES,
+        "width": cfg.width,
+        "num_res_units": 0 if cfg.width <= 16 else 2,
+    }
 
 
-def _score_seg(net: nn.Module, manifest: bdl.Manifest, cases: Sequence[_SegCase], device: str) -> dict[str, Any]:
+def _score_seg(
+    net: nn.Module, manifest: bdl.Manifest, cases: Sequence[_SegCase], device: str
+) -> dict[str, Any]:
     lb = bdl.LoadedBundle(Path("."), manifest, net, device)
     per_case = {}
     for c in cases:
@@ -394,9 +411,11 @@ def _train_segmentation(cfg: TrainConfig) -> dict[str, Any]:
     cases = [_load_seg_case(it, spec, cfg.label_scheme) for it in bar]
     ext_cases = []
     if cfg.external is not None:
-        ext_cases = [_load_seg_case(it, spec, cfg.label_scheme) for it in read_segmentation_dataset(cfg.external)]
+        ext_cases = [
+            _load_seg_case(it, spec, cfg.label_scheme) for it in read_segmentation_dataset(cfg.external)
+        ]
     factory, kwargs = _seg_net_args(cfg)
-    from monai.losses import DiceCELoss
+    from monai.losses.dice import DiceCELoss
 
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
 
@@ -420,7 +439,11 @@ def _train_segmentation(cfg: TrainConfig) -> dict[str, Any]:
         net = build(factory, kwargs)
         t0 = time.monotonic()
         hist = _fit(run, net, cfg, ckpt, cfg.seed + 1000 * ridx, _seg_batches(train_cases, cfg), loss_fn)
-        result: dict[str, Any] = {"n_train": len(train_cases), "n_val": len(val_cases), "loss": hist[-1:] or None}
+        result: dict[str, Any] = {
+            "n_train": len(train_cases),
+            "n_val": len(val_cases),
+            "loss": hist[-1:] or None,
+        }
         result["train_seconds"] = round(time.monotonic() - t0, 1)
         if val_cases:
             result.update(_score_seg(net, manifest_stub, val_cases, cfg.device))
@@ -436,7 +459,10 @@ def _train_segmentation(cfg: TrainConfig) -> dict[str, Any]:
     report["cv_mean_dice"] = float(np.mean(fold_dice)) if fold_dice else None
     if ext_cases:
         report["external"] = _score_seg(final_net, manifest_stub, ext_cases, cfg.device)
-    perf = {"cv_mean_dice": report["cv_mean_dice"], "external_mean_dice": report.get("external", {}).get("mean_dice")}
+    perf = {
+        "cv_mean_dice": report["cv_mean_dice"],
+        "external_mean_dice": report.get("external", {}).get("mean_dice"),
+    }
     manifest = bdl.write_bundle(
         cfg.out,
         final_net,
@@ -452,7 +478,8 @@ def _train_segmentation(cfg: TrainConfig) -> dict[str, Any]:
             "levels": "T11-L5 named by order above the sacrum (dicomnode.ml.inference.label_levels)",
         },
         intended_use=(
-            "Research use: segmentation and T11-L5 labelling of vertebral bodies on adult abdominal CT, as the "
+            "Research use: segmentation and T11-L5 labelling of vertebral bodies on adult abdominal CT, "
+            "as the "
             "first stage of opportunistic vBMD measurement. Not a medical device."
         ),
         training_data=_training_statement(cfg, len(cases), len({c.item.patient_id for c in cases})),
@@ -483,7 +510,9 @@ class _BmdImage:
     centroids: dict[str, tuple[float, float, float]]  # level -> resampled index (k, j, i)
 
 
-def _load_bmd_images(items: Sequence[BmdItem], spec: bdl.InputSpec, scheme: str, progress: bool) -> dict[Path, _BmdImage]:
+def _load_bmd_images(
+    items: Sequence[BmdItem], spec: bdl.InputSpec, scheme: str, progress: bool
+) -> dict[Path, _BmdImage]:
     by_image: dict[Path, list[BmdItem]] = defaultdict(list)
     for it in items:
         by_image[it.image].append(it)
@@ -558,7 +587,11 @@ def _bmd_net_args(cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
 
 
 def _predict_items(
-    net: nn.Module, manifest: bdl.Manifest, items: Sequence[BmdItem], images: dict[Path, _BmdImage], device: str
+    net: nn.Module,
+    manifest: bdl.Manifest,
+    items: Sequence[BmdItem],
+    images: dict[Path, _BmdImage],
+    device: str,
 ) -> dict[str, float]:
     lb = bdl.LoadedBundle(Path("."), manifest, net, device)
     out: dict[str, float] = {}
@@ -571,7 +604,9 @@ def _predict_items(
         cents = {}
         for r in rows:
             k, j, i = im.centroids[r.level]
-            cents[r.row_id] = tuple(float(v) for v in (np.array([i, j, k]) @ inv_aff[:3, :3].T + inv_aff[:3, 3]))
+            cents[r.row_id] = tuple(
+                float(v) for v in (np.array([i, j, k]) @ inv_aff[:3, :3].T + inv_aff[:3, 3])
+            )
         pred = predict_vbmd_prepared(lb, im.prep, cents)
         out.update(pred)
     return out
@@ -623,8 +658,14 @@ def _train_bmd(cfg: TrainConfig) -> dict[str, Any]:
         train_items = [it for it in items if it.patient_id not in val_patients]
         net = build(factory, kwargs)
         t0 = time.monotonic()
-        hist = _fit(run, net, cfg, ckpt, cfg.seed + 1000 * ridx, _bmd_batches(train_items, images, cfg), loss_fn)
-        result: dict[str, Any] = {"n_train": len(train_items), "n_val": len(val_items), "loss": hist[-1:] or None}
+        hist = _fit(
+            run, net, cfg, ckpt, cfg.seed + 1000 * ridx, _bmd_batches(train_items, images, cfg), loss_fn
+        )
+        result: dict[str, Any] = {
+            "n_train": len(train_items),
+            "n_val": len(val_items),
+            "loss": hist[-1:] or None,
+        }
         result["train_seconds"] = round(time.monotonic() - t0, 1)
         if val_items:
             preds = _predict_items(net, stub, val_items, images, cfg.device)
@@ -663,9 +704,13 @@ def _train_bmd(cfg: TrainConfig) -> dict[str, Any]:
         version=cfg.version,
         task="bmd",
         input_spec=spec,
-        output={"units": "mg/cm3", "quantity": "trabecular vBMD (CHA-equivalent) of the vertebral body in the crop"},
+        output={
+            "units": "mg/cm3",
+            "quantity": "trabecular vBMD (CHA-equivalent) of the vertebral body in the crop",
+        },
         intended_use=(
-            "Research use: per-vertebra trabecular vBMD regression from a crop centred on a segmented vertebral "
+            "Research use: per-vertebra trabecular vBMD regression from a crop centred on a segmented "
+            "vertebral "
             "body of adult abdominal CT (opportunistic screening). Not a medical device."
         ),
         training_data=_training_statement(cfg, len(items), len({it.patient_id for it in items})),
@@ -690,16 +735,24 @@ def _runs(patient_ids: Sequence[str], cfg: TrainConfig) -> list[tuple[str, set[s
 
 
 def _stub_manifest(
-    cfg: TrainConfig, task: str, factory: str, kwargs: dict[str, Any], spec: bdl.InputSpec, output: dict[str, Any]
+    cfg: TrainConfig,
+    task: str,
+    factory: str,
+    kwargs: dict[str, Any],
+    spec: bdl.InputSpec,
+    output: dict[str, Any],
 ) -> bdl.Manifest:
-    return bdl.Manifest(cfg.name or task, cfg.version, task, factory, kwargs, "", "0" * 64, spec, output, "", "")
+    return bdl.Manifest(
+        cfg.name or task, cfg.version, task, factory, kwargs, "", "0" * 64, spec, output, "", ""
+    )
 
 
 def _training_statement(cfg: TrainConfig, n_items: int, n_patients: int) -> str:
     ext = f"; external test set {cfg.external.name}" if cfg.external else ""
     return (
         f"Trained locally with dicomnode train on {n_items} items from {n_patients} patients "
-        f"(dataset {cfg.data.name}{ext}); {cfg.folds}-fold cross-validation split by patient; seed {cfg.seed}."
+        f"(dataset {cfg.data.name}{ext}); {cfg.folds}-fold cross-validation split by patient; "
+        f"seed {cfg.seed}."
     )
 
 

@@ -159,7 +159,7 @@ class Runner:
     store
         The database (the only place job state changes).
     analyze
-        The analysis step (see :func:`dicomnode.pipeline.analysis.analyze_job` for the real one).
+        The analysis step (see :func:`dicomnode.pipeline.executors.analyze_job` for the real one).
     select
         Routing for one study (default: ``dicomnode.routing.select`` with the configured rules).
     deliver
@@ -296,7 +296,7 @@ class Runner:
         return job.id
 
     def run_claimed_job(self, job: Job, worker_id: str) -> None:
-        """Analyse a job this worker holds (ANALYSING), then record and deliver; never raises."""
+        """Analyse a job this worker holds (ANALYSING), record the outcome, deliver (raises on DB errors)."""
         log.info(
             "job %d: analysing series %s v%d (%s)", job.id, job.series_instance_uid, job.version, worker_id
         )

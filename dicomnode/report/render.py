@@ -174,9 +174,14 @@ def wrap_text(draw: ImageDraw.ImageDraw, text: str, font: Any, max_w: int) -> li
 
 
 def fmt_ratio(value: float | None) -> str:
-    """A height ratio with three decimals, so that it reads true against a threshold (0.796 < 0.8,
-    where two decimals would print 0.80)."""
-    return _fmt(value, 3)
+    """A height ratio with three decimals, truncated rather than rounded, so that it reads true against
+    the QC thresholds (0.796 prints as 0.796, not 0.80, next to a flag saying the ratio is below 0.8; and
+    0.7996 prints as 0.799, never as 0.800)."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    # the tiny epsilon keeps binary fractions such as 0.29 (0.28999...) from losing their last digit
+    truncated = math.floor(abs(value) * 1000 + 1e-9) / 1000
+    return f"{math.copysign(truncated, value):.3f}"
 
 
 def _summary_line(result: AnalysisResult) -> tuple[str, Colour]:
@@ -457,9 +462,12 @@ def _scale_bar(draw: ImageDraw.ImageDraw, x: int, y: int, ppm: float, font: Any)
 
 def _axial_k(volume: Volume, v: VertebraResult) -> int:
     """The canonical slice index shown for ``v`` (its mid-vertebral slice)."""
-    nk = volume.data.shape[0]
-    k = v.mid_slice_index if v.mid_slice_index is not None else round(float(_centroid_index(volume, v)[2]))
-    return min(max(int(k), 0), nk - 1)
+    nk = int(volume.data.shape[0])
+    if v.mid_slice_index is not None:
+        k = int(v.mid_slice_index)
+    else:
+        k = round(float(_centroid_index(volume, v)[2]))
+    return min(max(k, 0), nk - 1)
 
 
 def render_axial(

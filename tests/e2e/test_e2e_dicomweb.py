@@ -3,6 +3,8 @@ then a late instance re-opens the series and a new version of the result follows
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pydicom
@@ -39,6 +41,14 @@ def test_stow_into_node_and_stow_out_to_orthanc(
         http_port=http,
         destinations=[{"kind": "dicomweb", "name": "pacs-web", "url": stack.dicomweb}],
     )
+    # The destination answers the DICOMweb probe of ``dicomnode echo``.
+    probe = subprocess.run(
+        [sys.executable, "-m", "dicomnode", "echo", "pacs-web", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert probe.returncode == 0 and "OK" in probe.stdout, probe.stdout + probe.stderr
     node = NodeProcess("serve", cfg, tmp_path / "node.log", http).start()
     with running(node):
         # The last soft slice is held back: it arrives after the analysis, as a late instance.

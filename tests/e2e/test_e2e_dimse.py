@@ -70,6 +70,15 @@ def test_storescu_to_orthanc_to_node_and_back(
     store = open_store(stack.state / "node-data")
     try:
         received = {s.series_instance_uid for s in store.list_series(study_uid=phantom_study.study_uid).items}
+        (job,) = store.list_jobs(study_uid=phantom_study.study_uid).items
+        result = store.get_result(job.id)
     finally:
         store.close()
     assert received == set(phantom_study.series.values())
+    # Every secondary capture the job wrote is in the study too, once.
+    assert result is not None
+    sc_files = [Path(f) for f in result.files if Path(f).name.startswith("sc_")]
+    assert sc_files
+    assert sorted(node_outputs(stack, phantom_study.study_uid)["OT"]) == sorted(
+        str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in sc_files
+    )

@@ -226,3 +226,57 @@ def test_interim_rule_rejects_and_ranks() -> None:
     assert decisions["t"].rank == 2
     assert decisions["s"].rank == 3
     assert decisions["c"].rank == 4  # contrast ranks last
+
+
+def test_each_file_is_read_once_and_outputs_match_a_reread(
+    case: SyntheticCase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scan headers are reused for loading and for the SR/SC: no file is parsed twice, and the SR
+    references exactly the analysed images, as it did when the headers were read again."""
+    from dicomnode.imaging import loader, series
+    from dicomnode.pipeline import analyze as pa
+
+    _write_series(case, tmp_path / "in")
+    parsed: list[str] = []
+    real_read = series.read_dicom
+
+    def counting_read(path: str | os.PathLike[str], header_only: bool = False) -> object:
+        parsed.append(os.fspath(path))
+        return real_read(path, header_only=header_only)
+
+    monkeypatch.setattr(series, "read_dicom", counting_read)
+    monkeypatch.setattr(loader, "read_dicom", counting_read)
+
+    def measure(volume: Volume) -> Measured:
+        return Measured(case.result, volume.canonical(), case.roi_masks)
+
+    run = analyze_path(tmp_path / "in", tmp_path / "out", measure=measure, job_key="once")
+    assert run.exit_code == 0 and run.outputs is not None and run.outputs.sr is not None
+    assert len(parsed) == len(case.datasets) == len(set(parsed))  # the scan's single read of each file
+    # the SR's evidence is the analysed series, every image of it
+    import pydicom
+
+    sr = pydicom.dcmread(run.outputs.sr)
+    refs = {
+        str(item.ReferencedSOPInstanceUID)
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for ser in study.ReferencedSeriesSequence
+        for item in ser.ReferencedSOPSequence
+    }
+    assert refs == {str(ds.SOPInstanceUID) for ds in case.datasets}
+    # the headers reused from the scan are the ones a fresh read gives (for the SR/SC modules)
+    [chosen] = loader.scan(tmp_path / "in").series
+    volume = loader.load_series(chosen)
+    reused = pa.source_datasets(volume, chosen)
+    fresh = [real_read(p, header_only=True) for p in volume.source]
+    for a, b in zip(reused, fresh, strict=True):
+        assert a.SOPInstanceUID == b.SOPInstanceUID and a.PatientID == b.PatientID
+        assert a.StudyInstanceUID == b.StudyInstanceUID and a.SOPClassUID == b.SOPClassUID
+
+
+def test_command_exit_is_immediate_only_for_the_command_process() -> None:
+    """In-process callers (tests, workers) get the exit status back; only the ``dicomnode`` process ends
+    itself without the interpreter teardown (the subprocess tests above check its exit status)."""
+    from dicomnode.cli import analyze as cli_analyze
+
+    assert cli_analyze._is_command_process() is False

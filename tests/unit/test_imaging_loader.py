@@ -535,7 +535,9 @@ def _slow(series: Any) -> Volume:
     plain = dataclasses.replace(
         series,
         headers=(),
-        instances=tuple(dataclasses.replace(i, pixel_offset=None, pixel_length=None) for i in series.instances),
+        instances=tuple(
+            dataclasses.replace(i, pixel_offset=None, pixel_length=None) for i in series.instances
+        ),
     )
     return load_series(plain)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ def test_synthetic_case_physics_and_export(tmp_path: Path) -> None:
     assert set(np.unique(case.labels)) == set(range(10))
     # labels run cranial (T11 = 1) to caudal (L5 = 7): centroid z decreases with the class
     zs = [np.argwhere(case.labels == c)[:, 0].mean() for c in range(1, 8)]
-    assert all(a > b for a, b in zip(zs, zs[1:], strict=False))
+    assert all(a > b for a, b in itertools.pairwise(zs))
     seg = ds.export_segmentation([case, ds.synthetic_case(4, patient_id=case.patient_id)], tmp_path / "seg")
     items = read_segmentation_dataset(seg)
     assert [it.patient_id for it in items] == [case.patient_id] * 2

@@ -40,7 +40,7 @@ def test_point_metrics_match_sklearn(seed: int) -> None:
     ref, pred, truth = _pair(120, seed)
     got = m.point_metrics(ref, pred, truth, threshold=80.0)
     called = (pred < 80.0).astype(int)
-    tn, fp, fn, tp = skm.confusion_matrix(truth, called, labels=[0, 1]).ravel()
+    tn, fp, _fn, _tp = skm.confusion_matrix(truth, called, labels=[0, 1]).ravel()
     expected = {
         "mae": skm.mean_absolute_error(ref, pred),
         "rmse": float(np.sqrt(skm.mean_squared_error(ref, pred))),
@@ -65,7 +65,7 @@ def test_point_metrics_match_sklearn(seed: int) -> None:
 
 
 def test_roc_curve_area_equals_auc() -> None:
-    ref, pred, truth = _pair(80, 7)
+    _ref, pred, truth = _pair(80, 7)
     fpr, tpr, _ = m.roc_curve(truth, -pred)
     sk_fpr, sk_tpr, _ = skm.roc_curve(truth, -pred, drop_intermediate=False)
     assert np.trapezoid(tpr, fpr) == pytest.approx(skm.auc(sk_fpr, sk_tpr), abs=1e-9)
@@ -142,7 +142,11 @@ def test_evaluate_result_json_folder(tmp_path: Path) -> None:
     folder = tmp_path / "results"
     docs = [
         {"study_instance_uid": "1.2.3.1", "summary": {"vbmd_l1_l2_mg_cm3": 75.0}},
-        {"study_instance_uid": "1.2.3.2", "accession_number": "ACC2", "summary": {"vbmd_l1_l2_mg_cm3": 120.0}},
+        {
+            "study_instance_uid": "1.2.3.2",
+            "accession_number": "ACC2",
+            "summary": {"vbmd_l1_l2_mg_cm3": 120.0},
+        },
         {"study_instance_uid": "1.2.3.3", "summary": {"vbmd_l1_l2_mg_cm3": 95.0}},
         {"study_instance_uid": "1.2.3.4", "summary": {"vbmd_l1_l2_mg_cm3": 50.0}},
         {"study_instance_uid": "1.2.3.9", "status": "failed", "summary": None},

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Mapping
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from dicomnode.report import render as r
@@ -94,3 +96,93 @@ def test_missing_numbers_render_as_na(case: SyntheticCase) -> None:
     img = r.render_axial(case.result, case.canonical, blank, case.roi_masks["L4"])
     assert img.rgb.size > 0
     assert r._fmt(None) == "n/a" and r._fmt(float("nan")) == "n/a" and r._fmt(1.26) == "1.3"
+
+
+def test_wrap_text_keeps_every_word_within_the_width() -> None:
+    draw = r._measure_draw()
+    font = r._font(r.SIZE_SMALL)
+    flag = (
+        "suspected compression fracture (height ratio 0.72, Genant grade 2): excluded; "
+        "outlier against neighbours (lesion, sclerosis or mislabelled structure?) "
+        "averyveryverylongtokenwithoutanyspacesthatcannotfitononelineatallwhatsoever"
+    )
+    for width in (120, 240, 360):
+        lines = r.wrap_text(draw, flag, font, width)
+        assert len(lines) > 1
+        assert all(r._text_w(draw, ln, font) <= width for ln in lines)
+        # nothing dropped: the characters come back in order (only the break points differ)
+        assert "".join(lines).replace(" ", "") == flag.replace(" ", "")
+    assert r.wrap_text(draw, "short", font, 360) == ["short"]
+
+
+@pytest.mark.parametrize(
+    ("ratio", "text"), [(0.7964, "0.796"), (0.7996, "0.799"), (0.8, "0.800"), (0.29, "0.290"), (None, "n/a")]
+)
+def test_height_ratio_reads_true_against_thresholds(ratio: float | None, text: str) -> None:
+    assert r.fmt_ratio(ratio) == text
+    if ratio is not None:
+        for threshold in (0.6, 0.75, 0.8):  # a value below a threshold never prints as >= it
+            assert (float(text) < threshold) == (ratio < threshold)
+
+
+def _long_flags(case: SyntheticCase, level: str, n: int) -> SyntheticCase:
+    flags = tuple(
+        f"flag {k}: suspected compression fracture (height {30 + k} mm < 80% of neighbours' 57 mm)"
+        for k in range(n)
+    )
+    verts = tuple(dataclasses.replace(v, qc=flags) if v.level == level else v for v in case.result.vertebrae)
+    return dataclasses.replace(case, result=dataclasses.replace(case.result, vertebrae=verts))
+
+
+def test_long_qc_flags_grow_the_images_instead_of_being_cut(case: SyntheticCase) -> None:
+    few, many = _long_flags(case, "L1", 1), _long_flags(case, "L1", 14)
+    v_few, v_many = few.result.vertebra("L1"), many.result.vertebra("L1")
+    assert v_few is not None and v_many is not None
+    a = r.render_axial(few.result, few.canonical, v_few, few.roi_masks["L1"])
+    b = r.render_axial(many.result, many.canonical, v_many, many.roi_masks["L1"])
+    assert b.rgb.shape[0] > a.rgb.shape[0]  # the panel needed more room than the image: the canvas grew
+    assert b.rgb.shape[1] == a.rgb.shape[1]
+    o_few = r.render_overview(few.result, few.canonical, few.roi_masks)
+    o_many = r.render_overview(many.result, many.canonical, many.roi_masks)
+    assert o_many.rgb.shape[0] > o_few.rgb.shape[0]
+    # the disclaimer (its colour) is still in the footer of the grown images
+    footer = b.rgb[-40:]
+    assert np.all(footer == np.asarray(r.WARN, dtype=np.uint8), axis=-1).sum() > 20
+
+
+def test_flags_common_to_every_level_are_said_once() -> None:
+    v = make_case(shape=(84, 64, 64), spacing=(4.0, 4.0, 3.0)).result.vertebrae
+    tagged = [dataclasses.replace(x, qc=("level naming uncertain", *x.qc)) for x in v]
+    assert r._common_flags(tagged) == ("level naming uncertain",)
+    details = r._label_details(tagged[0], r._common_flags(tagged))
+    assert all("level naming uncertain" not in text for text, _ in details)
+
+
+class _CountingMasks(Mapping[str, npt.NDArray[np.bool_]]):
+    """A mapping that counts how often each mask is taken (the engine's may compute it on access)."""
+
+    def __init__(self, masks: Mapping[str, npt.NDArray[np.bool_]]) -> None:
+        self._masks = dict(masks)
+        self.taken: dict[str, int] = {}
+
+    def __getitem__(self, key: str) -> npt.NDArray[np.bool_]:
+        self.taken[key] = self.taken.get(key, 0) + 1
+        return self._masks[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._masks)
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+
+def test_render_all_takes_each_mask_once_and_matches_the_single_renders(case: SyntheticCase) -> None:
+    masks = _CountingMasks(case.roi_masks)
+    images = r.render_all(case.result, case.canonical, masks)
+    assert masks.taken and all(n == 1 for n in masks.taken.values())
+    v = case.result.vertebra("L2")
+    assert v is not None
+    single = r.render_axial(case.result, case.canonical, v, case.roi_masks["L2"])
+    assert np.array_equal(next(i for i in images if i.name == "L2").rgb, single.rgb)
+    overview = r.render_overview(case.result, case.canonical, case.roi_masks)
+    assert np.array_equal(images[0].rgb, overview.rgb)

@@ -1,0 +1,185 @@
+"""Local training on phantoms: the segmentation and vBMD networks reach their targets on held-out phantoms,
+the bundles they write load in the node, and the analysis they produce names them.
+
+Sized for a shared 2-core machine (coarse 3 mm phantoms, tiny widths, a few minutes per network). The
+figures are printed so the run log keeps them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dicomnode.cli import main
+from dicomnode.errors import BundleError
+from dicomnode.ml import datasets as ds
+from dicomnode.ml.bundle import load_bundle, validate_bundles
+from dicomnode.ml.inference import analyse_with_bundles
+from dicomnode.ml.train import TrainConfig, train
+
+pytestmark = pytest.mark.slow
+
+SOURCE = "phantom" if ds.phantom_available() else "synthetic"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads() -> None:
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def seg_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object]]:
+    root = tmp_path_factory.mktemp("seg")
+    ds.export_segmentation(ds.make_cases(range(10), SOURCE), root / "dev")
+    ds.export_segmentation(ds.make_cases(range(500, 503), SOURCE), root / "external")
+    cfg = TrainConfig(
+        task="segmentation", data=root / "dev", out=root / "bundle", external=root / "external", folds=0,
+        epochs=30, batch_size=4, lr=3e-3, width=16, patch=(48, 48, 48), spacing_mm=3.0, samples_per_case=4,
+        seed=0, progress=False,
+    )  # fmt: skip
+    summary = train(cfg)
+    return root / "bundle", summary
+
+
+@pytest.fixture(scope="module")
+def bmd_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object]]:
+    root = tmp_path_factory.mktemp("bmd")
+    dev = ds.export_bmd(ds.make_cases(range(200, 230), SOURCE), root / "dev")
+    ext = ds.export_bmd(ds.make_cases(range(600, 606), SOURCE), root / "external", with_masks=False)
+    cfg = TrainConfig(
+        task="bmd", data=dev, out=root / "bundle", external=ext, folds=0, epochs=40, batch_size=16, lr=3e-3,
+        width=8, patch=(32, 32, 32), spacing_mm=1.5, samples_per_case=2, seed=0, progress=False,
+    )  # fmt: skip
+    summary = train(cfg)
+    return root / "bundle", summary
+
+
+def test_segmentation_reaches_dice_on_held_out(seg_bundle: tuple[Path, dict[str, object]]) -> None:
+    path, summary = seg_bundle
+    external = summary["external"]
+    assert isinstance(external, dict)
+    print(f"segmentation: held-out mean vertebral-body Dice {external['mean_dice']:.3f}")
+    assert external["mean_dice"] >= 0.8
+    manifest = json.loads((path / "configs/metadata.json").read_text())
+    assert manifest["performance"]["external_mean_dice"] == pytest.approx(external["mean_dice"])
+    assert load_bundle(path).manifest.task == "segmentation"
+
+
+def test_bmd_regression_reaches_mae_on_held_out(bmd_bundle: tuple[Path, dict[str, object]]) -> None:
+    path, summary = bmd_bundle
+    perf = summary["performance"]
+    assert isinstance(perf, dict)
+    mae = perf["external"]["mae"]
+    print(f"bmd: held-out MAE {mae:.2f} mg/cm3, r2 {perf['external']['r2']:.3f}")
+    assert mae <= 10.0
+    ev = path / "training" / "evaluation" / "external"
+    doc = json.loads((ev / "metrics.json").read_text())
+    assert doc["mae"] == pytest.approx(mae) and doc["missing_predictions"] == []
+    for png in ("roc.png", "scatter.png", "bland_altman.png"):
+        assert (ev / png).is_file()
+
+
+def test_bundles_serve_the_node(
+    seg_bundle: tuple[Path, dict[str, object]], bmd_bundle: tuple[Path, dict[str, object]]
+) -> None:
+    seg_path, _ = seg_bundle
+    bmd_path, _ = bmd_bundle
+    settings = {
+        "pipeline": {"segmentation_backend": f"bundle:{seg_path}", "bmd_estimator": f"both:{bmd_path}"}
+    }
+    assert len(validate_bundles(settings)) == 2
+    seg, bmd = load_bundle(seg_path), load_bundle(bmd_path)
+    case = (
+        ds.make_cases([900], SOURCE, matrix=128, spacing_mm=2.5)[0]
+        if SOURCE == "phantom"
+        else (ds.synthetic_case(900))
+    )
+    result = analyse_with_bundles(case.volume, seg, bmd)
+    assert result.status.value == "ok"
+    assert seg.name in result.algorithm_name and bmd.name in result.algorithm_name
+    assert seg.version in result.algorithm_version
+    assert any(seg.manifest.sha256[:12] in w for w in result.warnings)
+    l1 = result.vertebra("L1")
+    assert l1 is not None and l1.vbmd_mg_cm3 is not None
+    print(f"node: L1 truth {case.vbmd['L1']:.1f}, bundle {l1.vbmd_mg_cm3:.1f} mg/cm3")
+    assert abs(l1.vbmd_mg_cm3 - case.vbmd["L1"]) < 25.0
+    assert result.summary is not None and result.summary.vbmd_l1_l2_mg_cm3 is not None
+
+
+def test_bundle_backend_in_bmd_engine(seg_bundle: tuple[Path, dict[str, object]]) -> None:
+    bmd_mod = pytest.importorskip("dicomnode.bmd.backend_bundle")
+    from dicomnode.bmd.segmentation import get_backend
+
+    seg_path, _ = seg_bundle
+    name = bmd_mod.register_bundle_backend(f"bundle:{seg_path}")
+    backend = get_backend(name)
+    assert backend.name.startswith("bundle-") and backend.version == load_bundle(seg_path).version
+    case = ds.make_cases([901], SOURCE)[0]
+    seg = backend.segment(case.volume.canonical())
+    assert "L1" in seg.levels
+    truth = case.volume  # canonical already for phantoms and synthetic cases
+    assert seg.body_labels.shape == truth.shape
+
+
+def test_tampered_bundle_refused_at_start(seg_bundle: tuple[Path, dict[str, object]], tmp_path: Path) -> None:
+    import shutil
+
+    seg_path, _ = seg_bundle
+    bad = tmp_path / "tampered"
+    shutil.copytree(seg_path, bad, ignore=shutil.ignore_patterns("training"))
+    w = bad / "models" / "model.pt"
+    data = bytearray(w.read_bytes())
+    data[-100] ^= 0x01
+    w.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256 mismatch") as exc:
+        validate_bundles({"segmentation_backend": f"bundle:{bad}"})
+    assert "\n" not in str(exc.value)
+
+
+def test_cli_train_cross_validation_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """5-fold CV by patient with a tiny budget; an interrupted run resumes to the same weights."""
+    cases = [ds.synthetic_case(s, patient_id=f"PT{s // 2}") for s in range(10)]  # two scans per patient
+    csv_path = ds.export_bmd(cases, tmp_path / "data")
+    args = ["train", "bmd", "--data", str(csv_path), "--epochs", "2", "--width", "4", "--patch", "16",
+            "--spacing", "3", "--batch-size", "16", "--no-progress", "--seed", "3"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    report = json.loads((tmp_path / "full/training/report.json").read_text())
+    assert len(report["folds"]) == 5
+    seen: dict[str, str] = {}
+    for fold, res in report["folds"].items():
+        for row_id in res["predictions"]:
+            pid = f"PT{int(row_id[5:9]) // 2}"
+            assert seen.setdefault(pid, fold) == fold  # a patient's vertebrae all sit in one fold
+    assert (tmp_path / "full/training/evaluation/cv/metrics.json").is_file()
+    full_sha = load_bundle(tmp_path / "full").manifest.sha256
+
+    # interrupt the same training after fold 3 has saved one epoch, then resume
+    import dicomnode.ml.train as tr
+
+    original = tr._Checkpoints.save
+    calls = {"n": 0}
+
+    def crash(self: object, run: str, *a: object, **k: object) -> None:
+        original(self, run, *a, **k)  # type: ignore[arg-type]
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+
+    tr._Checkpoints.save = crash  # type: ignore[method-assign]
+    try:
+        assert main([*args, "--out", str(tmp_path / "resumed")]) == 130
+    finally:
+        tr._Checkpoints.save = original  # type: ignore[method-assign]
+    assert not (tmp_path / "resumed/models/model.pt").exists()
+    assert main([*args, "--out", str(tmp_path / "resumed")]) == 1  # refuses to overwrite without --resume
+    assert "--resume" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "resumed"), "--resume"]) == 0
+    assert load_bundle(tmp_path / "resumed").manifest.sha256 == full_sha
+    got = np.array(
+        json.loads((tmp_path / "resumed/training/report.json").read_text())["folds"]["fold1"]["mae"]
+    )
+    assert got == pytest.approx(report["folds"]["fold1"]["mae"])
