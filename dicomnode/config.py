@@ -133,6 +133,23 @@ class HttpSettings(_Section):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    #: Client addresses or networks (``10.0.0.5``, ``10.0.0.0/24``) allowed to store instances with STOW-RS
+    #: (``POST /dicomweb/studies``) without credentials, for a PACS that cannot authenticate. Empty (the
+    #: default): STOW-RS needs an ``admin`` or ``sender`` account. The TCP peer address is used, so list
+    #: the PACS itself, not a proxy in front of the node.
+    stow_allow_addresses: list[str] = Field(default_factory=list)
+
+    @field_validator("stow_allow_addresses")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for v in value:
+            try:
+                ipaddress.ip_network(v.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{v!r} is not an IP address or network") from None
+        return [v.strip() for v in value]
 
 
 class CompletionSettings(_Section):
@@ -245,6 +262,12 @@ class WorkerSettings(_Section):
     executor: Literal["local", "celery"] = "local"
     #: Celery broker (e.g. ``redis://127.0.0.1:6379/0``); required when executor is "celery".
     broker_url: str | None = None
+    #: While a delivery is being sent it is reserved this long; after a crash it is sent again after that
+    #: (``--delivery-lease`` overrides). Longer than the slowest transfer of one result to one destination.
+    delivery_lease_seconds: float = Field(120.0, gt=0, le=86400)
+    #: An ANALYSING job without heartbeat for this long goes back to PENDING (its worker, on another host,
+    #: died; ``--stale-job`` overrides). Workers beat every few seconds, so this only needs to cover pauses.
+    stale_job_seconds: float = Field(300.0, gt=0, le=86400)
 
     @model_validator(mode="after")
     def _broker(self) -> WorkerSettings:

@@ -25,8 +25,8 @@ from dicomnode.bmd.segmentation import SegmentationBackend, SpineSegmentation, g
 from dicomnode.bmd.tissues import (
     SpineFrame,
     depth_from_skin,
-    measure_aorta,
     measure_air,
+    measure_aorta,
     measure_fat,
     measure_muscle,
     measure_psoas,
@@ -36,8 +36,6 @@ from dicomnode.domain import (
     AnalysisResult,
     AnalysisStatus,
     ContrastPhase,
-    Summary,
-    VertebraResult,
 )
 from dicomnode.errors import AnalysisError, DicomnodeError, NotQualifyingError
 from dicomnode.imaging.volume import Volume
@@ -187,7 +185,9 @@ def _analyze(volume: Volume, opts: BmdOptions) -> BmdOutput:
     if extent_z < 40.0:
         raise NotQualifyingError(f"z coverage {extent_z:.0f} mm is too short for a lumbar vertebra")
     if sz > 10.0 or max(sx, sy) > 5.0:
-        raise NotQualifyingError(f"voxels too coarse for trabecular measurement ({sx:.1f}x{sy:.1f}x{sz:.1f} mm)")
+        raise NotQualifyingError(
+            f"voxels too coarse for trabecular measurement ({sx:.1f}x{sy:.1f}x{sz:.1f} mm)"
+        )
     grid = make_coarse(canon)
     g = grid.g
     body = body_mask(grid.hu, g)
@@ -263,7 +263,7 @@ def _analyze(volume: Volume, opts: BmdOptions) -> BmdOutput:
     for q, lvl in enumerate(seg.levels, start=1):
         if q - 1 >= len(objs) or objs[q - 1] is None:
             continue
-        box = padded_box(objs[q - 1], canon.shape)  # type: ignore[arg-type]
+        box = padded_box(objs[q - 1], canon.shape)
         body_q = seg.body_labels[box] == q
         axis = seg.hints.get("axes", {}).get(lvl) if isinstance(seg.hints.get("axes"), dict) else None
         st = trabecular_roi(canon, body_q, box, opts.erosion_mm, opts.endplate_margin_mm, axis)
@@ -310,7 +310,3 @@ def _analyze(volume: Volume, opts: BmdOptions) -> BmdOutput:
         roi_masks=LabelMasks(roi_labels, {k: v for k, v in index.items() if k in stats}),
         segmentation=seg,
     )
-
-
-def _unused(*_: Any) -> None:  # keeps imports honest for type checkers
-    return None

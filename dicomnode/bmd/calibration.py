@@ -53,7 +53,9 @@ from dicomnode.domain import Calibration, ContrastPhase
 log = logging.getLogger(__name__)
 
 #: Reference HU of internal calibration tissues at 120 kVp (physics/textbook values).
-REFERENCE_HU: Mapping[str, float] = MappingProxyType({"air": -1000.0, "fat": -100.0, "muscle": 50.0, "blood": 40.0})
+REFERENCE_HU: Mapping[str, float] = MappingProxyType(
+    {"air": -1000.0, "fat": -100.0, "muscle": 50.0, "blood": 40.0}
+)
 
 #: Expected inter-patient spread of each tissue's true HU (weights of the fit are 1/SD^2).
 TISSUE_SD_HU: Mapping[str, float] = MappingProxyType({"air": 8.0, "fat": 10.0, "muscle": 10.0, "blood": 8.0})
@@ -140,7 +142,7 @@ def fit_tissue_map(measured: Mapping[str, float | None], phase: ContrastPhase) -
     primary = tuple(t for t in ("air", "fat") if t in meas)
     if len(primary) == 2:
         gain, offset = _wls(meas, primary)
-        used = list(primary)
+        used: list[str] = list(primary)
         for t in optional:
             if t not in meas:
                 continue
@@ -244,7 +246,9 @@ def contrast_from_header(header: Mapping[str, Any]) -> tuple[bool | None, float 
     return given, delay
 
 
-def decide_phase(header: Mapping[str, Any], aorta_hu_calibrated: float | None) -> tuple[ContrastPhase, list[str]]:
+def decide_phase(
+    header: Mapping[str, Any], aorta_hu_calibrated: float | None
+) -> tuple[ContrastPhase, list[str]]:
     """Contrast phase from header tags and the calibrated aortic HU, with notes saying why."""
     notes: list[str] = []
     given, delay = contrast_from_header(header)

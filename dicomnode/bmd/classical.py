@@ -16,7 +16,8 @@ Pipeline (all on the ~2 mm isotropic working grid, in calibrated HU, distances i
    vertebra; the lowest of the rib-bearing run from the top is T12. *Sacrum*: slices where solid bone
    connected to the body extends 28-60 mm to both sides at body depth (sacral alae, fused with the body)
    over at least 8 mm, below the lumbar column; the vertebra above is L5.
-5. **Naming.** Both anchors: names agree when five rib-free vertebrae lie between them (T12 ... L5), otherwise every level is
+5. **Naming.** Both anchors: names agree when five rib-free vertebrae lie between them (T12 ... L5),
+   otherwise every level is
    uncertain (11/13 rib pairs, transitional vertebra) and the sacrum-based names are used. One anchor:
    names from it, uncertain when its evidence is weak (one-sided ribs, a lowest rib that reaches the
    anterior half of the trunk like an 11th rib, or a stub like a lumbar rib). No anchor: uncertain.
@@ -24,6 +25,7 @@ Pipeline (all on the ~2 mm isotropic working grid, in calibrated HU, distances i
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +34,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage as ndi
 
-from dicomnode.bmd.grid import B, F32, CoarseGrid, body_mask, coarse_to_full, disk, make_coarse
+from dicomnode.bmd.grid import F32, B, CoarseGrid, body_mask, coarse_to_full, disk, make_coarse
+from dicomnode.bmd.segmentation import SpineSegmentation
 from dicomnode.errors import AnalysisError, NotQualifyingError
 from dicomnode.imaging.volume import Volume
 
@@ -137,7 +140,7 @@ def _find_canal(hu: F32, body: B, g: float) -> tuple[Frame, B]:
     xb = np.full(nz, np.nan)
     ya = np.full(nz, np.nan)
     found = np.zeros(nz, dtype=bool)
-    r_open = max(1, int(round(7.0 / g)))
+    r_open = max(1, round(7.0 / g))
     st_open = disk(r_open)
     yy, xx = np.mgrid[0:ny, 0:nx]
     # posterior skin line near the midline per slice (the table, when it touches the back, is not body)
@@ -146,7 +149,7 @@ def _find_canal(hu: F32, body: B, g: float) -> tuple[Frame, B]:
         cols = body[z].any(axis=0)
         if cols.any():
             xs = np.nonzero(cols)[0]
-            xm = int(round(xs.mean()))
+            xm = round(xs.mean())
             ys = np.nonzero(body[z][:, max(0, xm - 3) : xm + 4].any(axis=1))[0]
             skin_y[z] = float(ys.max()) if ys.size else np.nan
     for z in range(nz):
@@ -189,7 +192,7 @@ def _find_canal(hu: F32, body: B, g: float) -> tuple[Frame, B]:
         found[z] = True
     if int(found.sum()) * g < 20.0:
         raise NotQualifyingError("spine not found: no vertebral body column in view")
-    win = int(round(15.0 / g))
+    win = round(15.0 / g)
     tol = 8.0 / g
     xs, good_x = _smooth_track(xb, found, win, tol)
     yas, good_a = _smooth_track(ya, found & good_x, win, tol)
@@ -197,7 +200,7 @@ def _find_canal(hu: F32, body: B, g: float) -> tuple[Frame, B]:
     idx = np.nonzero(good)[0]
     if idx.size * g < 20.0:
         raise NotQualifyingError("spine not found: no consistent vertebral body column in view")
-    ext = int(round(12.0 / g))
+    ext = round(12.0 / g)
     z_lo, z_hi = max(0, int(idx.min()) - ext), min(nz - 1, int(idx.max()) + ext)
     ycs = yas + 9.0 / g  # canal centre ~9 mm behind the posterior wall (lumbar canal depth ~15-18 mm)
     return Frame(xs, ycs, yas, good, z_lo, z_hi), filled_all
@@ -211,15 +214,17 @@ def _bodies(hu: F32, body: B, frame: Frame, g: float) -> B:
     closing glued to the body (an enhanced aorta, the psoas, an osteophyte) is split off by a watershed on
     the distance map (one basin per thick blob), and thin attachments by a 4 mm opening.
     """
-    from skimage.morphology import h_maxima
-    from skimage.segmentation import watershed
+    from skimage import morphology, segmentation
 
-    nz, ny, nx = hu.shape
+    h_maxima: Any = morphology.h_maxima  # untyped library functions
+    watershed: Any = segmentation.watershed
+
+    _, ny, nx = hu.shape
     yy, xx = np.mgrid[0:ny, 0:nx]
     out = np.zeros(hu.shape, dtype=bool)
-    r_open = max(1, int(round(4.0 / g)))
+    r_open = max(1, round(4.0 / g))
     st_open = disk(r_open)
-    st_close = disk(max(1, int(round(2.0 / g))))
+    st_close = disk(max(1, round(2.0 / g)))
     grow = ndi.generate_binary_structure(2, 1)
     for z in range(frame.z_lo, frame.z_hi + 1):
         xc, ya = frame.xc[z], frame.ya[z]
@@ -248,7 +253,9 @@ def _bodies(hu: F32, body: B, frame: Frame, g: float) -> B:
         lab, n = ndi.label(op)
         if n == 0:
             continue
-        d = ndi.labeled_comprehension(np.hypot(yy - sy, xx - sx), lab, np.arange(1, n + 1), np.min, float, np.inf)
+        d = ndi.labeled_comprehension(
+            np.hypot(yy - sy, xx - sx), lab, np.arange(1, n + 1), np.min, float, np.inf
+        )
         k = int(np.argmin(d)) + 1
         if d[k - 1] * g > 15.0:
             continue
@@ -273,7 +280,7 @@ def _centreline(bodies: B, frame: Frame, g: float) -> Column:
     bends by less than ~10 degrees over that length), with its tangent."""
     nz = bodies.shape[0]
     area = bodies.sum(axis=(1, 2)).astype(float)
-    local_max = ndi.maximum_filter1d(area, max(3, int(round(30.0 / g))), mode="nearest")
+    local_max = ndi.maximum_filter1d(area, max(3, round(30.0 / g)), mode="nearest")
     yb = np.full(nz, np.nan)
     for z in range(nz):
         if area[z] > 0 and area[z] >= 0.5 * local_max[z]:
@@ -319,7 +326,7 @@ def _find_discs(p: npt.NDArray[np.float64], z_lo: int, z_hi: int, g: float) -> l
     """Intervertebral discs: dips of the axial profile flanked within 6 mm by brighter end plates on both
     sides (a mid-body dip has its end plates 12-15 mm away), chosen as the best-scoring chain with a
     vertebral pitch of 20-50 mm (dynamic programming), gaps filled with the best dip available."""
-    k0, k1 = 1, max(2, int(round(6.0 / g)))
+    k0, k1 = 1, max(2, round(6.0 / g))
     nz = p.size
     d = np.full(nz, -np.inf)
     for z in range(z_lo + k1, z_hi - k1 + 1):
@@ -377,7 +384,7 @@ def _find_discs(p: npt.NDArray[np.float64], z_lo: int, z_hi: int, g: float) -> l
         changed = True
         while changed:
             changed = False
-            for a, b in zip(out[:-1], out[1:], strict=True):
+            for a, b in itertools.pairwise(out):
                 if (b - a) * g > max(smax, 1.6 * pitch):
                     mid = [z for z in range(a + int(smin / g), b - int(smin / g) + 1) if np.isfinite(d[z])]
                     if mid:
@@ -406,7 +413,7 @@ def _segments_from_discs(bodies: B, discs: list[int], col: Column, g: float) -> 
     zz, yy, xx = np.nonzero(bodies)
     n_above = _n_above(discs, col, zz, yy, xx)
     segs: list[Segment] = []
-    r = max(1, int(round(6.0 / g)))
+    r = max(1, round(6.0 / g))
     for k in range(len(discs) + 1):
         sel = n_above == k
         if sel.sum() * g**3 < 1500.0:
@@ -417,7 +424,9 @@ def _segments_from_discs(bodies: B, discs: list[int], col: Column, g: float) -> 
         bz0, bz1 = max(0, z0 - r), min(nz, z1 + r + 1)
         sub = np.zeros((bz1 - bz0, y1 - y0 + 1, x1 - x0 + 1), dtype=bool)
         sub[zz[sel] - bz0, yy[sel] - y0, xx[sel] - x0] = True
-        closed = ndi.binary_closing(np.pad(sub, ((r, r), (0, 0), (0, 0))), structure=np.ones((2 * r + 1, 1, 1), bool))
+        closed = ndi.binary_closing(
+            np.pad(sub, ((r, r), (0, 0), (0, 0))), structure=np.ones((2 * r + 1, 1, 1), bool)
+        )
         sub = closed[r:-r] | sub
         # keep the closing inside this vertebra's slab between its two disc planes
         sz_, sy_, sx_ = np.nonzero(sub)
@@ -441,7 +450,9 @@ def _refine_segments(hu: F32, segs: list[Segment], discs: list[int], col: Column
     on it. A thin cortex left open at the basivertebral foramen, or broken into arcs on a mid-body slice,
     gets its full cross-section back; nothing outside the first pass's reach is added (the hull never
     crosses a disc plane: voxels past the body's own planes are dropped)."""
-    from skimage.morphology import convex_hull_image
+    from skimage import morphology
+
+    convex_hull_image: Any = morphology.convex_hull_image  # untyped library function
 
     for sg in segs:
         zz, yy, xx = np.nonzero(sg.mask)
@@ -610,7 +621,11 @@ def _find_sacrum(sac: npt.NDArray[np.int8], segs: list[Segment], g: float) -> tu
         return None, False, ""
     i, strong, n_any = found
     side = "both sides" if strong else "one side only"
-    return i, strong, f"sacrum: vertebra #{i + 1} joined to the iliac bones / alae on {side} over {n_any * g:.0f} mm"
+    return (
+        i,
+        strong,
+        f"sacrum: vertebra #{i + 1} joined to the iliac bones / alae on {side} over {n_any * g:.0f} mm",
+    )
 
 
 @dataclass(frozen=True)
@@ -679,7 +694,7 @@ def _name(segs: list[Segment], sacrum: int | None, sacrum_strong: bool, sacrum_n
             uncertain = True
             lumbar = gap
             ev.append(
-                f"rib and sacrum anchors disagree ({lumbar} rib-free vertebrae above the sacrum instead of 5: "
+                f"rib and sacrum anchors disagree ({lumbar} rib-free vertebrae above the sacrum, not 5: "
                 "11/13 rib pairs or a transitional vertebra); named from the sacrum, all levels uncertain"
             )
     elif t12 is not None:
@@ -695,7 +710,9 @@ def _name(segs: list[Segment], sacrum: int | None, sacrum_strong: bool, sacrum_n
         # no anchor: assume the first complete vertebra below any rib is L1 (lowest ribs are out of view)
         first_full = next((i for i, s in enumerate(segs) if not s.truncated), 0)
         base = NORMAL_LEVELS.index("L1") - first_full
-        ev.append("neither ribs nor sacrum in view: levels guessed (top complete vertebra = L1), all uncertain")
+        ev.append(
+            "neither ribs nor sacrum in view: levels guessed (top complete vertebra = L1), all uncertain"
+        )
     for i, s in enumerate(segs):
         k = base + i
         if 0 <= k < len(NORMAL_LEVELS):
@@ -723,7 +740,7 @@ class ClassicalBackend:
     def __init__(self, **_: Any) -> None:
         pass
 
-    def segment(self, canonical: Volume, context: ClassicalContext | None = None) -> Any:
+    def segment(self, canonical: Volume, context: ClassicalContext | None = None) -> SpineSegmentation:
         """Find and name vertebral bodies (see module docstring).
 
         Parameters
@@ -737,8 +754,6 @@ class ClassicalBackend:
         -------
         SpineSegmentation
         """
-        from dicomnode.bmd.segmentation import SpineSegmentation
-
         if context is None:
             grid = make_coarse(canonical)
             context = ClassicalContext(grid, body_mask(grid.hu, grid.g), grid.hu)
@@ -748,7 +763,7 @@ class ClassicalBackend:
         if body.sum() * g**3 < 1.0e6:
             raise NotQualifyingError("no trunk in view (body volume below 1 litre)")
         # the column lies within 90 mm of the trunk's midline and behind its centre: work on that crop
-        zz_, yy_, xx_ = np.nonzero(body[:: max(1, body.shape[0] // 40)])
+        _, yy_, xx_ = np.nonzero(body[:: max(1, body.shape[0] // 40)])
         mx, my = float(xx_.mean()), float(yy_.mean())
         x0 = max(0, int(mx - 90.0 / g))
         x1 = min(hu.shape[2], int(mx + 90.0 / g) + 1)
@@ -762,10 +777,10 @@ class ClassicalBackend:
         sac = _sacral_slices(hu_c, filled, bodies, frame_c, g)
         sac_run = _caudal_run(sac > 0, g)
         if sac_run is not None:
-            lo, hi = sac_run
+            _, hi = sac_run
             # a missed lumbosacral disc: a body continues > 45 mm above the sacral slices with no disc
             above_top = [d for d in discs if d > hi]
-            below = [d for d in discs if d <= hi + int(round(10.0 / g))]
+            below = [d for d in discs if d <= hi + round(10.0 / g)]
             next_disc = min(above_top) if above_top else frame_c.z_hi
             if not below and (next_disc - hi) * g > 45.0:
                 discs = sorted([*discs, hi + 1])
@@ -777,7 +792,9 @@ class ClassicalBackend:
             full_m = np.zeros(hu.shape, dtype=bool)
             full_m[:, y0:, x0:x1] = sg.mask
             sg.mask = full_m
-        frame = Frame(frame_c.xc + x0, frame_c.yc + y0, frame_c.ya + y0, frame_c.found, frame_c.z_lo, frame_c.z_hi)
+        frame = Frame(
+            frame_c.xc + x0, frame_c.yc + y0, frame_c.ya + y0, frame_c.found, frame_c.z_lo, frame_c.z_hi
+        )
         context.frame = frame
         notes = _rib_evidence(
             hu, body, frame, segs, g, slab_of=lambda z, y, x: _n_above(discs, col, z, y - y0, x - x0)
@@ -799,7 +816,9 @@ class ClassicalBackend:
                 i += 1
             stray = [sg for sg in segs[i + 1 :] if sg.has_rib]
             if stray:
-                notes.append(f"rib-like bone next to {len(stray)} vertebra(e) below the rib-free ones ignored")
+                notes.append(
+                    f"rib-like bone next to {len(stray)} vertebra(e) below the rib-free ones ignored"
+                )
             for sg in stray:
                 sg.rib_l = sg.rib_r = 0.0
         sacrum, sac_strong, sac_note = _find_sacrum(sac, segs, g)
@@ -821,7 +840,7 @@ class ClassicalBackend:
                 continue
             levels.append(lvl)
             coarse_labels[s.mask] = len(levels)
-            t = col.tangent[int(round(np.clip(s.zc, 0, len(col.tangent) - 1)))]
+            t = col.tangent[round(np.clip(s.zc, 0, len(col.tangent) - 1))]
             axes[lvl] = (float(t[2]), float(t[1]), float(t[0]))  # (x, y, z) in canonical mm directions
             if s.truncated:
                 truncated.add(lvl)

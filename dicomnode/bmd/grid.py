@@ -38,7 +38,9 @@ class CoarseGrid:
     def to_canonical_index(self, zyx: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Coarse (z, y, x) -> canonical fractional (i, j, k)."""
         p = np.asarray(zyx, dtype=np.float64)
-        return np.stack([p[..., 2] * self.step[0], p[..., 1] * self.step[1], p[..., 0] * self.step[2]], axis=-1)
+        return np.stack(
+            [p[..., 2] * self.step[0], p[..., 1] * self.step[1], p[..., 0] * self.step[2]], axis=-1
+        )
 
 
 def make_coarse(canon: Volume, g: float = GRID_MM) -> CoarseGrid:
@@ -66,7 +68,12 @@ def make_coarse(canon: Volume, g: float = GRID_MM) -> CoarseGrid:
     matrix = np.array([g / (s_np[a] * f[a]) for a in range(3)])
     offset = np.array([-(f[a] - 1) / (2.0 * f[a]) for a in range(3)])
     hu = ndi.affine_transform(
-        np.asarray(d, dtype=np.float32), matrix, offset=offset, output_shape=out_shape, order=1, mode="nearest"
+        np.asarray(d, dtype=np.float32),
+        matrix,
+        offset=offset,
+        output_shape=out_shape,
+        order=1,
+        mode="nearest",
     ).astype(np.float32)
     return CoarseGrid(
         hu=hu, g=g, step=(g / sx, g / sy, g / sz), full_shape=(data.shape[0], data.shape[1], data.shape[2])
@@ -125,7 +132,7 @@ def body_mask(hu: F32, g: float) -> B:
     m = hu > -400.0
     small = m[:, ::2, ::2]
     gs = 2.0 * g
-    r = max(1, int(round(5.0 / gs)))
+    r = max(1, round(5.0 / gs))
     st = np.zeros((1, 2 * r + 1, 2 * r + 1), dtype=bool)
     st[0] = disk(r)
     small = ndi.binary_opening(small, structure=st)

@@ -92,6 +92,7 @@ def build_vertebrae(
     reasons: dict[str, list[str]] = {lv: [] for lv in levels}
     qcs: dict[str, list[str]] = {lv: [] for lv in levels}
     ratio: dict[str, float | None] = {}
+
     def _max_h(lv: str | None) -> float | None:
         if lv is None or lv in seg.truncated or stats[lv].heights_mm is None:
             return None
@@ -116,7 +117,10 @@ def build_vertebrae(
         ratio[lv] = r
         nb = [
             x
-            for x in (_max_h(levels[i - 1] if i > 0 else None), _max_h(levels[i + 1] if i + 1 < len(levels) else None))
+            for x in (
+                _max_h(levels[i - 1] if i > 0 else None),
+                _max_h(levels[i + 1] if i + 1 < len(levels) else None),
+            )
             if x is not None
         ]
         # the reference height: the median of this body's tallest height and its neighbours' (one inflated
@@ -135,7 +139,8 @@ def build_vertebrae(
             )
         elif nb and max(h) < FRACTURE_RATIO * float(np.mean(nb)):
             reasons[lv].append(
-                f"suspected compression fracture (height {max(h):.0f} mm < 80% of neighbours' {np.mean(nb):.0f} mm)"
+                f"suspected compression fracture (height {max(h):.0f} mm < 80% of neighbours' "
+                f"{np.mean(nb):.0f} mm)"
             )
     # outliers against both neighbours (calibrated HU), among otherwise valid levels
     cal_hu = {lv: fit.apply(stats[lv].mean) for lv in levels if np.isfinite(stats[lv].mean)}
@@ -159,7 +164,7 @@ def build_vertebrae(
         mid_k: int | None = None
         oline = None
         if np.isfinite(st.centroid_ijk[2]):
-            mid_k = int(round(st.centroid_ijk[2]))
+            mid_k = round(st.centroid_ijk[2])
             oline = outline(volume, canon, st, mid_k)
         cen = (
             tuple(float(c) for c in canon.index_to_lps(st.centroid_ijk))
@@ -206,8 +211,14 @@ def summarise(
             vb = 0.5 * (ra.vbmd_mg_cm3 + rb.vbmd_mg_cm3)
             break
     if used and used != ("L1", "L2"):
-        why = [f"{lv}: {by[lv].exclusion_reason or 'not in view'}" for lv in ("L1", "L2") if lv in by]
-        notes.append(f"L1-L2 not both usable ({'; '.join(why) or 'not in view'}); category on {used[0]}-{used[1]}")
+        why = [
+            f"{lv}: {by[lv].exclusion_reason}" if lv in by else f"{lv}: not in view"
+            for lv in ("L1", "L2")
+            if lv not in by or by[lv].vbmd_mg_cm3 is None
+        ]
+        notes.append(
+            f"L1-L2 not both usable ({'; '.join(why) or 'not in view'}); category on {used[0]}-{used[1]}"
+        )
     if not used:
         singles = [r for r in rows if r.vbmd_mg_cm3 is not None and r.level in ("L1", "L2", "L3")]
         if singles:

@@ -5,6 +5,7 @@ basivertebral region, statistics, outline on the mid-vertebral slice, and body h
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -131,33 +132,51 @@ def body_heights(
 ) -> tuple[float, float, float] | None:
     """Anterior, middle and posterior heights (mm) at 15/50/85 % of the body depth (TotalSegmentator's
     spine report positions), measured along the vertebra's own axis (``axis_mm``, unit vector in canonical
-    mm; default the cranio-caudal axis) in a central +/- 3 mm sagittal band, +/- 2 mm around each position.
+    mm; default the cranio-caudal axis) in a central 12 mm wide sagittal band, over 6 mm of depth.
+
+    Height = the fraction of grid points of that band (between the body's lowest and highest point along
+    the axis) that lie inside the body, times that span: an average over the patch, so a pedicle root or
+    an osteophyte poking out at one corner barely changes it, and grid alignment does not bias it.
     """
     sx, sy, sz = spacing
     if not body.any():
         return None
-    kk, jj, ii = np.nonzero(body)
-    p = np.stack([ii * sx, jj * sy, kk * sz], axis=1)
     a = np.asarray(axis_mm if axis_mm is not None else (0.0, 0.0, 1.0), dtype=float)
     a /= np.linalg.norm(a)
     e_ap = np.array([0.0, 1.0, 0.0]) - a * a[1]
     e_ap /= np.linalg.norm(e_ap)
     e_lr = np.cross(a, e_ap)
-    h, v, u = p @ a, p @ e_ap, p @ e_lr
-    band = np.abs(u - np.median(u)) <= 3.0
+    kk, jj, ii = np.meshgrid(
+        np.arange(body.shape[0]) * sz,
+        np.arange(body.shape[1]) * sy,
+        np.arange(body.shape[2]) * sx,
+        indexing="ij",
+    )
+    h = ii * a[0] + jj * a[1] + kk * a[2]
+    v = ii * e_ap[0] + jj * e_ap[1] + kk * e_ap[2]
+    u = ii * e_lr[0] + jj * e_lr[1] + kk * e_lr[2]
+    vb, ub = v[body], u[body]
+    u0 = float(np.median(ub))
+    band = np.abs(ub - u0) <= 6.0
     if band.sum() < 10:
         return None
-    v0, v1 = np.percentile(v[band], 2), np.percentile(v[band], 98)
-    # height = body volume in a 12 x 6 mm column / its cross-section: an average over the column, so a
-    # pedicle root or a osteophyte poking out at one corner barely changes it
-    u0 = float(np.median(u))
-    voxel = sx * sy * sz
+    v0, v1 = np.percentile(vb[band], 2), np.percentile(vb[band], 98)
+    # the mask, thresholded well below the end plate / disc midpoint, reaches about half a slice beyond each
+    # end plate, plus one 2 mm working-grid voxel of outline rounding: take that constant off every height
+    # (a constant would otherwise pull wedge ratios towards 1)
+    spread = abs(float(a[2])) * sz + 2.0
     out = []
     for frac in (0.15, 0.5, 0.85):
-        sel = (np.abs(u - u0) <= 6.0) & (np.abs(v - (v0 + frac * (v1 - v0))) <= 3.0)
-        if sel.sum() < 3:
+        vt = v0 + frac * (v1 - v0)
+        inb = (np.abs(u - u0) <= 6.0) & (np.abs(v - vt) <= 3.0)
+        hin = h[inb & body]
+        if hin.size < 3:
             return None
-        out.append(float(sel.sum()) * voxel / 72.0)
+        lo, hi = float(hin.min()), float(hin.max())
+        span_pts = inb & (h >= lo) & (h <= hi)
+        frac_in = float((span_pts & body).sum()) / max(1, int(span_pts.sum()))
+        step = abs(a[0]) * sx + abs(a[1]) * sy + abs(a[2]) * sz  # one grid step along the axis (approx.)
+        out.append(max(1.0, frac_in * (hi - lo) + step - spread))
     return (out[0], out[1], out[2])
 
 
@@ -173,7 +192,8 @@ def outline_on_slice(volume: Volume, canon: Volume, stats: RoiStats, k: int) -> 
     sl = stats.roi[kl]
     if not sl.any():
         return None
-    contours = measure.find_contours(np.pad(sl.astype(np.float32), 1), 0.5)
+    find_contours: Any = measure.find_contours  # untyped library function
+    contours = find_contours(np.pad(sl.astype(np.float32), 1), 0.5)
     if not contours:
         return None
     c = max(contours, key=len)

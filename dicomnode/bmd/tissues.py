@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage as ndi
 
-from dicomnode.bmd.grid import B, F32
+from dicomnode.bmd.grid import F32, B
 
 #: Fewest voxels (coarse grid) for a tissue mean to be trusted.
 MIN_VOXELS = 60
@@ -55,7 +55,7 @@ def depth_from_skin(body: B, g: float, max_mm: float = 30.0) -> F32:
 
 def measure_air(hu: F32, body: B, g: float) -> float | None:
     """Air outside the body (at least 10 mm from the skin), ignoring fill values outside the FOV."""
-    r = max(1, int(round(10.0 / g)))
+    r = max(1, round(10.0 / g))
     near = ndi.binary_dilation(body, structure=np.ones((1, 3, 3), dtype=bool), iterations=r)
     v = hu[~near]
     v = v[(v > -1400.0) & (v < -700.0)]
@@ -110,7 +110,7 @@ def measure_muscle(hu: F32, body: B, depth: F32, frame: SpineFrame, g: float) ->
 
 def _round_blobs(mask: B, g: float) -> list[tuple[B, float, float]]:
     """Components of a 2-D mask with area 150-900 mm2 and their circularity (1 = disk)."""
-    lab, n = ndi.label(mask)
+    lab, _ = ndi.label(mask)
     out: list[tuple[B, float, float]] = []
     for q, sl in enumerate(ndi.find_objects(lab), start=1):
         if sl is None:
@@ -178,7 +178,7 @@ def measure_aorta(hu: F32, body: B, frame: SpineFrame, g: float) -> float | None
                 cj, ci = ndi.center_of_mass(comp)
                 dist = float(np.hypot(ci * g - (xc + 15.0), cj * g - (yf - 15.0)))
                 score = circ - dist / 60.0
-                inner = ndi.binary_erosion(comp, iterations=max(1, int(round(2.0 / g))))
+                inner = ndi.binary_erosion(comp, iterations=max(1, round(2.0 / g)))
                 vals = hu[z][inner if inner.sum() >= 5 else comp]
                 if best is None or score > best[0]:
                     best = (score, float(np.median(vals)))

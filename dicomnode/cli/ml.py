@@ -53,7 +53,7 @@ def register(subparsers: Any) -> None:
         "--spacing",
         type=float,
         default=None,
-        help="resample to this isotropic spacing in mm (default 3 / 1.5)",
+        help="resample to this isotropic spacing in mm (default 3 / 2)",
     )
     tr.add_argument("--arch", choices=("unet", "segresnet"), default="unet", help="segmentation network")
     tr.add_argument("--samples-per-case", type=int, default=2, help="crops per case per epoch")

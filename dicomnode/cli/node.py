@@ -59,16 +59,18 @@ def register(subparsers: Any) -> None:
             p.add_argument(
                 "--delivery-lease",
                 type=float,
-                default=120.0,
+                default=None,
                 metavar="S",
-                help="seconds a delivery being sent is reserved; after a crash it is resent after that",
+                help="seconds a delivery being sent is reserved; after a crash it is resent after that "
+                "(overrides workers.delivery_lease_seconds, default 120)",
             )
             p.add_argument(
                 "--stale-job",
                 type=float,
-                default=300.0,
+                default=None,
                 metavar="S",
-                help="seconds without heartbeat after which another host's ANALYSING job is taken back",
+                help="seconds without heartbeat after which another host's ANALYSING job is taken back "
+                "(overrides workers.stale_job_seconds, default 300)",
             )
         if role == "work":
             p.add_argument(
@@ -106,6 +108,15 @@ def load(args: argparse.Namespace) -> Settings:
         if not 1 <= port <= 65535:
             raise ConfigError(f"config: --http-port: {port} is not a port number")
         settings = settings.model_copy(update={"http": settings.http.model_copy(update={"port": port})})
+    workers: dict[str, float] = {}
+    for flag, key in (("delivery_lease", "delivery_lease_seconds"), ("stale_job", "stale_job_seconds")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            if not 0 < value <= 86400:
+                raise ConfigError(f"config: --{flag.replace('_', '-')}: must be > 0 and <= 86400 seconds")
+            workers[key] = float(value)
+    if workers:
+        settings = settings.model_copy(update={"workers": settings.workers.model_copy(update=workers)})
     return settings
 
 
@@ -197,6 +208,8 @@ class Node:
             self.scp.stop()
         if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=True)
+        if self.runner is not None:
+            self.runner.release_sweeps()  # another 'work' process takes the sweeps over at once
         if self.executor is not None:
             self.executor.stop(timeout=30)
         if self.analyzer is not None:
@@ -213,8 +226,8 @@ def build_node(
     role: str,
     *,
     analysis_in_process: bool = False,
-    delivery_lease_s: float = 120.0,
-    stale_job_s: float = 300.0,
+    delivery_lease_s: float | None = None,
+    stale_job_s: float | None = None,
     analyze: Any = None,
 ) -> Node:
     """Create every part of a node process for ``role`` ("serve", "receive" or "work"); nothing started.
@@ -228,7 +241,8 @@ def build_node(
     analysis_in_process
         Run the analysis in the worker thread (default: in a pool of child processes).
     delivery_lease_s, stale_job_s
-        See :class:`dicomnode.pipeline.runner.Runner`.
+        See :class:`dicomnode.pipeline.runner.Runner`; None = ``workers.delivery_lease_seconds`` /
+        ``workers.stale_job_seconds`` of the settings (the CLI flags are folded into those by :func:`load`).
     analyze
         An analysis callable replacing the real one (tests).
     """
@@ -283,8 +297,10 @@ def build_node(
             settings,
             store,
             analyze=analyze,
-            delivery_lease_s=delivery_lease_s,
-            stale_job_s=stale_job_s,
+            delivery_lease_s=(
+                delivery_lease_s if delivery_lease_s is not None else settings.workers.delivery_lease_seconds
+            ),
+            stale_job_s=stale_job_s if stale_job_s is not None else settings.workers.stale_job_seconds,
         )
         if settings.workers.executor == "celery":
             assert settings.workers.broker_url is not None  # validated by the settings
@@ -298,6 +314,12 @@ def build_node(
         readiness.append(("scheduler", lambda: None if sched.running else "scheduler not running"))
 
     node.app = create_app(settings, store, role=role, routers=routers, readiness=readiness)
+    if node.runner is not None and hasattr(node.app.state, "web"):
+        # Rules saved in the UI apply to the next routing decision, in this process and in any other on the
+        # same database: the provider reads the newest rule version from the store at every call (the
+        # runner's own default, store_select, does the same when no admin app is installed).
+        node.runner.select = node.app.state.web.rules.select
+        node.app.state.web.actions.on_jobs_created = node.executor.wake
     return node
 
 
@@ -328,8 +350,6 @@ def run_node(args: argparse.Namespace) -> int:
             settings,
             args.role,
             analysis_in_process=getattr(args, "analysis_in_process", False),
-            delivery_lease_s=getattr(args, "delivery_lease", 120.0),
-            stale_job_s=getattr(args, "stale_job", 300.0),
         )
         node.start()
         print(

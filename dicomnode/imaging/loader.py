@@ -33,6 +33,12 @@ summary attributes, and loader notes in snake_case: ``n_slices``, ``slice_spacin
 ``padding_voxels``, ``outside_fov_voxels``, ``dropped_duplicate_slices``, ``dropped_localizer_images``,
 ``transfer_syntax_assumed``, ``source_format`` ("dicom").
 
+Each file is parsed once: ``scan`` keeps the header-only datasets (``SeriesFiles.headers``) and the
+offset of native Pixel Data; ``load_series`` then reads uncompressed little-endian pixels straight from that
+offset (checking that the element is still there) and rescales them in float32, in a small thread pool.
+Anything unusual (compressed, big endian, multi-frame, missing attributes, a file changed since the scan)
+takes the ordinary pydicom decoding, with the same result.
+
 Sorting is by position along the slice normal (row x column cosine), never by InstanceNumber. Stored
 values are rescaled with RescaleSlope/Intercept (or the Modality LUT); Pixel Padding Value (and range)
 and values below -2048 HU (outside the reconstruction circle; not a physical attenuation) are set to

@@ -90,15 +90,6 @@ class SeriesFiles:
     #: padding) and the report (SR evidence, SC patient/study) so that no header is read twice.
     headers: tuple[Dataset, ...] = field(default=(), compare=False, repr=False)
 
-    def header_of(self, path: str) -> Dataset | None:
-        """The scanned header of the file at ``path`` (None when not kept)."""
-        if len(self.headers) != len(self.instances):
-            return None
-        for info, ds in zip(self.instances, self.headers, strict=True):
-            if info.path == path:
-                return ds
-        return None
-
     @property
     def paths(self) -> tuple[str, ...]:
         return tuple(i.path for i in self.instances)

@@ -42,7 +42,7 @@ from pynetdicom.presentation import StoragePresentationContexts
 
 from dicomnode.ingest import metrics
 from dicomnode.ingest.spool import PROCESSING_FAILURE, OtherClassPolicy, Spool
-from dicomnode.netutil import enable_tcp_nodelay
+from dicomnode.netutil import enable_event_driven_reactors, enable_tcp_nodelay
 
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
@@ -149,9 +149,13 @@ class StorageSCP:
     network_timeout, acse_timeout, dimse_timeout
         Seconds before an idle or stuck peer is dropped (a half-open connection never blocks a thread).
     poll_interval_s
-        How long pynetdicom's network reactor sleeps between polls of an idle socket (its default is 1 ms).
-        Smaller values cut the latency of each C-STORE at the cost of a few % of a CPU core per open,
-        idle association; None keeps pynetdicom's default.
+        How long pynetdicom's network reactor sleeps between polls of an idle socket (its default is 1 ms),
+        where it still polls: only when ``event_driven`` is off or not available for the installed
+        pynetdicom. None keeps pynetdicom's default.
+    event_driven
+        Replace pynetdicom's 1 ms polling sleeps by event-driven waits at :meth:`start`
+        (:func:`dicomnode.netutil.enable_event_driven_reactors`; process-wide, pynetdicom 3.0.x only). Each
+        synchronous C-STORE then no longer waits for two polling periods. Off only to measure the difference.
     """
 
     def __init__(
@@ -168,6 +172,7 @@ class StorageSCP:
         acse_timeout: float = 30.0,
         dimse_timeout: float = 60.0,
         poll_interval_s: float | None = None,
+        event_driven: bool = True,
     ) -> None:
         self.spool = spool
         self.ae_title = ae_title
@@ -180,6 +185,7 @@ class StorageSCP:
         self.acse_timeout = acse_timeout
         self.dimse_timeout = dimse_timeout
         self.poll_interval_s = poll_interval_s
+        self.event_driven = event_driven
         self._server: ThreadedAssociationServer | None = None
         self._stopped = threading.Event()
         self.ae: AE | None = None
@@ -219,10 +225,12 @@ class StorageSCP:
         return ae
 
     def start(self) -> None:
-        """Start listening in background threads (TCP_NODELAY enabled first)."""
+        """Start listening in background threads (TCP_NODELAY and event-driven reactors enabled first)."""
         if self._server is not None:
             return
         enable_tcp_nodelay()
+        if self.event_driven:
+            enable_event_driven_reactors()
         self.ae = self._build_ae()
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),

@@ -37,7 +37,7 @@ from dicomnode.ml.datasets import (
     map_seg_targets,
     read_nifti,
 )
-from dicomnode.ml.inference import dice_per_level, label_levels, predict_vbmd_prepared, segment_prepared
+from dicomnode.ml.inference import dice_per_level, label_levels, segment_prepared
 from dicomnode.ml.preprocess import Prepared, crop, prepare, resample_to
 
 log = logging.getLogger(__name__)
@@ -495,7 +495,7 @@ def _train_segmentation(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _bmd_spec(cfg: TrainConfig) -> bdl.InputSpec:
-    sp = cfg.spacing_mm or 1.5
+    sp = cfg.spacing_mm or 2.0
     return bdl.InputSpec(
         spacing_mm=(sp, sp, sp),
         intensity_window=(-200.0, 600.0),
@@ -504,10 +504,18 @@ def _bmd_spec(cfg: TrainConfig) -> bdl.InputSpec:
     )
 
 
+#: Extra voxels kept around each training crop for the placement jitter.
+_JITTER = 3
+
+
 @dataclass(frozen=True, eq=False)
 class _BmdImage:
-    prep: Prepared
-    centroids: dict[str, tuple[float, float, float]]  # level -> resampled index (k, j, i)
+    """Per level, a prepared crop of ``patch + 2 * _JITTER`` voxels around the body centroid.
+
+    Only the crops are kept (not the resampled volume), so a few hundred scans fit in memory.
+    """
+
+    crops: dict[str, npt.NDArray[np.float32]]
 
 
 def _load_bmd_images(
@@ -517,11 +525,12 @@ def _load_bmd_images(
     for it in items:
         by_image[it.image].append(it)
     out: dict[Path, _BmdImage] = {}
+    big = tuple(int(s) + 2 * _JITTER for s in spec.patch_size)
     for img, rows in tqdm(sorted(by_image.items()), desc="loading", disable=not progress, unit="image"):
         vol = load_image(img)
         prep = prepare(vol, spec.spacing_mm, spec.intensity_window, spec.intensity_normalisation)
         inv = np.linalg.inv(prep.grid.affine)
-        cents: dict[str, tuple[float, float, float]] = {}
+        crops: dict[str, npt.NDArray[np.float32]] = {}
         masks: dict[Path, npt.NDArray[np.int16]] = {}
         for r in rows:
             if r.centroid_lps is not None:
@@ -540,8 +549,10 @@ def _load_bmd_images(
                     raise InputError(f"{r.label}: no {r.level} voxels for row {r.row_id}")
                 lps = prep.canonical.index_to_lps(kji.mean(axis=0)[::-1])
             ijk = lps @ inv[:3, :3].T + inv[:3, 3]
-            cents[r.level] = (float(ijk[2]), float(ijk[1]), float(ijk[0]))
-        out[img] = _BmdImage(prep, cents)
+            crops[r.level] = crop(
+                prep.array, (float(ijk[2]), float(ijk[1]), float(ijk[0])), (big[0], big[1], big[2])
+            )
+        out[img] = _BmdImage(crops)
     return out
 
 
@@ -554,9 +565,9 @@ def _bmd_batches(
         xs, ys = [], []
         for idx in rng.permutation(len(items) * cfg.samples_per_case):
             it = items[int(idx) % len(items)]
-            im = images[it.image]
-            c = np.asarray(im.centroids[it.level]) + rng.uniform(-2.0, 2.0, 3)  # placement jitter
-            x = crop(im.prep.array, (c[0], c[1], c[2]), size)
+            stored = images[it.image].crops[it.level]
+            o = rng.integers(0, 2 * _JITTER + 1, 3)  # placement jitter of up to +/- _JITTER voxels
+            x = stored[o[0] : o[0] + size[0], o[1] : o[1] + size[1], o[2] : o[2] + size[2]]
             if rng.random() < 0.5:
                 x = x[:, :, ::-1]
             xs.append(np.ascontiguousarray(x, np.float32))
@@ -587,28 +598,20 @@ def _bmd_net_args(cfg: TrainConfig) -> tuple[str, dict[str, Any]]:
 
 
 def _predict_items(
-    net: nn.Module,
-    manifest: bdl.Manifest,
-    items: Sequence[BmdItem],
-    images: dict[Path, _BmdImage],
-    device: str,
+    net: nn.Module, items: Sequence[BmdItem], images: dict[Path, _BmdImage], device: str
 ) -> dict[str, float]:
-    lb = bdl.LoadedBundle(Path("."), manifest, net, device)
+    """Predict each row from the centre of its stored crop (the same voxels inference would crop)."""
     out: dict[str, float] = {}
-    by_image: dict[Path, list[BmdItem]] = defaultdict(list)
-    for it in items:
-        by_image[it.image].append(it)
-    for img, rows in by_image.items():
-        im = images[img]
-        inv_aff = im.prep.grid.affine
-        cents = {}
-        for r in rows:
-            k, j, i = im.centroids[r.level]
-            cents[r.row_id] = tuple(
-                float(v) for v in (np.array([i, j, k]) @ inv_aff[:3, :3].T + inv_aff[:3, 3])
-            )
-        pred = predict_vbmd_prepared(lb, im.prep, cents)
-        out.update(pred)
+    for s in range(0, len(items), 64):
+        chunk = items[s : s + 64]
+        xs = []
+        for it in chunk:
+            c = images[it.image].crops[it.level]
+            j = _JITTER
+            xs.append(c[j : c.shape[0] - j, j : c.shape[1] - j, j : c.shape[2] - j])
+        with torch.no_grad():
+            pred = net(torch.from_numpy(np.stack(xs)[:, None]).to(device)).cpu().numpy()
+        out.update({it.row_id: float(pred[i, 0]) for i, it in enumerate(chunk)})
     return out
 
 
@@ -638,7 +641,6 @@ def _train_bmd(cfg: TrainConfig) -> dict[str, Any]:
         ext_items = read_bmd_dataset(cfg.external)
         images.update(_load_bmd_images(ext_items, spec, cfg.label_scheme, cfg.progress))
     factory, kwargs = _bmd_net_args(cfg)
-    stub = _stub_manifest(cfg, "bmd", factory, kwargs, spec, {"units": "mg/cm3"})
     ckpt = _Checkpoints(cfg.out)
     done = ckpt.finished()
     l1 = nn.SmoothL1Loss(beta=5.0)
@@ -668,7 +670,7 @@ def _train_bmd(cfg: TrainConfig) -> dict[str, Any]:
         }
         result["train_seconds"] = round(time.monotonic() - t0, 1)
         if val_items:
-            preds = _predict_items(net, stub, val_items, images, cfg.device)
+            preds = _predict_items(net, val_items, images, cfg.device)
             result["mae"] = float(np.mean([abs(preds[it.row_id] - it.bmd) for it in val_items]))
             result["predictions"] = preds
             oof.update(preds)
@@ -688,7 +690,7 @@ def _train_bmd(cfg: TrainConfig) -> dict[str, Any]:
         perf["cv"] = {k: doc[k] for k in ("n", "mae", "rmse", "r2", "auc", "accuracy")}
         report["cv_evaluation"] = str(evals / "cv" / "report.html")
     if ext_items:
-        preds = _predict_items(final_net, stub, ext_items, images, cfg.device)
+        preds = _predict_items(final_net, ext_items, images, cfg.device)
         ref, pred = _write_pairs(evals / "external" / "inputs", ext_items, preds)
         doc = evaluate(ref, pred, evals / "external", n_boot=200, seed=cfg.seed)
         perf["external"] = {k: doc[k] for k in ("n", "mae", "rmse", "r2", "auc", "accuracy")}

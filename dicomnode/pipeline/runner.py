@@ -15,6 +15,15 @@ again after a crash without doing anything twice:
 * :meth:`Runner.recover` - jobs left ANALYSING by a worker that died go back to PENDING; REPORTED jobs get
   their deliveries.
 
+Routing reads the rules in force at every routing decision: by default the newest rule version saved in the
+database (the admin UI's Rules page or ``PUT /api/rules``, from any process: a split ``work`` process sees a
+version saved through ``receive``'s UI), else the configured rules file, else the shipped defaults
+(:func:`store_select`).
+
+One process owns the sweeps: :meth:`Runner.owns_sweeps` holds a lease row in the database
+(``Store.acquire_lease``), renewed while the process lives; a second ``work`` process on the same database
+skips the sweeps until the first one's lease expires (it died) or is released (graceful stop).
+
 Nothing here creates threads, schedulers or network listeners (see :mod:`dicomnode.pipeline.scheduler` and
 :mod:`dicomnode.pipeline.executors`); the analysis and the sending are injected callables so tests can run
 the runner with trivial ones.
@@ -28,6 +37,7 @@ import shutil
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -50,7 +60,11 @@ __all__ = [
     "Runner",
     "SelectFn",
     "make_worker_id",
+    "store_select",
 ]
+
+#: Name of the lease row that says which process runs the sweeps.
+SWEEP_LEASE = "sweeps"
 
 
 @dataclass(frozen=True)
@@ -161,17 +175,23 @@ class Runner:
     analyze
         The analysis step (see :func:`dicomnode.pipeline.executors.analyze_job` for the real one).
     select
-        Routing for one study (default: ``dicomnode.routing.select`` with the configured rules).
+        Routing for one study (default: :func:`store_select`: the newest rule version saved in the
+        database, else the configured rules file, else the shipped rules; read at every routing call).
     deliver
         Sends files to one destination (default: ``dicomnode.delivery.deliver``).
     delivery_lease_s
         While a delivery is being sent its next attempt is pushed this far ahead, so that no other sweep sends
-        it at the same time; after a crash it is picked up again once the lease has run out.
+        it at the same time; after a crash it is picked up again once the lease has run out
+        (None: ``settings.workers.delivery_lease_seconds``).
     stale_job_s
         An ANALYSING job without heartbeat for this long is given back to PENDING (a worker on another host
-        died); a worker of this host that no longer exists is detected at once.
+        died); a worker of this host that no longer exists is detected at once
+        (None: ``settings.workers.stale_job_seconds``).
     on_jobs_created
         Called after a sweep created jobs (wakes the local workers up).
+    sweep_lease_s
+        How long this runner's hold on the sweeps lasts without renewal; a second process takes the sweeps
+        over that long after this one died (renewed every third of it while sweeping).
     """
 
     def __init__(
@@ -182,19 +202,21 @@ class Runner:
         analyze: AnalyzeFn,
         select: SelectFn | None = None,
         deliver: DeliverFn = default_deliver,
-        delivery_lease_s: float = 120.0,
-        stale_job_s: float = 300.0,
+        delivery_lease_s: float | None = None,
+        stale_job_s: float | None = None,
         heartbeat_s: float = 5.0,
         on_jobs_created: Callable[[], None] | None = None,
+        sweep_lease_s: float = 30.0,
     ) -> None:
         self.settings = settings
         self.store = store
         self.analyze = analyze
-        self.select = select if select is not None else default_select(settings)
+        self.select = select if select is not None else store_select(settings, store)
         self.deliver = deliver
         self.policy = RetryPolicy.from_settings(settings.delivery)
-        self.delivery_lease_s = delivery_lease_s
-        self.stale_job_s = stale_job_s
+        w = settings.workers
+        self.delivery_lease_s = delivery_lease_s if delivery_lease_s is not None else w.delivery_lease_seconds
+        self.stale_job_s = stale_job_s if stale_job_s is not None else w.stale_job_seconds
         self.heartbeat_s = heartbeat_s
         self.on_jobs_created = on_jobs_created
         self.results_dir = settings.data_dir / "results"
@@ -203,6 +225,47 @@ class Runner:
         # whatever the lease says.
         self._sending: set[int] = set()
         self._sending_lock = threading.Lock()
+        # Sweep ownership: unique per runner (two runners of one process are two candidates).
+        self.sweep_owner = f"{make_worker_id('sweeps')}:{uuid.uuid4().hex[:8]}"
+        self.sweep_lease_s = sweep_lease_s
+        self._lease_lock = threading.Lock()
+        self._lease_held = False
+        self._lease_checked: datetime | None = None
+
+    # -- sweep ownership --------------------------------------------------------------------------------
+
+    def owns_sweeps(self, now: datetime | None = None) -> bool:
+        """True when this runner may run the sweeps now (takes, renews or waits for the lease).
+
+        The database is asked at most every third of ``sweep_lease_s`` (the sweeps tick every second or
+        two); in between the last answer stands, which is safe because a held lease lasts ``sweep_lease_s``.
+        """
+        now = now or _now()
+        with self._lease_lock:
+            fresh = self._lease_checked is not None and (now - self._lease_checked) < timedelta(
+                seconds=self.sweep_lease_s / 3
+            )
+            if fresh:
+                return self._lease_held
+            try:
+                held = self.store.acquire_lease(SWEEP_LEASE, self.sweep_owner, self.sweep_lease_s, now=now)
+            except Exception:  # database busy or down: do not sweep on a lease we could not renew
+                log.warning("sweep lease: could not reach the database", exc_info=True)
+                held = False
+            if held != self._lease_held:
+                log.info("sweeps: %s %s", self.sweep_owner, "owns the sweeps" if held else "lost the sweeps")
+            self._lease_held, self._lease_checked = held, now
+            return held
+
+    def release_sweeps(self) -> None:
+        """Give the sweeps up (graceful stop): another process takes them over at its next tick."""
+        with self._lease_lock:
+            if self._lease_held:
+                try:
+                    self.store.release_lease(SWEEP_LEASE, self.sweep_owner)
+                except Exception:  # stopping anyway; the lease then simply expires
+                    log.warning("sweep lease: release failed", exc_info=True)
+            self._lease_held, self._lease_checked = False, None
 
     # -- completion and routing ------------------------------------------------------------------------
 
@@ -559,6 +622,50 @@ def link_inputs(paths: Sequence[Path], folder: Path) -> int:
         except OSError:
             shutil.copy2(src, dst)
     return missing
+
+
+def store_select(settings: Settings, store: Store) -> SelectFn:
+    """Routing with the rules in force at each call: the newest saved rule version, else the config's.
+
+    The newest version id is read at every call (one indexed query per routed study) and the parsed rules
+    are cached per version, so a version saved by any process applies to the next routing decision.
+    A saved version that no longer validates (e.g. it names a destination since removed from the config)
+    is logged and the previous rules stay in force.
+    """
+    import yaml
+
+    from dicomnode import routing
+    from dicomnode.errors import ConfigError
+
+    fallback = default_select(settings)
+    names = settings.destination_names
+    lock = threading.Lock()
+    cache: dict[str, Any] = {"id": None, "rules": None}
+
+    def select(summaries: Sequence[SeriesSummary]) -> Sequence[RuleDecision]:
+        latest = store.latest_rule_version()
+        if latest is None:
+            return fallback(summaries)
+        with lock:
+            if cache["id"] != latest.id:
+                try:
+                    # Parsed from the text itself: a one-line text must never be read as a file name.
+                    data = yaml.safe_load(latest.yaml_text)
+                    cache["rules"] = routing.parse_rules(data, source="text", destinations=names)
+                    log.info("routing: rule version %d in force", latest.id)
+                except (ConfigError, yaml.YAMLError) as exc:
+                    log.error(
+                        "routing: rule version %d is invalid, keeping the previous rules: %s",
+                        latest.id,
+                        " ".join(str(exc).split())[:300],
+                    )
+                cache["id"] = latest.id  # an invalid version is reported once, not at every study
+            rules = cache["rules"]
+        if rules is None:
+            return fallback(summaries)
+        return routing.select(list(summaries), rules, all_destinations=names)
+
+    return select
 
 
 def default_select(settings: Settings) -> SelectFn:

@@ -2,7 +2,9 @@
 
 The scheduler only wakes steps up; the database says what is to be done, so a missed or doubled tick is
 harmless. Each sweep runs at most once at a time (``max_instances=1``, ``coalesce``). One process owns the
-sweeps (``serve`` or ``work``); ``receive`` has none.
+sweeps (``serve`` or ``work``; ``receive`` has none): every tick first asks :meth:`Runner.owns_sweeps`, which
+holds a lease row in the database, so a second ``work`` process on the same database idles until the first
+one's lease runs out (it died) or is released (it stopped).
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ class SweepIntervals:
     retention_s: float = 6 * 3600.0
 
 
-def _guarded(name: str, fn: Callable[[], Any]) -> Callable[[], None]:
+def _guarded(name: str, fn: Callable[[], Any], gate: Callable[[], bool] | None = None) -> Callable[[], None]:
     def run() -> None:
         try:
+            if gate is not None and not gate():
+                return  # another process owns the sweeps
             fn()
         except Exception:  # one failed tick (database busy...) must not stop the sweep
             log.exception("sweep %s failed", name)
@@ -68,5 +72,5 @@ def build_scheduler(runner: Runner, intervals: SweepIntervals | None = None) -> 
         ("retention", runner.clean_spool, iv.retention_s),
     ]
     for name, fn, seconds in jobs:
-        sched.add_job(_guarded(name, fn), "interval", seconds=seconds, id=name, name=name)
+        sched.add_job(_guarded(name, fn, runner.owns_sweeps), "interval", seconds=seconds, id=name, name=name)
     return sched

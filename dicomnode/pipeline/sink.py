@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dicomnode.ingest.sink import ReceivedInstance
-from dicomnode.store import Store
+from dicomnode.store import INSTANCE_SOURCES, Store
 
 #: Study-level keywords (the rest of the header summary is series-level).
 STUDY_KEYWORDS: frozenset[str] = frozenset(
@@ -33,8 +33,14 @@ STUDY_KEYWORDS: frozenset[str] = frozenset(
     }
 )
 
-#: ingest's source names -> the store's.
-_SOURCES = {"dimse": "dimse", "stow": "stowrs", "stowrs": "stowrs", "reindex": "import", "import": "import"}
+#: Other names some callers use -> the one vocabulary (ingest's, which the store accepts as is).
+_ALIASES = {"stowrs": "stow", "dicomweb": "stow", "c-store": "dimse"}
+
+
+def store_source(source: str) -> str:
+    """The store's name for ingest's ``source`` (ingest's names pass unchanged; unknown -> ``import``)."""
+    name = _ALIASES.get(source, source)
+    return name if name in INSTANCE_SOURCES else "import"
 
 
 def slice_position(
@@ -82,7 +88,7 @@ class StoreSink:
             study_attrs=study_attrs,
             series_attrs=series_attrs,
             calling_aet=instance.calling_ae_title,
-            source=_SOURCES.get(instance.source, "import"),
+            source=store_source(instance.source),
             slice_position=slice_position(
                 instance.image_position_patient, instance.image_orientation_patient
             ),

@@ -23,6 +23,8 @@ jobs
     ``create_job(series_uid, pipeline, destinations, version) -> int`` (idempotent);
     ``claim_next_job(worker_id, *, pipelines=None) -> Job | None`` (atomic);
     ``set_job_state(job_id, state, message=None, *, actor=None) -> Job`` (checked transitions, timeline);
+    ``rerun_job(job_id, *, actor, message=None) -> Job`` (admin re-run: same version and UIDs, so the new
+    result replaces the old one at the destination; deliveries re-opened once the job is reported; audited);
     ``heartbeat(job_id)``; ``get_job(job_id)``; ``unfinished_jobs()``; ``reset_stale_jobs(older_than) ->
     list[int]``; ``supersede(series_uid, *, below_version, message=None) -> list[int]``;
     ``record_result(job_id, result_json, files)``; ``get_result(job_id)``.
@@ -32,6 +34,9 @@ deliveries
     ``record_delivery_attempt(delivery_id, outcome, message=None, next_attempt_at=None) -> Delivery`` (the
     job becomes DONE / FAILED once all its deliveries are final); ``resend_delivery(delivery_id, *, actor)``;
     ``delivery_attempts(delivery_id)``; ``get_delivery(delivery_id)``.
+scheduler lease (one process owns the sweeps)
+    ``acquire_lease(name, owner, ttl) -> bool`` (take, renew, or take over an expired lease);
+    ``release_lease(name, owner) -> bool``; ``lease_holder(name) -> str | None``.
 audit, rules history
     ``audit(actor, action, target, before=None, after=None) -> int``; ``list_audit(...)``;
     ``add_rule_version(author, yaml_text, comment=None) -> int``; ``list_rule_versions(...)``;
@@ -40,6 +45,9 @@ UI / API queries (``Page`` = items + total)
     ``list_studies``, ``get_study``, ``list_series``, ``get_series``, ``list_jobs(state=, study_uid=,
     series_uid=)``, ``job_detail(job_id) -> JobDetail``, ``list_deliveries(job_id=, outcome=, destination=)``,
     ``job_counts()``, ``delivery_counts()``, ``ping()``.
+
+Instance sources (``record_instance(source=...)``): :data:`INSTANCE_SOURCES` = ingest's names ``dimse``,
+``stow``, ``reindex``, ``import``. The ``users`` table (admin UI accounts) is :class:`models.UserRow`.
 
 Errors: :class:`NotFoundError` (unknown id/UID), :class:`InvalidTransitionError` (job life cycle), both
 :class:`~dicomnode.errors.DicomnodeError`.
@@ -64,6 +72,8 @@ from dicomnode.store.records import (
 )
 from dicomnode.store.store import (
     ALLOWED_TRANSITIONS,
+    INSTANCE_SOURCES,
+    RERUNNABLE_STATES,
     InvalidTransitionError,
     NotFoundError,
     Store,
@@ -73,6 +83,8 @@ from dicomnode.store.store import (
 
 __all__ = [
     "ALLOWED_TRANSITIONS",
+    "INSTANCE_SOURCES",
+    "RERUNNABLE_STATES",
     "AuditEvent",
     "Delivery",
     "DeliveryAttempt",

@@ -1,6 +1,7 @@
 """SQLAlchemy 2 table definitions (the ORM side; the schema itself is created by the Alembic migrations).
 
-Keep this file and ``migrations/versions`` in step: ``tests/unit/test_store.py`` compares the two.
+Keep this file and ``migrations/versions`` in step: ``tests/unit/test_store.py`` compares the two
+(0001: the pipeline's tables; 0002: ``users`` of the admin UI; 0003: ``scheduler_lease``).
 Times are stored as naive UTC and returned as aware UTC (:class:`UTCDateTime`).
 """
 
@@ -227,3 +228,36 @@ class RuleVersionRow(Base):
     author: Mapped[str] = mapped_column(String(128))
     yaml_text: Mapped[str] = mapped_column(Text)
     comment: Mapped[str | None] = mapped_column(Text)
+
+
+class UserRow(Base):
+    """Accounts of the admin UI / REST API (used by ``dicomnode.web.users``; created by migration 0002)."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    #: ``admin``, ``viewer`` or ``sender`` (STOW-RS only); checked by the web module.
+    role: Mapped[str] = mapped_column(String(16))
+    #: argon2 hash of the password.
+    password_hash: Mapped[str] = mapped_column(String(256))
+    #: SHA-256 (hex) of the API bearer token; None = no token issued.
+    token_sha256: Mapped[str | None] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime]
+    #: 1 = the account may not log in (kept for the audit trail).
+    disabled: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class SchedulerLeaseRow(Base):
+    """Who runs the sweeps: one row per lease name, held by one process until ``expires_at``.
+
+    A ``work`` process renews its lease while it lives; another one takes over once the lease expired
+    (see :meth:`dicomnode.store.Store.acquire_lease`).
+    """
+
+    __tablename__ = "scheduler_lease"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    acquired_at: Mapped[datetime]
+    expires_at: Mapped[datetime]

@@ -28,6 +28,7 @@ from dicomnode.store.models import (
     JobRow,
     ResultRow,
     RuleVersionRow,
+    SchedulerLeaseRow,
     SeriesRow,
     StudyRow,
 )
@@ -79,8 +80,14 @@ ALLOWED_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     JobState.SUPERSEDED: frozenset(),
 }
 
-#: Values we never keep in the JSON attribute columns' log lines (patient data stays in the database only).
-_INSTANCE_SOURCES = ("dimse", "stowrs", "import")
+#: How an instance reached the node - ingest's own vocabulary: C-STORE, STOW-RS, a spool re-index after a
+#: crash, a file imported by hand. ``dicomnode.pipeline.sink`` is the one adapter that maps other names.
+INSTANCE_SOURCES: tuple[str, ...] = ("dimse", "stow", "reindex", "import")
+#: Names earlier versions of the store used, still accepted (normalised to ingest's).
+_LEGACY_SOURCES: Mapping[str, str] = {"stowrs": "stow"}
+
+#: States from which an admin may re-run a job (:meth:`Store.rerun_job`).
+RERUNNABLE_STATES: frozenset[JobState] = frozenset({JobState.DONE, JobState.FAILED, JobState.NOT_QUALIFYING})
 
 
 def _now() -> datetime:
@@ -200,7 +207,8 @@ class Store:
         study_attrs, series_attrs
             Study- and series-level header values by DICOM keyword (plain values; tuples for multi-valued).
         source
-            ``"dimse"``, ``"stowrs"`` or ``"import"``.
+            One of :data:`INSTANCE_SOURCES` (``"dimse"``, ``"stow"``, ``"reindex"``, ``"import"``); the
+            older ``"stowrs"`` is accepted and stored as ``"stow"``.
         slice_position
             Position along the slice normal in mm (gives the series z-extent for routing), if known.
         number_of_frames
@@ -211,8 +219,9 @@ class Store:
         bool
             True when the instance is new, False when it was already recorded.
         """
-        if source not in _INSTANCE_SOURCES:
-            raise ValueError(f"source must be one of {_INSTANCE_SOURCES}, not {source!r}")
+        source = _LEGACY_SOURCES.get(source, source)
+        if source not in INSTANCE_SOURCES:
+            raise ValueError(f"source must be one of {INSTANCE_SOURCES}, not {source!r}")
         at = now or _now()
         s_attrs = jsonable_attrs(study_attrs)
         se_attrs = jsonable_attrs(series_attrs)
@@ -618,6 +627,58 @@ class Store:
         log.info("job %d: %s -> %s", row.id, current.value, state.value)
         return True
 
+    def rerun_job(
+        self, job_id: int, *, actor: str, message: str | None = None, now: datetime | None = None
+    ) -> Job:
+        """Admin re-run: a finished job (DONE, FAILED, NOT_QUALIFYING) goes back to PENDING; audited.
+
+        What a re-run means at the destination (the behaviour a PACS administrator expects: the re-run
+        *replaces* the earlier result, it does not add a second one beside it):
+
+        * the job keeps its id and its version, so the analysis derives the same SR/SC UIDs from
+          (job key, version, artefact) (``dicomnode.report.uids``) and the new objects replace the old ones
+          at a PACS that accepts a re-sent instance (Orthanc: ``OverwriteInstances``; a PACS that keeps the
+          first copy must have the old SR deleted before a re-run);
+        * the job's deliveries of that version stay as they are (their history stays visible) until the new
+          analysis is REPORTED; :meth:`create_deliveries` then re-opens them (PENDING, attempts counted
+          afresh, a "re-opened" entry in their attempt history), so the new result is sent to every
+          destination again, and the job ends DONE or FAILED as after a first run.
+
+        New content for the series (instances arriving late) is a different matter: it makes a new series
+        *version*, hence a new job with new UIDs, and supersedes the old job.
+
+        Raises
+        ------
+        NotFoundError
+            No such job.
+        InvalidTransitionError
+            The job is not finished (pending, analysing, reported, delivering) or was superseded.
+        """
+        at = now or _now()
+        with self._write() as s:
+            row = s.get(JobRow, job_id)
+            if row is None:
+                raise NotFoundError(f"no job {job_id}")
+            before = JobState(row.state)
+            if before not in RERUNNABLE_STATES:
+                raise InvalidTransitionError(
+                    f"job {job_id} is {before.value}; only done, failed or not-qualifying jobs can be re-run"
+                )
+            before_info = {"state": before.value, "attempts": row.attempts, "message": row.message}
+            self._transition(s, row, JobState.PENDING, message or f"re-run requested by {actor}", actor, at)
+            s.add(
+                AuditRow(
+                    at=at,
+                    actor=actor,
+                    action="job.rerun",
+                    target=f"job:{job_id}",
+                    before=before_info,
+                    after={"state": JobState.PENDING.value, "version": row.version},
+                )
+            )
+            s.flush()
+            return self._job(s, job_id)
+
     def heartbeat(self, job_id: int, now: datetime | None = None) -> None:
         """A worker still busy with an ANALYSING job says so (keeps :meth:`reset_stale_jobs` off it)."""
         with self._write() as s:
@@ -718,7 +779,9 @@ class Store:
     ) -> list[Delivery]:
         """Create one PENDING delivery per destination for the job's version (idempotent).
 
-        A REPORTED job moves to DELIVERING, or straight to DONE when ``destinations`` is empty.
+        A REPORTED job moves to DELIVERING, or straight to DONE when ``destinations`` is empty. REPORTED means
+        a new analysis result not sent yet: deliveries of the same version left final by an earlier run
+        (an admin re-run, see :meth:`rerun_job`) are re-opened so the new result goes out again.
         """
         at = now or _now()
 
@@ -727,15 +790,18 @@ class Store:
                 job = s.get(JobRow, job_id)
                 if job is None:
                     raise NotFoundError(f"no job {job_id}")
+                fresh_result = job.state == JobState.REPORTED.value
                 for dest in dict.fromkeys(destinations):
-                    exists = s.scalar(
-                        select(DeliveryRow.id).where(
+                    existing = s.scalar(
+                        select(DeliveryRow).where(
                             DeliveryRow.job_id == job_id,
                             DeliveryRow.destination == dest,
                             DeliveryRow.version == job.version,
                         )
                     )
-                    if exists is None:
+                    if existing is not None and fresh_result and DeliveryOutcome(existing.outcome).is_final:
+                        self._reopen_delivery(s, existing, "re-opened: the job was analysed again", at)
+                    if existing is None:
                         s.add(
                             DeliveryRow(
                                 job_id=job_id,
@@ -765,6 +831,20 @@ class Store:
                 return [self._delivery(s, i) for i in ids]
 
         return self._retry_integrity(run)
+
+    def _reopen_delivery(self, s: Session, row: DeliveryRow, message: str, at: datetime) -> None:
+        # The attempt rows keep the earlier run's history; the delivery itself starts afresh.
+        s.add(
+            DeliveryAttemptRow(
+                delivery_id=row.id, at=at, outcome=DeliveryOutcome.PENDING.value, message=message
+            )
+        )
+        row.outcome = DeliveryOutcome.PENDING.value
+        row.attempts = 0
+        row.message = message
+        row.next_attempt_at = None
+        row.delivered_at = None
+        row.updated_at = at
 
     def due_deliveries(
         self, now: datetime, *, limit: int = 100, lease: timedelta | float | None = None
@@ -854,12 +934,25 @@ class Store:
             self._transition(s, job, JobState.DONE, f"delivered to {len(rows)} destination(s)", None, at)
 
     def resend_delivery(self, delivery_id: int, *, actor: str, now: datetime | None = None) -> Delivery:
-        """Admin action: schedule a delivery again (whatever its outcome); the job goes back to DELIVERING."""
+        """Admin action: schedule a delivery again (whatever its outcome); the job goes back to DELIVERING.
+
+        Raises
+        ------
+        NotFoundError
+            No such delivery.
+        InvalidTransitionError
+            The job is being analysed again (re-run): its new result is sent once it is reported.
+        """
         at = now or _now()
         with self._write() as s:
             row = s.get(DeliveryRow, delivery_id)
             if row is None:
                 raise NotFoundError(f"no delivery {delivery_id}")
+            owner = s.get(JobRow, row.job_id)
+            if owner is not None and owner.state in (JobState.PENDING.value, JobState.ANALYSING.value):
+                raise InvalidTransitionError(
+                    f"job {owner.id} is {owner.state}: its new result is delivered once it is reported"
+                )
             before = {"outcome": row.outcome, "attempts": row.attempts}
             row.outcome = DeliveryOutcome.PENDING.value
             row.next_attempt_at = None
@@ -895,6 +988,62 @@ class Store:
     def get_delivery(self, delivery_id: int) -> Delivery:
         with self._read() as s:
             return self._delivery(s, delivery_id)
+
+    # -- scheduler lease ------------------------------------------------------------------------------
+
+    def acquire_lease(
+        self, name: str, owner: str, ttl: timedelta | float, *, now: datetime | None = None
+    ) -> bool:
+        """Take or renew the lease ``name`` for ``owner`` until ``now + ttl``; False while another holds it.
+
+        One row per lease in ``scheduler_lease``. The lease goes to ``owner`` when nobody holds it, when
+        ``owner`` holds it already (renewal), or when the holder's lease expired (it died or hangs). Atomic on
+        both backends: PostgreSQL locks the row (``FOR UPDATE``), SQLite serialises writers.
+        """
+        at = now or _now()
+        until = at + _seconds(ttl)
+
+        def run() -> bool:
+            with self._write() as s:
+                q = select(SchedulerLeaseRow).where(SchedulerLeaseRow.name == name)
+                if self._is_postgres:
+                    q = q.with_for_update()
+                row = s.scalar(q)
+                if row is None:
+                    s.add(SchedulerLeaseRow(name=name, owner=owner, acquired_at=at, expires_at=until))
+                    s.flush()
+                    log.info("lease %s taken by %s", name, owner)
+                    return True
+                if row.owner == owner:
+                    row.expires_at = until
+                    return True
+                if row.expires_at <= at:
+                    log.warning("lease %s: %s's lease expired, taken over by %s", name, row.owner, owner)
+                    row.owner, row.acquired_at, row.expires_at = owner, at, until
+                    return True
+                return False
+
+        return self._retry_integrity(run)
+
+    def release_lease(self, name: str, owner: str) -> bool:
+        """Give the lease up (graceful stop) so another process takes over at once; False if not held."""
+        with self._write() as s:
+            row = s.scalar(
+                select(SchedulerLeaseRow).where(
+                    SchedulerLeaseRow.name == name, SchedulerLeaseRow.owner == owner
+                )
+            )
+            if row is None:
+                return False
+            s.delete(row)
+            return True
+
+    def lease_holder(self, name: str, *, now: datetime | None = None) -> str | None:
+        """The owner of an unexpired lease ``name`` (for the health page), else None."""
+        at = now or _now()
+        with self._read() as s:
+            row = s.get(SchedulerLeaseRow, name)
+            return row.owner if row is not None and row.expires_at > at else None
 
     # -- audit and rule versions -----------------------------------------------------------------------
 

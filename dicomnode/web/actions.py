@@ -14,14 +14,14 @@ from typing import Any
 
 from dicomnode.config import Settings
 from dicomnode.domain import DeliveryOutcome, JobState
-from dicomnode.store import Delivery, InvalidTransitionError, Job, Store
+from dicomnode.store import RERUNNABLE_STATES, Delivery, InvalidTransitionError, Job, Store
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RERUNNABLE", "Actions", "ProbeResult"]
 
-#: States from which an admin may re-run a job (the store's life cycle allows -> PENDING from these).
-RERUNNABLE: frozenset[JobState] = frozenset({JobState.DONE, JobState.FAILED, JobState.NOT_QUALIFYING})
+#: States from which an admin may re-run a job (the store decides: :data:`dicomnode.store.RERUNNABLE_STATES`).
+RERUNNABLE: frozenset[JobState] = RERUNNABLE_STATES
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,8 @@ class Actions:
         self.on_jobs_created = on_jobs_created
 
     def rerun(self, job_id: int, actor: str) -> Job:
-        """Queue a finished job again (its next attempt writes a new result; timeline and audit say who).
+        """Queue a finished job again (:meth:`dicomnode.store.Store.rerun_job`: audited, same UIDs so the
+        new result replaces the old one at the destination, deliveries re-opened once it is reported).
 
         Raises
         ------
@@ -82,20 +83,7 @@ class Actions:
         dicomnode.store.InvalidTransitionError
             The job is not finished (pending, analysing, delivering) or was superseded.
         """
-        before = self.store.get_job(job_id)
-        if before.state not in RERUNNABLE:
-            raise InvalidTransitionError(
-                f"job {job_id} is {before.state.value}; "
-                "only done, failed or not-qualifying jobs can be re-run"
-            )
-        job = self.store.set_job_state(job_id, JobState.PENDING, f"re-run requested by {actor}", actor=actor)
-        self.store.audit(
-            actor,
-            "job.rerun",
-            f"job:{job_id}",
-            before={"state": before.state.value, "attempts": before.attempts, "message": before.message},
-            after={"state": job.state.value},
-        )
+        job = self.store.rerun_job(job_id, actor=actor, message=f"re-run requested by {actor}")
         log.info("job %d: re-run requested by %s", job_id, actor)
         if self.on_jobs_created is not None:
             self.on_jobs_created()
@@ -110,14 +98,19 @@ class Actions:
     def resend_failed(self, actor: str, destination: str | None = None) -> list[Delivery]:
         """Resend every permanently failed delivery (of one destination, or all)."""
         out: list[Delivery] = []
+        skipped: set[int] = set()
         while True:
             page = self.store.list_deliveries(
-                outcome=DeliveryOutcome.PERMANENT_FAILURE, destination=destination, limit=200
+                outcome=DeliveryOutcome.PERMANENT_FAILURE, destination=destination, limit=200 + len(skipped)
             )
-            if not page.items:
+            todo = [d for d in page.items if d.id not in skipped]
+            if not todo:
                 break
-            for d in page.items:
-                out.append(self.store.resend_delivery(d.id, actor=actor))
+            for d in todo:
+                try:
+                    out.append(self.store.resend_delivery(d.id, actor=actor))
+                except InvalidTransitionError:
+                    skipped.add(d.id)  # its job is being analysed again: the new result goes out anyway
         self.store.audit(
             actor,
             "delivery.resend_all",

@@ -5,8 +5,9 @@ called on any FastAPI app::
 
     install_admin(app, settings, store, environ=os.environ)   # at app start, never at import
 
-What it adds: the users table (when missing) and the first admin (``DICOMNODE_ADMIN_PASSWORD`` or a generated
-password printed once), the authentication middleware, ``/login``, the pages, ``/api/...`` routes, the static
+What it adds: the first admin (``DICOMNODE_ADMIN_PASSWORD`` or a generated password printed once; the
+``users`` table itself comes from the store's migrations), the authentication middleware (with the STOW-RS
+address allow-list of ``http.stow_allow_addresses``), ``/login``, the pages, ``/api/...`` routes, the static
 files, a ``spool`` readiness check, ``/metrics`` with the database-derived metrics, and one structured access
 log line per request (method, path, status, user, duration; never patient data).
 """
@@ -168,7 +169,7 @@ def install_admin(
     WebContext
         Also kept in ``app.state.web``; ``ctx.rules.select`` is the rules provider for the pipeline.
     """
-    ensure_users_table(store.engine)
+    ensure_users_table(store.engine)  # a check only: migration 0002 creates the table
     users = UserStore(store.engine, password_hasher)
     bootstrap_admin(users, os.environ if environ is None else environ)
     secret = load_or_create_secret(settings.data_dir / "web-session.key")
@@ -203,7 +204,12 @@ def install_admin(
 
     _install_error_pages(app, ctx)
     app.add_middleware(_AccessLog)
-    app.add_middleware(AuthMiddleware, users=users, sessions=ctx.sessions)  # outermost: runs first
+    app.add_middleware(  # outermost: runs first
+        AuthMiddleware,
+        users=users,
+        sessions=ctx.sessions,
+        stow_allow_addresses=settings.http.stow_allow_addresses,
+    )
     return ctx
 
 

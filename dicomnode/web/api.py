@@ -45,7 +45,7 @@ class Problem(BaseModel):
 
 class Me(BaseModel):
     username: str
-    role: Literal["admin", "viewer"]
+    role: Literal["admin", "viewer", "sender"]
     auth: str | None
     csrf_token: str | None = None
 
@@ -270,7 +270,7 @@ class ResendAllOut(BaseModel):
 
 class UserOut(BaseModel):
     username: str
-    role: Literal["admin", "viewer"]
+    role: Literal["admin", "viewer", "sender"]
     created_at: datetime
     has_token: bool
 
@@ -278,7 +278,7 @@ class UserOut(BaseModel):
 class UserIn(BaseModel):
     username: str = Field(min_length=1, max_length=64)
     password: str = Field(min_length=8, max_length=256)
-    role: Literal["admin", "viewer"]
+    role: Literal["admin", "viewer", "sender"]
 
 
 class TokenOut(BaseModel):

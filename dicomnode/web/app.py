@@ -5,15 +5,20 @@ checks): it opens no database and starts no thread itself, so the same factory s
 and ``work`` (and tests). Other web features (admin pages, REST API) are mounted by passing their routers in,
 or by extending the app the factory returns; ``app.state.settings`` and ``app.state.store`` hold the
 dependencies for them.
+
+API documentation works offline (the node usually has no internet): FastAPI's Swagger UI and ReDoc pages,
+which load their scripts from a CDN, are off; ``/api/docs`` is a small page rendered here from the OpenAPI
+description (``/api/openapi.json``) that references no other host.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import html
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from dicomnode import __version__
 from dicomnode.config import Settings
@@ -21,7 +26,39 @@ from dicomnode.config import Settings
 #: A readiness check: returns None when ready, or a one-line reason why not.
 ReadinessCheck = Callable[[], "str | None"]
 
-__all__ = ["ReadinessCheck", "create_app"]
+__all__ = ["ReadinessCheck", "api_docs_html", "create_app"]
+
+_METHODS = ("get", "post", "put", "patch", "delete")
+
+
+def api_docs_html(spec: Mapping[str, Any]) -> str:
+    """A self-contained HTML page listing the operations of an OpenAPI document (no script, no CDN)."""
+    info = spec.get("info", {})
+    title = html.escape(f"{info.get('title', 'API')} {info.get('version', '')}".strip())
+    rows = []
+    for path, item in sorted(spec.get("paths", {}).items()):
+        for method in _METHODS:
+            op = item.get(method)
+            if op is None:
+                continue
+            summary = op.get("summary") or ""
+            desc = (op.get("description") or "").strip().split("\n\n")[0]
+            tags = ", ".join(op.get("tags", []))
+            rows.append(
+                f"<tr><td><code>{method.upper()}</code></td><td><code>{html.escape(path)}</code></td>"
+                f"<td>{html.escape(tags)}</td><td><b>{html.escape(summary)}</b><br>{html.escape(desc)}</td></tr>"
+            )
+    return (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{title} - API</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}</style></head>"
+        f"<body><h1>{title} - REST API</h1>"
+        "<p>Machine-readable description: <a href='/api/openapi.json'>/api/openapi.json</a>. "
+        "Authenticate with HTTP Basic or <code>Authorization: Bearer TOKEN</code>.</p>"
+        "<table><thead><tr><th>Method</th><th>Path</th><th>Tags</th><th>What it does</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table></body></html>"
+    )
 
 
 def create_app(
@@ -56,8 +93,13 @@ def create_app(
     FastAPI
         The app; serve it with uvicorn.
     """
+    # No Swagger UI / ReDoc: they load from a CDN, and the node has no internet (see /api/docs below).
     app = FastAPI(
-        title="dicomnode", version=__version__, docs_url="/api/docs", openapi_url="/api/openapi.json"
+        title="dicomnode",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/api/openapi.json",
     )
     app.state.settings = settings
     app.state.store = store
@@ -84,6 +126,11 @@ def create_app(
         return JSONResponse(
             {"status": status, "problems": problems}, status_code=200 if not problems else 503
         )
+
+    @app.get("/api/docs", include_in_schema=False)
+    def api_docs() -> HTMLResponse:
+        """The endpoints, listed from the OpenAPI description (works without internet)."""
+        return HTMLResponse(api_docs_html(app.openapi()))
 
     @app.get("/metrics", tags=["health"], include_in_schema=False)
     def metrics() -> Response:

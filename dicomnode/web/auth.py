@@ -6,6 +6,12 @@
 * :class:`AuthMiddleware` (pure ASGI, so streamed STOW-RS bodies pass untouched) authenticates every request
   except the public paths (``/api/health``, ``/login``, ``/static/``). Anonymous API calls get 401 with
   ``WWW-Authenticate: Basic``; anonymous page views are redirected to ``/login``.
+* Roles at the door: a ``sender`` (an account for a PACS that pushes studies) may only store instances with
+  STOW-RS (``POST /dicomweb/studies[/{study}]``); any other path answers 403. STOW-RS itself needs the
+  ``admin`` or ``sender`` role (a ``viewer`` is read-only: 403).
+* Anonymous STOW-RS from listed client addresses (``http.stow_allow_addresses``, for a PACS that cannot
+  authenticate; empty by default = credentials always required): only the STOW-RS path, only from those
+  addresses (the TCP peer address; a forwarding proxy's headers are not trusted).
 * CSRF: every state-changing request authenticated by the cookie must carry the session's token, in the
   ``X-CSRF-Token`` header (fetch) or the ``csrf_token`` form field (forms); see
   :func:`dicomnode.web.deps.csrf`.
@@ -18,12 +24,13 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +47,9 @@ __all__ = [
     "AuthMiddleware",
     "Session",
     "SessionCodec",
+    "is_stow_request",
     "load_or_create_secret",
+    "parse_networks",
 ]
 
 SESSION_COOKIE = "dicomnode_session"
@@ -141,6 +150,47 @@ class _CredentialCache:
             self._d[self._k(username, password)] = (time.monotonic() + self.ttl_s, user)
 
 
+#: Path of the STOW-RS receiver (``dicomnode.ingest.stow``, mounted under this prefix).
+STOW_PATH = "/dicomweb/studies"
+#: Roles that may store instances with STOW-RS.
+STOW_ROLES = frozenset({"admin", "sender"})
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def is_stow_request(method: str, path: str) -> bool:
+    """``POST /dicomweb/studies`` or ``POST /dicomweb/studies/{study}`` (and nothing below a study)."""
+    if method != "POST":
+        return False
+    if path in (STOW_PATH, STOW_PATH + "/"):
+        return True
+    rest = path[len(STOW_PATH) + 1 :] if path.startswith(STOW_PATH + "/") else ""
+    return bool(rest) and "/" not in rest.rstrip("/")
+
+
+def parse_networks(values: Sequence[str]) -> tuple[Network, ...]:
+    """``["10.0.0.5", "192.168.1.0/24"]`` -> networks; ``ValueError`` naming a bad entry."""
+    out: list[Network] = []
+    for v in values:
+        try:
+            out.append(ipaddress.ip_network(v.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IP address or network") from None
+    return tuple(out)
+
+
+def _address_in(host: str | None, networks: Sequence[Network]) -> bool:
+    if not host or not networks:
+        return False
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr.version == n.version and addr in n for n in networks)
+
+
 def _is_public(path: str) -> bool:
     return any(path == p or (p.endswith("/") and path.startswith(p)) for p in PUBLIC_PATHS)
 
@@ -169,12 +219,21 @@ class AuthMiddleware:
         Where users, password hashes and token hashes live.
     sessions
         The cookie codec.
+    stow_allow_addresses
+        Client addresses or networks allowed to use STOW-RS without credentials (default: none).
     """
 
-    def __init__(self, app: ASGIApp, users: UserStore, sessions: SessionCodec) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        users: UserStore,
+        sessions: SessionCodec,
+        stow_allow_addresses: Sequence[str] = (),
+    ) -> None:
         self.app = app
         self.users = users
         self.sessions = sessions
+        self.stow_networks = parse_networks(stow_allow_addresses)
         self._cache = _CredentialCache()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -188,9 +247,23 @@ class AuthMiddleware:
         state["user"] = user
         state["auth"] = how
         state["csrf"] = csrf
+        stow = is_stow_request(scope.get("method", "GET"), path)
+        if user is None and stow and how is None:
+            client = scope.get("client")
+            if _address_in(client[0] if client else None, self.stow_networks):
+                state["auth"] = "address"
+                await self.app(scope, receive, send)
+                return
         if user is None and not _is_public(path):
             await self._deny(scope, send, path, bad_credentials=how == "failed")
             return
+        if user is not None and not _is_public(path):
+            if user.is_sender and not stow:
+                await _forbid(send, "the sender role may only store instances (POST /dicomweb/studies)")
+                return
+            if stow and user.role not in STOW_ROLES:
+                await _forbid(send, "storing instances needs the admin or sender role")
+                return
         await self.app(scope, receive, send)
 
     async def _authenticate(self, headers: dict[str, str]) -> tuple[User | None, str | None, str | None]:
@@ -236,6 +309,11 @@ class AuthMiddleware:
             body,
             [(b"content-type", b"application/json"), (b"www-authenticate", b'Basic realm="dicomnode"')],
         )
+
+
+async def _forbid(send: Send, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await _respond(send, 403, body, [(b"content-type", b"application/json")])
 
 
 async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:

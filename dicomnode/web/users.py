@@ -1,10 +1,11 @@
 """Users of the admin UI / REST API: names, roles, argon2 password hashes, API tokens.
 
-The ``users`` table lives in its own :class:`~sqlalchemy.MetaData` (same naming convention as the store's)
-and is created by :func:`ensure_users_table` when the admin app is installed: the store's migrations do not
-hold it yet (requested from the store owner; once a migration creates it, ensure_users_table is a no-op).
+The ``users`` table belongs to the store (:class:`dicomnode.store.models.UserRow`, created by the store's
+migration ``0002_users``, i.e. ``dicomnode db upgrade`` or any node start); this module only reads and
+writes its rows.
 
-Roles: ``admin`` (change rules, resend, re-run, manage users) and ``viewer`` (read only).
+Roles: ``admin`` (change rules, resend, re-run, manage users), ``viewer`` (read only) and ``sender``
+(may only store instances with STOW-RS: ``POST /dicomweb/studies``; for a PACS that authenticates).
 """
 
 from __future__ import annotations
@@ -19,22 +20,11 @@ from typing import Literal
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import (
-    Column,
-    DateTime,
-    Engine,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    insert,
-    inspect,
-    select,
-    update,
-)
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy import Engine, Table, insert, inspect, select, update
+from sqlalchemy.exc import IntegrityError
 
-from dicomnode.errors import InputError
+from dicomnode.errors import ConfigError, InputError
+from dicomnode.store.models import UserRow
 
 log = logging.getLogger(__name__)
 
@@ -48,29 +38,11 @@ __all__ = [
     "users_table",
 ]
 
-Role = Literal["admin", "viewer"]
-ROLES: tuple[Role, ...] = ("admin", "viewer")
+Role = Literal["admin", "viewer", "sender"]
+ROLES: tuple[Role, ...] = ("admin", "viewer", "sender")
 
-_metadata = MetaData(
-    naming_convention={
-        "ix": "ix_%(column_0_label)s",
-        "uq": "uq_%(table_name)s_%(column_0_name)s",
-        "pk": "pk_%(table_name)s",
-    }
-)
-
-#: name, role, argon2 hash of the password, sha256 of the API token (None = no token).
-users_table = Table(
-    "users",
-    _metadata,
-    Column("id", Integer, primary_key=True),
-    Column("username", String(64), nullable=False, unique=True),
-    Column("role", String(16), nullable=False),
-    Column("password_hash", String(256), nullable=False),
-    Column("token_sha256", String(64), nullable=True, unique=True),
-    Column("created_at", DateTime(timezone=False), nullable=False),
-    Column("disabled", Integer, nullable=False, default=0),
-)
+#: name, role, argon2 hash of the password, sha256 of the API token (None = no token): the store's table.
+users_table: Table = UserRow.__table__  # type: ignore[assignment]
 
 _USERNAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-@")
 
@@ -86,15 +58,22 @@ class User:
     def is_admin(self) -> bool:
         return self.role == "admin"
 
+    @property
+    def is_sender(self) -> bool:
+        """Only allowed to store instances (STOW-RS); every other path answers 403."""
+        return self.role == "sender"
+
 
 def ensure_users_table(engine: Engine) -> None:
-    """Create the ``users`` table when it does not exist (idempotent, safe on SQLite and PostgreSQL)."""
-    try:
-        _metadata.create_all(engine, tables=[users_table], checkfirst=True)
-    except (OperationalError, ProgrammingError):
-        # ``receive`` and ``work`` starting together on one database: the other process created it first.
-        if not inspect(engine).has_table("users"):
-            raise
+    """Check that the store's migrations created ``users`` (they do: ``0002_users``); creates nothing.
+
+    Raises
+    ------
+    ConfigError
+        The database was not migrated (run ``dicomnode db upgrade``).
+    """
+    if not inspect(engine).has_table("users"):
+        raise ConfigError("database: no users table; run 'dicomnode db upgrade' first")
 
 
 def _check_username(username: str) -> str:
@@ -110,7 +89,7 @@ class UserStore:
     Parameters
     ----------
     engine
-        The store's engine (``store.engine``); call :func:`ensure_users_table` first.
+        The store's engine (``store.engine``), migrated (the ``users`` table exists).
     hasher
         argon2 parameters (tests pass cheaper ones; the default is argon2-cffi's recommended profile).
     """
@@ -130,7 +109,7 @@ class UserStore:
         return [
             (
                 User(r["username"], r["role"]),
-                r["created_at"].replace(tzinfo=UTC),
+                _aware(r["created_at"]),
                 r["token_sha256"] is not None,
             )
             for r in rows
@@ -158,7 +137,7 @@ class UserStore:
                     username=name,
                     role=role,
                     password_hash=self.hasher.hash(password),
-                    created_at=datetime.now(UTC).replace(tzinfo=None),
+                    created_at=datetime.now(UTC),
                     disabled=0,
                 )
             )
@@ -212,6 +191,11 @@ class UserStore:
         if r is None or r["disabled"]:
             return None
         return User(r["username"], r["role"])
+
+
+def _aware(value: datetime) -> datetime:
+    # The store's column type returns aware UTC; a naive value can only be UTC too.
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 class _DummyHash:

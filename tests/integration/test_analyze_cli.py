@@ -280,3 +280,24 @@ def test_command_exit_is_immediate_only_for_the_command_process() -> None:
     from dicomnode.cli import analyze as cli_analyze
 
     assert cli_analyze._is_command_process() is False
+
+
+def test_analyze_path_imports_no_ml_or_plotting_stack(case: SyntheticCase, tmp_path: Path) -> None:
+    """The classical analysis path stays light: no torch, MONAI, scikit-learn or matplotlib imports
+    (they cost seconds at start-up and are only for model bundles and evaluation plots)."""
+    _write_series(case, tmp_path / "in")
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from dicomnode.pipeline.analyze import analyze_path\n"
+        f"run = analyze_path(Path({str(tmp_path / 'in')!r}), Path({str(tmp_path / 'out')!r}))\n"
+        "top = {m.split('.')[0] for m in sys.modules}\n"
+        "heavy = sorted(top & {'torch', 'monai', 'sklearn', 'matplotlib'})\n"
+        "print(run.result.status.value, ','.join(heavy) or 'none')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOMNODE_")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    status, heavy = proc.stdout.split()[-2:]
+    assert status in ("ok", "not_qualifying", "failed")  # the engine ran (whatever it made of the case)
+    assert heavy == "none"

@@ -219,3 +219,23 @@ def test_check_config_cli(
     monkeypatch.setenv("DICOMNODE_CONFIG", str(good))
     assert main(["check-config"]) == 0
     assert "good.yaml" in capsys.readouterr().out
+
+
+def test_stow_allow_addresses_and_worker_leases(tmp_path: Path) -> None:
+    s = load_settings(None, environ={})
+    assert s.http.stow_allow_addresses == []  # credentials required by default
+    assert (s.workers.delivery_lease_seconds, s.workers.stale_job_seconds) == (120.0, 300.0)
+    f = tmp_path / "c.yaml"
+    f.write_text(
+        "http: {stow_allow_addresses: [' 10.0.0.5 ', 10.0.1.0/24, '::1']}\n"
+        "workers: {delivery_lease_seconds: 30, stale_job_seconds: 60}\n"
+    )
+    s = load_settings(f, environ={"DICOMNODE_WORKERS__STALE_JOB_SECONDS": "75"})
+    assert s.http.stow_allow_addresses == ["10.0.0.5", "10.0.1.0/24", "::1"]
+    assert (s.workers.delivery_lease_seconds, s.workers.stale_job_seconds) == (30.0, 75.0)
+    f.write_text("http: {stow_allow_addresses: [pacs.hospital]}\n")
+    with pytest.raises(ConfigError, match=r"http\.stow_allow_addresses.*not an IP address"):
+        load_settings(f, environ={})
+    f.write_text("workers: {stale_job_seconds: -5}\n")
+    with pytest.raises(ConfigError, match=r"workers\.stale_job_seconds"):
+        load_settings(f, environ={})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,8 @@ import torch
 from dicomnode.ml import datasets as ds
 from dicomnode.ml import networks as nw
 from dicomnode.ml.inference import dice_per_level, label_levels, split_bodies
+
+TINY_UNET = {"n_classes": 3, "width": 4, "num_res_units": 0}
 
 
 def test_levels_named_from_the_sacrum_up() -> None:
@@ -39,13 +43,13 @@ def test_merged_bodies_are_split_across_a_thin_bridge() -> None:
 @pytest.mark.parametrize(
     ("factory", "kwargs", "shape", "out"),
     [
-        ("seg_unet", {"n_classes": 3, "width": 4, "num_res_units": 0}, (1, 1, 16, 16, 16), (1, 3, 16, 16, 16)),
-        ("seg_segresnet", {"n_classes": 3, "width": 4}, (1, 1, 16, 16, 16), (1, 3, 16, 16, 16)),
+        ("seg_unet", TINY_UNET, (1, 1, 16, 16, 16), (1, 3, 16, 16, 16)),
+        ("seg_segresnet", {"n_classes": 3, "width": 8}, (1, 1, 16, 16, 16), (1, 3, 16, 16, 16)),
         (
             "densenet121_3d",
             {"out_channels": 1, "width": 4, "growth_rate": 4, "block_config": [1, 1, 1, 1],
              "output_scale": [100.0], "output_offset": [100.0]},
-            (2, 1, 16, 16, 16),
+            (2, 1, 32, 32, 32),
             (2, 1),
         ),
         ("resnet50_2d", {"out_channels": 2, "width": 4}, (2, 1, 32, 32), (2, 2)),
@@ -63,11 +67,7 @@ def test_factories_build_tiny_networks(
 def test_full_size_architectures_match_the_papers() -> None:
     # DenseNet-121: 6/12/24/16 dense layers, growth 32, 64 initial features; ResNet-50: 3/4/6/3 bottlenecks
     dn = nw.densenet121_3d(out_channels=1)
-    n_dense = sum(
-        1
-        for name, _ in dn.named_modules()
-        if name.count("denselayer") == 1 and name.endswith(tuple("0123456789"))
-    )
+    n_dense = sum(1 for name, _ in dn.named_modules() if re.search(r"denselayer\d+$", name))
     assert n_dense == 6 + 12 + 24 + 16
     rn = nw.resnet50_2d(out_channels=2)
     assert [len(getattr(rn, f"layer{i}")) for i in range(1, 5)] == [3, 4, 6, 3]

@@ -18,8 +18,8 @@ from dicomnode.ingest.sink import ReceivedInstance
 from dicomnode.pipeline.executors import LocalExecutor, ProcessAnalyzer
 from dicomnode.pipeline.runner import AnalysisOutcome, AnalysisRequest, Runner
 from dicomnode.pipeline.scheduler import SweepIntervals, build_scheduler
-from dicomnode.pipeline.sink import StoreSink, slice_position, split_attributes
-from dicomnode.store import Store, make_engine, upgrade
+from dicomnode.pipeline.sink import StoreSink, slice_position, split_attributes, store_source
+from dicomnode.store import INSTANCE_SOURCES, Store, make_engine, upgrade
 from dicomnode.web.app import create_app
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -78,7 +78,36 @@ def test_store_sink_records_what_ingest_hands_over(tmp_path: Path, store: Store)
     assert summary.n_instances == 2
     assert summary.z_extent_mm == pytest.approx(3.0)
     assert summary.get("StudyDescription") == "CT ABD" and summary.get("Modality") == "CT"
-    assert {i.source for i in store.instances("1.2.3.4")} == {"stowrs", "dimse"}
+    # One vocabulary: ingest's names are stored as they are.
+    assert {i.source for i in store.instances("1.2.3.4")} == {"stow", "dimse"}
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [("dimse", "dimse"), ("stow", "stow"), ("reindex", "reindex"), ("import", "import"), ("stowrs", "stow")],
+)
+def test_every_ingest_source_name_is_accepted_by_the_store(
+    tmp_path: Path, store: Store, given: str, stored: str
+) -> None:
+    assert store_source(given) == stored
+    assert StoreSink(store).record_instance(_received(tmp_path, 0, source=given)) is True
+    assert [i.source for i in store.instances("1.2.3.4")] == [stored]
+    # The store itself accepts ingest's names directly and refuses names outside the vocabulary.
+    assert set(INSTANCE_SOURCES) == {"dimse", "stow", "reindex", "import"}
+    with pytest.raises(ValueError, match="source must be one of"):
+        store.record_instance(
+            study_uid="9.9",
+            series_uid="9.9.1",
+            sop_instance_uid="9.9.1.1",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            transfer_syntax="1.2.840.10008.1.2.1",
+            path=tmp_path / "x.dcm",
+            size_bytes=1,
+            study_attrs={},
+            series_attrs={},
+            calling_aet=None,
+            source="carrier-pigeon",
+        )
 
 
 def test_scheduler_has_the_four_sweeps(tmp_path: Path, store: Store) -> None:

@@ -355,3 +355,130 @@ def test_a_crash_between_routing_and_completion_loses_no_job(
     assert runner.sweep_completion(now=T0 + timedelta(seconds=7)) == [job_id]
     assert store.get_series(AXIAL).completed_at is not None
     assert runner.sweep_completion(now=T0 + timedelta(seconds=8)) == []
+
+
+# -- re-run, rules in force, one owner of the sweeps -------------------------------------------------------
+
+
+def test_rerun_of_a_done_job_is_analysed_and_delivered_again(tmp_path: Path, store: Store) -> None:
+    from dicomnode.report.uids import UidPolicy
+
+    _study(store, tmp_path)
+    analysis, sender = FakeAnalysis(), FakeSender(DeliveryOutcome.SUCCESS)
+    runner = _runner(tmp_path, store, analysis, sender)
+    (job_id,) = runner.sweep_completion(now=T0 + timedelta(seconds=6))
+    assert runner.run_next_job("test:1:w") == job_id
+    assert store.get_job(job_id).state is JobState.DONE and len(sender.calls) == 1
+
+    store.rerun_job(job_id, actor="admin")
+    assert runner.deliver_due() == 0  # nothing goes out before the new analysis is reported
+    assert runner.run_next_job("test:1:w") == job_id
+    job = store.get_job(job_id)
+    # Used to stay DELIVERING for ever (the old final deliveries blocked new ones).
+    assert job.state is JobState.DONE and job.attempts == 2
+    assert len(sender.calls) == 2
+    # The new result's files were sent, not the first run's.
+    first_files, second_files = sender.calls[0][1], sender.calls[1][1]
+    assert all("attempt2" in str(f) for f in second_files) and first_files != second_files
+    (delivery,) = store.list_deliveries(job_id=job_id).items
+    assert delivery.outcome is DeliveryOutcome.SUCCESS and delivery.attempts == 1
+    # Same job key and version -> the same SR/SC UIDs: the PACS replaces the earlier result.
+    a, b = analysis.requests
+    assert (a.job_key, a.version) == (b.job_key, b.version)
+    assert UidPolicy(a.job_key, a.version).uid("sr-instance") == UidPolicy(b.job_key, b.version).uid(
+        "sr-instance"
+    )
+    assert UidPolicy(a.job_key, a.version).uid("sr-instance") != UidPolicy(a.job_key, a.version + 1).uid(
+        "sr-instance"
+    )
+
+
+def test_rerun_of_a_failed_delivery_ends_done(tmp_path: Path, store: Store) -> None:
+    _study(store, tmp_path)
+    sender = FakeSender(DeliveryOutcome.PERMANENT_FAILURE, DeliveryOutcome.SUCCESS)
+    runner = _runner(tmp_path, store, FakeAnalysis(), sender)
+    (job_id,) = runner.sweep_completion(now=T0 + timedelta(seconds=6))
+    runner.run_next_job("test:1:w")
+    assert store.get_job(job_id).state is JobState.FAILED
+    store.rerun_job(job_id, actor="admin")
+    runner.run_next_job("test:1:w")
+    assert store.get_job(job_id).state is JobState.DONE
+    states = [e.to_state for e in store.job_detail(job_id).events]
+    assert states.count(JobState.REPORTED) == 2 and states[-1] is JobState.DONE
+
+
+def test_default_routing_uses_the_newest_saved_rule_version(tmp_path: Path, store: Store) -> None:
+    _study(store, tmp_path)
+    runner = _runner(tmp_path, store, FakeAnalysis(), FakeSender(DeliveryOutcome.SUCCESS))
+    # No version saved: the shipped rules select the axial series.
+    ready = frozenset({AXIAL, SCOUT})
+    assert runner.route_study(STUDY, now=T0, ready=ready) != []
+    # A version saved by any process (here: straight into the database) applies to the next decision.
+    store.add_rule_version("admin", "mode: first_match\nrules: []\nfallback: {action: ignore}\n")
+    assert runner.route_study(STUDY, now=T0 + timedelta(seconds=1), ready=ready) == []
+    latest = [d.decision for d in store.decisions(STUDY) if d.decided_at == T0 + timedelta(seconds=1)]
+    assert latest and not any(d.selected for d in latest)
+    from dicomnode.routing import default_rules_text
+
+    store.add_rule_version("admin", default_rules_text())
+    assert runner.route_study(STUDY, now=T0 + timedelta(seconds=2), ready=ready) != []
+    # An invalid saved version (written around the UI's validation) is refused at routing time and the
+    # previous rules stay in force.
+    store.add_rule_version("admin", "rules: [{name: x, when: nonsense}]\n")
+    assert runner.route_study(STUDY, now=T0 + timedelta(seconds=3), ready=ready) != []
+
+
+def test_two_runners_on_one_database_one_owns_the_sweeps(tmp_path: Path, store: Store) -> None:
+    a = _runner(
+        tmp_path,
+        store,
+        FakeAnalysis(),
+        FakeSender(DeliveryOutcome.SUCCESS),
+    )
+    b = Runner(
+        _settings(tmp_path),
+        Store(store.engine),
+        analyze=FakeAnalysis(),
+        deliver=FakeSender(DeliveryOutcome.SUCCESS),
+    )
+    a.sweep_lease_s = b.sweep_lease_s = 30.0
+    assert a.sweep_owner != b.sweep_owner
+    assert a.owns_sweeps(now=T0) is True
+    assert b.owns_sweeps(now=T0) is False
+    # a keeps renewing while alive; b keeps asking and keeps being refused.
+    for k in range(1, 8):
+        t = T0 + timedelta(seconds=10 * k + 1)
+        assert a.owns_sweeps(now=t) is True
+        assert b.owns_sweeps(now=t) is False
+    # a dies (stops renewing): b takes over once a's lease expired, and a, if it came back, would not.
+    t = T0 + timedelta(seconds=71 + 31)
+    assert b.owns_sweeps(now=t) is True
+    assert a.owns_sweeps(now=t + timedelta(seconds=11)) is False
+    # A graceful stop hands over at once.
+    b.release_sweeps()
+    assert a.owns_sweeps(now=t + timedelta(seconds=22)) is True
+
+
+def test_the_scheduler_runs_no_sweep_without_the_lease(tmp_path: Path, store: Store) -> None:
+    import time
+
+    from dicomnode.pipeline.scheduler import SweepIntervals, build_scheduler
+
+    owner = _runner(tmp_path, store, FakeAnalysis(), FakeSender(DeliveryOutcome.SUCCESS))
+    assert owner.owns_sweeps() is True
+    other = _runner(tmp_path, Store(store.engine), FakeAnalysis(), FakeSender(DeliveryOutcome.SUCCESS))
+    calls: list[str] = []
+    other.sweep_completion = lambda now=None: calls.append("completion") or []  # type: ignore[method-assign]
+    sched = build_scheduler(other, SweepIntervals(completion_s=0.05))
+    sched.start()
+    try:
+        time.sleep(0.5)
+        assert calls == []  # the first process holds the lease
+        owner.release_sweeps()
+        other._lease_checked = None  # next tick asks the database again (instead of after 10 s)
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        sched.shutdown(wait=True)
+    assert calls, "the second process took the sweeps over once the first released them"

@@ -19,6 +19,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
 
 from dicomnode.domain import DeliveryOutcome, JobState, RuleDecision
+from dicomnode.errors import InputError
 from dicomnode.store import (
     InvalidTransitionError,
     NotFoundError,
@@ -46,6 +47,8 @@ TABLES = {
     "delivery_attempts",
     "audit_events",
     "rule_versions",
+    "users",
+    "scheduler_lease",
 }
 
 
@@ -408,6 +411,116 @@ def test_lease_keeps_a_second_sweeper_away(store: Store) -> None:
     assert len(store.due_deliveries(now, lease=60)) == 1
     assert store.due_deliveries(now + timedelta(seconds=30), lease=60) == []
     assert len(store.due_deliveries(now + timedelta(seconds=61))) == 1
+
+
+def test_rerun_reopens_the_versions_deliveries_once_reported(store: Store) -> None:
+    jid = _reported_job(store, dests=("pacs", "archive"))
+    first = {d.destination: d for d in store.create_deliveries(jid, ["pacs", "archive"])}
+    now = T0 + timedelta(hours=1)
+    store.record_delivery_attempt(first["pacs"].id, DeliveryOutcome.SUCCESS, "0x0000", now=now)
+    store.record_delivery_attempt(first["archive"].id, DeliveryOutcome.PERMANENT_FAILURE, "refused", now=now)
+    assert store.get_job(jid).state == JobState.FAILED
+
+    # Only finished jobs can be re-run; the re-run is audited and keeps the job's version.
+    with pytest.raises(NotFoundError):
+        store.rerun_job(424242, actor="admin")
+    job = store.rerun_job(jid, actor="admin", now=now + timedelta(minutes=1))
+    assert (job.state, job.version, job.id) == (JobState.PENDING, 1, jid)
+    with pytest.raises(InvalidTransitionError):
+        store.rerun_job(jid, actor="admin")
+    (audit,) = store.list_audit(target=f"job:{jid}").items
+    assert (audit.action, audit.before["state"], audit.after["state"]) == ("job.rerun", "failed", "pending")
+    # While it is analysed again, nothing of it is due and its old deliveries cannot be resent.
+    assert store.due_deliveries(now + timedelta(days=1)) == []
+    with pytest.raises(InvalidTransitionError):
+        store.resend_delivery(first["archive"].id, actor="admin")
+
+    store.claim_next_job("w2")
+    store.set_job_state(jid, JobState.REPORTED)
+    again = {d.destination: d for d in store.create_deliveries(jid, ["pacs", "archive"])}
+    # The same rows (one per job, destination, version), re-opened for the new result.
+    assert {k: d.id for k, d in again.items()} == {k: d.id for k, d in first.items()}
+    assert {d.outcome for d in again.values()} == {DeliveryOutcome.PENDING}
+    assert {d.attempts for d in again.values()} == {0}
+    assert store.get_job(jid).state == JobState.DELIVERING
+    due = store.due_deliveries(now + timedelta(hours=1))
+    assert {d.id for d in due} == {d.id for d in again.values()}
+    for d in due:
+        store.record_delivery_attempt(d.id, DeliveryOutcome.SUCCESS, "0x0000", now=now + timedelta(hours=1))
+    assert store.get_job(jid).state == JobState.DONE
+    # The earlier run stays in the attempt history.
+    history = store.delivery_attempts(first["archive"].id)
+    assert [a.outcome for a in history] == [
+        DeliveryOutcome.PERMANENT_FAILURE,
+        DeliveryOutcome.PENDING,
+        DeliveryOutcome.SUCCESS,
+    ]
+    assert history[1].message is not None and "re-opened" in history[1].message
+    # Calling it again (recovery after a crash) changes nothing: the job is no longer REPORTED.
+    store.create_deliveries(jid, ["pacs", "archive"])
+    assert {d.outcome for d in store.list_deliveries(job_id=jid).items} == {DeliveryOutcome.SUCCESS}
+
+
+def test_scheduler_lease_one_holder_takeover_on_expiry_and_release(store: Store) -> None:
+    assert store.lease_holder("sweeps", now=T0) is None
+    assert store.acquire_lease("sweeps", "node-a", 30, now=T0) is True
+    assert store.acquire_lease("sweeps", "node-b", 30, now=T0 + timedelta(seconds=1)) is False
+    # Renewal by the holder pushes the expiry.
+    assert store.acquire_lease("sweeps", "node-a", 30, now=T0 + timedelta(seconds=20)) is True
+    assert store.acquire_lease("sweeps", "node-b", 30, now=T0 + timedelta(seconds=40)) is False
+    assert store.lease_holder("sweeps", now=T0 + timedelta(seconds=40)) == "node-a"
+    # node-a stops renewing (it died): once its lease expired, node-b takes over and node-a is out.
+    assert store.acquire_lease("sweeps", "node-b", 30, now=T0 + timedelta(seconds=51)) is True
+    assert store.acquire_lease("sweeps", "node-a", 30, now=T0 + timedelta(seconds=52)) is False
+    assert store.lease_holder("sweeps", now=T0 + timedelta(seconds=52)) == "node-b"
+    # Other lease names are independent.
+    assert store.acquire_lease("other", "node-a", 30, now=T0 + timedelta(seconds=52)) is True
+    # A graceful stop releases at once; only the holder can release.
+    assert store.release_lease("sweeps", "node-a") is False
+    assert store.release_lease("sweeps", "node-b") is True
+    assert store.acquire_lease("sweeps", "node-a", 30, now=T0 + timedelta(seconds=53)) is True
+
+
+def test_concurrent_lease_acquisition_has_one_winner(store: Store) -> None:
+    results: dict[str, bool] = {}
+    barrier = threading.Barrier(4)
+
+    def grab(owner: str) -> None:
+        barrier.wait()
+        results[owner] = store.acquire_lease("race", owner, 60, now=T0)
+
+    threads = [threading.Thread(target=grab, args=(f"p{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results.values()) == [False, False, False, True]
+    winner = next(o for o, ok in results.items() if ok)
+    assert store.lease_holder("race", now=T0) == winner
+
+
+def test_users_table_holds_accounts(store: Store) -> None:
+    from web_testing import FAST_HASHER
+
+    from dicomnode.web.users import UserStore
+
+    users = UserStore(store.engine, FAST_HASHER)
+    users.create("admin", "admin-pass-1", "admin")
+    users.create("pacs", "sender-pass-1", "sender")
+    with pytest.raises(InputError):
+        users.create("admin", "another-pass", "viewer")  # username is unique
+    token = users.new_token("pacs")
+    assert users.verify_token(token) == users.get("pacs")
+    assert users.verify_password("admin", "admin-pass-1") is not None
+    listed = users.list_users()
+    assert [(u.username, u.role, tok) for u, _, tok in listed] == [
+        ("admin", "admin", False),
+        ("pacs", "sender", True),
+    ]
+    assert all(at.tzinfo is not None for _, at, _ in listed)
+    cols = {c["name"]: c for c in inspect(store.engine).get_columns("users")}
+    assert set(cols) == {"id", "username", "role", "password_hash", "token_sha256", "created_at", "disabled"}
+    assert cols["token_sha256"]["nullable"] and not cols["username"]["nullable"]
 
 
 # -- audit, rule versions, queries -----------------------------------------------------------------------

@@ -81,6 +81,22 @@ def test_health_is_public_and_everything_else_needs_credentials(client: TestClie
         assert client.get(path).status_code == 401, path
 
 
+def test_api_docs_work_offline(client: TestClient) -> None:
+    # FastAPI's Swagger UI / ReDoc load from a CDN: off. /api/docs is rendered locally instead.
+    assert client.get("/redoc", auth=ADMIN).status_code in (401, 404)
+    assert client.get("/docs", auth=ADMIN).status_code in (401, 404)
+    r = client.get("/api/docs", auth=ADMIN)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    assert "/api/openapi.json" in page
+    for method, path in [("GET", "/api/jobs"), ("PUT", "/api/rules"), ("POST", "/api/jobs/{job_id}/rerun")]:
+        assert f"<code>{method}</code></td><td><code>{path}</code>" in page, (method, path)
+    # Nothing on the page (or in the API description) points at another host.
+    assert not re.search(r"(?:src|href)\s*=\s*['\"]?(?:https?:)?//", page)
+    assert "<script" not in page
+    assert "cdn" not in client.get("/api/openapi.json", auth=ADMIN).text.lower()
+
+
 def test_anonymous_pages_redirect_to_login(client: TestClient) -> None:
     for path in ("/", "/studies", "/jobs/1", "/rules", "/deliveries", "/audit", "/health", "/users"):
         r = client.get(path)

@@ -1,0 +1,95 @@
+"""Classification, L1 HU flags, the pair fallback and demographics (dicomnode.bmd.qc)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dicomnode.bmd import qc
+from dicomnode.domain import BoneCategory, Calibration, ContrastPhase, VertebraResult
+
+CAL = Calibration("internal-air-fat", "test", 0.83, -17.0, {}, 120.0, "STANDARD", 0.0)
+
+
+def _v(level: str, vbmd: float | None, excluded: bool = False, reason: str | None = None) -> VertebraResult:
+    return VertebraResult(
+        level=level,
+        level_uncertain=False,
+        excluded=excluded,
+        qc=(),
+        trabecular_hu_mean=150.0,
+        trabecular_hu_median=148.0,
+        trabecular_hu_sd=30.0,
+        roi_volume_mm3=5000.0,
+        roi_centroid_lps_mm=(0.0, 0.0, 0.0),
+        vbmd_mg_cm3=vbmd,
+        exclusion_reason=reason,
+    )
+
+
+@pytest.mark.parametrize(
+    ("vbmd", "cat"),
+    [
+        (121.0, BoneCategory.NORMAL),
+        (120.0, BoneCategory.OSTEOPENIA),
+        (80.0, BoneCategory.OSTEOPENIA),
+        (79.9, BoneCategory.OSTEOPOROSIS),
+    ],
+)
+def test_acr_category(vbmd: float, cat: BoneCategory) -> None:
+    assert qc.category(vbmd) == cat
+
+
+def test_l1_hu_flags() -> None:
+    assert len(qc.l1_hu_flags(100.0)) == 2
+    assert len(qc.l1_hu_flags(150.0)) == 1
+    assert qc.l1_hu_flags(180.0) == ()
+    assert "NPV" in qc.l1_hu_flags(210.0)[0]
+
+
+def test_l1_l2_pair_is_used_when_valid() -> None:
+    s = qc.summarise([_v("L1", 100.0), _v("L2", 90.0), _v("L3", 70.0)], ContrastPhase.NATIVE, CAL, [], False)
+    assert s.levels_used == ("L1", "L2")
+    assert s.vbmd_l1_l2_mg_cm3 == pytest.approx(95.0)
+    assert s.category == BoneCategory.OSTEOPENIA
+    assert s.l1_hu == 150.0
+
+
+def test_nearest_valid_pair_replaces_an_excluded_level_and_says_so() -> None:
+    rows = [
+        _v("T12", 100.0),
+        _v("L1", None, True, "suspected compression fracture"),
+        _v("L2", 70.0),
+        _v("L3", 74.0),
+    ]
+    s = qc.summarise(rows, ContrastPhase.NATIVE, CAL, [], False)
+    assert s.levels_used == ("L2", "L3")
+    assert s.category == BoneCategory.OSTEOPOROSIS
+    assert s.l1_hu is None
+    assert any("L2-L3" in n for n in s.notes) and any("compression fracture" in n for n in s.notes)
+
+
+def test_no_usable_level_gives_no_category() -> None:
+    s = qc.summarise([_v("L4", None, True, "metal")], ContrastPhase.NATIVE, CAL, [], True)
+    assert s.category is None and s.vbmd_l1_l2_mg_cm3 is None
+    assert any("uncertain" in n for n in s.notes)
+
+
+@pytest.mark.parametrize(
+    ("header", "age", "sex"),
+    [
+        ({"PatientAge": "058Y", "PatientSex": "F"}, 58.0, "F"),
+        ({"PatientAge": "006M", "PatientSex": "m"}, 0.5, "M"),
+        ({"PatientBirthDate": "19600115", "StudyDate": "20200116"}, 60.0, None),
+        ({"PatientSex": "X"}, None, None),
+        ({}, None, None),
+    ],
+)
+def test_patient_info(header: dict[str, str], age: float | None, sex: str | None) -> None:
+    info = qc.patient_info(header)
+    if age is None:
+        assert info.age_years is None
+    else:
+        assert info.age_years is not None and math.isclose(info.age_years, age, abs_tol=0.05)
+    assert info.sex == sex

@@ -1,0 +1,75 @@
+"""Trabecular ROI geometry on synthetic bodies (dicomnode.bmd.roi): erosion in mm, end-plate margin,
+mid-vertebral slab, basivertebral region, heights and the outline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dicomnode.bmd.roi import body_heights, outline_on_slice, trabecular_roi
+from dicomnode.imaging.volume import Volume
+
+
+def _cylinder(spacing: tuple[float, float, float], hu: float = 150.0) -> tuple[Volume, np.ndarray]:
+    """An elliptic cylinder body 44 x 32 mm, 26 mm tall, with a 700 HU shell, in a 0 HU box."""
+    sx, sy, sz = spacing
+    nx, ny, nz = int(80 / sx), int(70 / sy), int(50 / sz)
+    k, j, i = np.meshgrid(np.arange(nz) * sz, np.arange(ny) * sy, np.arange(nx) * sx, indexing="ij")
+    ell = ((i - 40) / 22) ** 2 + ((j - 35) / 16) ** 2
+    body = (ell <= 1.0) & (np.abs(k - 25) <= 13)
+    data = np.zeros((nz, ny, nx), dtype=np.float32)
+    data[body] = 700.0
+    inner = (((i - 40) / 21) ** 2 + ((j - 35) / 15) ** 2 <= 1.0) & (np.abs(k - 25) <= 12)
+    data[inner] = hu
+    aff = np.diag([sx, sy, sz, 1.0])
+    return Volume(data=data, affine=aff), body
+
+
+@pytest.mark.parametrize("spacing", [(0.7, 0.7, 1.0), (1.0, 1.0, 3.0), (0.8, 0.8, 5.0)])
+def test_roi_excludes_cortex_and_end_plates(spacing: tuple[float, float, float]) -> None:
+    vol, body = _cylinder(spacing)
+    box = (slice(0, vol.shape[0]), slice(0, vol.shape[1]), slice(0, vol.shape[2]))
+    st = trabecular_roi(vol, body, box, erosion_mm=4.0, endplate_margin_mm=5.0)
+    assert st.volume_mm3 > 1000.0
+    assert st.mean == pytest.approx(150.0, abs=1e-3)  # no shell voxel inside
+    kk, jj, ii = np.nonzero(st.roi)
+    z = kk * spacing[2]
+    assert z.min() >= 12 + 4.0 - 1e-6 and z.max() <= 38 - 4.0 + 1e-6  # central half of the 26 mm height
+    # basivertebral region (posterior third, central half width) is empty
+    y = jj * spacing[1]
+    x = ii * spacing[0]
+    assert not np.any((y > 51 - 32 / 3) & (np.abs(x - 40) < 0.25 * 44 - spacing[0]))
+
+
+def test_heights_detect_a_wedge() -> None:
+    sp = (1.0, 1.0, 1.0)
+    k, j, i = np.meshgrid(np.arange(60), np.arange(60), np.arange(60), indexing="ij")
+    # anterior (small j) 18 mm high, posterior 28 mm: a wedge
+    top = 16 + 18 + (j - 14) * (10 / 32)
+    body = (((i - 30) / 20) ** 2 + ((j - 30) / 16) ** 2 <= 1) & (k >= 16) & (k <= top)
+    h = body_heights(body, sp)
+    assert h is not None
+    assert h[0] < 0.8 * h[2]
+    flat = (((i - 30) / 20) ** 2 + ((j - 30) / 16) ** 2 <= 1) & (k >= 16) & (k <= 42)
+    hf = body_heights(flat, sp)
+    assert hf is not None and min(hf) / max(hf) > 0.95
+
+
+def test_outline_is_closed_and_on_the_source_image() -> None:
+    vol, body = _cylinder((0.8, 0.8, 2.0))
+    vol = Volume(
+        data=vol.data,
+        affine=vol.affine,
+        slice_sop_instance_uids=tuple(f"1.2.{n}" for n in range(vol.shape[0])),
+    )
+    box = (slice(0, vol.shape[0]), slice(0, vol.shape[1]), slice(0, vol.shape[2]))
+    st = trabecular_roi(vol, body, box, 4.0, 5.0)
+    k = round(st.centroid_ijk[2])
+    o = outline_on_slice(vol, vol.canonical(), st, k)
+    assert o is not None
+    assert o.sop_instance_uid == f"1.2.{k}"
+    assert o.points_cr[0] == o.points_cr[-1] and len(o.points_cr) >= 8
+    assert len(o.points_lps_mm) == len(o.points_cr)
+    cols = np.array([p[0] for p in o.points_cr])
+    # centred on the body (x = 40 mm -> column 50 at 0.8 mm, +0.5 for the pixel-centre convention)
+    assert abs(0.5 * (cols.min() + cols.max()) - 50.5) < 2.0
