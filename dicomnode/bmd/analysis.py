@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -283,8 +283,9 @@ def _analyze(volume: Volume, opts: BmdOptions) -> BmdOutput:
         outline=outline_on_slice,
     )
     reported = tuple(r for r in rows if r.level in REPORTED_LEVELS)
-    if not reported:
-        raise NotQualifyingError("lumbar spine not in view: no vertebra T11-L5 found")
+    if not any(r.level.startswith("L") for r in reported):
+        seen = ", ".join(seg.levels) or "none"
+        raise NotQualifyingError(f"lumbar spine not in view (vertebrae found: {seen})")
     if all(r.excluded for r in reported):
         reasons = "; ".join(f"{r.level}: {r.exclusion_reason}" for r in reported)
         raise AnalysisError(f"no usable vertebra T11-L5 ({reasons})"[:300])

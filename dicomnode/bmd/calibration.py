@@ -79,13 +79,17 @@ AORTA_NATIVE_MAX_HU: float = 100.0
 AORTA_PORTAL_MAX_HU: float = 220.0
 
 METHOD_SOURCE = (
-    "internal calibration (air, subcutaneous fat, paraspinal muscle, native aortic blood; weighted "
-    "least squares to reference HU), Engelke et al. Curr Osteoporos Rep 2023 (PMC9925590); "
-    "reference relation HU = 20 + 1.2 x vBMD(CHA) anchored on Pickhardt 2013 / ACR QCT cut-offs"
+    "internal calibration: air, subcutaneous fat, psoas muscle and native aortic blood mapped by weighted "
+    "least squares to reference HU -1000 / -100 / 50 / 40 (Engelke et al., Curr Osteoporos Rep 2023, "
+    "PMC9925590; Comp2Comp air/fat normalisation); reference relation HU = 20 + 1.2 x vBMD (mg/cm3 CHA), "
+    "anchored on Pickhardt 2013 L1 cut-offs against the ACR QCT categories (not phantom-validated)"
 )
 
+#: Sharp / bone / lung kernels by vendor naming: GE BONE, BONEPLUS, LUNG, EDGE, DETAIL; Siemens B/Br/I/Ir
+#: with a sharpness number >= 60 (B60f, Br64, I70f); Philips C/D/E/L/Y-sharp (YC, YD); Canon/Toshiba FC30+
+#: bone and FC5x lung kernels; generic SHARP.
 _SHARP_KERNEL = re.compile(
-    r"(^|[^a-z])(b[6-9]\d|br6|br[7-9]\d|bone|lung|sharp|detail|edge|fc3\d|fc5\d|yb|yc|yd|ye|h[6-9]\d|i[6-9]\d|d)([^a-z]|$)",
+    r"BONE|LUNG|EDGE|DETAIL|SHARP|^(?:B|BR|I|IR|BV|HR)[6-9]\d|^Y[C-F]$|^[DEL]$|^FC(?:3\d|5\d|8\d)",
     re.IGNORECASE,
 )
 
@@ -210,7 +214,7 @@ def acquisition_flags(header: Mapping[str, Any]) -> tuple[float | None, str | No
         flags.append(f"sharp/bone reconstruction kernel {kernel!r}: trabecular HU may be biased")
     image_type = _text(header, "ImageType").upper()
     desc = (_text(header, "SeriesDescription") + " " + image_type).upper()
-    if any(s in desc for s in ("MONOE", "MONO_E", "VMI", "KEV", "VIRTUAL", "IODINE", "WATER", "VNC")):
+    if any(s in desc for s in ("MONOE", "MONO_E", "VMI", "KEV", "VIRTUAL", "IODINE", "VNC")):
         flags.append("virtual monoenergetic or material image: not supported by the calibration")
     return kvp, kernel, flags
 
@@ -300,8 +304,8 @@ def build_calibration(
     vbmd_available: bool,
 ) -> Calibration:
     """The ``Calibration`` record: slope/intercept of the composed map raw HU -> vBMD."""
-    ref = {f"{k}_measured": float(v) for k, v in fit.measured.items()}
-    ref.update({f"{k}_reference": float(REFERENCE_HU[k]) for k in fit.used})
+    # tissue -> measured mean HU (the domain contract); the targets are REFERENCE_HU, named in ``source``
+    ref = {k: float(v) for k, v in fit.measured.items()}
     if vbmd_available:
         slope: float | None = fit.gain / HU_PER_MG_CM3
         intercept: float | None = (fit.offset - contrast_correction_hu - HU_AT_ZERO_MINERAL) / HU_PER_MG_CM3

@@ -1,26 +1,38 @@
 """Classical (weight-free) vertebral body detection and level naming on a canonical CT volume.
 
-Pipeline (all on the ~2 mm isotropic working grid, in calibrated HU, distances in mm):
+Pipeline (on the ~2 mm isotropic working grid, in HU after the preliminary air/fat calibration, all
+sizes in mm; the numbers are anatomical sizes, not fitted to any one scan):
 
-1. **Body and bone.** The patient body is the largest > -400 HU component; bone is > 180 HU (cortex and
-   end plates of every adult vertebra exceed this at 2 mm resolution, soft tissue and discs do not).
-2. **Spinal canal.** On each axial slice the canal is a low-HU hole enclosed by bone (vertebral foramen)
-   near the midline, with the vertebral body, a long run of bone, directly anterior to it. Slices where the
-   arch is open (disc levels) are bridged by interpolation along z after rejecting outliers.
-3. **Vertebral bodies.** Bone anterior to the canal's anterior border, within 40 mm of the canal axis,
-   opened by 4 mm (cuts the aorta, psoas or osteophytes touching the body). Discs are not bone, so bodies
-   separate in 3-D (tilted discs included); components taller than one vertebra are split at the narrowest
-   cross-section (thin or calcified discs at thick slices).
-4. **Anchors.** *Ribs*: bone outside a 45 mm core around the canal axis that reaches >= 75 mm laterally and
-   passes next to the vertebra (45-62 mm off the axis, at canal depth) is a rib articulating with that
-   vertebra; the lowest of the rib-bearing run from the top is T12. *Sacrum*: slices where solid bone
-   connected to the body extends 28-60 mm to both sides at body depth (sacral alae, fused with the body)
-   over at least 8 mm, below the lumbar column; the vertebra above is L5.
-5. **Naming.** Both anchors: names agree when five rib-free vertebrae lie between them (T12 ... L5),
-   otherwise every level is
-   uncertain (11/13 rib pairs, transitional vertebra) and the sacrum-based names are used. One anchor:
-   names from it, uncertain when its evidence is weak (one-sided ribs, a lowest rib that reaches the
-   anterior half of the trunk like an 11th rib, or a stub like a lumbar rib). No anchor: uncertain.
+1. **Column.** Per axial slice: wall = HU > 120 (cortex, end plates and pedicles exceed it even with partial
+   volume; discs 80-100, muscle 50 and CSF/fat do not), closed, marrow-like holes filled (not the dark
+   canal), opened by 7 mm: only thick bone survives. The vertebral body is the most posterior thick blob
+   within 35 mm of the trunk midline that contains bright cortex and lies >= 25 mm in front of the back
+   skin (the aorta and organs lie in front of it, the table behind). Its posterior wall gives the canal's
+   front; the track is cleaned with a running median and interpolated over disc levels.
+2. **Bodies.** Per slice, bone in front of the posterior wall within 40 mm of the axis; a watershed on the
+   distance map (one basin per blob standing >= 2.5 mm above its saddle) splits off an enhanced aorta or
+   psoas glued to the body; a 4 mm opening drops thin attachments.
+3. **Discs.** Along the smoothed centreline, the mean HU on a 10 mm disk perpendicular to the column axis:
+   a disc is a dip flanked within 6 mm by brighter end plates on both sides (a mid-body dip has its end
+   plates 12-15 mm away). The best chain of dips with a 22-50 mm pitch is chosen by dynamic programming
+   (each disc costs 25 HU of dip depth), gaps of a missed disc are filled. Bodies are split by the disc
+   planes (perpendicular to the axis, so tilted L5/S1 discs split cleanly), closed along the axis, and
+   each slice replaced by the convex hull of what its cortex encloses (an enhanced vessel lumen pressed
+   against the body has no cortex and is dropped).
+4. **Anchors.** *Ribs*: bone outside a 45 mm core around the axis that reaches >= 75 mm laterally (lumbar
+   transverse processes end before), is not pelvis-sized, and passes 45-62 mm off the axis at canal depth
+   between a vertebra's disc planes, is a rib of that vertebra; ribs belong to the run of rib-bearing
+   vertebrae from the top (iliac crests next to L4/L5 are not ribs); the lowest of that run is T12.
+   *Sacrum*: walking up from the lowest vertebra, the highest piece with >= 3 slices where bone joined to
+   the body reaches >= 90 mm off the axis (sacrum joined to the ilia) or solid alae spread 28-60 mm beside
+   the body; the vertebra above it is L5.
+5. **Naming.** Both anchors: names agree when five rib-free vertebrae lie between them (T12 ... L5);
+   otherwise every level is uncertain (11/13 rib pairs, transitional vertebra) and the sacrum-based names
+   are used. One anchor: names from it, uncertain when its evidence is weak (one-sided ribs or sacrum, a
+   lowest rib that reaches round to the front of the flank like an 11th rib). No anchor: uncertain.
+
+Known limitation: with only the rib anchor in view, a 13th (lumbar) rib as long as a short 12th rib cannot
+be told from it; the levels then come out one too high without an uncertainty flag.
 """
 
 from __future__ import annotations
@@ -462,15 +474,30 @@ def _refine_segments(hu: F32, segs: list[Segment], discs: list[int], col: Column
         x0, x1 = int(xx.min()), int(xx.max()) + 1
         z0, z1 = sg.z0, sg.z1 + 1
         sub = sg.mask[z0:z1, y0:y1, x0:x1].copy()
+        hu_sub = hu[z0:z1, y0:y1, x0:x1]
         for k in range(z1 - z0):
-            if sub[k].sum() >= 3:
-                sub[k] = convex_hull_image(sub[k])
+            m = sub[k]
+            if m.sum() < 3:
+                continue
+            # the body is what its cortex encloses: an enhanced vessel pressed against the front is bright
+            # but has no cortex. Cortex = well above the slice's own marrow (>= 250 HU, >= median + 150).
+            # The part outside the cortex hull is dropped only when it looks like a vessel lumen: >= 40 mm2
+            # and homogeneous (robust SD < 35 HU, noise only), unlike partial-volume cortex at a body's edge.
+            hull = convex_hull_image(m)
+            cortex = m & (hu_sub[k] > max(250.0, float(np.median(hu_sub[k][m])) + 150.0))
+            if cortex.sum() >= 3:
+                hull_c = convex_hull_image(cortex)
+                extra = m & ~hull_c
+                if extra.sum() * g * g >= 40.0 and hull_c.sum() >= 0.5 * m.sum():
+                    ev = hu_sub[k][extra]
+                    if 1.4826 * float(np.median(np.abs(ev - np.median(ev)))) < 35.0:
+                        hull = hull_c
+            sub[k] = hull
         nz_, ny_, nx_ = np.nonzero(sub & ~sg.mask[z0:z1, y0:y1, x0:x1])
         if nz_.size:
             wrong = _n_above(discs, col, nz_ + z0, ny_ + y0, nx_ + x0) != sg.slab
             sub[nz_[wrong], ny_[wrong], nx_[wrong]] = False
         sg.mask[z0:z1, y0:y1, x0:x1] = sub
-    _ = hu
 
 
 def _rib_evidence(

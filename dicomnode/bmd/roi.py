@@ -134,9 +134,9 @@ def body_heights(
     spine report positions), measured along the vertebra's own axis (``axis_mm``, unit vector in canonical
     mm; default the cranio-caudal axis) in a central 12 mm wide sagittal band, over 6 mm of depth.
 
-    Height = the fraction of grid points of that band (between the body's lowest and highest point along
-    the axis) that lie inside the body, times that span: an average over the patch, so a pedicle root or
-    an osteophyte poking out at one corner barely changes it, and grid alignment does not bias it.
+    Height = the fraction of grid points of that patch (between the body's lowest and highest point along
+    the axis) that lie inside the body, times that span, less the partial-volume spread of the mask: an
+    average over the patch, so a pedicle root or an osteophyte at one corner barely changes it.
     """
     sx, sy, sz = spacing
     if not body.any():

@@ -65,6 +65,9 @@ def register(subparsers: Any) -> None:
     )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    tr.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
+    )
     tr.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     tr.add_argument("--name", default=None, help="bundle name (default: dicomnode-TASK)")
     tr.add_argument("--version-tag", dest="bundle_version", default="0.1.0", help="bundle version")
@@ -127,6 +130,7 @@ def run_train(args: argparse.Namespace) -> int:
         label_scheme=args.label_scheme,
         seed=args.seed,
         device=args.device,
+        threads=args.threads,
         resume=args.resume,
         name=args.name,
         version=args.bundle_version,

@@ -4,6 +4,13 @@ Durability contract (ARCHITECTURE.md): an instance is confirmed (status 0x0000) 
 disk (temp file, fsync, rename, directory fsync) *and* recorded in the database. Everything else returns a
 failure status with a one-line comment, so the sender keeps its copy and retries; nothing raises.
 
+The file write and the database record run at the same time (``record_concurrently``, the default): each
+waits mostly on a disk flush, so together they take about as long as the slower one. The status is answered
+only after both finished. Crash recovery: a crash (or a failed write) can leave a record whose file never
+landed, but such an instance was never confirmed, so its sender resends it, which lands the file and finds
+the record; a file that landed without a record (database down) is recorded by :func:`reindex_spool`. Either
+way nothing confirmed is lost.
+
 Layout under the spool root::
 
     <study>/<series>/<sop>.dcm            analysed SOP classes (CT, Enhanced CT), bytes as received
@@ -41,6 +48,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -206,6 +214,10 @@ class Spool:
         protocol itself).
     on_result
         Optional callback called with every :class:`IngestResult` (never allowed to break ingest).
+    record_concurrently
+        Write and flush the file (worker thread) while the database record is made, instead of one after
+        the other; success is still answered only once both are done. The record may then reach the
+        database a few ms before the file's rename is on disk; see the module notes on crash recovery.
     """
 
     def __init__(
@@ -219,6 +231,7 @@ class Spool:
         header_fn: HeaderFn | None = None,
         fsync: bool = True,
         on_result: Callable[[IngestResult], None] | None = None,
+        record_concurrently: bool = True,
     ) -> None:
         self.root = Path(root).resolve()
         self.sink = sink
@@ -228,6 +241,8 @@ class Spool:
         self.header_fn: HeaderFn = header_fn if header_fn is not None else _default_header_fn()
         self.fsync = fsync
         self.on_result = on_result
+        self.record_concurrently = record_concurrently
+        self._pool: ThreadPoolExecutor | None = None
         self.temp_dir = self.root / TEMP_DIR
         self.ignored_dir = self.root / IGNORED_DIR
         self.temp_dir.mkdir(parents=True, exist_ok=True)
@@ -498,23 +513,74 @@ class Spool:
             "size_bytes": size,
         }
         keep = not (ignored and self.other_classes is OtherClassPolicy.DISCARD)
-        final: Path | None = None
-        if keep:
-            final = self.final_path(study, series, sop, ignored=ignored)
-            try:
-                self._land(final, write=write, existing=existing)
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    return IngestResult(OUT_OF_RESOURCES, "out of resources: disk full", **ids)
-                LOGGER.error("spool write failed for %s: %s", sop, exc)
-                return IngestResult(
-                    OUT_OF_RESOURCES_WRITE, f"spool write failed: {exc.strerror or exc}", **ids
-                )
+        final = self.final_path(study, series, sop, ignored=ignored) if keep else None
 
-        attributes = self._series_attributes(series, header, sop)
-        pos = _floats(header.get("ImagePositionPatient"), 3)
-        ori = _floats(header.get("ImageOrientationPatient"), 6)
-        record = ReceivedInstance(
+        # Land the file in a worker thread while this thread records the instance: both wait mostly on the
+        # disk (fdatasync + directory fsync there, the database's commit here), so overlapping them takes
+        # about the longer of the two instead of their sum. Success is answered only when both are done.
+        landing: Future[None] | None = None
+        land_error: OSError | None = None
+        if final is not None:
+            # Without fsync there is no disk wait to overlap, only a thread hand-off to pay.
+            if self.record_concurrently and self.fsync:
+                landing = self._executor().submit(self._land, final, write=write, existing=existing)
+            else:
+                try:
+                    self._land(final, write=write, existing=existing)
+                except OSError as exc:
+                    return self._land_failed(exc, sop, ids)
+
+        new: bool | None = None
+        db_error: Exception | None = None
+        try:
+            new = self.sink.record_instance(
+                self._record(
+                    header, sop_class, sop, study, series, ts, size, calling_ae, source, final, ignored
+                )
+            )
+        except Exception as exc:
+            db_error = exc
+        if landing is not None:
+            try:
+                landing.result()
+            except OSError as exc:
+                land_error = exc
+        if land_error is not None:
+            if db_error is None:
+                # The record went in but the file did not land: the sender gets a failure and resends; the
+                # record then points at the file again. reindex_spool never needs to undo a record.
+                LOGGER.warning("instance %s recorded but its file failed to land; sender will retry", sop)
+            return self._land_failed(land_error, sop, ids)
+        if db_error is not None:
+            # The file stays where it landed: the sender retries (failure status) and reindex_spool can
+            # record it later, so nothing received is lost.
+            LOGGER.error("database record failed for %s (file kept): %s", sop, db_error)
+            return IngestResult(
+                OUT_OF_RESOURCES_DATABASE, "database unavailable, file kept; please retry", **ids
+            )
+        return IngestResult(SUCCESS, None, path=final, duplicate=not new, **ids)
+
+    def _land_failed(self, exc: OSError, sop: str, ids: dict[str, Any]) -> IngestResult:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return IngestResult(OUT_OF_RESOURCES, "out of resources: disk full", **ids)
+        LOGGER.error("spool write failed for %s: %s", sop, exc)
+        return IngestResult(OUT_OF_RESOURCES_WRITE, f"spool write failed: {exc.strerror or exc}", **ids)
+
+    def _record(
+        self,
+        header: Dataset,
+        sop_class: str,
+        sop: str,
+        study: str,
+        series: str,
+        ts: str,
+        size: int,
+        calling_ae: str | None,
+        source: str,
+        final: Path | None,
+        ignored: bool,
+    ) -> ReceivedInstance:
+        return ReceivedInstance(
             study_instance_uid=study,
             series_instance_uid=series,
             sop_instance_uid=sop,
@@ -525,21 +591,18 @@ class Spool:
             ignored=ignored,
             source=source,
             calling_ae_title=calling_ae,
-            attributes=attributes,
+            attributes=self._series_attributes(series, header, sop),
             instance_number=_instance_number(header),
-            image_position_patient=pos,  # type: ignore[arg-type]
-            image_orientation_patient=ori,  # type: ignore[arg-type]
+            image_position_patient=_floats(header.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+            image_orientation_patient=_floats(header.get("ImageOrientationPatient"), 6),  # type: ignore[arg-type]
         )
-        try:
-            new = self.sink.record_instance(record)
-        except Exception as exc:
-            # The file stays where it landed: the sender retries (failure status) and reindex_spool can
-            # record it later, so nothing received is lost.
-            LOGGER.error("database record failed for %s (file kept): %s", sop, exc)
-            return IngestResult(
-                OUT_OF_RESOURCES_DATABASE, "database unavailable, file kept; please retry", **ids
-            )
-        return IngestResult(SUCCESS, None, path=final, duplicate=not new, **ids)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._cache_lock:
+            if self._pool is None:
+                # One landing at a time per association; a few threads cover concurrent associations.
+                self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool-land")
+            return self._pool
 
     def _series_attributes(self, series: str, header: Dataset, sop: str) -> Mapping[str, Any]:
         # The summary holds series/study-level attributes, identical for every instance of a series; it is

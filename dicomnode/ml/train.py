@@ -68,6 +68,9 @@ class TrainConfig:
     #: crops drawn per case per epoch (segmentation) / per vertebra per epoch (bmd)
     samples_per_case: int = 2
     intensity_normalisation: str = "fat-soft-tissue"
+    #: torch CPU threads (None = torch's default). On a busy machine 1 is often fastest: oversubscribed
+    #: OpenMP threads spin and wait on each other.
+    threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def patch_size(self) -> tuple[int, int, int]:
@@ -436,6 +439,7 @@ def _train_segmentation(cfg: TrainConfig) -> dict[str, Any]:
             continue
         train_cases = [c for c in cases if c.item.patient_id not in val_patients]
         val_cases = [c for c in cases if c.item.patient_id in val_patients]
+        torch.manual_seed(cfg.seed + 1000 * ridx)  # initial weights from the run seed too
         net = build(factory, kwargs)
         t0 = time.monotonic()
         hist = _fit(run, net, cfg, ckpt, cfg.seed + 1000 * ridx, _seg_batches(train_cases, cfg), loss_fn)
@@ -658,6 +662,7 @@ def _train_bmd(cfg: TrainConfig) -> dict[str, Any]:
                 oof.update(done[run].get("predictions", {}))
             continue
         train_items = [it for it in items if it.patient_id not in val_patients]
+        torch.manual_seed(cfg.seed + 1000 * ridx)  # initial weights from the run seed too
         net = build(factory, kwargs)
         t0 = time.monotonic()
         hist = _fit(
@@ -809,6 +814,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise InputError("--device cuda requested but no CUDA device is available")
     if cfg.task not in ("segmentation", "bmd"):
         raise InputError(f"unknown task {cfg.task!r}")
+    if cfg.threads is not None:
+        torch.set_num_threads(max(1, cfg.threads))
     cfg.out.mkdir(parents=True, exist_ok=True)
     if not cfg.resume and (cfg.out / "training" / "checkpoints" / "state.json").exists():
         raise InputError(f"{cfg.out}: holds an earlier training run; use --resume or a new --out")

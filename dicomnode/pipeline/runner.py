@@ -249,6 +249,14 @@ class Runner:
                 return self._lease_held
             try:
                 held = self.store.acquire_lease(SWEEP_LEASE, self.sweep_owner, self.sweep_lease_s, now=now)
+                if not held:
+                    # The holder may be a process of this host that is gone (a crashed 'serve' restarted):
+                    # no need to wait for its lease to run out.
+                    holder = self.store.lease_holder(SWEEP_LEASE, now=now)
+                    if holder is not None and _worker_dead_here(holder):
+                        held = self.store.acquire_lease(
+                            SWEEP_LEASE, self.sweep_owner, self.sweep_lease_s, take_from=holder, now=now
+                        )
             except Exception:  # database busy or down: do not sweep on a lease we could not renew
                 log.warning("sweep lease: could not reach the database", exc_info=True)
                 held = False

@@ -992,13 +992,21 @@ class Store:
     # -- scheduler lease ------------------------------------------------------------------------------
 
     def acquire_lease(
-        self, name: str, owner: str, ttl: timedelta | float, *, now: datetime | None = None
+        self,
+        name: str,
+        owner: str,
+        ttl: timedelta | float,
+        *,
+        take_from: str | None = None,
+        now: datetime | None = None,
     ) -> bool:
         """Take or renew the lease ``name`` for ``owner`` until ``now + ttl``; False while another holds it.
 
         One row per lease in ``scheduler_lease``. The lease goes to ``owner`` when nobody holds it, when
-        ``owner`` holds it already (renewal), or when the holder's lease expired (it died or hangs). Atomic on
-        both backends: PostgreSQL locks the row (``FOR UPDATE``), SQLite serialises writers.
+        ``owner`` holds it already (renewal), when the holder's lease expired (it died or hangs), or when
+        the holder is ``take_from`` (the caller knows that process is dead, e.g. a pid of its own host that
+        no longer exists). Atomic on both backends: PostgreSQL locks the row (``FOR UPDATE``), SQLite
+        serialises writers.
         """
         at = now or _now()
         until = at + _seconds(ttl)
@@ -1017,8 +1025,8 @@ class Store:
                 if row.owner == owner:
                     row.expires_at = until
                     return True
-                if row.expires_at <= at:
-                    log.warning("lease %s: %s's lease expired, taken over by %s", name, row.owner, owner)
+                if row.expires_at <= at or (take_from is not None and row.owner == take_from):
+                    log.warning("lease %s: taken over from %s by %s", name, row.owner, owner)
                     row.owner, row.acquired_at, row.expires_at = owner, at, until
                     return True
                 return False

@@ -378,6 +378,7 @@ def health(request: Request, user: AnyUser, ctx: Ctx) -> HTMLResponse:
         floor_mb=ctx.settings.dicom.free_space_floor_mb,
         uptime=str(uptime).split(".")[0],
         settings=ctx.settings,
+        sweeps_owner=ctx.store.lease_holder("sweeps"),  # dicomnode.pipeline.runner.SWEEP_LEASE
     )
 
 

@@ -246,6 +246,17 @@ def test_05_job_page_and_rerun(page: Any, live: Live) -> None:
 
 
 def test_06_resend_failed_delivery(page: Any, live: Live) -> None:
+    import requests
+
+    # While the re-run job waits for its new analysis, its old delivery cannot be resent (the old result
+    # would go out); once analysed again, its delivery is re-opened and (closed port) fails again.
+    (old,) = live.store.list_deliveries(job_id=live.job_id).items
+    r = requests.post(
+        f"{live.url}/api/deliveries/{old.id}/resend", auth=("admin", ADMIN_PASSWORD), timeout=10
+    )
+    assert r.status_code == 409
+    assert live.runner.run_next_job("browser-test-worker") == live.job_id
+    assert live.store.get_job(live.job_id).state is JobState.FAILED
     page.goto(live.url + "/deliveries?outcome=permanent_failure")
     rows = page.locator("table.table").nth(1).locator("tbody tr")
     assert rows.count() == 1

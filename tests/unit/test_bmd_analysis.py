@@ -15,7 +15,9 @@ from dicomnode.imaging.volume import Volume
 from dicomnode.phantom import Phantom, PhantomSpec, make_phantom
 
 # T11..S1 at 2.4 mm pixels, 3 mm slices: both anchors (ribs, sacrum) in view, small enough for a unit test
-SPEC = PhantomSpec(matrix=160, spacing_mm=2.4, thickness_mm=3.0, z_levels=("T11", "S1"), noise_sd=10.0, seed=4)
+SPEC = PhantomSpec(
+    matrix=160, spacing_mm=2.4, thickness_mm=3.0, z_levels=("T11", "S1"), noise_sd=10.0, seed=4
+)
 _CACHE: dict[str, Phantom] = {}
 
 
@@ -93,7 +95,7 @@ def test_contrast_phase_corrected_or_abstained() -> None:
 
 def test_no_spine_is_not_qualifying() -> None:
     # a water-filled elliptic cylinder in air: a trunk without a spine
-    k, j, i = np.meshgrid(np.arange(60), np.arange(128), np.arange(128), indexing="ij")
+    _, j, i = np.meshgrid(np.arange(60), np.arange(128), np.arange(128), indexing="ij")
     data = np.where(((i - 64) / 55.0) ** 2 + ((j - 64) / 40.0) ** 2 <= 1.0, 40.0, -1000.0).astype(np.float32)
     vol = Volume(data=data, affine=np.diag([3.0, 3.0, 3.0, 1.0]))
     with pytest.raises(NotQualifyingError, match="spine"):
@@ -111,3 +113,21 @@ def test_backends() -> None:
     assert isinstance(b, SegmentationBackend) and b.name == "classical"
     with pytest.raises(ConfigError, match="unknown segmentation backend"):
         get_backend("nope")
+
+
+def test_metal_and_outlier_levels_are_excluded_with_reasons() -> None:
+    ph = _phantom(SPEC)
+    data = ph.volume.data.copy()
+    # cement in L3: a 7 mm block of 3000 HU at the body centre
+    i, j, k = np.round(ph.volume.lps_to_index(ph.truth.level("L3").centroid_lps_mm)).astype(int)
+    sx, sy, sz = ph.volume.spacing
+    ri, rj, rk = (max(1, round(3.5 / s)) for s in (sx, sy, sz))
+    data[k - rk : k + rk + 1, j - rj : j + rj + 1, i - ri : i + ri + 1] = 3000.0
+    # a sclerotic L1: its trabecular core 150 HU denser than the neighbours
+    l1 = next(lv.label for lv in ph.truth.levels if lv.level == "L1")
+    data[ph.core_labels == l1] += 150.0
+    res = analyze_volume(replace(ph.volume, data=data)).result
+    l3, l1v = res.vertebra("L3"), res.vertebra("L1")
+    assert l3 is not None and l3.excluded and "metal" in (l3.exclusion_reason or "")
+    assert l1v is not None and l1v.excluded and "outlier" in (l1v.exclusion_reason or "")
+    assert res.summary is not None and res.summary.levels_used != ("L1", "L2")

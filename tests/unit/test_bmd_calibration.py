@@ -114,5 +114,5 @@ def test_calibration_record_composes_the_map() -> None:
     hu_measured = 0.95 * 175.0 + 10.0  # reference 175 HU, 11 HU of it contrast
     vb = rec.slope_mg_cm3_per_hu * hu_measured + rec.intercept_mg_cm3
     assert vb == pytest.approx(cal.vbmd_from_hu(175.0, 11.0), abs=1e-6)
-    assert rec.reference_hu["air_reference"] == -1000.0
+    assert rec.reference_hu["air"] == pytest.approx(0.95 * -1000.0 + 10.0)
     assert cal.build_calibration(fit, None, None, 0.0, [], False).slope_mg_cm3_per_hu is None

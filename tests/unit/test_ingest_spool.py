@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from io import BytesIO
 from pathlib import Path
@@ -396,3 +397,94 @@ def test_durability_order_data_sync_then_rename_then_directory_sync(
     if "?" not in dirs:  # /proc available: check which directories were flushed
         series_dir, study_dir = res.path.parent, res.path.parent.parent
         assert {str(series_dir), str(study_dir), str(spool.root)} <= dirs
+
+
+class GatedSink(MemorySink):
+    """A sink whose record blocks until the test opens the gate (a slow database commit)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def record_instance(self, instance: ReceivedInstance) -> bool:
+        self.entered.set()
+        assert self.gate.wait(30)
+        return super().record_instance(instance)
+
+
+def test_concurrent_record_answers_only_when_the_record_is_done(tmp_path: Path) -> None:
+    sink = GatedSink()
+    spool = Spool(tmp_path / "s", sink)  # fsync on: the file lands in a worker while the sink records
+    ds = make_ds()
+    final = spool.final_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ignored=False)
+    results: list[Any] = []
+    worker = threading.Thread(
+        target=lambda: results.append(spool.ingest_dataset(encode(ds), ExplicitVRLittleEndian))
+    )
+    worker.start()
+    assert sink.entered.wait(30)
+    deadline = time.monotonic() + 30
+    while not final.is_file() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert final.is_file(), "the file lands while the record is still in progress"
+    assert not results, "no status before the database record is done"
+    sink.gate.set()
+    worker.join(30)
+    assert results and results[0].status == 0x0000 and results[0].path == final
+
+
+def test_concurrent_record_answers_only_when_the_file_landed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = MemorySink()
+    spool = Spool(tmp_path / "s", sink)
+    renaming, gate = threading.Event(), threading.Event()
+    real_replace = os.replace
+
+    def slow_replace(src: Any, dst: Any) -> None:
+        renaming.set()
+        assert gate.wait(30)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", slow_replace)
+    ds = make_ds()
+    results: list[Any] = []
+    worker = threading.Thread(
+        target=lambda: results.append(spool.ingest_dataset(encode(ds), ExplicitVRLittleEndian))
+    )
+    worker.start()
+    assert renaming.wait(30)
+    deadline = time.monotonic() + 30
+    while ds.SOPInstanceUID not in sink.instances and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ds.SOPInstanceUID in sink.instances, "the record is made while the file is still landing"
+    assert not results, "no status before the file is renamed into place"
+    gate.set()
+    worker.join(30)
+    assert results and results[0].ok and results[0].path is not None and results[0].path.is_file()
+
+
+@pytest.mark.parametrize("concurrent", [True, False])
+@pytest.mark.parametrize(
+    ("error", "status"), [(OSError(28, "No space left on device"), 0xA700), (OSError(5, "I/O error"), 0xA701)]
+)
+def test_file_that_fails_to_land_is_a_failure_even_if_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, concurrent: bool, error: OSError, status: int
+) -> None:
+    sink = MemorySink()
+    spool = Spool(tmp_path / "s", sink, record_concurrently=concurrent)
+
+    def broken_replace(src: Any, dst: Any) -> None:
+        raise error
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    ds = make_ds()
+    res = spool.ingest_dataset(encode(ds), ExplicitVRLittleEndian)
+    assert res.status == status and not res.ok, "the sender must keep its copy and resend"
+    assert not list(spool.temp_dir.iterdir())
+    monkeypatch.undo()
+    # The resend lands the file; the record (made or not the first time) points at it.
+    again = spool.ingest_dataset(encode(ds), ExplicitVRLittleEndian)
+    assert again.ok and again.path is not None and again.path.is_file()
+    assert sink.instances[ds.SOPInstanceUID].path == again.path

@@ -468,7 +468,12 @@ def test_the_scheduler_runs_no_sweep_without_the_lease(tmp_path: Path, store: St
     assert owner.owns_sweeps() is True
     other = _runner(tmp_path, Store(store.engine), FakeAnalysis(), FakeSender(DeliveryOutcome.SUCCESS))
     calls: list[str] = []
-    other.sweep_completion = lambda now=None: calls.append("completion") or []  # type: ignore[method-assign]
+
+    def sweep(now: datetime | None = None) -> list[int]:
+        calls.append("completion")
+        return []
+
+    other.sweep_completion = sweep  # type: ignore[method-assign]
     sched = build_scheduler(other, SweepIntervals(completion_s=0.05))
     sched.start()
     try:
@@ -482,3 +487,22 @@ def test_the_scheduler_runs_no_sweep_without_the_lease(tmp_path: Path, store: St
     finally:
         sched.shutdown(wait=True)
     assert calls, "the second process took the sweeps over once the first released them"
+
+
+def test_a_restarted_node_takes_the_sweeps_from_its_dead_predecessor_at_once(
+    tmp_path: Path, store: Store
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_owner = f"{socket.gethostname()}:{int(proc.stdout)}:sweeps:0123abcd"
+    assert store.acquire_lease("sweeps", dead_owner, 30, now=T0) is True
+    runner = _runner(tmp_path, store, FakeAnalysis(), FakeSender(DeliveryOutcome.SUCCESS))
+    # Long before the dead process's lease would expire.
+    assert runner.owns_sweeps(now=T0 + timedelta(seconds=1)) is True
+    assert store.lease_holder("sweeps", now=T0 + timedelta(seconds=1)) == runner.sweep_owner
+    # A live holder of this host (this very process) is never pre-empted.
+    live_owner = f"{socket.gethostname()}:{os.getpid()}:sweeps:live"
+    runner.release_sweeps()
+    assert store.acquire_lease("sweeps", live_owner, 30, now=T0 + timedelta(seconds=2)) is True
+    assert runner.owns_sweeps(now=T0 + timedelta(seconds=3)) is False

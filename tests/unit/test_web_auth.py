@@ -148,10 +148,9 @@ def _stow_node(tmp_path: Path, allow: list[str]) -> tuple[Any, Any]:
 
 
 def _stow_body(tmp_path: Path, seed: int) -> tuple[bytes, dict[str, str]]:
-    from web_testing import write_sc
-
     import pydicom
     from pydicom.uid import generate_uid
+    from web_testing import write_sc
 
     path = write_sc(tmp_path / f"sc{seed}.dcm", seed=seed)
     ds = pydicom.dcmread(path)

@@ -1,0 +1,222 @@
+"""The event-driven pynetdicom reactors (dicomnode.netutil) under real associations on loopback.
+
+``StorageSCP.start`` installs them (process-wide, pynetdicom 3.0.x); these tests run pynetdicom SCUs in the
+same process, so both ends of every association use the patched loops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pynetdicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+
+from dicomnode import netutil
+from dicomnode.ingest import MemorySink, Spool
+from dicomnode.ingest.scp import VERIFICATION, StorageSCP
+
+pytestmark = pytest.mark.skipif(
+    not pynetdicom.__version__.startswith("3.0."), reason="the reactor patch targets pynetdicom 3.0.x"
+)
+
+
+def ct(study: str, series: str, k: int) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.Modality = "CT"
+    ds.InstanceNumber = k + 1
+    ds.ImagePositionPatient = [0.0, 0.0, float(k)]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.Rows = ds.Columns = 8
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = np.full(64, k, dtype=np.int16).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[tuple[StorageSCP, MemorySink]]:
+    sink = MemorySink()
+    scp = StorageSCP(Spool(tmp_path / "spool", sink, fsync=False), port=0)
+    scp.start()
+    try:
+        yield scp, sink
+    finally:
+        scp.stop()
+
+
+def scu() -> AE:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(VERIFICATION)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    return ae
+
+
+def test_scp_start_installs_the_patch_once(node: tuple[StorageSCP, MemorySink]) -> None:
+    assert netutil.event_driven_reactors_enabled()
+    from pynetdicom.dul import DULServiceProvider
+
+    run = DULServiceProvider.run_reactor
+    assert netutil.enable_event_driven_reactors() is True
+    assert DULServiceProvider.run_reactor is run, "a second call must not wrap the patch again"
+
+
+def test_other_pynetdicom_versions_keep_the_stock_loops(monkeypatch: pytest.MonkeyPatch) -> None:
+    installed: list[bool] = []
+    monkeypatch.setattr(netutil, "_REACTORS_PATCHED", False)
+    monkeypatch.setattr(netutil, "_install_reactors", lambda: installed.append(True))
+    monkeypatch.setattr(pynetdicom, "__version__", "3.1.0")
+    assert netutil.enable_event_driven_reactors() is False
+    assert not installed and not netutil.event_driven_reactors_enabled()
+
+
+def test_many_synchronous_requests_on_one_association_all_answered(
+    node: tuple[StorageSCP, MemorySink],
+) -> None:
+    # Back-to-back requests are where a reactor that took the SCU's response off the queue (the pause race
+    # the patch closes) would surface as a missing status.
+    scp, sink = node
+    assoc = scu().associate("127.0.0.1", scp.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        statuses = [assoc.send_c_echo() for _ in range(150)]
+        study, series = generate_uid(), generate_uid()
+        datasets = [ct(study, series, k) for k in range(30)]
+        stored = [assoc.send_c_store(ds) for ds in datasets]
+    finally:
+        assoc.release()
+    assert assoc.is_released
+    assert [int(s.Status) for s in statuses] == [0] * 150
+    assert [int(s.Status) for s in stored] == [0] * 30
+    assert {str(ds.SOPInstanceUID) for ds in datasets} == set(sink.instances)
+    for ds in datasets:
+        path = sink.instances[str(ds.SOPInstanceUID)].path
+        assert path is not None and path.is_file()
+
+
+def test_twenty_concurrent_associations(node: tuple[StorageSCP, MemorySink]) -> None:
+    scp, sink = node
+    scp_limit = scp.ae
+    assert scp_limit is not None
+    scp_limit.maximum_associations = 25
+    errors: list[str] = []
+    sent: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(20)
+
+    def sender(k: int) -> None:
+        assoc = scu().associate("127.0.0.1", scp.port, ae_title="DICOMNODE")
+        if not assoc.is_established:
+            with lock:
+                errors.append(f"{k}: not established")
+            return
+        try:
+            barrier.wait(timeout=60)  # all twenty open at once
+            study, series = generate_uid(), generate_uid()
+            for i in range(5):
+                ds = ct(study, series, i)
+                status = assoc.send_c_store(ds)
+                with lock:
+                    if not status or int(status.Status) != 0:
+                        errors.append(f"{k}/{i}: {status}")
+                    else:
+                        sent.append(str(ds.SOPInstanceUID))
+        finally:
+            assoc.release()
+
+    threads = [threading.Thread(target=sender, args=(k,)) for k in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert len(sent) == 100 and set(sent) == set(sink.instances)
+
+
+def test_abort_and_garbage_leave_the_scp_serving(node: tuple[StorageSCP, MemorySink]) -> None:
+    scp, sink = node
+    # Peer aborts in the middle of an association.
+    assoc = scu().associate("127.0.0.1", scp.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    assert int(assoc.send_c_echo().Status) == 0
+    assoc.abort()
+    assert assoc.is_aborted
+    # Bytes that are not a PDU, then a connection that just closes.
+    with socket.create_connection(("127.0.0.1", scp.port), timeout=5) as s:
+        s.sendall(b"\xff" * 64 + b"GET / HTTP/1.0\r\n\r\n")
+        s.settimeout(5)
+        with contextlib.suppress(OSError):
+            s.recv(100)  # the SCP answers an A-ABORT or closes
+    with socket.create_connection(("127.0.0.1", scp.port), timeout=5):
+        pass
+    # Still serving, with a normal release.
+    ds = ct(generate_uid(), generate_uid(), 0)
+    again = scu().associate("127.0.0.1", scp.port, ae_title="DICOMNODE")
+    assert again.is_established
+    assert int(again.send_c_store(ds).Status) == 0
+    again.release()
+    assert again.is_released
+    assert str(ds.SOPInstanceUID) in sink.instances
+
+
+def test_stop_closes_the_port_and_the_network_timeout_still_fires(tmp_path: Path) -> None:
+    # The capped waits must still let pynetdicom's timers run: an idle SCU association whose peer went away
+    # ends by its network timeout (pynetdicom's server shutdown does not notify open peers).
+    scp = StorageSCP(Spool(tmp_path / "spool", MemorySink(), fsync=False), port=0)
+    scp.start()
+    port = scp.port
+    ae = scu()
+    ae.network_timeout = 1
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    scp.stop()
+    late = scu().associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert not late.is_established
+    deadline = time.monotonic() + 30
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not assoc.is_established
+
+
+def test_idle_association_waits_instead_of_polling(
+    node: tuple[StorageSCP, MemorySink], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each idle DUL reactor wakes at most every _MAX_IDLE_WAIT_S (50 ms) instead of every 1 ms: count the
+    # waits of the two reactors (SCU and SCP side) over an idle half second.
+    scp, _ = node
+    calls = 0
+    real_wait = netutil._dul_wait
+
+    def counting(dul: object, waker: netutil._Waker) -> None:
+        nonlocal calls
+        calls += 1
+        real_wait(dul, waker)
+
+    assoc = scu().associate("127.0.0.1", scp.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        monkeypatch.setattr(netutil, "_dul_wait", counting)
+        time.sleep(0.5)
+        monkeypatch.undo()
+        assert int(assoc.send_c_echo().Status) == 0
+    finally:
+        assoc.release()
+    # Polling every 1 ms would be ~1000 waits for two reactors; 50 ms waits give ~20.
+    assert calls < 200, calls
