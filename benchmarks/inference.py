@@ -50,7 +50,7 @@ def run_one(name: str, slices: int, size: int, full: bool, threads: int) -> dict
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     t0 = time.perf_counter()
     if name == "seg_unet":
-        kw = {"n_classes": 8, "width": 16 if full else 8, "num_res_units": 2 if full else 1}
+        kw = {"n_classes": 3, "width": 32 if full else 16, "num_res_units": 2 if full else 0}
         spec = bdl.InputSpec(
             spacing_mm=(3.0, 3.0, 3.0), patch_size=(64, 64, 64), intensity_normalisation="fat-soft-tissue"
         )

@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         flags = (event_driven, concurrent)
         ours = {
-            "durable": _Ours(f"dicomnode durable (fsync + SQLite; {how})", True, True, *flags),
+            "durable": _Ours(f"dicomnode durable: fsync + SQLite ({how})", True, True, *flags),
             "durable-mem": _Ours("dicomnode durable spool, in-memory sink", True, False, *flags),
             "nofsync": _Ours("dicomnode NO fsync, in-memory sink (diagnostic)", False, False, *flags),
         }
@@ -314,15 +314,16 @@ def main(argv: list[str] | None = None) -> int:
         ref = args.images / med["storescp"]
         labels = {"storescp": "dcmtk storescp (reference, no fsync)", **{k: v.label for k, v in ours.items()}}
         print(f"\nmedian of {args.runs} rounds; storescu +sd, one association, loopback, TCP_NODELAY")
-        print(f"{'receiver':58s} {'time s':>7s} {'img/s':>7s} {'MB/s':>6s} {'ratio':>6s}")
+        print(f"{'receiver':66s} {'time s':>7s} {'img/s':>7s} {'MB/s':>6s} {'ratio':>6s}")
         for key in names:
             ips = args.images / med[key]
             mbs = total / 1e6 / med[key]
-            print(f"{labels[key]:58s} {med[key]:7.2f} {ips:7.1f} {mbs:6.1f} {ips / ref:6.2f}")
+            print(f"{labels[key]:66s} {med[key]:7.2f} {ips:7.1f} {mbs:6.1f} {ips / ref:6.2f}")
 
         d50, d90 = statistics.median(disk_ms), _pct(disk_ms, 0.9)
         c50, c90 = statistics.median(db_ms), _pct(db_ms, 0.9)
-        floor = d50 + c50
+        # With the concurrent record the file and the database commit overlap: the slower one bounds.
+        floor = max(d50, c50) if concurrent else d50 + c50
         ours_ips = args.images / med["durable"]
         nofsync_ips = args.images / med["nofsync"]
         print(

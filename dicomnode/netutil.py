@@ -5,6 +5,10 @@ peer's delayed ACK (about 40 ms), so one C-STORE costs ~50 ms instead of ~8 ms (
 :func:`enable_tcp_nodelay` patches pynetdicom so that both the sockets it connects (SCU) and the sockets it
 accepts (SCP) get the option. It is applied explicitly at start-up by the code that creates the AEs, never at
 import, and it is idempotent.
+
+:func:`enable_event_driven_reactors` replaces the 1 ms polling sleeps of pynetdicom 3.0's two reactor loops by
+waits that end when there is work (details above the function); the SCP applies it at start-up, like the
+TCP_NODELAY patch, and it is a no-op on other pynetdicom versions.
 """
 
 from __future__ import annotations

@@ -226,12 +226,15 @@ def _analyze(volume: Volume, opts: BmdOptions) -> BmdOutput:
         None if frame.y_back_mm is None else frame.y_back_mm[tz],
         None if frame.half_width_mm is None else frame.half_width_mm[tz],
     )
-    hu_t, body_t, depth_t = grid.hu[tz], body[tz], depth[tz]
-    muscle = measure_psoas(hu_t, body_t, depth_t, tframe, g)
-    if muscle is None:
-        muscle = measure_muscle(hu_t, body_t, depth_t, tframe, g)
-    aorta = measure_aorta(hu_t, body_t, tframe, g)
-    aorta_cal = pre.apply(aorta) if aorta is not None else None
+    # muscle and blood windows are in reference HU: measure on the air/fat-calibrated image, then map the
+    # values back to the scanner's HU for the final fit (so the windows do not clip a shifted tissue)
+    hu_t, body_t, depth_t = hu_cal[tz], body[tz], depth[tz]
+    muscle_c = measure_psoas(hu_t, body_t, depth_t, tframe, g)
+    if muscle_c is None:
+        muscle_c = measure_muscle(hu_t, body_t, depth_t, tframe, g)
+    aorta_cal = measure_aorta(hu_t, body_t, tframe, g)
+    muscle = pre.invert(muscle_c) if muscle_c is not None else None
+    aorta = pre.invert(aorta_cal) if aorta_cal is not None else None
     phase, phase_notes = cal.decide_phase(volume.header, aorta_cal)
     fit = cal.fit_tissue_map({"air": air, "fat": fat, "muscle": muscle, "blood": aorta}, phase)
     kvp, kernel, acq_flags = cal.acquisition_flags(volume.header)

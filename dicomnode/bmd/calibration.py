@@ -107,6 +107,9 @@ class TissueFit:
     def apply(self, hu: float) -> float:
         return self.gain * hu + self.offset
 
+    def invert(self, hu_ref: float) -> float:
+        return (hu_ref - self.offset) / self.gain
+
 
 def _wls(meas: Mapping[str, float], used: tuple[str, ...]) -> tuple[float, float]:
     x = np.array([meas[t] for t in used])

@@ -630,15 +630,17 @@ def _sacral_slices(hu: F32, filled: B, bodies: B, frame: Frame, g: float) -> npt
 
 def _find_sacrum(sac: npt.NDArray[np.int8], segs: list[Segment], g: float) -> tuple[int | None, bool, str]:
     """The sacrum: walking up from the lowest vertebra (at most four), the highest of a contiguous run of
-    pieces with sacral evidence (>= 3 sacrum-like slices, >= 30 % of the piece; S1-S2 remnant discs split
-    the sacrum into pieces, and the alae rise beside the lower end of L5, hence the fraction). Strong
-    evidence when >= 3 slices are sacrum-like on both sides."""
+    pieces with sacral evidence (>= 3 sacrum-like slices, >= 30 % of the upper two thirds of the piece;
+    S1-S2 remnant discs split the sacrum into pieces). Strong evidence when >= 3 slices are sacrum-like on
+    both sides."""
     found: tuple[int, bool, int] | None = None
     for i in range(len(segs) - 1, max(-1, len(segs) - 5), -1):
         s = segs[i]
         if s.has_rib:
             break
-        zs = sac[s.z0 : s.z1 + 1]
+        # judged on the upper two thirds of the piece: the alae rise beside the lower end of a tilted L5,
+        # while on S1 they sit level with (or above) its middle
+        zs = sac[s.z0 + (s.z1 - s.z0) // 3 : s.z1 + 1]
         n_any, n_both = int((zs > 0).sum()), int((zs > 1).sum())
         if n_any >= 3 and n_any >= 0.3 * zs.size:
             found = (i, n_both >= 3, n_any)

@@ -517,6 +517,8 @@ def parse_backend_spec(spec: str) -> tuple[str, Path | None]:
 
 #: Settings fields :func:`validate_bundles` reads (dotted; the first found at each name wins).
 BUNDLE_SETTING_FIELDS: tuple[str, ...] = (
+    "analysis.backend",
+    "backend",
     "segmentation_backend",
     "bmd_estimator",
     "pipeline.segmentation_backend",

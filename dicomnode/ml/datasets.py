@@ -209,6 +209,11 @@ def load_image(path: Path) -> Volume:
         raise InputError(f"{path}: DICOM input needs dicomnode.imaging.loader ({exc})") from None
     loaded: Any = loader.load_path(path)
     volume = getattr(loaded, "volume", None)
+    series = tuple(getattr(loaded, "series", ()) or ())
+    if volume is None and len(series) == 1:
+        volume = loader.load_series(series[0])
+    elif volume is None and len(series) > 1:
+        raise InputError(f"{path}: holds {len(series)} series; point the dataset at one series folder")
     if not isinstance(volume, Volume):
         raise InputError(f"{path}: no CT volume could be loaded")
     return volume

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pynetdicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -25,6 +26,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from dicomnode.delivery import DimsePeer, deliver
 from dicomnode.ingest import MemorySink, Spool
 from dicomnode.ingest.scp import AllowedCaller, StorageSCP
+from dicomnode.netutil import event_driven_reactors_enabled
 
 pytestmark = pytest.mark.integration
 
@@ -144,7 +146,6 @@ def node(tmp_path: Path) -> Iterator[tuple[StorageSCP, MemorySink, Spool]]:
         port=0,
         allowed_callers=[AllowedCaller("STORESCU"), AllowedCaller("PINNED", "10.255.255.1")],
         max_associations=30,
-        poll_interval_s=0.0002,
     )
     scp.start()
     try:
@@ -364,3 +365,29 @@ def test_storescu_into_the_real_store(tmp_path: Path) -> None:
         series = store.get_series(series_uid)
         assert series.n_instances == 5 and series.modality == "CT"
     engine.dispose()
+
+
+def test_event_driven_reactors_serve_dcmtk_back_to_back(
+    node: tuple[StorageSCP, MemorySink, Spool], tmp_path: Path
+) -> None:
+    # StorageSCP.start installs the event-driven pynetdicom reactors (pynetdicom 3.0.x): dcmtk peers that
+    # fire requests back to back on one association must get every answer, and the association must close
+    # with a normal release.
+    scp, sink, _ = node
+    if pynetdicom.__version__.startswith("3.0."):
+        assert event_driven_reactors_enabled()
+    echo = subprocess.run(
+        [need_tool(ECHOSCU), "-aet", "STORESCU", "-aec", "DICOMNODE", "--repeat", "100", "-d",
+         "127.0.0.1", str(scp.port)],
+        env=dcmtk_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert echo.returncode == 0, echo.stderr[-2000:]
+    log = echo.stdout + echo.stderr
+    assert log.count("Received Echo Response (Success)") == 100
+    assert "Releasing Association" in log and "Aborting" not in log
+    files = make_ct(tmp_path / "burst", 40)
+    r = storescu(scp.port, "+sd", str(tmp_path / "burst"))
+    assert r.returncode == 0, r.stderr
+    for f in files:
+        rec = sink.instances[pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID]
+        assert rec.path is not None and rec.path.is_file()

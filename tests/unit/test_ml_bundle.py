@@ -152,3 +152,14 @@ def test_check_input_spec(tmp_path: Path) -> None:
     rot[:3, :3] = [[c, -s, 0], [s, c, 0], [0, 0, 1]]
     with pytest.raises(BundleError, match="oblique"):
         b.check_input_spec(manifest, Volume(v.data, rot @ v.affine, v.header))
+
+
+def test_validate_bundles_reads_the_node_settings(tmp_path: Path) -> None:
+    config = pytest.importorskip("dicomnode.config")
+    path = _make(tmp_path)
+    settings = config.Settings(analysis=config.AnalysisSettings(segmentation_backend=f"bundle:{path}"))
+    assert [m.name for m in b.validate_bundles(settings)] == ["test-seg"]
+    assert b.validate_bundles(config.Settings()) == []
+    (path / "models/model.pt").write_bytes(b"tampered")
+    with pytest.raises(BundleError, match="sha256 mismatch"):
+        b.validate_bundles(config.Settings(analysis=config.AnalysisSettings(backend=f"both:{path}")))

@@ -115,3 +115,28 @@ def test_crop_pads_outside() -> None:
     arr = np.ones((10, 10, 10), np.float32)
     c = pp.crop(arr, (0.0, 5.0, 5.0), (6, 6, 6))
     assert c.shape == (6, 6, 6) and c[0].sum() == 0 and c[-1].sum() == 36
+
+
+def test_totalsegmentator_labels_on_real_ct(tmp_path: Path, abdomen_ct: Path, abdomen_seg: Path) -> None:
+    """A real CT with TotalSegmentator v2 labels reads as a training case: levels and sacrum found."""
+    from dicomnode.ml.train import TrainConfig, _load_seg_case, _seg_spec
+
+    rows = tmp_path / "data.csv"
+    rows.write_text(f"id,patient_id,image,label\nts1,p1,{abdomen_ct},{abdomen_seg}\n")
+    (item,) = read_segmentation_dataset(rows)
+    spec = _seg_spec(TrainConfig(task="segmentation", data=rows, out=tmp_path, patch=(48, 48, 48)))
+    case = _load_seg_case(item, spec, "auto")
+    present = set(np.unique(case.labels_canonical).tolist())
+    assert {ds.LEVEL_CLASSES[lvl] for lvl in ("T12", "L1", "L2", "L3", "L4", "L5")} <= present
+    assert set(np.unique(case.labels_rs).tolist()) == {0, ds.SEG_VERTEBRA, ds.SEG_SACRUM}
+    # L1 lies above L2 in the canonical volume (k grows superiorly)
+    z = {
+        lvl: np.argwhere(case.labels_canonical == ds.LEVEL_CLASSES[lvl])[:, 0].mean() for lvl in ("L1", "L2")
+    }
+    assert z["L1"] > z["L2"]
+
+
+def test_dicom_series_loads_for_training(shared_data: Path) -> None:
+    pytest.importorskip("dicomnode.imaging.loader")
+    vol = ds.load_image(shared_data / "totalsegmentator_petct_dicom" / "dicom")
+    assert vol.shape[0] == 20 and vol.data.min() < -900
