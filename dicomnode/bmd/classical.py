@@ -682,6 +682,10 @@ def _name(segs: list[Segment], sacrum: int | None, sacrum_strong: bool, sacrum_n
             ev.append("lowest rib seen on one side only")
         if t12 == n - 1:
             rib_weak = True
+        elif t12 + 1 == n - 1 or segs[t12 + 1].truncated:
+            # the rib-free vertebra below must be seen whole, with its lower disc, to call it L1
+            rib_weak = True
+            ev.append("the vertebra below the lowest rib is not fully in view")
         if s.rib_reach > np.radians(100.0):
             rib_weak = True
             ev.append(

@@ -37,7 +37,7 @@ from dicomnode.ml.datasets import (
     map_seg_targets,
     read_nifti,
 )
-from dicomnode.ml.inference import dice_per_level, label_levels, segment_prepared
+from dicomnode.ml.inference import dice_per_level, segment_levels_prepared
 from dicomnode.ml.preprocess import Prepared, crop, prepare, resample_to
 
 log = logging.getLogger(__name__)
@@ -401,7 +401,7 @@ def _score_seg(
     lb = bdl.LoadedBundle(Path("."), manifest, net, device)
     per_case = {}
     for c in cases:
-        pred, _ = label_levels(segment_prepared(lb, c.prep), c.prep.canonical)
+        pred, _ = segment_levels_prepared(lb, c.prep)
         per_case[c.item.case_id] = dice_per_level(c.labels_canonical, pred)
     means = [float(np.mean(list(d.values()))) for d in per_case.values() if d]
     return {"mean_dice": float(np.mean(means)) if means else math.nan, "dice_per_case": per_case}

@@ -190,3 +190,27 @@ def test_cli_train_cross_validation_and_resume(tmp_path: Path, capsys: pytest.Ca
         json.loads((tmp_path / "resumed/training/report.json").read_text())["folds"]["fold1"]["mae"]
     )
     assert got == pytest.approx(report["folds"]["fold1"]["mae"])
+
+
+def test_bmd_bundle_beside_the_calibrated_roi(bmd_bundle: tuple[Path, dict[str, object]]) -> None:
+    """'both': the ROI vBMD stays and the model's is reported beside it; 'bundle': the model's replace it."""
+    pytest.importorskip("dicomnode.bmd")
+    from dicomnode.bmd import analyze_volume
+    from dicomnode.ml.inference import apply_bmd_bundle
+
+    bmd_path, _ = bmd_bundle
+    bundle = load_bundle(bmd_path)
+    case = ds.make_cases([902], SOURCE)[0]
+    classical = analyze_volume(case.volume).result
+    assert classical.summary is not None and classical.summary.vbmd_l1_l2_mg_cm3 is not None
+    both = apply_bmd_bundle(classical, case.volume, bundle, "both")
+    assert both.summary is not None
+    assert both.summary.vbmd_l1_l2_mg_cm3 == classical.summary.vbmd_l1_l2_mg_cm3
+    assert any("model - ROI" in n for n in both.summary.notes)
+    assert both.algorithm_name.endswith(f"+{bundle.name}") and both.algorithm_version.endswith(bundle.version)
+    only = apply_bmd_bundle(classical, case.volume, bundle, "bundle")
+    assert only.summary is not None and only.summary.vbmd_l1_l2_mg_cm3 is not None
+    truth = (case.vbmd["L1"] + case.vbmd["L2"]) / 2.0
+    roi, model = classical.summary.vbmd_l1_l2_mg_cm3, only.summary.vbmd_l1_l2_mg_cm3
+    print(f"L1-L2 truth {truth:.1f}, ROI {roi:.1f}, model {model:.1f} mg/cm3")
+    assert abs(only.summary.vbmd_l1_l2_mg_cm3 - truth) < 15.0
