@@ -2,7 +2,8 @@
 # dicomnode set-up: installs everything (Debian packages and the Python environment in .venv/),
 # then runs the main job on the embedded default unless --no-demo is given.
 #
-#   ./setup.sh            install + demo (phantom CT -> analysis -> SR/SC/result.json in ./demo-out)
+#   ./setup.sh            install, then the main job: local stack (Orthanc + dicomnode serve), a synthetic CT
+#                         study pushed with storescu, SR + overlays back in the study (deploy/demo-stack.sh)
 #   ./setup.sh --no-demo  install only (used by run-tests.sh on a fresh clone)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -42,5 +43,5 @@ fi
 .venv/bin/python -c "import torch,sys; v=torch.__version__; sys.exit(0 if v.startswith('2.13.0') else 'torch '+v+' is not the pinned CPU build')"
 
 if ((DEMO)); then
-  exec .venv/bin/dicomnode demo --out demo-out
+  exec deploy/demo-stack.sh "${DEMO_STATE_DIR:-state}"
 fi

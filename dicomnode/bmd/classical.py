@@ -69,6 +69,13 @@ CORE_HALF_WIDTH_MM = 45.0
 #: Score cost of one disc in the disc chain (HU of dip depth): end plate/disc contrast is 50-150 HU.
 DISC_COST = 25.0
 RIB_MIN_REACH_MM = 75.0
+#: A lowest rib shorter than this (path outside the 45 mm spine core, i.e. roughly 85 mm from the rib head)
+#: is in the range of rudimentary lumbar ribs and hypoplastic 12th ribs (see ``_short_rib_note``).
+RIB_SHORT_MM = 60.0
+#: A lowest rib shorter than this fraction of the rib above breaks the tapering series of the lower ribs.
+RIB_SHORT_RATIO = 0.6
+#: Sacral-looking slices (mm) beside the vertebra above the sacrum that make a transitional vertebra possible.
+LSTV_MIN_MM = 4.0
 
 
 @dataclass
@@ -83,7 +90,10 @@ class Segment:
     rib_l: float = 0.0  # mm3 of rib passing next to it, left / right
     rib_r: float = 0.0
     rib_reach: float = 0.0  # angular reach (rad, 0 posterior, pi anterior) of its ribs
+    rib_len_l: float = 0.0  # path length (mm) of its rib outside the spine core, left / right
+    rib_len_r: float = 0.0
     sacral: bool = False
+    sacral_mm: float = 0.0  # extent (mm) of its slices where bone joined to it looks sacral (ala / ilium)
     slab: int = -1  # number of disc planes below it (its place between the discs)
 
     @property
@@ -587,7 +597,51 @@ def _rib_evidence(
                 ang = np.arctan2(np.abs(cx - frame.xc[cz]), (cy - body_y[cz]))
                 reach_angle = max(reach_angle, float(np.percentile(ang, 99)))
             s.rib_reach = reach_angle
+            # per side: the length of the rib whose neck lies at this vertebra (the component with most
+            # neck voxels here)
+            for left in (True, False):
+                side_sel = use & (side_left if left else ~side_left)
+                if (float(side_sel.sum()) * g**3) < 150.0:
+                    continue
+                comps, counts = np.unique(comp_of[side_sel], return_counts=True)
+                c = int(comps[int(np.argmax(counts))])
+                sl = objs[c - 1]
+                if sl is None:
+                    continue
+                cz, cy, cx = np.nonzero(lab[sl] == c)
+                length = _rib_length(
+                    cz + sl[0].start + zl, cy + sl[1].start, cx + sl[2].start, frame, body_y, g
+                )
+                if left:
+                    s.rib_len_l = length
+                else:
+                    s.rib_len_r = length
     return notes
+
+
+def _rib_length(
+    cz: npt.NDArray[np.intp],
+    cy: npt.NDArray[np.intp],
+    cx: npt.NDArray[np.intp],
+    frame: Frame,
+    body_y: npt.NDArray[np.float64],
+    g: float,
+) -> float:
+    """Path length (mm) of one rib outside the spine core: a rib winds round the trunk, so its voxels are
+    binned by their angle around the trunk centre (5 degree bins, 0 posterior) and the centroids of the
+    bins joined by a polyline. Independent of the rib's thickness and cheap (no skeleton)."""
+    ang = np.arctan2(np.abs(cx - frame.xc[cz]), cy - body_y[cz])
+    ok = np.isfinite(ang)
+    if ok.sum() < 3:
+        return 0.0
+    b = np.floor(np.degrees(ang[ok]) / 5.0).astype(np.int64)
+    b -= b.min()
+    cnt = np.bincount(b).astype(float)
+    has = cnt > 0
+    pts = np.stack(
+        [np.bincount(b, weights=w.astype(float))[has] / cnt[has] for w in (cz[ok], cy[ok], cx[ok])], axis=1
+    )
+    return float(np.linalg.norm(np.diff(pts, axis=0), axis=1).sum() * g) if len(pts) > 1 else 0.0
 
 
 def _sacral_slices(hu: F32, filled: B, bodies: B, frame: Frame, g: float) -> npt.NDArray[np.int8]:
@@ -657,6 +711,40 @@ def _find_sacrum(sac: npt.NDArray[np.int8], segs: list[Segment], g: float) -> tu
     )
 
 
+def _short_rib_note(segs: list[Segment], first: int, t12: int) -> str:
+    """Why the lowest rib pair may not be the 12th (empty when it is clearly a full-length 12th pair).
+
+    With the ribs as the only anchor the lowest rib-bearing vertebra is called T12, which is wrong with a
+    lumbar rib on L1 (13 pairs, 5.8 % in Nakajima 2014). Lumbar ribs are rudimentary: short stubs. A 12th
+    rib is normally the next step of the tapering series of the lower ribs (each of the 10th-12th shorter
+    than the one above by roughly a third), but it can itself be hypoplastic and then looks like a lumbar
+    rib. So the lowest pair is accepted only when it is long in absolute terms (path outside the spine core
+    >= ``RIB_SHORT_MM``: longer than a rudimentary rib) and, when the pair above is in view, continues the
+    series (>= ``RIB_SHORT_RATIO`` of it). Anything shorter is a possible lumbar rib or a hypoplastic 12th
+    rib: the names stay the rib-based ones, flagged uncertain.
+    """
+    s = segs[t12]
+    low = max(s.rib_len_l, s.rib_len_r)
+    above = max(segs[t12 - 1].rib_len_l, segs[t12 - 1].rib_len_r) if t12 > first else 0.0
+    if low < RIB_SHORT_MM:
+        return (
+            f"lowest rib pair is short ({low:.0f} mm outside the spine core, < {RIB_SHORT_MM:.0f} mm): a "
+            "lumbar rib on L1 or a hypoplastic 12th rib"
+        )
+    if above > 0.0 and low < RIB_SHORT_RATIO * above:
+        return (
+            f"lowest rib pair is short against the pair above ({low:.0f} mm vs {above:.0f} mm, ratio "
+            f"{_trunc(low / above, 2)} < {RIB_SHORT_RATIO}): a lumbar rib on L1 or a hypoplastic 12th rib"
+        )
+    return ""
+
+
+def _trunc(x: float, nd: int) -> str:
+    """``x`` truncated (not rounded) to ``nd`` decimals, so a value below a threshold never prints as it."""
+    f = 10**nd
+    return f"{np.trunc(x * f) / f:.{nd}f}"
+
+
 @dataclass(frozen=True)
 class Naming:
     names: dict[int, str]  # segment label -> level
@@ -695,8 +783,7 @@ def _name(segs: list[Segment], sacrum: int | None, sacrum_strong: bool, sacrum_n
         elif s.rib_reach and s.rib_reach < np.radians(35.0):
             rib_weak = True
             ev.append(f"lowest rib is a stub ({np.degrees(s.rib_reach):.0f} deg): lumbar rib possible")
-        if first == 0 and segs[0].truncated:
-            pass
+        rib_short = _short_rib_note(segs, first, t12)
         ev.append(
             f"ribs articulate down to vertebra #{t12 + 1} of {n} in view (left {s.rib_l:.0f} mm3, right "
             f"{s.rib_r:.0f} mm3): T12 anchor"
@@ -733,10 +820,20 @@ def _name(segs: list[Segment], sacrum: int | None, sacrum_strong: bool, sacrum_n
     elif t12 is not None:
         base = i_t12 - t12
         uncertain = rib_weak
+        if rib_short:
+            uncertain = True
+            ev.append(rib_short)
         ev.append("named from the ribs (sacrum not in view)")
     elif l5 is not None:
         base = i_l5 - l5
         uncertain = sac_weak
+        if segs[l5].sacral_mm >= LSTV_MIN_MM:
+            uncertain = True
+            ev.append(
+                f"vertebra #{l5 + 1} above the sacrum has bone joined to it reaching the ala / ilium over "
+                f"{segs[l5].sacral_mm:.0f} mm: lumbosacral transitional vertebra possible (sacralised L5 or "
+                "lumbarised S1), so the sacrum alone cannot fix L5"
+            )
         ev.append("named from the sacrum (no rib-bearing vertebra in view)")
     else:
         uncertain = True
@@ -854,6 +951,9 @@ class ClassicalBackend:
                 )
             for sg in stray:
                 sg.rib_l = sg.rib_r = 0.0
+        for sg in segs:
+            # upper two thirds only, as in _find_sacrum: the alae rise beside the lower end of a tilted L5
+            sg.sacral_mm = float((sac[sg.z0 + (sg.z1 - sg.z0) // 3 : sg.z1 + 1] > 0).sum()) * g
         sacrum, sac_strong, sac_note = _find_sacrum(sac, segs, g)
         naming = _name(segs, sacrum, sac_strong, sac_note)
         context.segments = segs

@@ -76,7 +76,9 @@ def trabecular_roi(
     dist_z = ndi.distance_transform_edt(padded, sampling=(sz, 1e4, 1e4))[1:-1, 1:-1, 1:-1]
     z_margin = max(endplate_margin_mm, erosion_mm + sz)
     roi = body & (dist > erosion_mm) & (dist_z > z_margin)
-    heights = body_heights(body, (sx, sy, sz), axis_mm)
+    heights = profile_heights(data, body, (sx, sy, sz), axis_mm)
+    if heights is None:
+        heights = body_heights(body, (sx, sy, sz), axis_mm)
     if body.any():
         kk, jj, ii = np.nonzero(body)
         # mid-vertebral slab: the central half of the body height along its own axis (clinical L1 ROIs are
@@ -178,6 +180,127 @@ def body_heights(
         step = abs(a[0]) * sx + abs(a[1]) * sy + abs(a[2]) * sz  # one grid step along the axis (approx.)
         out.append(max(1.0, frac_in * (hi - lo) + step - spread))
     return (out[0], out[1], out[2])
+
+
+#: Depth fractions (0 = anterior, 1 = posterior of the body) where end-plate profiles are taken.
+PROFILE_FRACTIONS = (0.15, 0.25, 0.35, 0.5, 0.65, 0.75, 0.85)
+#: Step (mm) along a profile, and the least HU drop from an end-plate peak into the disc that counts.
+PROFILE_STEP_MM = 0.25
+ENDPLATE_MIN_DROP_HU = 60.0
+
+
+def profile_heights(
+    data: npt.NDArray[Any],
+    body: B,
+    spacing: tuple[float, float, float],
+    axis_mm: tuple[float, float, float] | None = None,
+) -> tuple[float, float, float] | None:
+    """Anterior, middle and posterior body heights (mm) from the image itself, with sub-voxel end plates.
+
+    Counting mask voxels biases heights by up to a slice thickness (partial volume at the end plates, the
+    working-grid outline) and pulls wedge ratios towards 1. Instead, at depth fractions 0.15 ... 0.85 of the
+    body (along its own axis ``axis_mm``, in a central 8 mm wide, 2 mm deep column) the HU profile along
+    the axis is sampled every 0.25 mm (trilinear). From the body's middle outwards, each end plate is the
+    first peak that falls by >= ``ENDPLATE_MIN_DROP_HU`` (and by half its height above the marrow) into the
+    disc within 8 mm; its outer edge is the half-maximum crossing between the peak and the disc minimum,
+    interpolated linearly between samples: the edge of a blurred step or thin plate, whatever the slice
+    thickness. The height at each fraction is the distance of the two edges.
+
+    Middle = the height at 0.5. Anterior and posterior = a straight line fitted to the heights over the
+    depth, evaluated at the anterior (0) and posterior (1) margins: Genant's heights are taken at the
+    corners, which a profile cannot sample (the cortex of the anterior / posterior wall runs along it), and
+    a wedge is linear in depth; a symmetric end-plate concavity does not tilt the line. ``None`` when fewer
+    than five profiles show both end plates (the caller then falls back to the mask, ``body_heights``).
+    """
+    sx, sy, sz = spacing
+    if not body.any():
+        return None
+    a = np.asarray(axis_mm if axis_mm is not None else (0.0, 0.0, 1.0), dtype=float)
+    a /= np.linalg.norm(a)
+    e_ap = np.array([0.0, 1.0, 0.0]) - a * a[1]
+    e_ap /= np.linalg.norm(e_ap)
+    e_lr = np.cross(a, e_ap)
+    kk, jj, ii = np.nonzero(body)
+    pts = np.stack([ii * sx, jj * sy, kk * sz], axis=1)  # (x, y, z) mm within the box
+    h, v, u = pts @ a, pts @ e_ap, pts @ e_lr
+    u0 = float(np.median(u))
+    band = np.abs(u - u0) <= 6.0
+    if band.sum() < 10:
+        return None
+    v0, v1 = float(np.percentile(v[band], 2)), float(np.percentile(v[band], 98))
+    ds = PROFILE_STEP_MM
+    du = np.array([-4.0, -2.0, 0.0, 2.0, 4.0])
+    dv = np.array([-1.0, 0.0, 1.0])
+    pu, pv = (x.ravel() for x in np.meshgrid(du, dv, indexing="ij"))
+    fr: list[float] = []
+    hs: list[float] = []
+    h_mid: float | None = None
+    for frac in PROFILE_FRACTIONS:
+        vt = v0 + frac * (v1 - v0)
+        col = band & (np.abs(v - vt) <= 1.5)
+        if col.sum() < 3:
+            continue
+        lo, hi = float(h[col].min()), float(h[col].max())
+        c, half_span = 0.5 * (lo + hi), 0.5 * (hi - lo)
+        n = int((half_span + 12.0) / ds)
+        s = np.arange(-n, n + 1) * ds
+        # sample points (x, y, z) mm -> index (k, j, i) of the box
+        base = u0 * e_lr + vt * e_ap + c * a
+        xyz = (
+            base[None, None, :]
+            + s[:, None, None] * a[None, None, :]
+            + pu[None, :, None] * e_lr[None, None, :]
+            + pv[None, :, None] * e_ap[None, None, :]
+        )
+        idx = np.stack([xyz[..., 2] / sz, xyz[..., 1] / sy, xyz[..., 0] / sx], axis=0)
+        prof = ndi.map_coordinates(
+            np.asarray(data, dtype=np.float32), idx.reshape(3, -1), order=1, mode="nearest"
+        )
+        p = ndi.gaussian_filter1d(prof.reshape(s.size, pu.size).mean(axis=1).astype(float), 0.5 / ds)
+        marrow = float(np.median(p[np.abs(s) <= max(2.0, 0.2 * half_span)]))
+        up = _endplate_edge(p[n:], marrow, ds)
+        dn = _endplate_edge(p[n::-1], marrow, ds)
+        if up is None or dn is None:
+            continue
+        fr.append(frac)
+        hs.append(up + dn)
+        if frac == 0.5:
+            h_mid = up + dn
+    if len(hs) < 5 or h_mid is None:
+        return None
+    # Theil-Sen line (median of pairwise slopes): a profile caught by the posterior wall, a pedicle root or
+    # a Schmorl node must not tilt it (robust to 2 of 7 outliers)
+    fa, ha = np.asarray(fr), np.asarray(hs)
+    ia, ib = np.triu_indices(fa.size, 1)
+    slope = float(np.median((ha[ib] - ha[ia]) / (fa[ib] - fa[ia])))
+    icpt = float(np.median(ha - slope * fa))
+    return (icpt, h_mid, icpt + slope)
+
+
+def _endplate_edge(q: npt.NDArray[np.float64], marrow: float, ds: float) -> float | None:
+    """Distance (mm) from ``q[0]`` (the body's middle) to the outer half-maximum edge of the first end
+    plate met walking outwards along the profile ``q``; None when no end plate is seen."""
+    w = max(2, int(8.0 / ds))
+    for k in range(1, q.size - 1):
+        if q[k] < q[k - 1] or q[k] < q[k + 1]:
+            continue
+        beyond = q[k : k + w]
+        j_low = int(np.argmin(beyond))
+        low = float(beyond[j_low])
+        drop = float(q[k]) - low
+        if drop < max(ENDPLATE_MIN_DROP_HU, 0.5 * (float(q[k]) - marrow)):
+            continue
+        # the edge level: half-way between the marrow and the disc (the edge of a blurred step, found with
+        # sub-sample precision in the straddling slice); half-way between the plate peak and the disc when
+        # the marrow is too close to the disc to tell (fatty osteoporotic marrow). Half-way between peak and
+        # disc alone would always fall midway between the peak sample and the next one: no sub-voxel edge.
+        half = 0.5 * (marrow + low) if marrow - low >= 40.0 else 0.5 * (float(q[k]) + low)
+        for j in range(k + 1, k + j_low + 1):
+            if q[j] < half:
+                t = (float(q[j - 1]) - half) / max(1e-6, float(q[j - 1] - q[j]))
+                return (j - 1 + t) * ds
+        return None
+    return None
 
 
 def outline_on_slice(volume: Volume, canon: Volume, stats: RoiStats, k: int) -> RoiOutline | None:

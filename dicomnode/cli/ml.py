@@ -42,21 +42,28 @@ def register(subparsers: Any) -> None:
     tr.add_argument("--out", required=True, type=Path, help="bundle folder to write")
     tr.add_argument("--external", type=Path, default=None, help="optional external test set (same layout)")
     tr.add_argument("--folds", type=int, default=5, help="k of k-fold cross-validation by patient (0 = none)")
-    tr.add_argument("--epochs", type=int, default=20)
-    tr.add_argument("--batch-size", type=int, default=4)
-    tr.add_argument("--lr", type=float, default=1e-3)
-    tr.add_argument("--width", type=int, default=8, help="network width (first-layer channels)")
+    tr.add_argument("--epochs", type=int, default=None, help="epochs per run (default 150 / 40)")
+    tr.add_argument("--batch-size", type=int, default=None, help="default 4 / 16")
+    tr.add_argument("--lr", type=float, default=3e-3)
     tr.add_argument(
-        "--patch", type=_patch, default=None, help="patch / crop size in voxels: N or DxHxW (default 64 / 32)"
+        "--width",
+        type=int,
+        default=None,
+        help="network width, first-layer channels (default 16 / 8; 64 = DenseNet-121)",
+    )
+    tr.add_argument(
+        "--patch", type=_patch, default=None, help="patch / crop size in voxels: N or DxHxW (default 48 / 32)"
     )
     tr.add_argument(
         "--spacing",
         type=float,
         default=None,
-        help="resample to this isotropic spacing in mm (default 3 / 2)",
+        help="resample to this isotropic spacing in mm (default 3 / 2); defaults are segmentation / bmd",
     )
     tr.add_argument("--arch", choices=("unet", "segresnet"), default="unet", help="segmentation network")
-    tr.add_argument("--samples-per-case", type=int, default=2, help="crops per case per epoch")
+    tr.add_argument(
+        "--samples-per-case", type=int, default=None, help="crops per case per epoch (default 4 / 2)"
+    )
     tr.add_argument(
         "--label-scheme",
         choices=("auto", "totalseg", "verse", "dicomnode"),
@@ -113,19 +120,20 @@ def run_train(args: argparse.Namespace) -> int:
     """Handler of ``dicomnode train``."""
     from dicomnode.ml.train import TrainConfig, train
 
+    seg = args.task == "segmentation"
     cfg = TrainConfig(
         task=args.task,
         data=args.data,
         out=args.out,
         external=args.external,
         folds=args.folds,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
+        epochs=args.epochs if args.epochs is not None else (150 if seg else 40),
+        batch_size=args.batch_size if args.batch_size is not None else (4 if seg else 16),
         lr=args.lr,
-        width=args.width,
-        patch=args.patch if args.patch is not None else (64 if args.task == "segmentation" else 32),
+        width=args.width if args.width is not None else (16 if seg else 8),
+        patch=args.patch if args.patch is not None else (48 if seg else 32),
         arch=args.arch,
-        samples_per_case=args.samples_per_case,
+        samples_per_case=args.samples_per_case if args.samples_per_case is not None else (4 if seg else 2),
         spacing_mm=args.spacing,
         label_scheme=args.label_scheme,
         seed=args.seed,
