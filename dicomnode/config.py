@@ -43,6 +43,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from dicomnode import DEFAULT_EROSION_MM
 from dicomnode.errors import ConfigError
 
 __all__ = [
@@ -235,8 +236,9 @@ class AnalysisSettings(_Section):
     """Options passed to the analysis pipeline."""
 
     disclaimer: str = DEFAULT_DISCLAIMER
-    #: Erosion of the vertebral-body mask (mm) before measuring trabecular bone.
-    erosion_mm: float = Field(3.0, ge=0, le=20)
+    #: Erosion of the vertebral-body mask (mm) before measuring trabecular bone
+    #: (default ``dicomnode.DEFAULT_EROSION_MM``, the measurement engine's own default).
+    erosion_mm: float = Field(DEFAULT_EROSION_MM, ge=0, le=20)
     #: Contrast-enhanced series: "offset" = subtract a phase-dependent HU offset and flag,
     #: "abstain" = report no category.
     contrast_policy: Literal["offset", "abstain"] = "offset"

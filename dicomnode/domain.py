@@ -191,6 +191,11 @@ class AnalysisResult:
     algorithm_version: str = "0"
     series_selection: tuple[str, ...] = ()  # why this series was chosen, human readable
     warnings: tuple[str, ...] = ()
+    #: AccessionNumber of the analysed study (lets ``dicomnode evaluate`` match results to a reference).
+    accession_number: str | None = None
+    #: What produced the result, one line per part with its version (engine, segmentation, vBMD estimator);
+    #: named in the SR's algorithm identification.
+    algorithm_components: tuple[str, ...] = ()
 
     def vertebra(self, level: str) -> VertebraResult | None:
         for v in self.vertebrae:

@@ -62,7 +62,7 @@ class BmdOptions:
         Segmentation backend name (:func:`dicomnode.bmd.get_backend`).
     """
 
-    erosion_mm: float = 4.0
+    erosion_mm: float = dicomnode.DEFAULT_EROSION_MM
     endplate_margin_mm: float = 5.0
     min_roi_volume_mm3: float = 1000.0
     contrast_correction: Literal["offset", "abstain"] = "offset"

@@ -8,10 +8,17 @@ Thresholds and their sources:
 * L1 HU (Pickhardt et al., Ann Intern Med 2013, clinical.md 1.1): <= 110 HU > 90 % specific for
   osteoporosis; <= 160 HU ~90 % sensitive; > 200 HU NPV 99 %. These are raw HU at 120 kV.
 * Compression fracture: height ratio (min/max of anterior, middle, posterior) < 0.8, i.e. >= 20 % height
-  loss = Genant grade >= 1 (Genant semiquantitative; TotalSegmentator spine report uses the same 0.8),
-  confirmed against the neighbours' heights; also a body < 80 % of its neighbours' mean height. Grade >= 2
-  (ratio < 0.75) leaves the average (compression raises apparent density, clinical.md 4.4); grade 1 is
-  reported in QC only (physiological wedging at T12-L1, reverse wedge of L5).
+  loss = Genant grade >= 1 (Genant semiquantitative; TotalSegmentator spine report uses the same 0.8);
+  also a body < 80 % of its neighbours' mean height. Heights come from the image's end-plate profiles
+  with sub-voxel edges (``roi.profile_heights``; a line fitted over the depth rejects a single odd
+  profile, so no neighbour confirmation is needed for the wedge). Grade >= 2 (ratio < 0.75 by more than
+  ``FRACTURE_Z`` = 2 standard errors of the ratio) leaves the average (compression raises apparent density,
+  clinical.md 4.4); a ratio below 0.75 within that uncertainty is reported as "grade 1 or 2 within the
+  measurement uncertainty" and kept; grade 1 is reported in QC only (physiological wedging at T12-L1,
+  reverse wedge of L5). The standard error comes from the data: the residual spread of the profile
+  heights around their fitted line (``roi.HeightFit``), plus the slice quantisation of the end plates
+  that the residuals cannot show (see ``ratio_se``). Ratios are printed truncated to 3 decimals (never
+  "0.80 < 0.8").
 * Outlier: calibrated trabecular HU more than 30 % and more than 30 HU away from the mean of both
   neighbours (sclerotic lesion, haemangioma, mislabelled structure).
 """
@@ -46,11 +53,48 @@ FRACTURE_RATIO = 0.8
 #: Exclusion from the average from Genant grade 2 (>= 25 % height loss); grade 1 (20-25 %) is reported only,
 #: because physiological wedging at T12-L1 and L5 produces the same ratios (poor grade-1 specificity).
 FRACTURE_EXCLUDE_RATIO = 0.75
+#: Genant grade 3 (> 40 % height loss).
+GRADE3_RATIO = 0.6
+#: A ratio must lie this many standard errors below the grade-2 line to exclude the level (one-sided ~2.3 %
+#: false exclusions of a grade-1 body when the errors are normal).
+FRACTURE_Z = 2.0
+#: SD of one height's slice quantisation, in slice thicknesses: each of its two end-plate edges lies anywhere
+#: in the slice that straddles it (uniform, SD 1/sqrt(12) each, independent: sqrt(2/12)).
+QUANT_SD_SLICES = float(np.sqrt(2.0 / 12.0))
 OUTLIER_FRACTION = 0.30
 OUTLIER_MIN_HU = 30.0
 
 #: Pairs tried in order when L1 or L2 is not usable (nearest to L1-L2 first).
 PAIRS: tuple[tuple[str, str], ...] = (("L1", "L2"), ("L2", "L3"), ("T12", "L1"), ("L3", "L4"), ("T11", "T12"))
+
+
+def _trunc3(x: float) -> str:
+    """``x`` truncated (not rounded) to 3 decimals: a ratio below a threshold never prints as equal to it."""
+    return f"{np.trunc(x * 1000.0) / 1000.0:.3f}"
+
+
+def ratio_se(
+    heights: Sequence[float],
+    se: Sequence[float] | None,
+    i_min: int,
+    i_max: int,
+    slice_mm: float,
+) -> float:
+    """Standard error of the height ratio ``heights[i_min] / heights[i_max]`` (first-order propagation).
+
+    * with profile standard errors ``se`` (``roi.HeightFit``): the two heights' errors, independent, plus
+      the quantisation common to all profiles (a flat end plate parallel to the slices is misplaced by the
+      same amount in every profile; the residuals cannot see it). A common shift ``d`` of both heights moves
+      the ratio by ``d (1 - r) / h_max``, with ``d`` of SD ``QUANT_SD_SLICES`` slices;
+    * without (mask-based heights): each height carries the full quantisation SD, independently.
+    """
+    h_lo, h_hi = float(heights[i_min]), float(heights[i_max])
+    r = h_lo / h_hi
+    q = QUANT_SD_SLICES * slice_mm
+    if se is None:
+        return r * float(np.hypot(q / h_lo, q / h_hi))
+    fit = r * float(np.hypot(float(se[i_min]) / h_lo, float(se[i_max]) / h_hi))
+    return float(np.hypot(fit, q * (1.0 - r) / h_hi))
 
 
 def category(vbmd: float) -> BoneCategory:
@@ -88,6 +132,7 @@ def build_vertebrae(
 ) -> list[VertebraResult]:
     """One ``VertebraResult`` per named level (cranial to caudal) with QC applied."""
     order = {lv: i for i, lv in enumerate(REPORTED_LEVELS)}
+    slice_mm = float(canon.spacing[2])
     levels = [lv for lv in seg.levels if lv in stats]
     reasons: dict[str, list[str]] = {lv: [] for lv in levels}
     qcs: dict[str, list[str]] = {lv: [] for lv in levels}
@@ -113,7 +158,10 @@ def build_vertebrae(
         if h is None or lv in seg.truncated or max(h) <= 0:
             continue
         # L5 is physiologically shorter at the back (lumbosacral wedge): judge it on anterior and middle
-        r = (min(h[0], h[1]) if lv == "L5" else min(h)) / max(h)
+        cand = (0, 1) if lv == "L5" else (0, 1, 2)
+        i_min = min(cand, key=lambda k: h[k])
+        i_max = int(np.argmax(h))
+        r = h[i_min] / h[i_max]
         ratio[lv] = r
         nb = [
             x
@@ -123,24 +171,30 @@ def build_vertebrae(
             )
             if x is not None
         ]
-        # the reference height: the median of this body's tallest height and its neighbours' (one inflated
-        # height at a pedicle root must not fake a wedge)
-        ref = float(np.median([max(h), *nb]))
-        short = min(h[0], h[1]) if lv == "L5" else min(h)
-        if r < FRACTURE_EXCLUDE_RATIO and short < FRACTURE_RATIO * ref:
-            grade = 2 if r >= 0.6 else 3
+        # exclude only when the ratio is below the grade-2 line by more than FRACTURE_Z of its own standard
+        # error (noisy profiles on thick slices scatter the fitted line: a regular body can read 0.65 there)
+        se_r = ratio_se(h, st.heights_se_mm, i_min, i_max, slice_mm)
+        unc = f"SE {se_r:.3f}"
+        if r + FRACTURE_Z * se_r < FRACTURE_EXCLUDE_RATIO:
+            grade = 2 if r >= GRADE3_RATIO else 3
             reasons[lv].append(
-                f"suspected compression fracture (height ratio {r:.2f}, Genant grade {grade}): excluded"
+                f"suspected compression fracture (height ratio {_trunc3(r)} < {FRACTURE_EXCLUDE_RATIO} "
+                f"by more than {FRACTURE_Z:g} SE ({se_r:.3f}), Genant grade {grade}): excluded"
             )
-        elif r < FRACTURE_RATIO and short < FRACTURE_RATIO * ref:
+        elif r < FRACTURE_EXCLUDE_RATIO:
             qcs[lv].append(
-                f"possible mild deformity (height ratio {r:.2f}, Genant grade 1; physiological wedging looks "
-                "alike): kept"
+                f"possible mild deformity (height ratio {_trunc3(r)} < {FRACTURE_RATIO}, {unc}: Genant "
+                "grade 1 or 2 within the measurement uncertainty; physiological wedging looks alike): kept"
+            )
+        elif r < FRACTURE_RATIO:
+            qcs[lv].append(
+                f"possible mild deformity (height ratio {_trunc3(r)} < {FRACTURE_RATIO}, Genant grade 1; "
+                "physiological wedging looks alike): kept"
             )
         elif nb and max(h) < FRACTURE_RATIO * float(np.mean(nb)):
             reasons[lv].append(
-                f"suspected compression fracture (height {max(h):.0f} mm < 80% of neighbours' "
-                f"{np.mean(nb):.0f} mm)"
+                f"suspected compression fracture (height {max(h):.1f} mm < 80% of neighbours' "
+                f"{np.mean(nb):.1f} mm)"
             )
     # outliers against both neighbours (calibrated HU), among otherwise valid levels
     cal_hu = {lv: fit.apply(stats[lv].mean) for lv in levels if np.isfinite(stats[lv].mean)}

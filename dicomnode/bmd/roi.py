@@ -36,6 +36,10 @@ class RoiStats:
     centroid_ijk: tuple[float, float, float]
     metal_mm3: float
     heights_mm: tuple[float, float, float] | None  # anterior, middle, posterior
+    #: standard errors of ``heights_mm`` from the profile fit (None: mask-based heights, no fit)
+    heights_se_mm: tuple[float, float, float] | None = None
+    #: mask-based heights (``body_heights``), an independent second estimate
+    mask_heights_mm: tuple[float, float, float] | None = None
 
 
 def padded_box(box: Box, shape: tuple[int, int, int], pad: int = 2) -> Box:
@@ -76,9 +80,9 @@ def trabecular_roi(
     dist_z = ndi.distance_transform_edt(padded, sampling=(sz, 1e4, 1e4))[1:-1, 1:-1, 1:-1]
     z_margin = max(endplate_margin_mm, erosion_mm + sz)
     roi = body & (dist > erosion_mm) & (dist_z > z_margin)
-    heights = profile_heights(data, body, (sx, sy, sz), axis_mm)
-    if heights is None:
-        heights = body_heights(body, (sx, sy, sz), axis_mm)
+    mask_heights = body_heights(body, (sx, sy, sz), axis_mm)
+    pfit = profile_height_fit(data, body, (sx, sy, sz), axis_mm)
+    heights, heights_se = (pfit.heights_mm, pfit.se_mm) if pfit is not None else (mask_heights, None)
     if body.any():
         kk, jj, ii = np.nonzero(body)
         # mid-vertebral slab: the central half of the body height along its own axis (clinical L1 ROIs are
@@ -109,7 +113,19 @@ def trabecular_roi(
     voxel = sx * sy * sz
     metal = float(np.count_nonzero(data[body] > METAL_HU)) * voxel
     if vals.size == 0:
-        return RoiStats(roi, box, np.nan, np.nan, np.nan, 0.0, (np.nan, np.nan, np.nan), metal, heights)
+        return RoiStats(
+            roi,
+            box,
+            np.nan,
+            np.nan,
+            np.nan,
+            0.0,
+            (np.nan, np.nan, np.nan),
+            metal,
+            heights,
+            heights_se,
+            mask_heights,
+        )
     kk, jj, ii = np.nonzero(roi)
     cen = (
         float(ii.mean()) + box[2].start,
@@ -126,6 +142,8 @@ def trabecular_roi(
         centroid_ijk=cen,
         metal_mm3=metal,
         heights_mm=heights,
+        heights_se_mm=heights_se,
+        mask_heights_mm=mask_heights,
     )
 
 
@@ -187,6 +205,18 @@ PROFILE_FRACTIONS = (0.15, 0.25, 0.35, 0.5, 0.65, 0.75, 0.85)
 #: Step (mm) along a profile, and the least HU drop from an end-plate peak into the disc that counts.
 PROFILE_STEP_MM = 0.25
 ENDPLATE_MIN_DROP_HU = 60.0
+#: Least HU an end-plate peak stands above the marrow at the body's middle.
+ENDPLATE_MIN_RISE_HU = 40.0
+
+
+@dataclass(frozen=True)
+class HeightFit:
+    """Body heights from the end-plate profiles (``profile_height_fit``) with their standard errors."""
+
+    heights_mm: tuple[float, float, float]  # anterior, middle, posterior
+    se_mm: tuple[float, float, float]  # standard errors of ``heights_mm`` from the residual spread
+    fractions: tuple[float, ...]  # depth fractions of the profiles that showed both end plates
+    profile_heights_mm: tuple[float, ...]  # their heights
 
 
 def profile_heights(
@@ -195,22 +225,48 @@ def profile_heights(
     spacing: tuple[float, float, float],
     axis_mm: tuple[float, float, float] | None = None,
 ) -> tuple[float, float, float] | None:
+    """Anterior, middle and posterior heights of ``profile_height_fit`` (None when it fails)."""
+    fit = profile_height_fit(data, body, spacing, axis_mm)
+    return None if fit is None else fit.heights_mm
+
+
+def profile_height_fit(
+    data: npt.NDArray[Any],
+    body: B,
+    spacing: tuple[float, float, float],
+    axis_mm: tuple[float, float, float] | None = None,
+) -> HeightFit | None:
     """Anterior, middle and posterior body heights (mm) from the image itself, with sub-voxel end plates.
 
     Counting mask voxels biases heights by up to a slice thickness (partial volume at the end plates, the
-    working-grid outline) and pulls wedge ratios towards 1. Instead, at depth fractions 0.15 ... 0.85 of the
-    body (along its own axis ``axis_mm``, in a central 8 mm wide, 2 mm deep column) the HU profile along
-    the axis is sampled every 0.25 mm (trilinear). From the body's middle outwards, each end plate is the
-    first peak that falls by >= ``ENDPLATE_MIN_DROP_HU`` (and by half its height above the marrow) into the
-    disc within 8 mm; its outer edge is the half-maximum crossing between the peak and the disc minimum,
-    interpolated linearly between samples: the edge of a blurred step or thin plate, whatever the slice
-    thickness. The height at each fraction is the distance of the two edges.
+    working-grid outline, the mask's closing along the axis that fills a wedge) and pulls wedge ratios
+    towards 1. Instead, at depth fractions 0.15 ... 0.85 of the body (along its own axis ``axis_mm``, in a
+    central 8 mm wide, 2 mm deep column) the HU profile along the axis is sampled every 0.25 mm
+    (trilinear). From the body's middle outwards, each end plate is the first peak that stands
+    >= ``ENDPLATE_MIN_RISE_HU`` above the marrow and falls by >= ``ENDPLATE_MIN_DROP_HU`` (and by half its
+    height above the marrow) into the disc within 8 mm; its
+    outer edge is the half-maximum crossing of the cortical end plate (half-way between its peak and the
+    disc minimum beyond it), interpolated linearly between samples. On thin slices that is sub-voxel; on
+    thick slices a thin plate fills one slice and the edge can only be placed to about half a slice, but
+    the body's tilt against the slices shifts that error from profile to profile and the line fitted over
+    the depth averages it. The height at each fraction is the distance of the two edges; an edge more than
+    a slice (+ 2 mm) beyond the mask's own extent there has met another structure (a thin posterior disc
+    missed, the next vertebra, a pedicle root) and its profile is dropped.
 
-    Middle = the height at 0.5. Anterior and posterior = a straight line fitted to the heights over the
-    depth, evaluated at the anterior (0) and posterior (1) margins: Genant's heights are taken at the
-    corners, which a profile cannot sample (the cortex of the anterior / posterior wall runs along it), and
-    a wedge is linear in depth; a symmetric end-plate concavity does not tilt the line. ``None`` when fewer
+    Middle = the height at 0.5 (the line's value there when that profile fails). Anterior and posterior =
+    a Theil-Sen line fitted to the heights over the depth, evaluated at the anterior (0) and posterior (1)
+    margins: Genant's heights are taken at the corners, which a profile cannot sample (the cortex of the
+    anterior / posterior wall runs along it), and a wedge is linear in depth; a symmetric end-plate
+    concavity does not tilt the line. ``None`` when fewer
     than five profiles show both end plates (the caller then falls back to the mask, ``body_heights``).
+
+    Standard errors: the residual spread of the profile heights around the line (RMS with n - 2 degrees of
+    freedom over the profiles within 3 robust SDs of it, so a profile the line rejected does not inflate
+    it) is the scatter of one profile height: noise, trabecular texture and the end plates' placement in
+    the slices where the plates cross them. The line's value at depth ``f`` then has the ordinary
+    least-squares standard error ``sigma * sqrt(1/n + (f - mean)^2 / Sxx)``; the middle height is one
+    profile (``sigma``). The part of the slice quantisation common to all profiles (a plate parallel to
+    the slices) does not show in the residuals: ``qc`` adds it to the ratio.
     """
     sx, sy, sz = spacing
     if not body.any():
@@ -232,6 +288,8 @@ def profile_heights(
     du = np.array([-4.0, -2.0, 0.0, 2.0, 4.0])
     dv = np.array([-1.0, 0.0, 1.0])
     pu, pv = (x.ravel() for x in np.meshgrid(du, dv, indexing="ij"))
+    # the mask's extent runs between voxel centres and its outline is rounded to the 2 mm working grid
+    tol = abs(float(a[2])) * sz + abs(float(a[1])) * sy + 2.0
     fr: list[float] = []
     hs: list[float] = []
     h_mid: float | None = None
@@ -262,11 +320,16 @@ def profile_heights(
         dn = _endplate_edge(p[n::-1], marrow, ds)
         if up is None or dn is None:
             continue
+        # the working-grid mask may be too tall (its closing along the axis fills a wedge) but an end
+        # plate beyond the mask's own extent by more than a slice and a working voxel is another structure
+        # (a thin posterior disc missed, the next vertebra, a pedicle root)
+        if max(up, dn) > half_span + tol:
+            continue
         fr.append(frac)
         hs.append(up + dn)
         if frac == 0.5:
             h_mid = up + dn
-    if len(hs) < 5 or h_mid is None:
+    if len(hs) < 5:
         return None
     # Theil-Sen line (median of pairwise slopes): a profile caught by the posterior wall, a pedicle root or
     # a Schmorl node must not tilt it (robust to 2 of 7 outliers)
@@ -274,7 +337,25 @@ def profile_heights(
     ia, ib = np.triu_indices(fa.size, 1)
     slope = float(np.median((ha[ib] - ha[ia]) / (fa[ib] - fa[ia])))
     icpt = float(np.median(ha - slope * fa))
-    return (icpt, h_mid, icpt + slope)
+    res = ha - (icpt + slope * fa)
+    robust_sd = 1.4826 * float(np.median(np.abs(res)))
+    inl = np.abs(res) <= max(3.0 * robust_sd, 1e-9)
+    if inl.sum() < 3:  # degenerate residuals (exact line, ties): all profiles count
+        inl = np.ones_like(inl)
+    n = int(inl.sum())
+    sigma = float(np.sqrt(np.sum(res[inl] ** 2) / max(1, n - 2)))
+    f_in = fa[inl]
+    sxx = max(float(np.sum((f_in - f_in.mean()) ** 2)), 1e-9)
+
+    def _se(f: float) -> float:
+        return sigma * float(np.sqrt(1.0 / n + (f - float(f_in.mean())) ** 2 / sxx))
+
+    return HeightFit(
+        heights_mm=(icpt, h_mid if h_mid is not None else icpt + 0.5 * slope, icpt + slope),
+        se_mm=(_se(0.0), sigma if h_mid is not None else _se(0.5), _se(1.0)),
+        fractions=tuple(float(x) for x in fa),
+        profile_heights_mm=tuple(float(x) for x in ha),
+    )
 
 
 def _endplate_edge(q: npt.NDArray[np.float64], marrow: float, ds: float) -> float | None:
@@ -288,13 +369,15 @@ def _endplate_edge(q: npt.NDArray[np.float64], marrow: float, ds: float) -> floa
         j_low = int(np.argmin(beyond))
         low = float(beyond[j_low])
         drop = float(q[k]) - low
+        # an end plate is cortex: brighter than the marrow it closes (the edge of a sclerotic core is not)
+        if q[k] < marrow + ENDPLATE_MIN_RISE_HU:
+            continue
         if drop < max(ENDPLATE_MIN_DROP_HU, 0.5 * (float(q[k]) - marrow)):
             continue
-        # the edge level: half-way between the marrow and the disc (the edge of a blurred step, found with
-        # sub-sample precision in the straddling slice); half-way between the plate peak and the disc when
-        # the marrow is too close to the disc to tell (fatty osteoporotic marrow). Half-way between peak and
-        # disc alone would always fall midway between the peak sample and the next one: no sub-voxel edge.
-        half = 0.5 * (marrow + low) if marrow - low >= 40.0 else 0.5 * (float(q[k]) + low)
+        # the half-maximum of the cortical end plate: half-way between its peak and the disc. Half-way
+        # between marrow and disc instead would put the edge of a bright plate up to a slice outwards and
+        # pull every wedge ratio towards 1 (a 50 % wedge read 0.70 at 3 mm slices)
+        half = 0.5 * (float(q[k]) + low)
         for j in range(k + 1, k + j_low + 1):
             if q[j] < half:
                 t = (float(q[j - 1]) - half) / max(1e-6, float(q[j - 1] - q[j]))

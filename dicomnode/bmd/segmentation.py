@@ -81,7 +81,9 @@ def get_backend(name: str = "classical", **kw: Any) -> SegmentationBackend:
     Parameters
     ----------
     name
-        ``"classical"`` (default, no weights) or a name registered with :func:`register_backend`.
+        ``"classical"`` (default, no weights), ``"bundle:PATH"`` (a segmentation model bundle, loaded and
+        verified on first use, see :mod:`dicomnode.bmd.backend_bundle`) or a name registered with
+        :func:`register_backend`.
     **kw
         Passed to the backend's factory.
 
@@ -89,11 +91,17 @@ def get_backend(name: str = "classical", **kw: Any) -> SegmentationBackend:
     ------
     ConfigError
         Unknown backend name.
+    BundleError
+        A ``bundle:PATH`` that is missing, tampered with or not a segmentation bundle.
     """
     if name == "classical" and name not in _REGISTRY:
         from dicomnode.bmd.classical import ClassicalBackend
 
         register_backend("classical", ClassicalBackend)
+    if name.startswith("bundle:") and name not in _REGISTRY:
+        from dicomnode.bmd.backend_bundle import register_bundle_backend
+
+        register_bundle_backend(name)  # registers under the same name; BundleError (one line) if refused
     try:
         factory = _REGISTRY[name]
     except KeyError:

@@ -1,7 +1,8 @@
 """``dicomnode analyze INPUT --out DIR``: analyse one CT (DICOM folder/file or NIfTI) and write the outputs.
 
 Exit status: 0 analysed (status ok), 2 not qualifying (MR, localizer, head CT, dose report, too few slices,
-lumbar spine not in view...), 1 failure. ``DIR/result.json`` is written in every case.
+lumbar spine not in view...), 1 failure. ``DIR/result.json`` is written in every case, except when a
+configured model bundle is refused before any image is read (tampered, wrong task, missing: exit 2, one line).
 """
 
 from __future__ import annotations
@@ -39,7 +40,64 @@ def register(subparsers: Any) -> None:
     p.add_argument("--output-version", type=int, default=1, help="output version for the UIDs (default 1)")
     p.add_argument("--disclaimer", default=None, help="line burned into the overlays")
     p.add_argument("--no-png", action="store_true", help="do not write PNG copies of the overlays")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="take the analysis options (backend, estimator, erosion, contrast policy, disclaimer) from the "
+        "'analysis' section of this node config file; the options below override it",
+    )
+    p.add_argument(
+        "--backend",
+        default=None,
+        metavar="SPEC",
+        help="classical (default), bundle:PATH or both:PATH: a model bundle replaces the vertebra finder "
+        "(segmentation bundle) or the vBMD (bmd bundle; 'both' reports it beside the calibrated ROI)",
+    )
+    p.add_argument("--segmentation-backend", default=None, metavar="SPEC", help="classical or bundle:PATH")
+    p.add_argument(
+        "--bmd-estimator",
+        default=None,
+        metavar="SPEC",
+        help="roi (calibrated ROI, default), bundle:PATH (model vBMD) or both:PATH (both, with agreement)",
+    )
     p.set_defaults(handler=run)
+
+
+def options_from_args(args: argparse.Namespace) -> Any:
+    """The analysis options of ``--config`` and the backend flags, with every bundle checked.
+
+    Returns
+    -------
+    dicomnode.pipeline.analyze.AnalysisOptions
+
+    Raises
+    ------
+    DicomnodeError
+        A config, backend choice or bundle that cannot be used (one line).
+    """
+    from dicomnode.pipeline.analyze import check_options, resolve_options
+
+    backend = getattr(args, "backend", None)
+    seg = getattr(args, "segmentation_backend", None)
+    est = getattr(args, "bmd_estimator", None)
+    config = getattr(args, "config", None)
+    if config is not None:
+        from dicomnode.config import load_settings
+
+        a = load_settings(config).analysis
+        options = resolve_options(
+            backend if backend is not None else a.backend,
+            seg if seg is not None else a.segmentation_backend,
+            est if est is not None else a.bmd_estimator,
+            erosion_mm=a.erosion_mm,
+            contrast_policy=a.contrast_policy,
+            disclaimer=a.disclaimer,
+        )
+    else:
+        options = resolve_options(backend or "classical", seg, est)
+    check_options(options)
+    return options
 
 
 def _f(value: float | None, digits: int = 1) -> str:
@@ -126,6 +184,15 @@ def _run(args: argparse.Namespace) -> int:
         import pydicom.config  # noqa: F401
 
         logging.getLogger("pydicom").setLevel(logging.ERROR)
+    from dicomnode.errors import DicomnodeError
+
+    try:
+        # A bundle that is tampered with, of the wrong task or whose spec no CT can meet: refused before
+        # any image is read, with one line.
+        options = options_from_args(args)
+    except DicomnodeError as exc:
+        print(f"dicomnode analyze: {exc}", file=sys.stderr)
+        return 2
     try:
         from dicomnode.pipeline.analyze import analyze_path
 
@@ -139,6 +206,7 @@ def _run(args: argparse.Namespace) -> int:
                 version=args.output_version,
                 disclaimer=args.disclaimer,
                 write_png=not args.no_png,
+                options=options,
             )
     except KeyboardInterrupt:
         raise

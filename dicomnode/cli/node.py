@@ -281,17 +281,20 @@ def build_node(
             CeleryExecutor,
             LocalExecutor,
             ProcessAnalyzer,
-            analyze_job,
+            job_function,
             make_celery_app,
         )
         from dicomnode.pipeline.runner import Runner
         from dicomnode.pipeline.scheduler import build_scheduler
 
         if analyze is None:
+            from dicomnode.pipeline.analyze import options_from_settings
+
+            job = job_function(options_from_settings(settings))
             if analysis_in_process or settings.workers.executor == "celery":
-                analyze = analyze_job
+                analyze = job
             else:
-                node.analyzer = ProcessAnalyzer(settings.workers.count)
+                node.analyzer = ProcessAnalyzer(settings.workers.count, fn=job)
                 analyze = node.analyzer
         runner = Runner(
             settings,
@@ -323,6 +326,35 @@ def build_node(
     return node
 
 
+def check_analysis(settings: Settings) -> list[str]:
+    """Start-up check of the analysis configuration (``serve``/``work``).
+
+    Every model bundle the settings name (``analysis.backend``, ``segmentation_backend``,
+    ``bmd_estimator``) is verified (:func:`dicomnode.ml.bundle.validate_bundles`: manifest, SHA-256), loaded,
+    and checked for the right task and an input spec the node's CT series can meet. Nothing is loaded when
+    only the built-in methods are configured.
+
+    Returns
+    -------
+    list of str
+        One line per part in use (for the log).
+
+    Raises
+    ------
+    BundleError, ConfigError
+        One line naming the bundle (or setting) and the reason.
+    """
+    from dicomnode.pipeline.analyze import check_options, options_from_settings
+
+    options = options_from_settings(settings)
+    if not options.bundles():
+        return [f"segmentation {options.segmentation}, vBMD {options.bmd_estimator}"]
+    from dicomnode.ml.bundle import validate_bundles
+
+    validate_bundles(settings)
+    return check_options(options)
+
+
 def run_node(args: argparse.Namespace) -> int:
     """``dicomnode serve|receive|work``: build, start, wait for SIGTERM/SIGINT, stop."""
     try:
@@ -341,6 +373,15 @@ def run_node(args: argparse.Namespace) -> int:
         log.info("signal %s received", signal.Signals(signum).name)
         stop.set()
 
+    if args.role in ("serve", "work"):
+        # A tampered bundle, or one whose input spec the node's series cannot meet, is refused now, with
+        # one line naming it, not at the first study in the night.
+        try:
+            for line in check_analysis(settings):
+                log.info("analysis %s", line)
+        except DicomnodeError as exc:
+            print(f"dicomnode {args.role}: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
     if getattr(args, "celery_worker", False):
         return run_celery_worker(settings)
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -391,7 +432,8 @@ def run_celery_worker(settings: Settings) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    from dicomnode.pipeline.executors import analyze_job, configure_celery_worker, make_celery_app
+    from dicomnode.pipeline.analyze import options_from_settings
+    from dicomnode.pipeline.executors import configure_celery_worker, job_function, make_celery_app
     from dicomnode.pipeline.runner import Runner
     from dicomnode.store import Store, make_engine, upgrade
 
@@ -399,7 +441,7 @@ def run_celery_worker(settings: Settings) -> int:
     engine = make_engine(settings.database_url_resolved())
     upgrade(engine)
     store = Store(engine)
-    configure_celery_worker(Runner(settings, store, analyze=analyze_job))
+    configure_celery_worker(Runner(settings, store, analyze=job_function(options_from_settings(settings))))
     app = make_celery_app(settings.workers.broker_url)
     try:
         app.worker_main(

@@ -16,6 +16,7 @@ import numpy.typing as npt
 import torch
 from scipy import ndimage
 
+from dicomnode import DEFAULT_EROSION_MM
 from dicomnode.domain import (
     REPORTED_LEVELS,
     AnalysisResult,
@@ -37,8 +38,8 @@ log = logging.getLogger(__name__)
 
 #: Vertebral bodies smaller than this (mm3) are treated as spurious and dropped.
 MIN_BODY_MM3 = 1500.0
-#: Erosion (mm) from the body outline to the trabecular ROI, as the classical engine does (cortex excluded).
-TRABECULAR_EROSION_MM = 3.0
+#: Erosion (mm) from the body outline to the trabecular ROI: the classical engine's default (cortex excluded).
+TRABECULAR_EROSION_MM = DEFAULT_EROSION_MM
 
 
 @dataclass(frozen=True, eq=False)
@@ -345,9 +346,9 @@ def analyse_with_bundles(
 ) -> AnalysisResult:
     """A whole analysis with model bundles: levels by the segmentation bundle, vBMD by the bmd bundle.
 
-    The trabecular HU statistics are measured in the segmented body eroded by 3 mm. Without a bmd bundle
-    no vBMD is given (HU only). ``algorithm_name`` / ``algorithm_version`` name the bundles used
-    (``name`` joined by ``+``), and ``warnings`` carry their checksums.
+    The trabecular HU statistics are measured in the segmented body eroded by ``TRABECULAR_EROSION_MM``.
+    Without a bmd bundle no vBMD is given (HU only). ``algorithm_name`` / ``algorithm_version`` name the
+    bundles used (``name`` joined by ``+``), and ``warnings`` carry their checksums.
 
     Parameters
     ----------

@@ -13,26 +13,31 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import functools
 import logging
 import multiprocessing
 import signal
 import threading
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicomnode.domain import AnalysisStatus
 from dicomnode.pipeline.runner import AnalysisOutcome, AnalysisRequest, AnalyzeFn, Runner, make_worker_id
 
+if TYPE_CHECKING:
+    from dicomnode.pipeline.analyze import AnalysisOptions
+
 log = logging.getLogger(__name__)
 
-__all__ = ["CeleryExecutor", "LocalExecutor", "ProcessAnalyzer", "analyze_job"]
+__all__ = ["CeleryExecutor", "LocalExecutor", "ProcessAnalyzer", "analyze_job", "job_function"]
 
 
-def analyze_job(request: AnalysisRequest) -> AnalysisOutcome:
+def analyze_job(request: AnalysisRequest, options: AnalysisOptions | None = None) -> AnalysisOutcome:
     """The real analysis step: ``analyze_path`` on the job's files, outputs into ``request.out_dir``.
 
-    Never raises for bad input; the status and reason say what happened.
+    ``options`` are the node's analysis settings (:func:`dicomnode.pipeline.analyze.options_from_settings`);
+    bind them with :func:`job_function`. Never raises for bad input; the status and reason say what happened.
     """
     from dicomnode.pipeline.analyze import analyze_path
 
@@ -43,6 +48,7 @@ def analyze_job(request: AnalysisRequest) -> AnalysisOutcome:
         version=request.version,
         disclaimer=request.disclaimer,
         write_png=True,
+        options=options,
     )
     if run.error is not None:
         log.error("job %d: analysis error: %r", request.job_id, run.error)
@@ -58,6 +64,13 @@ def analyze_job(request: AnalysisRequest) -> AnalysisOutcome:
         dicom_files=dicom,
         files=files,
     )
+
+
+def job_function(options: AnalysisOptions | None) -> AnalyzeFn:
+    """:func:`analyze_job` bound to the node's analysis options (picklable: it runs in pool children)."""
+    if options is None:
+        return analyze_job
+    return functools.partial(analyze_job, options=options)
 
 
 # -- analysis in child processes ------------------------------------------------------------------------

@@ -247,7 +247,13 @@ def build_sr(
     if not result.vertebrae:
         raise InputError("no vertebra in the result: nothing to report in an SR")
     by_sop = {str(ds.SOPInstanceUID): ds for ds in source_datasets}
-    algo = hd.sr.AlgorithmIdentification(name=result.algorithm_name, version=result.algorithm_version)
+    # Name and version say what produced the numbers (engine, plus any model bundle); the parameters list
+    # each part with its own version and checksum (segmentation, vBMD estimator, agreement in "both" mode).
+    algo = hd.sr.AlgorithmIdentification(
+        name=result.algorithm_name,
+        version=result.algorithm_version,
+        parameters=[" ".join(p.split())[:1024] for p in result.algorithm_components] or None,
+    )
     method = None
     if result.summary is not None and result.summary.calibration.method:
         method = c.calibration_method_code(result.summary.calibration.method)

@@ -4,8 +4,11 @@
 TotalSegmentator v2 masks (whole vertebrae incl. posterior elements: T12 32, L1 31 .. L5 27). Checked:
 
 * the L1 ROI centroid lies inside the reference L1 mask; L1 trabecular mean HU within 95-140 HU (the data
-  README's range for an eroded vertebral-body ROI on this image); L1 not ``level_uncertain``;
-* every level T12-L5 found and named;
+  README's range for an eroded vertebral-body ROI on this image); L1 not ``level_uncertain`` with both
+  anchors in view; ``level_uncertain`` (named right) on the T12-L3 crop, where the short 12th ribs are the
+  only anchor (see ``test_dicom_roundtrip``);
+* every level T12-L5 found and named; L1 (a regular body, reference-mask ratio ~0.84) not excluded as a
+  compression fracture on its noisy 3 mm profiles, so the category rests on L1-L2;
 * per-level Dice of our vertebral-body masks against the whole-vertebra reference, and the fraction of our
   body mask inside the right reference label, printed (``pytest -s``); the body should lie inside the
   right vertebra (fraction >= 0.7), while Dice is bounded by the missing posterior elements;
@@ -42,14 +45,14 @@ def _ref_label_at(ref: Volume, lps: tuple[float, float, float]) -> int:
     return int(ref.data[k, j, i])
 
 
-def _check(out: BmdOutput, ref: Volume, expect: tuple[str, ...], tag: str) -> None:
+def _check(out: BmdOutput, ref: Volume, expect: tuple[str, ...], tag: str, uncertain: bool = False) -> None:
     res = out.result
     levels = [v.level for v in res.vertebrae]
     for lv in expect:
         assert lv in levels, f"{tag}: {lv} not found ({levels})"
     l1 = res.vertebra("L1")
     assert l1 is not None
-    assert not l1.level_uncertain, f"{tag}: {res.summary.notes if res.summary else ''}"
+    assert l1.level_uncertain is uncertain, f"{tag}: {res.summary.notes if res.summary else ''}"
     assert _ref_label_at(ref, l1.roi_centroid_lps_mm) == REF_LABELS["L1"], tag
     assert 95.0 <= l1.trabecular_hu_mean <= 140.0, f"{tag}: L1 {l1.trabecular_hu_mean:.1f} HU"
     # every measured level sits in the right reference vertebra
@@ -95,6 +98,18 @@ def test_nifti_acceptance(ct: Volume, ref: Volume) -> None:
     assert l1 is not None and l1.outline is not None and len(l1.outline.points_lps_mm) >= 4
     assert res.summary is not None and res.summary.contrast_phase.value == "native"
     assert res.study_instance_uid == "" and res.series_instance_uid == ""
+    # L1 is a regular body (TotalSegmentator's reference mask: ~27 mm anterior vs 30-33 mm posterior, ratio
+    # ~0.84; regular on the mid-sagittal view), but its end-plate profiles on 3 mm slices are noisy: the
+    # fitted line can read a ratio well below 0.75. The fracture call weighs the ratio against its own
+    # standard error (profile residuals + slice quantisation, qc.ratio_se) and must not exclude it: a
+    # possible deformity within the measurement uncertainty is reported and the level kept, so the
+    # category rests on L1-L2.
+    assert not l1.excluded, l1.qc
+    assert res.summary.levels_used == ("L1", "L2"), res.summary.levels_used
+    assert l1.height_ratio is not None
+    if l1.height_ratio < 0.75:
+        assert any("within the measurement uncertainty" in q for q in l1.qc), l1.qc
+    print(f"[nifti] L1 height ratio {l1.height_ratio:.3f}: {l1.qc}")
     print(
         f"[nifti] L1 {l1.trabecular_hu_mean:.1f} HU (median {l1.trabecular_hu_median:.0f}), vBMD "
         f"{l1.vbmd_mg_cm3}, L1-L2 {res.summary.vbmd_l1_l2_mg_cm3}, category {res.summary.category}, "
@@ -142,12 +157,22 @@ def test_dicom_roundtrip(
     vol = load_series(series[0])
     out = analyze_volume(vol)
     tag = f"dicom {orientation}{' flipped' if flip_rows else ''}{' crop' if crop else ''}"
-    _check(out, ref, expect, tag)
+    # Cropped to T12-L3 the ribs are the only anchor, and this patient's 12th ribs are short (about 40 mm
+    # outside the spine core; the reference masks give ~60-90 mm in all): shorter than the phantom's lumbar
+    # rib, so nothing in view tells them from a lumbar rib on L1. The names come out right, but honestly
+    # flagged uncertain (the full series is confirmed by the sacrum: 5 rib-free vertebrae in between).
+    _check(out, ref, expect, tag, uncertain=crop)
     _dice_table(out, ref, tag)
     res = out.result
+    if crop:
+        assert res.summary is not None
+        assert any("lowest rib pair is short" in n for n in res.summary.notes), res.summary.notes
     assert res.series_instance_uid == vol.header.get("SeriesInstanceUID")
     l1 = res.vertebra("L1")
     assert l1 is not None and l1.outline is not None
+    print(f"[{tag}] L1 height ratio {l1.height_ratio}, excluded {l1.excluded}: {l1.qc}")
+    # the same regular L1 as in test_nifti_acceptance: not excluded on its noisy 3 mm profiles
+    assert not l1.excluded, l1.qc
     # axial slices stay the slice axis: the outline refers to a real source image with pixel coordinates
     assert l1.outline.sop_instance_uid in vol.slice_sop_instance_uids
     assert len(l1.outline.points_cr) == len(l1.outline.points_lps_mm) >= 4
