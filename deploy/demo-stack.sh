@@ -60,24 +60,29 @@ until curl -fsS "$qido" 2>/dev/null | grep -q '"SR"'; do
 done
 sleep 2 # let the overlay images that follow the SR land too
 echo "demo: SR arrived after $((SECONDS - t0)) s. Series now in the study:"
-curl -fsS "$qido" | "$PY" -c '
+curl -fsS "$qido" >"$STATE/demo-series.json"
+"$PY" - "$STATE/demo-series.json" <<'PY'
 import json, sys
-for s in sorted(json.load(sys.stdin), key=lambda s: s.get("00200011", {}).get("Value", [0])[0]):
-    get = lambda tag: (s.get(tag, {}).get("Value") or [""])[0]
-    print(f"  {get(\"00080060\"):3s} series {get(\"00200011\"):>5}  {get(\"0008103E\")}  ({get(\"00201209\")} instances)")
-'
-result=$(ls -t "$STATE"/node-data/results/*/result.json "$STATE"/node-data/results/*/*/result.json 2>/dev/null | head -n 1 || true)
+def get(s, tag):
+    return (s.get(tag, {}).get("Value") or [""])[0]
+series = json.load(open(sys.argv[1]))
+for s in sorted(series, key=lambda s: int(get(s, "00200011") or 0)):
+    print(f"  {get(s, '00080060'):3s} series {get(s, '00200011'):>5}  {get(s, '0008103E')}  ({get(s, '00201209')} instances)")
+PY
+result=$(find "$STATE/node-data/results" -name result.json -printf "%T@ %p\n" 2>/dev/null | sort -rn | head -n 1 | cut -d" " -f2- || true)
 if [[ -n "$result" ]]; then
   "$PY" - "$result" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 s = r.get("summary") or {}
-print(f"demo: result: {r['status']}; L1-L2 vBMD {s.get('vbmd_l1_l2_mg_cm3')} mg/cm3 -> {s.get('category')}; "
-      f"L1 {s.get('l1_hu')} HU; contrast {s.get('contrast_phase')}")
+def num(x):
+    return "n/a" if x is None else f"{x:.1f}"
+print(f"demo: result: {r['status']}; L1-L2 vBMD {num(s.get('vbmd_l1_l2_mg_cm3'))} mg/cm3 -> {s.get('category')}; "
+      f"L1 {num(s.get('l1_hu'))} HU; contrast {s.get('contrast_phase')}")
 for v in r.get("vertebrae", []):
     flag = " (level uncertain)" if v["level_uncertain"] else ""
     flag += f" excluded: {v.get('exclusion_reason')}" if v["excluded"] else ""
-    print(f"  {v['level']:>3}  {v['trabecular_hu_mean']:7.1f} HU  {v['vbmd_mg_cm3']} mg/cm3{flag}")
+    print(f"  {v['level']:>3}  {v['trabecular_hu_mean']:7.1f} HU  {num(v['vbmd_mg_cm3']):>6} mg/cm3{flag}")
 PY
 fi
 cat <<EOF
