@@ -148,6 +148,13 @@ def _num(x: float | None) -> str:
     return "" if x is None else (str(int(x)) if float(x).is_integer() else str(x))
 
 
+def _with_default_pipeline(data: Any) -> Any:
+    # "bmd" is the only pipeline today; defaulted so short rules (and fallbacks) stay short.
+    if isinstance(data, dict) and data.get("action") == "analyse" and not data.get("pipeline"):
+        return {**data, "pipeline": DEFAULT_PIPELINE}
+    return data
+
+
 class Rule(BaseModel):
     """An ordered rule: all ``conditions`` hold -> ``action``."""
 
@@ -165,10 +172,7 @@ class Rule(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _default_pipeline(cls, data: Any) -> Any:
-        # "bmd" is the only pipeline today; defaulted so short rules stay short.
-        if isinstance(data, dict) and data.get("action") == "analyse" and not data.get("pipeline"):
-            return {**data, "pipeline": DEFAULT_PIPELINE}
-        return data
+        return _with_default_pipeline(data)
 
     @model_validator(mode="after")
     def _ignore_plain(self) -> Rule:
@@ -190,9 +194,7 @@ class Fallback(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _default_pipeline(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("action") == "analyse" and not data.get("pipeline"):
-            return {**data, "pipeline": DEFAULT_PIPELINE}
-        return data
+        return _with_default_pipeline(data)
 
 
 class RankingOptions(BaseModel):
