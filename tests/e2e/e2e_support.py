@@ -379,3 +379,44 @@ class SlowRelay:
     def close(self) -> None:
         self._stop.set()
         self.sock.close()
+
+
+def orthanc_instance_count(stack: Stack, study_uid: str) -> int:
+    """How many instances of the study Orthanc holds (QIDO-RS over all its series)."""
+    return sum(
+        len(qido_instances(stack, study_uid, str(_value(s, "0020000E"))))
+        for s in qido_series(stack, study_uid)
+    )
+
+
+def storescu_into_orthanc(
+    stack: Stack, folder: Path, study_uid: str, expected: int, *, aet: str = "STORESCU"
+) -> None:
+    """Send every file under ``folder`` to Orthanc with dcmtk's storescu, as a modality would.
+
+    storescu's exit status alone does not prove Orthanc stored the files (seen under load: exit 0 and an
+    empty Orthanc), so the study is looked up in Orthanc afterwards. A send that left Orthanc without the
+    study is repeated once (C-STORE of the same instances is idempotent); the verbose output of every
+    attempt is kept for the failure message. This concerns the modality -> PACS leg only, not the node.
+    """
+    logs: list[str] = []
+    for attempt in (1, 2):
+        sent = subprocess.run(
+            ["storescu", "-v", "-aet", aet, "-aec", "ORTHANC", "127.0.0.1", str(stack.orthanc_dicom),
+             "+sd", "+r", str(folder)],
+            env=stack.env(TCP_NODELAY="1"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )  # fmt: skip
+        logs.append(
+            f"attempt {attempt}: exit {sent.returncode}\n{sent.stdout[-4000:]}\n{sent.stderr[-4000:]}"
+        )
+        assert sent.returncode == 0, logs[-1]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(requests.RequestException):
+                if orthanc_instance_count(stack, study_uid) >= expected:
+                    return
+            time.sleep(0.5)
+    raise AssertionError("storescu exited 0 but Orthanc does not hold the study:\n" + "\n".join(logs))

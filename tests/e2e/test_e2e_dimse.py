@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from e2e_support import PhantomStudy, Stack, node_outputs, open_store, require_tools, retrieve, wait_for
+from e2e_support import (
+    PhantomStudy,
+    Stack,
+    node_outputs,
+    open_store,
+    require_tools,
+    retrieve,
+    storescu_into_orthanc,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -23,25 +32,7 @@ def test_storescu_to_orthanc_to_node_and_back(
 ) -> None:
     require_tools("Orthanc", "storescu", "dciodvfy")
     stack.up(NODE_DESTINATION="dimse")
-    sent = subprocess.run(
-        [
-            "storescu",
-            "-aet",
-            "STORESCU",
-            "-aec",
-            "ORTHANC",
-            "127.0.0.1",
-            str(stack.orthanc_dicom),
-            "+sd",
-            "+r",
-            str(phantom_study.folder),
-        ],
-        env=stack.env(TCP_NODELAY="1"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert sent.returncode == 0, sent.stderr
+    storescu_into_orthanc(stack, phantom_study.folder, phantom_study.study_uid, len(phantom_study.all_files))
 
     def outputs() -> dict[str, list[str]] | None:
         out = node_outputs(stack, phantom_study.study_uid)
