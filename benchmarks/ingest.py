@@ -124,7 +124,7 @@ def send(port: int, aec: str, folder: Path) -> float:
     env = dict(os.environ, TCP_NODELAY="1")
     start = time.perf_counter()
     proc = subprocess.run(
-        [STORESCU, "-aet", "STORESCU", "-aec", aec, "127.0.0.1", str(port), "+sd", str(folder)],
+        [STORESCU, "-aet", "STORESCU", "-aec", aec, "+sd", "127.0.0.1", str(port), str(folder)],
         env=env,
         capture_output=True,
         text=True,

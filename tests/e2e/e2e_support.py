@@ -402,8 +402,9 @@ def storescu_into_orthanc(
     logs: list[str] = []
     for attempt in (1, 2):
         sent = subprocess.run(
-            ["storescu", "-v", "-aet", aet, "-aec", "ORTHANC", "127.0.0.1", str(stack.orthanc_dicom),
-             "+sd", "+r", str(folder)],
+            # options before the positional arguments: dcmtk may otherwise take "+sd" for a file name
+            ["storescu", "-v", "-aet", aet, "-aec", "ORTHANC", "+sd", "+r",
+             "127.0.0.1", str(stack.orthanc_dicom), str(folder)],
             env=stack.env(TCP_NODELAY="1"),
             capture_output=True,
             text=True,
