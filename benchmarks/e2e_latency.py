@@ -52,7 +52,7 @@ def _run_once(
     t_send0 = datetime.now(UTC)
     subprocess.run(
         [
-            "storescu",
+            "/usr/bin/storescu",  # dcmtk; pynetdicom installs another storescu into .venv/bin
             "-aet",
             "STORESCU",
             "-aec",
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "--keep", type=Path, help="keep the stack's state dir here (default: a temp dir, removed)"
     )
     args = ap.parse_args(argv)
-    for tool in ("Orthanc", "storescu"):
+    for tool in ("Orthanc", "/usr/bin/storescu"):
         if shutil.which(tool) is None:
             print(f"e2e_latency: {tool} not found (apt-get install orthanc orthanc-dicomweb dcmtk)")
             return 1

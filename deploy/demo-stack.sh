@@ -46,7 +46,8 @@ PY
 )
 
 echo "demo: storescu -> Orthanc (AET ORTHANC, port $ORTHANC_DICOM_PORT)"
-TCP_NODELAY=1 storescu -q -aet MODALITY -aec ORTHANC +sd +r 127.0.0.1 "$ORTHANC_DICOM_PORT" "$STATE/demo-study/study"
+# dcmtk storescu by path: an activated .venv has pynetdicom's own storescu first on PATH
+TCP_NODELAY=1 /usr/bin/storescu -q -aet MODALITY -aec ORTHANC +sd +r 127.0.0.1 "$ORTHANC_DICOM_PORT" "$STATE/demo-study/study"
 
 echo "demo: waiting for the node's SR to arrive in the study (Orthanc routes after its stable age, the node after its quiet period)"
 t0=$SECONDS

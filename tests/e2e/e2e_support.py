@@ -28,6 +28,9 @@ REPO = Path(__file__).resolve().parents[2]
 #: The node's admin account in these tests (STOW-RS into the node is authenticated).
 ADMIN = ("admin", "e2e-admin-password")
 LOCAL_STACK = REPO / "deploy" / "local-stack.sh"
+#: dcmtk's storescu by absolute path: pynetdicom installs a different `storescu` into .venv/bin, which the
+#: test command puts first on PATH.
+DCMTK_STORESCU = "/usr/bin/storescu"
 
 
 def under_ci() -> bool:
@@ -403,7 +406,7 @@ def storescu_into_orthanc(
     for attempt in (1, 2):
         sent = subprocess.run(
             # options before the positional arguments: dcmtk may otherwise take "+sd" for a file name
-            ["storescu", "-v", "-aet", aet, "-aec", "ORTHANC", "+sd", "+r",
+            [DCMTK_STORESCU, "-v", "-aet", aet, "-aec", "ORTHANC", "+sd", "+r",
              "127.0.0.1", str(stack.orthanc_dicom), str(folder)],
             env=stack.env(TCP_NODELAY="1"),
             capture_output=True,

@@ -14,6 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from e2e_support import (
+    DCMTK_STORESCU,
     PhantomStudy,
     Stack,
     node_outputs,
@@ -30,7 +31,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def test_storescu_to_orthanc_to_node_and_back(
     tmp_path: Path, stack: Stack, phantom_study: PhantomStudy
 ) -> None:
-    require_tools("Orthanc", "storescu", "dciodvfy")
+    require_tools("Orthanc", DCMTK_STORESCU, "dciodvfy")
     stack.up(NODE_DESTINATION="dimse")
     storescu_into_orthanc(stack, phantom_study.folder, phantom_study.study_uid, len(phantom_study.all_files))
 
