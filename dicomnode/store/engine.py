@@ -7,6 +7,8 @@ locked" in WAL mode, whatever the busy timeout). PostgreSQL uses psycopg 3 (``po
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +78,32 @@ def check_url(url: str) -> URL:
     return parsed
 
 
+def _set_wal(cur: Any) -> None:
+    """Switch a connection to WAL, retrying while another connection holds the lock.
+
+    Changing the journal mode needs an exclusive lock, and SQLite may answer "database is locked" at once,
+    without the busy handler, while several processes open a fresh database together (receive + work starting,
+    concurrent migrations). The mode is persistent, so a short retry is enough.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _sqlite_events(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event below emit BEGIN itself (pysqlite's implicit BEGIN is deferred only).
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
         cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        _set_wal(cur)
         cur.execute("PRAGMA foreign_keys=ON")
         # FULL: a committed row survives power loss too (a C-STORE success promises the instance is recorded).
         cur.execute("PRAGMA synchronous=FULL")
