@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,14 +25,10 @@ from typing import Any
 
 import requests
 
+from dicomnode.netutil import free_port as _free_port
+
 REPO = Path(__file__).resolve().parent.parent
 TARGET_S = 15.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _sr_in_orthanc(dicomweb: str, study_uid: str) -> bool:

@@ -10,7 +10,11 @@ waits for each response before sending the next image) to, in one run, side by s
   This is the headline figure: what a C-STORE success means in dicomnode;
 * the same SCP and spool with an in-memory sink (the spool's share of the cost, without the database);
 * the same SCP without any fsync and an in-memory sink: a diagnostic of the protocol and CPU cost alone,
-  comparable to storescp but NOT what the node does.
+  comparable to storescp but NOT what the node does;
+* pynetdicom itself, doing nothing: a bare pynetdicom AE (same TCP_NODELAY and event-driven reactor patches as
+  the node, CT Image Storage, every transfer syntax the node accepts) whose C-STORE handler answers 0x0000
+  without reading the dataset or writing anything. No SCP built on pynetdicom, the DIMSE library of the chosen
+  stack, can be faster than this line on this machine: it is the ceiling of any dicomnode figure.
 
 All receivers write under one temp folder (one filesystem). Each of ``--runs`` rounds sends the series once to
 every receiver, rotating the order; every receiver gets a fresh output folder (and database) each round. The
@@ -36,7 +40,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -45,6 +48,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -52,6 +56,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from dicomnode.ingest import MemorySink, Spool
 from dicomnode.ingest.scp import StorageSCP
+from dicomnode.netutil import free_port, wait_port
 from dicomnode.pipeline.sink import StoreSink
 from dicomnode.store import Store, make_engine, upgrade
 
@@ -100,23 +105,6 @@ def make_series(folder: Path, n: int, size: int) -> int:
         ds.save_as(path, enforce_file_format=True)
         total += path.stat().st_size
     return total
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {port}")
 
 
 def send(port: int, aec: str, folder: Path) -> float:
@@ -189,6 +177,39 @@ def _load() -> str:
     except OSError:
         return "n/a"
     return f"{one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} CPUs)"
+
+
+class _PynetdicomFloor:
+    """A bare pynetdicom SCP acknowledging every C-STORE without touching the data: the ceiling."""
+
+    label = "pynetdicom alone, handler does nothing (ceiling)"
+
+    def run(self, folder: Path, series: Path, n: int) -> float:
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+        from dicomnode.ingest.scp import TRANSFER_SYNTAXES
+        from dicomnode.netutil import enable_event_driven_reactors, enable_tcp_nodelay
+
+        enable_tcp_nodelay()
+        enable_event_driven_reactors()
+        ae = AE("DICOMNODE")
+        ae.maximum_pdu_size = 0  # as the node (StorageSCP's default)
+        ae.add_supported_context(CTImageStorage, list(TRANSFER_SYNTAXES))
+        received: list[int] = []
+
+        def on_store(event: Any) -> int:
+            received.append(1)
+            return 0x0000
+
+        server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        try:
+            elapsed = send(int(server.server_address[1]), "DICOMNODE", series)
+        finally:
+            server.shutdown()
+        if len(received) != n:
+            raise RuntimeError(f"{self.label}: {len(received)} of {n} instances acknowledged")
+        return elapsed
 
 
 class _Ours:
@@ -290,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             "durable-mem": _Ours("dicomnode durable spool, in-memory sink", True, False, *flags),
             "nofsync": _Ours("dicomnode NO fsync, in-memory sink (diagnostic)", False, False, *flags),
         }
-        names = ["storescp", *ours]
+        floor_rx = _PynetdicomFloor()
+        names = ["storescp", *ours, "pynetdicom"]
         times: dict[str, list[float]] = {name: [] for name in names}
         disk_ms: list[float] = []
         db_ms: list[float] = []
@@ -300,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                 folder = work / f"r{run}-{name}"
                 if name == "storescp":
                     times[name].append(_run_storescp(folder, series))
+                elif name == "pynetdicom":
+                    times[name].append(floor_rx.run(folder, series, args.images))
                 else:
                     times[name].append(ours[name].run(folder, series, args.images))
                 shutil.rmtree(folder, ignore_errors=True)
@@ -312,7 +336,11 @@ def main(argv: list[str] | None = None) -> int:
 
         med = {k: statistics.median(v) for k, v in times.items()}
         ref = args.images / med["storescp"]
-        labels = {"storescp": "dcmtk storescp (reference, no fsync)", **{k: v.label for k, v in ours.items()}}
+        labels = {
+            "storescp": "dcmtk storescp (reference, no fsync)",
+            **{k: v.label for k, v in ours.items()},
+            "pynetdicom": floor_rx.label,
+        }
         print(f"\nmedian of {args.runs} rounds; storescu +sd, one association, loopback, TCP_NODELAY")
         print(f"{'receiver':66s} {'time s':>7s} {'img/s':>7s} {'MB/s':>6s} {'ratio':>6s}")
         for key in names:
@@ -326,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         floor = max(d50, c50) if concurrent else d50 + c50
         ours_ips = args.images / med["durable"]
         nofsync_ips = args.images / med["nofsync"]
+        floor_ips = args.images / med["pynetdicom"]
         print(
             f"\ndisk, same filesystem, {len(disk_ms)} samples each: durable write of one "
             f"{per_image / 1e6:.2f} MB image (temp, fdatasync, rename, dir fsync) p50 {d50:.2f} ms, "
@@ -345,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"diagnostic (not the headline): dicomnode without fsync {nofsync_ips:.1f} img/s, "
             f"ratio {nofsync_ips / ref:.2f}"
+        )
+        print(
+            f"ceiling of the stack: pynetdicom alone, doing nothing with the data, {floor_ips:.1f} img/s, "
+            f"ratio {floor_ips / ref:.2f}; dicomnode durable reaches {ours_ips / floor_ips:.2f} of it"
         )
     finally:
         if args.keep:

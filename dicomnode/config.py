@@ -58,6 +58,7 @@ __all__ = [
     "DicomwebDestination",
     "DimseDestination",
     "HttpSettings",
+    "LoginThrottleSettings",
     "RetentionSettings",
     "Settings",
     "WorkerSettings",
@@ -129,6 +130,26 @@ class DicomSettings(_Section):
         return False
 
 
+class LoginThrottleSettings(_Section):
+    """Password guessing brake for the admin UI's login form and HTTP Basic (``http.login_throttle``).
+
+    After ``max_failures`` failed log-ins for one user name (or ``max_failures_per_address`` from one client
+    address) within ``window_seconds``, further attempts for that name (from that address) are refused with
+    HTTP 429 for ``lockout_seconds``. Counters live in the memory of each node process (a restart forgets
+    them; ``receive`` and ``work`` count separately).
+    """
+
+    #: Failed log-ins per user name (existing or not) before it is locked; 0 = no limit per name.
+    max_failures: int = Field(5, ge=0, le=10_000)
+    #: Failed log-ins per client address (any user name) before it is locked; 0 = no limit per address.
+    #: Higher than per name: several people may share one address (a terminal server, a NAT, a proxy).
+    max_failures_per_address: int = Field(20, ge=0, le=100_000)
+    #: Failures older than this are forgotten.
+    window_seconds: float = Field(900.0, gt=0, le=7 * 86400)
+    #: How long a locked name or address is refused.
+    lockout_seconds: float = Field(900.0, gt=0, le=7 * 86400)
+
+
 class HttpSettings(_Section):
     """The HTTP listener (admin UI, REST API, STOW-RS)."""
 
@@ -139,6 +160,8 @@ class HttpSettings(_Section):
     #: default): STOW-RS needs an ``admin`` or ``sender`` account. The TCP peer address is used, so list
     #: the PACS itself, not a proxy in front of the node.
     stow_allow_addresses: list[str] = Field(default_factory=list)
+    #: Lockout after repeated failed log-ins (login form and HTTP Basic).
+    login_throttle: LoginThrottleSettings = Field(default_factory=LoginThrottleSettings)
 
     @field_validator("stow_allow_addresses")
     @classmethod
@@ -230,6 +253,10 @@ class DeliverySettings(_Section):
 class RetentionSettings(_Section):
     #: Received instances are removed from the spool this many days after their study finished (0 = never).
     spool_days: int = Field(30, ge=0)
+    #: A job's result folder (SR, SC, PNG, result.json files) is removed this many days after the job and
+    #: all its deliveries finished (0 = never). The database keeps the job, its result and its history;
+    #: only a re-run can send that result again.
+    results_days: int = Field(90, ge=0)
 
 
 class AnalysisSettings(_Section):

@@ -208,6 +208,21 @@ class AnalysisResult:
         return _jsonable(dataclasses.asdict(self))  # type: ignore[no-any-return]
 
 
+@dataclass(frozen=True)
+class PreviousReport:
+    """An SR written for an earlier version of the same series' analysis, which a new version replaces.
+
+    Late instances re-open a series; its new analysis (version ``v + 1``) gets new SR UIDs, and its SR names
+    each earlier one in its Predecessor Documents Sequence (``dicomnode.report``), so a PACS can tell that
+    the new report supersedes them.
+    """
+
+    #: The version of the job that wrote it (its UIDs derive from the job key and this version).
+    version: int
+    #: Where that SR was written (None, or a file since removed: its reference is rebuilt from the UIDs).
+    sr_path: str | None = None
+
+
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}

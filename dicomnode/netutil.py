@@ -344,3 +344,32 @@ def enable_event_driven_reactors() -> bool:
 def event_driven_reactors_enabled() -> bool:
     """Whether :func:`enable_event_driven_reactors` has patched pynetdicom in this process."""
     return _REACTORS_PATCHED
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago (for tests, benchmarks and scripts starting peers).
+
+    The port is released before returning, so another process could take it first; callers that start a
+    server on it should expect, and report, a bind error.
+    """
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0, host: str = "127.0.0.1") -> None:
+    """Block until something accepts TCP connections on ``host:port``.
+
+    Raises
+    ------
+    TimeoutError
+        When nothing listens there after ``timeout`` seconds.
+    """
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f} s")

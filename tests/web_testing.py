@@ -7,7 +7,6 @@ provider), analysed by the real analysis step when asked.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,18 +17,13 @@ from argon2 import PasswordHasher
 from fastapi import FastAPI
 
 from dicomnode.config import Settings, load_settings
+from dicomnode.netutil import free_port
 from dicomnode.store import Store, make_engine, upgrade
 
 ADMIN_PASSWORD = "admin-pass-123"
 VIEWER_PASSWORD = "viewer-pass-123"
 #: Cheap argon2 parameters: the tests log in many times.
 FAST_HASHER = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_settings(data_dir: Path, **extra: Any) -> Settings:

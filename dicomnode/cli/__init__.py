@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "check-config": "dicomnode.cli.admin",
     "db": "dicomnode.cli.admin",
     "rules": "dicomnode.cli.admin",
+    "user": "dicomnode.cli.user",
     "evaluate": "dicomnode.cli.ml",
     "train": "dicomnode.cli.ml",
 }

@@ -132,6 +132,10 @@ def _redact_url(url: str) -> str:
         return "(unparsable)"
 
 
+def _days(days: int) -> str:
+    return f"{days} days" if days else "kept"
+
+
 def config_summary(settings: Settings, rules: RuleSet, path: Path | None) -> str:
     """The "config OK" text of ``check-config``."""
     d = settings.dicom
@@ -160,9 +164,8 @@ def config_summary(settings: Settings, rules: RuleSet, path: Path | None) -> str
         f"  analysis      backend {settings.analysis.backend}, erosion {settings.analysis.erosion_mm:g} mm, "
         f"contrast policy {settings.analysis.contrast_policy}",
         f"  workers       {settings.workers.count} x {settings.workers.executor}",
-        f"  retention     {settings.retention.spool_days} days"
-        if settings.retention.spool_days
-        else "  retention     keep",
+        f"  retention     spool {_days(settings.retention.spool_days)}, "
+        f"results {_days(settings.retention.results_days)}",
     ]
     return "\n".join(lines)
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 from pydicom.dataset import Dataset
 
 from dicomnode import DEFAULT_EROSION_MM
-from dicomnode.domain import AnalysisResult, AnalysisStatus, RuleDecision, SeriesSummary
+from dicomnode.domain import AnalysisResult, AnalysisStatus, PreviousReport, RuleDecision, SeriesSummary
 from dicomnode.errors import DicomnodeError, InputError, NotQualifyingError
 from dicomnode.imaging.volume import Volume
 
@@ -526,6 +526,7 @@ def analyze_path(
     write_png: bool = True,
     measure: Measure | None = None,
     options: AnalysisOptions | None = None,
+    previous_reports: Sequence[PreviousReport] = (),
 ) -> AnalyzeRun:
     """Analyse a DICOM folder/file or a NIfTI file and write the outputs into ``out_dir``.
 
@@ -549,6 +550,9 @@ def analyze_path(
     options
         Engines and measurement settings (default: classical segmentation, calibrated ROI,
         ``dicomnode.DEFAULT_EROSION_MM``); see :func:`options_from_settings`.
+    previous_reports
+        SRs of earlier versions of this analysis, named as predecessors in the new SR (the node's jobs of a
+        re-opened series; see :class:`dicomnode.domain.PreviousReport`).
 
     Returns
     -------
@@ -613,6 +617,7 @@ def analyze_path(
             version=version,
             disclaimer=disclaimer or DEFAULT_DISCLAIMER,
             write_png=write_png,
+            previous_reports=previous_reports,
         )
         timings["report"] = time.perf_counter() - t2
         timings["total"] = time.perf_counter() - t0

@@ -49,6 +49,7 @@ def analyze_job(request: AnalysisRequest, options: AnalysisOptions | None = None
         disclaimer=request.disclaimer,
         write_png=True,
         options=options,
+        previous_reports=request.previous_reports,
     )
     if run.error is not None:
         log.error("job %d: analysis error: %r", request.job_id, run.error)

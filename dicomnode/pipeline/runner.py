@@ -14,6 +14,12 @@ again after a crash without doing anything twice:
   number of attempts, permanent ones stop at once (logged once, visible in the database).
 * :meth:`Runner.recover` - jobs left ANALYSING by a worker that died go back to PENDING; REPORTED jobs get
   their deliveries.
+* :meth:`Runner.sweep_retention` - spooled studies (``retention.spool_days``) and result folders
+  (``retention.results_days``) of finished work are removed; the database rows stay.
+
+A new version of a series (instances arrived after its analysis started) replaces the old results: its SR
+gets new UIDs and names the SRs of the earlier versions that may have reached a destination in its
+Predecessor Documents Sequence (:meth:`Runner.previous_reports`), so a PACS can tell which report is current.
 
 Routing reads the rules in force at every routing decision: by default the newest rule version saved in the
 database (the admin UI's Rules page or ``PUT /api/rules``, from any process: a split ``work`` process sees a
@@ -31,8 +37,10 @@ the runner with trivial ones.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
@@ -47,7 +55,14 @@ from typing import Any, Protocol
 from dicomnode.config import Settings
 from dicomnode.delivery import DeliveryResult, RetryPolicy
 from dicomnode.delivery import deliver as default_deliver
-from dicomnode.domain import AnalysisStatus, DeliveryOutcome, JobState, RuleDecision, SeriesSummary
+from dicomnode.domain import (
+    AnalysisStatus,
+    DeliveryOutcome,
+    JobState,
+    PreviousReport,
+    RuleDecision,
+    SeriesSummary,
+)
 from dicomnode.store import Delivery, InvalidTransitionError, Job, NotFoundError, Store
 
 log = logging.getLogger(__name__)
@@ -82,6 +97,8 @@ class AnalysisRequest:
     #: Seeds the output UIDs: the same job and version always produce the same SR/SC UIDs.
     job_key: str
     disclaimer: str | None = None
+    #: SRs of earlier versions of this series' analysis that this one replaces (empty for version 1).
+    previous_reports: tuple[PreviousReport, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -421,6 +438,7 @@ class Runner:
                 out_dir=out_dir,
                 job_key=f"{job.series_instance_uid}/{job.pipeline}",
                 disclaimer=self.settings.analysis.disclaimer,
+                previous_reports=self.previous_reports(job),
             )
             return self.analyze(request)
         except Exception as exc:  # a bug in a step must fail the job, not the worker
@@ -428,6 +446,44 @@ class Runner:
             return AnalysisOutcome(
                 AnalysisStatus.FAILED, f"internal error ({type(exc).__name__}: {exc})", {"status": "failed"}
             )
+
+    def previous_reports(self, job: Job) -> tuple[PreviousReport, ...]:
+        """The SRs of earlier versions of ``job``'s series and pipeline that its new SR replaces.
+
+        An earlier version counts when its analysis wrote an SR and one of its deliveries succeeded or
+        may still be under way (a PACS may hold that SR). A version superseded before its SR went anywhere
+        is left out: no destination holds it, so nothing there needs to be marked as replaced.
+
+        Returns
+        -------
+        tuple of PreviousReport
+            Newest version first; empty for version 1.
+        """
+        if job.version <= 1:
+            return ()
+        out: list[PreviousReport] = []
+        earlier = self.store.list_jobs(series_uid=job.series_instance_uid, limit=1000).items
+        for old in earlier:  # newest first
+            if old.pipeline != job.pipeline or old.version >= job.version:
+                continue
+            result = self.store.get_result(old.id)
+            sr = next((str(f) for f in (result.files if result else ()) if Path(f).name == "sr.dcm"), None)
+            if sr is None:
+                continue
+            deliveries = self.store.list_deliveries(job_id=old.id, limit=1000).items
+            if any(
+                d.version == old.version and (d.outcome is DeliveryOutcome.SUCCESS or not d.outcome.is_final)
+                for d in deliveries
+            ):
+                out.append(PreviousReport(version=old.version, sr_path=sr))
+        if out:
+            log.info(
+                "job %d (v%d): replaces the SR of version(s) %s",
+                job.id,
+                job.version,
+                ", ".join(str(p.version) for p in out),
+            )
+        return tuple(out)
 
     def _record_outcome(self, job: Job, outcome: AnalysisOutcome, worker_id: str) -> None:
         self.store.record_result(job.id, outcome.result_json, list(outcome.files))
@@ -586,6 +642,17 @@ class Runner:
 
     # -- retention --------------------------------------------------------------------------------------
 
+    def sweep_retention(self, now: datetime | None = None) -> tuple[int, int]:
+        """The retention sweep: :meth:`clean_spool`, then :meth:`clean_results`.
+
+        Returns
+        -------
+        tuple of int
+            Spooled study folders removed, job result folders removed.
+        """
+        now = now or _now()
+        return self.clean_spool(now=now), self.clean_results(now=now)
+
     def clean_spool(self, now: datetime | None = None) -> int:
         """Remove spooled study folders older than ``retention.spool_days`` whose jobs are all final.
 
@@ -615,6 +682,83 @@ class Runner:
                 removed += 1
                 log.info("retention: removed spooled study %s", study_dir.name)
         return removed
+
+    def clean_results(self, now: datetime | None = None) -> int:
+        """Remove the result folders (``<data_dir>/results/job-<id>/``) of finished jobs older than
+        ``retention.results_days``.
+
+        A folder goes only when its job is final (done, failed, not qualifying, superseded), every delivery
+        of the job is final (sent, or failed permanently and not resent since), and neither the job, nor its
+        deliveries, nor any file in the folder changed within the retention period. The database rows stay:
+        the job, its result (``result.json`` content) and its delivery history remain visible; the admin UI
+        says the overlay images were removed, and a resend is refused with the reason (re-run the job).
+        Folders the database does not know as a job are never touched.
+
+        Returns
+        -------
+        int
+            The number of job result folders removed.
+        """
+        days = self.settings.retention.results_days
+        if days <= 0 or not self.results_dir.is_dir():
+            return 0
+        now = now or _now()
+        cutoff = now - timedelta(days=days)
+        removed = 0
+        for job_dir in sorted(self.results_dir.iterdir()):
+            m = re.fullmatch(r"job-(\d+)", job_dir.name)
+            if m is None or job_dir.is_symlink() or not job_dir.is_dir():
+                continue
+            try:
+                job = self.store.get_job(int(m.group(1)))
+            except NotFoundError:
+                continue
+            if not self._results_expired(job, cutoff):
+                continue
+            # Only what is there now goes: an admin re-run starting meanwhile writes a new attempt folder.
+            entries = list(job_dir.iterdir())
+            newest = max((_newest_mtime(p) for p in entries), default=0.0)
+            if newest > cutoff.timestamp():
+                continue
+            try:
+                if not self._results_expired(self.store.get_job(job.id), cutoff):
+                    continue  # the job moved on while we looked
+            except NotFoundError:
+                continue
+            for entry in entries:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)  # input links go, never what they point to
+                else:
+                    entry.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a new attempt folder appeared meanwhile: it stays
+                job_dir.rmdir()
+            removed += 1
+            log.info(
+                "retention: removed the result files of job %d (v%d, %s)", job.id, job.version, job.state
+            )
+        return removed
+
+    def _results_expired(self, job: Job, cutoff: datetime) -> bool:
+        """True when ``job`` and its deliveries are final and unchanged since ``cutoff``."""
+        if not job.state.is_final or job.updated_at > cutoff:
+            return False
+        deliveries = self.store.list_deliveries(job_id=job.id, limit=1000).items
+        return all(d.outcome.is_final and d.updated_at <= cutoff for d in deliveries)
+
+
+def _newest_mtime(path: Path) -> float:
+    """The newest modification time under ``path`` (links themselves, never their targets)."""
+    try:
+        newest = path.lstat().st_mtime
+    except OSError:
+        return 0.0
+    if path.is_dir() and not path.is_symlink():
+        for p in path.rglob("*"):
+            try:
+                newest = max(newest, p.lstat().st_mtime)
+            except OSError:
+                continue
+    return newest
 
 
 def link_inputs(paths: Sequence[Path], folder: Path) -> int:

@@ -69,7 +69,7 @@ def build_scheduler(runner: Runner, intervals: SweepIntervals | None = None) -> 
         ("completion", runner.sweep_completion, iv.completion_s),
         ("deliveries", runner.deliver_due, iv.deliveries_s),
         ("recovery", runner.recover, iv.recovery_s),
-        ("retention", runner.clean_spool, iv.retention_s),
+        ("retention", runner.sweep_retention, iv.retention_s),
     ]
     for name, fn, seconds in jobs:
         sched.add_job(_guarded(name, fn, runner.owns_sweeps), "interval", seconds=seconds, id=name, name=name)

@@ -17,11 +17,11 @@ import numpy.typing as npt
 from PIL import Image
 from pydicom.dataset import Dataset
 
-from dicomnode.domain import AnalysisResult, AnalysisStatus
+from dicomnode.domain import AnalysisResult, AnalysisStatus, PreviousReport
 from dicomnode.imaging.volume import Volume
 from dicomnode.report.render import DEFAULT_DISCLAIMER, RenderedImage, render_all
 from dicomnode.report.sc import build_sc
-from dicomnode.report.sr import build_sr
+from dicomnode.report.sr import build_sr, predecessor_references
 from dicomnode.report.uids import UidPolicy
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ def write_outputs(
     disclaimer: str = DEFAULT_DISCLAIMER,
     write_png: bool = True,
     levels: Sequence[str] | None = None,
+    previous_reports: Sequence[PreviousReport] = (),
 ) -> OutputFiles:
     """Write ``result.json`` always; for an ok result also the SR, the SC overlays and PNG previews.
 
@@ -131,6 +132,9 @@ def write_outputs(
         Also write the overlays as PNG (for people, and for NIfTI input).
     levels
         Restrict the axial overlays to these levels (default: every vertebra found).
+    previous_reports
+        SRs of earlier versions of this analysis that the new SR replaces (late instances re-opened the
+        series): named in its Predecessor Documents Sequence (``sr.predecessor_references``).
     """
     result = bmd_output.result
     json_path = write_result_json(result, out_dir)
@@ -155,7 +159,9 @@ def write_outputs(
         _remove_stale(out_dir, set(pngs))
         return OutputFiles(result_json=json_path, png=tuple(pngs), notes=tuple(notes))
 
-    sr = build_sr(result, source_datasets, uids)
+    study_uid = str(source_datasets[0].StudyInstanceUID)
+    predecessors = predecessor_references(previous_reports, uids, study_uid) if previous_reports else []
+    sr = build_sr(result, source_datasets, uids, previous_versions=predecessors)
     sr_path = out_dir / "sr.dcm"
     _atomic_write(sr_path, lambda p: sr.save_as(p, enforce_file_format=True))
     by_sop = {str(ds.SOPInstanceUID): ds for ds in source_datasets}

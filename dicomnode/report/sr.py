@@ -16,22 +16,32 @@ Content tree (codes in ``dicomnode.report.codes``, conformance in ``docs/conform
           vBMD Mean over the levels used (finding sites = those levels);  L1 attenuation
           category (Normal / Osteopenia / Osteoporosis, SNOMED CT);  contrast phase
           kVp;  calibration reference attenuations (air, fat, muscle, blood);  calibration slope/intercept
+
+A later version of the same series' analysis (late instances) names the SRs of the earlier versions in its
+Predecessor Documents Sequence (0040,A360): see :func:`predecessor_references`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import highdicom as hd
+import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.sr.coding import Code
+from pydicom.uid import Comprehensive3DSRStorage
 
 from dicomnode import __version__
-from dicomnode.domain import AnalysisResult, Summary, VertebraResult
+from dicomnode.domain import AnalysisResult, PreviousReport, Summary, VertebraResult
 from dicomnode.errors import InputError
 from dicomnode.report import codes as c
 from dicomnode.report.uids import UidPolicy
+
+log = logging.getLogger(__name__)
 
 MANUFACTURER = "dicomnode"
 SR_SERIES_NUMBER = 9901
@@ -222,6 +232,7 @@ def build_sr(
     *,
     series_number: int = SR_SERIES_NUMBER,
     institution_name: str | None = None,
+    previous_versions: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 SR of ``result``, with the source CT images as evidence.
 
@@ -236,6 +247,10 @@ def build_sr(
         UID policy (deterministic per job, or random).
     series_number, institution_name
         Written as given.
+    previous_versions
+        The SRs this one replaces (earlier versions of the same analysis), each a dataset with at least
+        Study, Series and SOP Instance UID and SOP Class UID (:func:`predecessor_references`); they go into
+        the Predecessor Documents Sequence. Empty for a first version.
 
     Raises
     ------
@@ -292,7 +307,77 @@ def build_sr(
         is_complete=True,
         is_final=False,  # PRELIMINARY: research output, needs a physician's review
         is_verified=False,
+        previous_versions=list(previous_versions) or None,
     )
     sr.SeriesDescription = SR_SERIES_DESCRIPTION
     sr.SoftwareVersions = f"dicomnode {__version__}"
     return sr
+
+
+#: The attributes a Predecessor Documents Sequence item is made of.
+_REFERENCE_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
+
+
+def _read_reference(path: Path) -> Dataset | None:
+    """The identifying attributes of an SR file we wrote, or None when it is gone or not such an SR."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_REFERENCE_TAGS))
+    except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
+        log.debug("previous SR %s not readable (%s): reference rebuilt from its UIDs", path.name, exc)
+        return None
+    if not all(str(ds.get(k, "") or "").strip() for k in _REFERENCE_TAGS):
+        return None
+    if not str(ds.SOPClassUID).startswith("1.2.840.10008.5.1.4.1.1.88."):  # SR storage classes
+        return None
+    ref = Dataset()
+    for k in _REFERENCE_TAGS:
+        setattr(ref, k, str(ds.get(k)).strip())
+    return ref
+
+
+def predecessor_references(
+    previous: Sequence[PreviousReport], uids: UidPolicy, study_instance_uid: str
+) -> list[Dataset]:
+    """Datasets naming the SRs of earlier versions, for :func:`build_sr`'s ``previous_versions``.
+
+    Each earlier SR is identified from its file when that is still there (the file is the truth: it holds the
+    UIDs actually sent). When it is gone (removed by retention) the reference is rebuilt from the UID policy:
+    the SR of version ``v`` has the series and instance UIDs of ``(job key, v, "sr-series" / "sr-instance")``,
+    the SOP class Comprehensive 3D SR and the source study. Without a job key (random UIDs) a missing file
+    cannot be rebuilt and is left out (logged).
+
+    Parameters
+    ----------
+    previous
+        The earlier versions (``dicomnode.domain.PreviousReport``), in any order.
+    uids
+        The UID policy of the new version (same job key; its version is not used here).
+    study_instance_uid
+        The study the SRs live in (the source study).
+
+    Returns
+    -------
+    list of pydicom.dataset.Dataset
+        One per earlier SR, never the new version's own SR, each SOP instance once.
+    """
+    own = uids.uid("sr-instance") if uids.deterministic else None
+    refs: list[Dataset] = []
+    seen: set[str] = set()
+    for p in sorted(previous, key=lambda r: r.version, reverse=True):
+        ref = _read_reference(Path(p.sr_path)) if p.sr_path else None
+        if ref is None:
+            if not uids.deterministic:
+                log.warning("SR of version %d is gone and its UIDs were random: not referenced", p.version)
+                continue
+            old = UidPolicy(job_key=uids.job_key, version=p.version, prefix=uids.prefix)
+            ref = Dataset()
+            ref.StudyInstanceUID = study_instance_uid
+            ref.SeriesInstanceUID = old.uid("sr-series")
+            ref.SOPClassUID = Comprehensive3DSRStorage
+            ref.SOPInstanceUID = old.uid("sr-instance")
+        uid = str(ref.SOPInstanceUID)
+        if uid == own or uid in seen:
+            continue
+        seen.add(uid)
+        refs.append(ref)
+    return refs

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, Select, and_, func, or_, select, update
+from sqlalchemy import CursorResult, Engine, Select, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -51,6 +51,33 @@ from dicomnode.store.records import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+# The statements record_instance runs for every received image, built once (building a statement costs
+# more CPU than SQLite takes to run it).
+_SELECT_STUDY = select(StudyRow.id, StudyRow.attributes).where(
+    StudyRow.study_instance_uid == bindparam("uid")
+)
+_SELECT_SERIES = select(
+    SeriesRow.id, SeriesRow.last_received_at, SeriesRow.completed_at, SeriesRow.version
+).where(SeriesRow.series_instance_uid == bindparam("uid"))
+_SELECT_INSTANCE = select(InstanceRow.id).where(InstanceRow.sop_instance_uid == bindparam("uid"))
+_INSERT_STUDY = insert(StudyRow)
+_INSERT_SERIES = insert(SeriesRow)
+_INSERT_INSTANCE = insert(InstanceRow)
+_TOUCH_STUDY = (
+    update(StudyRow)
+    .where(StudyRow.id == bindparam("sid"), StudyRow.last_received_at < bindparam("at"))
+    .values(last_received_at=bindparam("at"))
+)
+
+
+def _new_id(result: CursorResult[Any]) -> int:
+    """The primary key of the row an INSERT just made."""
+    key = result.inserted_primary_key
+    if key is None or key[0] is None:
+        raise DicomnodeError("the database did not return the new row's id")
+    return int(key[0])
 
 
 class StoreError(DicomnodeError):
@@ -227,88 +254,98 @@ class Store:
         se_attrs = jsonable_attrs(series_attrs)
 
         def run() -> bool:
+            # Core statements on the session's connection, not ORM objects: this runs for every received
+            # image while the sender waits, and the ORM's unit of work cost several times the SQL itself.
             with self._write() as s:
-                study = s.scalar(select(StudyRow).where(StudyRow.study_instance_uid == study_uid))
+                conn = s.connection()
+                study = conn.execute(_SELECT_STUDY, {"uid": study_uid}).first()
                 if study is None:
-                    study = StudyRow(
-                        study_instance_uid=study_uid,
-                        attributes=s_attrs,
-                        calling_aet=calling_aet,
-                        first_received_at=at,
-                        last_received_at=at,
-                        routed_at=None,
-                    )
-                    s.add(study)
-                    s.flush()
-                series = s.scalar(select(SeriesRow).where(SeriesRow.series_instance_uid == series_uid))
-                if series is None:
-                    series = SeriesRow(
-                        series_instance_uid=series_uid,
-                        study_id=study.id,
-                        attributes=se_attrs,
-                        modality=(str(se_attrs.get("Modality")) if se_attrs.get("Modality") else None),
-                        n_instances=0,
-                        first_received_at=at,
-                        last_received_at=at,
-                        completed_at=None,
-                        version=1,
-                        needs_new_version=False,
-                    )
-                    s.add(series)
-                    s.flush()
-                exists = s.scalar(
-                    select(InstanceRow.id).where(InstanceRow.sop_instance_uid == sop_instance_uid)
-                )
-                if exists is not None:
-                    return False
-                s.add(
-                    InstanceRow(
-                        sop_instance_uid=sop_instance_uid,
-                        series_id=series.id,
-                        sop_class_uid=sop_class_uid,
-                        transfer_syntax=transfer_syntax,
-                        path=str(path),
-                        size_bytes=int(size_bytes),
-                        calling_aet=calling_aet,
-                        source=source,
-                        received_at=at,
-                        slice_position=slice_position,
-                        number_of_frames=number_of_frames,
-                    )
-                )
-                s.flush()
-                # SQL-side increments: two associations writing the same series must not lose counts.
-                s.execute(
-                    update(StudyRow)
-                    .where(StudyRow.id == study.id, StudyRow.last_received_at < at)
-                    .values(last_received_at=at)
-                    .execution_options(synchronize_session=False)
-                )
-                merged = {**study.attributes, **s_attrs}
-                if study.attributes != merged:
-                    study.attributes = merged
-                values: dict[str, Any] = {"n_instances": SeriesRow.n_instances + 1}
-                if at > series.last_received_at:
-                    values["last_received_at"] = at
-                if series.completed_at is not None:
-                    values["completed_at"] = None
-                    has_job = s.scalar(
-                        select(func.count(JobRow.id)).where(
-                            JobRow.series_id == series.id, JobRow.version == series.version
+                    study_id = _new_id(
+                        conn.execute(
+                            _INSERT_STUDY,
+                            {
+                                "study_instance_uid": study_uid,
+                                "attributes": s_attrs,
+                                "calling_aet": calling_aet,
+                                "first_received_at": at,
+                                "last_received_at": at,
+                                "routed_at": None,
+                            },
                         )
                     )
+                    study_attributes: dict[str, Any] = dict(s_attrs)
+                else:
+                    study_id, study_attributes = study.id, dict(study.attributes or {})
+                series = conn.execute(_SELECT_SERIES, {"uid": series_uid}).first()
+                if series is None:
+                    series_id = _new_id(
+                        conn.execute(
+                            _INSERT_SERIES,
+                            {
+                                "series_instance_uid": series_uid,
+                                "study_id": study_id,
+                                "attributes": se_attrs,
+                                "modality": (
+                                    str(se_attrs.get("Modality")) if se_attrs.get("Modality") else None
+                                ),
+                                "n_instances": 0,
+                                "first_received_at": at,
+                                "last_received_at": at,
+                                "completed_at": None,
+                                "version": 1,
+                                "needs_new_version": False,
+                            },
+                        )
+                    )
+                    last_received_at, completed_at, version = at, None, 1
+                else:
+                    series_id = series.id
+                    last_received_at, completed_at, version = (
+                        series.last_received_at,
+                        series.completed_at,
+                        series.version,
+                    )
+                exists = conn.execute(_SELECT_INSTANCE, {"uid": sop_instance_uid}).first()
+                if exists is not None:
+                    return False
+                conn.execute(
+                    _INSERT_INSTANCE,
+                    {
+                        "sop_instance_uid": sop_instance_uid,
+                        "series_id": series_id,
+                        "sop_class_uid": sop_class_uid,
+                        "transfer_syntax": transfer_syntax,
+                        "path": str(path),
+                        "size_bytes": int(size_bytes),
+                        "calling_aet": calling_aet,
+                        "source": source,
+                        "received_at": at,
+                        "slice_position": slice_position,
+                        "number_of_frames": number_of_frames,
+                    },
+                )
+                # SQL-side increments: two associations writing the same series must not lose counts.
+                conn.execute(_TOUCH_STUDY, {"sid": study_id, "at": at})
+                merged = {**study_attributes, **s_attrs}
+                if study_attributes != merged:
+                    conn.execute(update(StudyRow).where(StudyRow.id == study_id).values(attributes=merged))
+                values: dict[str, Any] = {"n_instances": SeriesRow.n_instances + 1}
+                if at > last_received_at:
+                    values["last_received_at"] = at
+                if completed_at is not None:
+                    values["completed_at"] = None
+                    has_job = conn.execute(
+                        select(func.count(JobRow.id)).where(
+                            JobRow.series_id == series_id, JobRow.version == version
+                        )
+                    ).scalar()
                     if has_job:
                         values["version"] = SeriesRow.version + 1
                         values["needs_new_version"] = True
                     log.info(
                         "series %s re-opened by a late instance (new version: %s)", series_uid, bool(has_job)
                     )
-                s.execute(
-                    update(SeriesRow)
-                    .where(SeriesRow.id == series.id)
-                    .values(**values)
-                    .execution_options(synchronize_session=False)
-                )
+                conn.execute(update(SeriesRow).where(SeriesRow.id == series_id).values(**values))
                 return True
 
         return self._retry_integrity(run)

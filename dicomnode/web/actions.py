@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dicomnode.config import Settings
@@ -18,10 +19,14 @@ from dicomnode.store import RERUNNABLE_STATES, Delivery, InvalidTransitionError,
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RERUNNABLE", "Actions", "ProbeResult"]
+__all__ = ["RERUNNABLE", "Actions", "ProbeResult", "ResultFilesRemovedError"]
 
 #: States from which an admin may re-run a job (the store decides: :data:`dicomnode.store.RERUNNABLE_STATES`).
 RERUNNABLE: frozenset[JobState] = RERUNNABLE_STATES
+
+
+class ResultFilesRemovedError(InvalidTransitionError):
+    """A resend was asked for a delivery whose result files are gone (``retention.results_days``)."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,18 @@ class Actions:
         return job
 
     def resend(self, delivery_id: int, actor: str) -> Delivery:
-        """Schedule one delivery again (the store records the audit event)."""
+        """Schedule one delivery again (the store records the audit event).
+
+        Raises
+        ------
+        dicomnode.store.NotFoundError
+            No such delivery.
+        ResultFilesRemovedError
+            The job's result files were removed (retention): there is nothing to send; re-run the job.
+        dicomnode.store.InvalidTransitionError
+            The job is being analysed again: its new result is sent once it is reported.
+        """
+        self._check_files(delivery_id)
         d = self.store.resend_delivery(delivery_id, actor=actor)
         log.info("delivery %d: resend requested by %s", delivery_id, actor)
         return d
@@ -108,7 +124,11 @@ class Actions:
                 break
             for d in todo:
                 try:
+                    self._check_files(d.id)
                     out.append(self.store.resend_delivery(d.id, actor=actor))
+                except ResultFilesRemovedError as exc:
+                    log.info("delivery %d: not resent: %s", d.id, exc)
+                    skipped.add(d.id)
                 except InvalidTransitionError:
                     skipped.add(d.id)  # its job is being analysed again: the new result goes out anyway
         self.store.audit(
@@ -119,6 +139,29 @@ class Actions:
             after={"resent": [d.id for d in out]},
         )
         return out
+
+    def _check_files(self, delivery_id: int) -> None:
+        """Refuse a resend that could only fail: the DICOM files of the job's result are gone.
+
+        A job being analysed again (pending, analysing) is left to the store, which refuses for that reason.
+        """
+        delivery = self.store.get_delivery(delivery_id)
+        job = self.store.get_job(delivery.job_id)
+        if job.state in (JobState.PENDING, JobState.ANALYSING):
+            return
+        result = self.store.get_result(job.id)
+        files = [Path(f) for f in (result.files if result else ()) if Path(f).suffix == ".dcm"]
+        missing = [f for f in files if not f.is_file()]
+        if not files:
+            raise ResultFilesRemovedError(
+                f"delivery {delivery_id}: job {job.id} has no DICOM result to send; re-run the job"
+            )
+        if missing:
+            raise ResultFilesRemovedError(
+                f"delivery {delivery_id}: the result files of job {job.id} were removed "
+                f"({len(missing)} of {len(files)} DICOM files missing, retention.results_days); "
+                "re-run the job to analyse and send it again"
+            )
 
     def test_destination(self, name: str, actor: str) -> ProbeResult:
         """C-ECHO a DIMSE destination or probe a DICOMweb one; ``KeyError`` for an unknown name."""

@@ -7,9 +7,11 @@ called on any FastAPI app::
 
 What it adds: the first admin (``DICOMNODE_ADMIN_PASSWORD`` or a generated password printed once; the
 ``users`` table itself comes from the store's migrations), the authentication middleware (with the STOW-RS
-address allow-list of ``http.stow_allow_addresses``), ``/login``, the pages, ``/api/...`` routes, the static
-files, a ``spool`` readiness check, ``/metrics`` with the database-derived metrics, and one structured access
-log line per request (method, path, status, user, duration; never patient data).
+address allow-list of ``http.stow_allow_addresses`` and the failed-login throttle of ``http.login_throttle``,
+shared by ``/login`` and HTTP Basic, each lockout audited as ``login.locked``), ``/login``, the pages,
+``/api/...`` routes, the static files, a ``spool`` readiness check, ``/metrics`` with the database-derived
+metrics, and one structured access log line per request (method, path, status, user, duration; never patient
+data).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from dicomnode.web.actions import Actions, ProbeFn
 from dicomnode.web.auth import AuthMiddleware, SessionCodec, load_or_create_secret
 from dicomnode.web.deps import WebContext
 from dicomnode.web.metrics import StoreCollector, metrics_text
+from dicomnode.web.ratelimit import Lockout, LoginThrottle
 from dicomnode.web.rules import RulesService
 from dicomnode.web.users import UserStore, bootstrap_admin, ensure_users_table
 
@@ -142,6 +145,7 @@ def install_admin(
     probe: ProbeFn | None = None,
     on_jobs_created: Callable[[], None] | None = None,
     password_hasher: PasswordHasher | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> WebContext:
     """Add the admin app to ``app`` (see the module docstring).
 
@@ -163,6 +167,8 @@ def install_admin(
         Called after a re-run (wakes local workers).
     password_hasher
         argon2 parameters (tests use cheap ones).
+    clock
+        Monotonic seconds for the login throttle's window and lockout (tests pass a fake clock).
 
     Returns
     -------
@@ -182,6 +188,7 @@ def install_admin(
         sessions=SessionCodec(secret),
         templates=make_templates(),
         role=role,
+        throttle=LoginThrottle(settings.http.login_throttle, clock=clock, on_lockout=_audit_lockout(store)),
     )
     app.state.web = ctx
     if readiness is not None:
@@ -209,8 +216,27 @@ def install_admin(
         users=users,
         sessions=ctx.sessions,
         stow_allow_addresses=settings.http.stow_allow_addresses,
+        throttle=ctx.throttle,
     )
     return ctx
+
+
+def _audit_lockout(store: Store) -> Callable[[Lockout], None]:
+    def record(lo: Lockout) -> None:
+        target = f"user:{lo.username[:64]}" if lo.scope == "user" else f"address:{lo.address[:64]}"
+        store.audit(
+            lo.username[:64] or "?",
+            "login.locked",
+            target,
+            after={
+                "via": lo.via,
+                "address": lo.address,
+                "failures": lo.failures,
+                "lockout_seconds": lo.seconds,
+            },
+        )
+
+    return record
 
 
 def _wants_html(request: Request) -> bool:

@@ -12,6 +12,9 @@
 * Anonymous STOW-RS from listed client addresses (``http.stow_allow_addresses``, for a PACS that cannot
   authenticate; empty by default = credentials always required): only the STOW-RS path, only from those
   addresses (the TCP peer address; a forwarding proxy's headers are not trusted).
+* Password guessing: HTTP Basic attempts go through the :class:`dicomnode.web.ratelimit.LoginThrottle`
+  shared with the login form; a locked user name or client address gets 429 with ``Retry-After`` (before
+  the password is checked, so an existing and an unknown name answer alike).
 * CSRF: every state-changing request authenticated by the cookie must carry the session's token, in the
   ``X-CSRF-Token`` header (fetch) or the ``csrf_token`` form field (forms); see
   :func:`dicomnode.web.deps.csrf`.
@@ -27,6 +30,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import secrets
 import threading
 import time
@@ -38,6 +42,7 @@ from urllib.parse import quote
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
+from dicomnode.web.ratelimit import LoginThrottle
 from dicomnode.web.users import User, UserStore
 
 log = logging.getLogger(__name__)
@@ -50,6 +55,7 @@ __all__ = [
     "is_stow_request",
     "load_or_create_secret",
     "parse_networks",
+    "too_many_message",
 ]
 
 SESSION_COOKIE = "dicomnode_session"
@@ -122,19 +128,25 @@ class SessionCodec:
 
 
 class _CredentialCache:
-    """Short-lived memory of verified Basic credentials: argon2 is slow on purpose, scripts poll often."""
+    """Short-lived memory of verified Basic credentials: argon2 is slow on purpose, scripts poll often.
+
+    It remembers the stored password hash the credentials were verified against; a hit counts only while
+    the account still has that hash and is enabled (checked in the database on each request, as sessions
+    are), so a password reset or a disabled account (``dicomnode user``, another process) applies at once.
+    """
 
     def __init__(self, ttl_s: float = 60.0, size: int = 256) -> None:
         self.ttl_s = ttl_s
         self.size = size
         self._key = secrets.token_bytes(32)
-        self._d: dict[bytes, tuple[float, User]] = {}
+        self._d: dict[bytes, tuple[float, str]] = {}
         self._lock = threading.Lock()
 
     def _k(self, username: str, password: str) -> bytes:
         return hmac.new(self._key, f"{username}\0{password}".encode(), hashlib.sha256).digest()
 
-    def get(self, username: str, password: str) -> User | None:
+    def get(self, username: str, password: str) -> str | None:
+        """The password hash these credentials were verified against, or None."""
         k = self._k(username, password)
         with self._lock:
             hit = self._d.get(k)
@@ -143,11 +155,15 @@ class _CredentialCache:
                 return None
             return hit[1]
 
-    def put(self, username: str, password: str, user: User) -> None:
+    def put(self, username: str, password: str, password_hash: str) -> None:
         with self._lock:
             if len(self._d) >= self.size:
                 self._d.clear()
-            self._d[self._k(username, password)] = (time.monotonic() + self.ttl_s, user)
+            self._d[self._k(username, password)] = (time.monotonic() + self.ttl_s, password_hash)
+
+    def drop(self, username: str, password: str) -> None:
+        with self._lock:
+            self._d.pop(self._k(username, password), None)
 
 
 #: Path of the STOW-RS receiver (``dicomnode.ingest.stow``, mounted under this prefix).
@@ -221,6 +237,8 @@ class AuthMiddleware:
         The cookie codec.
     stow_allow_addresses
         Client addresses or networks allowed to use STOW-RS without credentials (default: none).
+    throttle
+        Failed-login counter shared with the login form (default: a private one with default limits).
     """
 
     def __init__(
@@ -229,11 +247,13 @@ class AuthMiddleware:
         users: UserStore,
         sessions: SessionCodec,
         stow_allow_addresses: Sequence[str] = (),
+        throttle: LoginThrottle | None = None,
     ) -> None:
         self.app = app
         self.users = users
         self.sessions = sessions
         self.stow_networks = parse_networks(stow_allow_addresses)
+        self.throttle = throttle or LoginThrottle()
         self._cache = _CredentialCache()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -242,18 +262,23 @@ class AuthMiddleware:
             return
         path: str = scope.get("path", "")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        user, how, csrf = await self._authenticate(headers)
+        client = scope.get("client")
+        address = str(client[0]) if client else ""
+        user, how, csrf, wait = await self._authenticate(headers, address)
+        if how == "locked":
+            if not _is_public(path):
+                await _too_many(send, wait)
+                return
+            how = None  # a public path (health, login page) is served as to anyone
         state = scope.setdefault("state", {})
         state["user"] = user
         state["auth"] = how
         state["csrf"] = csrf
         stow = is_stow_request(scope.get("method", "GET"), path)
-        if user is None and stow and how is None:
-            client = scope.get("client")
-            if _address_in(client[0] if client else None, self.stow_networks):
-                state["auth"] = "address"
-                await self.app(scope, receive, send)
-                return
+        if user is None and stow and how is None and _address_in(address or None, self.stow_networks):
+            state["auth"] = "address"
+            await self.app(scope, receive, send)
+            return
         if user is None and not _is_public(path):
             await self._deny(scope, send, path, bad_credentials=how == "failed")
             return
@@ -266,7 +291,10 @@ class AuthMiddleware:
                 return
         await self.app(scope, receive, send)
 
-    async def _authenticate(self, headers: dict[str, str]) -> tuple[User | None, str | None, str | None]:
+    async def _authenticate(
+        self, headers: dict[str, str], address: str
+    ) -> tuple[User | None, str | None, str | None, int]:
+        """``(user, how, csrf token, retry-after seconds)``; ``how`` is "locked" for a throttled Basic try."""
         from starlette.concurrency import run_in_threadpool
 
         authz = headers.get("authorization", "")
@@ -275,25 +303,47 @@ class AuthMiddleware:
             try:
                 username, _, password = base64.b64decode(value.strip()).decode("utf-8").partition(":")
             except (binascii.Error, UnicodeDecodeError):
-                return None, "failed", None
-            user = self._cache.get(username, password)
+                return None, "failed", None, 0
+            # Checked first, even for cached credentials: a locked name answers the same whether it
+            # exists or not, and whether the password is right or not.
+            wait = self.throttle.retry_after(username, address)
+            if wait:
+                return None, "locked", None, wait
+            user = None
+            cached = self._cache.get(username, password)
+            if cached is not None:
+                found = await run_in_threadpool(self.users.lookup, username)
+                if found is not None and found[1] == cached:
+                    user = found[0]  # its current role
+                    self.throttle.succeeded(username, address)
+                else:
+                    self._cache.drop(username, password)
             if user is None:
-                # argon2 takes tens of ms: off the event loop.
-                user = await run_in_threadpool(self.users.verify_password, username, password)
-                if user is not None:
-                    self._cache.put(username, password, user)
-            return (user, "basic", None) if user is not None else (None, "failed", None)
+                # argon2 takes tens of ms (and a lockout is audited in the database): off the event loop.
+                user = await run_in_threadpool(self._verify_basic, username, password, address)
+            return (user, "basic", None, 0) if user is not None else (None, "failed", None, 0)
         if scheme.lower() == "bearer" and value:
             user = await run_in_threadpool(self.users.verify_token, value.strip())
-            return (user, "bearer", None) if user is not None else (None, "failed", None)
+            return (user, "bearer", None, 0) if user is not None else (None, "failed", None, 0)
         cookie = _cookies(headers).get(SESSION_COOKIE)
         if cookie:
             sess = self.sessions.read(cookie)
             if sess is not None:
                 user = await run_in_threadpool(self.users.get, sess.username)
                 if user is not None:
-                    return user, "session", sess.csrf
-        return None, None, None
+                    return user, "session", sess.csrf, 0
+        return None, None, None, 0
+
+    def _verify_basic(self, username: str, password: str, address: str) -> User | None:
+        user = self.users.verify_password(username, password)
+        if user is None:
+            self.throttle.failed(username, address, "basic")
+            return None
+        self.throttle.succeeded(username, address)
+        found = self.users.lookup(username)
+        if found is not None:
+            self._cache.put(username, password, found[1])
+        return user
 
     async def _deny(self, scope: Scope, send: Send, path: str, *, bad_credentials: bool) -> None:
         method = scope.get("method", "GET")
@@ -309,6 +359,19 @@ class AuthMiddleware:
             body,
             [(b"content-type", b"application/json"), (b"www-authenticate", b'Basic realm="dicomnode"')],
         )
+
+
+async def _too_many(send: Send, wait: int) -> None:
+    body = json.dumps({"detail": too_many_message(wait)}).encode()
+    await _respond(
+        send, 429, body, [(b"content-type", b"application/json"), (b"retry-after", str(wait).encode())]
+    )
+
+
+def too_many_message(wait: int) -> str:
+    """The one line shown for a refused (throttled) log-in; the same for every user name."""
+    minutes = max(1, math.ceil(wait / 60))
+    return f"Too many failed log-ins; try again in {minutes} minute{'s' if minutes != 1 else ''}."
 
 
 async def _forbid(send: Send, detail: str) -> None:

@@ -19,6 +19,7 @@ from dicomnode.config import Settings
 from dicomnode.store import Store
 from dicomnode.web.actions import Actions
 from dicomnode.web.auth import SessionCodec
+from dicomnode.web.ratelimit import LoginThrottle
 from dicomnode.web.rules import RulesService
 from dicomnode.web.users import User, UserStore
 
@@ -39,6 +40,8 @@ class WebContext:
     sessions: SessionCodec
     templates: Jinja2Templates
     role: str = "serve"
+    #: Failed-login counter shared by the login form and HTTP Basic (the auth middleware).
+    throttle: LoginThrottle = field(default_factory=LoginThrottle)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 

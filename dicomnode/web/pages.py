@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from dicomnode import __version__
 from dicomnode.domain import DeliveryOutcome, JobState
 from dicomnode.store import NotFoundError
-from dicomnode.web.auth import SESSION_COOKIE, session_cookie_kwargs
+from dicomnode.web.auth import SESSION_COOKIE, session_cookie_kwargs, too_many_message
 from dicomnode.web.deps import AnyUser, Ctx, WebContext, csrf
 from dicomnode.web.render import overlay_files
 
@@ -99,11 +99,20 @@ def login(
     password: Annotated[str, Form(max_length=256)],
     next: Annotated[str, Form(max_length=2000)] = "/",
 ) -> Response:
-    user = ctx.users.verify_password(username.strip(), password)
+    name = username.strip()
+    address = request.client.host if request.client else ""
+    # A locked name or address is refused before the password is checked: the answer (and its cost) is
+    # the same for an existing and an unknown user, right password or not.
+    wait = ctx.throttle.retry_after(name, address)
+    if wait:
+        return _locked(ctx, request, next, wait)
+    user = ctx.users.verify_password(name, password)
     if user is None:
-        ctx.store.audit(username.strip()[:64] or "?", "login.failed", "session")
+        ctx.store.audit(name[:64] or "?", "login.failed", "session")
+        ctx.throttle.failed(name, address, "session")  # logs and audits a lockout it starts
         q = urlencode({"next": _safe_next(next), "error": "Wrong user name or password."})
         return RedirectResponse(f"/login?{q}", status_code=303)
+    ctx.throttle.succeeded(name, address)
     cookie, _ = ctx.sessions.issue(user.username)
     resp = RedirectResponse(_safe_next(next), status_code=303)
     resp.set_cookie(
@@ -113,6 +122,14 @@ def login(
         **session_cookie_kwargs(request.url.scheme == "https"),
     )
     ctx.store.audit(user.username, "login", "session")
+    return resp
+
+
+def _locked(ctx: WebContext, request: Request, next: str, wait: int) -> Response:
+    """The login page with a one-line refusal, 429 and ``Retry-After``."""
+    resp = _render(ctx, request, "login.html", "", next=_safe_next(next), error=too_many_message(wait))
+    resp.status_code = 429
+    resp.headers["Retry-After"] = str(wait)
     return resp
 
 
@@ -234,7 +251,10 @@ def job(job_id: int, request: Request, user: AnyUser, ctx: Ctx) -> HTMLResponse:
     except NotFoundError:
         series = None
     result = dict(d.result.result_json) if d.result else None
-    overlays = overlay_files(list(d.result.files)) if d.result else []
+    written = overlay_files(list(d.result.files)) if d.result else []
+    # Files removed by retention (retention.results_days) are named, not shown as broken images.
+    overlays = [p for p in written if p.is_file()]
+    overlays_removed = len(written) - len(overlays)
     decision = next(
         (x for x in d.decisions if x.decision.series_instance_uid == d.job.series_instance_uid), None
     )
@@ -250,8 +270,9 @@ def job(job_id: int, request: Request, user: AnyUser, ctx: Ctx) -> HTMLResponse:
         job=d.job,
         series=series,
         result=result,
-        overlays=[f"/api/jobs/{job_id}/overlays/{i}.png" for i in range(len(overlays))],
+        overlays=[f"/api/jobs/{job_id}/overlays/{written.index(p)}.png" for p in overlays],
         overlay_names=[p.stem for p in overlays],
+        overlays_removed=overlays_removed,
         decision=decision,
         attempt_events=attempt_events,
         rerunnable=d.job.state in (JobState.DONE, JobState.FAILED, JobState.NOT_QUALIFYING),

@@ -20,16 +20,17 @@ from typing import Literal
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Engine, Table, insert, inspect, select, update
+from sqlalchemy import Engine, Table, func, insert, inspect, select, update
 from sqlalchemy.exc import IntegrityError
 
 from dicomnode.errors import ConfigError, InputError
-from dicomnode.store.models import UserRow
+from dicomnode.store.models import AuditRow, UserRow
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "ROLES",
+    "Account",
     "Role",
     "User",
     "UserStore",
@@ -64,6 +65,19 @@ class User:
         return self.role == "sender"
 
 
+@dataclass(frozen=True)
+class Account:
+    """A user account as an administrator sees it (``dicomnode user list``)."""
+
+    username: str
+    role: str
+    enabled: bool
+    created_at: datetime
+    has_token: bool
+    #: Last log-in through the login form (from the audit log); None = never.
+    last_login: datetime | None
+
+
 def ensure_users_table(engine: Engine) -> None:
     """Check that the store's migrations created ``users`` (they do: ``0002_users``); creates nothing.
 
@@ -74,6 +88,13 @@ def ensure_users_table(engine: Engine) -> None:
     """
     if not inspect(engine).has_table("users"):
         raise ConfigError("database: no users table; run 'dicomnode db upgrade' first")
+
+
+def _check_password(password: str) -> None:
+    if not password.strip():
+        raise InputError("password must not be empty")
+    if len(password) < 8:
+        raise InputError("password must have at least 8 characters")
 
 
 def _check_username(username: str) -> str:
@@ -115,6 +136,44 @@ class UserStore:
             for r in rows
         ]
 
+    def accounts(self) -> list[Account]:
+        """Every account, disabled ones included, with its last log-in (newest ``login`` audit event)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(users_table).order_by(users_table.c.username)).mappings().all()
+            # The login form audits each session log-in as action "login" by the user: no extra column.
+            last = dict(
+                conn.execute(
+                    select(AuditRow.actor, func.max(AuditRow.at))
+                    .where(AuditRow.action == "login")
+                    .group_by(AuditRow.actor)
+                ).all()
+            )
+        return [
+            Account(
+                username=r["username"],
+                role=r["role"],
+                enabled=not r["disabled"],
+                created_at=_aware(r["created_at"]),
+                has_token=r["token_sha256"] is not None,
+                last_login=_aware(last[r["username"]]) if last.get(r["username"]) else None,
+            )
+            for r in rows
+        ]
+
+    def exists(self, username: str) -> bool:
+        """Whether an account called ``username`` exists (enabled or not)."""
+        with self.engine.connect() as conn:
+            found = conn.execute(select(users_table.c.id).where(users_table.c.username == username)).first()
+        return found is not None
+
+    def lookup(self, username: str) -> tuple[User, str] | None:
+        """The enabled user called ``username`` and its stored password hash (None: unknown or disabled)."""
+        with self.engine.connect() as conn:
+            r = conn.execute(select(users_table).where(users_table.c.username == username)).mappings().first()
+        if r is None or r["disabled"]:
+            return None
+        return User(r["username"], r["role"]), str(r["password_hash"])
+
     def get(self, username: str) -> User | None:
         with self.engine.connect() as conn:
             r = conn.execute(select(users_table).where(users_table.c.username == username)).mappings().first()
@@ -127,9 +186,8 @@ class UserStore:
         name = _check_username(username)
         if role not in ROLES:
             raise InputError(f"role must be one of {', '.join(ROLES)}")
-        if len(password) < 8:
-            raise InputError("password must have at least 8 characters")
-        if self.get(name) is not None:
+        _check_password(password)
+        if self.exists(name):  # disabled accounts too: their name stays taken (audit trail)
             raise InputError(f"user {name!r} exists already")
         with self.engine.begin() as conn:
             conn.execute(
@@ -145,14 +203,46 @@ class UserStore:
         return User(name, role)
 
     def set_password(self, username: str, password: str) -> None:
-        if len(password) < 8:
-            raise InputError("password must have at least 8 characters")
+        """Replace the password of ``username``; ``InputError`` for a weak password or an unknown user."""
+        _check_password(password)
+        if not self._write_hash(username, password):
+            raise InputError(f"no user {username!r}")
+
+    def _write_hash(self, username: str, password: str) -> bool:
         with self.engine.begin() as conn:
-            conn.execute(
+            result = conn.execute(
                 update(users_table)
                 .where(users_table.c.username == username)
                 .values(password_hash=self.hasher.hash(password))
             )
+        return bool(result.rowcount)
+
+    def set_enabled(self, username: str, enabled: bool) -> bool:
+        """Enable or disable ``username`` (a disabled account cannot log in; its sessions end at once).
+
+        Returns
+        -------
+        bool
+            Whether the state changed (False: it was already so).
+
+        Raises
+        ------
+        InputError
+            There is no such user.
+        """
+        with self.engine.begin() as conn:
+            r = conn.execute(select(users_table.c.disabled).where(users_table.c.username == username)).first()
+            if r is None:
+                raise InputError(f"no user {username!r}")
+            if bool(r[0]) == (not enabled):
+                return False
+            conn.execute(
+                update(users_table)
+                .where(users_table.c.username == username)
+                .values(disabled=0 if enabled else 1)
+            )
+        log.info("user %s %s", username, "enabled" if enabled else "disabled")
+        return True
 
     def new_token(self, username: str) -> str:
         """Issue a new API (bearer) token for ``username`` (returned once; only its SHA-256 is kept)."""
@@ -177,7 +267,7 @@ class UserStore:
         if r is None or r["disabled"]:
             return None
         if self.hasher.check_needs_rehash(stored):
-            self.set_password(username, password)
+            self._write_hash(username, password)  # the same password, new parameters: no policy check
         return User(r["username"], r["role"])
 
     def verify_token(self, token: str) -> User | None:

@@ -24,6 +24,8 @@ import pytest
 import requests
 import yaml
 
+from dicomnode.netutil import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 #: The node's admin account in these tests (STOW-RS into the node is authenticated).
 ADMIN = ("admin", "e2e-admin-password")
@@ -48,12 +50,6 @@ def require_tools(*names: str) -> None:
     if under_ci():
         pytest.fail(msg + " -- required under CI")
     pytest.skip(msg)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:

@@ -103,7 +103,7 @@ def test_stow_into_node_and_stow_out_to_orthanc(
             assert result2 is not None
         finally:
             store.close()
-        # The new SR is in the PACS beside the first (new content, new UIDs), with the late slice in evidence.
+        # The new SR is in the PACS beside the first (new content, new UIDs), with the late slice in evidence
         srs = node_outputs(stack, phantom_study.study_uid)["SR"]
         assert len(srs) == 2
         (new_uid,) = set(srs) - set(out["SR"])
@@ -116,3 +116,18 @@ def test_stow_into_node_and_stow_out_to_orthanc(
             for r in s.ReferencedSOPSequence
         }
         assert late_uid in refs
+        # ... and names the first SR as the one it replaces (Predecessor Documents Sequence, 0040,A360).
+        predecessors = [
+            (
+                study.StudyInstanceUID,
+                series.SeriesInstanceUID,
+                inst.ReferencedSOPClassUID,
+                inst.ReferencedSOPInstanceUID,
+            )
+            for study in sr2.PredecessorDocumentsSequence
+            for series in study.ReferencedSeriesSequence
+            for inst in series.ReferencedSOPSequence
+        ]
+        assert predecessors == [
+            (sr.StudyInstanceUID, sr.SeriesInstanceUID, sr.SOPClassUID, sr.SOPInstanceUID)
+        ]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -37,7 +36,7 @@ from dicomnode.domain import DeliveryOutcome
 from dicomnode.errors import PermanentError, RetryableError
 from dicomnode.ingest import MemorySink, Spool
 from dicomnode.ingest.stow import build_stow_router
-from dicomnode.netutil import enable_tcp_nodelay
+from dicomnode.netutil import enable_tcp_nodelay, free_port, wait_port
 
 pytestmark = pytest.mark.integration
 
@@ -54,23 +53,6 @@ def need(path: str, what: str) -> str:
             pytest.fail(msg + " -- required under CI")
         pytest.skip(msg)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on port {port}")
 
 
 def make_files(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from dicomnode.domain import AnalysisStatus
 from dicomnode.ml import datasets as ds
 from dicomnode.ml.bundle import load_bundle
 from dicomnode.ml.train import TrainConfig, train
+from dicomnode.netutil import free_port as _free_port
 from dicomnode.pipeline.analyze import analyze_path, resolve_options
 
 pytestmark = pytest.mark.integration
@@ -158,12 +158,6 @@ def _node(args: list[str], tmp_path: Path, timeout: float = 90) -> subprocess.Co
         env=env,
         cwd=tmp_path,
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _config(tmp_path: Path, analysis: dict[str, object]) -> Path:

@@ -1,8 +1,9 @@
-"""The distributed executor: a job queued on Redis is run by ``dicomnode work --celery-worker``.
+"""The distributed executor: a queued job is run by ``dicomnode work --celery-worker``, on both brokers.
 
 The sweep runs here (as the ``work`` process that owns the sweeps would); a Celery worker in a child process
 takes the task from the broker and runs the very step the local workers run, the real analysis included.
-Needs Redis at 127.0.0.1:6379 (skips without it, fails under CI).
+Runs once with Redis (127.0.0.1:6379) and once with RabbitMQ (127.0.0.1:5672, guest/guest), the two brokers
+ARCHITECTURE.md names; each skips when its broker is not reachable, and fails instead under CI.
 """
 
 from __future__ import annotations
@@ -29,22 +30,28 @@ from dicomnode.store import Store, make_engine, upgrade
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-#: A Redis database of its own, emptied before use.
-BROKER = "redis://127.0.0.1:6379/11"
+#: Per broker: its URL (a Redis database of its own; RabbitMQ's default virtual host, purged before use) and
+#: the port that must answer.
+BROKERS = {
+    "redis": ("redis://127.0.0.1:6379/11", 6379),
+    "rabbitmq": ("amqp://guest:guest@127.0.0.1:5672//", 5672),
+}
 
 
-def _redis_or_skip() -> None:
+def _broker_or_skip(name: str, port: int) -> None:
     try:
-        socket.create_connection(("127.0.0.1", 6379), timeout=2).close()
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
     except OSError as exc:
-        msg = f"Redis not reachable at 127.0.0.1:6379 ({exc})"
+        msg = f"{name} not reachable at 127.0.0.1:{port} ({exc})"
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(msg + " -- required under CI")
         pytest.skip(msg)
 
 
-def test_celery_worker_runs_the_queued_job(tmp_path: Path) -> None:
-    _redis_or_skip()
+@pytest.mark.parametrize("broker", sorted(BROKERS))
+def test_celery_worker_runs_the_queued_job(tmp_path: Path, broker: str) -> None:
+    broker_url, port = BROKERS[broker]
+    _broker_or_skip(broker, port)
     from dicomnode.imaging.writer import write_study
     from dicomnode.phantom import PhantomSpec, make_phantom
 
@@ -54,7 +61,7 @@ def test_celery_worker_runs_the_queued_job(tmp_path: Path) -> None:
             {
                 "data_dir": str(tmp_path / "data"),
                 "completion": {"series_quiet_seconds": 1, "study_quiet_seconds": 1},
-                "workers": {"executor": "celery", "broker_url": BROKER, "count": 1},
+                "workers": {"executor": "celery", "broker_url": broker_url, "count": 1},
             }
         )
     )
@@ -62,7 +69,7 @@ def test_celery_worker_runs_the_queued_job(tmp_path: Path) -> None:
     engine = make_engine(settings.database_url_resolved())
     upgrade(engine)
     store = Store(engine)
-    app = make_celery_app(BROKER)
+    app = make_celery_app(broker_url)
     app.control.purge()
     ph = make_phantom(
         PhantomSpec(matrix=256, spacing_mm=1.3, thickness_mm=1.5, z_levels=("T11", "L5"), seed=5)

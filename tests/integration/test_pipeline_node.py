@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,18 +20,13 @@ import yaml
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicomnode.domain import JobState
+from dicomnode.netutil import free_port as _free_port
 from dicomnode.store import Store
 from dicomnode.store.testing import postgres_unavailable_reason, temporary_database
 
 pytestmark = pytest.mark.integration
 
 DICOMNODE = [sys.executable, "-m", "dicomnode"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Peer:

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from dicomnode.domain import AnalysisResult
+from dicomnode.domain import AnalysisResult, PreviousReport
 from dicomnode.imaging.volume import Volume
 from dicomnode.report import read_sr_measurements, write_outputs
 from dicomnode.report.synthetic import make_case
@@ -66,6 +66,37 @@ def test_sr_has_no_dciodvfy_errors(outputs: Any) -> None:
     unexpected = sorted({w for w in warnings if ACCEPTED_WARNING not in w})
     assert unexpected == [], unexpected
     assert warnings, "the private scheme warning is expected; none seen means dciodvfy did not check codes"
+
+
+def test_version_2_sr_with_predecessor_has_no_dciodvfy_errors(
+    outputs: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A re-opened series' new SR names the first one in (0040,A360), and is still valid."""
+    import pydicom
+
+    case = make_case(shape=(84, 128, 128), spacing=(2.0, 2.0, 3.0))
+    v2 = write_outputs(
+        Measured(case.result, case.canonical, case.roi_masks),
+        case.datasets,
+        tmp_path_factory.mktemp("dciodvfy-v2"),
+        job_key="j",
+        version=2,
+        previous_reports=[PreviousReport(version=1, sr_path=str(outputs.sr))],
+    )
+    first = pydicom.dcmread(outputs.sr, stop_before_pixels=True)
+    second = pydicom.dcmread(v2.sr, stop_before_pixels=True)
+    (study,) = second.PredecessorDocumentsSequence
+    (series,) = study.ReferencedSeriesSequence
+    (inst,) = series.ReferencedSOPSequence
+    assert (study.StudyInstanceUID, series.SeriesInstanceUID, inst.ReferencedSOPInstanceUID) == (
+        first.StudyInstanceUID,
+        first.SeriesInstanceUID,
+        first.SOPInstanceUID,
+    )
+    errors, warnings = dciodvfy_findings(v2.sr)
+    assert errors == []
+    unexpected = sorted({w for w in warnings if ACCEPTED_WARNING not in w})
+    assert unexpected == [], unexpected
 
 
 def test_every_sc_is_clean(outputs: Any) -> None:

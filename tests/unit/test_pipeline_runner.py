@@ -18,7 +18,7 @@ import pytest
 
 from dicomnode.config import Settings
 from dicomnode.delivery import DeliveryResult
-from dicomnode.domain import AnalysisStatus, DeliveryOutcome, JobState
+from dicomnode.domain import AnalysisStatus, DeliveryOutcome, JobState, PreviousReport
 from dicomnode.pipeline.runner import AnalysisOutcome, AnalysisRequest, Runner
 from dicomnode.store import Store, make_engine, upgrade
 
@@ -217,6 +217,33 @@ def test_not_qualifying_is_final_without_delivery(tmp_path: Path, store: Store) 
     assert sender.calls == []
 
 
+def _late_instance(store: Store, tmp: Path, at: datetime, n: int = 999) -> None:
+    """One more instance of the axial series, received at ``at`` (after its analysis started)."""
+    folder = tmp / "spool" / STUDY / AXIAL
+    store.record_instance(
+        study_uid=STUDY,
+        series_uid=AXIAL,
+        sop_instance_uid=f"{AXIAL}.{n}",
+        sop_class_uid=CT,
+        transfer_syntax="1.2.840.10008.1.2.1",
+        path=folder / f"late{n}.dcm",
+        size_bytes=4,
+        study_attrs={},
+        series_attrs={"Modality": "CT"},
+        calling_aet="ORTHANC",
+        source="dimse",
+        now=at,
+    )
+    (folder / f"late{n}.dcm").write_bytes(b"DICM")
+
+
+def _sr_file(store: Store, job_id: int) -> str:
+    result = store.get_result(job_id)
+    assert result is not None
+    (sr,) = [str(f) for f in result.files if f.name == "sr.dcm"]
+    return sr
+
+
 def test_late_instance_creates_a_new_version_that_supersedes(tmp_path: Path, store: Store) -> None:
     _study(store, tmp_path)
     analysis = FakeAnalysis()
@@ -224,22 +251,7 @@ def test_late_instance_creates_a_new_version_that_supersedes(tmp_path: Path, sto
     (job1,) = runner.sweep_completion(now=T0 + timedelta(seconds=6))
     runner.run_next_job("test:1:w")
     late = T0 + timedelta(seconds=60)
-    folder = tmp_path / "spool" / STUDY / AXIAL
-    store.record_instance(
-        study_uid=STUDY,
-        series_uid=AXIAL,
-        sop_instance_uid=f"{AXIAL}.999",
-        sop_class_uid=CT,
-        transfer_syntax="1.2.840.10008.1.2.1",
-        path=folder / "late.dcm",
-        size_bytes=4,
-        study_attrs={},
-        series_attrs={"Modality": "CT"},
-        calling_aet="ORTHANC",
-        source="dimse",
-        now=late,
-    )
-    (folder / "late.dcm").write_bytes(b"DICM")
+    _late_instance(store, tmp_path, late)
     (job2,) = runner.sweep_completion(now=late + timedelta(seconds=6))
     assert job2 != job1
     assert store.get_job(job2).version == 2
@@ -250,6 +262,37 @@ def test_late_instance_creates_a_new_version_that_supersedes(tmp_path: Path, sto
     assert analysis.requests[0].job_key == analysis.requests[1].job_key
     assert (analysis.requests[0].version, analysis.requests[1].version) == (1, 2)
     assert len(list(analysis.requests[1].input_dir.iterdir())) == 41
+    # Version 2's SR names the delivered version-1 SR as its predecessor; version 1 replaces nothing.
+    assert analysis.requests[0].previous_reports == ()
+    assert analysis.requests[1].previous_reports == (PreviousReport(1, _sr_file(store, job1)),)
+    # A third version names both earlier SRs, newest first.
+    later = late + timedelta(seconds=60)
+    _late_instance(store, tmp_path, later, n=1000)
+    (job3,) = runner.sweep_completion(now=later + timedelta(seconds=6))
+    runner.run_next_job("test:1:w")
+    assert store.get_job(job3).version == 3
+    assert analysis.requests[2].previous_reports == (
+        PreviousReport(2, _sr_file(store, job2)),
+        PreviousReport(1, _sr_file(store, job1)),
+    )
+
+
+def test_a_version_superseded_before_it_was_sent_is_no_predecessor(tmp_path: Path, store: Store) -> None:
+    _study(store, tmp_path)
+    analysis = FakeAnalysis()
+    runner = _runner(tmp_path, store, analysis, FakeSender(DeliveryOutcome.RETRYING))
+    (job1,) = runner.sweep_completion(now=T0 + timedelta(seconds=6))
+    runner.run_next_job("test:1:w")  # its delivery waits for a retry
+    late = T0 + timedelta(seconds=60)
+    _late_instance(store, tmp_path, late)
+    (job2,) = runner.sweep_completion(now=late + timedelta(seconds=6))
+    # While the version-1 delivery may still be on its way, its SR counts as sent.
+    assert runner.previous_reports(store.get_job(job2)) == (PreviousReport(1, _sr_file(store, job1)),)
+    runner.deliver_due(now=datetime.now(UTC) + timedelta(hours=1))  # "not sent: the job was superseded"
+    (d1,) = store.list_deliveries(job_id=job1).items
+    assert d1.outcome is DeliveryOutcome.PERMANENT_FAILURE and "superseded" in (d1.message or "")
+    runner.run_next_job("test:1:w")
+    assert analysis.requests[-1].version == 2 and analysis.requests[-1].previous_reports == ()
 
 
 def test_recovery_gives_back_the_job_of_a_dead_worker(tmp_path: Path, store: Store) -> None:
@@ -355,6 +398,80 @@ def test_a_crash_between_routing_and_completion_loses_no_job(
     assert runner.sweep_completion(now=T0 + timedelta(seconds=7)) == [job_id]
     assert store.get_series(AXIAL).completed_at is not None
     assert runner.sweep_completion(now=T0 + timedelta(seconds=8)) == []
+
+
+def test_results_retention_removes_old_final_results_and_keeps_the_rows(tmp_path: Path, store: Store) -> None:
+    settings = _settings(tmp_path, retention={"spool_days": 0, "results_days": 30})
+    _study(store, tmp_path)
+    runner = Runner(settings, store, analyze=FakeAnalysis(), deliver=FakeSender(DeliveryOutcome.SUCCESS))
+    (job_id,) = runner.sweep_completion(now=T0 + timedelta(seconds=6))
+    runner.run_next_job("test:1:w")
+    assert store.get_job(job_id).state is JobState.DONE
+    job_dir = runner.results_dir / f"job-{job_id}"
+    inputs = list(job_dir.rglob("input/*"))
+    assert len(inputs) == 40 and all(p.is_symlink() for p in inputs)
+    # Folders the database does not know as a job are never touched.
+    strangers = [runner.results_dir / "job-4242", runner.results_dir / "notes"]
+    for folder in strangers:
+        folder.mkdir()
+        (folder / "a.txt").write_text("x")
+    ancient = (datetime.now(UTC) - timedelta(days=400)).timestamp()
+    for f in [p for folder in strangers for p in (folder, *folder.rglob("*"))]:
+        os.utime(f, (ancient, ancient))
+    now = datetime.now(UTC)
+    # Recent: kept (the clock says 29 days later).
+    assert runner.clean_results(now=now + timedelta(days=29)) == 0
+    assert job_dir.is_dir()
+    # Old: the folder goes, the spooled files its input links pointed to stay, the database rows stay.
+    assert runner.sweep_retention(now=now + timedelta(days=31)) == (0, 1)
+    assert not job_dir.exists()
+    assert all(p.is_dir() for p in strangers)
+    assert len(list((tmp_path / "spool" / STUDY / AXIAL).iterdir())) == 40
+    assert store.get_job(job_id).state is JobState.DONE
+    result = store.get_result(job_id)
+    assert result is not None and result.result_json["n_inputs"] == 40
+    (d,) = store.list_deliveries(job_id=job_id).items
+    assert d.outcome is DeliveryOutcome.SUCCESS
+    assert runner.clean_results(now=now + timedelta(days=31)) == 0  # nothing left to do
+    # 0 days means "keep for ever".
+    (runner.results_dir / f"job-{job_id}").mkdir()
+    runner.settings = _settings(tmp_path, retention={"results_days": 0})
+    assert runner.clean_results(now=now + timedelta(days=9999)) == 0
+
+
+def test_results_retention_keeps_unfinished_jobs_and_pending_deliveries(tmp_path: Path, store: Store) -> None:
+    settings = _settings(tmp_path, retention={"results_days": 30})
+    _study(store, tmp_path)
+    sender = FakeSender(DeliveryOutcome.RETRYING)
+    runner = Runner(settings, store, analyze=FakeAnalysis(), deliver=sender)
+    (job1,) = runner.sweep_completion(now=T0 + timedelta(seconds=6))
+    runner.run_next_job("test:1:w")
+    much_later = datetime.now(UTC) + timedelta(days=60)
+    # Still being delivered (a retry is due): kept.
+    assert store.get_job(job1).state is JobState.DELIVERING
+    assert runner.clean_results(now=much_later) == 0
+    # Superseded (a final state) while its delivery still waits for a retry: kept, it may still be sent.
+    late = T0 + timedelta(seconds=60)
+    _late_instance(store, tmp_path, late)
+    (job2,) = runner.sweep_completion(now=late + timedelta(seconds=6))
+    assert store.get_job(job1).state is JobState.SUPERSEDED
+    assert runner.clean_results(now=much_later) == 0
+    # Its delivery is given up ("superseded"); the new version is analysed and its delivery retries.
+    runner.run_next_job("test:1:w")
+    runner.deliver_due(now=datetime.now(UTC) + timedelta(hours=1))
+    assert all(d.outcome.is_final for d in store.list_deliveries(job_id=job1).items)
+    assert store.get_job(job2).state is JobState.DELIVERING
+    assert runner.clean_results(now=much_later) == 1
+    assert not (runner.results_dir / f"job-{job1}").exists()
+    assert (runner.results_dir / f"job-{job2}").is_dir()
+    # A permanently failed delivery an admin resends is pending again: its files stay.
+    for _ in range(5):
+        runner.deliver_due(now=datetime.now(UTC) + timedelta(days=1))
+    (d2,) = store.list_deliveries(job_id=job2).items
+    assert d2.outcome is DeliveryOutcome.PERMANENT_FAILURE and store.get_job(job2).state is JobState.FAILED
+    store.resend_delivery(d2.id, actor="admin")
+    assert runner.clean_results(now=much_later) == 0
+    assert (runner.results_dir / f"job-{job2}").is_dir()
 
 
 # -- re-run, rules in force, one owner of the sweeps -------------------------------------------------------

@@ -15,13 +15,13 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from dicomnode.domain import AnalysisResult, AnalysisStatus
+from dicomnode.domain import AnalysisResult, AnalysisStatus, PreviousReport
 from dicomnode.errors import InputError
 from dicomnode.imaging.volume import Volume
 from dicomnode.report import UidPolicy, read_sr_measurements, write_outputs
 from dicomnode.report.render import render_overview
 from dicomnode.report.sc import build_sc
-from dicomnode.report.sr import build_sr
+from dicomnode.report.sr import build_sr, predecessor_references
 from dicomnode.report.synthetic import SyntheticCase, make_case
 
 
@@ -134,6 +134,80 @@ def test_uids_follow_the_job(case: SyntheticCase) -> None:
     assert c.SOPInstanceUID != a.SOPInstanceUID
     d = build_sr(case.result, case.datasets, UidPolicy())
     assert d.SOPInstanceUID != a.SOPInstanceUID
+
+
+def _predecessors(sr: Dataset) -> list[tuple[str, str, str, str]]:
+    """(study, series, SOP class, SOP instance) of every item of the Predecessor Documents Sequence."""
+    return [
+        (
+            str(study.StudyInstanceUID),
+            str(series.SeriesInstanceUID),
+            str(inst.ReferencedSOPClassUID),
+            str(inst.ReferencedSOPInstanceUID),
+        )
+        for study in (sr[0x0040, 0xA360].value if (0x0040, 0xA360) in sr else [])
+        for series in study.ReferencedSeriesSequence
+        for inst in series.ReferencedSOPSequence
+    ]
+
+
+def _identity(ds: Dataset) -> tuple[str, str, str, str]:
+    return (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+
+
+def test_version_2_sr_names_the_version_1_sr_as_predecessor(case: SyntheticCase, tmp_path: Path) -> None:
+    measured = Measured(case.result, case.canonical, case.roi_masks)
+    v1 = write_outputs(measured, case.datasets, tmp_path / "v1", job_key="series/bmd", version=1)
+    assert v1.sr is not None
+    first = pydicom.dcmread(v1.sr)
+    assert "PredecessorDocumentsSequence" not in first  # a first version replaces nothing
+    v2 = write_outputs(
+        measured,
+        case.datasets,
+        tmp_path / "v2",
+        job_key="series/bmd",
+        version=2,
+        previous_reports=[PreviousReport(version=1, sr_path=str(v1.sr))],
+    )
+    assert v2.sr is not None
+    second = pydicom.dcmread(v2.sr)
+    assert second.SOPInstanceUID != first.SOPInstanceUID
+    assert second.SeriesInstanceUID != first.SeriesInstanceUID
+    # (0040,A360) names the version-1 SR by study, series, SOP class and SOP instance.
+    assert _predecessors(second) == [_identity(first)]
+
+
+def test_predecessor_of_a_removed_sr_file_is_rebuilt_from_its_uids(
+    case: SyntheticCase, tmp_path: Path
+) -> None:
+    measured = Measured(case.result, case.canonical, case.roi_masks)
+    v1 = write_outputs(measured, case.datasets, tmp_path / "v1", job_key="series/bmd", version=1)
+    assert v1.sr is not None
+    first = _identity(pydicom.dcmread(v1.sr, stop_before_pixels=True))
+    v1.sr.unlink()  # removed by retention before the late instance arrived
+    (tmp_path / "junk.dcm").write_bytes(b"not DICOM")  # an unreadable file is not trusted either
+    for path in (str(v1.sr), str(tmp_path / "junk.dcm"), None):
+        refs = predecessor_references(
+            [PreviousReport(1, path)], UidPolicy("series/bmd", 2), str(case.datasets[0].StudyInstanceUID)
+        )
+        assert [_identity(r) for r in refs] == [first]
+
+
+def test_predecessor_references_skip_the_own_sr_and_unknown_random_uids(case: SyntheticCase) -> None:
+    study = str(case.datasets[0].StudyInstanceUID)
+    uids = UidPolicy("series/bmd", 3)
+    refs = predecessor_references(
+        [PreviousReport(1), PreviousReport(2), PreviousReport(2), PreviousReport(3)], uids, study
+    )
+    # Newest first, each once, never the new version's own SR.
+    assert [str(r.SOPInstanceUID) for r in refs] == [
+        UidPolicy("series/bmd", 2).uid("sr-instance"),
+        UidPolicy("series/bmd", 1).uid("sr-instance"),
+    ]
+    sr = build_sr(case.result, case.datasets, uids, previous_versions=refs)
+    assert {p[3] for p in _predecessors(sr)} == {str(r.SOPInstanceUID) for r in refs}
+    # Random UIDs cannot be rebuilt: a missing file is left out rather than invented.
+    assert predecessor_references([PreviousReport(1)], UidPolicy(), study) == []
 
 
 def test_vertebra_without_outline_still_reported(case: SyntheticCase) -> None:

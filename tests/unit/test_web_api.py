@@ -499,3 +499,43 @@ def test_access_log_is_structured_and_has_no_query_strings(
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "dicomnode.web.access"]
     assert lines[-1]["path"] == "/api/audit" and lines[-1]["status"] == 200 and lines[-1]["user"] == "viewer"
     assert all("PATIENT" not in r.getMessage() for r in caplog.records)
+
+
+# -- results removed by retention ---------------------------------------------------------------------------
+
+
+def test_results_removed_by_retention_are_named_and_not_resent(tmp_path: Path) -> None:
+    own = seed_node(tmp_path)  # its own node: the shared one's files must stay
+    job_id = own.job_id
+    (d,) = own.store.list_deliveries(job_id=job_id).items
+    assert d.outcome is DeliveryOutcome.PERMANENT_FAILURE
+    with TestClient(own.app, follow_redirects=False) as c:
+        page = c.get(f"/jobs/{job_id}", auth=VIEWER).text
+        assert f'<img src="/api/jobs/{job_id}/overlays/0.png"' in page and "overlays-removed" not in page
+    removed = own.runner.clean_results(
+        now=datetime.now(UTC) + timedelta(days=own.settings.retention.results_days + 1)
+    )
+    assert removed == 1 and not (own.runner.results_dir / f"job-{job_id}").exists()
+    with TestClient(own.app, follow_redirects=False) as c:
+        # The job, its result and its deliveries stay visible.
+        job = c.get(f"/api/jobs/{job_id}", auth=VIEWER).json()
+        assert job["result"]["summary"]["vbmd_l1_l2_mg_cm3"] == 118.5
+        assert job["deliveries"][0]["id"] == d.id
+        # The overlay image says why it is missing; the page names the removal instead of broken images.
+        png = c.get(job["overlays"][0], auth=VIEWER)
+        assert png.status_code == 404 and "removed by retention" in png.json()["detail"]
+        page = c.get(f"/jobs/{job_id}", auth=VIEWER).text
+        assert 'id="overlays-removed"' in page and "<img src=" not in page
+        # A resend is refused with a one-line reason; nothing is scheduled, no audit entry is written.
+        r = c.post(f"/api/deliveries/{d.id}/resend", auth=ADMIN)
+        assert r.status_code == 409
+        reason = r.json()["detail"]
+        assert "\n" not in reason and "removed" in reason and "re-run" in reason
+        assert own.store.get_delivery(d.id).outcome is DeliveryOutcome.PERMANENT_FAILURE
+        assert own.store.list_audit(target=f"delivery:{d.id}").total == 0
+        assert c.post("/api/deliveries/resend-failed", json={}, auth=ADMIN).json() == {"resent": []}
+        assert own.store.get_job(job_id).state is JobState.FAILED
+        # A re-run writes the result again; then a resend is accepted.
+        assert c.post(f"/api/jobs/{job_id}/rerun", auth=ADMIN).status_code == 200
+        own.runner.run_next_job("test-worker")
+        assert c.post(f"/api/deliveries/{d.id}/resend", auth=ADMIN).status_code == 200
