@@ -34,35 +34,60 @@ def register(subparsers: Any) -> None:
     tr = subparsers.add_parser(
         "train",
         help="train a network on local data and write a model bundle",
-        description="Train TASK (segmentation or bmd) with k-fold cross-validation by patient and write a "
-        "MONAI-layout bundle with a checksummed manifest.",
+        description="Train TASK (segmentation, bmd, or sagittal-bmd: a 2D ResNet-50 on mid-sagittal "
+        "reformats regressing the L1-L2 vBMD of a series, plus TBS when the CSV has a tbs column) with "
+        "k-fold cross-validation by patient and write a MONAI-layout bundle with a checksummed manifest. "
+        "Defaults below are given as segmentation / bmd / sagittal-bmd.",
     )
-    tr.add_argument("task", choices=("segmentation", "bmd"))
-    tr.add_argument("--data", required=True, type=Path, help="dataset folder (images/, labels/) or CSV")
+    tr.add_argument("task", choices=("segmentation", "bmd", "sagittal-bmd"))
+    tr.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="dataset folder (images/, labels/) or CSV (bmd, sagittal-bmd)",
+    )
     tr.add_argument("--out", required=True, type=Path, help="bundle folder to write")
     tr.add_argument("--external", type=Path, default=None, help="optional external test set (same layout)")
     tr.add_argument("--folds", type=int, default=5, help="k of k-fold cross-validation by patient (0 = none)")
-    tr.add_argument("--epochs", type=int, default=None, help="epochs per run (default 150 / 40)")
-    tr.add_argument("--batch-size", type=int, default=None, help="default 4 / 16")
+    tr.add_argument("--epochs", type=int, default=None, help="epochs per run (default 150 / 40 / 40)")
+    tr.add_argument("--batch-size", type=int, default=None, help="default 4 / 16 / 16")
     tr.add_argument("--lr", type=float, default=3e-3)
     tr.add_argument(
         "--width",
         type=int,
         default=None,
-        help="network width, first-layer channels (default 16 / 8; 64 = DenseNet-121)",
+        help="network width, first-layer channels (default 16 / 8 / 16; 64 = DenseNet-121 / ResNet-50)",
     )
     tr.add_argument(
-        "--patch", type=_patch, default=None, help="patch / crop size in voxels: N or DxHxW (default 48 / 32)"
+        "--patch",
+        type=_patch,
+        default=None,
+        help="patch / crop size in voxels: N or DxHxW (default 48 / 32); sagittal-bmd: reformat ROWSxCOLS "
+        "(S-I x A-P) or N for 2N x N (default 128x64)",
     )
     tr.add_argument(
         "--spacing",
         type=float,
         default=None,
-        help="resample to this isotropic spacing in mm (default 3 / 2); defaults are segmentation / bmd",
+        help="resample to this isotropic spacing in mm (default 3 / 2); sagittal-bmd: reformat pixel "
+        "size (default 2)",
+    )
+    tr.add_argument(
+        "--slab",
+        type=float,
+        default=5.0,
+        help="sagittal-bmd: left-right slab averaged into the reformat (mm)",
+    )
+    tr.add_argument(
+        "--reference-levels",
+        type=_levels,
+        default=("L1", "L2"),
+        help="sagittal-bmd: levels whose reference vBMD (and TBS) rows are averaged per series and whose "
+        "centroids centre the reformat (default L1,L2)",
     )
     tr.add_argument("--arch", choices=("unet", "segresnet"), default="unet", help="segmentation network")
     tr.add_argument(
-        "--samples-per-case", type=int, default=None, help="crops per case per epoch (default 4 / 2)"
+        "--samples-per-case", type=int, default=None, help="crops per case per epoch (default 4 / 2 / 8)"
     )
     tr.add_argument(
         "--label-scheme",
@@ -82,17 +107,29 @@ def register(subparsers: Any) -> None:
     tr.set_defaults(handler=run_train)
 
 
-def _patch(text: str) -> int | tuple[int, int, int]:
+def _patch(text: str) -> int | tuple[int, ...]:
     parts = text.lower().replace(",", "x").split("x")
     try:
         sizes = [int(p) for p in parts]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"patch must be N or DxHxW, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"patch must be N, ROWSxCOLS or DxHxW, got {text!r}") from None
     if len(sizes) == 1:
         return sizes[0]
-    if len(sizes) != 3 or any(s <= 0 for s in sizes):
-        raise argparse.ArgumentTypeError(f"patch must be N or DxHxW, got {text!r}")
-    return (sizes[0], sizes[1], sizes[2])
+    if len(sizes) not in (2, 3) or any(s <= 0 for s in sizes):
+        raise argparse.ArgumentTypeError(f"patch must be N, ROWSxCOLS or DxHxW, got {text!r}")
+    return tuple(sizes)
+
+
+def _levels(text: str) -> tuple[str, ...]:
+    from dicomnode.domain import REPORTED_LEVELS
+
+    levels = tuple(p.strip().upper() for p in text.split(",") if p.strip())
+    bad = [lvl for lvl in levels if lvl not in REPORTED_LEVELS]
+    if not levels or bad:
+        raise argparse.ArgumentTypeError(
+            f"levels must be a comma-separated list of {', '.join(REPORTED_LEVELS)}, got {text!r}"
+        )
+    return levels
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -121,6 +158,12 @@ def run_train(args: argparse.Namespace) -> int:
     from dicomnode.ml.train import TrainConfig, train
 
     seg = args.task == "segmentation"
+    sag = args.task == "sagittal-bmd"
+    patch = args.patch if args.patch is not None else (48 if seg else (128, 64) if sag else 32)
+    if isinstance(patch, tuple) and len(patch) != (2 if sag else 3):
+        want = "N or ROWSxCOLS" if sag else "N or DxHxW"
+        print(f"dicomnode train: --patch for {args.task} must be {want}", file=sys.stderr)
+        return 1
     cfg = TrainConfig(
         task=args.task,
         data=args.data,
@@ -130,12 +173,16 @@ def run_train(args: argparse.Namespace) -> int:
         epochs=args.epochs if args.epochs is not None else (150 if seg else 40),
         batch_size=args.batch_size if args.batch_size is not None else (4 if seg else 16),
         lr=args.lr,
-        width=args.width if args.width is not None else (16 if seg else 8),
-        patch=args.patch if args.patch is not None else (48 if seg else 32),
+        width=args.width if args.width is not None else (8 if not (seg or sag) else 16),
+        patch=patch,
         arch=args.arch,
-        samples_per_case=args.samples_per_case if args.samples_per_case is not None else (4 if seg else 2),
+        samples_per_case=args.samples_per_case
+        if args.samples_per_case is not None
+        else (4 if seg else 8 if sag else 2),
         spacing_mm=args.spacing,
         label_scheme=args.label_scheme,
+        reference_levels=args.reference_levels,
+        slab_mm=args.slab,
         seed=args.seed,
         device=args.device,
         threads=args.threads,

@@ -8,6 +8,8 @@ Layouts ``dicomnode train`` reads:
 * bmd: a CSV ``id,patient_id,image,level,bmd_mg_cm3`` plus either ``label`` (a level mask, scheme as for
   segmentation) or ``cx,cy,cz`` (vertebral body centroid, LPS mm); ``image`` is a NIfTI file or a DICOM
   series folder.
+* sagittal-bmd: the bmd CSV; each image is one sample whose target is the mean ``bmd_mg_cm3`` of its
+  reference-level rows (default L1, L2), and an optional ``tbs`` column adds a TBS target.
 
 Label schemes understood (mapped to our classes 0 = background, 1..7 = T11..L5 vertebral bodies):
 TotalSegmentator v2 (L5 = 27 ... T11 = 33), VerSe (T11 = 18, T12 = 19, L1 = 20 ... L5 = 24) and ours.

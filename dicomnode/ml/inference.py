@@ -326,6 +326,128 @@ def predict_vbmd(
     return predict_vbmd_prepared(bundle, prep, centroids_lps)
 
 
+@dataclass(frozen=True)
+class SagittalPrediction:
+    """What a sagittal bundle says about a series: vBMD of its reference levels, TBS when it has one."""
+
+    vbmd_mg_cm3: float
+    tbs: float | None
+    levels: tuple[str, ...]  # the bundle's reference levels: what the value is the vBMD of
+    centre_lps: tuple[float, float, float]
+    notes: tuple[str, ...] = ()
+
+
+def sagittal_centre(
+    bundle: LoadedBundle, centroids_lps: Mapping[str, Sequence[float]]
+) -> tuple[tuple[float, float, float], tuple[str, ...]] | None:
+    """The reformat centre of a sagittal bundle: the mean centroid of its reference levels.
+
+    A reference level without a (finite) centroid, e.g. one the engine excluded, is placed between its
+    neighbours (or extrapolated from the two nearest on one side): vertebrae are stacked about evenly, and
+    centring on the levels found alone would shift the reformat by half a vertebra from where training
+    centred it.
+
+    Parameters
+    ----------
+    bundle : LoadedBundle
+        Task ``sagittal_bmd_tbs``.
+    centroids_lps : mapping
+        Level -> vertebral-body (or trabecular ROI) centroid, LPS mm.
+
+    Returns
+    -------
+    (centre, notes) or None
+        None when a reference level can be neither found nor placed from its neighbours.
+    """
+    wanted = [str(lvl) for lvl in (bundle.manifest.output.get("reference_levels") or ["L1", "L2"])]
+    order = list(REPORTED_LEVELS)
+    known: dict[int, npt.NDArray[np.float64]] = {}
+    for lvl, c in centroids_lps.items():
+        p = np.asarray(c, float)
+        if lvl in order and p.shape == (3,) and np.isfinite(p).all():
+            known[order.index(lvl)] = p
+    points: list[npt.NDArray[np.float64]] = []
+    notes: list[str] = []
+    for lvl in wanted:
+        m = order.index(lvl) if lvl in order else -1
+        if m in known:
+            points.append(known[m])
+            continue
+        below = sorted(i for i in known if i < m)
+        above = sorted(i for i in known if i > m)
+        if m < 0 or len(below) + len(above) < 2:
+            return None
+        if below and above:
+            a, b = below[-1], above[0]
+        elif below:
+            a, b = below[-2], below[-1]
+        else:
+            a, b = above[0], above[1]
+        t = (m - a) / (b - a)
+        points.append(known[a] + t * (known[b] - known[a]))
+        notes.append(f"reformat centre: {lvl} placed from {order[a]} and {order[b]}")
+    c = np.mean(points, axis=0)
+    return (float(c[0]), float(c[1]), float(c[2])), tuple(notes)
+
+
+def predict_sagittal(
+    bundle: LoadedBundle, volume: Volume, centroids_lps: Mapping[str, Sequence[float]]
+) -> SagittalPrediction | None:
+    """vBMD (and TBS, when the bundle was trained with it) of a series with a ``sagittal_bmd_tbs`` bundle.
+
+    The mid-sagittal reformat is centred on the mean centroid of the bundle's reference levels
+    (``output.reference_levels``, e.g. L1 and L2) and made exactly as in training
+    (:func:`dicomnode.ml.preprocess.sagittal_planes` with the bundle's input spec).
+
+    Parameters
+    ----------
+    bundle : LoadedBundle
+        Task ``sagittal_bmd_tbs``.
+    volume : Volume
+        HU volume.
+    centroids_lps : mapping
+        Level -> vertebral-body centroid (LPS mm), from a segmentation or the classical engine's ROIs.
+
+    Returns
+    -------
+    SagittalPrediction or None
+        None when the reference levels can be neither found in ``centroids_lps`` nor placed from their
+        neighbours (see :func:`sagittal_centre`).
+
+    Raises
+    ------
+    BundleError
+        Wrong bundle task or the series does not meet the input spec.
+    """
+    from dicomnode.ml.preprocess import sagittal_planes
+
+    _spec_check(bundle, "sagittal_bmd_tbs")
+    check_input_spec(bundle, volume)
+    spec = bundle.input_spec
+    if len(spec.patch_size) != 2:
+        raise BundleError(f"bundle {bundle.name}: 2D reformat size expected, got {tuple(spec.patch_size)}")
+    found = sagittal_centre(bundle, centroids_lps)
+    if found is None:
+        return None
+    centre, centre_notes = found
+    levels = tuple(str(lvl) for lvl in (bundle.manifest.output.get("reference_levels") or ["L1", "L2"]))
+    planes, notes = sagittal_planes(
+        volume,
+        centre,
+        (int(spec.patch_size[0]), int(spec.patch_size[1])),
+        spec.spacing_mm[1],
+        spec.spacing_mm[0],
+        (spec.intensity_window[0], spec.intensity_window[1]),
+        spec.intensity_normalisation,
+    )
+    x = torch.from_numpy(planes[:, None]).to(bundle.device)
+    with torch.no_grad():
+        out = bundle.network(x).cpu().numpy()[0]
+    outputs = list(bundle.manifest.output.get("outputs") or ["vbmd_mg_cm3"])
+    tbs = float(out[outputs.index("tbs")]) if "tbs" in outputs and len(out) > outputs.index("tbs") else None
+    return SagittalPrediction(float(out[0]), tbs, levels, centre, (*centre_notes, *notes))
+
+
 def _trabecular_stats(
     canonical: Volume, mask: npt.NDArray[np.bool_]
 ) -> tuple[npt.NDArray[np.bool_], float, float, float, float]:
@@ -493,7 +615,10 @@ def apply_bmd_bundle(
 
     The bundle is applied at each measured vertebra's ROI centroid. With ``both`` the calibrated-ROI values
     stay and the summary notes give the model's L1-L2 vBMD and the difference (agreement); with ``bundle``
-    the per-level vBMD, the L1-L2 mean and the category come from the model. Either way
+    the per-level vBMD, the L1-L2 mean and the category come from the model. A ``sagittal_bmd_tbs`` bundle
+    gives one value per series (its reference levels' vBMD, from a mid-sagittal reformat centred on their
+    ROI centroids): with ``bundle`` it replaces the L1-L2 mean and the category while the per-level values
+    stay the calibrated ROI's (a note says so); its TBS, when it has one, goes into the notes. Either way
     ``algorithm_name`` / ``algorithm_version`` gain ``+<bundle name>`` / ``+<bundle version>`` and the
     warnings carry the bundle's checksum.
 
@@ -522,6 +647,8 @@ def apply_bmd_bundle(
         raise BundleError(f"bmd estimator mode {mode!r} unknown (use 'bundle' or 'both')")
     if result.status is not AnalysisStatus.OK or result.summary is None:
         return result
+    if bundle.manifest.task == "sagittal_bmd_tbs":
+        return _apply_sagittal(result, volume, bundle, mode)
     usable = [v for v in result.vertebrae if not v.excluded]
     model = predict_vbmd(bundle, volume, {v.level: v.roi_centroid_lps_mm for v in usable})
     used = tuple(lvl for lvl in ("L1", "L2") if lvl in model)
@@ -548,6 +675,52 @@ def apply_bmd_bundle(
     return replace(
         result,
         vertebrae=vertebrae,
+        summary=summary,
+        algorithm_name=f"{result.algorithm_name}+{bundle.name}",
+        algorithm_version=f"{result.algorithm_version}+{bundle.version}",
+        warnings=(*result.warnings, f"model bundle {ident}"),
+    )
+
+
+def _apply_sagittal(
+    result: AnalysisResult, volume: Volume, bundle: LoadedBundle, mode: str
+) -> AnalysisResult:
+    """:func:`apply_bmd_bundle` for a ``sagittal_bmd_tbs`` bundle (one vBMD, maybe a TBS, per series)."""
+    assert result.summary is not None
+    # excluded vertebrae too: their vBMD is not reported, but where they are still centres the reformat
+    pred = predict_sagittal(bundle, volume, {v.level: v.roi_centroid_lps_mm for v in result.vertebrae})
+    notes = list(result.summary.notes)
+    ident = bundle.manifest.identification
+    summary = result.summary
+    if pred is None:
+        notes.append(f"{bundle.name} {bundle.version}: no reference level measured, no model vBMD")
+        summary = replace(summary, notes=tuple(notes))
+    else:
+        span = "-".join((pred.levels[0], pred.levels[-1])) if len(pred.levels) > 1 else pred.levels[0]
+        tbs = f"; TBS {pred.tbs:.3f}" if pred.tbs is not None else ""
+        centring = [f"{bundle.name}: {n}" for n in pred.notes]  # after the value note, which leads
+        if mode == "both":
+            roi = summary.vbmd_l1_l2_mg_cm3
+            roi_levels = tuple(summary.levels_used)
+            on = "" if roi_levels in ((), pred.levels) else f" (ROI on {'-'.join(roi_levels)})"
+            diff = f"; model - ROI = {pred.vbmd_mg_cm3 - roi:+.1f} mg/cm3{on}" if roi is not None else ""
+            notes.append(
+                f"{bundle.name} {bundle.version}: {span} vBMD {pred.vbmd_mg_cm3:.1f} mg/cm3 "
+                f"(mid-sagittal reformat){diff}{tbs}"
+            )
+            summary = replace(summary, notes=(*notes, *centring))
+        else:
+            notes.append(f"vBMD by {ident} (mid-sagittal reformat, {span}){tbs}")
+            notes.append("per-level vBMD: calibrated ROI (the sagittal model gives one value per series)")
+            summary = replace(
+                summary,
+                vbmd_l1_l2_mg_cm3=pred.vbmd_mg_cm3,
+                category=acr_category(pred.vbmd_mg_cm3),
+                levels_used=pred.levels,
+                notes=(*notes, *centring),
+            )
+    return replace(
+        result,
         summary=summary,
         algorithm_name=f"{result.algorithm_name}+{bundle.name}",
         algorithm_version=f"{result.algorithm_version}+{bundle.version}",

@@ -224,6 +224,9 @@ Measure = Callable[[Volume], "MeasuredSeries"]
 
 #: ``bmd_estimator`` values meaning the built-in calibrated-ROI vBMD.
 ROI_ESTIMATORS = ("roi", "classical", "calibrated-roi")
+#: Bundle tasks that can estimate vBMD: per vertebra from 3-D crops, or per series from a mid-sagittal
+#: reformat (centred on the ROI centroids of its reference levels).
+BMD_BUNDLE_TASKS = ("bmd", "sagittal_bmd_tbs")
 
 
 @dataclass(frozen=True)
@@ -301,7 +304,7 @@ def resolve_options(
                     f"bundle {path}: 'both:' needs a bmd bundle (a segmentation bundle is used as 'bundle:')"
                 )
             seg = f"bundle:{path}"
-        elif task == "bmd":
+        elif task in BMD_BUNDLE_TASKS:
             est = f"{kind}:{path}"
         else:
             raise BundleError(f"bundle {path}: task {task!r} cannot serve the node's analysis")
@@ -373,7 +376,7 @@ def check_options(options: AnalysisOptions) -> list[str]:
     for role, task, path in options.bundles():
         bundle = _load_bundle(path)
         m = bundle.manifest
-        if m.task != task:
+        if m.task != task and not (task == "bmd" and m.task in BMD_BUNDLE_TASKS):
             raise BundleError(f"bundle {path}: task {m.task!r}, but the {role} role needs a {task!r} bundle")
         spec = m.input_spec
         if "CT" not in spec.modalities:
@@ -381,7 +384,9 @@ def check_options(options: AnalysisOptions) -> list[str]:
                 f"bundle {m.name} {m.version}: input spec accepts {', '.join(spec.modalities) or 'nothing'}, "
                 "not the CT series this node analyses"
             )
-        if len(spec.patch_size) != 3 or spec.in_channels != 1:
+        # a sagittal bundle takes 2-D reformats the node makes from the same 3-D volume
+        dims = 2 if m.task == "sagittal_bmd_tbs" else 3
+        if len(spec.patch_size) != dims or spec.in_channels != 1:
             raise BundleError(
                 f"bundle {m.name} {m.version}: input spec wants {len(spec.patch_size)}-D patches with "
                 f"{spec.in_channels} channel(s); the node feeds one 3-D CT volume"
