@@ -147,6 +147,18 @@ def trabecular_roi(
     )
 
 
+def _body_frame(
+    axis_mm: tuple[float, float, float] | None,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Unit vectors of a vertebral body's own frame: its axis (default cranio-caudal), then anterior-posterior
+    (the patient's y made orthogonal to the axis) and left-right (their cross product)."""
+    a = np.asarray(axis_mm if axis_mm is not None else (0.0, 0.0, 1.0), dtype=float)
+    a /= np.linalg.norm(a)
+    e_ap = np.array([0.0, 1.0, 0.0]) - a * a[1]
+    e_ap /= np.linalg.norm(e_ap)
+    return a, e_ap, np.cross(a, e_ap)
+
+
 def body_heights(
     body: B, spacing: tuple[float, float, float], axis_mm: tuple[float, float, float] | None = None
 ) -> tuple[float, float, float] | None:
@@ -161,11 +173,7 @@ def body_heights(
     sx, sy, sz = spacing
     if not body.any():
         return None
-    a = np.asarray(axis_mm if axis_mm is not None else (0.0, 0.0, 1.0), dtype=float)
-    a /= np.linalg.norm(a)
-    e_ap = np.array([0.0, 1.0, 0.0]) - a * a[1]
-    e_ap /= np.linalg.norm(e_ap)
-    e_lr = np.cross(a, e_ap)
+    a, e_ap, e_lr = _body_frame(axis_mm)
     kk, jj, ii = np.meshgrid(
         np.arange(body.shape[0]) * sz,
         np.arange(body.shape[1]) * sy,
@@ -271,11 +279,7 @@ def profile_height_fit(
     sx, sy, sz = spacing
     if not body.any():
         return None
-    a = np.asarray(axis_mm if axis_mm is not None else (0.0, 0.0, 1.0), dtype=float)
-    a /= np.linalg.norm(a)
-    e_ap = np.array([0.0, 1.0, 0.0]) - a * a[1]
-    e_ap /= np.linalg.norm(e_ap)
-    e_lr = np.cross(a, e_ap)
+    a, e_ap, e_lr = _body_frame(axis_mm)
     kk, jj, ii = np.nonzero(body)
     pts = np.stack([ii * sx, jj * sy, kk * sz], axis=1)  # (x, y, z) mm within the box
     h, v, u = pts @ a, pts @ e_ap, pts @ e_lr

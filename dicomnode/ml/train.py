@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -664,48 +664,21 @@ def _train_bmd(cfg: TrainConfig) -> dict[str, Any]:
         ext_items = read_bmd_dataset(cfg.external)
         images.update(_load_bmd_images(ext_items, spec, cfg.label_scheme, cfg.progress))
     factory, kwargs = _bmd_net_args(cfg)
-    ckpt = _Checkpoints(cfg.out)
-    done = ckpt.finished()
     l1 = nn.SmoothL1Loss(beta=5.0)
 
     def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return l1(out, y)  # type: ignore[no-any-return]
 
-    report: dict[str, Any] = {"folds": {}}
-    oof: dict[str, float] = {}
-    for ridx, (run, val_patients) in enumerate(_runs([it.patient_id for it in items], cfg)):
-        val_items = [it for it in items if it.patient_id in val_patients]
-        if run in done:
-            if run != "final":
-                report["folds"][run] = done[run]
-                oof.update(done[run].get("predictions", {}))
-            continue
-        train_items = [it for it in items if it.patient_id not in val_patients]
-        torch.manual_seed(cfg.seed + 1000 * ridx)  # initial weights from the run seed too
-        net = build(factory, kwargs)
-        t0 = time.monotonic()
-        hist = _fit(
-            run, net, cfg, ckpt, cfg.seed + 1000 * ridx, _bmd_batches(train_items, images, cfg), loss_fn
-        )
-        result: dict[str, Any] = {
-            "n_train": len(train_items),
-            "n_val": len(val_items),
-            "loss": hist[-1:] or None,
-        }
-        result["train_seconds"] = round(time.monotonic() - t0, 1)
-        if val_items:
-            preds = _predict_items(net, val_items, images, cfg.device)
-            result["mae"] = float(np.mean([abs(preds[it.row_id] - it.bmd) for it in val_items]))
-            result["predictions"] = preds
-            oof.update(preds)
-        ckpt.mark_finished(run, result)
-        if run == "final":
-            torch.save(net.state_dict(), ckpt.root / "final_model.pt")
-        else:
-            report["folds"][run] = result
-    final_net = build(factory, kwargs)
-    final_net.load_state_dict(torch.load(ckpt.root / "final_model.pt", weights_only=True))
-    final_net.eval()
+    final_net, folds, oof = _cross_validate(
+        cfg,
+        items,
+        build_net=lambda: build(factory, kwargs),
+        batches=lambda train: _bmd_batches(train, images, cfg),
+        loss_fn=loss_fn,
+        predict=lambda net, val: _predict_items(net, val, images, cfg.device),
+        error=lambda preds, it: abs(preds[it.row_id] - it.bmd),
+    )
+    report: dict[str, Any] = {"folds": folds}
     perf: dict[str, Any] = {}
     evals = cfg.out / "training" / "evaluation"
     if oof:
@@ -1016,8 +989,6 @@ def _train_sagittal(cfg: TrainConfig) -> dict[str, Any]:
         centres.update(ext_centres)
     factory, kwargs = _sag_net_args(cfg, with_tbs)
     scale = torch.tensor(kwargs["output_scale"], dtype=torch.float32, device=cfg.device)
-    ckpt = _Checkpoints(cfg.out)
-    done = ckpt.finished()
     l1 = nn.SmoothL1Loss(beta=0.05)
 
     def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -1025,48 +996,16 @@ def _train_sagittal(cfg: TrainConfig) -> dict[str, Any]:
         ok = torch.isfinite(y)
         return l1((out / scale)[ok], (torch.nan_to_num(y) / scale)[ok])  # type: ignore[no-any-return]
 
-    report: dict[str, Any] = {"folds": {}, "reference_levels": list(levels), "tbs": with_tbs}
-    oof: dict[str, list[float]] = {}
-    for ridx, (run, val_patients) in enumerate(_runs([it.patient_id for it in items], cfg)):
-        val_items = [it for it in items if it.patient_id in val_patients]
-        if run in done:
-            if run != "final":
-                report["folds"][run] = done[run]
-                oof.update(done[run].get("predictions", {}))
-            continue
-        train_items = [it for it in items if it.patient_id not in val_patients]
-        torch.manual_seed(cfg.seed + 1000 * ridx)  # initial weights from the run seed too
-        net = build(factory, kwargs)
-        t0 = time.monotonic()
-        hist = _fit(
-            run,
-            net,
-            cfg,
-            ckpt,
-            cfg.seed + 1000 * ridx,
-            _sag_batches(train_items, planes, cfg, with_tbs),
-            loss_fn,
-        )
-        result: dict[str, Any] = {
-            "n_train": len(train_items),
-            "n_val": len(val_items),
-            "loss": hist[-1:] or None,
-            "train_seconds": round(time.monotonic() - t0, 1),
-        }
-        if val_items:
-            preds = _predict_series(net, val_items, planes, cfg.device)
-            result["mae"] = float(np.mean([abs(preds[it.series_id][0] - it.bmd) for it in val_items]))
-            result["predictions"] = preds
-            oof.update(preds)
-        ckpt.mark_finished(run, result)
-        if run == "final":
-            torch.save(net.state_dict(), ckpt.root / "final_model.pt")
-        else:
-            report["folds"][run] = result
-    final_net = build(factory, kwargs)
-    final_net.load_state_dict(torch.load(ckpt.root / "final_model.pt", weights_only=True))
-    final_net.to(cfg.device)
-    final_net.eval()
+    final_net, folds, oof = _cross_validate(
+        cfg,
+        items,
+        build_net=lambda: build(factory, kwargs),
+        batches=lambda train: _sag_batches(train, planes, cfg, with_tbs),
+        loss_fn=loss_fn,
+        predict=lambda net, val: _predict_series(net, val, planes, cfg.device),
+        error=lambda preds, it: abs(preds[it.series_id][0] - it.bmd),
+    )
+    report: dict[str, Any] = {"folds": folds, "reference_levels": list(levels), "tbs": with_tbs}
     train_mean = float(np.mean([it.bmd for it in items]))
     perf: dict[str, Any] = {}
     evals = cfg.out / "training" / "evaluation"
@@ -1136,6 +1075,69 @@ def _train_sagittal(cfg: TrainConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ common
+
+
+_Item = TypeVar("_Item", BmdItem, "SagittalItem")
+_Pred = TypeVar("_Pred")
+#: Draws one epoch of (input, target) batches with the given random generator.
+_Batches = Callable[[np.random.Generator], list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _cross_validate(
+    cfg: TrainConfig,
+    items: Sequence[_Item],
+    *,
+    build_net: Callable[[], nn.Module],
+    batches: Callable[
+        [Sequence[_Item]], Callable[[np.random.Generator], list[tuple[torch.Tensor, torch.Tensor]]]
+    ],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    predict: Callable[[nn.Module, Sequence[_Item]], dict[str, _Pred]],
+    error: Callable[[dict[str, _Pred], _Item], float],
+) -> tuple[nn.Module, dict[str, Any], dict[str, _Pred]]:
+    """The k folds (split by patient) and the final run on all items, resumable from the checkpoints.
+
+    Each run is seeded from ``cfg.seed`` and its index; a finished run is taken from its checkpoint record
+    instead of being trained again. Returns the final network (loaded, on ``cfg.device``, in eval mode), the
+    per-fold records (sizes, last loss, time, validation MAE and predictions) and the out-of-fold predictions.
+    """
+    ckpt = _Checkpoints(cfg.out)
+    done = ckpt.finished()
+    folds: dict[str, Any] = {}
+    oof: dict[str, _Pred] = {}
+    for ridx, (run, val_patients) in enumerate(_runs([it.patient_id for it in items], cfg)):
+        val_items = [it for it in items if it.patient_id in val_patients]
+        if run in done:
+            if run != "final":
+                folds[run] = done[run]
+                oof.update(done[run].get("predictions", {}))
+            continue
+        train_items = [it for it in items if it.patient_id not in val_patients]
+        torch.manual_seed(cfg.seed + 1000 * ridx)  # initial weights from the run seed too
+        net = build_net()
+        t0 = time.monotonic()
+        hist = _fit(run, net, cfg, ckpt, cfg.seed + 1000 * ridx, batches(train_items), loss_fn)
+        result: dict[str, Any] = {
+            "n_train": len(train_items),
+            "n_val": len(val_items),
+            "loss": hist[-1:] or None,
+            "train_seconds": round(time.monotonic() - t0, 1),
+        }
+        if val_items:
+            preds = predict(net, val_items)
+            result["mae"] = float(np.mean([error(preds, it) for it in val_items]))
+            result["predictions"] = preds
+            oof.update(preds)
+        ckpt.mark_finished(run, result)
+        if run == "final":
+            torch.save(net.state_dict(), ckpt.root / "final_model.pt")
+        else:
+            folds[run] = result
+    final_net = build_net()
+    final_net.load_state_dict(torch.load(ckpt.root / "final_model.pt", weights_only=True))
+    final_net.to(cfg.device)
+    final_net.eval()
+    return final_net, folds, oof
 
 
 def _runs(patient_ids: Sequence[str], cfg: TrainConfig) -> list[tuple[str, set[str]]]:
