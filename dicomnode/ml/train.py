@@ -9,13 +9,14 @@ its last epoch and skips finished runs. Seeds derive from ``--seed`` and the run
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -1222,13 +1223,36 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise InputError("--device cuda requested but no CUDA device is available")
     if cfg.task not in ("segmentation", "bmd", "sagittal-bmd"):
         raise InputError(f"unknown task {cfg.task!r}")
-    if cfg.threads is not None:
-        torch.set_num_threads(max(1, cfg.threads))
     cfg.out.mkdir(parents=True, exist_ok=True)
     if not cfg.resume and (cfg.out / "training" / "checkpoints" / "state.json").exists():
         raise InputError(f"{cfg.out}: holds an earlier training run; use --resume or a new --out")
-    if cfg.task == "segmentation":
-        return _train_segmentation(cfg)
-    if cfg.task == "sagittal-bmd":
-        return _train_sagittal(cfg)
-    return _train_bmd(cfg)
+    with _deterministic(cfg.threads):
+        if cfg.task == "segmentation":
+            return _train_segmentation(cfg)
+        if cfg.task == "sagittal-bmd":
+            return _train_sagittal(cfg)
+        return _train_bmd(cfg)
+
+
+@contextlib.contextmanager
+def _deterministic(threads: int | None) -> Iterator[None]:
+    """Run training with deterministic kernels and a fixed thread count, then restore torch's settings.
+
+    Seeds (weights, batch order, augmentation) already derive from ``cfg.seed``; what is left to chance on
+    the CPU is the order of floating-point reductions, which depends on the kernel chosen and on how the
+    work is split over threads. ``torch.use_deterministic_algorithms`` picks deterministic kernels (with a
+    warning where an operation has none) and a fixed ``threads`` fixes the split, so the same data, seed and
+    thread count give the same weights on the same software. Another CPU (other vector instructions) may
+    still round differently: tests must not rely on one case's value (see ``tests/integration/test_ml_*``).
+    """
+    old_threads = torch.get_num_threads()
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    if threads is not None:
+        torch.set_num_threads(max(1, threads))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+        torch.set_num_threads(old_threads)
