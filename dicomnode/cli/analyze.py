@@ -2,7 +2,11 @@
 
 Exit status: 0 analysed (status ok), 2 not qualifying (MR, localizer, head CT, dose report, too few slices,
 lumbar spine not in view...), 1 failure. ``DIR/result.json`` is written in every case, except when a
-configured model bundle is refused before any image is read (tampered, wrong task, missing: exit 2, one line).
+configured model bundle or the routing rules are refused before any image is read (tampered, wrong task,
+missing, invalid rules: exit 2, one line).
+
+The series of a folder is chosen by the same routing the node uses (``dicomnode.routing``): the shipped
+default rules, or a site's rules with ``--rules FILE`` (or the ``rules_file`` of ``--config``).
 """
 
 from __future__ import annotations
@@ -54,6 +58,14 @@ def register(subparsers: Any) -> None:
         help="classical (default), bundle:PATH or both:PATH: a model bundle replaces the vertebra finder "
         "(segmentation bundle) or the vBMD (bmd bundle; 'both' reports it beside the calibrated ROI)",
     )
+    p.add_argument(
+        "--rules",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="routing rules that choose the series of a folder (a site's rules, as 'dicomnode rules explain' "
+        "takes them; default: the config's rules_file with --config, else the shipped default rules)",
+    )
     p.add_argument("--segmentation-backend", default=None, metavar="SPEC", help="classical or bundle:PATH")
     p.add_argument(
         "--bmd-estimator",
@@ -98,6 +110,34 @@ def options_from_args(args: argparse.Namespace) -> Any:
         options = resolve_options(backend or "classical", seg, est)
     check_options(options)
     return options
+
+
+def select_from_args(args: argparse.Namespace) -> Any:
+    """The routing that chooses the series: ``--rules FILE``, else ``--config``'s ``rules_file``, else the
+    shipped default rules (the same ``dicomnode.routing`` the node routes with).
+
+    Returns
+    -------
+    dicomnode.pipeline.rules_in_force.SelectFn
+
+    Raises
+    ------
+    DicomnodeError
+        Unreadable or invalid rules (one line).
+    """
+    from dicomnode.pipeline.rules_in_force import file_select
+
+    rules_file = getattr(args, "rules", None)
+    config = getattr(args, "config", None)
+    destinations: tuple[str, ...] = ()
+    if config is not None:
+        from dicomnode.config import load_settings
+
+        settings = load_settings(config)
+        destinations = tuple(settings.destination_names)
+        if rules_file is None:
+            rules_file = settings.rules_file
+    return file_select(rules_file, destinations)
 
 
 def _f(value: float | None, digits: int = 1) -> str:
@@ -190,6 +230,7 @@ def _run(args: argparse.Namespace) -> int:
         # A bundle that is tampered with, of the wrong task or whose spec no CT can meet: refused before
         # any image is read, with one line.
         options = options_from_args(args)
+        select = select_from_args(args)
     except DicomnodeError as exc:
         print(f"dicomnode analyze: {exc}", file=sys.stderr)
         return 2
@@ -207,6 +248,7 @@ def _run(args: argparse.Namespace) -> int:
                 disclaimer=args.disclaimer,
                 write_png=not args.no_png,
                 options=options,
+                select=select,
             )
     except KeyboardInterrupt:
         raise

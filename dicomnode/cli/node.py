@@ -253,6 +253,11 @@ def build_node(
     engine = make_engine(settings.database_url_resolved())
     upgrade(engine)
     store = Store(engine)
+    # The one rules provider: the runner routes with it, the admin UI shows and edits it. A version saved
+    # in the UI applies to the next routing decision, in this process and in any other on the same database.
+    from dicomnode.pipeline.rules_in_force import RulesInForce
+
+    rules = RulesInForce(store, settings)
     routers: list[Any] = []
     readiness: list[tuple[str, Any]] = [
         ("database", lambda: None if store.ping() else "database unreachable")
@@ -300,6 +305,7 @@ def build_node(
             settings,
             store,
             analyze=analyze,
+            select=rules.select,
             delivery_lease_s=(
                 delivery_lease_s if delivery_lease_s is not None else settings.workers.delivery_lease_seconds
             ),
@@ -316,12 +322,8 @@ def build_node(
         sched = node.scheduler
         readiness.append(("scheduler", lambda: None if sched.running else "scheduler not running"))
 
-    node.app = create_app(settings, store, role=role, routers=routers, readiness=readiness)
+    node.app = create_app(settings, store, role=role, routers=routers, readiness=readiness, rules=rules)
     if node.runner is not None and hasattr(node.app.state, "web"):
-        # Rules saved in the UI apply to the next routing decision, in this process and in any other on the
-        # same database: the provider reads the newest rule version from the store at every call (the
-        # runner's own default, store_select, does the same when no admin app is installed).
-        node.runner.select = node.app.state.web.rules.select
         node.app.state.web.actions.on_jobs_created = node.executor.wake
     return node
 

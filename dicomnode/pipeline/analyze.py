@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
-import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,152 +19,24 @@ from typing import TYPE_CHECKING, Any, cast
 from pydicom.dataset import Dataset
 
 from dicomnode import DEFAULT_EROSION_MM
-from dicomnode.domain import AnalysisResult, AnalysisStatus, PreviousReport, RuleDecision, SeriesSummary
+from dicomnode.domain import AnalysisResult, AnalysisStatus, PreviousReport, RuleDecision
 from dicomnode.errors import DicomnodeError, InputError, NotQualifyingError
 from dicomnode.imaging.volume import Volume
+from dicomnode.pipeline.rules_in_force import SelectFn, file_select
 
 if TYPE_CHECKING:  # typing only: importing report loads highdicom
     from dicomnode.report import MeasuredSeries, OutputFiles
 
 log = logging.getLogger(__name__)
 
-# --- interim series selection (used until dicomnode.routing provides default_rules/select) ----------------
-CT_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
-    "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
-    "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image Storage
-}
-#: Fewer slices than this cannot hold two lumbar vertebrae at any usable slice thickness.
-MIN_SLICES = 30
-#: A lumbar vertebra + disc is ~30-35 mm high; we need at least two levels in view.
-MIN_Z_EXTENT_MM = 60.0
-MAX_SLICE_THICKNESS_MM = 5.0
-#: Body parts / descriptions that cannot show the lumbar spine.
-_WRONG_REGION = re.compile(
-    r"\b(HEAD|BRAIN|SKULL|NECK|ORBIT|SINUS|FACE|KNEE|ANKLE|FOOT|HAND|WRIST|ELBOW|SHOULDER|EXTREMITY|LEG|ARM)\b"
-)
-#: Sharp (bone/lung) reconstruction kernels change trabecular HU; soft kernels are preferred.
-_SHARP_KERNEL = re.compile(
-    r"(BONE|LUNG|SHARP|DETAIL|EDGE|HR|^B[5-9]\d|^[BI][5-9]\d|^FC[5-9]\d|^YC|^YB)", re.I
-)
+#: Bundles whose input spec needs more slices than this cannot serve a routine abdominal CT.
+MAX_BUNDLE_MIN_SLICES = 600
 
 
-def _attr_text(summary: SeriesSummary, keyword: str) -> str:
-    value = summary.get(keyword)
-    if value is None:
-        return ""
-    if isinstance(value, list | tuple):
-        return "\\".join(str(v) for v in value)
-    return str(value)
-
-
-def _float(value: Any) -> float | None:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def _rejection(summary: SeriesSummary) -> str | None:
-    """Why this series cannot be analysed (headers only), or None."""
-    modality = _attr_text(summary, "Modality").upper()
-    sop = _attr_text(summary, "SOPClassUID")
-    image_type = [t.strip().upper() for t in _attr_text(summary, "ImageType").split("\\") if t.strip()]
-    if modality == "SR" or "88." in sop[-8:]:
-        return "structured report (e.g. a dose report), not an image series"
-    if modality and modality != "CT":
-        return f"modality {modality} is not CT"
-    if not modality:
-        return "no Modality in the header; not a CT image series"
-    if sop and sop not in CT_SOP_CLASSES:
-        if sop.startswith("1.2.840.10008.5.1.4.1.1.7"):
-            return "secondary capture (e.g. a dose screen), not a CT image series"
-        return f"SOP class {sop} is not a CT image"
-    if "LOCALIZER" in image_type:
-        return "localizer (scout) images, not an axial series"
-    if image_type and not ("ORIGINAL" in image_type and "PRIMARY" in image_type):
-        return f"image type {'/'.join(image_type)} is not ORIGINAL/PRIMARY (derived or secondary images)"
-    if len(image_type) >= 3 and image_type[2] not in ("AXIAL", ""):
-        return f"image type value 3 is {image_type[2]}, not AXIAL"
-    region = " ".join(
-        _attr_text(summary, k).upper() for k in ("BodyPartExamined", "StudyDescription", "SeriesDescription")
-    )
-    m = _WRONG_REGION.search(region.replace("_", " "))
-    if m:
-        return f"body region {m.group(1)} cannot show the lumbar spine"
-    frames = _float(summary.get("NumberOfFrames")) or 1.0
-    n_slices = max(summary.n_instances, int(frames))
-    if n_slices < MIN_SLICES:
-        return f"only {n_slices} slice(s); at least {MIN_SLICES} are needed to cover the lumbar spine"
-    if summary.z_extent_mm is not None and summary.z_extent_mm < MIN_Z_EXTENT_MM:
-        return (
-            f"scan range {summary.z_extent_mm:.0f} mm along the slice normal is too short for the lumbar "
-            f"spine (needs >= {MIN_Z_EXTENT_MM:.0f} mm)"
-        )
-    thickness = _float(summary.get("SliceThickness"))
-    if thickness is not None and thickness > MAX_SLICE_THICKNESS_MM:
-        return f"slice thickness {thickness:g} mm > {MAX_SLICE_THICKNESS_MM:g} mm"
-    return None
-
-
-def interim_select(summaries: Sequence[SeriesSummary]) -> list[RuleDecision]:
-    """The interim rule: ORIGINAL/PRIMARY/AXIAL CT, not a localizer, enough slices and range; rank native
-    before contrast, soft kernel before sharp, thinnest slices, then most instances.
-    """
-    decisions: list[RuleDecision] = []
-    accepted: list[tuple[tuple[int, int, float, int], SeriesSummary, list[str]]] = []
-    for s in summaries:
-        reason = _rejection(s)
-        if reason is not None:
-            decisions.append(RuleDecision(s.series_instance_uid, False, None, "ignore", reasons=(reason,)))
-            continue
-        contrast = bool(_attr_text(s, "ContrastBolusAgent").strip())
-        kernel = _attr_text(s, "ConvolutionKernel")
-        sharp = bool(kernel and _SHARP_KERNEL.search(kernel))
-        thickness = _float(s.get("SliceThickness")) or 99.0
-        why = [
-            f"CT {'ORIGINAL/PRIMARY/AXIAL' if _attr_text(s, 'ImageType') else '(no ImageType)'}, "
-            f"{s.n_instances} instance(s)"
-            + (f", {s.z_extent_mm:.0f} mm range" if s.z_extent_mm is not None else ""),
-            "contrast agent in header" if contrast else "native (no contrast agent in header)",
-            f"kernel {kernel or 'unknown'} ({'sharp' if sharp else 'soft'})",
-            f"slice thickness {thickness:g} mm" if thickness < 99 else "slice thickness unknown",
-        ]
-        accepted.append(((int(contrast), int(sharp), thickness, -s.n_instances), s, why))
-    accepted.sort(key=lambda a: a[0])
-    for rank, (_, s, why) in enumerate(accepted, start=1):
-        decisions.append(
-            RuleDecision(
-                s.series_instance_uid, True, "interim-default", "analyse", reasons=tuple(why), rank=rank
-            )
-        )
-    return decisions
-
-
-def decide(summaries: Sequence[SeriesSummary]) -> list[RuleDecision]:
-    """Series decisions by the node's default routing rules (``dicomnode.routing``).
-
-    :func:`interim_select` is the stand-alone rule used before routing existed; it stays as the fallback
-    when the default rules cannot be loaded, and as the source of the short rejection messages.
-    """
-    from dicomnode import routing
-
-    try:
-        rules = routing.default_rules()
-    except DicomnodeError as exc:  # a broken install; keep analysing with the built-in rule
-        log.warning("default routing rules unavailable (%s); using the interim rule", exc)
-        return interim_select(summaries)
-    return routing.select(list(summaries), rules)
-
-
-def _short_reason(summary: SeriesSummary, decision: RuleDecision | None) -> str:
-    """One readable line on why a series is not analysed."""
-    plain = _rejection(summary)
-    if plain is not None:
-        return plain
+def _short_reason(decision: RuleDecision | None) -> str:
+    """One readable line on why routing did not select a series: the conditions that failed."""
     reasons = decision.reasons if decision is not None else ()
-    failed = [r for r in reasons if "FAIL" in r or "matched: ignore" in r]
+    failed = [r for r in reasons if "FAIL" in r or "matched: ignore" in r or "not selected" in r]
     return "; ".join((failed or list(reasons))[:3]) or "no routing rule selects this series"
 
 
@@ -179,10 +49,14 @@ class SeriesChoice:
     others: tuple[tuple[str, str], ...] = ()  # (series UID, reason)
 
 
-def choose_series(series: Sequence[Any]) -> SeriesChoice:
-    """Pick the best series among ``SeriesFiles`` (anything with ``summary`` and ``series_instance_uid``)."""
+def choose_series(series: Sequence[Any], select: SelectFn) -> SeriesChoice:
+    """Pick the series routing selects among ``SeriesFiles`` (``summary`` and ``series_instance_uid``).
+
+    ``select`` is the routing of the rules in force (:func:`dicomnode.pipeline.rules_in_force.file_select`
+    for ``dicomnode analyze``); the best-ranked series it selects for analysis is chosen.
+    """
     by_uid = {s.series_instance_uid: s for s in series}
-    decisions = decide([s.summary for s in series])
+    decisions = list(select([s.summary for s in series]))
     by_decision = {d.series_instance_uid: d for d in decisions}
     selected = sorted(
         (d for d in decisions if d.selected and d.action == "analyse" and d.series_instance_uid in by_uid),
@@ -190,7 +64,7 @@ def choose_series(series: Sequence[Any]) -> SeriesChoice:
     )
     best = selected[0] if selected else None
     others = tuple(
-        (s.series_instance_uid, _short_reason(s.summary, by_decision.get(s.series_instance_uid)))
+        (s.series_instance_uid, _short_reason(by_decision.get(s.series_instance_uid)))
         for s in series
         if best is None or s.series_instance_uid != best.series_instance_uid
     )
@@ -199,6 +73,20 @@ def choose_series(series: Sequence[Any]) -> SeriesChoice:
     rule = f"rule {best.rule}" if best.rule else "rule"
     reasons = (f"{rule}, rank {best.rank or 1} of {len(selected)}", *best.reasons)
     return SeriesChoice(by_uid[best.series_instance_uid], reasons, others)
+
+
+def chosen_series(series: Sequence[Any], series_instance_uid: str, reasons: Sequence[str]) -> SeriesChoice:
+    """The series routing already chose (a job's): taken as it is, no rule is evaluated again."""
+    match = [s for s in series if s.series_instance_uid == series_instance_uid]
+    others = tuple(
+        (s.series_instance_uid, "not the series of this job")
+        for s in series
+        if s.series_instance_uid != series_instance_uid
+    )
+    if not match:
+        found = f"{len(series)} other series" if series else "no DICOM series"
+        raise InputError(f"series {series_instance_uid} not found in the job's input ({found})")
+    return SeriesChoice(match[0], tuple(reasons) or ("selected by the node's routing",), others)
 
 
 # --- the run ------------------------------------------------------------------------------------------------
@@ -391,7 +279,7 @@ def check_options(options: AnalysisOptions) -> list[str]:
                 f"bundle {m.name} {m.version}: input spec wants {len(spec.patch_size)}-D patches with "
                 f"{spec.in_channels} channel(s); the node feeds one 3-D CT volume"
             )
-        if spec.min_slices > MIN_SLICES * 20:
+        if spec.min_slices > MAX_BUNDLE_MIN_SLICES:
             raise BundleError(
                 f"bundle {m.name} {m.version}: input spec needs {spec.min_slices} slices or more; "
                 "no routine abdominal CT has that many"
@@ -532,6 +420,9 @@ def analyze_path(
     measure: Measure | None = None,
     options: AnalysisOptions | None = None,
     previous_reports: Sequence[PreviousReport] = (),
+    select: SelectFn | None = None,
+    series_instance_uid: str | None = None,
+    selection: Sequence[str] = (),
 ) -> AnalyzeRun:
     """Analyse a DICOM folder/file or a NIfTI file and write the outputs into ``out_dir``.
 
@@ -558,6 +449,13 @@ def analyze_path(
     previous_reports
         SRs of earlier versions of this analysis, named as predecessors in the new SR (the node's jobs of a
         re-opened series; see :class:`dicomnode.domain.PreviousReport`).
+    select
+        Routing that picks the series of a folder holding several (default: the shipped rules,
+        :func:`dicomnode.pipeline.rules_in_force.file_select`; ``dicomnode analyze --rules FILE`` passes a
+        site's rules).
+    series_instance_uid, selection
+        The series routing already chose, and its reasons (a node job): it is analysed as it is and no
+        rule is evaluated again. ``select`` is then not used.
 
     Returns
     -------
@@ -586,7 +484,10 @@ def analyze_path(
             volume = loaded.volume
             choice = SeriesChoice(None, ("NIfTI input: the volume given",))
         else:
-            choice = choose_series(loaded.series)
+            if series_instance_uid is not None:
+                choice = chosen_series(loaded.series, series_instance_uid, selection)
+            else:
+                choice = choose_series(loaded.series, select if select is not None else file_select())
             if choice.chosen is None:
                 reason = choice.others[0][1] if choice.others else "no qualifying series"
                 if len(loaded.series) > 1:

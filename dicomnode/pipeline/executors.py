@@ -36,6 +36,8 @@ __all__ = ["CeleryExecutor", "LocalExecutor", "ProcessAnalyzer", "analyze_job", 
 def analyze_job(request: AnalysisRequest, options: AnalysisOptions | None = None) -> AnalysisOutcome:
     """The real analysis step: ``analyze_path`` on the job's files, outputs into ``request.out_dir``.
 
+    The series is the one routing chose (``request.series_instance_uid``): no rule is evaluated again.
+
     ``options`` are the node's analysis settings (:func:`dicomnode.pipeline.analyze.options_from_settings`);
     bind them with :func:`job_function`. Never raises for bad input; the status and reason say what happened.
     """
@@ -50,6 +52,8 @@ def analyze_job(request: AnalysisRequest, options: AnalysisOptions | None = None
         write_png=True,
         options=options,
         previous_reports=request.previous_reports,
+        series_instance_uid=request.series_instance_uid,
+        selection=request.selection,
     )
     if run.error is not None:
         log.error("job %d: analysis error: %r", request.job_id, run.error)

@@ -24,7 +24,7 @@ Predecessor Documents Sequence (:meth:`Runner.previous_reports`), so a PACS can 
 Routing reads the rules in force at every routing decision: by default the newest rule version saved in the
 database (the admin UI's Rules page or ``PUT /api/rules``, from any process: a split ``work`` process sees a
 version saved through ``receive``'s UI), else the configured rules file, else the shipped defaults
-(:func:`store_select`).
+(:class:`~dicomnode.pipeline.rules_in_force.RulesInForce`, shared with the admin UI).
 
 One process owns the sweeps: :meth:`Runner.owns_sweeps` holds a lease row in the database
 (``Store.acquire_lease``), renewed while the process lives; a second ``work`` process on the same database
@@ -60,9 +60,8 @@ from dicomnode.domain import (
     DeliveryOutcome,
     JobState,
     PreviousReport,
-    RuleDecision,
-    SeriesSummary,
 )
+from dicomnode.pipeline.rules_in_force import RulesInForce, SelectFn
 from dicomnode.store import Delivery, InvalidTransitionError, Job, NotFoundError, Store
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,6 @@ __all__ = [
     "Runner",
     "SelectFn",
     "make_worker_id",
-    "store_select",
 ]
 
 #: Name of the lease row that says which process runs the sweeps.
@@ -99,6 +97,9 @@ class AnalysisRequest:
     disclaimer: str | None = None
     #: SRs of earlier versions of this series' analysis that this one replaces (empty for version 1).
     previous_reports: tuple[PreviousReport, ...] = ()
+    #: Why routing selected this series (the recorded decision's reasons): the analysis step takes the
+    #: series as chosen and evaluates no rule again.
+    selection: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -124,10 +125,6 @@ class DeliverFn(Protocol):
     def __call__(
         self, destination: Any, files: Sequence[Path], *, calling_ae_title: str
     ) -> DeliveryResult: ...
-
-
-#: Routing: the summaries of one study's series -> one decision per series.
-SelectFn = Callable[[Sequence[SeriesSummary]], Sequence[RuleDecision]]
 
 
 def make_worker_id(tag: str = "w") -> str:
@@ -192,8 +189,10 @@ class Runner:
     analyze
         The analysis step (see :func:`dicomnode.pipeline.executors.analyze_job` for the real one).
     select
-        Routing for one study (default: :func:`store_select`: the newest rule version saved in the
+        Routing for one study: the ``select`` of the node's
+        :class:`~dicomnode.pipeline.rules_in_force.RulesInForce` (the newest rule version saved in the
         database, else the configured rules file, else the shipped rules; read at every routing call).
+        Default: a provider of its own over ``store``.
     deliver
         Sends files to one destination (default: ``dicomnode.delivery.deliver``).
     delivery_lease_s
@@ -228,7 +227,7 @@ class Runner:
         self.settings = settings
         self.store = store
         self.analyze = analyze
-        self.select = select if select is not None else store_select(settings, store)
+        self.select = select if select is not None else RulesInForce(store, settings).select
         self.deliver = deliver
         self.policy = RetryPolicy.from_settings(settings.delivery)
         w = settings.workers
@@ -439,6 +438,7 @@ class Runner:
                 job_key=f"{job.series_instance_uid}/{job.pipeline}",
                 disclaimer=self.settings.analysis.disclaimer,
                 previous_reports=self.previous_reports(job),
+                selection=self.selection(job),
             )
             return self.analyze(request)
         except Exception as exc:  # a bug in a step must fail the job, not the worker
@@ -446,6 +446,15 @@ class Runner:
             return AnalysisOutcome(
                 AnalysisStatus.FAILED, f"internal error ({type(exc).__name__}: {exc})", {"status": "failed"}
             )
+
+    def selection(self, job: Job) -> tuple[str, ...]:
+        """The reasons of the newest recorded routing decision that selected ``job``'s series."""
+        for stored in self.store.decisions(job.study_instance_uid):  # newest first
+            d = stored.decision
+            if d.series_instance_uid == job.series_instance_uid and d.selected and d.action == "analyse":
+                rule = f"rule {d.rule}" if d.rule else "rule"
+                return (f"{rule}, rank {d.rank or 1} (routing of the rules in force)", *d.reasons)
+        return ()
 
     def previous_reports(self, job: Job) -> tuple[PreviousReport, ...]:
         """The SRs of earlier versions of ``job``'s series and pipeline that its new SR replaces.
@@ -774,64 +783,3 @@ def link_inputs(paths: Sequence[Path], folder: Path) -> int:
         except OSError:
             shutil.copy2(src, dst)
     return missing
-
-
-def store_select(settings: Settings, store: Store) -> SelectFn:
-    """Routing with the rules in force at each call: the newest saved rule version, else the config's.
-
-    The newest version id is read at every call (one indexed query per routed study) and the parsed rules
-    are cached per version, so a version saved by any process applies to the next routing decision.
-    A saved version that no longer validates (e.g. it names a destination since removed from the config)
-    is logged and the previous rules stay in force.
-    """
-    import yaml
-
-    from dicomnode import routing
-    from dicomnode.errors import ConfigError
-
-    fallback = default_select(settings)
-    names = settings.destination_names
-    lock = threading.Lock()
-    cache: dict[str, Any] = {"id": None, "rules": None}
-
-    def select(summaries: Sequence[SeriesSummary]) -> Sequence[RuleDecision]:
-        latest = store.latest_rule_version()
-        if latest is None:
-            return fallback(summaries)
-        with lock:
-            if cache["id"] != latest.id:
-                try:
-                    # Parsed from the text itself: a one-line text must never be read as a file name.
-                    data = yaml.safe_load(latest.yaml_text)
-                    cache["rules"] = routing.parse_rules(data, source="text", destinations=names)
-                    log.info("routing: rule version %d in force", latest.id)
-                except (ConfigError, yaml.YAMLError) as exc:
-                    log.error(
-                        "routing: rule version %d is invalid, keeping the previous rules: %s",
-                        latest.id,
-                        " ".join(str(exc).split())[:300],
-                    )
-                cache["id"] = latest.id  # an invalid version is reported once, not at every study
-            rules = cache["rules"]
-        if rules is None:
-            return fallback(summaries)
-        return routing.select(list(summaries), rules, all_destinations=names)
-
-    return select
-
-
-def default_select(settings: Settings) -> SelectFn:
-    """Routing with the configured rules file (or the shipped default rules)."""
-    from dicomnode import routing
-
-    rules = (
-        routing.load_rules(settings.rules_file, destinations=settings.destination_names)
-        if settings.rules_file is not None
-        else routing.default_rules()
-    )
-    names = settings.destination_names
-
-    def select(summaries: Sequence[SeriesSummary]) -> Sequence[RuleDecision]:
-        return routing.select(list(summaries), rules, all_destinations=names)
-
-    return select

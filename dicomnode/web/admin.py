@@ -36,6 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from starlette.routing import Route
 
 from dicomnode.config import Settings
+from dicomnode.pipeline.rules_in_force import RulesInForce
 from dicomnode.store import Store
 from dicomnode.web import api, pages
 from dicomnode.web.actions import Actions, ProbeFn
@@ -146,6 +147,7 @@ def install_admin(
     on_jobs_created: Callable[[], None] | None = None,
     password_hasher: PasswordHasher | None = None,
     clock: Callable[[], float] = time.monotonic,
+    rules: RulesInForce | None = None,
 ) -> WebContext:
     """Add the admin app to ``app`` (see the module docstring).
 
@@ -169,11 +171,13 @@ def install_admin(
         argon2 parameters (tests use cheap ones).
     clock
         Monotonic seconds for the login throttle's window and lockout (tests pass a fake clock).
+    rules
+        The node's rules provider, shared with the runner (a new one over ``store`` when None).
 
     Returns
     -------
     WebContext
-        Also kept in ``app.state.web``; ``ctx.rules.select`` is the rules provider for the pipeline.
+        Also kept in ``app.state.web``.
     """
     ensure_users_table(store.engine)  # a check only: migration 0002 creates the table
     users = UserStore(store.engine, password_hasher)
@@ -183,7 +187,7 @@ def install_admin(
         settings=settings,
         store=store,
         users=users,
-        rules=RulesService(store, settings),
+        rules=RulesService(store, settings, rules),
         actions=Actions(store, settings, probe=probe, on_jobs_created=on_jobs_created),
         sessions=SessionCodec(secret),
         templates=make_templates(),

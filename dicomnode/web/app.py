@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from dicomnode import __version__
 from dicomnode.config import Settings
+
+if TYPE_CHECKING:  # typing only: the bare app (health, metrics) stays light
+    from dicomnode.pipeline.rules_in_force import RulesInForce
 
 #: A readiness check: returns None when ready, or a one-line reason why not.
 ReadinessCheck = Callable[[], "str | None"]
@@ -69,6 +72,7 @@ def create_app(
     routers: Sequence[APIRouter] = (),
     readiness: Sequence[tuple[str, ReadinessCheck]] = (),
     admin: bool = True,
+    rules: RulesInForce | None = None,
 ) -> FastAPI:
     """Build the node's HTTP app.
 
@@ -87,6 +91,8 @@ def create_app(
     admin
         With a store: install the admin UI, REST API, authentication and database metrics
         (:func:`dicomnode.web.admin.install_admin`); False = the bare app (health, ready, metrics, routers).
+    rules
+        The node's rules provider, the one its runner routes with (the admin app makes its own when None).
 
     Returns
     -------
@@ -146,6 +152,10 @@ def create_app(
     if admin and store is not None:
         from dicomnode.web.admin import install_admin
 
-        install_admin(app, settings, store, role=role, readiness=checks)
+        install_admin(app, settings, store, role=role, readiness=checks, rules=rules)
     # --- end hook --------------------------------------------------------------------------------------
+    if settings.http.hsts_seconds:  # HSTS on HTTPS responses (owner: dicomnode.web.security)
+        from dicomnode.web.security import HstsMiddleware
+
+        app.add_middleware(HstsMiddleware, max_age_s=settings.http.hsts_seconds)
     return app

@@ -1,31 +1,25 @@
-"""The current routing rules, their history, validation and dry runs (the Rules page and ``/api/rules``).
+"""The routing rules' history, validation and dry runs (the Rules page and ``/api/rules``).
 
-:class:`RulesService` is also the *provider* the running node reads its rules from: pass
-``service.select`` as the ``select`` of :class:`dicomnode.pipeline.runner.Runner` and a rule version saved in
-the UI applies to the next routed study without a restart. Where the rules come from, first found:
-
-1. the newest row of the store's ``rule_versions`` (saved in the UI or with ``PUT /api/rules``);
-2. ``settings.rules_file``;
-3. the shipped ``default_rules.yaml``.
+What is in force comes from the one rules provider of the node,
+:class:`dicomnode.pipeline.rules_in_force.RulesInForce`, which the runner routes with too; this service
+adds saving (audited), rollback, diffs and dry runs on top of it.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import yaml
 
 from dicomnode import routing
 from dicomnode.config import Settings
 from dicomnode.domain import RuleDecision, SeriesSummary
 from dicomnode.errors import ConfigError
+from dicomnode.pipeline.rules_in_force import CurrentRules, RulesInForce
 from dicomnode.routing import RuleSet
-from dicomnode.store import RuleVersion, Store
+from dicomnode.store import Store
 
 __all__ = ["CurrentRules", "RuleProblem", "RulesService", "explain_rows", "parse_problems"]
 
@@ -48,17 +42,6 @@ class RuleProblem:
             "field": self.field,
             "line": self.line,
         }
-
-
-@dataclass(frozen=True)
-class CurrentRules:
-    """The rules in force: parsed, their text, and where they came from."""
-
-    rules: RuleSet
-    text: str
-    #: Store rule version id, or None for the config file / shipped defaults.
-    version: int | None
-    source: str
 
 
 _RULE_RE = re.compile(r"rule (?:'(?P<name>[^']*)'|\"(?P<dq>[^\"]*)\"|(?P<num>\d+))")
@@ -146,59 +129,34 @@ class RulesService:
         Holds the rule versions and the received series.
     settings
         ``rules_file`` (the fallback when no version was saved) and the destination names.
+    provider
+        The node's rules provider (the one the runner routes with); a new one over ``store`` when None.
     """
 
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings, provider: RulesInForce | None = None) -> None:
         self.store = store
         self.settings = settings
-        self._lock = threading.Lock()
-        self._cache: CurrentRules | None = None
+        self.provider = provider if provider is not None else RulesInForce(store, settings)
 
     # -- what is in force --------------------------------------------------------------------------------
 
     def base_text(self) -> tuple[str, str]:
         """Text and source of the rules used while no version is saved (config file or shipped defaults)."""
-        if self.settings.rules_file is not None:
-            return self.settings.rules_file.read_text(encoding="utf-8"), str(self.settings.rules_file.name)
-        return routing.default_rules_text(), "default"
+        return self.provider.base_text()
 
     def current(self) -> CurrentRules:
-        """The rules in force now (the newest saved version; re-read when a new version appears)."""
-        latest: RuleVersion | None = self.store.latest_rule_version()
-        with self._lock:
-            cached = self._cache
-            if cached is not None and cached.version == (latest.id if latest else None):
-                return cached
-        if latest is not None:
-            rules = self.parse(latest.yaml_text)
-            cur = CurrentRules(rules, latest.yaml_text, latest.id, f"version {latest.id}")
-        else:
-            text, source = self.base_text()
-            cur = CurrentRules(self.parse(text), text, None, source)
-        with self._lock:
-            self._cache = cur
-        return cur
+        """The rules in force now (the provider's)."""
+        return self.provider.current()
 
     def select(self, summaries: Sequence[SeriesSummary]) -> list[RuleDecision]:
-        """Routing with the rules in force (the ``select`` callable of the pipeline's Runner)."""
-        rules = self.current().rules
-        return routing.select(list(summaries), rules, all_destinations=self.settings.destination_names)
+        """Routing with the rules in force (the provider's ``select``)."""
+        return self.provider.select(summaries)
 
     # -- validation -------------------------------------------------------------------------------------
 
     def parse(self, text: str) -> RuleSet:
         """Validated rules from YAML text; ``ConfigError`` naming rule, condition and field."""
-        # Parsed here rather than with routing.load_rules: a one-line text naming a file must never be read.
-        if not text.strip():
-            raise ConfigError("rules: the rules text is empty")
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ConfigError(f"rules: invalid YAML{where}: {problem}") from None
-        return routing.parse_rules(data, source="text", destinations=self.settings.destination_names)
+        return self.provider.parse(text)
 
     def validate(self, text: str) -> list[RuleProblem]:
         """Every problem of ``text`` (empty list: valid)."""

@@ -16,9 +16,9 @@ import numpy.typing as npt
 import pytest
 from pydicom.uid import generate_uid
 
-from dicomnode.domain import AnalysisResult, AnalysisStatus, SeriesSummary
+from dicomnode.domain import AnalysisResult, AnalysisStatus
 from dicomnode.imaging.volume import Volume
-from dicomnode.pipeline.analyze import analyze_path, interim_select
+from dicomnode.pipeline.analyze import analyze_path
 from dicomnode.report.synthetic import SyntheticCase, make_case
 
 pytestmark = pytest.mark.integration
@@ -189,43 +189,6 @@ def test_cli_prints_hint_on_unexpected_error(
         "dicomnode analyze: failed: internal error (ValueError: unexpected) "
         "(unexpected error; rerun with -vv for the traceback)"
     )
-
-
-def _summary(**attrs: object) -> SeriesSummary:
-    base: dict[str, object] = {
-        "Modality": "CT",
-        "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
-        "ImageType": ("ORIGINAL", "PRIMARY", "AXIAL"),
-        "SliceThickness": 1.0,
-        "ConvolutionKernel": "B30f",
-        "BodyPartExamined": "ABDOMEN",
-    }
-    base.update(attrs)
-    n = int(str(base.pop("n", 300)))
-    return SeriesSummary("1.2", str(base.pop("uid", generate_uid())), base, n, z_extent_mm=n * 1.0)
-
-
-def test_interim_rule_rejects_and_ranks() -> None:
-    rejects = {
-        "mr": _summary(Modality="MR"),
-        "scout": _summary(ImageType=("ORIGINAL", "PRIMARY", "LOCALIZER")),
-        "derived": _summary(ImageType=("DERIVED", "SECONDARY", "AXIAL")),
-        "head": _summary(BodyPartExamined="HEAD"),
-        "few": _summary(n=10),
-        "dose": _summary(Modality="SR", SOPClassUID="1.2.840.10008.5.1.4.1.1.88.67"),
-    }
-    for name, s in rejects.items():
-        (d,) = interim_select([s])
-        assert not d.selected and d.reasons, name
-    contrast = _summary(uid="c", ContrastBolusAgent="IOMEPROL")
-    sharp = _summary(uid="s", ConvolutionKernel="B70f")
-    thick = _summary(uid="t", SliceThickness=3.0)
-    best = _summary(uid="b")
-    decisions = {d.series_instance_uid: d for d in interim_select([contrast, sharp, thick, best])}
-    assert decisions["b"].rank == 1  # native, soft, thinnest
-    assert decisions["t"].rank == 2
-    assert decisions["s"].rank == 3
-    assert decisions["c"].rank == 4  # contrast ranks last
 
 
 def test_each_file_is_read_once_and_outputs_match_a_reread(

@@ -66,8 +66,9 @@ def work_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def test_work_node_routes_with_the_web_rules_provider(work_node: Any) -> None:
+    """One rules provider, constructed in cli and handed to both: nothing is patched after construction."""
     web = work_node.app.state.web
-    assert work_node.runner.select == web.rules.select
+    assert work_node.runner.select == web.rules.provider.select  # bound methods of the same provider
     assert web.actions.on_jobs_created == work_node.executor.wake
     assert work_node.runner.delivery_lease_s == 120.0 and work_node.runner.stale_job_s == 300.0
 
