@@ -51,6 +51,13 @@ FINDING_CATEGORY = codes.SCT.AnatomicalStructure  # 91723000 SCT
 #: TotalSegmentator SNOMED csv, clinical.md section 6.1).
 VERTEBRAL_BODY = Code("3572006", "SCT", "Vertebral body")
 LUMBAR_SPINE = Code("122496007", "SCT", "Lumbar spine")  # pydicom
+#: TID 1500 containers for exam-level results (rows "Derived Imaging Measurements" and "Qualitative
+#: Evaluations"): never measurement groups of 126010, which viewers read as annotations with a region.
+DERIVED_IMAGING_MEASUREMENTS = codes.DCM.DerivedImagingMeasurements  # 126011 DCM
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")  # TID 1500 (PS3.16)
+ALGORITHM_NAME = codes.DCM.AlgorithmName  # 111001 DCM (TID 4019)
+ALGORITHM_VERSION = codes.DCM.AlgorithmVersion  # 111003 DCM (TID 4019)
+COMMENT = codes.DCM.Comment  # 121106 DCM
 YES = codes.SCT.Yes  # 373066001 SCT
 NO = codes.SCT.No  # 373067005 SCT
 UNKNOWN = codes.SCT.Unknown  # 261665006 SCT

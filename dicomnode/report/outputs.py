@@ -167,8 +167,17 @@ def write_outputs(
     by_sop = {str(ds.SOPInstanceUID): ds for ds in source_datasets}
     fallback = source_datasets[len(source_datasets) // 2]
     sc_paths: list[Path] = []
+    # one overlay series per analysis, in every path: without a job key uids.uid() is random per call
+    sc_series = uids.uid("sc-series")
     for n, image in enumerate(images):
-        sc = build_sc(image, _ref_for(image, by_sop, fallback), uids, n + 1, disclaimer=disclaimer)
+        sc = build_sc(
+            image,
+            _ref_for(image, by_sop, fallback),
+            uids,
+            n + 1,
+            series_instance_uid=sc_series,
+            disclaimer=disclaimer,
+        )
         path = out_dir / f"sc_{n:02d}_{image.name}.dcm"
         _atomic_write(path, lambda p, ds=sc: ds.save_as(p, enforce_file_format=True))
         sc_paths.append(path)

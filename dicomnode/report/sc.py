@@ -7,6 +7,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomnode import __version__
+from dicomnode.report.patient import sanitized_source
 from dicomnode.report.render import RenderedImage
 from dicomnode.report.uids import UidPolicy
 
@@ -23,6 +24,7 @@ def build_sc(
     instance_number: int,
     *,
     series_number: int = SC_SERIES_NUMBER,
+    series_instance_uid: str | None = None,
     disclaimer: str | None = None,
 ) -> hd.sc.SCImage:
     """Wrap one rendered overlay as an RGB secondary capture in the study of ``ref_dataset``.
@@ -32,21 +34,25 @@ def build_sc(
     image
         The rendered overlay.
     ref_dataset
-        A source CT dataset: patient and study modules are copied from it (headers suffice).
+        A source CT dataset: patient and study modules are copied from it (headers suffice; invalid values
+        are left empty: ``report.patient``).
     uids
         UID policy; the instance UID derives from the image name (``sc-instance-<name>``).
     instance_number, series_number
         Written as given.
+    series_instance_uid
+        The overlay series of this analysis, the same for all its overlays (``write_outputs`` chooses it
+        once); default ``uids.uid("sc-series")``, which is random without a job key.
     disclaimer
         Also written into ImageComments (it is burned into the pixels as well).
     """
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=ref_dataset,
+        ref_dataset=sanitized_source(ref_dataset),
         pixel_array=image.rgb,
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
-        series_instance_uid=uids.uid("sc-series"),
+        series_instance_uid=series_instance_uid or uids.uid("sc-series"),
         series_number=series_number,
         sop_instance_uid=uids.uid(f"sc-instance-{image.name}"),
         instance_number=instance_number,

@@ -1,21 +1,37 @@
-"""TID 1500 Comprehensive 3D SR of one analysis, in the source study.
+"""TID 1500 SR of one analysis, in the source study, laid out so that viewers display it.
 
-Content tree (codes in ``dicomnode.report.codes``, conformance in ``docs/conformance.md``)::
+Content tree (codes in ``dicomnode.report.codes``, conformance and viewer notes in ``docs/conformance.md``)::
 
-    Imaging Measurement Report (126000 DCM)
+    Imaging Measurement Report (126000 DCM)                                      TID 1500
       observer: device dicomnode;  procedure reported: CT unspecified body region (25045-6 LN)
-      Imaging Measurements
-        per vertebra (T11-L5 as found): TID 1410 planar ROI group (or TID 1501 when no outline)
+      Image Library: the analysed CT images                                        TID 1600
+      Imaging Measurements (126010 DCM)
+        per vertebra (T11-L5 as found), each WITH its image region:               TID 1410
           tracking identifier "<level> trabecular ROI" + tracking UID
-          finding category Anatomical structure, finding type Vertebral body, finding site <level> vertebra
-          SCOORD closed POLYLINE on the mid-vertebral source image
+          finding category Anatomical structure, finding type Vertebral body, algorithm (TID 4019)
+          finding site <level> vertebra
+          Image Region: SCOORD closed POLYLINE on the mid-vertebral source image
+                        (SCOORD3D in the frame of reference when no source image holds the outline)
+          vBMD (99DCMNODE VBMD-TRAB) mg/cm3, method = calibration method           TID 300, first
           Attenuation Coefficient [hnsf'U]: Mean, Median, Standard Deviation;  Volume mm3
-          vBMD (99DCMNODE VBMD-TRAB) mg/cm3, method = calibration method
           qualitative: level uncertain, excluded (+ coded reason), fracture suspected, QC flags
-        exam level: TID 1501 group "vBMD summary"
-          vBMD Mean over the levels used (finding sites = those levels);  L1 attenuation
-          category (Normal / Osteopenia / Osteoporosis, SNOMED CT);  contrast phase
-          kVp;  calibration reference attenuations (air, fat, muscle, blood);  calibration slope/intercept
+      Derived Imaging Measurements (126011 DCM)                                    TID 300 items
+        vBMD Mean over the levels used (finding sites = those levels);  L1 attenuation Mean
+        calibration reference attenuations (air, fat, muscle, blood);  kVp;  slope;  intercept;
+        contrast correction
+      Qualitative Evaluations (C0034375 UMLS)
+        CODE category (Normal / Osteopenia / Osteoporosis, SNOMED CT; absent when withheld)
+        CODE contrast phase;  TEXT algorithm name / version;  TEXT comments (notes, withheld reasons)
+
+Why this layout (issue 10): OHIF (and other viewers) read every measurement group of 126010 as an
+annotation and take its first SCOORD without a guard, so a group without an image region there crashes the
+viewer. Exam-level results therefore live in the two other containers TID 1500 defines for them, and a
+vertebra without any outline (never for a DICOM source in practice) is named in a comment instead of being
+put into 126010. Viewers show the first few NUMs of a group only: the headline value (vBMD) comes first.
+
+SOP class by content: Comprehensive SR (1.2.840.10008.5.1.4.1.1.88.33) when every region is a 2D SCOORD
+(the usual case; widely accepted by PACS and in dcmtk's default presentation contexts), Comprehensive 3D SR
+(.88.34) only when a region had to be written as SCOORD3D.
 
 A later version of the same series' analysis (late instances) names the SRs of the earlier versions in its
 Predecessor Documents Sequence (0040,A360): see :func:`predecessor_references`.
@@ -27,18 +43,21 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import highdicom as hd
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sr.coding import Code
-from pydicom.uid import Comprehensive3DSRStorage
+from pydicom.uid import ComprehensiveSRStorage
 
 from dicomnode import __version__
 from dicomnode.domain import AnalysisResult, PreviousReport, Summary, VertebraResult
 from dicomnode.errors import InputError
 from dicomnode.report import codes as c
+from dicomnode.report.patient import sanitized_source
 from dicomnode.report.uids import UidPolicy
 
 log = logging.getLogger(__name__)
@@ -46,6 +65,9 @@ log = logging.getLogger(__name__)
 MANUFACTURER = "dicomnode"
 SR_SERIES_NUMBER = 9901
 SR_SERIES_DESCRIPTION = "dicomnode BMD report"
+
+Region = hd.sr.ImageRegion | hd.sr.ImageRegion3D
+SRDocument = hd.sr.ComprehensiveSR | hd.sr.Comprehensive3DSR
 
 
 def _finite(value: float | None) -> bool:
@@ -57,19 +79,58 @@ def _yes_no(flag: bool) -> Code:
     return code
 
 
+def _region(v: VertebraResult, by_sop: dict[str, Dataset], frame_of_reference: str | None) -> Region | None:
+    """The vertebra's image region: 2D on its source image, else 3D in the frame of reference, else None."""
+    outline = v.outline
+    if outline is None:
+        return None
+    source = by_sop.get(outline.sop_instance_uid) if outline.sop_instance_uid else None
+    if source is not None and len(outline.points_cr) >= 3:
+        points = np.asarray(outline.points_cr, dtype=np.float64)
+        if not np.allclose(points[0], points[-1]):
+            points = np.vstack([points, points[:1]])  # SCOORD closed POLYLINE: first point == last
+        frames = [outline.frame_number] if outline.frame_number is not None else None
+        return hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=points,
+            source_image=hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=str(source.SOPClassUID),
+                referenced_sop_instance_uid=str(source.SOPInstanceUID),
+                referenced_frame_numbers=frames,
+            ),
+        )
+    if frame_of_reference and len(outline.points_lps_mm) >= 3:
+        pts3 = np.asarray(outline.points_lps_mm, dtype=np.float64)
+        if not np.allclose(pts3[0], pts3[-1]):
+            pts3 = np.vstack([pts3, pts3[:1]])
+        return hd.sr.ImageRegion3D(
+            graphic_type=hd.sr.GraphicTypeValues3D.POLYLINE,
+            graphic_data=pts3,
+            frame_of_reference_uid=frame_of_reference,
+        )
+    return None
+
+
 def _vertebra_group(
     v: VertebraResult,
     algo: hd.sr.AlgorithmIdentification,
     uids: UidPolicy,
-    by_sop: dict[str, Dataset],
+    region: Region,
     calibration_method: Code | None,
-) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations:
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     site_code = c.VERTEBRA_SITES.get(v.level)
     sites = [hd.sr.FindingSite(anatomic_location=site_code)] if site_code is not None else []
     tracking = hd.sr.TrackingIdentifier(
         uid=uids.uid(f"tracking-{v.level}"), identifier=f"{v.level} trabecular ROI"
     )
     measurements: list[hd.sr.Measurement] = []
+    # the headline value first: viewers list only the first few measurements of a group
+    if _finite(v.vbmd_mg_cm3) and v.vbmd_mg_cm3 is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=c.VBMD, value=float(v.vbmd_mg_cm3), unit=c.UNIT_MG_CM3, method=calibration_method
+            )
+        )
     for derivation, value in (
         (c.MEAN, v.trabecular_hu_mean),
         (c.MEDIAN, v.trabecular_hu_median),
@@ -83,12 +144,6 @@ def _vertebra_group(
             )
     if _finite(v.roi_volume_mm3) and v.roi_volume_mm3 > 0:
         measurements.append(hd.sr.Measurement(name=c.VOLUME, value=float(v.roi_volume_mm3), unit=c.UNIT_MM3))
-    if v.vbmd_mg_cm3 is not None and math.isfinite(v.vbmd_mg_cm3):
-        measurements.append(
-            hd.sr.Measurement(
-                name=c.VBMD, value=float(v.vbmd_mg_cm3), unit=c.UNIT_MG_CM3, method=calibration_method
-            )
-        )
     fracture = any("fracture" in q.lower() for q in v.qc) or "fracture" in (v.exclusion_reason or "").lower()
     evaluations = [
         hd.sr.QualitativeEvaluation(c.LEVEL_UNCERTAIN, _yes_no(v.level_uncertain)),
@@ -100,38 +155,9 @@ def _vertebra_group(
             hd.sr.QualitativeEvaluation(c.EXCLUSION_REASON, c.exclusion_reason_code(v.exclusion_reason))
         )
     evaluations.extend(hd.sr.QualitativeEvaluation(c.QC_FLAG, c.qc_flag_code(q)) for q in v.qc)
-
-    outline = v.outline
-    source = by_sop.get(outline.sop_instance_uid) if outline and outline.sop_instance_uid else None
-    if outline is not None and source is not None and len(outline.points_cr) >= 3:
-        import numpy as np  # local: only this branch needs the array
-
-        points = np.asarray(outline.points_cr, dtype=np.float64)
-        if not np.allclose(points[0], points[-1]):
-            points = np.vstack([points, points[:1]])  # SCOORD closed POLYLINE: first point == last
-        frames = [outline.frame_number] if outline.frame_number is not None else None
-        region = hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=points,
-            source_image=hd.sr.SourceImageForRegion(
-                referenced_sop_class_uid=str(source.SOPClassUID),
-                referenced_sop_instance_uid=str(source.SOPInstanceUID),
-                referenced_frame_numbers=frames,
-            ),
-        )
-        return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking,
-            referenced_region=region,
-            finding_type=c.VERTEBRAL_BODY,
-            finding_category=c.FINDING_CATEGORY,
-            algorithm_id=algo,
-            finding_sites=sites,
-            measurements=measurements,
-            qualitative_evaluations=evaluations,
-        )
-    # no outline on a source image (NIfTI, reformat): same content without the region
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
+        referenced_region=region,
         finding_type=c.VERTEBRAL_BODY,
         finding_category=c.FINDING_CATEGORY,
         algorithm_id=algo,
@@ -141,9 +167,8 @@ def _vertebra_group(
     )
 
 
-def _summary_group(
-    s: Summary, algo: hd.sr.AlgorithmIdentification, uids: UidPolicy, calibration_method: Code | None
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _summary_measurements(s: Summary, calibration_method: Code | None) -> list[hd.sr.Measurement]:
+    """The exam-level numbers (TID 300 each), for the Derived Imaging Measurements container."""
     measurements: list[hd.sr.Measurement] = []
     used_sites = [
         hd.sr.FindingSite(anatomic_location=c.VERTEBRA_SITES[lv])
@@ -172,8 +197,6 @@ def _summary_group(
             )
         )
     cal = s.calibration
-    if _finite(cal.kvp) and cal.kvp is not None:
-        measurements.append(hd.sr.Measurement(name=c.KVP, value=float(cal.kvp), unit=c.UNIT_KV))
     for tissue, hu in sorted(cal.reference_hu.items()):
         site = c.REFERENCE_TISSUE_SITES.get(tissue)
         if site is None or not _finite(hu):
@@ -187,6 +210,8 @@ def _summary_group(
                 finding_sites=[hd.sr.FindingSite(anatomic_location=site)],
             )
         )
+    if _finite(cal.kvp) and cal.kvp is not None:
+        measurements.append(hd.sr.Measurement(name=c.KVP, value=float(cal.kvp), unit=c.UNIT_KV))
     if _finite(cal.slope_mg_cm3_per_hu) and cal.slope_mg_cm3_per_hu is not None:
         measurements.append(
             hd.sr.Measurement(
@@ -205,24 +230,60 @@ def _summary_group(
                 name=c.CONTRAST_CORRECTION, value=float(cal.contrast_correction_hu), unit=c.UNIT_HU
             )
         )
-    evaluations = [
-        hd.sr.QualitativeEvaluation(
-            c.CONTRAST_PHASE, c.CONTRAST_PHASE_VALUES.get(s.contrast_phase.value, c.UNKNOWN)
-        )
-    ]
-    if s.category is not None:
-        evaluations.append(hd.sr.QualitativeEvaluation(c.BMD_CATEGORY, c.CATEGORY_VALUES[s.category.value]))
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=uids.uid("tracking-summary"), identifier="vBMD summary"
-        ),
-        finding_category=c.FINDING_CATEGORY,
-        finding_type=c.LUMBAR_SPINE,
-        algorithm_id=algo,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=c.LUMBAR_SPINE)],
-        measurements=measurements,
-        qualitative_evaluations=evaluations,
+    return measurements
+
+
+def _container(name: Code, items: Sequence[hd.sr.ContentItem]) -> hd.sr.ContainerContentItem:
+    container = hd.sr.ContainerContentItem(name=name, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    container.ContentSequence = hd.sr.ContentSequence(list(items))
+    return container
+
+
+def _text(name: Code, value: str) -> hd.sr.TextContentItem:
+    """A TEXT item (UT, at most 2^32-2 characters; we keep lines short anyway)."""
+    return hd.sr.TextContentItem(
+        name=name, value=" ".join(value.split())[:1024] or "-", relationship_type="CONTAINS"
     )
+
+
+def _qualitative_items(
+    result: AnalysisResult, without_region: Sequence[str]
+) -> list[hd.sr.CodeContentItem | hd.sr.TextContentItem]:
+    """Exam-level coded results and comments, for the Qualitative Evaluations container."""
+    items: list[hd.sr.CodeContentItem | hd.sr.TextContentItem] = []
+    s = result.summary
+    if s is not None:
+        if s.category is not None:
+            items.append(
+                hd.sr.CodeContentItem(
+                    name=c.BMD_CATEGORY,
+                    value=c.CATEGORY_VALUES[s.category.value],
+                    relationship_type="CONTAINS",
+                )
+            )
+        items.append(
+            hd.sr.CodeContentItem(
+                name=c.CONTRAST_PHASE,
+                value=c.CONTRAST_PHASE_VALUES.get(s.contrast_phase.value, c.UNKNOWN),
+                relationship_type="CONTAINS",
+            )
+        )
+    items.append(_text(c.ALGORITHM_NAME, result.algorithm_name))
+    items.append(_text(c.ALGORITHM_VERSION, result.algorithm_version))
+    comments: list[str] = []
+    if s is not None:
+        comments.extend(str(n) for n in s.notes)
+        if s.category is None:
+            comments.append("No bone density category: " + ("; ".join(map(str, s.notes)) or "not determined"))
+    comments.extend(f"{lv}: no outline on an image; its values are in result.json" for lv in without_region)
+    items.extend(_text(c.COMMENT, text) for text in dict.fromkeys(comments))
+    return items
+
+
+def _append_to_root(report: hd.sr.MeasurementReport, items: Sequence[Dataset]) -> None:
+    """Add containers to the report's root container (highdicom builds rows 1-6 of TID 1500 only)."""
+    root = report[0]
+    root.ContentSequence.extend(items)
 
 
 def build_sr(
@@ -233,7 +294,7 @@ def build_sr(
     series_number: int = SR_SERIES_NUMBER,
     institution_name: str | None = None,
     previous_versions: Sequence[Dataset] = (),
-) -> hd.sr.Comprehensive3DSR:
+) -> SRDocument:
     """Build the TID 1500 SR of ``result``, with the source CT images as evidence.
 
     Parameters
@@ -242,7 +303,8 @@ def build_sr(
         An analysis with status ok and at least one vertebra.
     source_datasets
         The analysed series' datasets (headers suffice; pixel data is not read). Patient and study
-        modules are copied from them, so the SR lands in the source study.
+        modules are copied from them (invalid values dropped: ``report.patient``), so the SR lands in the
+        source study.
     uids
         UID policy (deterministic per job, or random).
     series_number, institution_name
@@ -251,6 +313,11 @@ def build_sr(
         The SRs this one replaces (earlier versions of the same analysis), each a dataset with at least
         Study, Series and SOP Instance UID and SOP Class UID (:func:`predecessor_references`); they go into
         the Predecessor Documents Sequence. Empty for a first version.
+
+    Returns
+    -------
+    highdicom.sr.ComprehensiveSR or highdicom.sr.Comprehensive3DSR
+        Comprehensive SR when every image region is 2D (the usual case), Comprehensive 3D SR otherwise.
 
     Raises
     ------
@@ -261,7 +328,11 @@ def build_sr(
         raise InputError("no source DICOM images: an SR needs the analysed CT as evidence")
     if not result.vertebrae:
         raise InputError("no vertebra in the result: nothing to report in an SR")
-    by_sop = {str(ds.SOPInstanceUID): ds for ds in source_datasets}
+    evidence = [sanitized_source(ds) for ds in source_datasets]
+    by_sop = {str(ds.SOPInstanceUID): ds for ds in evidence}
+    frame_of_reference = next(
+        (str(ds.FrameOfReferenceUID) for ds in evidence if str(ds.get("FrameOfReferenceUID", "") or "")), None
+    )
     # Name and version say what produced the numbers (engine, plus any model bundle); the parameters list
     # each part with its own version and checksum (segmentation, vBMD estimator, agreement in "both" mode).
     algo = hd.sr.AlgorithmIdentification(
@@ -272,15 +343,24 @@ def build_sr(
     method = None
     if result.summary is not None and result.summary.calibration.method:
         method = c.calibration_method_code(result.summary.calibration.method)
-    groups: list[
-        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
-    ] = [
-        _vertebra_group(v, algo, uids, by_sop, method)
-        for v in result.vertebrae
-        if v.level in c.VERTEBRA_SITES
-    ]
-    if result.summary is not None:
-        groups.append(_summary_group(result.summary, algo, uids, method))
+    groups: list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations] = []
+    without_region: list[str] = []
+    region_sops: list[str] = []
+    uses_3d = False
+    for v in result.vertebrae:
+        if v.level not in c.VERTEBRA_SITES:
+            continue
+        region = _region(v, by_sop, frame_of_reference)
+        if region is None:
+            log.warning("vertebra %s has no outline on an image: left out of the SR's measurements", v.level)
+            without_region.append(v.level)
+            continue
+        uses_3d = uses_3d or isinstance(region, hd.sr.ImageRegion3D)
+        if isinstance(region, hd.sr.ImageRegion) and v.outline is not None and v.outline.sop_instance_uid:
+            region_sops.append(v.outline.sop_instance_uid)
+        groups.append(_vertebra_group(v, algo, uids, region, method))
+    if not groups:
+        raise InputError("no vertebra has an outline on an image: an SR would show no region")
     observer = hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept(value="121007", scheme_designator="DCM", meaning="Device"),
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -290,13 +370,36 @@ def build_sr(
             model_name=result.algorithm_name,
         ),
     )
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=c.PROCEDURE_REPORTED,
-        imaging_measurements=groups,
-    )
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=list(source_datasets),
+    # TID 1600 Image Library (mandatory in TID 1500): the images the regions are drawn on
+    library = [by_sop[uid] for uid in dict.fromkeys(region_sops) if uid in by_sop]
+    try:
+        report = hd.sr.MeasurementReport(
+            observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+            procedure_reported=c.PROCEDURE_REPORTED,
+            imaging_measurements=groups,
+            referenced_images=library or None,
+        )
+    except (AttributeError, TypeError, ValueError) as exc:
+        # highdicom describes library entries from top-level attributes; an enhanced multi-frame CT keeps
+        # them in functional groups. The regions still reference the image; only the library is left out.
+        log.info("image library left out of the SR (%s)", exc)
+        report = hd.sr.MeasurementReport(
+            observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+            procedure_reported=c.PROCEDURE_REPORTED,
+            imaging_measurements=groups,
+        )
+    extra: list[Dataset] = []
+    if result.summary is not None:
+        derived = _summary_measurements(result.summary, method)
+        if derived:
+            extra.append(
+                _container(c.DERIVED_IMAGING_MEASUREMENTS, [cast(hd.sr.ContentItem, m[0]) for m in derived])
+            )
+    extra.append(_container(c.QUALITATIVE_EVALUATIONS, _qualitative_items(result, without_region)))
+    _append_to_root(report, extra)
+    sr_class = hd.sr.Comprehensive3DSR if uses_3d else hd.sr.ComprehensiveSR
+    sr = sr_class(
+        evidence=evidence,
         content=report,
         series_instance_uid=uids.uid("sr-series"),
         series_number=series_number,
@@ -343,8 +446,8 @@ def predecessor_references(
     Each earlier SR is identified from its file when that is still there (the file is the truth: it holds the
     UIDs actually sent). When it is gone (removed by retention) the reference is rebuilt from the UID policy:
     the SR of version ``v`` has the series and instance UIDs of ``(job key, v, "sr-series" / "sr-instance")``,
-    the SOP class Comprehensive 3D SR and the source study. Without a job key (random UIDs) a missing file
-    cannot be rebuilt and is left out (logged).
+    the SOP class Comprehensive SR (what a report with 2D regions is written as) and the source study.
+    Without a job key (random UIDs) a missing file cannot be rebuilt and is left out (logged).
 
     Parameters
     ----------
@@ -373,7 +476,7 @@ def predecessor_references(
             ref = Dataset()
             ref.StudyInstanceUID = study_instance_uid
             ref.SeriesInstanceUID = old.uid("sr-series")
-            ref.SOPClassUID = Comprehensive3DSRStorage
+            ref.SOPClassUID = ComprehensiveSRStorage
             ref.SOPInstanceUID = old.uid("sr-instance")
         uid = str(ref.SOPInstanceUID)
         if uid == own or uid in seen:

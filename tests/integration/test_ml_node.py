@@ -71,7 +71,7 @@ def phantom_series(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _sr_algorithm_texts(path: Path) -> tuple[set[str], set[str]]:
     """Algorithm names and parameters of every measurement group of an SR read back with highdicom."""
-    sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(path))
+    sr = hd.sr.ComprehensiveSR.from_dataset(pydicom.dcmread(path))  # 2D regions only: Comprehensive SR
     names: set[str] = set()
     params: set[str] = set()
 

@@ -86,7 +86,7 @@ def test_round_trip_numbers_equal_the_result(case: SyntheticCase, written: Any) 
 def test_sr_lives_in_the_source_study(case: SyntheticCase, written: Any) -> None:
     sr = pydicom.dcmread(written.sr)
     src = case.datasets[0]
-    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR: only 2D SCOORD inside
     assert sr.StudyInstanceUID == src.StudyInstanceUID
     assert sr.PatientID == src.PatientID and sr.PatientName == src.PatientName
     assert sr.AccessionNumber == src.AccessionNumber
@@ -210,7 +210,15 @@ def test_predecessor_references_skip_the_own_sr_and_unknown_random_uids(case: Sy
     assert predecessor_references([PreviousReport(1)], UidPolicy(), study) == []
 
 
-def test_vertebra_without_outline_still_reported(case: SyntheticCase) -> None:
+def _container(sr: Dataset, code: str) -> Dataset:
+    (found,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == code]
+    return found
+
+
+def test_vertebra_without_outline_is_named_but_kept_out_of_the_measurement_groups(
+    case: SyntheticCase,
+) -> None:
+    """A group without an image region in 126010 crashes OHIF's SR loader: such a vertebra is only named."""
     verts = tuple(
         dataclasses.replace(v, outline=None) if v.level == "L2" else v for v in case.result.vertebrae
     )
@@ -218,8 +226,82 @@ def test_vertebra_without_outline_still_reported(case: SyntheticCase) -> None:
     sr = build_sr(result, case.datasets, UidPolicy())
     scoords = [ds for ds in _walk(sr) if getattr(ds, "ValueType", "") == "SCOORD"]
     assert len(scoords) == len(verts) - 1
-    tracking = [str(ds.TextValue) for ds in _walk(sr) if getattr(ds, "ValueType", "") == "TEXT"]
-    assert "L2 trabecular ROI" in tracking
+    groups = _container(sr, "126010").ContentSequence
+    idents = [str(i.TextValue) for g in groups for i in g.ContentSequence if i.get("ValueType") == "TEXT"]
+    assert "L2 trabecular ROI" not in idents and "L1 trabecular ROI" in idents
+    comments = [str(i.TextValue) for i in _container(sr, "C0034375").ContentSequence if i.ValueType == "TEXT"]
+    assert any(c.startswith("L2:") for c in comments)
+
+
+def test_outline_only_in_patient_space_gives_a_3d_region_and_comprehensive_3d_sr(case: SyntheticCase) -> None:
+    from dicomnode.domain import RoiOutline
+
+    def lps_only(v: Any) -> Any:
+        pts = ((0.0, 0.0, -100.0), (10.0, 0.0, -100.0), (10.0, 10.0, -100.0), (0.0, 0.0, -100.0))
+        return dataclasses.replace(v, outline=RoiOutline(None, None, (), pts))
+
+    verts = tuple(lps_only(v) if v.level == "L3" else v for v in case.result.vertebrae)
+    sr = build_sr(dataclasses.replace(case.result, vertebrae=verts), case.datasets, UidPolicy())
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+    (s3,) = [ds for ds in _walk(sr) if getattr(ds, "ValueType", "") == "SCOORD3D"]
+    assert s3.ReferencedFrameOfReferenceUID == case.datasets[0].FrameOfReferenceUID
+    assert len([ds for ds in _walk(sr) if getattr(ds, "ValueType", "") == "SCOORD"]) == len(verts) - 1
+
+
+def test_viewer_layout_every_group_has_a_region_and_vbmd_comes_first(
+    case: SyntheticCase, written: Any
+) -> None:
+    """What OHIF needs (issue 10): regions on every 126010 group, vBMD the first value, exam level outside."""
+    sr = pydicom.dcmread(written.sr)
+    root_codes = [item.ConceptNameCodeSequence[0].CodeValue for item in sr.ContentSequence]
+    # TID 1500 order: image library, imaging measurements, derived, qualitative evaluations
+    assert root_codes[-4:] == ["111028", "126010", "126011", "C0034375"]
+    groups = _container(sr, "126010").ContentSequence
+    assert len(groups) == len(case.result.vertebrae)
+    for g in groups:
+        assert g.ConceptNameCodeSequence[0].CodeValue == "125007"  # Measurement Group
+        assert [i.ValueType for i in g.ContentSequence].count("SCOORD") == 1
+        nums = [i for i in g.ContentSequence if i.ValueType == "NUM"]
+        assert nums[0].ConceptNameCodeSequence[0].CodeValue == "VBMD-TRAB"
+    idents = [str(i.TextValue) for g in groups for i in g.ContentSequence if i.get("ValueType") == "TEXT"]
+    assert "vBMD summary" not in idents
+    derived = _container(sr, "126011").ContentSequence
+    assert {i.ValueType for i in derived} == {"NUM"}
+    assert derived[0].ConceptNameCodeSequence[0].CodeValue == "VBMD-TRAB"
+    qualitative = {
+        i.ConceptNameCodeSequence[0].CodeValue: i for i in _container(sr, "C0034375").ContentSequence
+    }
+    s = case.result.summary
+    assert s is not None and s.category is not None
+    assert (
+        qualitative["BMD-CATEGORY"].ConceptCodeSequence[0].CodeValue
+        == ({"normal": "17621005", "osteopenia": "312894000", "osteoporosis": "64859006"}[s.category.value])
+    )
+    assert str(qualitative["111001"].TextValue) == case.result.algorithm_name
+
+
+def test_withheld_category_is_absent_and_the_reason_is_given(case: SyntheticCase, tmp_path: Path) -> None:
+    s = case.result.summary
+    assert s is not None
+    withheld = dataclasses.replace(s, category=None, notes=("naming uncertain: no category",))
+    sr = build_sr(dataclasses.replace(case.result, summary=withheld), case.datasets, UidPolicy())
+    items = _container(sr, "C0034375").ContentSequence
+    assert "BMD-CATEGORY" not in {i.ConceptNameCodeSequence[0].CodeValue for i in items}
+    assert any("naming uncertain" in str(i.get("TextValue", "")) for i in items)
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    assert "category" not in read_sr_measurements(tmp_path / "sr.dcm")["summary"]
+
+
+def test_adhoc_outputs_are_one_overlay_series_in_order(case: SyntheticCase, tmp_path: Path) -> None:
+    """``dicomnode analyze`` has no job key (random UIDs): still one SC series, instances 1..n in order."""
+    out = write_outputs(Measured(case.result, case.canonical, case.roi_masks), case.datasets, tmp_path)
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in out.sc]
+    assert len({h.SeriesInstanceUID for h in headers}) == 1
+    assert {int(h.SeriesNumber) for h in headers} == {9902}
+    assert [int(h.InstanceNumber) for h in headers] == list(range(1, len(headers) + 1))
+    assert headers[0].DerivationDescription.endswith(out.sc[0].stem.split("_")[-1]) or "overview" in (
+        headers[0].DerivationDescription.lower()
+    )
 
 
 def test_build_sr_refuses_without_evidence(case: SyntheticCase) -> None:
