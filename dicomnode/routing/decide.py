@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dicomnode.domain import RuleDecision, SeriesSummary
-from dicomnode.routing.ranking import image_count, rank, values_of, why_better
+from dicomnode.routing.ranking import image_count, rank, slice_mm, values_of, why_better
 from dicomnode.routing.rules import Condition, Rule, RuleSet
 
 _MISSING = object()
@@ -32,6 +32,9 @@ def attribute_value(s: SeriesSummary, name: str) -> Any:
         return image_count(s)
     if name == "derived.z_extent_mm":
         return _MISSING if s.z_extent_mm is None else s.z_extent_mm
+    if name == "derived.slice_mm":
+        mm = slice_mm(s)
+        return _MISSING if mm is None else mm
     v = s.attributes.get(name, _MISSING)
     return _MISSING if v is None else v
 

@@ -2,7 +2,9 @@
 
 Criteria, most important first (a later one only breaks ties of the earlier ones):
 
-1. image type: ORIGINAL and PRIMARY and AXIAL, not LOCALIZER (acquired axial images, not reformats);
+1. image type: ORIGINAL/PRIMARY axial images first, then DERIVED/PRIMARY ones (a primary reconstruction from
+   the raw data, e.g. Siemens' ``DERIVED\\PRIMARY\\AXIAL``), then anything else (value 3, when given, AXIAL
+   or VOLUME; never LOCALIZER);
 2. lumbar coverage: z-extent >= ``min_lumbar_extent_mm`` (or, when the extent is unknown, a body part that
    includes the lumbar spine); a series too short to hold T12-L2 cannot be measured well;
 3. native phase: no ContrastBolusAgent (iodine raises trabecular HU; clinical.md 1.4);
@@ -108,6 +110,30 @@ def _float(value: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
+def slice_mm(s: SeriesSummary) -> float | None:
+    """SliceThickness, or the slice spacing of the positions (z-extent / (images - 1)) when it is absent."""
+    thickness = _float(s.get("SliceThickness"))
+    if thickness is not None and thickness > 0:
+        return thickness
+    n = image_count(s)
+    if s.z_extent_mm is not None and s.z_extent_mm > 0 and n > 1:
+        return s.z_extent_mm / (n - 1)
+    return None
+
+
+def image_type_level(image_type: Any) -> int:
+    """2 = ORIGINAL/PRIMARY axial, 1 = DERIVED/PRIMARY axial (a primary reconstruction), 0 = anything else.
+
+    "Axial" means value 3 AXIAL (CT Image Storage) or VOLUME (enhanced CT), or no value 3 at all.
+    """
+    vals = _upper_values(image_type)
+    if len(vals) < 2 or vals[1] != "PRIMARY" or "LOCALIZER" in vals:
+        return 0
+    if len(vals) >= 3 and vals[2] not in ("AXIAL", "VOLUME", ""):
+        return 0
+    return {"ORIGINAL": 2, "DERIVED": 1}.get(vals[0], 0)
+
+
 def image_count(s: SeriesSummary) -> int:
     """Instances x NumberOfFrames (an enhanced multi-frame series counts its frames)."""
     frames = _float(s.get("NumberOfFrames"))
@@ -119,7 +145,7 @@ class RankFeatures:
     """The facts ranking uses about one series, each with the words that explain it."""
 
     series_instance_uid: str
-    axial_original: bool
+    image_type: int  # 2 = ORIGINAL/PRIMARY axial, 1 = DERIVED/PRIMARY axial, 0 = other
     coverage: int  # 2 = covers the lumbar spine, 1 = unknown, 0 = too short / other region
     native: bool
     kernel: int  # 2 = soft/standard, 1 = unknown, 0 = sharp
@@ -130,7 +156,7 @@ class RankFeatures:
     def key(self) -> tuple[Any, ...]:
         """Sort key: smaller is better."""
         return (
-            not self.axial_original,
+            -self.image_type,
             -self.coverage,
             not self.native,
             -self.kernel,
@@ -142,7 +168,7 @@ class RankFeatures:
 
     def describe(self) -> str:
         parts = [
-            "ORIGINAL/PRIMARY/AXIAL" if self.axial_original else "not ORIGINAL/PRIMARY/AXIAL",
+            _IMAGE_TYPE_WORDS[self.image_type],
             {2: "lumbar coverage", 1: "coverage unknown", 0: "no lumbar coverage"}[self.coverage],
             "native" if self.native else "contrast",
             {2: "soft kernel", 1: "kernel unknown", 0: "sharp kernel"}[self.kernel],
@@ -150,6 +176,13 @@ class RankFeatures:
             f"{self.images} images",
         ]
         return ", ".join(parts)
+
+
+_IMAGE_TYPE_WORDS = {
+    2: "ORIGINAL/PRIMARY/AXIAL",
+    1: "DERIVED/PRIMARY/AXIAL (primary reconstruction)",
+    0: "not ORIGINAL/PRIMARY/AXIAL",
+}
 
 
 def _mm(x: float | None) -> str:
@@ -162,11 +195,6 @@ def features(
     s: SeriesSummary, *, min_lumbar_extent_mm: float = 90.0, extra_sharp: Sequence[str] = ()
 ) -> RankFeatures:
     """Compute the ranking facts of one series from its summary."""
-    it = set(_upper_values(s.get("ImageType")))
-    # Enhanced CT writes VOLUME where CT Image Storage writes AXIAL (value 3 of ImageType).
-    axial_original = (
-        {"ORIGINAL", "PRIMARY"} <= it and bool(it & {"AXIAL", "VOLUME"}) and "LOCALIZER" not in it
-    )
     body = {v.replace(" ", "") for v in _upper_values(s.get("BodyPartExamined"))}
     if s.z_extent_mm is not None:
         coverage = 2 if s.z_extent_mm >= min_lumbar_extent_mm else 0
@@ -181,11 +209,11 @@ def features(
         kernel = 0 if is_sharp_kernel(kernel_value, extra_sharp) else 2
     return RankFeatures(
         series_instance_uid=s.series_instance_uid,
-        axial_original=axial_original,
+        image_type=image_type_level(s.get("ImageType")),
         coverage=coverage,
         native=is_native(s.get("ContrastBolusAgent")),
         kernel=kernel,
-        slice_thickness=_float(s.get("SliceThickness")),
+        slice_thickness=slice_mm(s),
         images=image_count(s),
         series_number=_float(s.get("SeriesNumber")),
     )
@@ -193,8 +221,8 @@ def features(
 
 def why_better(best: RankFeatures, other: RankFeatures) -> str:
     """The first criterion on which ``best`` beats ``other``, in words."""
-    if best.axial_original != other.axial_original:
-        return "it is ORIGINAL/PRIMARY/AXIAL"
+    if best.image_type != other.image_type:
+        return f"it is {_IMAGE_TYPE_WORDS[best.image_type]}"
     if best.coverage != other.coverage:
         return "it covers the lumbar spine" if best.coverage == 2 else "its coverage is less doubtful"
     if best.native != other.native:

@@ -28,7 +28,8 @@ value. An absent attribute fails every operator except ``present: false`` (so ``
 ``attribute`` is a DICOM keyword (checked against pydicom's data dictionary; series- or study-level, as
 summarised in :class:`~dicomnode.domain.SeriesSummary`) or a derived value: ``derived.instances`` (instances
 received), ``derived.images`` (instances x NumberOfFrames, so enhanced multi-frame CT counts its frames),
-``derived.z_extent_mm`` (extent along the slice normal).
+``derived.z_extent_mm`` (extent along the slice normal), ``derived.slice_mm`` (SliceThickness, or when the
+header has none the slice spacing of the positions: geometry, not an optional tag).
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ from pydicom.datadict import keyword_dict
 from dicomnode.errors import ConfigError
 
 #: Values computed from the series rather than read from a header.
-DERIVED_ATTRIBUTES: frozenset[str] = frozenset({"derived.instances", "derived.images", "derived.z_extent_mm"})
+DERIVED_ATTRIBUTES: frozenset[str] = frozenset(
+    {"derived.instances", "derived.images", "derived.z_extent_mm", "derived.slice_mm"}
+)
 
 Scalar = str | int | float
 DEFAULT_PIPELINE = "bmd"

@@ -47,7 +47,7 @@ class Measured:
 
 @pytest.fixture(scope="module")
 def thick_case() -> SyntheticCase:
-    """A CT series of 6 mm slices: the shipped rules refuse it (``SliceThickness`` at most 5 mm)."""
+    """A CT series of 6 mm slices: the shipped rules refuse it (slices of at most 5 mm)."""
     return make_case(shape=(40, 128, 128), spacing=(2.0, 2.0, 6.0))
 
 
@@ -78,11 +78,11 @@ def measured_here(thick_case: SyntheticCase, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def site_rules_text() -> str:
-    """The shipped rules with the slice-thickness limit raised to 8 mm, under a site rule name."""
+    """The shipped rules with a site's slice-thickness limit of 8 mm, under a site rule name."""
     text = routing.default_rules_text()
-    assert "{attribute: SliceThickness, range: {max: 5}}" in text
+    assert "{attribute: derived.slice_mm, range: {max: 5}}" in text
     text = text.replace(
-        "{attribute: SliceThickness, range: {max: 5}}", "{attribute: SliceThickness, range: {max: 8}}"
+        "{attribute: derived.slice_mm, range: {max: 5}}", "{attribute: SliceThickness, range: {max: 8}}"
     )
     return text.replace("name: abdominal-ct-bmd", f"name: {SITE_RULE}")
 
@@ -100,7 +100,7 @@ def test_a_site_rule_selection_is_analysed_by_the_node(
     (summary,) = store.series_summaries(store.list_studies(limit=1).items[0].study_instance_uid)
     # the shipped default refuses the series: its decision names the slice thickness
     (default,) = routing.select([summary], routing.default_rules())
-    assert not default.selected and any("SliceThickness" in r and "FAIL" in r for r in default.reasons)
+    assert not default.selected and any("derived.slice_mm <= 5: FAIL (6.0)" in r for r in default.reasons)
 
     store.add_rule_version("admin", site_rules_text(), "6 mm slices are fine here")
     rules = RulesInForce(store, settings)  # the one provider (cli/node.py hands it to runner and web)
@@ -125,7 +125,7 @@ def test_the_cli_uses_a_site_rules_file(
     folder = thick_series[0].parent
     assert main(["analyze", str(folder), "--out", str(tmp_path / "default")]) == 2
     err = capsys.readouterr().err
-    assert "not qualifying" in err and "SliceThickness" in err and not measured_here
+    assert "not qualifying" in err and "derived.slice_mm <= 5: FAIL" in err and not measured_here
     rules = tmp_path / "site-rules.yaml"
     rules.write_text(site_rules_text())
     assert main(["analyze", str(folder), "--out", str(tmp_path / "site"), "--rules", str(rules)]) == 0

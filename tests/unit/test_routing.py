@@ -411,7 +411,7 @@ def test_default_rules_select_an_abdominal_ct() -> None:
         ),
         ({"BodyPartExamined": "HEAD"}, "FAIL (HEAD)"),
         ({"SeriesDescription": "Knee Arthroplasty", "BodyPartExamined": None}, "FAIL (Knee Arthroplasty)"),
-        ({"SliceThickness": 8.0}, "SliceThickness <= 5: FAIL (8.0)"),
+        ({"SliceThickness": 8.0}, "derived.slice_mm <= 5: FAIL (8.0)"),
         ({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}, "SOPClassUID one of"),
     ],
 )
@@ -419,6 +419,74 @@ def test_default_rules_reject_with_reasons(attrs: dict[str, Any], expected: str)
     (d,) = select([series("x", **attrs)], default_rules())
     assert not d.selected
     assert any(expected in r for r in d.reasons), d.reasons
+
+
+# -- issue 9 item 7: qualification for real protocols -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"ImageType": ("DERIVED", "PRIMARY", "AXIAL")},  # Siemens primary reconstruction from raw data
+        {"ImageType": ("DERIVED", "PRIMARY", "AXIAL", "CT_SOM5 SPI")},
+        {"ImageType": ("ORIGINAL", "PRIMARY")},  # no value 3
+        {"ConvolutionKernel": None, "Manufacturer": None},  # no vendor or kernel tags
+        {
+            "BodyPartExamined": "CHEST",
+            "SeriesDescription": "Thorax 1.5 Br40",
+        },  # L1 in view is the engine's call
+        {"SliceThickness": None},  # no thickness in the header: the positions' spacing (360 mm / 119) counts
+        {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.2.2"},  # Legacy Converted Enhanced CT
+    ],
+    ids=[
+        "derived-primary",
+        "derived-primary-4",
+        "no-value-3",
+        "no-vendor-tags",
+        "chest",
+        "no-thickness",
+        "legacy",
+    ],
+)
+def test_default_rules_qualify_real_protocols(attrs: dict[str, Any]) -> None:
+    (d,) = select([series("x", **attrs)], default_rules())
+    assert d.selected and d.rule == "abdominal-ct-bmd", d.reasons
+
+
+@pytest.mark.parametrize(
+    "image_type",
+    [
+        ("DERIVED", "SECONDARY", "AXIAL"),  # a reformat
+        ("DERIVED", "SECONDARY", "MPR"),
+        ("DERIVED", "PRIMARY", "MIP"),  # a MIP, even marked PRIMARY
+        ("ORIGINAL", "PRIMARY", "LOCALIZER"),
+        ("ORIGINAL", "SECONDARY", "AXIAL"),
+    ],
+)
+def test_default_rules_refuse_secondary_reformats_and_mips(image_type: tuple[str, ...]) -> None:
+    (d,) = select([series("x", ImageType=image_type)], default_rules())
+    assert not d.selected and d.action == "ignore", d.reasons
+
+
+def test_thin_geometry_without_thickness_and_thick_slices_by_geometry() -> None:
+    (d,) = select([series("x", SliceThickness=None, n=40, z=240.0)], default_rules())  # 6.2 mm apart
+    assert not d.selected and any("derived.slice_mm <= 5: FAIL (6.15" in r for r in d.reasons), d.reasons
+
+
+def test_derived_primary_ranks_after_original() -> None:
+    original = series("1.9.1", ImageType=("ORIGINAL", "PRIMARY", "AXIAL"), SliceThickness=3.0)
+    derived = series("1.9.2", ImageType=("DERIVED", "PRIMARY", "AXIAL"), SliceThickness=1.0)  # thinner
+    by = {d.series_instance_uid: d for d in select([derived, original], default_rules())}
+    assert by["1.9.1"].selected and by["1.9.1"].rank == 1
+    assert not by["1.9.2"].selected and by["1.9.2"].rank == 2
+    assert any("ranks higher (it is ORIGINAL/PRIMARY/AXIAL)" in r for r in by["1.9.2"].reasons)
+    # alone, the primary reconstruction is chosen and the explanation says what it is
+    (alone,) = select([derived], default_rules())
+    assert alone.selected and any(
+        "DERIVED/PRIMARY/AXIAL (primary reconstruction)" in r for r in alone.reasons
+    )
+    text = explain([alone], [derived])
+    assert "SELECTED" in text and "primary reconstruction" in text
 
 
 def test_default_rules_reject_too_few_images() -> None:
