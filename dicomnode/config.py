@@ -51,13 +51,16 @@ __all__ = [
     "AnalysisSettings",
     "BasicAuth",
     "BearerAuth",
+    "ClientTlsSettings",
     "CompletionSettings",
     "DeliverySettings",
     "Destination",
     "DicomSettings",
+    "DicomTlsSettings",
     "DicomwebDestination",
     "DimseDestination",
     "HttpSettings",
+    "HttpTlsSettings",
     "LoginThrottleSettings",
     "RetentionSettings",
     "Settings",
@@ -94,12 +97,43 @@ class AllowedAE(_Section):
     _ae = field_validator("ae_title")(_check_ae)
 
 
+class DicomTlsSettings(_Section):
+    """The DICOM TLS listener (``dicom.tls``): PS3.15 Annex B, TLS 1.2+ with the BCP 195 cipher suites.
+
+    It listens on its own ``port`` beside the plain one (``dicom.port``; set that to null for TLS only).
+    """
+
+    port: int = Field(ge=1, le=65535)
+    #: PEM: our certificate (optionally followed by its intermediate CAs) and its private key.
+    certificate: Path
+    private_key: Path
+    #: Password of an encrypted private key (better from the environment: DICOMNODE_DICOM__TLS__KEY_PASSWORD).
+    key_password: SecretStr | None = None
+    #: PEM CA certificates that client certificates must chain to. With it, a client certificate is asked
+    #: for and verified when sent; ``require_client_certificate`` makes it mandatory (mutual TLS).
+    ca_bundle: Path | None = None
+    require_client_certificate: bool = False
+    #: Seconds a client has to complete the TLS handshake.
+    handshake_timeout_seconds: float = Field(10.0, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _mutual(self) -> DicomTlsSettings:
+        if self.require_client_certificate and self.ca_bundle is None:
+            raise ValueError(
+                "require_client_certificate needs a ca_bundle (the CAs client certificates chain to)"
+            )
+        return self
+
+
 class DicomSettings(_Section):
     """The DICOM (DIMSE) listener."""
 
     ae_title: str = "DICOMNODE"
-    port: int = Field(11112, ge=1, le=65535)
+    #: The plain (unencrypted) DICOM port; null = no plain listener (TLS only, ``tls`` must be set).
+    port: int | None = Field(11112, ge=1, le=65535)
     host: str = "127.0.0.1"
+    #: A DICOM TLS listener beside (or instead of) the plain one; None = no TLS listener.
+    tls: DicomTlsSettings | None = None
     #: Calling AE titles allowed to associate; empty = any calling AE is accepted.
     allowed_calling_aets: list[AllowedAE] = Field(default_factory=list)
     #: What to do with storage SOP classes other than CT/enhanced CT: "ignore" = accept and keep but never
@@ -110,6 +144,14 @@ class DicomSettings(_Section):
     free_space_floor_mb: int = Field(1024, ge=0)
 
     _ae = field_validator("ae_title")(_check_ae)
+
+    @model_validator(mode="after")
+    def _listeners(self) -> DicomSettings:
+        if self.port is None and self.tls is None:
+            raise ValueError("no DICOM listener: set port (plain) or tls (with its port)")
+        if self.tls is not None and self.tls.port == self.port:
+            raise ValueError(f"tls.port must differ from the plain port {self.port}")
+        return self
 
     @field_validator("allowed_calling_aets", mode="before")
     @classmethod
@@ -150,11 +192,29 @@ class LoginThrottleSettings(_Section):
     lockout_seconds: float = Field(900.0, gt=0, le=7 * 86400)
 
 
+class HttpTlsSettings(_Section):
+    """HTTPS for the HTTP listener (``http.tls``): the port then speaks HTTPS only (TLS 1.2+, BCP 195)."""
+
+    #: PEM: our certificate (optionally followed by its intermediate CAs) and its private key.
+    certificate: Path
+    private_key: Path
+    key_password: SecretStr | None = None
+
+
 class HttpSettings(_Section):
     """The HTTP listener (admin UI, REST API, STOW-RS)."""
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    #: HTTPS on ``port`` (certificate and key); None = plain HTTP (loopback, or behind a TLS reverse proxy).
+    tls: HttpTlsSettings | None = None
+    #: Strict-Transport-Security max-age sent on HTTPS responses (also when a trusted reverse proxy says
+    #: the request came over HTTPS); 0 = no header.
+    hsts_seconds: int = Field(31_536_000, ge=0, le=2 * 31_536_000)
+    #: Proxies whose X-Forwarded-Proto / X-Forwarded-For headers are trusted (addresses, or "*"). A TLS
+    #: reverse proxy must be listed so that sessions get Secure cookies and HSTS; the client address it
+    #: forwards then replaces the TCP peer for ``stow_allow_addresses`` and the login throttle.
+    forwarded_allow_ips: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
     #: Client addresses or networks (``10.0.0.5``, ``10.0.0.0/24``) allowed to store instances with STOW-RS
     #: (``POST /dicomweb/studies``) without credentials, for a PACS that cannot authenticate. Empty (the
     #: default): STOW-RS needs an ``admin`` or ``sender`` account. The TCP peer address is used, so list
@@ -196,6 +256,33 @@ class BearerAuth(_Section):
     token: SecretStr
 
 
+class ClientTlsSettings(_Section):
+    """TLS towards a destination (``destinations[].tls``): DICOM TLS for ``dimse``, HTTPS for ``dicomweb``.
+
+    The peer's certificate is verified (chain to ``ca_bundle`` or the system's CAs, validity dates, and its
+    name unless ``check_hostname`` is false) before anything is sent.
+    """
+
+    #: PEM CA certificates the peer's certificate must chain to; None = the system's trusted CAs.
+    ca_bundle: Path | None = None
+    #: Our client certificate and key, for peers that require mutual TLS.
+    certificate: Path | None = None
+    private_key: Path | None = None
+    key_password: SecretStr | None = None
+    #: False accepts any certificate (testing only: it gives up the protection TLS exists for).
+    verify: bool = True
+    #: False accepts a trusted certificate issued for another name (DICOM peers often name the AE instead).
+    check_hostname: bool = True
+    #: The name expected in the peer's certificate (and sent as SNI); None = the destination's host.
+    server_name: str | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> ClientTlsSettings:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        return self
+
+
 class DimseDestination(_Section):
     """A C-STORE destination."""
 
@@ -207,6 +294,8 @@ class DimseDestination(_Section):
     #: Our calling AE title towards this destination; None = ``dicom.ae_title``.
     calling_ae: str | None = None
     timeout_seconds: float = Field(30.0, gt=0)
+    #: DICOM TLS towards this destination; None = plain DICOM.
+    tls: ClientTlsSettings | None = None
 
     _ae = field_validator("ae_title")(_check_ae)
 
@@ -224,6 +313,9 @@ class DicomwebDestination(_Section):
     url: str
     auth: Annotated[BasicAuth | BearerAuth, Field(discriminator="kind")] | None = None
     timeout_seconds: float = Field(30.0, gt=0)
+    #: Certificate checks for an https:// URL (a CA bundle, a client certificate); None = verified against
+    #: the system's trusted CAs. https:// certificates are always verified unless ``tls.verify`` is false.
+    tls: ClientTlsSettings | None = None
 
     @field_validator("url")
     @classmethod
@@ -231,6 +323,21 @@ class DicomwebDestination(_Section):
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _https(self) -> DicomwebDestination:
+        if self.tls is not None:
+            if not self.url.lower().startswith("https://"):
+                raise ValueError("tls settings need an https:// url")
+            if self.tls.key_password is not None:
+                raise ValueError(
+                    "tls.key_password is not supported for DICOMweb (use an unencrypted key file)"
+                )
+            if not self.tls.check_hostname:
+                raise ValueError("tls.check_hostname false is not supported for DICOMweb")
+            if self.tls.server_name is not None:
+                raise ValueError("tls.server_name is not supported for DICOMweb (the URL's host is checked)")
+        return self
 
 
 Destination = Annotated[DimseDestination | DicomwebDestination, Field(discriminator="kind")]
@@ -478,9 +585,45 @@ def load_settings(path: Path | str | None = None, *, environ: Mapping[str, str] 
             updates["data_dir"] = base / settings.data_dir
         if "rules_file" in data and settings.rules_file is not None and not settings.rules_file.is_absolute():
             updates["rules_file"] = base / settings.rules_file
+        updates.update(_tls_paths_from(settings, base))
         if updates:
             settings = settings.model_copy(update=updates)
     return settings
+
+
+_TLS_PATH_FIELDS = ("certificate", "private_key", "ca_bundle")
+
+
+def _rebase(model: BaseModel | None, base: Path) -> Any:
+    """``model`` with its relative certificate paths taken relative to ``base`` (None when unchanged)."""
+    if model is None:
+        return None
+    update = {}
+    for name in _TLS_PATH_FIELDS:
+        value = getattr(model, name, None)
+        if isinstance(value, Path) and not value.is_absolute():
+            update[name] = base / value
+    return model.model_copy(update=update) if update else None
+
+
+def _tls_paths_from(settings: Settings, base: Path) -> dict[str, Any]:
+    # Certificate paths in a config file mean "next to the file", like data_dir and rules_file.
+    updates: dict[str, Any] = {}
+    dicom_tls = _rebase(settings.dicom.tls, base)
+    if dicom_tls is not None:
+        updates["dicom"] = settings.dicom.model_copy(update={"tls": dicom_tls})
+    http_tls = _rebase(settings.http.tls, base)
+    if http_tls is not None:
+        updates["http"] = settings.http.model_copy(update={"tls": http_tls})
+    destinations = []
+    changed = False
+    for dest in settings.destinations:
+        tls = _rebase(dest.tls, base)
+        changed = changed or tls is not None
+        destinations.append(dest.model_copy(update={"tls": tls}) if tls is not None else dest)
+    if changed:
+        updates["destinations"] = destinations
+    return updates
 
 
 class _MappingEnvSource(EnvSettingsSource):

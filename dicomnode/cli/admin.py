@@ -119,6 +119,13 @@ def run_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _err(str(exc))
         return EXIT_CONFIG
+    from dicomnode.tls import check_settings
+
+    tls_problems = check_settings(settings)  # certificate files: readable, dates, key matches, CA bundles
+    for line in tls_problems:
+        _err(line)
+    if tls_problems:
+        return EXIT_CONFIG
     print(config_summary(settings, rules, path))
     return EXIT_OK
 
@@ -136,6 +143,12 @@ def _days(days: int) -> str:
     return f"{days} days" if days else "kept"
 
 
+def _tls_lines(settings: Settings) -> list[str]:
+    from dicomnode.tls import summary_lines
+
+    return summary_lines(settings)
+
+
 def config_summary(settings: Settings, rules: RuleSet, path: Path | None) -> str:
     """The "config OK" text of ``check-config``."""
     d = settings.dicom
@@ -144,9 +157,11 @@ def config_summary(settings: Settings, rules: RuleSet, path: Path | None) -> str
         f"config OK ({path if path else 'defaults'})",
         f"  data_dir      {settings.data_dir}",
         f"  database      {_redact_url(settings.database_url_resolved())}",
-        f"  dicom         AE {d.ae_title} on {d.host}:{d.port}; calling AEs: {allowed or 'any'}; "
+        f"  dicom         AE {d.ae_title} on {d.host}:{d.port or '(no plain port)'}; "
+        f"calling AEs: {allowed or 'any'}; "
         f"other storage classes: {d.accept_other_storage_classes}; max associations {d.max_associations}",
         f"  http          {settings.http.host}:{settings.http.port}",
+        *_tls_lines(settings),
         f"  completion    series quiet {settings.completion.series_quiet_seconds:g} s, study quiet "
         f"{settings.completion.study_quiet_seconds:g} s, max wait {settings.completion.max_wait_seconds:g} s",
     ]

@@ -175,6 +175,8 @@ class Node:
     def _start_http(self) -> None:
         import uvicorn
 
+        from dicomnode.tls import uvicorn_options
+
         cfg = uvicorn.Config(
             self.app,
             host=self.settings.http.host,
@@ -182,6 +184,7 @@ class Node:
             log_level="warning",
             access_log=False,
             lifespan="off",
+            **uvicorn_options(self.settings.http),  # HTTPS and trusted reverse proxies (dicomnode.tls)
         )
         self.server = uvicorn.Server(cfg)
         # In a thread: uvicorn then leaves the signal handlers to us (it would re-raise them after its own
@@ -279,7 +282,7 @@ def build_node(
         node.scp = StorageSCP.from_settings(settings.dicom, spool)
         routers.append(build_stow_router(spool))
         scp = node.scp
-        readiness.append(("dicom", lambda: None if scp._server is not None else "DICOM listener not started"))
+        readiness.append(("dicom", lambda: None if scp.is_listening else "DICOM listener not started"))
 
     if role in ("serve", "work"):
         from dicomnode.pipeline.executors import (
@@ -395,15 +398,9 @@ def run_node(args: argparse.Namespace) -> int:
             analysis_in_process=getattr(args, "analysis_in_process", False),
         )
         node.start()
-        print(
-            f"dicomnode {args.role}: HTTP http://{settings.http.host}:{settings.http.port}"
-            + (
-                f", DICOM {settings.dicom.ae_title}@{settings.dicom.host}:{settings.dicom.port}"
-                if node.scp
-                else ""
-            ),
-            flush=True,
-        )
+        from dicomnode.tls import listeners_line
+
+        print(f"dicomnode {args.role}: {listeners_line(settings, dicom=node.scp is not None)}", flush=True)
         while not stop.wait(1.0):
             if node.server_thread is not None and not node.server_thread.is_alive():
                 log.error("HTTP server stopped unexpectedly")

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dicomnode.delivery.dicomweb import DicomwebPeer, auth_fields, probe_dicomweb, send_stow
+from dicomnode.delivery.dicomweb import DicomwebPeer, auth_fields, probe_dicomweb, send_stow, tls_fields
 from dicomnode.delivery.dimse import DimsePeer, EchoResult, echo_dimse, send_dimse
 from dicomnode.delivery.result import (
     DeliveryResult,
@@ -33,6 +33,7 @@ from dicomnode.delivery.result import (
 from dicomnode.delivery.retry import RetryPolicy
 from dicomnode.domain import DeliveryOutcome
 from dicomnode.errors import ConfigError
+from dicomnode.tls import ClientTls
 
 if TYPE_CHECKING:
     from dicomnode.config import DicomwebDestination, DimseDestination
@@ -49,6 +50,7 @@ __all__ = [
     "StatusClass",
     "classify_dimse_status",
     "classify_http_status",
+    "client_tls",
     "deliver",
     "deliver_with_retry",
     "echo",
@@ -79,15 +81,32 @@ def to_peer(destination: Any, *, calling_ae_title: str = "DICOMNODE") -> DimsePe
             calling_ae_title=destination.calling_ae or calling_ae_title,
             timeout_s=destination.timeout_seconds,
             name=destination.name,
+            tls=client_tls(getattr(destination, "tls", None)),
         )
     if kind == "dicomweb":
-        return DicomwebPeer(
-            url=destination.url,
-            name=destination.name,
-            timeout_s=destination.timeout_seconds,
+        fields: dict[str, Any] = {
             **auth_fields(destination.auth),
+            **tls_fields(getattr(destination, "tls", None)),
+        }
+        return DicomwebPeer(
+            url=destination.url, name=destination.name, timeout_s=destination.timeout_seconds, **fields
         )
     raise ConfigError(f"destination: unknown kind {kind!r}")
+
+
+def client_tls(tls: Any) -> ClientTls | None:
+    """The :class:`~dicomnode.tls.ClientTls` of a config ``tls`` entry; None = plain DICOM."""
+    if tls is None:
+        return None
+    return ClientTls(
+        ca_bundle=tls.ca_bundle,
+        certificate=tls.certificate,
+        private_key=tls.private_key,
+        key_password=tls.key_password.get_secret_value() if tls.key_password is not None else None,
+        verify=tls.verify,
+        check_hostname=tls.check_hostname,
+        server_name=tls.server_name,
+    )
 
 
 def deliver(

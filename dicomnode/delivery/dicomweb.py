@@ -4,11 +4,16 @@ dicomweb-client's own HTTP retries are switched off: the delivery retry policy d
 again. HTTP 5xx / 408 / 429 and connection errors are transient, other 4xx permanent; a 200/202 response is
 read instance by instance (FailedSOPSequence FailureReason, ReferencedSOPSequence), and an instance the
 response does not confirm is not counted as delivered.
+
+HTTPS: the server certificate is always verified (requests: chain to ``ca_bundle`` or the system's CAs, host
+name, dates) unless ``verify`` is False; a certificate that is not accepted is a permanent failure whose
+message says why (an admin must fix trust, retrying does not), and a client certificate can be presented.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +36,7 @@ from dicomnode.delivery.result import (
     outcome_of,
 )
 from dicomnode.domain import DeliveryOutcome
+from dicomnode.tls import describe_ssl_error
 
 LOGGER = logging.getLogger(__name__)
 
@@ -45,10 +51,19 @@ class DicomwebPeer:
     username: str | None = None
     password: str | None = None
     token: str | None = None
+    #: PEM CA certificates the server certificate must chain to; None = the system's trusted CAs.
+    ca_bundle: Path | None = None
+    #: False: accept any server certificate (testing only).
+    verify: bool = True
+    #: Our client certificate and key (PEM files) for servers that require one.
+    client_cert: tuple[Path, Path] | None = None
 
 
 def _session(peer: DicomwebPeer) -> requests.Session:
     session = requests.Session()
+    session.verify = str(peer.ca_bundle) if (peer.verify and peer.ca_bundle is not None) else peer.verify
+    if peer.client_cert is not None:
+        session.cert = (str(peer.client_cert[0]), str(peer.client_cert[1]))
     if peer.username is not None:
         session.auth = (peer.username, peer.password or "")
     if peer.token is not None:
@@ -60,6 +75,24 @@ def _client(peer: DicomwebPeer) -> DICOMwebClient:
     client = DICOMwebClient(url=peer.url.rstrip("/"), session=_session(peer), timeout=peer.timeout_s)
     client.set_http_retry_params(retry=False)
     return client
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """The TLS reason buried in a requests/urllib3 SSLError chain, in one line."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLError):
+            return describe_ssl_error(e)
+        todo += [a for a in e.args if isinstance(a, BaseException)]
+        for nxt in (getattr(e, "reason", None), e.__cause__, e.__context__):
+            if isinstance(nxt, BaseException):
+                todo.append(nxt)
+    return str(exc).split("(Caused by")[-1].strip(" ()")[:200] or type(exc).__name__
 
 
 def _response_dataset(resp: requests.Response | None) -> Dataset | None:
@@ -122,6 +155,7 @@ def send_stow(peer: DicomwebPeer, files: Sequence[Path]) -> DeliveryResult:
     http_code: int | None = None
     response: Dataset | None = None
     transport_error: str | None = None
+    tls_failed = False
     if datasets:
         try:
             response = _client(peer).store_instances(datasets=datasets)
@@ -129,6 +163,12 @@ def send_stow(peer: DicomwebPeer, files: Sequence[Path]) -> DeliveryResult:
         except requests.HTTPError as exc:
             http_code = exc.response.status_code if exc.response is not None else 500
             response = _response_dataset(exc.response)
+        except requests.exceptions.SSLError as exc:
+            transport_error = f"TLS with {peer.url} failed: {_tls_reason(exc)}"
+            tls_failed = True
+        except OSError as exc:  # our client certificate / CA bundle file cannot be read
+            transport_error = f"TLS settings: {exc}"
+            tls_failed = True
         except (requests.ConnectionError, requests.Timeout) as exc:
             transport_error = f"cannot reach {peer.url}: {type(exc).__name__}"
         except Exception as exc:  # malformed response, unexpected media type
@@ -137,7 +177,9 @@ def send_stow(peer: DicomwebPeer, files: Sequence[Path]) -> DeliveryResult:
     ok, failed = _by_instance(response)
     for path, sop in sent:
         if transport_error is not None:
-            statuses.append(FileStatus(path, sop, None, DeliveryOutcome.RETRYING, transport_error))
+            # A certificate that is not accepted needs an admin, not a retry.
+            outcome = DeliveryOutcome.PERMANENT_FAILURE if tls_failed else DeliveryOutcome.RETRYING
+            statuses.append(FileStatus(path, sop, None, outcome, transport_error))
         elif sop in failed:
             code = failed[sop]
             cls = classify_dimse_status(code)
@@ -173,15 +215,29 @@ def probe_dicomweb(peer: DicomwebPeer) -> EchoResult:
         resp = _session(peer).get(
             url, params={"limit": "1"}, headers={"Accept": "application/dicom+json"}, timeout=peer.timeout_s
         )
-    except requests.RequestException as exc:
-        return EchoResult(
-            False, f"cannot reach {peer.url}: {type(exc).__name__}", time.monotonic() - start, True
-        )
+    except requests.exceptions.SSLError as exc:
+        return EchoResult(False, f"TLS with {peer.url} failed: {_tls_reason(exc)}", time.monotonic() - start)
+    except OSError as exc:  # includes requests' own errors; unreadable certificate files
+        if isinstance(exc, requests.RequestException):
+            return EchoResult(
+                False, f"cannot reach {peer.url}: {type(exc).__name__}", time.monotonic() - start, True
+            )
+        return EchoResult(False, f"TLS settings: {exc}", time.monotonic() - start)
     elapsed = time.monotonic() - start
     cls = classify_http_status(resp.status_code)
     if cls is StatusClass.SUCCESS:
         return EchoResult(True, f"DICOMweb ok (HTTP {resp.status_code})", elapsed)
     return EchoResult(False, f"DICOMweb probe HTTP {resp.status_code}", elapsed, cls is StatusClass.TRANSIENT)
+
+
+def tls_fields(tls: Any) -> dict[str, Any]:
+    """``DicomwebPeer`` keyword arguments from a config ``tls`` entry (None = defaults: verified)."""
+    if tls is None:
+        return {}
+    out: dict[str, Any] = {"ca_bundle": tls.ca_bundle, "verify": tls.verify}
+    if tls.certificate is not None and tls.private_key is not None:
+        out["client_cert"] = (tls.certificate, tls.private_key)
+    return out
 
 
 def auth_fields(auth: Any) -> dict[str, str | None]:

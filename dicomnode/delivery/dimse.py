@@ -4,6 +4,11 @@ Every result is checked (habit 2): association established, rejected (permanent 
 response status dataset present; status range. Files are sent as stored: compressed files are proposed in
 their own transfer syntax (pynetdicom cannot transcode them), uncompressed ones in explicit and implicit
 little endian.
+
+DICOM TLS (``DimsePeer.tls``): the association is requested over TLS 1.2+ with the BCP 195 suites
+(:func:`dicomnode.tls.client_context`); the peer certificate is verified first, and a refused handshake
+(untrusted, expired or wrongly named certificate; our client certificate refused) is a permanent failure whose
+message says why, a handshake timeout a transient one.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dicomnode.delivery.result import (
 )
 from dicomnode.domain import DeliveryOutcome
 from dicomnode.netutil import enable_tcp_nodelay
+from dicomnode.tls import ClientTls, DicomTlsContext, TlsError, client_context
 
 LOGGER = logging.getLogger(__name__)
 
@@ -71,6 +77,12 @@ class DimsePeer:
     calling_ae_title: str = "DICOMNODE"
     timeout_s: float = 30.0
     name: str = ""
+    #: DICOM TLS settings; None = plain DICOM.
+    tls: ClientTls | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls is not None else "")
 
 
 def _make_ae(peer: DimsePeer) -> AE:
@@ -83,18 +95,43 @@ def _make_ae(peer: DimsePeer) -> AE:
     return ae
 
 
-def _associate(ae: AE, peer: DimsePeer) -> tuple[Association, threading.Event]:
-    """Request an association; the event records whether the TCP connection itself was made."""
-    connected = threading.Event()
-    handlers: list[Any] = [(evt.EVT_CONN_OPEN, lambda event: connected.set())]
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=handlers)
-    return assoc, connected
+@dataclass
+class _Attempt:
+    """What happened below the association: TCP connection made, the TLS context (and its refusal)."""
+
+    connected: threading.Event
+    tls: DicomTlsContext | None = None
+
+    def is_set(self) -> bool:
+        return self.connected.is_set()
 
 
-def _not_established(assoc: Association, peer: DimsePeer, connected: bool) -> tuple[DeliveryOutcome, str]:
+def _associate(ae: AE, peer: DimsePeer) -> tuple[Association, _Attempt]:
+    """Request an association (over TLS when the peer says so).
+
+    Raises
+    ------
+    TlsError
+        Our TLS files (CA bundle, client certificate) cannot be used.
+    """
+    attempt = _Attempt(threading.Event())
+    handlers: list[Any] = [(evt.EVT_CONN_OPEN, lambda event: attempt.connected.set())]
+    kwargs: dict[str, Any] = {}
+    if peer.tls is not None:
+        attempt.tls = client_context(peer.tls)
+        kwargs["tls_args"] = (attempt.tls, peer.tls.server_name or peer.host)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=handlers, **kwargs)
+    return assoc, attempt
+
+
+def _not_established(assoc: Association, peer: DimsePeer, attempt: _Attempt) -> tuple[DeliveryOutcome, str]:
     """Why an association was not established, and whether that is permanent."""
-    where = f"{peer.ae_title}@{peer.host}:{peer.port}"
-    if not connected:
+    where = peer.where
+    tls = attempt.tls
+    if tls is not None and tls.last_error:
+        outcome = DeliveryOutcome.PERMANENT_FAILURE if tls.last_error_permanent else DeliveryOutcome.RETRYING
+        return outcome, f"TLS handshake with {where} failed: {tls.last_error}"
+    if not attempt.is_set():
         return DeliveryOutcome.RETRYING, f"cannot connect to {where} (refused or timed out)"
     if assoc.is_rejected:
         prim = assoc.acceptor.primitive
@@ -130,9 +167,12 @@ def echo_dimse(peer: DimsePeer) -> EchoResult:
     try:
         ae = _make_ae(peer)
         ae.add_requested_context(VERIFICATION)
-        assoc, connected = _associate(ae, peer)
+        try:
+            assoc, attempt = _associate(ae, peer)
+        except TlsError as exc:
+            return EchoResult(False, f"TLS settings: {exc}", time.monotonic() - start, False)
         if not assoc.is_established:
-            outcome, msg = _not_established(assoc, peer, connected.is_set())
+            outcome, msg = _not_established(assoc, peer, attempt)
             return EchoResult(False, msg, time.monotonic() - start, outcome is DeliveryOutcome.RETRYING)
         try:
             status = assoc.send_c_echo()
@@ -144,9 +184,7 @@ def echo_dimse(peer: DimsePeer) -> EchoResult:
         code = int(status.Status)
         if code != 0:
             return EchoResult(False, f"C-ECHO status 0x{code:04X}", time.monotonic() - start, False)
-        return EchoResult(
-            True, f"C-ECHO ok ({peer.ae_title}@{peer.host}:{peer.port})", time.monotonic() - start
-        )
+        return EchoResult(True, f"C-ECHO ok ({peer.where})", time.monotonic() - start)
     except Exception as exc:
         return EchoResult(
             False, f"C-ECHO failed: {type(exc).__name__}: {exc}", time.monotonic() - start, True
@@ -229,12 +267,16 @@ def _send_batch(
         ae = _make_ae(peer)
         for sop_class, tss in contexts:
             ae.add_requested_context(sop_class, tss)
-        assoc, connected = _associate(ae, peer)
+        assoc, attempt = _associate(ae, peer)
+    except TlsError as exc:
+        # Our own CA bundle or client certificate is unusable: no retry fixes that, an admin must.
+        msg = f"TLS settings: {exc}"
+        return [FileStatus(p, sop, None, DeliveryOutcome.PERMANENT_FAILURE, msg) for p, _, _, sop in batch]
     except Exception as exc:
         msg = f"association failed: {type(exc).__name__}: {exc}"
         return [FileStatus(p, sop, None, DeliveryOutcome.RETRYING, msg) for p, _, _, sop in batch]
     if not assoc.is_established:
-        outcome, msg = _not_established(assoc, peer, connected.is_set())
+        outcome, msg = _not_established(assoc, peer, attempt)
         return [FileStatus(p, sop, None, outcome, msg) for p, _, _, sop in batch]
     try:
         for path, sop_class, _ts, sop in batch:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -152,6 +153,12 @@ class StorageSCP:
         How long pynetdicom's network reactor sleeps between polls of an idle socket (its default is 1 ms),
         where it still polls: only when ``event_driven`` is off or not available for the installed
         pynetdicom. None keeps pynetdicom's default.
+    tls_port
+        Port of the DICOM TLS listener (0 = a free port, see :attr:`tls_port`); used with ``ssl_context``.
+        ``port`` None with a TLS listener = TLS only.
+    ssl_context
+        The TLS listener's context (:func:`dicomnode.tls.server_context`: our certificate, BCP 195 suites,
+        client-certificate checks); None = no TLS listener. Both listeners share the AE and its policies.
     event_driven
         Replace pynetdicom's 1 ms polling sleeps by event-driven waits at :meth:`start`
         (:func:`dicomnode.netutil.enable_event_driven_reactors`; process-wide, pynetdicom 3.0.x only). Each
@@ -164,7 +171,7 @@ class StorageSCP:
         *,
         ae_title: str = "DICOMNODE",
         host: str = "127.0.0.1",
-        port: int = 11112,
+        port: int | None = 11112,
         allowed_callers: Iterable[AllowedCaller] = (),
         max_associations: int = 10,
         max_pdu: int = 0,
@@ -173,7 +180,11 @@ class StorageSCP:
         dimse_timeout: float = 60.0,
         poll_interval_s: float | None = None,
         event_driven: bool = True,
+        tls_port: int | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        if port is None and ssl_context is None:
+            raise ValueError("StorageSCP needs a plain port or a TLS listener (ssl_context)")
         self.spool = spool
         self.ae_title = ae_title
         self.host = host
@@ -187,12 +198,21 @@ class StorageSCP:
         self.poll_interval_s = poll_interval_s
         self.event_driven = event_driven
         self._server: ThreadedAssociationServer | None = None
+        self._tls_port = tls_port
+        self.ssl_context = ssl_context
+        self._tls_server: ThreadedAssociationServer | None = None
         self._stopped = threading.Event()
         self.ae: AE | None = None
 
     @classmethod
     def from_settings(cls, dicom: DicomSettings, spool: Spool, **kwargs: Any) -> StorageSCP:
-        """Build the SCP from the ``dicom`` section of the settings (extra keyword arguments override)."""
+        """Build the SCP from the ``dicom`` section of the settings (extra keyword arguments override).
+
+        Raises
+        ------
+        dicomnode.tls.TlsError
+            ``dicom.tls`` names a certificate, key or CA bundle that cannot be used (one line naming it).
+        """
         params: dict[str, Any] = {
             "ae_title": dicom.ae_title,
             "host": dicom.host,
@@ -200,6 +220,19 @@ class StorageSCP:
             "allowed_callers": [AllowedCaller(a.ae_title, a.address) for a in dicom.allowed_calling_aets],
             "max_associations": dicom.max_associations,
         }
+        if dicom.tls is not None:
+            from dicomnode.tls import server_context
+
+            tls = dicom.tls
+            params["tls_port"] = tls.port
+            params["ssl_context"] = server_context(
+                tls.certificate,
+                tls.private_key,
+                key_password=tls.key_password.get_secret_value() if tls.key_password else None,
+                ca_bundle=tls.ca_bundle,
+                require_client_certificate=tls.require_client_certificate,
+                handshake_timeout_s=tls.handshake_timeout_seconds,
+            )
         params.update(kwargs)
         return cls(spool, **params)
 
@@ -226,7 +259,7 @@ class StorageSCP:
 
     def start(self) -> None:
         """Start listening in background threads (TCP_NODELAY and event-driven reactors enabled first)."""
-        if self._server is not None:
+        if self.is_listening:
             return
         enable_tcp_nodelay()
         if self.event_driven:
@@ -239,8 +272,22 @@ class StorageSCP:
         ]
         if self.poll_interval_s is not None:
             handlers.append((evt.EVT_CONN_OPEN, self._on_conn_open))
-        self._server = self.ae.start_server((self.host, self._port), block=False, evt_handlers=handlers)
-        LOGGER.info("DICOM SCP %s listening on %s:%d", self.ae_title, self.host, self.port)
+        if self._port is not None:
+            self._server = self.ae.start_server((self.host, self._port), block=False, evt_handlers=handlers)
+            LOGGER.info("DICOM SCP %s listening on %s:%d", self.ae_title, self.host, self.port)
+        if self.ssl_context is not None:
+            try:
+                self._tls_server = self.ae.start_server(
+                    (self.host, self._tls_port or 0),
+                    block=False,
+                    evt_handlers=handlers,
+                    ssl_context=self.ssl_context,
+                )
+            except BaseException:
+                self.stop()
+                raise
+            assert self.tls_port is not None
+            LOGGER.info("DICOM SCP %s listening with TLS on %s:%d", self.ae_title, self.host, self.tls_port)
 
     def serve_forever(self) -> None:
         """Start and block until :meth:`stop` is called from another thread (or KeyboardInterrupt)."""
@@ -253,17 +300,30 @@ class StorageSCP:
 
     def stop(self) -> None:
         """Stop accepting, abort associations in progress and release the port."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                server.shutdown()
+        self._server = self._tls_server = None
         self._stopped.set()
 
     @property
-    def port(self) -> int:
-        """The bound port (useful when constructed with port 0)."""
+    def port(self) -> int | None:
+        """The bound plain port (useful when constructed with port 0); None = no plain listener."""
         if self._server is not None:
             return int(self._server.server_address[1])
         return self._port
+
+    @property
+    def tls_port(self) -> int | None:
+        """The bound TLS port (useful when constructed with tls_port 0); None = no TLS listener."""
+        if self._tls_server is not None:
+            return int(self._tls_server.server_address[1])
+        return self._tls_port if self.ssl_context is not None else None
+
+    @property
+    def is_listening(self) -> bool:
+        """Whether :meth:`start` has opened the listeners (and :meth:`stop` has not closed them)."""
+        return self._server is not None or self._tls_server is not None
 
     def __enter__(self) -> StorageSCP:
         self.start()

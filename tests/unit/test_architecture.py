@@ -22,18 +22,30 @@ ALLOWED: dict[str, set[str]] = {
     "config": set(),
     "domain": set(),
     # ingest may use imaging.headers only (pydicom), checked below
-    "ingest": {"config", "domain", "store", "imaging", "netutil"},
+    "ingest": {"config", "domain", "store", "imaging", "netutil", "tls"},
     "store": {"config", "domain"},
     "routing": {"domain"},
     "imaging": {"domain"},
     "bmd": {"domain", "imaging", "ml"},
     "ml": {"domain", "imaging", "bmd", "phantom", "config"},
     "report": {"domain", "imaging"},
-    "delivery": {"config", "domain", "netutil"},
+    "delivery": {"config", "domain", "netutil", "tls"},
     "phantom": {"domain", "imaging"},
     "netutil": set(),
-}
-COMMON = {"errors", "__init__", ""}
+    "tls": {"config"},  # SSL contexts from settings (stdlib ssl only; typing import of config)
+    "vocab": {"domain"},
+    "pipeline": {
+        "config", "domain", "store", "routing", "imaging", "bmd", "ml", "report", "delivery", "ingest",
+        "phantom", "netutil",
+    },
+    "web": {"config", "domain", "store", "routing", "pipeline", "delivery", "ingest", "netutil", "tls"},
+    "cli": {
+        "config", "domain", "store", "routing", "imaging", "bmd", "ml", "report", "delivery", "ingest",
+        "phantom", "netutil", "pipeline", "web", "tls",
+    },
+}  # fmt: skip
+#: Every module may use these: the error hierarchy, the package root and the one vocabulary.
+COMMON = {"errors", "__init__", "", "vocab"}
 
 
 def _top_module(path: Path) -> str:

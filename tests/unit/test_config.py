@@ -239,3 +239,132 @@ def test_stow_allow_addresses_and_worker_leases(tmp_path: Path) -> None:
     f.write_text("workers: {stale_job_seconds: -5}\n")
     with pytest.raises(ConfigError, match=r"workers\.stale_job_seconds"):
         load_settings(f, environ={})
+
+
+# -- TLS settings (issue 13) -----------------------------------------------------------------------------
+
+
+def test_tls_sections_and_relative_certificate_paths(tmp_path: Path) -> None:
+    cfg = tmp_path / "conf" / "node.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text(
+        "dicom:\n"
+        "  port: null\n"
+        "  tls: {port: 2762, certificate: certs/node.pem, private_key: certs/node.key,\n"
+        "        ca_bundle: /etc/pki/ca.pem, require_client_certificate: true}\n"
+        "http:\n"
+        "  tls: {certificate: certs/web.pem, private_key: certs/web.key}\n"
+        "  hsts_seconds: 600\n"
+        "  forwarded_allow_ips: [10.0.0.9]\n"
+        "destinations:\n"
+        "  - {kind: dimse, name: pacs, ae_title: PACS, host: pacs.example.org, port: 2762,\n"
+        "     tls: {ca_bundle: certs/ca.pem, certificate: certs/client.pem, private_key: certs/client.key}}\n"
+        "  - {kind: dicomweb, name: web, url: 'https://pacs.example.org/dicom-web',\n"
+        "     tls: {ca_bundle: ca.pem}}\n"
+        "  - {kind: dimse, name: plain, ae_title: OLD, host: 127.0.0.1, port: 104}\n"
+    )
+    s = load_settings(cfg, environ={})
+    base = cfg.parent
+    assert s.dicom.port is None and s.dicom.tls is not None
+    assert (s.dicom.tls.port, s.dicom.tls.certificate, s.dicom.tls.private_key) == (
+        2762,
+        base / "certs/node.pem",
+        base / "certs/node.key",
+    )
+    assert s.dicom.tls.ca_bundle == Path("/etc/pki/ca.pem") and s.dicom.tls.require_client_certificate
+    assert s.dicom.tls.handshake_timeout_seconds == 10.0
+    assert s.http.tls is not None and s.http.tls.certificate == base / "certs/web.pem"
+    assert (s.http.hsts_seconds, s.http.forwarded_allow_ips) == (600, ["10.0.0.9"])
+    pacs, web, plain = s.destinations
+    assert pacs.tls is not None and pacs.tls.verify and pacs.tls.check_hostname
+    assert (pacs.tls.ca_bundle, pacs.tls.certificate) == (base / "certs/ca.pem", base / "certs/client.pem")
+    assert web.tls is not None and web.tls.ca_bundle == base / "ca.pem"
+    assert plain.tls is None
+    # Defaults: plain DICOM only, no HTTPS, HSTS a year when HTTPS is on, loopback proxy trusted.
+    d = load_settings(None, environ={})
+    assert (d.dicom.port, d.dicom.tls, d.http.tls) == (11112, None, None)
+    assert (d.http.hsts_seconds, d.http.forwarded_allow_ips) == (31_536_000, ["127.0.0.1"])
+
+
+def test_tls_settings_from_the_environment() -> None:
+    s = load_settings(
+        None,
+        environ={
+            "DICOMNODE_DICOM__TLS__PORT": "2762",
+            "DICOMNODE_DICOM__TLS__CERTIFICATE": "/etc/dicomnode/node.pem",
+            "DICOMNODE_DICOM__TLS__PRIVATE_KEY": "/etc/dicomnode/node.key",
+            "DICOMNODE_DICOM__TLS__KEY_PASSWORD": "pw",
+        },
+    )
+    assert s.dicom.tls is not None and s.dicom.port == 11112  # both listeners side by side
+    assert s.dicom.tls.key_password is not None and s.dicom.tls.key_password.get_secret_value() == "pw"
+    assert "pw" not in repr(s.dicom.tls)
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "words"),
+    [
+        ({"dicom": {"port": None}}, "dicom", "no DICOM listener"),
+        (
+            {"dicom": {"port": 2762, "tls": {"port": 2762, "certificate": "a", "private_key": "b"}}},
+            "dicom",
+            "must differ",
+        ),
+        (
+            {
+                "dicom": {
+                    "tls": {
+                        "port": 2762,
+                        "certificate": "a",
+                        "private_key": "b",
+                        "require_client_certificate": True,
+                    }
+                }
+            },
+            "dicom.tls",
+            "needs a ca_bundle",
+        ),
+        ({"dicom": {"tls": {"port": 2762, "certificate": "a"}}}, "dicom.tls.private_key", "Field required"),
+        (
+            {"http": {"tls": {"certificate": "a", "private_key": "b", "ciphers": "x"}}},
+            "http.tls.ciphers",
+            "unknown",
+        ),
+        (
+            {
+                "destinations": [
+                    {"kind": "dicomweb", "name": "w", "url": "http://x/dw", "tls": {"ca_bundle": "c"}}
+                ]
+            },
+            "destinations[0]",
+            "https:// url",
+        ),
+        (
+            {
+                "destinations": [
+                    {
+                        "kind": "dimse",
+                        "name": "p",
+                        "ae_title": "P",
+                        "host": "h",
+                        "port": 1,
+                        "tls": {"certificate": "c"},
+                    }
+                ]
+            },
+            "destinations[0].tls",
+            "go together",
+        ),
+    ],
+)
+def test_bad_tls_settings_name_the_field(
+    tmp_path: Path, data: dict[str, object], field: str, words: str
+) -> None:
+    import yaml
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg, environ={})
+    msg = str(err.value)
+    assert msg.startswith(f"config: {field}") and words in msg and "\n" not in msg, msg
