@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from dicomnode.domain import Calibration, ContrastPhase
+from dicomnode.vocab import contrast_agent_given, is_sharp_kernel
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +84,6 @@ METHOD_SOURCE = (
     "least squares to reference HU -1000 / -100 / 50 / 40 (Engelke et al., Curr Osteoporos Rep 2023, "
     "PMC9925590; Comp2Comp air/fat normalisation); reference relation HU = 20 + 1.2 x vBMD (mg/cm3 CHA), "
     "anchored on Pickhardt 2013 L1 cut-offs against the ACR QCT categories (not phantom-validated)"
-)
-
-#: Sharp / bone / lung kernels by vendor naming: GE BONE, BONEPLUS, LUNG, EDGE, DETAIL; Siemens B/Br/I/Ir
-#: with a sharpness number >= 60 (B60f, Br64, I70f); Philips C/D/E/L/Y-sharp (YC, YD); Canon/Toshiba FC30+
-#: bone and FC5x lung kernels; generic SHARP.
-_SHARP_KERNEL = re.compile(
-    r"BONE|LUNG|EDGE|DETAIL|SHARP|^(?:B|BR|I|IR|BV|HR)[6-9]\d|^Y[C-F]$|^[DEL]$|^FC(?:3\d|5\d|8\d)",
-    re.IGNORECASE,
 )
 
 
@@ -213,7 +206,7 @@ def acquisition_flags(header: Mapping[str, Any]) -> tuple[float | None, str | No
         flags.append("kVp unknown")
     elif not 100.0 <= kvp <= 140.0:
         flags.append(f"kVp {kvp:g} outside 100-140 kV: HU thresholds and calibration unreliable")
-    if kernel is not None and _SHARP_KERNEL.search(kernel):
+    if kernel is not None and is_sharp_kernel(kernel):
         flags.append(f"sharp/bone reconstruction kernel {kernel!r}: trabecular HU may be biased")
     image_type = _text(header, "ImageType").upper()
     desc = (_text(header, "SeriesDescription") + " " + image_type).upper()
@@ -236,7 +229,7 @@ def contrast_from_header(header: Mapping[str, Any]) -> tuple[bool | None, float 
     route = _text(header, "ContrastBolusRoute").upper()
     given: bool | None = None
     if agent:
-        given = agent.strip().upper() not in ("NONE", "NO", "N", "0", "-", "NIL", "WITHOUT")
+        given = contrast_agent_given(agent)
         if route and ("ORAL" in route and "IV" not in route and "INTRAVENOUS" not in route):
             given = False  # oral contrast does not enhance bone or blood
     delay = None

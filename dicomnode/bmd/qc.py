@@ -37,7 +37,6 @@ from dicomnode.bmd.roi import METAL_MIN_MM3, RoiStats
 from dicomnode.bmd.segmentation import SpineSegmentation
 from dicomnode.domain import (
     REPORTED_LEVELS,
-    BoneCategory,
     Calibration,
     ContrastPhase,
     PatientInfo,
@@ -46,9 +45,8 @@ from dicomnode.domain import (
     VertebraResult,
 )
 from dicomnode.imaging.volume import Volume
+from dicomnode.vocab import acr_category as category  # the ACR QCT category, defined once
 
-ACR_NORMAL = 120.0
-ACR_OSTEOPOROSIS = 80.0
 FRACTURE_RATIO = 0.8
 #: Exclusion from the average from Genant grade 2 (>= 25 % height loss); grade 1 (20-25 %) is reported only,
 #: because physiological wedging at T12-L1 and L5 produces the same ratios (poor grade-1 specificity).
@@ -95,15 +93,6 @@ def ratio_se(
         return r * float(np.hypot(q / h_lo, q / h_hi))
     fit = r * float(np.hypot(float(se[i_min]) / h_lo, float(se[i_max]) / h_hi))
     return float(np.hypot(fit, q * (1.0 - r) / h_hi))
-
-
-def category(vbmd: float) -> BoneCategory:
-    """ACR QCT category of a mean trabecular vBMD (mg/cm3)."""
-    if vbmd > ACR_NORMAL:
-        return BoneCategory.NORMAL
-    if vbmd >= ACR_OSTEOPOROSIS:
-        return BoneCategory.OSTEOPENIA
-    return BoneCategory.OSTEOPOROSIS
 
 
 def l1_hu_flags(hu: float) -> tuple[str, ...]:

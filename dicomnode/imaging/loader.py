@@ -74,6 +74,7 @@ from dicomnode.imaging.series import (
     transfer_syntax_name,
 )
 from dicomnode.imaging.volume import Volume
+from dicomnode.vocab import CT_IMAGE_STORAGE_SOP_CLASSES, MULTIFRAME_CT_SOP_CLASSES
 
 __all__ = [
     "AIR_HU",
@@ -94,11 +95,6 @@ AIR_HU = -1024.0
 #: Below this (HU) a value is a fill marker, not an attenuation (air is about -1000 HU).
 FILL_BELOW_HU = -2048.0
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-LEGACY_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
-_CT_SOP_CLASSES = {CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, LEGACY_ENHANCED_CT_IMAGE_STORAGE}
-_MULTIFRAME_SOP_CLASSES = {ENHANCED_CT_IMAGE_STORAGE, LEGACY_ENHANCED_CT_IMAGE_STORAGE}
 
 #: Tolerances (mm / cosine units). Orientation cosines agree to ~0.06 deg; positions closer than
 #: ``_DUP_MM`` along the normal are the same slice.
@@ -236,7 +232,7 @@ def _not_qualifying_reason(info: InstanceInfo) -> str | None:
         return f"{name}: no Modality in the header; not a CT image"
     if info.modality.upper() != "CT":
         return f"{name}: modality {info.modality} is not CT"
-    if info.sop_class_uid and info.sop_class_uid not in _CT_SOP_CLASSES:
+    if info.sop_class_uid and info.sop_class_uid not in CT_IMAGE_STORAGE_SOP_CLASSES:
         from pydicom.uid import UID
 
         return f"{name}: SOP class {UID(info.sop_class_uid).name} is not a CT image"
@@ -657,7 +653,7 @@ def load_series(series: SeriesFiles, resample_tilt: bool = False) -> Volume:
     what = f"series {series.series_instance_uid}"
     instances, localizers = _qualify(series)
     multiframe = [
-        i for i in instances if i.number_of_frames > 1 or i.sop_class_uid in _MULTIFRAME_SOP_CLASSES
+        i for i in instances if i.number_of_frames > 1 or i.sop_class_uid in MULTIFRAME_CT_SOP_CLASSES
     ]
     if multiframe:
         if len(instances) > 1:

@@ -57,16 +57,12 @@ from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
-from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
-    CTImageStorage,
-    EnhancedCTImageStorage,
-    LegacyConvertedEnhancedCTImageStorage,
-)
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
 from dicomnode.ingest import metrics
 from dicomnode.ingest.dicomparse import DatasetError, encode_file_meta, get_uid, is_valid_uid, parse_header
 from dicomnode.ingest.sink import InstanceSink, ReceivedInstance
+from dicomnode.vocab import CT_IMAGE_STORAGE_SOP_CLASSES
 
 LOGGER = logging.getLogger(__name__)
 
@@ -82,9 +78,7 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 PROCESSING_FAILURE = 0x0110
 
 #: The SOP classes the node analyses; everything else follows :class:`OtherClassPolicy`.
-ANALYSED_SOP_CLASSES: frozenset[str] = frozenset(
-    {str(CTImageStorage), str(EnhancedCTImageStorage), str(LegacyConvertedEnhancedCTImageStorage)}
-)
+ANALYSED_SOP_CLASSES: frozenset[str] = CT_IMAGE_STORAGE_SOP_CLASSES
 
 #: Implementation identity written in the file meta of instances received over DIMSE.
 IMPLEMENTATION_VERSION_NAME = "DICOMNODE_01"

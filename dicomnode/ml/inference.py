@@ -31,8 +31,8 @@ from dicomnode.errors import AnalysisError, BundleError
 from dicomnode.imaging.volume import Volume
 from dicomnode.ml.bundle import LoadedBundle, check_input_spec
 from dicomnode.ml.datasets import LEVEL_CLASSES, SEG_SACRUM, SEG_VERTEBRA
-from dicomnode.ml.metrics import acr_category
 from dicomnode.ml.preprocess import Prepared, crop, pad_to_multiple, prepare, resample_back
+from dicomnode.vocab import acr_category
 
 log = logging.getLogger(__name__)
 

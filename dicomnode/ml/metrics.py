@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dicomnode.domain import BoneCategory
+from dicomnode.vocab import acr_category
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -48,26 +49,6 @@ METRIC_NAMES: tuple[str, ...] = (
     "bland_altman_loa_low",
     "bland_altman_loa_high",
 )
-
-
-def acr_category(vbmd_mg_cm3: float) -> BoneCategory:
-    """ACR QCT category of a trabecular vBMD: > 120 normal, 80-120 osteopenia, < 80 osteoporosis.
-
-    Parameters
-    ----------
-    vbmd_mg_cm3 : float
-        Volumetric BMD in mg/cm3.
-
-    Returns
-    -------
-    BoneCategory
-        The category (80 and 120 themselves are osteopenia).
-    """
-    if vbmd_mg_cm3 > 120.0:
-        return BoneCategory.NORMAL
-    if vbmd_mg_cm3 < 80.0:
-        return BoneCategory.OSTEOPOROSIS
-    return BoneCategory.OSTEOPENIA
 
 
 def _nan_div(num: float, den: float) -> float:

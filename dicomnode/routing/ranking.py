@@ -9,7 +9,7 @@ Criteria, most important first (a later one only breaks ties of the earlier ones
    includes the lumbar spine); a series too short to hold T12-L2 cannot be measured well;
 3. native phase: no ContrastBolusAgent (iodine raises trabecular HU; clinical.md 1.4);
 4. soft-tissue / standard kernel rather than a sharp (bone, lung, edge) kernel, which shifts HU in bone
-   (clinical.md section 5); see :data:`SHARP_KERNEL_PATTERNS`;
+   (clinical.md section 5); see :data:`dicomnode.vocab.SHARP_KERNEL_PATTERNS`;
 5. thinnest slices (less partial volume with end-plates);
 6. more images, then the lower SeriesNumber, then the Series Instance UID (deterministic).
 """
@@ -17,34 +17,26 @@ Criteria, most important first (a later one only breaks ties of the earlier ones
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from dicomnode.domain import SeriesSummary
+from dicomnode.vocab import SHARP_KERNEL_PATTERNS, contrast_agent_given, is_sharp_kernel
 
-#: Kernel names (case-insensitive regex, searched in each value of ConvolutionKernel) meaning a sharp,
-#: bone, lung or edge-enhancing reconstruction. A heuristic across vendors:
-#: GE (BONE, BONEPLUS, LUNG, EDGE, DETAIL; STANDARD/SOFT are soft), Siemens classic B/H/U kernels 50-99
-#: (B60f, H70h, U90u) and ADMIRE/SAFIRE-era Br/Bv/Bl/Hr/Qr/Sa/Ur 50-99 (Br64, Bl57; Br36-Br44 are soft),
-#: Canon/Toshiba FC30-FC39 (bone), FC50-FC59 (lung), FC80-FC89; Philips D, E, L, YC-YF (sharp; A, B, C soft;
-#: the Philips Y-series mapping is the least certain).
-SHARP_KERNEL_PATTERNS: tuple[str, ...] = (
-    r"BONE",
-    r"SHARP",
-    r"LUNG",
-    r"EDGE",
-    r"DETAIL",
-    r"ULTRA",
-    r"HIGH ?RES",
-    r"^[BHUS][5-9]\d",
-    r"^(?:BR|BV|BL|HR|QR|SA|UR|HC|HP)[5-9]\d",
-    r"^BL\d",
-    r"^FC(?:3\d|5\d|8\d)",
-    r"^[DEL]$",
-    r"^Y[C-F]$",
-)
+__all__ = [
+    "SHARP_KERNEL_PATTERNS",
+    "RankFeatures",
+    "features",
+    "image_count",
+    "image_type_level",
+    "is_native",
+    "is_sharp_kernel",
+    "rank",
+    "slice_mm",
+    "values_of",
+    "why_better",
+]
 
 #: BodyPartExamined values (upper case, spaces removed) whose field of view normally includes L1-L2.
 LUMBAR_BODY_PARTS: frozenset[str] = frozenset(
@@ -68,9 +60,6 @@ LUMBAR_BODY_PARTS: frozenset[str] = frozenset(
     }
 )
 
-#: ContrastBolusAgent values that mean "no contrast was given".
-NO_CONTRAST_VALUES: frozenset[str] = frozenset({"", "NONE", "NO", "N/A", "NA", "NIL", "WITHOUT", "0"})
-
 
 def values_of(value: Any) -> tuple[Any, ...]:
     """An attribute value as a tuple (multi-valued elements as is, single values wrapped, None empty)."""
@@ -87,16 +76,9 @@ def _upper_values(value: Any) -> list[str]:
     return [str(v).strip().upper() for v in values_of(value)]
 
 
-def is_sharp_kernel(kernel: Any, extra_patterns: Iterable[str] = ()) -> bool:
-    """True when any value of ConvolutionKernel matches a sharp/bone/lung pattern."""
-    pats = [*SHARP_KERNEL_PATTERNS, *extra_patterns]
-    return any(re.search(p, v, re.IGNORECASE) for v in _upper_values(kernel) if v for p in pats)
-
-
 def is_native(contrast_agent: Any) -> bool:
-    """True when ContrastBolusAgent is absent or says no contrast."""
-    vals = _upper_values(contrast_agent)
-    return all(v in NO_CONTRAST_VALUES for v in vals)
+    """True when ContrastBolusAgent is absent or says no contrast (``vocab.contrast_agent_given``)."""
+    return contrast_agent_given(contrast_agent) is not True
 
 
 def _float(value: Any) -> float | None:

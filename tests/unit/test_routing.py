@@ -328,24 +328,10 @@ def test_exactly_one_selected_per_study_and_select_all() -> None:
     assert all(x.selected for x in select(candidates, every))
 
 
-@pytest.mark.parametrize(
-    "kernel", ["BONE", "BONEPLUS", "LUNG", "B70f", "Br64", "Bl57", "FC30", "FC52", "D", "YC"]
-)
-def test_sharp_kernels(kernel: str) -> None:
-    assert is_sharp_kernel(kernel)
-
-
-@pytest.mark.parametrize(
-    "kernel", ["STANDARD", "SOFT", "B30f", "B41s", "Br38f", "Br40", "FC08", "B", "C", "I31f"]
-)
-def test_soft_kernels(kernel: str) -> None:
-    assert not is_sharp_kernel(kernel)
-    assert not is_sharp_kernel((kernel, "3"))  # Siemens writes a second value
-
-
-def test_contrast_agent_values() -> None:
-    assert is_native(None) and is_native("") and is_native("NONE") and is_native("no")
-    assert not is_native("APPLIED") and not is_native("ISOVUE300/100")
+def test_ranking_uses_the_vocabulary_kernel_and_contrast_tests() -> None:
+    """The facts themselves are tested once, in test_vocab.py; here only that ranking uses them."""
+    assert is_sharp_kernel("B70f") and not is_sharp_kernel(("Br38f", "3"))
+    assert is_native(None) and is_native("NONE") and not is_native("ISOVUE300/100")
 
 
 # -- explanation --------------------------------------------------------------------------------------
