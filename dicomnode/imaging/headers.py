@@ -10,6 +10,10 @@ Public API
     One ``SeriesSummary`` for the instances of one series (headers read with ``stop_before_pixels``).
 ``z_extent_mm(datasets) -> float | None``
     Extent of the series along its slice normal, from Image Position / Orientation (Patient).
+``element_is_valid(elem) -> bool``
+    Whether a string-VR element's value is valid DICOM (dates, times, ages, code strings, names, numbers).
+    The header reading treats an invalid date, time or age as missing; ``dicomnode.report`` writes no
+    invalid value (tolerant decode, strict encode).
 ``patient_age_years(ds) -> float | None``
     Age from PatientAge (``058Y``), else from PatientBirthDate and the study date. The birth date itself
     never leaves this module.
@@ -21,13 +25,17 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import re
 from collections.abc import Iterable, Sequence
+from decimal import Decimal
 from typing import Any
 
+from pydicom import config
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.valuerep import DA, IS, DSdecimal, DSfloat, PersonName
+from pydicom.valuerep import DA, IS, DSdecimal, DSfloat, PersonName, validate_value
 
 from dicomnode.domain import SeriesSummary
 
@@ -125,6 +133,87 @@ def plain_value(value: Any) -> Any:
     return str(value) or None
 
 
+#: VRs whose values we check (the string VRs that carry dates, codes, names, numbers and identifiers).
+_CHECKED_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UI"})
+
+_AS = re.compile(r"^\d{3}[DWMY]$")
+
+
+def _date_ok(text: str) -> bool:
+    if not re.fullmatch(r"\d{8}", text):
+        return False
+    try:
+        _dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return False
+    return True
+
+
+def _time_ok(text: str) -> bool:
+    m = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?", text)
+    if m is None:
+        return False
+    hh = int(m.group(1))
+    mm = int(m.group(2) or 0)
+    ss = int(m.group(3) or 0)
+    # a fraction needs all of HHMMSS before it
+    return hh < 24 and mm < 60 and ss < 61 and (m.group(4) is None or m.group(3) is not None)
+
+
+def _datetime_ok(text: str) -> bool:
+    m = re.fullmatch(r"(\d{4})(\d{2})?(\d{2})?(\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?)?([+-]\d{4})?", text)
+    if m is None:
+        return False
+    year, month, day, time = m.group(1), m.group(2), m.group(3), m.group(4)
+    if day is not None and not _date_ok(year + (month or "01") + day):
+        return False
+    if month is not None and not 1 <= int(month) <= 12:
+        return False
+    return time is None or _time_ok(time)
+
+
+def _one_value_ok(vr: str, value: Any) -> bool:
+    """Whether one value of an element with this VR is valid DICOM (empty is valid)."""
+    if value is None:
+        return True
+    if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
+        # IS / DS held as numbers (pydicom's IS, DSfloat, DSdecimal): pydicom writes them; finite is enough
+        return vr in ("DS", "IS") and math.isfinite(float(value))
+    text = str(value)
+    if text.strip() == "":
+        return True
+    try:
+        validate_value(vr, text, config.RAISE)
+    except (ValueError, TypeError):
+        return False
+    stripped = text.strip()
+    if vr == "DA":
+        return _date_ok(stripped)
+    if vr == "TM":
+        return _time_ok(stripped)
+    if vr == "DT":
+        return _datetime_ok(stripped)
+    if vr == "AS":
+        return _AS.fullmatch(stripped) is not None
+    return True
+
+
+def element_is_valid(elem: DataElement) -> bool:
+    """Whether ``elem`` (a string-VR element) may be written as it is. Other VRs are taken as valid."""
+    if elem.VR not in _CHECKED_VRS:
+        return True
+    try:
+        value = elem.value
+    except Exception:  # a raw value pydicom cannot even decode
+        return False
+    if value is None:
+        return True
+    if isinstance(value, bytes | bytearray):
+        return False
+    values = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+    return all(_one_value_ok(elem.VR, v) for v in values)
+
+
 def _functional_group_items(ds: Dataset) -> list[Dataset]:
     """Items of the shared and first per-frame functional groups, one level down (enhanced objects)."""
     items: list[Dataset] = []
@@ -142,20 +231,32 @@ def _lookup(ds: Dataset, keyword: str, fg_items: list[Dataset]) -> Any:
     if keyword == _TRANSFER_SYNTAX:
         meta = getattr(ds, "file_meta", None)
         return plain_value(meta.get(keyword)) if meta is not None else None
-    try:
-        value = plain_value(ds.get(keyword))
-    except Exception:  # a malformed value must not break a summary (tolerant reading)
-        value = None
-    if value is not None:
-        return value
-    for item in fg_items:
-        try:
-            value = plain_value(item.get(keyword))
-        except Exception:
-            value = None
+    for source in (ds, *fg_items):
+        value = _tolerant_value(source, keyword)
         if value is not None:
             return value
     return None
+
+
+#: VRs whose invalid values count as missing when read (a UUID as a birth date, letters as a number say
+#: nothing). Invalid code strings and the like are kept as read: routing compares them tolerantly.
+_MISSING_WHEN_INVALID = frozenset({"DA", "TM", "DT", "AS", "DS", "IS"})
+
+
+def _tolerant_value(ds: Dataset, keyword: str) -> Any:
+    """The plain value of ``keyword`` in ``ds``; None when absent, empty, undecodable or an invalid
+    date/time/age. A malformed value never breaks a summary (tolerant reading)."""
+    try:
+        if keyword not in ds:
+            return None
+        elem = ds.data_element(keyword)
+        if elem is None:
+            return None
+        if elem.VR in _MISSING_WHEN_INVALID and not element_is_valid(elem):
+            return None
+        return plain_value(elem.value)
+    except Exception:
+        return None
 
 
 def header_dict(ds: Dataset, keywords: Iterable[str] = INSTANCE_KEYWORDS) -> dict[str, Any]:

@@ -7,106 +7,20 @@ equipment modules from the source datasets, so every source dataset passes throu
 first. An invalid value becomes empty (valid for Type 2 and 3 attributes; the patient and study attributes
 highdicom copies are of those types), so the object stays valid for ``dciodvfy``.
 
-This is the one place where source values are checked for encoding; ``dicomnode.report`` uses it for the SR
-(``sr.build_sr``) and the SC (``sc.build_sc``).
+The check itself is ``imaging.headers.element_is_valid`` (the rules the header reading uses too); the SR
+(``sr.build_sr``) and the SC (``sc.build_sc``) both copy from sanitised datasets.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
-import math
-import re
-from decimal import Decimal
-from typing import Any
 
-from pydicom import config
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
-from pydicom.valuerep import validate_value
+
+from dicomnode.imaging.headers import element_is_valid
 
 log = logging.getLogger(__name__)
-
-#: VRs whose values we check (the string VRs that carry dates, codes, names, numbers and identifiers).
-_CHECKED_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UI"})
-
-_AS = re.compile(r"^\d{3}[DWMY]$")
-
-
-def _date_ok(text: str) -> bool:
-    if not re.fullmatch(r"\d{8}", text):
-        return False
-    try:
-        _dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
-    except ValueError:
-        return False
-    return True
-
-
-def _time_ok(text: str) -> bool:
-    m = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?", text)
-    if m is None:
-        return False
-    hh = int(m.group(1))
-    mm = int(m.group(2) or 0)
-    ss = int(m.group(3) or 0)
-    # a fraction needs all of HHMMSS before it
-    return hh < 24 and mm < 60 and ss < 61 and (m.group(4) is None or m.group(3) is not None)
-
-
-def _datetime_ok(text: str) -> bool:
-    m = re.fullmatch(r"(\d{4})(\d{2})?(\d{2})?(\d{2}(?:\d{2}(?:\d{2}(?:\.\d{1,6})?)?)?)?([+-]\d{4})?", text)
-    if m is None:
-        return False
-    year, month, day, time = m.group(1), m.group(2), m.group(3), m.group(4)
-    if day is not None and not _date_ok(year + (month or "01") + day):
-        return False
-    if month is not None and not 1 <= int(month) <= 12:
-        return False
-    return time is None or _time_ok(time)
-
-
-def _one_value_ok(vr: str, value: Any) -> bool:
-    """Whether one value of an element with this VR is valid DICOM (empty is valid)."""
-    if value is None:
-        return True
-    if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
-        # IS / DS held as numbers (pydicom's IS, DSfloat, DSdecimal): pydicom writes them; finite is enough
-        return vr in ("DS", "IS") and math.isfinite(float(value))
-    text = str(value)
-    if text.strip() == "":
-        return True
-    try:
-        validate_value(vr, value, config.RAISE)
-    except (ValueError, TypeError):
-        return False
-    stripped = text.strip()
-    if vr == "DA":
-        return _date_ok(stripped)
-    if vr == "TM":
-        return _time_ok(stripped)
-    if vr == "DT":
-        return _datetime_ok(stripped)
-    if vr == "AS":
-        return _AS.fullmatch(stripped) is not None
-    return True
-
-
-def value_is_valid(elem: DataElement) -> bool:
-    """Whether ``elem`` (a string-VR element) may be written as it is. Other VRs are taken as valid."""
-    if elem.VR not in _CHECKED_VRS:
-        return True
-    try:
-        value = elem.value
-    except Exception:  # a raw value pydicom cannot even decode
-        return False
-    if value is None:
-        return True
-    if isinstance(value, bytes | bytearray):
-        return False
-    values = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
-    return all(_one_value_ok(elem.VR, v) for v in values)
 
 
 def sanitized_source(ds: Dataset) -> Dataset:
@@ -125,12 +39,19 @@ def sanitized_source(ds: Dataset) -> Dataset:
     """
     out = Dataset()
     emptied: list[str] = []
-    for elem in ds:
-        if elem.tag.group == 0x7FE0:  # pixel data: not needed to copy modules
+    for tag in list(ds.keys()):
+        if tag.group == 0x7FE0:  # pixel data: not needed to copy modules
             continue
-        if elem.tag.group & 0x0001 == 0 and not value_is_valid(elem):
-            out.add(DataElement(elem.tag, elem.VR, None))
-            emptied.append(elem.keyword or str(elem.tag))
+        try:
+            elem = ds[tag]
+        except Exception:  # a raw value pydicom cannot even convert (e.g. letters in a DS)
+            raw_vr = str(getattr(ds.get_item(tag), "VR", None) or "UN")
+            out.add(DataElement(tag, raw_vr if raw_vr != "SQ" else "UN", None))
+            emptied.append(str(tag))
+            continue
+        if tag.group & 0x0001 == 0 and not element_is_valid(elem):
+            out.add(DataElement(tag, elem.VR, None))
+            emptied.append(elem.keyword or str(tag))
             continue
         out.add(elem)
     meta = getattr(ds, "file_meta", None)
