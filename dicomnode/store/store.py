@@ -884,12 +884,18 @@ class Store:
         row.updated_at = at
 
     def due_deliveries(
-        self, now: datetime, *, limit: int = 100, lease: timedelta | float | None = None
+        self,
+        now: datetime,
+        *,
+        limit: int = 100,
+        lease: timedelta | float | None = None,
+        job_id: int | None = None,
     ) -> list[Delivery]:
         """Deliveries to attempt now: PENDING or RETRYING with no future ``next_attempt_at``.
 
         With ``lease``, each returned delivery's ``next_attempt_at`` is pushed to ``now + lease`` in the same
-        transaction, so a second sweeper does not pick it up while the first one is sending.
+        transaction, so a second sweeper does not pick it up while the first one is sending. With
+        ``job_id``, only that job's deliveries.
         """
         with self._write() as s:
             q = (
@@ -901,6 +907,8 @@ class Store:
                 .order_by(DeliveryRow.next_attempt_at, DeliveryRow.id)
                 .limit(limit)
             )
+            if job_id is not None:
+                q = q.where(DeliveryRow.job_id == job_id)
             if self._is_postgres and lease is not None:
                 q = q.with_for_update(skip_locked=True)
             ids = list(s.scalars(q))

@@ -174,15 +174,11 @@ def test_03_rule_with_a_mistake_shows_the_error_and_saves_nothing(page: Any, liv
     page.wait_for_selector("#rules-status.ok")
     editor = page.locator("#rules-text")
     text = editor.input_value()
-    assert "SliceThickness" in text
-    editor.fill(
-        text.replace(
-            "{attribute: SliceThickness, range: {max: 5}}", "{attribute: SliceThicknes, range: {max: 5}}"
-        )
-    )
+    assert "attribute: BodyPartExamined\n" in text
+    editor.fill(text.replace("attribute: BodyPartExamined\n", "attribute: BodyPartExamine\n"))
     page.wait_for_selector("#rules-status.bad")
     problem = page.inner_text("#rules-problems li")
-    assert "abdominal-ct-bmd" in problem and "condition" in problem and "SliceThicknes" in problem
+    assert "abdominal-ct-bmd" in problem and "condition" in problem and "BodyPartExamine" in problem
     assert page.locator("#rules-save").is_disabled()
     shot(page, "06-rules-error")
     assert live.store.latest_rule_version() is None  # nothing saved
@@ -190,10 +186,10 @@ def test_03_rule_with_a_mistake_shows_the_error_and_saves_nothing(page: Any, liv
 
 def test_04_dry_run_marks_the_soft_series_then_save(page: Any, live: Live) -> None:
     editor = page.locator("#rules-text")
-    fixed = editor.input_value().replace("SliceThicknes,", "SliceThickness,")
+    fixed = editor.input_value().replace("attribute: BodyPartExamine\n", "attribute: BodyPartExamined\n")
     # A real edit: only series up to 4 mm qualify now.
     fixed = fixed.replace(
-        "{attribute: SliceThickness, range: {max: 5}}", "{attribute: SliceThickness, range: {max: 4}}"
+        "{attribute: derived.slice_mm, range: {max: 5}}", "{attribute: SliceThickness, range: {max: 4}}"
     )
     editor.fill(fixed)
     page.wait_for_selector("#rules-status.ok")

@@ -623,3 +623,26 @@ def test_a_restarted_node_takes_the_sweeps_from_its_dead_predecessor_at_once(
     runner.release_sweeps()
     assert store.acquire_lease("sweeps", live_owner, 30, now=T0 + timedelta(seconds=2)) is True
     assert runner.owns_sweeps(now=T0 + timedelta(seconds=3)) is False
+
+
+def test_deliver_job_sends_that_jobs_deliveries_only(tmp_path: Path, store: Store) -> None:
+    """A function named after one job acts on that job: another job's due delivery waits for the sweep."""
+    _study(store, tmp_path)
+    other = AXIAL + ".9"
+    _receive(store, tmp_path, other, 40, image_type=("ORIGINAL", "PRIMARY", "AXIAL"), at=T0)
+    sender = FakeSender(DeliveryOutcome.SUCCESS)
+    runner = _runner(tmp_path, store, FakeAnalysis(), sender)
+    runner.sweep_completion(now=T0 + timedelta(seconds=6))
+    first = store.create_job(AXIAL, "bmd", ["pacs"], 1)
+    second = store.create_job(other, "bmd", ["pacs"], 1)
+    for job_id in (first, second):
+        store.set_job_state(job_id, JobState.ANALYSING, actor="t")
+        store.record_result(job_id, {"status": "ok"}, [])
+        store.set_job_state(job_id, JobState.REPORTED, actor="t")
+        store.create_deliveries(job_id, ["pacs"])
+    assert runner.deliver_job(second) == 1
+    assert [d.outcome for d in store.list_deliveries(job_id=second).items] == [
+        DeliveryOutcome.PERMANENT_FAILURE
+    ]
+    assert [d.outcome for d in store.list_deliveries(job_id=first).items] == [DeliveryOutcome.PENDING]
+    assert sender.calls == []  # no result files: refused before sending, and only for that job

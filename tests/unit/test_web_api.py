@@ -223,7 +223,7 @@ def test_explain_picks_the_soft_series_with_reasons_for_all(client: TestClient, 
 def test_explain_with_edited_rules_and_errors(client: TestClient, node: SeededNode) -> None:
     cur = client.get("/api/rules", auth=ADMIN).json()["yaml"]
     thin = cur.replace(
-        "{attribute: SliceThickness, range: {max: 5}}", "{attribute: SliceThickness, range: {max: 2}}"
+        "{attribute: derived.slice_mm, range: {max: 5}}", "{attribute: derived.slice_mm, range: {max: 2}}"
     )
     assert thin != cur
     r = client.post(
@@ -231,7 +231,7 @@ def test_explain_with_edited_rules_and_errors(client: TestClient, node: SeededNo
     )
     assert r.status_code == 200
     assert not any(s["selected"] for s in r.json()["series"])
-    assert any("SliceThickness" in x and "FAIL" in x for s in r.json()["series"] for x in s["reasons"])
+    assert any("derived.slice_mm <= 2: FAIL" in x for s in r.json()["series"] for x in s["reasons"])
     r = client.post(
         "/api/rules/explain", json={"study_instance_uid": node.study.study_uid, "rules": BROKEN}, auth=ADMIN
     )

@@ -1,0 +1,155 @@
+"""What the pipeline's steps share: the analysis request and outcome, the injected callables, worker ids,
+the runner's counters and state (:class:`RunnerParts`)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from dicomnode.config import Settings
+from dicomnode.delivery import DeliveryResult, RetryPolicy
+from dicomnode.domain import AnalysisStatus, PreviousReport
+from dicomnode.pipeline.rules_in_force import SelectFn
+from dicomnode.store import Store
+
+__all__ = [
+    "AnalysisOutcome",
+    "AnalysisRequest",
+    "AnalyzeFn",
+    "DeliverFn",
+    "RunnerParts",
+    "RunnerStats",
+    "make_worker_id",
+    "now_utc",
+    "worker_dead_here",
+]
+
+#: Name of the lease row that says which process runs the sweeps.
+SWEEP_LEASE = "sweeps"
+
+
+@dataclass(frozen=True)
+class AnalysisRequest:
+    """What the analysis step of one job gets."""
+
+    job_id: int
+    study_instance_uid: str
+    series_instance_uid: str
+    version: int
+    #: A folder holding exactly the series' instances known to the database (symbolic links to the spool).
+    input_dir: Path
+    #: Where the outputs go (empty folder, private to this attempt).
+    out_dir: Path
+    #: Seeds the output UIDs: the same job and version always produce the same SR/SC UIDs.
+    job_key: str
+    disclaimer: str | None = None
+    #: SRs of earlier versions of this series' analysis that this one replaces (empty for version 1).
+    previous_reports: tuple[PreviousReport, ...] = ()
+    #: Why routing selected this series (the recorded decision's reasons): the analysis step takes the
+    #: series as chosen and evaluates no rule again.
+    selection: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AnalysisOutcome:
+    """What the analysis step produced."""
+
+    status: AnalysisStatus
+    reason: str | None
+    result_json: dict[str, Any]
+    #: DICOM files to deliver (SR first, then SC).
+    dicom_files: tuple[Path, ...] = ()
+    #: Every file written (result.json, DICOM, PNG), kept in the result record.
+    files: tuple[Path, ...] = ()
+
+
+#: The analysis of one series; must not raise for bad input (it returns a FAILED/NOT_QUALIFYING outcome).
+AnalyzeFn = Callable[[AnalysisRequest], AnalysisOutcome]
+
+
+class DeliverFn(Protocol):
+    """Sends files to one destination once (``dicomnode.delivery.deliver``); never raises for peer errors."""
+
+    def __call__(
+        self, destination: Any, files: Sequence[Path], *, calling_ae_title: str
+    ) -> DeliveryResult: ...
+
+
+def make_worker_id(tag: str = "w") -> str:
+    """``host:pid:tag``; recovery uses host and pid to tell a dead worker's jobs from a live one's."""
+    return f"{socket.gethostname()}:{os.getpid()}:{tag}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def worker_dead_here(worker_id: str | None) -> bool:
+    """True when ``worker_id`` names a process on this host that no longer exists."""
+    if not worker_id:
+        return False
+    parts = worker_id.split(":")
+    if len(parts) < 2 or parts[0] != socket.gethostname():
+        return False
+    try:
+        pid = int(parts[1])
+    except ValueError:
+        return False
+    return pid != os.getpid() and not _pid_alive(pid)
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class RunnerStats:
+    """Counters of what this runner did (for logs, metrics and tests)."""
+
+    routed_studies: int = 0
+    jobs_created: int = 0
+    jobs_analysed: int = 0
+    deliveries_sent: int = 0
+    deliveries_failed: int = 0
+    jobs_recovered: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self.lock:
+            setattr(self, name, getattr(self, name) + n)
+
+
+class RunnerParts:
+    """The state the steps of :class:`~dicomnode.pipeline.runner.Runner` share (set by its ``__init__``)."""
+
+    settings: Settings
+    store: Store
+    analyze: AnalyzeFn
+    select: SelectFn
+    deliver: DeliverFn
+    policy: RetryPolicy
+    delivery_lease_s: float
+    stale_job_s: float
+    heartbeat_s: float
+    on_jobs_created: Callable[[], None] | None
+    results_dir: Path
+    stats: RunnerStats
+    _sending: set[int]
+    _sending_lock: threading.Lock
+    sweep_owner: str
+    sweep_lease_s: float
+    _lease_lock: threading.Lock
+    _lease_held: bool
+    _lease_checked: datetime | None
