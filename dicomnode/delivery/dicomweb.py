@@ -24,6 +24,7 @@ import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
+from requests.adapters import HTTPAdapter
 
 from dicomnode.delivery.dimse import EchoResult
 from dicomnode.delivery.result import (
@@ -59,11 +60,32 @@ class DicomwebPeer:
     client_cert: tuple[Path, Path] | None = None
 
 
+class _TlsAdapter(HTTPAdapter):
+    """Sends every request with the destination's certificate settings.
+
+    requests lets ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` in the environment replace a session's
+    ``verify`` (psf/requests#3829); the configured CA bundle must win, so it is applied here, per request.
+    """
+
+    def __init__(self, verify: bool | str, cert: tuple[str, str] | None) -> None:
+        super().__init__(max_retries=0)
+        self._verify = verify
+        self._cert = cert
+
+    def send(self, request: Any, *args: Any, **kwargs: Any) -> requests.Response:
+        kwargs["verify"] = self._verify
+        if self._cert is not None:
+            kwargs["cert"] = self._cert
+        return super().send(request, *args, **kwargs)
+
+
 def _session(peer: DicomwebPeer) -> requests.Session:
     session = requests.Session()
-    session.verify = str(peer.ca_bundle) if (peer.verify and peer.ca_bundle is not None) else peer.verify
-    if peer.client_cert is not None:
-        session.cert = (str(peer.client_cert[0]), str(peer.client_cert[1]))
+    verify: bool | str = str(peer.ca_bundle) if (peer.verify and peer.ca_bundle is not None) else peer.verify
+    cert = (str(peer.client_cert[0]), str(peer.client_cert[1])) if peer.client_cert is not None else None
+    session.verify = verify
+    if verify is not True or cert is not None:
+        session.mount("https://", _TlsAdapter(verify, cert))
     if peer.username is not None:
         session.auth = (peer.username, peer.password or "")
     if peer.token is not None:
