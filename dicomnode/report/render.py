@@ -48,6 +48,18 @@ CATEGORY_COLOURS: dict[BoneCategory, Colour] = {
 }
 
 
+#: Empty band above and below every overlay: viewers print their own text in the image corners (OHIF: date
+#: and series description top left, window and image number at the bottom, the cine bar top centre), which
+#: must not hide the burned-in header and disclaimer.
+VIEWER_MARGIN_PX = 64
+
+
+def _with_viewer_margin(canvas: Image.Image) -> Image.Image:
+    framed = Image.new("RGB", (canvas.width, canvas.height + 2 * VIEWER_MARGIN_PX), BG)
+    framed.paste(canvas, (0, VIEWER_MARGIN_PX))
+    return framed
+
+
 @dataclass(frozen=True)
 class RenderedImage:
     """One overlay image ready to be wrapped as a secondary capture or saved as PNG."""
@@ -444,7 +456,7 @@ def _render_overview(
 
     return RenderedImage(
         name="overview",
-        rgb=np.asarray(canvas, dtype=np.uint8),
+        rgb=np.asarray(_with_viewer_margin(canvas), dtype=np.uint8),
         pixel_spacing_mm=(1 / ppm, 1 / ppm),
         patient_orientation=("P", "F"),
         description="sagittal overview",
@@ -640,7 +652,7 @@ def _render_axial(
         frame = volume.slice_frame_numbers[k] if k < len(volume.slice_frame_numbers) else None
     return RenderedImage(
         name=v.level,
-        rgb=np.asarray(canvas, dtype=np.uint8),
+        rgb=np.asarray(_with_viewer_margin(canvas), dtype=np.uint8),
         pixel_spacing_mm=(1 / ppm, 1 / ppm),
         patient_orientation=("L", "P"),
         description=f"{v.level} axial",

@@ -352,7 +352,12 @@ def build_sr(
             continue
         region = _region(v, by_sop, frame_of_reference)
         if region is None:
-            log.warning("vertebra %s has no outline on an image: left out of the SR's measurements", v.level)
+            # an excluded level with an empty ROI has no outline by nature; otherwise it is worth a warning
+            log.log(
+                logging.INFO if v.excluded else logging.WARNING,
+                "vertebra %s has no outline on an image: named in a comment, not in the SR's measurements",
+                v.level,
+            )
             without_region.append(v.level)
             continue
         uses_3d = uses_3d or isinstance(region, hd.sr.ImageRegion3D)
