@@ -5,6 +5,9 @@
 #   ./setup.sh            install, then the main job: local stack (Orthanc + dicomnode serve), a synthetic CT
 #                         study pushed with storescu, SR + overlays back in the study (deploy/demo-stack.sh)
 #   ./setup.sh --no-demo  install only (used by run-tests.sh on a fresh clone)
+#
+# Also installs the bundled viewer: OHIF's prebuilt build (npm package @ohif/app, pinned below) into .ohif/
+# (git-ignored, like .venv), served by deploy/ohif_server.py in the local stack and used by the viewer test.
 set -euo pipefail
 cd "$(dirname "$0")"
 DEMO=1
@@ -15,6 +18,8 @@ missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# npm fetches the viewer's build (below); any npm on PATH will do, else Debian's
+command -v npm >/dev/null || missing+=(nodejs npm)
 if ((${#missing[@]})); then
   echo "setup: installing Debian packages: ${missing[*]}"
   SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
@@ -41,6 +46,22 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
   touch "$stamp"
 fi
 .venv/bin/python -c "import torch,sys; v=torch.__version__; sys.exit(0 if v.startswith('2.13.0') else 'torch '+v+' is not the pinned CPU build')"
+
+# The bundled viewer: OHIF's production build (index.html, bundles, wasm; about 200 MB) from the npm package,
+# unpacked once into .ohif/dist. `npm pack` fetches the one tarball, no dependency tree and no install scripts.
+OHIF_VERSION=3.13.2
+if [[ "$(cat .ohif/VERSION 2>/dev/null)" != "$OHIF_VERSION" || ! -f .ohif/dist/index.html ]]; then
+  echo "setup: installing the OHIF viewer @ohif/app@$OHIF_VERSION into .ohif/"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "@ohif/app@$OHIF_VERSION" >/dev/null)
+  rm -rf .ohif.new && mkdir -p .ohif.new
+  tar -xzf "$tmp"/ohif-app-"$OHIF_VERSION".tgz -C .ohif.new package/dist package/LICENSE package/package.json
+  mv .ohif.new/package/dist .ohif.new/dist && mv .ohif.new/package/LICENSE .ohif.new/package/package.json .ohif.new/
+  rmdir .ohif.new/package
+  echo "$OHIF_VERSION" >.ohif.new/VERSION
+  rm -rf .ohif && mv .ohif.new .ohif
+  rm -rf "$tmp"
+fi
 
 if ((DEMO)); then
   exec deploy/demo-stack.sh "${DEMO_STATE_DIR:-state}"

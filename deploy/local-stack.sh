@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The local stack: the reference PACS (Orthanc + DICOMweb plugin) and the node, on loopback only.
+# The local stack: the reference PACS (Orthanc + DICOMweb plugin), the node and the viewer, on loopback only.
 #
-#   deploy/local-stack.sh up STATE_DIR     start both; returns once Orthanc /system and the node /api/health answer
-#   deploy/local-stack.sh down STATE_DIR   stop both (waits until Orthanc has really exited: stack.md G5)
+#   deploy/local-stack.sh up STATE_DIR     start them; returns once Orthanc /system, the node /api/health and
+#                                          the viewer answer
+#   deploy/local-stack.sh down STATE_DIR   stop them (waits until Orthanc has really exited: stack.md G5)
 #   deploy/local-stack.sh status STATE_DIR
 #
 # Everything the stack writes (configs, Orthanc storage, the node's data dir, logs, pid files) lives under
@@ -15,6 +16,10 @@
 #   NODE_DESTINATION (dimse)   "dimse" = results go back over C-STORE, "dicomweb" = over STOW-RS, "both"
 #   NODE_SERIES_QUIET (2) NODE_STUDY_QUIET (2)  completion quiet periods of the node, seconds
 #   NODE_START (1)             0 = start Orthanc only (tests that run their own node processes)
+#   OHIF_PORT (3000)           the bundled viewer (OHIF, installed by ./setup.sh into .ohif/) on this port,
+#                              serving Orthanc's DICOMweb on its own origin (deploy/ohif_server.py)
+#   OHIF_START (auto)          1 = start the viewer (fail without .ohif/), 0 = not, auto = when installed
+#   OHIF_DIST (.ohif/dist)     the viewer's build
 #   NODE_EXTRA_CONFIG          a YAML fragment appended to the generated node config
 #   DICOMNODE_ADMIN_PASSWORD   the node's admin password (admin UI, REST API, STOW-RS into the node); when
 #                              unset the node generates one and prints it once into STATE_DIR/logs/node.log
@@ -32,6 +37,9 @@ NODE_DESTINATION=${NODE_DESTINATION:-dimse}
 NODE_SERIES_QUIET=${NODE_SERIES_QUIET:-2}
 NODE_STUDY_QUIET=${NODE_STUDY_QUIET:-2}
 NODE_START=${NODE_START:-1}
+OHIF_PORT=${OHIF_PORT:-3000}
+OHIF_START=${OHIF_START:-auto}
+OHIF_DIST=${OHIF_DIST:-$REPO/.ohif/dist}
 DICOMNODE=${DICOMNODE:-$REPO/.venv/bin/dicomnode}
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 ORTHANC=${ORTHANC:-Orthanc}
@@ -88,7 +96,9 @@ cfg["AuthenticationEnabled"] = False
 cfg["RemoteAccessAllowed"] = False
 cfg["DicomModalities"]["dicomnode"]["Port"] = int("$NODE_DICOM_PORT")
 cfg["DicomModalities"]["modality"]["Port"] = int("$MODALITY_PORT")
-cfg["DicomWeb"]["Host"] = "127.0.0.1:$ORTHANC_HTTP_PORT"
+# No fixed DicomWeb Host: Orthanc writes bulk-data URIs for the origin a request came through (its own, or
+# the viewer's, which passes DICOMweb through with a Forwarded header), so both origins work.
+cfg["DicomWeb"].pop("Host", None)
 json.dump(cfg, open(sys.argv[2], "w"), indent=2)
 PY
 }
@@ -128,6 +138,31 @@ YAML
   if [[ -n ${NODE_EXTRA_CONFIG:-} ]]; then printf '%s\n' "$NODE_EXTRA_CONFIG" >>"$file"; fi
 }
 
+# The bundled viewer: OHIF's build and Orthanc's DICOMweb on one origin (deploy/ohif_server.py).
+start_viewer() {
+  local state=$1
+  [[ $OHIF_START == 0 ]] && return 0
+  if [[ ! -f $OHIF_DIST/index.html ]]; then
+    [[ $OHIF_START == 1 ]] && die "no OHIF build in $OHIF_DIST (run ./setup.sh --no-demo)"
+    echo "local-stack: viewer not installed ($OHIF_DIST; ./setup.sh --no-demo installs it), not started"
+    return 0
+  fi
+  if alive "$state/ohif.pid"; then
+    echo "local-stack: viewer already running (pid $(cat "$state/ohif.pid"))"
+  elif (: >"/dev/tcp/127.0.0.1/$OHIF_PORT") 2>/dev/null; then
+    # something else listens there (another stack's viewer, a dev server): never take it for ours
+    [[ $OHIF_START == 1 ]] && die "port $OHIF_PORT is in use: set OHIF_PORT to a free port"
+    echo "local-stack: port $OHIF_PORT is in use, viewer not started (set OHIF_PORT to a free port)"
+    return 0
+  else
+    ("$PYTHON" "$REPO/deploy/ohif_server.py" --dist "$OHIF_DIST" --port "$OHIF_PORT" \
+      --orthanc "http://127.0.0.1:$ORTHANC_HTTP_PORT" >>"$state/logs/ohif.log" 2>&1) &
+    echo $! >"$state/ohif.pid"
+  fi
+  wait_http "http://127.0.0.1:$OHIF_PORT/app-config.js" "$state/ohif.pid" 30 "$state/logs/ohif.log"
+  echo "local-stack: viewer up: OHIF http://127.0.0.1:$OHIF_PORT/ (studies of Orthanc; a study: /viewer?StudyInstanceUIDs=<uid>)"
+}
+
 cmd_up() {
   local state=$1
   mkdir -p "$state/logs"
@@ -144,6 +179,7 @@ cmd_up() {
   fi
   wait_http "http://127.0.0.1:$ORTHANC_HTTP_PORT/system" "$state/orthanc.pid" 60 "$state/logs/orthanc.log"
   echo "local-stack: Orthanc up: DICOM 127.0.0.1:$ORTHANC_DICOM_PORT AET ORTHANC, HTTP http://127.0.0.1:$ORTHANC_HTTP_PORT"
+  start_viewer "$state"
   [[ $NODE_START == 1 ]] || return 0
   if alive "$state/node.pid"; then
     echo "local-stack: node already running (pid $(cat "$state/node.pid"))"
@@ -160,6 +196,7 @@ cmd_down() {
   local state=$1
   [[ -d $state ]] || die "no such state dir: $state"
   stop_pid "$state/node.pid" 30 node
+  stop_pid "$state/ohif.pid" 10 viewer
   # Orthanc takes 2-3.5 s to stop; a restart before it exited fails with "database is locked" (stack.md G5).
   stop_pid "$state/orthanc.pid" 30 Orthanc
   echo "local-stack: stopped"
@@ -169,6 +206,7 @@ cmd_status() {
   local state=$1 rc=0
   if alive "$state/orthanc.pid"; then echo "orthanc: running (pid $(cat "$state/orthanc.pid"))"; else echo "orthanc: stopped"; rc=1; fi
   if alive "$state/node.pid"; then echo "node: running (pid $(cat "$state/node.pid"))"; else echo "node: stopped"; rc=1; fi
+  if alive "$state/ohif.pid"; then echo "viewer: running (pid $(cat "$state/ohif.pid")) on port $OHIF_PORT"; else echo "viewer: stopped"; fi
   return $rc
 }
 
