@@ -188,11 +188,13 @@ def send_stow(peer: DicomwebPeer, files: Sequence[Path]) -> DeliveryResult:
         except requests.exceptions.SSLError as exc:
             transport_error = f"TLS with {peer.url} failed: {_tls_reason(exc)}"
             tls_failed = True
-        except OSError as exc:  # our client certificate / CA bundle file cannot be read
-            transport_error = f"TLS settings: {exc}"
-            tls_failed = True
         except (requests.ConnectionError, requests.Timeout) as exc:
             transport_error = f"cannot reach {peer.url}: {type(exc).__name__}"
+        except requests.RequestException as exc:  # (an OSError too: caught before the next clause)
+            transport_error = f"STOW-RS failed: {type(exc).__name__}: {exc}"
+        except OSError as exc:  # requests' own: our client certificate / CA bundle file cannot be read
+            transport_error = f"TLS settings: {exc}"
+            tls_failed = True
         except Exception as exc:  # malformed response, unexpected media type
             transport_error = f"STOW-RS failed: {type(exc).__name__}: {exc}"
 

@@ -155,6 +155,8 @@ def test_stow_delivery_verifies_the_certificate(https: Served, pki: Pki, tmp_pat
         wrong_ca.outcome is DeliveryOutcome.PERMANENT_FAILURE
         and "unable to get local issuer" in wrong_ca.message
     )
+    missing = deliver(DicomwebPeer(url, ca_bundle=tmp_path / "no-such-ca.pem", **auth), more)
+    assert missing.outcome is DeliveryOutcome.PERMANENT_FAILURE and "TLS settings" in missing.message
     assert _stored(https, more[0]) == set()  # refused before anything was sent
 
 
