@@ -81,14 +81,14 @@ def options_from_args(args: argparse.Namespace) -> Any:
 
     Returns
     -------
-    dicomnode.pipeline.analyze.AnalysisOptions
+    dicomnode.pipeline.measure.AnalysisOptions
 
     Raises
     ------
     DicomnodeError
         A config, backend choice or bundle that cannot be used (one line).
     """
-    from dicomnode.pipeline.analyze import check_options, resolve_options
+    from dicomnode.pipeline.measure import check_options, resolve_options
 
     backend = getattr(args, "backend", None)
     seg = getattr(args, "segmentation_backend", None)

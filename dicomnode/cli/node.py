@@ -296,7 +296,7 @@ def build_node(
         from dicomnode.pipeline.scheduler import build_scheduler
 
         if analyze is None:
-            from dicomnode.pipeline.analyze import options_from_settings
+            from dicomnode.pipeline.measure import options_from_settings
 
             job = job_function(options_from_settings(settings))
             if analysis_in_process or settings.workers.executor == "celery":
@@ -349,7 +349,7 @@ def check_analysis(settings: Settings) -> list[str]:
     BundleError, ConfigError
         One line naming the bundle (or setting) and the reason.
     """
-    from dicomnode.pipeline.analyze import check_options, options_from_settings
+    from dicomnode.pipeline.measure import check_options, options_from_settings
 
     options = options_from_settings(settings)
     if not options.bundles():
@@ -431,8 +431,8 @@ def run_celery_worker(settings: Settings) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    from dicomnode.pipeline.analyze import options_from_settings
     from dicomnode.pipeline.executors import configure_celery_worker, job_function, make_celery_app
+    from dicomnode.pipeline.measure import options_from_settings
     from dicomnode.pipeline.runner import Runner
     from dicomnode.store import Store, make_engine, upgrade
 

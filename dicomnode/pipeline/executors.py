@@ -26,7 +26,7 @@ from dicomnode.domain import AnalysisStatus
 from dicomnode.pipeline.runner import AnalysisOutcome, AnalysisRequest, AnalyzeFn, Runner, make_worker_id
 
 if TYPE_CHECKING:
-    from dicomnode.pipeline.analyze import AnalysisOptions
+    from dicomnode.pipeline.measure import AnalysisOptions
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def analyze_job(request: AnalysisRequest, options: AnalysisOptions | None = None
 
     The series is the one routing chose (``request.series_instance_uid``): no rule is evaluated again.
 
-    ``options`` are the node's analysis settings (:func:`dicomnode.pipeline.analyze.options_from_settings`);
+    ``options`` are the node's analysis settings (:func:`dicomnode.pipeline.measure.options_from_settings`);
     bind them with :func:`job_function`. Never raises for bad input; the status and reason say what happened.
     """
     from dicomnode.pipeline.analyze import analyze_path

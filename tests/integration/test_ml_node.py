@@ -27,7 +27,8 @@ from dicomnode.ml import datasets as ds
 from dicomnode.ml.bundle import load_bundle
 from dicomnode.ml.train import TrainConfig, train
 from dicomnode.netutil import free_port as _free_port
-from dicomnode.pipeline.analyze import analyze_path, resolve_options
+from dicomnode.pipeline.analyze import analyze_path
+from dicomnode.pipeline.measure import resolve_options
 
 pytestmark = pytest.mark.integration
 

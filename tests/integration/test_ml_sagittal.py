@@ -141,7 +141,7 @@ def test_sagittal_bundle_serves_the_node(sagittal_bundle: tuple[Path, Path, dict
     pytest.importorskip("dicomnode.bmd")
     from dicomnode.bmd import analyze_volume
     from dicomnode.ml.inference import apply_bmd_bundle
-    from dicomnode.pipeline.analyze import check_options, resolve_options
+    from dicomnode.pipeline.measure import check_options, resolve_options
 
     path, _, _ = sagittal_bundle
     options = resolve_options(backend=f"both:{path}")

@@ -242,7 +242,8 @@ def test_trained_bundles_serve_the_node_pipeline(
     pydicom = pytest.importorskip("pydicom")
     from dicomnode.imaging.writer import write_dicom_series
     from dicomnode.phantom import PhantomSpec, make_phantom
-    from dicomnode.pipeline.analyze import analyze_path, resolve_options
+    from dicomnode.pipeline.analyze import analyze_path
+    from dicomnode.pipeline.measure import resolve_options
 
     seg_path, _ = seg_bundle
     bmd_path, _ = bmd_bundle

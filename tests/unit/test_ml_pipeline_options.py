@@ -15,7 +15,7 @@ import dicomnode
 from dicomnode.config import AnalysisSettings, load_settings
 from dicomnode.errors import ConfigError, NotQualifyingError
 from dicomnode.imaging.volume import Volume
-from dicomnode.pipeline.analyze import (
+from dicomnode.pipeline.measure import (
     AnalysisOptions,
     check_options,
     make_measure,
