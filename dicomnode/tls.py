@@ -630,13 +630,22 @@ def check_server_files(
 
 
 def check_ca_bundle(ca_bundle: Path, *, now: datetime | None = None) -> list[str]:
-    """Problems with a CA bundle, one line each: unreadable, not PEM, expired CA certificates."""
+    """Problems with a CA bundle, one line each: unreadable, not PEM, or no CA certificate valid now.
+
+    A bundle of one CA whose certificate expired trusts nothing any more: a problem. A large bundle (a copy of
+    the system's) holding some expired CA certificates beside valid ones is normal and not reported.
+    """
     now = now or datetime.now(UTC)
     try:
         _load_cas(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), Path(ca_bundle))
     except TlsError as exc:
         return [str(exc)]
-    return _date_problems(Path(ca_bundle), now, "CA certificate")
+    problems = _date_problems(Path(ca_bundle), now, "CA certificate")
+    try:
+        count = len(certificate_info(Path(ca_bundle)))
+    except TlsError as exc:
+        return [str(exc)]
+    return problems if len(problems) == count else []
 
 
 def _secret(value: Any) -> str | None:

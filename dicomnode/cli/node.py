@@ -367,6 +367,13 @@ def run_node(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"dicomnode: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    from dicomnode.tls import check_settings
+
+    tls_problems = check_settings(settings)  # an expired or mismatched certificate: refuse now, one line each
+    for line in tls_problems:
+        print(f"dicomnode: {line}", file=sys.stderr)
+    if tls_problems:
+        return EXIT_CONFIG
     if not log.isEnabledFor(logging.DEBUG):
         # Lines per sweep tick (run, skipped while the previous one still runs) are noise; -vv shows them.
         logging.getLogger("apscheduler").setLevel(logging.ERROR)

@@ -311,6 +311,9 @@ def test_cli_echo_check_config_and_tls_only_receive(
     assert "config: dicom.tls: " in lines[0] and "certificate expired on" in lines[0]
     assert "config: destinations[0] (pacs).tls: " in lines[1] and "does not match" in lines[1]
     assert "Traceback" not in r.stderr
+    # The node refuses to start on the same problems, with the same lines (exit 2).
+    r = cli("receive", "--config", str(bad_path))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == lines
 
     # `receive` with the plain port off: the TLS port answers (mutual TLS), nothing listens elsewhere.
     tls_port = cfg["dicom"]["tls"]["port"]  # type: ignore[index]

@@ -114,8 +114,14 @@ def test_check_ca_bundle(pki: Pki, tmp_path: Path) -> None:
     bad.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
     (line,) = check_ca_bundle(bad)
     assert str(bad) in line and "CA bundle" in line
-    (old,) = check_ca_bundle(pki.ca, now=datetime.now(UTC) + timedelta(days=30))
+    later = datetime.now(UTC) + timedelta(days=30)
+    (old,) = check_ca_bundle(pki.ca, now=later)
     assert "CA certificate 1 expired on" in old
+    # A bundle with a valid CA beside the expired one still trusts something: not a problem.
+    mixed = tmp_path / "mixed.pem"
+    mixed.write_bytes(pki.ca.read_bytes() + pki.expired.cert.read_bytes())
+    assert check_ca_bundle(mixed) == []
+    assert len(check_ca_bundle(mixed, now=later)) == 2
 
 
 def test_contexts_enforce_tls12_and_bcp195_suites(pki: Pki) -> None:
