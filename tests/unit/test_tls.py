@@ -290,3 +290,18 @@ def test_check_settings_names_the_section(pki: Pki, tmp_path: Path) -> None:
     assert problems[1].startswith("config: dicom.tls: ") and "does not match" in problems[1]
     assert problems[2].startswith("config: dicom.tls.ca_bundle: ") and "cannot read" in problems[2]
     assert problems[3].startswith("config: destinations[0] (pacs).tls: ") and "does not match" in problems[3]
+
+
+def test_hsts_only_on_https_responses(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from dicomnode.web.app import create_app
+
+    for seconds, expected in ((600, "max-age=600"), (0, None)):
+        settings = load_settings(None, environ={"DICOMNODE_HTTP__HSTS_SECONDS": str(seconds)})
+        app = create_app(settings, None, admin=False)
+        secure = TestClient(app, base_url="https://testserver").get("/api/health")
+        assert secure.status_code == 200
+        assert secure.headers.get("strict-transport-security") == expected
+        plain = TestClient(app, base_url="http://testserver").get("/api/health")
+        assert "strict-transport-security" not in plain.headers  # never over plain HTTP (RFC 6797 7.2)
