@@ -235,3 +235,39 @@ def _jsonable(obj: Any) -> Any:
     if hasattr(obj, "item") and callable(obj.item):  # numpy scalar
         return _jsonable(obj.item())
     return obj
+
+
+@dataclass(frozen=True)
+class ResultFiles:
+    """The typed outputs of one analysis, as written (paths as text): what a job's result record keeps.
+
+    Delivery sends :attr:`dicom` (SR first, then the secondary captures); a new version's SR names the
+    earlier :attr:`sr`; the admin UI shows :attr:`png`. Nothing is recovered from file names.
+    """
+
+    result_json: str | None = None
+    sr: str | None = None
+    sc: tuple[str, ...] = ()
+    png: tuple[str, ...] = ()
+
+    @property
+    def dicom(self) -> tuple[str, ...]:
+        """The DICOM objects to deliver: the SR first, then the secondary captures."""
+        return ((self.sr,) if self.sr else ()) + self.sc
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        """Every file written: ``result.json``, the DICOM objects, the PNG copies."""
+        return ((self.result_json,) if self.result_json else ()) + self.dicom + self.png
+
+    def to_json(self) -> dict[str, Any]:
+        return {"result_json": self.result_json, "sr": self.sr, "sc": list(self.sc), "png": list(self.png)}
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> ResultFiles:
+        return cls(
+            result_json=doc.get("result_json"),
+            sr=doc.get("sr"),
+            sc=tuple(str(p) for p in doc.get("sc") or ()),
+            png=tuple(str(p) for p in doc.get("png") or ()),
+        )

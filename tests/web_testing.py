@@ -177,7 +177,7 @@ def fake_analyze(request: Any) -> Any:
     """A quick analysis step: a fixed result.json and one SC overlay (the real one takes ~10 s)."""
     import json
 
-    from dicomnode.domain import AnalysisStatus
+    from dicomnode.domain import AnalysisStatus, ResultFiles
     from dicomnode.pipeline.runner import AnalysisOutcome
 
     result = {
@@ -195,7 +195,7 @@ def fake_analyze(request: Any) -> Any:
     rj = request.out_dir / "result.json"
     rj.write_text(json.dumps(result))
     sc = write_sc(request.out_dir / "sc_00_overview.dcm")
-    return AnalysisOutcome(AnalysisStatus.OK, None, result, dicom_files=(sc,), files=(rj, sc))
+    return AnalysisOutcome(AnalysisStatus.OK, None, result, outputs=ResultFiles(str(rj), None, (str(sc),)))
 
 
 @dataclass

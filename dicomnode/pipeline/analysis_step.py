@@ -129,7 +129,7 @@ class AnalysisStep(DeliveryStep):
             if old.pipeline != job.pipeline or old.version >= job.version:
                 continue
             result = self.store.get_result(old.id)
-            sr = next((str(f) for f in (result.files if result else ()) if Path(f).name == "sr.dcm"), None)
+            sr = result.outputs.sr if result is not None else None
             if sr is None:
                 continue
             deliveries = self.store.list_deliveries(job_id=old.id, limit=1000).items
@@ -148,11 +148,11 @@ class AnalysisStep(DeliveryStep):
         return tuple(out)
 
     def _record_outcome(self, job: Job, outcome: AnalysisOutcome, worker_id: str) -> None:
-        self.store.record_result(job.id, outcome.result_json, list(outcome.files))
-        if outcome.status is AnalysisStatus.OK and outcome.dicom_files:
+        self.store.record_result(job.id, outcome.result_json, outcome.outputs)
+        if outcome.status is AnalysisStatus.OK and outcome.outputs.dicom:
             self.store.set_job_state(job.id, JobState.REPORTED, actor=worker_id)
             self.store.create_deliveries(job.id, job.destinations)
-            log.info("job %d: reported (%d DICOM file(s))", job.id, len(outcome.dicom_files))
+            log.info("job %d: reported (%d DICOM file(s))", job.id, len(outcome.outputs.dicom))
         elif outcome.status is AnalysisStatus.NOT_QUALIFYING:
             self.store.set_job_state(job.id, JobState.NOT_QUALIFYING, outcome.reason, actor=worker_id)
             log.info("job %d: not qualifying: %s", job.id, outcome.reason)

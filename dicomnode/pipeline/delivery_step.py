@@ -73,7 +73,7 @@ class DeliveryStep(RunnerParts):
             self.store.record_delivery_attempt(current.id, DeliveryOutcome.PERMANENT_FAILURE, msg)
             return
         result_row = self.store.get_result(job.id)
-        files = [Path(f) for f in (result_row.files if result_row else ()) if str(f).endswith(".dcm")]
+        files = [Path(f) for f in (result_row.outputs.dicom if result_row else ())]
         missing = [f for f in files if not f.is_file()]
         if not files or missing:
             msg = f"result files missing ({len(missing)} of {len(files)}); re-run the job"

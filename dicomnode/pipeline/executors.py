@@ -19,10 +19,9 @@ import multiprocessing
 import signal
 import threading
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dicomnode.domain import AnalysisStatus
+from dicomnode.domain import AnalysisStatus, ResultFiles
 from dicomnode.pipeline.runner import AnalysisOutcome, AnalysisRequest, AnalyzeFn, Runner, make_worker_id
 
 if TYPE_CHECKING:
@@ -57,17 +56,16 @@ def analyze_job(request: AnalysisRequest, options: AnalysisOptions | None = None
     )
     if run.error is not None:
         log.error("job %d: analysis error: %r", request.job_id, run.error)
-    outputs = run.outputs
-    dicom: tuple[Path, ...] = tuple(outputs.dicom) if outputs is not None else ()
-    files: tuple[Path, ...] = ()
-    if outputs is not None:
-        files = (outputs.result_json, *dicom, *outputs.png)
+    o = run.outputs
+    outputs = ResultFiles()
+    if o is not None:
+        sr = str(o.sr) if o.sr is not None else None
+        outputs = ResultFiles(str(o.result_json), sr, tuple(map(str, o.sc)), tuple(map(str, o.png)))
     return AnalysisOutcome(
         status=run.result.status,
         reason=run.result.reason,
         result_json=run.result.to_json_dict(),
-        dicom_files=dicom,
-        files=files,
+        outputs=outputs,
     )
 
 

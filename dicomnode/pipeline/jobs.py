@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from dicomnode.config import Settings
 from dicomnode.delivery import DeliveryResult, RetryPolicy
-from dicomnode.domain import AnalysisStatus, PreviousReport
+from dicomnode.domain import AnalysisStatus, PreviousReport, ResultFiles
 from dicomnode.pipeline.rules_in_force import SelectFn
 from dicomnode.store import Store
 
@@ -63,10 +63,9 @@ class AnalysisOutcome:
     status: AnalysisStatus
     reason: str | None
     result_json: dict[str, Any]
-    #: DICOM files to deliver (SR first, then SC).
-    dicom_files: tuple[Path, ...] = ()
-    #: Every file written (result.json, DICOM, PNG), kept in the result record.
-    files: tuple[Path, ...] = ()
+    #: The files written, typed (SR, secondary captures, result.json, PNG): kept in the result record as
+    #: they are; delivery sends ``outputs.dicom``.
+    outputs: ResultFiles = field(default_factory=ResultFiles)
 
 
 #: The analysis of one series; must not raise for bad input (it returns a FAILED/NOT_QUALIFYING outcome).

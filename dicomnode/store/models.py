@@ -1,7 +1,8 @@
 """SQLAlchemy 2 table definitions (the ORM side; the schema itself is created by the Alembic migrations).
 
 Keep this file and ``migrations/versions`` in step: ``tests/unit/test_store.py`` compares the two
-(0001: the pipeline's tables; 0002: ``users`` of the admin UI; 0003: ``scheduler_lease``).
+(0001: the pipeline's tables; 0002: ``users`` of the admin UI; 0003: ``scheduler_lease``;
+0004: ``results.outputs``, the typed outputs).
 Times are stored as naive UTC and returned as aware UTC (:class:`UTCDateTime`).
 """
 
@@ -176,6 +177,8 @@ class ResultRow(Base):
     created_at: Mapped[datetime]
     result_json: Mapped[dict[str, Any]] = mapped_column(JSON)
     files: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    #: ``ResultFiles.to_json()`` (migration 0004; None on rows written before).
+    outputs: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, default=None)
 
 
 class DeliveryRow(Base):

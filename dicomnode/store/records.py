@@ -4,12 +4,12 @@ surprises, safe to hand to other threads and to templates)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from dicomnode.domain import DeliveryOutcome, JobState, RuleDecision
+from dicomnode.domain import DeliveryOutcome, JobState, ResultFiles, RuleDecision
 
 T = TypeVar("T")
 
@@ -101,6 +101,8 @@ class Result:
     created_at: datetime
     result_json: Mapping[str, Any]
     files: tuple[Path, ...]
+    #: The typed outputs (SR, secondary captures, result.json, PNG) as the analysis wrote them.
+    outputs: ResultFiles = field(default_factory=ResultFiles)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from sqlalchemy import CursorResult, Engine, Select, and_, bindparam, func, inse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.domain import DeliveryOutcome, JobState, RuleDecision, SeriesSummary
+from dicomnode.domain import DeliveryOutcome, JobState, ResultFiles, RuleDecision, SeriesSummary
 from dicomnode.errors import DicomnodeError
 from dicomnode.store.engine import IMMEDIATE, make_engine
 from dicomnode.store.models import (
@@ -781,28 +781,32 @@ class Store:
         self,
         job_id: int,
         result_json: Mapping[str, Any],
-        files: Sequence[Path | str],
+        files: Sequence[Path | str] | ResultFiles,
         now: datetime | None = None,
     ) -> None:
-        """Keep the analysis result (``result.json`` content) and the produced files; a re-run replaces it."""
+        """Keep the analysis result (``result.json`` content) and the produced files; a re-run replaces it.
+
+        ``files`` is the typed :class:`~dicomnode.domain.ResultFiles` of the analysis (kept as they are),
+        or a plain list of files (kept as a list, with no typed outputs).
+        """
         at = now or _now()
+        if isinstance(files, ResultFiles):
+            names, outputs = list(files.all), files.to_json()
+        else:
+            names, outputs = [str(f) for f in files], None
         with self._write() as s:
             if s.get(JobRow, job_id) is None:
                 raise NotFoundError(f"no job {job_id}")
             row = s.scalar(select(ResultRow).where(ResultRow.job_id == job_id))
             if row is None:
-                s.add(
-                    ResultRow(
-                        job_id=job_id,
-                        created_at=at,
-                        result_json=dict(result_json),
-                        files=[str(f) for f in files],
-                    )
-                )
+                row = ResultRow(job_id=job_id, created_at=at, result_json=dict(result_json), files=names)
+                row.outputs = outputs
+                s.add(row)
             else:
                 row.created_at = at
                 row.result_json = dict(result_json)
-                row.files = [str(f) for f in files]
+                row.files = names
+                row.outputs = outputs
 
     def get_result(self, job_id: int) -> Result | None:
         with self._read() as s:
@@ -1460,6 +1464,19 @@ def _result(r: ResultRow) -> Result:
         created_at=r.created_at,
         result_json=r.result_json,
         files=tuple(Path(f) for f in r.files),
+        outputs=ResultFiles.from_json(r.outputs) if r.outputs else _legacy_outputs(r.files),
+    )
+
+
+def _legacy_outputs(files: Sequence[str]) -> ResultFiles:
+    """Typed outputs of a row written before migration 0004, from the names the analysis always gave them
+    (``result.json``, ``sr.dcm``, ``sc_*.dcm``, ``*.png``); the only place names are read."""
+    names = [str(f) for f in files]
+    return ResultFiles(
+        result_json=next((f for f in names if Path(f).name == "result.json"), None),
+        sr=next((f for f in names if Path(f).name == "sr.dcm"), None),
+        sc=tuple(f for f in names if Path(f).suffix == ".dcm" and Path(f).name != "sr.dcm"),
+        png=tuple(f for f in names if Path(f).suffix == ".png"),
     )
 
 

@@ -150,7 +150,7 @@ class Actions:
         if job.state in (JobState.PENDING, JobState.ANALYSING):
             return
         result = self.store.get_result(job.id)
-        files = [Path(f) for f in (result.files if result else ()) if Path(f).suffix == ".dcm"]
+        files = [Path(f) for f in (result.outputs.dicom if result else ())]
         missing = [f for f in files if not f.is_file()]
         if not files:
             raise ResultFilesRemovedError(

@@ -18,7 +18,7 @@ import pytest
 
 from dicomnode.config import Settings
 from dicomnode.delivery import DeliveryResult
-from dicomnode.domain import AnalysisStatus, DeliveryOutcome, JobState, PreviousReport
+from dicomnode.domain import AnalysisStatus, DeliveryOutcome, JobState, PreviousReport, ResultFiles
 from dicomnode.pipeline.runner import AnalysisOutcome, AnalysisRequest, Runner
 from dicomnode.store import Store, make_engine, upgrade
 
@@ -99,8 +99,7 @@ class FakeAnalysis:
             self.status,
             None if self.status is AnalysisStatus.OK else "not a lumbar CT",
             {"status": self.status.value, "n_inputs": len(inputs)},
-            dicom_files=(sr, sc) if self.status is AnalysisStatus.OK else (),
-            files=(sr, sc),
+            outputs=ResultFiles(sr=str(sr), sc=(str(sc),)),
         )
 
 

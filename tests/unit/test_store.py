@@ -18,7 +18,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
 
-from dicomnode.domain import DeliveryOutcome, JobState, RuleDecision
+from dicomnode.domain import DeliveryOutcome, JobState, ResultFiles, RuleDecision
 from dicomnode.errors import InputError
 from dicomnode.store import (
     InvalidTransitionError,
@@ -327,6 +327,23 @@ def test_record_result_replaces_on_rerun(store: Store) -> None:
     assert res.result_json["l1_hu"] == 121.0
     assert res.files == (Path("out/sr.dcm"), Path("out/sc1.dcm"))
     assert store.job_detail(jid).result == res
+
+
+def test_result_keeps_its_typed_outputs(store: Store) -> None:
+    """The record keeps which file is the SR, the SCs, result.json and the PNGs, as the analysis said."""
+    jid = job_for(store)
+    outputs = ResultFiles("o/result.json", "o/report-v1.dcm", ("o/overview.dcm", "o/l1.dcm"), ("o/l1.png",))
+    store.record_result(jid, {"status": "ok"}, outputs)
+    res = store.get_result(jid)
+    assert res is not None and res.outputs == outputs
+    assert res.outputs.dicom == ("o/report-v1.dcm", "o/overview.dcm", "o/l1.dcm")  # SR first, any name
+    assert res.files == tuple(Path(f) for f in outputs.all)
+    # a row written before migration 0004 (a plain file list) still tells its SR and SCs apart
+    store.record_result(jid, {"status": "ok"}, ["o/result.json", "o/sr.dcm", "o/sc_01.dcm", "o/a.png"])
+    old = store.get_result(jid)
+    assert old is not None and old.outputs == ResultFiles(
+        "o/result.json", "o/sr.dcm", ("o/sc_01.dcm",), ("o/a.png",)
+    )
 
 
 # -- deliveries -----------------------------------------------------------------------------------------
