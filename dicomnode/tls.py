@@ -274,6 +274,7 @@ class _ClientSocket(ssl.SSLSocket):
     _dn_context: DicomTlsContext | None = None
 
     def connect(self, address: Any) -> None:
+        _PYNETDICOM_FILTER.disarm()  # a stale arm from an earlier attempt in this thread must hide nothing
         try:
             super().connect(address)
         except (ssl.SSLError, TimeoutError, ConnectionError) as exc:
@@ -327,6 +328,9 @@ class _SuppressConnectNoise(logging.Filter):
 
     def arm(self) -> None:
         self._local.armed = 2
+
+    def disarm(self) -> None:
+        self._local.armed = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         armed = getattr(self._local, "armed", 0)
