@@ -15,11 +15,11 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from pydicom.uid import generate_uid
+from synthetic_case import SyntheticCase, make_case
 
 from dicomnode.domain import AnalysisResult, AnalysisStatus
 from dicomnode.imaging.volume import Volume
 from dicomnode.pipeline.analyze import analyze_path
-from dicomnode.report.synthetic import SyntheticCase, make_case
 
 pytestmark = pytest.mark.integration
 

@@ -17,12 +17,12 @@ import pydicom
 import pytest
 import requests
 import yaml
+from postgres_testing import postgres_unavailable_reason, temporary_database
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicomnode.domain import JobState
 from dicomnode.netutil import free_port as _free_port
 from dicomnode.store import Store
-from dicomnode.store.testing import postgres_unavailable_reason, temporary_database
 
 pytestmark = pytest.mark.integration
 

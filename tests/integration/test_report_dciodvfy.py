@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from synthetic_case import make_case
 
 from dicomnode.domain import AnalysisResult, PreviousReport
 from dicomnode.imaging.volume import Volume
 from dicomnode.report import read_sr_measurements, write_outputs
-from dicomnode.report.synthetic import make_case
 
 pytestmark = pytest.mark.integration
 

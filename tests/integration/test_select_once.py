@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from synthetic_case import SyntheticCase, make_case
 from web_testing import complete_and_route, ingest, make_settings, make_store
 
 from dicomnode import routing
@@ -31,7 +32,6 @@ from dicomnode.pipeline import analyze as pa
 from dicomnode.pipeline.executors import analyze_job
 from dicomnode.pipeline.rules_in_force import RulesInForce
 from dicomnode.pipeline.runner import Runner
-from dicomnode.report.synthetic import SyntheticCase, make_case
 
 pytestmark = pytest.mark.integration
 

@@ -12,12 +12,12 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
+from postgres_testing import postgres_unavailable_reason, temporary_database
 from sqlalchemy import inspect
 
 from dicomnode.cli import main
 from dicomnode.domain import JobState
 from dicomnode.store import Store, current_revision, head_revision, make_engine, upgrade
-from dicomnode.store.testing import postgres_unavailable_reason, temporary_database
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,9 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import numpy.typing as npt
 import pytest
+from synthetic_case import SyntheticCase, make_case
 
 from dicomnode.report import render as r
-from dicomnode.report.synthetic import SyntheticCase, make_case
 
 
 @pytest.fixture(scope="module")

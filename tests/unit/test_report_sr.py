@@ -14,6 +14,7 @@ import numpy.typing as npt
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from synthetic_case import SyntheticCase, make_case
 
 from dicomnode.domain import AnalysisResult, AnalysisStatus, PreviousReport
 from dicomnode.errors import InputError
@@ -22,7 +23,6 @@ from dicomnode.report import UidPolicy, read_sr_measurements, write_outputs
 from dicomnode.report.render import render_overview
 from dicomnode.report.sc import build_sc
 from dicomnode.report.sr import build_sr, predecessor_references
-from dicomnode.report.synthetic import SyntheticCase, make_case
 
 
 def _approx(value: float | None) -> object:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from postgres_testing import postgres_unavailable_reason, temporary_database
 from sqlalchemy import Engine, inspect, text
 
 from dicomnode.domain import DeliveryOutcome, JobState, ResultFiles, RuleDecision
@@ -30,7 +31,6 @@ from dicomnode.store import (
     upgrade,
 )
 from dicomnode.store.models import Base
-from dicomnode.store.testing import postgres_unavailable_reason, temporary_database
 
 T0 = datetime(2026, 3, 1, 8, 0, 0, tzinfo=UTC)
 CT = "1.2.840.10008.5.1.4.1.1.2"
