@@ -48,15 +48,23 @@ CATEGORY_COLOURS: dict[BoneCategory, Colour] = {
 }
 
 
-#: Empty band above and below every overlay: viewers print their own text in the image corners (OHIF: date
-#: and series description top left, window and image number at the bottom, the cine bar top centre), which
-#: must not hide the burned-in header and disclaimer.
-VIEWER_MARGIN_PX = 64
+#: Empty bands above and below every overlay, as fractions of the drawn height: viewers print their own text
+#: in the image corners (OHIF: date and series description top left, the cine bar top centre, window and
+#: image number at the bottom), which must not hide the burned-in header and disclaimer. The bands scale with
+#: the image because a viewer scales the whole image to its viewport.
+VIEWER_MARGIN_TOP = 0.13
+VIEWER_MARGIN_BOTTOM = 0.07
+
+
+def viewer_margins(height: int) -> tuple[int, int]:
+    """(top, bottom) empty rows added around a drawn canvas of ``height`` rows."""
+    return max(64, round(VIEWER_MARGIN_TOP * height)), max(48, round(VIEWER_MARGIN_BOTTOM * height))
 
 
 def _with_viewer_margin(canvas: Image.Image) -> Image.Image:
-    framed = Image.new("RGB", (canvas.width, canvas.height + 2 * VIEWER_MARGIN_PX), BG)
-    framed.paste(canvas, (0, VIEWER_MARGIN_PX))
+    top, bottom = viewer_margins(canvas.height)
+    framed = Image.new("RGB", (canvas.width, canvas.height + top + bottom), BG)
+    framed.paste(canvas, (0, top))
     return framed
 
 
@@ -72,6 +80,8 @@ class RenderedImage:
     #: The source image this was rendered from (mid-vertebral slice), when known.
     source_sop_instance_uid: str | None = None
     source_frame_number: int | None = None
+    #: Empty rows above and below the drawing (``viewer_margins``), kept free for the viewer's own text.
+    margin_px: tuple[int, int] = (0, 0)
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -459,6 +469,7 @@ def _render_overview(
         rgb=np.asarray(_with_viewer_margin(canvas), dtype=np.uint8),
         pixel_spacing_mm=(1 / ppm, 1 / ppm),
         patient_orientation=("P", "F"),
+        margin_px=viewer_margins(canvas.height),
         description="sagittal overview",
         source_sop_instance_uid=None,
     )
@@ -655,6 +666,7 @@ def _render_axial(
         rgb=np.asarray(_with_viewer_margin(canvas), dtype=np.uint8),
         pixel_spacing_mm=(1 / ppm, 1 / ppm),
         patient_orientation=("L", "P"),
+        margin_px=viewer_margins(canvas.height),
         description=f"{v.level} axial",
         source_sop_instance_uid=sop,
         source_frame_number=frame,

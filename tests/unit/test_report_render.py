@@ -45,7 +45,7 @@ def test_axial_draws_the_roi_where_the_mask_is(case: SyntheticCase) -> None:
     # the source image of the mid slice is the one the engine's outline refers to
     assert v.outline is not None and img.source_sop_instance_uid == v.outline.sop_instance_uid
     # ROI outline pixels (solid accent colour) sit in the image area, around the centre of the field of view
-    header_h = r.VIEWER_MARGIN_PX + 64
+    header_h = img.margin_px[0] + 64
     area = img.rgb[header_h : header_h + 640, :640]
     ys, xs = np.nonzero(np.all(area == np.asarray(r.ACCENT, dtype=np.uint8), axis=-1))
     assert ys.size > 50
@@ -66,7 +66,7 @@ def test_excluded_level_is_grey_and_disclaimer_is_configurable(case: SyntheticCa
     assert _has_colour(a.rgb, r.EXCLUDED_C)
     assert not _has_colour(a.rgb, r.ACCENT)
     assert a.rgb.shape == b.rgb.shape
-    end = a.rgb.shape[0] - r.VIEWER_MARGIN_PX  # below it: the empty band kept for the viewer's own text
+    end = a.rgb.shape[0] - a.margin_px[1]  # below it: the empty band kept for the viewer's own text
     footer = slice(end - 40, end)
     assert not np.array_equal(a.rgb[footer], b.rgb[footer])
     assert np.array_equal(a.rgb[: end - 64], b.rgb[: end - 64])
@@ -75,10 +75,12 @@ def test_excluded_level_is_grey_and_disclaimer_is_configurable(case: SyntheticCa
 def test_overlays_keep_an_empty_band_for_the_viewer_text(case: SyntheticCase) -> None:
     """OHIF prints date, series and window values into the corners: the burned-in text starts below."""
     for img in r.render_all(case.result, case.canonical, case.roi_masks):
-        m = r.VIEWER_MARGIN_PX
-        for band in (img.rgb[:m], img.rgb[-m:]):
+        top, bottom = img.margin_px
+        drawn = img.rgb.shape[0] - top - bottom
+        assert (top, bottom) == r.viewer_margins(drawn) and top >= 0.13 * drawn - 1 and bottom >= 48
+        for band in (img.rgb[:top], img.rgb[-bottom:]):
             assert np.all(band == np.asarray(r.BG, dtype=np.uint8)), img.name
-        assert not np.all(img.rgb[m : m + 40] == np.asarray(r.BG, dtype=np.uint8))
+        assert not np.all(img.rgb[top : top + 40] == np.asarray(r.BG, dtype=np.uint8))
 
 
 def test_without_masks_the_outline_is_drawn(case: SyntheticCase) -> None:
@@ -156,7 +158,7 @@ def test_long_qc_flags_grow_the_images_instead_of_being_cut(case: SyntheticCase)
     o_many = r.render_overview(many.result, many.canonical, many.roi_masks)
     assert o_many.rgb.shape[0] > o_few.rgb.shape[0]
     # the disclaimer (its colour) is still in the footer of the grown images
-    footer = b.rgb[-40 - r.VIEWER_MARGIN_PX : -r.VIEWER_MARGIN_PX]
+    footer = b.rgb[-40 - b.margin_px[1] : -b.margin_px[1]]
     assert np.all(footer == np.asarray(r.WARN, dtype=np.uint8), axis=-1).sum() > 20
 
 
