@@ -45,12 +45,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             continue
         if modname in seen:
             continue
-        try:
-            mod = importlib.import_module(modname)
-        except ModuleNotFoundError as exc:  # a sub-command still being built
-            if exc.name != modname:
-                raise
-            continue
+        mod = importlib.import_module(modname)
         seen.add(modname)
         mod.register(sub)
     return parser

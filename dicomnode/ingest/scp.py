@@ -42,8 +42,9 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import StoragePresentationContexts
 
 from dicomnode.ingest import metrics
+from dicomnode.ingest.reactors import enable_event_driven_reactors
 from dicomnode.ingest.spool import PROCESSING_FAILURE, OtherClassPolicy, Spool
-from dicomnode.netutil import enable_event_driven_reactors, enable_tcp_nodelay
+from dicomnode.netutil import enable_tcp_nodelay
 
 if TYPE_CHECKING:
     from pynetdicom.transport import ThreadedAssociationServer
@@ -161,8 +162,9 @@ class StorageSCP:
         client-certificate checks); None = no TLS listener. Both listeners share the AE and its policies.
     event_driven
         Replace pynetdicom's 1 ms polling sleeps by event-driven waits at :meth:`start`
-        (:func:`dicomnode.netutil.enable_event_driven_reactors`; process-wide, pynetdicom 3.0.x only). Each
-        synchronous C-STORE then no longer waits for two polling periods. Off only to measure the difference.
+        (:func:`dicomnode.ingest.reactors.enable_event_driven_reactors`; process-wide, pynetdicom 3.0.4
+        only). Each synchronous C-STORE then no longer waits for two polling periods. Off only to measure
+        the difference.
     """
 
     def __init__(

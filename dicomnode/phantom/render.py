@@ -28,10 +28,6 @@ LEVEL_BASE = 32
 P_CORE, P_MARGIN, P_CORTEX, P_VEIN, P_POST = range(5)
 
 
-def level_class(level_index: int, part: int) -> int:
-    return LEVEL_BASE + 5 * level_index + part
-
-
 @dataclass(frozen=True)
 class Trunk:
     """Body outline and organ layout (LPS mm); depends on z through simple piecewise-linear tables."""

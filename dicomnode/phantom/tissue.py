@@ -99,11 +99,6 @@ def trabecular_hu_ref(vbmd_mg_cm3: float) -> float:
     return TRAB_HU_INTERCEPT + TRAB_HU_PER_MG * float(vbmd_mg_cm3)
 
 
-def vbmd_from_reference_hu(hu_ref: float) -> float:
-    """Inverse of :func:`trabecular_hu_ref` (for tests and truth files only)."""
-    return (float(hu_ref) - TRAB_HU_INTERCEPT) / TRAB_HU_PER_MG
-
-
 def contrast_offset(phase: str, tissue: str) -> float:
     """HU added to ``tissue`` in contrast ``phase`` (0 when the tissue does not enhance)."""
     try:
@@ -111,8 +106,3 @@ def contrast_offset(phase: str, tissue: str) -> float:
     except KeyError:
         raise ValueError(f"unknown contrast phase {phase!r} (native, arterial, portal_venous)") from None
     return float(table.get(tissue, 0.0))
-
-
-def scanner_map(hu_ref: float, gain: float, offset: float) -> float:
-    """The per-scan scanner distortion ``gain * HU_ref + offset``."""
-    return gain * hu_ref + offset

@@ -93,13 +93,10 @@ def _child_init() -> None:
 
 def _warm() -> bool:
     """Import the analysis stack once in the child (the first job then does not pay for it)."""
+    import dicomnode.bmd
     import dicomnode.pipeline.analyze
+    import dicomnode.report  # noqa: F401
 
-    try:
-        import dicomnode.bmd
-        import dicomnode.report  # noqa: F401
-    except ImportError:  # pragma: no cover - only while the engines are being built
-        pass
     return True
 
 

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 from dicomnode import DEFAULT_EROSION_MM
 from dicomnode.domain import AnalysisResult
-from dicomnode.errors import InputError
 from dicomnode.imaging.volume import Volume
 
 if TYPE_CHECKING:  # typing only: importing report loads highdicom
@@ -231,10 +230,7 @@ def make_measure(options: AnalysisOptions | None = None) -> Measure:
     def measure(volume: Volume) -> MeasuredSeries:
         import dicomnode
 
-        try:
-            bmd = importlib.import_module("dicomnode.bmd")
-        except ModuleNotFoundError as exc:  # pragma: no cover - only while the engine is being built
-            raise InputError("the measurement engine (dicomnode.bmd) is not installed") from exc
+        bmd = importlib.import_module("dicomnode.bmd")  # imported when measuring: the CLI stays light
         from dicomnode.ml.bundle import check_input_spec
 
         for _, _, path in opts.bundles():  # refuse a series a bundle cannot serve before measuring anything

@@ -25,8 +25,8 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from dicomnode.delivery import DimsePeer, deliver
 from dicomnode.ingest import MemorySink, Spool
+from dicomnode.ingest.reactors import event_driven_reactors_enabled
 from dicomnode.ingest.scp import AllowedCaller, StorageSCP
-from dicomnode.netutil import event_driven_reactors_enabled
 
 pytestmark = pytest.mark.integration
 

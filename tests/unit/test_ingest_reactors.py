@@ -1,4 +1,4 @@
-"""The event-driven pynetdicom reactors (dicomnode.netutil) under real associations on loopback.
+"""The event-driven pynetdicom reactors (dicomnode.ingest.reactors) under real associations on loopback.
 
 ``StorageSCP.start`` installs them (process-wide, pynetdicom 3.0.x); these tests run pynetdicom SCUs in the
 same process, so both ends of every association use the patched loops.
@@ -20,8 +20,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
-from dicomnode import netutil
-from dicomnode.ingest import MemorySink, Spool
+from dicomnode.ingest import MemorySink, Spool, reactors
 from dicomnode.ingest.scp import VERIFICATION, StorageSCP
 
 pytestmark = pytest.mark.skipif(
@@ -70,21 +69,53 @@ def scu() -> AE:
 
 
 def test_scp_start_installs_the_patch_once(node: tuple[StorageSCP, MemorySink]) -> None:
-    assert netutil.event_driven_reactors_enabled()
+    assert reactors.event_driven_reactors_enabled()
     from pynetdicom.dul import DULServiceProvider
 
     run = DULServiceProvider.run_reactor
-    assert netutil.enable_event_driven_reactors() is True
+    assert reactors.enable_event_driven_reactors() is True
     assert DULServiceProvider.run_reactor is run, "a second call must not wrap the patch again"
+
+
+#: sha256 of the source of the pynetdicom 3.0.4 functions the patch copies or wraps.
+PINNED_SOURCES = {
+    "dul.DULServiceProvider.run_reactor": "61c299b9a930fb8740258c5518eed55255153ee890a826bed3d3483b42e1b110",
+    "dul.DULServiceProvider.stop_dul": "6c62f0d0cd238affa1ee653ca676a100a29acb3e5f09bf32ab3e3fc9f8015198",
+    "dul.DULServiceProvider.kill_dul": "d64f51d35ae851e0fa8fcd356521b0d3022914b9be5f243936bcafb9c2a8ff16",
+    "association.Association._run_reactor": "304c896561674fdc8a8c3c87ee41d63ef83f16942a44b64e545dce4a5370c0d1",  # noqa: E501
+}
+
+
+def _source_sha(where: str) -> str:
+    """sha256 of a method's source (``module.Class.name``) as pynetdicom's installed file has it (not the
+    patched attribute)."""
+    module, cls, name = where.split(".")
+    import ast
+    import hashlib
+    import importlib
+
+    path = Path(importlib.import_module(f"pynetdicom.{module}").__file__ or "")
+    text = path.read_text(encoding="utf-8")
+    klass = next(n for n in ast.parse(text).body if isinstance(n, ast.ClassDef) and n.name == cls)
+    fn = next(n for n in klass.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    return hashlib.sha256((ast.get_source_segment(text, fn) or "").encode()).hexdigest()
+
+
+def test_patch_is_pinned_to_the_installed_pynetdicom() -> None:
+    """The reactor loops are copies of pynetdicom 3.0.4's private ones: an upgrade must fail here until the
+    copies in dicomnode/ingest/reactors.py are compared with the new loops (then update both pins)."""
+    assert pynetdicom.__version__ == reactors.SUPPORTED_PYNETDICOM
+    changed = [k for k, sha in PINNED_SOURCES.items() if _source_sha(k) != sha]
+    assert not changed, f"pynetdicom changed what the reactor patch copies: {changed}"
 
 
 def test_other_pynetdicom_versions_keep_the_stock_loops(monkeypatch: pytest.MonkeyPatch) -> None:
     installed: list[bool] = []
-    monkeypatch.setattr(netutil, "_REACTORS_PATCHED", False)
-    monkeypatch.setattr(netutil, "_install_reactors", lambda: installed.append(True))
+    monkeypatch.setattr(reactors, "_REACTORS_PATCHED", False)
+    monkeypatch.setattr(reactors, "_install_reactors", lambda: installed.append(True))
     monkeypatch.setattr(pynetdicom, "__version__", "3.1.0")
-    assert netutil.enable_event_driven_reactors() is False
-    assert not installed and not netutil.event_driven_reactors_enabled()
+    assert reactors.enable_event_driven_reactors() is False
+    assert not installed and not reactors.event_driven_reactors_enabled()
 
 
 def test_many_synchronous_requests_on_one_association_all_answered(
@@ -202,9 +233,9 @@ def test_idle_association_waits_instead_of_polling(
     # waits of the two reactors (SCU and SCP side) over an idle half second.
     scp, _ = node
     calls = 0
-    real_wait = netutil._dul_wait
+    real_wait = reactors._dul_wait
 
-    def counting(dul: object, waker: netutil._Waker) -> None:
+    def counting(dul: object, waker: reactors._Waker) -> None:
         nonlocal calls
         calls += 1
         real_wait(dul, waker)
@@ -212,7 +243,7 @@ def test_idle_association_waits_instead_of_polling(
     assoc = scu().associate("127.0.0.1", scp.port, ae_title="DICOMNODE")
     assert assoc.is_established
     try:
-        monkeypatch.setattr(netutil, "_dul_wait", counting)
+        monkeypatch.setattr(reactors, "_dul_wait", counting)
         time.sleep(0.5)
         monkeypatch.undo()
         assert int(assoc.send_c_echo().Status) == 0
