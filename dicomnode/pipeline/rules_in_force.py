@@ -27,7 +27,7 @@ import yaml
 
 from dicomnode import routing
 from dicomnode.domain import RuleDecision, SeriesSummary
-from dicomnode.errors import ConfigError
+from dicomnode.errors import ConfigError, RuleProblem, RulesError
 from dicomnode.routing import RuleSet
 
 if TYPE_CHECKING:  # typing only: `dicomnode analyze` routes a folder without the database layer
@@ -59,17 +59,19 @@ def parse_rules_text(text: str, destinations: Sequence[str] = ()) -> RuleSet:
     Raises
     ------
     ConfigError
-        Empty text, invalid YAML (with line and column), or invalid rules.
+        :class:`~dicomnode.errors.RulesError` (its ``problems`` locate each problem as data): empty text,
+        invalid YAML (with line and column), or invalid rules.
     """
     if not text.strip():
-        raise ConfigError("rules: the rules text is empty")
+        raise RulesError("rules", [RuleProblem("the rules text is empty")])
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"rules: invalid YAML{where}: {problem}") from None
+        line = mark.line + 1 if mark is not None else None
+        raise RulesError("rules", [RuleProblem(f"invalid YAML{where}: {problem}", line=line)]) from None
     return routing.parse_rules(data, source="text", destinations=destinations)
 
 

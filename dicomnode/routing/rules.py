@@ -47,7 +47,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydicom.datadict import keyword_dict
 
-from dicomnode.errors import ConfigError
+from dicomnode.errors import ConfigError, RuleProblem, RulesError
 
 #: Values computed from the series rather than read from a header.
 DERIVED_ATTRIBUTES: frozenset[str] = frozenset(
@@ -253,13 +253,15 @@ class RuleSet(BaseModel):
         for r in self.rules:
             for d in r.destinations:
                 if d not in known_set:
-                    raise ConfigError(
-                        f"rules: rule {r.name!r}: unknown destination {d!r} "
+                    text = (
+                        f"rule {r.name!r}: unknown destination {d!r} "
                         f"(configured: {', '.join(sorted(known_set)) or 'none'})"
                     )
+                    raise RulesError("rules", [RuleProblem(text, rule=r.name, field="destinations")])
         for d in self.fallback.destinations:
             if d not in known_set:
-                raise ConfigError(f"rules: fallback: unknown destination {d!r}")
+                text = f"fallback: unknown destination {d!r}"
+                raise RulesError("rules", [RuleProblem(text, field="fallback.destinations")])
 
 
 @cache
@@ -272,53 +274,55 @@ def is_known_attribute(name: str) -> bool:
     return name in DERIVED_ATTRIBUTES or name in _keywords()
 
 
-def _check_keywords(rs: RuleSet) -> None:
+def _check_keywords(rs: RuleSet, where: str) -> None:
+    problems = []
     for r in rs.rules:
         for i, c in enumerate(r.conditions, start=1):
             if not is_known_attribute(c.attribute):
                 close = difflib.get_close_matches(c.attribute, [*_keywords(), *DERIVED_ATTRIBUTES], n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(
-                    f"rules: rule {r.name!r} condition {i}: unknown DICOM keyword {c.attribute!r}{hint}"
-                )
+                text = f"rule {r.name!r} condition {i}: unknown DICOM keyword {c.attribute!r}{hint}"
+                problems.append(RuleProblem(text, rule=r.name, condition=i, field="attribute"))
+    if problems:
+        raise RulesError(where, problems)
 
 
-def _format_error(exc: ValidationError, data: Any, where: str) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = list(err.get("loc", ()))
-        label = ""
-        if len(loc) >= 2 and loc[0] == "rules" and isinstance(loc[1], int):
-            i = loc[1]
-            name = None
-            with contextlib.suppress(KeyError, IndexError, TypeError, AttributeError):
-                name = data["rules"][i].get("name")
-            label = f"rule {name!r}" if name else f"rule {i + 1}"
-            rest = loc[2:]
-            if len(rest) >= 2 and rest[0] == "conditions" and isinstance(rest[1], int):
-                label += f" condition {rest[1] + 1}"
-                rest = rest[2:]
-            if rest:
-                label += ": " + ".".join(str(x) for x in rest)
-        else:
-            label = ".".join(str(x) for x in loc)
-        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        if err.get("type") == "extra_forbidden":
-            msg = "unknown field"
-        parts.append(f"{label}: {msg}" if label else msg)
-    return f"{where}: " + "; ".join(parts)
+def _problem(err: Mapping[str, Any], data: Any) -> RuleProblem:
+    """One pydantic error as a located problem (rule name or number, condition number, field)."""
+    loc = list(err.get("loc", ()))
+    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    rule: str | None = None
+    condition: int | None = None
+    if len(loc) >= 2 and loc[0] == "rules" and isinstance(loc[1], int):
+        name = None
+        with contextlib.suppress(KeyError, IndexError, TypeError, AttributeError):
+            name = data["rules"][loc[1]].get("name")
+        rule = str(name) if name else str(loc[1] + 1)
+        label = f"rule {name!r}" if name else f"rule {loc[1] + 1}"
+        rest = loc[2:]
+        if len(rest) >= 2 and rest[0] == "conditions" and isinstance(rest[1], int):
+            condition = rest[1] + 1
+            label += f" condition {condition}"
+            rest = rest[2:]
+    else:
+        label, rest = "", loc
+    field = ".".join(str(x) for x in rest) or None
+    head = ": ".join(x for x in (label, field) if x)
+    return RuleProblem(f"{head}: {msg}" if head else msg, rule=rule, condition=condition, field=field)
 
 
 def parse_rules(data: Any, *, source: str = "text", destinations: Collection[str] | None = None) -> RuleSet:
     """Validate already-parsed YAML (a mapping) into a :class:`RuleSet`; see :func:`load_rules`."""
     where = "rules" if source in ("text", "default") else f"rules ({Path(source).name})"
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: the rules file must hold a mapping with a 'rules' list")
+        raise RulesError(where, [RuleProblem("the rules file must hold a mapping with a 'rules' list")])
     try:
         rs = RuleSet.model_validate({**data, "source": source})
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, data, where)) from None
-    _check_keywords(rs)
+        raise RulesError(where, [_problem(e, data) for e in exc.errors()]) from None
+    _check_keywords(rs, where)
     if destinations is not None:
         rs.check_destinations(destinations)
     return rs
@@ -354,7 +358,9 @@ def load_rules(path_or_text: Path | str, *, destinations: Collection[str] | None
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         detail = " ".join(s.strip() for s in str(exc).strip().splitlines()[:3])
-        raise ConfigError(f"rules: invalid YAML: {detail}") from None
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise RulesError("rules", [RuleProblem(f"invalid YAML: {detail}", line=line)]) from None
     return parse_rules(data, source=source, destinations=destinations)
 
 

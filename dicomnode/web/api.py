@@ -387,9 +387,9 @@ def decision_out(sd: Any) -> DecisionOut:
 
 
 def _problems_response(exc: ConfigError) -> JSONResponse:
-    from dicomnode.web.rules import parse_problems
+    from dicomnode.web.rules import problems_of
 
-    problems = [p.as_dict() for p in parse_problems(str(exc))]
+    problems = [p.as_dict() for p in problems_of(exc)]
     return JSONResponse({"detail": str(exc), "problems": problems}, status_code=422)
 
 

@@ -8,81 +8,25 @@ adds saving (audited), rollback, diffs and dry runs on top of it.
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from dicomnode import routing
 from dicomnode.config import Settings
 from dicomnode.domain import RuleDecision, SeriesSummary
-from dicomnode.errors import ConfigError
+from dicomnode.errors import ConfigError, RuleProblem, RulesError
 from dicomnode.pipeline.rules_in_force import CurrentRules, RulesInForce
 from dicomnode.routing import RuleSet
 from dicomnode.store import Store
 
-__all__ = ["CurrentRules", "RuleProblem", "RulesService", "explain_rows", "parse_problems"]
+__all__ = ["CurrentRules", "RuleProblem", "RulesService", "explain_rows", "problems_of"]
 
 
-@dataclass(frozen=True)
-class RuleProblem:
-    """One validation problem, located as precisely as the validator can tell."""
-
-    message: str
-    rule: str | None = None
-    condition: int | None = None
-    field: str | None = None
-    line: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "message": self.message,
-            "rule": self.rule,
-            "condition": self.condition,
-            "field": self.field,
-            "line": self.line,
-        }
-
-
-_RULE_RE = re.compile(r"rule (?:'(?P<name>[^']*)'|\"(?P<dq>[^\"]*)\"|(?P<num>\d+))")
-_COND_RE = re.compile(r"condition (\d+)")
-_LINE_RE = re.compile(r"line (\d+)")
-
-
-def parse_problems(message: str) -> list[RuleProblem]:
-    """Split a :class:`~dicomnode.errors.ConfigError` message of ``routing`` into located problems.
-
-    ``rules: rule 'abd' condition 2: unknown DICOM keyword 'SliceThicknes'; rule 'abd': action: ...``
-    gives one problem per ``;``-separated part, with the rule name, the condition number and the field.
-    """
-    body = message
-    for prefix in ("rules: ", "rules (text): "):
-        if body.startswith(prefix):
-            body = body[len(prefix) :]
-            break
-    if body.startswith("invalid YAML"):
-        m = _LINE_RE.search(body)
-        return [RuleProblem(message=body, line=int(m.group(1)) if m else None)]
-    out: list[RuleProblem] = []
-    for part in [p.strip() for p in body.split("; ") if p.strip()]:
-        rule: str | None = None
-        cond: int | None = None
-        fld: str | None = None
-        head, _, _ = part.partition(": ")
-        m = _RULE_RE.match(head)
-        if m:
-            rule = m.group("name") or m.group("dq") or m.group("num")
-            c = _COND_RE.search(head)
-            cond = int(c.group(1)) if c else None
-            # "rule 'x' condition 2: range.min: Input should be ..." -> field "range.min"
-            rest = part[len(head) + 2 :]
-            fhead, sep, _ = rest.partition(": ")
-            if sep and re.fullmatch(r"[A-Za-z_][\w.\[\]]*", fhead):
-                fld = fhead
-        elif head and re.fullmatch(r"[A-Za-z_][\w.\[\]]*", head):
-            fld = head
-        out.append(RuleProblem(message=part, rule=rule, condition=cond, field=fld))
-    return out or [RuleProblem(message=message)]
+def problems_of(exc: ConfigError) -> list[RuleProblem]:
+    """The located problems of a rules error (one unlocated problem for any other configuration error)."""
+    if isinstance(exc, RulesError):
+        return list(exc.problems)
+    return [RuleProblem(message=str(exc))]
 
 
 def explain_rows(
@@ -163,7 +107,7 @@ class RulesService:
         try:
             self.parse(text)
         except ConfigError as exc:
-            return parse_problems(str(exc))
+            return problems_of(exc)
         return []
 
     # -- versions ---------------------------------------------------------------------------------------

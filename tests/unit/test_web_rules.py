@@ -8,23 +8,34 @@ import pytest
 from web_testing import make_settings, make_store
 
 from dicomnode.domain import SeriesSummary
-from dicomnode.errors import ConfigError
+from dicomnode.errors import ConfigError, RuleProblem, RulesError
+from dicomnode.pipeline.rules_in_force import parse_rules_text
 from dicomnode.routing import default_rules_text
-from dicomnode.web.rules import RulesService, parse_problems
+from dicomnode.web.rules import RulesService, problems_of
 
 
-def test_parse_problems_locates_rule_condition_field() -> None:
-    (p,) = parse_problems("rules: rule 'abd' condition 3: unknown DICOM keyword 'Foo' (did you mean 'Foo2'?)")
-    assert (p.rule, p.condition, p.field) == ("abd", 3, None)
-    a, b = parse_problems(
-        "rules: rule 'abd' condition 1: range.max: Input should be a valid number; rule 2: action: bad"
-    )
-    assert (a.rule, a.condition, a.field) == ("abd", 1, "range.max")
-    assert (b.rule, b.condition, b.field) == ("2", None, "action")
-    (y,) = parse_problems("rules: invalid YAML (line 4, column 9): found unexpected end of stream")
-    assert y.line == 4
-    (m,) = parse_problems("rules: mode: Input should be 'first_match' or 'all_match'")
+def test_rule_errors_carry_rule_condition_field_as_data() -> None:
+    """Every problem is located by the validator itself; nothing is parsed back from the message."""
+    text = default_rules_text().replace("attribute: BodyPartExamined\n", "attribute: BodyPartExamine\n")
+    with pytest.raises(RulesError) as exc:
+        parse_rules_text(text)
+    (p,) = exc.value.problems
+    assert (p.rule, p.condition, p.field) == ("abdominal-ct-bmd", 7, "attribute")
+    assert "did you mean 'BodyPartExamined'" in p.message and p.message in str(exc.value)
+    bad = "rules:\n  - name: abd\n    action: analyse\n    conditions:\n"
+    bad += "      - {attribute: SliceThickness, range: {max: thin}}\n  - {action: bad}\n"
+    with pytest.raises(RulesError) as exc:
+        parse_rules_text(bad)
+    located = {(p.rule, p.condition, p.field) for p in exc.value.problems}
+    assert ("abd", 1, "range.max") in located and ("2", None, "action") in located
+    with pytest.raises(RulesError) as exc:
+        parse_rules_text("rules:\n  - name: [unclosed\n")
+    assert exc.value.problems[0].line is not None and "invalid YAML" in str(exc.value)
+    with pytest.raises(RulesError) as exc:
+        parse_rules_text("mode: sometimes\nrules: []\n")
+    (m,) = exc.value.problems
     assert m.field == "mode" and m.rule is None
+    assert problems_of(ConfigError("http.port: not a port")) == [RuleProblem("http.port: not a port")]
 
 
 @pytest.fixture
