@@ -8,6 +8,7 @@ text the SR display tool draws are SVG elements of the viewport.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -224,8 +225,21 @@ class Viewer:
     def current_image_id(self) -> str:
         return str(self._js(f"() => ({_ACTIVE_VIEWPORT})().getCurrentImageId()"))
 
-    def drawn(self, annotation_uid: str) -> dict[str, Any]:
-        """What the SVG layer of the viewport shows now: the text of one annotation and its outlines."""
+    def drawn(self, annotation_uid: str, expect_text: str) -> dict[str, Any]:
+        """What the SVG layer of the viewport shows: the text of one annotation and the outlines drawn.
+
+        Waits (up to the page timeout) until the annotation's text contains ``expect_text`` and an outline is
+        drawn: the SVG layer is updated on the animation frames after an image is shown.
+        """
+        # on a time-out, report what is there instead: the assertion in the test says what is missing
+        with contextlib.suppress(Exception):
+            self.page.wait_for_function(
+                """([uid, text]) => Array.from(document.querySelectorAll(`g[data-annotation-uid="${uid}"]`))
+                     .some(g => g.textContent.includes(text))
+                   && document.querySelectorAll('svg.svg-layer polyline').length > 0""",
+                arg=[annotation_uid, expect_text],
+                timeout=20_000,
+            )
         return dict(
             self._js(
                 """(uid) => {

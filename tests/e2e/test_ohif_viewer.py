@@ -79,7 +79,7 @@ def check_sr(viewer: Viewer, published: Published, name: str) -> list[str]:
         assert (m["labels"][0]["label"].split(",")[0], m["labels"][0]["value"]) == headline, level
         viewer.show_image(m["imageId"])
         assert f"/instances/{sop}/" in viewer.current_image_id()
-        drawn = viewer.drawn(m["uid"])
+        drawn = viewer.drawn(m["uid"], headline[1])
         assert headline[1] in drawn["text"], (level, drawn["text"][:200])
         n_points = len(v["outline"]["points_cr"])
         # the outline: a polyline of (about) the outline's points; cornerstone may drop the closing point
@@ -121,14 +121,60 @@ def _run_viewer_checks(context: Any, base_url: str, published: Published, name: 
         page.close()
 
 
-def test_phantom_study_sr_and_overlays_in_ohif(
-    viewer_stack: tuple[Stack, str], phantom_study: PhantomStudy, context: Any, tmp_path: Path
-) -> None:
-    stack, base_url = viewer_stack
+@pytest.fixture(scope="module")
+def phantom_published(
+    viewer_stack: tuple[Stack, str], phantom_study: PhantomStudy, tmp_path_factory: pytest.TempPathFactory
+) -> Published:
+    stack, _ = viewer_stack
     soft = phantom_study.files["soft"]
-    published = publish(soft[0].parent, phantom_study.all_files, tmp_path / "out", stack.orthanc_url)
+    out = tmp_path_factory.mktemp("phantom-out")
+    published = publish(soft[0].parent, phantom_study.all_files, out, stack.orthanc_url)
     assert published.study_uid == phantom_study.study_uid
-    _run_viewer_checks(context, base_url, published, "phantom")
+    return published
+
+
+def test_phantom_study_sr_and_overlays_in_ohif(
+    viewer_stack: tuple[Stack, str], phantom_published: Published, context: Any
+) -> None:
+    _, base_url = viewer_stack
+    _run_viewer_checks(context, base_url, phantom_published, "phantom")
+
+
+def test_demo_link_opens_the_sr(
+    viewer_stack: tuple[Stack, str], phantom_published: Published, context: Any
+) -> None:
+    """The link deploy/demo-stack.sh prints (initialSeriesInstanceUID = the SR series) shows the report."""
+    _, base_url = viewer_stack
+    page = context.new_page()
+    console = Console()
+    console.attach(page)
+    try:
+        viewer = Viewer(
+            page,
+            base_url,
+            f"{phantom_published.study_uid}&initialSeriesInstanceUID={phantom_published.sr_series_uid}",
+        )
+        measurements = viewer.sr_measurements(phantom_published.sr_series_uid)
+        outlined = phantom_published.outlined()
+        first = measurements[0]
+        page.wait_for_function(
+            "(sop) => { const vid = window.services.viewportGridService.getState().activeViewportId;"
+            " const vp = window.services.cornerstoneViewportService.getCornerstoneViewport(vid);"
+            " return vp && (vp.getCurrentImageId() || '').includes('/instances/' + sop + '/'); }",
+            arg=first["sop"],
+        )
+        level = first["id"].split()[0]
+        vbmd = outlined[level]["vbmd_mg_cm3"]
+        if vbmd is not None:
+            page.wait_for_function(
+                '([uid, text]) => Array.from(document.querySelectorAll(`g[data-annotation-uid="${uid}"]`))'
+                ".some(g => g.textContent.includes(text))",
+                arg=[first["uid"], _vbmd_text(vbmd)],
+            )
+        viewer.screenshot("phantom_demo_link")
+        assert console.errors == [], console.errors
+    finally:
+        page.close()
 
 
 def test_real_chest_ct_sr_in_ohif(viewer_stack: tuple[Stack, str], context: Any, tmp_path: Path) -> None:
