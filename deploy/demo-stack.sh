@@ -8,7 +8,8 @@
 # 3. sends it with dcmtk's storescu into Orthanc, exactly as a modality would;
 # 4. Orthanc auto-routes the CT series to the node, the node picks the 3 mm soft series, measures T11-L5 and sends
 #    a TID 1500 SR and overlay images back into the same study;
-# 5. waits until the SR is in Orthanc (found by QIDO-RS), prints the result and where to look.
+# 5. waits until the SR is in Orthanc (found by QIDO-RS), prints the result and where to look, with a link that
+#    opens the SR in the bundled viewer (OHIF, when ./setup.sh installed it into .ohif/).
 #
 # The stack stays up so you can look around; stop it with `deploy/local-stack.sh down STATE_DIR`.
 set -euo pipefail
@@ -19,6 +20,7 @@ STATE="$(cd "$STATE" && pwd)"
 ORTHANC_HTTP_PORT=${ORTHANC_HTTP_PORT:-8042}
 ORTHANC_DICOM_PORT=${ORTHANC_DICOM_PORT:-4242}
 NODE_HTTP_PORT=${NODE_HTTP_PORT:-8000}
+OHIF_PORT=${OHIF_PORT:-3000}
 TIMEOUT=${DEMO_TIMEOUT:-180}
 PY="$REPO/.venv/bin/python"
 DN="$REPO/.venv/bin/dicomnode"
@@ -70,6 +72,14 @@ series = json.load(open(sys.argv[1]))
 for s in sorted(series, key=lambda s: int(get(s, "00200011") or 0)):
     print(f"  {get(s, '00080060'):3s} series {get(s, '00200011'):>5}  {get(s, '0008103E')}  ({get(s, '00201209')} instances)")
 PY
+sr_series=$("$PY" - "$STATE/demo-series.json" <<'PY'
+import json, sys
+for s in json.load(open(sys.argv[1])):
+    if (s.get("00080060", {}).get("Value") or [""])[0] == "SR":
+        print(s["0020000E"]["Value"][0])
+        break
+PY
+)
 result=$(find "$STATE/node-data/results" -name result.json -printf "%T@ %p\n" 2>/dev/null | sort -rn | head -n 1 | cut -d" " -f2- || true)
 if [[ -n "$result" ]]; then
   "$PY" - "$result" <<'PY'
@@ -86,9 +96,15 @@ for v in r.get("vertebrae", []):
     print(f"  {v['level']:>3}  {v['trabecular_hu_mean']:7.1f} HU  {num(v['vbmd_mg_cm3']):>6} mg/cm3{flag}")
 PY
 fi
+viewer="not installed (./setup.sh --no-demo installs OHIF into .ohif/, then deploy/local-stack.sh up $STATE)"
+if curl -fsS -o /dev/null --max-time 2 "http://127.0.0.1:$OHIF_PORT/app-config.js" 2>/dev/null; then
+  viewer="http://127.0.0.1:$OHIF_PORT/viewer?StudyInstanceUIDs=$study_uid&initialSeriesInstanceUID=$sr_series"
+fi
 cat <<EOF
 
 Where to look:
+  The report in a viewer (OHIF, each vertebra's ROI and vBMD on its image; overlays in the study's series list):
+                            $viewer
   PACS (Orthanc Explorer):  http://127.0.0.1:$ORTHANC_HTTP_PORT/app/explorer.html
                             -> patient PHANTOM^ABDOMEN -> study "CT ABDOMEN PHANTOM" -> series "dicomnode BMD overlay" (images) and the SR
   dicomnode admin UI:       http://127.0.0.1:$NODE_HTTP_PORT/  (user admin, password in $STATE/admin-password
