@@ -3,7 +3,8 @@
 # On a fresh clone it first runs the install part of ./setup.sh.
 set -euo pipefail
 cd "$(dirname "$0")"
-if [[ ! -x .venv/bin/pytest || ! -f .venv/.dicomnode-installed || pyproject.toml -nt .venv/.dicomnode-installed ]]; then
+if [[ ! -x .venv/bin/pytest || ! -f .venv/.dicomnode-installed || pyproject.toml -nt .venv/.dicomnode-installed \
+      || ! -f .ohif/dist/index.html ]]; then
   ./setup.sh --no-demo
 fi
 export PATH="$PWD/.venv/bin:$PATH"
