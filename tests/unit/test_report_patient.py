@@ -16,7 +16,9 @@ from dicomnode.imaging.headers import element_is_valid, header_dict, patient_age
 from dicomnode.report.patient import sanitized_source
 
 # building the bad values below makes pydicom warn; that is the point of these tests
-pytestmark = pytest.mark.filterwarnings("ignore:(Invalid value|The PN component|The value length):UserWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:(Invalid value|The PN component|The value length):UserWarning"
+)
 
 
 @pytest.mark.parametrize(
