@@ -159,7 +159,19 @@ start_viewer() {
       --orthanc "http://127.0.0.1:$ORTHANC_HTTP_PORT" >>"$state/logs/ohif.log" 2>&1) &
     echo $! >"$state/ohif.pid"
   fi
-  wait_http "http://127.0.0.1:$OHIF_PORT/app-config.js" "$state/ohif.pid" 30 "$state/logs/ohif.log"
+  if [[ $OHIF_START == 1 ]]; then
+    wait_http "http://127.0.0.1:$OHIF_PORT/app-config.js" "$state/ohif.pid" 30 "$state/logs/ohif.log"
+  else  # auto: the viewer is a convenience, never a reason for the stack not to come up
+    local t0=$SECONDS
+    until curl -fsS -o /dev/null --max-time 2 "http://127.0.0.1:$OHIF_PORT/app-config.js" 2>/dev/null; do
+      if ! alive "$state/ohif.pid" || ((SECONDS - t0 > 30)); then
+        echo "local-stack: viewer did not start (log: $state/logs/ohif.log), going on without it" >&2
+        stop_pid "$state/ohif.pid" 5 viewer
+        return 0
+      fi
+      sleep 0.2
+    done
+  fi
   echo "local-stack: viewer up: OHIF http://127.0.0.1:$OHIF_PORT/ (studies of Orthanc; a study: /viewer?StudyInstanceUIDs=<uid>)"
 }
 
