@@ -1,0 +1,378 @@
+"""Instances and series: what was received, which series are complete, their summaries, routing decisions."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, and_, func, or_, select, update
+
+from dicomnode.domain import RuleDecision, SeriesSummary
+from dicomnode.store.base import (
+    _INSERT_INSTANCE,
+    _INSERT_SERIES,
+    _INSERT_STUDY,
+    _LEGACY_SOURCES,
+    _SELECT_INSTANCE,
+    _SELECT_SERIES,
+    _SELECT_STUDY,
+    _TOUCH_STUDY,
+    INSTANCE_SOURCES,
+    NotFoundError,
+    StoreBase,
+    _attrs_from_db,
+    _count,
+    _decision,
+    _new_id,
+    _now,
+    _seconds,
+    _series,
+    jsonable_attrs,
+)
+from dicomnode.store.models import (
+    DecisionRow,
+    InstanceRow,
+    JobRow,
+    SeriesRow,
+    StudyRow,
+)
+from dicomnode.store.records import (
+    Instance,
+    Page,
+    Series,
+    StoredDecision,
+    Study,
+)
+
+log = logging.getLogger(__name__)
+
+
+class InstanceStore(StoreBase):
+    """Instances and series (received, complete, summarised, routed)."""
+
+    def record_instance(
+        self,
+        *,
+        study_uid: str,
+        series_uid: str,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        transfer_syntax: str,
+        path: Path | str,
+        size_bytes: int,
+        study_attrs: Mapping[str, Any],
+        series_attrs: Mapping[str, Any],
+        calling_aet: str | None,
+        source: str,
+        slice_position: float | None = None,
+        number_of_frames: int | None = None,
+        now: datetime | None = None,
+    ) -> bool:
+        """Record one received instance (after its file is safely on disk); idempotent on SOP Instance UID.
+
+        Updates the series' last-received time and instance count. An instance arriving in a series that was
+        already complete re-opens it; if a job already exists for the series, the series version is bumped
+        (``needs_new_version``) so the next completion creates a job for the new version.
+
+        ``study_attrs`` / ``series_attrs`` are header values by DICOM keyword; ``source`` is one of
+        :data:`INSTANCE_SOURCES` (the older ``"stowrs"`` is stored as ``"stow"``); ``slice_position`` is the
+        position along the slice normal in mm (the series z-extent for routing). Returns True when the
+        instance is new, False when it was already recorded.
+        """
+        source = _LEGACY_SOURCES.get(source, source)
+        if source not in INSTANCE_SOURCES:
+            raise ValueError(f"source must be one of {INSTANCE_SOURCES}, not {source!r}")
+        at = now or _now()
+        s_attrs = jsonable_attrs(study_attrs)
+        se_attrs = jsonable_attrs(series_attrs)
+        instance = {
+            "sop_instance_uid": sop_instance_uid,
+            "sop_class_uid": sop_class_uid,
+            "transfer_syntax": transfer_syntax,
+            "path": str(path),
+            "size_bytes": int(size_bytes),
+            "calling_aet": calling_aet,
+            "source": source,
+            "received_at": at,
+            "slice_position": slice_position,
+            "number_of_frames": number_of_frames,
+        }
+
+        def run() -> bool:
+            # Core statements on the session's connection, not ORM objects: this runs for every received
+            # image while the sender waits, and the ORM's unit of work cost several times the SQL itself.
+            with self._write() as s:
+                conn = s.connection()
+                study_id, study_attributes = _study_row(conn, study_uid, s_attrs, calling_aet, at)
+                series_id, last_received_at, completed_at, version = _series_state(
+                    conn, series_uid, study_id, se_attrs, at
+                )
+                if conn.execute(_SELECT_INSTANCE, {"uid": sop_instance_uid}).first() is not None:
+                    return False
+                conn.execute(_INSERT_INSTANCE, {**instance, "series_id": series_id})
+                # SQL-side increments: two associations writing the same series must not lose counts.
+                conn.execute(_TOUCH_STUDY, {"sid": study_id, "at": at})
+                merged = {**study_attributes, **s_attrs}
+                if study_attributes != merged:
+                    conn.execute(update(StudyRow).where(StudyRow.id == study_id).values(attributes=merged))
+                values: dict[str, Any] = {"n_instances": SeriesRow.n_instances + 1}
+                if at > last_received_at:
+                    values["last_received_at"] = at
+                if completed_at is not None:
+                    values.update(_reopened(conn, series_uid, series_id, version))
+                conn.execute(update(SeriesRow).where(SeriesRow.id == series_id).values(**values))
+                return True
+
+        return self._retry_integrity(run)
+
+    def instances(self, series_uid: str) -> list[Instance]:
+        """The instances of a series (for the analysis step: their files), in arrival order."""
+        with self._read() as s:
+            rows = s.execute(
+                select(InstanceRow, SeriesRow.series_instance_uid)
+                .join(SeriesRow, InstanceRow.series_id == SeriesRow.id)
+                .where(SeriesRow.series_instance_uid == series_uid)
+                .order_by(InstanceRow.id)
+            ).all()
+            return [
+                Instance(
+                    sop_instance_uid=r.sop_instance_uid,
+                    series_instance_uid=uid,
+                    sop_class_uid=r.sop_class_uid,
+                    transfer_syntax=r.transfer_syntax,
+                    path=Path(r.path),
+                    size_bytes=r.size_bytes,
+                    received_at=r.received_at,
+                    source=r.source,
+                    calling_aet=r.calling_aet,
+                )
+                for r, uid in rows
+            ]
+
+    def instance_paths(self, series_uid: str) -> list[Path]:
+        """Files of a series' instances, in arrival order."""
+        return [i.path for i in self.instances(series_uid)]
+
+    def series_ready_for_completion(
+        self,
+        now: datetime,
+        series_quiet: timedelta | float,
+        study_quiet: timedelta | float,
+        max_wait: timedelta | float,
+    ) -> list[Series]:
+        """Open series that are complete by the quiet-period rule (seconds may be given as floats).
+
+        Ready means: no instance for the series for ``series_quiet`` and none for its study for
+        ``study_quiet``, or the series' first instance arrived ``max_wait`` ago or more.
+        """
+        sq, stq, mw = _seconds(series_quiet), _seconds(study_quiet), _seconds(max_wait)
+        with self._read() as s:
+            rows = s.execute(
+                select(SeriesRow, StudyRow.study_instance_uid)
+                .join(StudyRow, SeriesRow.study_id == StudyRow.id)
+                .where(
+                    SeriesRow.completed_at.is_(None),
+                    or_(
+                        and_(SeriesRow.last_received_at <= now - sq, StudyRow.last_received_at <= now - stq),
+                        SeriesRow.first_received_at <= now - mw,
+                    ),
+                )
+                .order_by(SeriesRow.first_received_at, SeriesRow.id)
+            ).all()
+            return [_series(r, uid) for r, uid in rows]
+
+    def mark_series_complete(self, series_uid: str, now: datetime | None = None) -> Series:
+        """Mark a series complete (idempotent); returns it with its current ``version``."""
+        at = now or _now()
+        with self._write() as s:
+            row = self._series_row(s, series_uid)
+            if row.completed_at is None:
+                row.completed_at = at
+            s.flush()
+            return _series(row, self._study_uid(s, row.study_id))
+
+    def series_summaries(self, study_uid: str, *, complete_only: bool = False) -> list[SeriesSummary]:
+        """What routing needs for every series of a study.
+
+        ``attributes`` merge study- and series-level values (series wins); ``SOPClassUID`` and
+        ``NumberOfFrames`` come from the recorded instances when the headers lacked them; ``z_extent_mm``
+        is the span of the recorded slice positions (None when none were recorded).
+        """
+        with self._read() as s:
+            study = s.scalar(select(StudyRow).where(StudyRow.study_instance_uid == study_uid))
+            if study is None:
+                raise NotFoundError(f"no study {study_uid}")
+            q = select(SeriesRow).where(SeriesRow.study_id == study.id).order_by(SeriesRow.id)
+            if complete_only:
+                q = q.where(SeriesRow.completed_at.is_not(None))
+            series_rows = list(s.scalars(q))
+            agg = {
+                r.series_id: r
+                for r in s.execute(
+                    select(
+                        InstanceRow.series_id,
+                        func.min(InstanceRow.slice_position).label("zmin"),
+                        func.max(InstanceRow.slice_position).label("zmax"),
+                        func.count(InstanceRow.slice_position).label("npos"),
+                        func.max(InstanceRow.number_of_frames).label("frames"),
+                        func.max(InstanceRow.sop_class_uid).label("sop_class"),
+                    )
+                    .where(InstanceRow.series_id.in_([r.id for r in series_rows]))
+                    .group_by(InstanceRow.series_id)
+                )
+            }
+            out = []
+            for r in series_rows:
+                attrs = {**_attrs_from_db(study.attributes), **_attrs_from_db(r.attributes)}
+                a = agg.get(r.id)
+                z: float | None = None
+                if a is not None:
+                    if not attrs.get("SOPClassUID") and a.sop_class:
+                        attrs["SOPClassUID"] = a.sop_class
+                    if a.frames and not attrs.get("NumberOfFrames"):
+                        attrs["NumberOfFrames"] = int(a.frames)
+                    if a.npos:
+                        z = float(a.zmax - a.zmin)
+                out.append(
+                    SeriesSummary(
+                        study_instance_uid=study_uid,
+                        series_instance_uid=r.series_instance_uid,
+                        attributes=attrs,
+                        n_instances=r.n_instances,
+                        z_extent_mm=z,
+                    )
+                )
+            return out
+
+    def record_decisions(
+        self, study_uid: str, decisions: Sequence[RuleDecision], now: datetime | None = None
+    ) -> None:
+        """Keep routing decisions (with their reasons) and mark the study routed."""
+        at = now or _now()
+        with self._write() as s:
+            study = s.scalar(select(StudyRow).where(StudyRow.study_instance_uid == study_uid))
+            if study is None:
+                raise NotFoundError(f"no study {study_uid}")
+            for d in decisions:
+                s.add(
+                    DecisionRow(
+                        study_id=study.id,
+                        series_instance_uid=d.series_instance_uid,
+                        decided_at=at,
+                        selected=d.selected,
+                        rule=d.rule,
+                        action=d.action,
+                        pipeline=d.pipeline,
+                        destinations=list(d.destinations),
+                        reasons=list(d.reasons),
+                        rank=d.rank,
+                    )
+                )
+            study.routed_at = at
+
+    def decisions(self, study_uid: str) -> list[StoredDecision]:
+        """Every recorded decision for a study, newest first."""
+        with self._read() as s:
+            rows = s.execute(
+                select(DecisionRow, StudyRow.study_instance_uid)
+                .join(StudyRow, DecisionRow.study_id == StudyRow.id)
+                .where(StudyRow.study_instance_uid == study_uid)
+                .order_by(DecisionRow.decided_at.desc(), DecisionRow.id)
+            ).all()
+            return [_decision(r, uid) for r, uid in rows]
+
+    def list_studies(self, *, limit: int = 50, offset: int = 0) -> Page[Study]:
+        """Studies, most recently received first."""
+        with self._read() as s:
+            q = select(StudyRow)
+            total = _count(s, q)
+            rows = list(
+                s.scalars(
+                    q.order_by(StudyRow.last_received_at.desc(), StudyRow.id.desc())
+                    .limit(limit)
+                    .offset(offset)
+                )
+            )
+            return Page(tuple(self._study(s, r) for r in rows), total, limit, offset)
+
+    def get_study(self, study_uid: str) -> Study:
+        with self._read() as s:
+            row = s.scalar(select(StudyRow).where(StudyRow.study_instance_uid == study_uid))
+            if row is None:
+                raise NotFoundError(f"no study {study_uid}")
+            return self._study(s, row)
+
+    def list_series(self, *, study_uid: str | None = None, limit: int = 50, offset: int = 0) -> Page[Series]:
+        """Series (of one study, or all), most recently received first."""
+        with self._read() as s:
+            q = select(SeriesRow, StudyRow.study_instance_uid).join(
+                StudyRow, SeriesRow.study_id == StudyRow.id
+            )
+            if study_uid is not None:
+                q = q.where(StudyRow.study_instance_uid == study_uid)
+            total = _count(s, q)
+            rows = s.execute(
+                q.order_by(SeriesRow.last_received_at.desc(), SeriesRow.id.desc()).limit(limit).offset(offset)
+            )
+            return Page(tuple(_series(r, uid) for r, uid in rows.all()), total, limit, offset)
+
+    def get_series(self, series_uid: str) -> Series:
+        with self._read() as s:
+            row = self._series_row(s, series_uid)
+            return _series(row, self._study_uid(s, row.study_id))
+
+
+def _study_row(
+    conn: Connection, study_uid: str, attrs: dict[str, Any], calling_aet: str | None, at: datetime
+) -> tuple[int, dict[str, Any]]:
+    """The study's id and stored attributes, inserting the study when it is new."""
+    study = conn.execute(_SELECT_STUDY, {"uid": study_uid}).first()
+    if study is not None:
+        return int(study.id), dict(study.attributes or {})
+    values = {
+        "study_instance_uid": study_uid,
+        "attributes": attrs,
+        "calling_aet": calling_aet,
+        "first_received_at": at,
+        "last_received_at": at,
+        "routed_at": None,
+    }
+    return _new_id(conn.execute(_INSERT_STUDY, values)), dict(attrs)
+
+
+def _series_state(
+    conn: Connection, series_uid: str, study_id: int, attrs: dict[str, Any], at: datetime
+) -> tuple[int, datetime, datetime | None, int]:
+    """The series' id, last-received time, completion time and version, inserting the series when new."""
+    series = conn.execute(_SELECT_SERIES, {"uid": series_uid}).first()
+    if series is not None:
+        return int(series.id), series.last_received_at, series.completed_at, int(series.version)
+    values = {
+        "series_instance_uid": series_uid,
+        "study_id": study_id,
+        "attributes": attrs,
+        "modality": str(attrs.get("Modality")) if attrs.get("Modality") else None,
+        "n_instances": 0,
+        "first_received_at": at,
+        "last_received_at": at,
+        "completed_at": None,
+        "version": 1,
+        "needs_new_version": False,
+    }
+    return _new_id(conn.execute(_INSERT_SERIES, values)), at, None, 1
+
+
+def _reopened(conn: Connection, series_uid: str, series_id: int, version: int) -> dict[str, Any]:
+    """Column updates for a complete series a late instance re-opens (a new version when a job exists)."""
+    values: dict[str, Any] = {"completed_at": None}
+    has_job = conn.execute(
+        select(func.count(JobRow.id)).where(JobRow.series_id == series_id, JobRow.version == version)
+    ).scalar()
+    if has_job:
+        values["version"] = SeriesRow.version + 1
+        values["needs_new_version"] = True
+    log.info("series %s re-opened by a late instance (new version: %s)", series_uid, bool(has_job))
+    return values
