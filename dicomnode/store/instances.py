@@ -324,6 +324,16 @@ class InstanceStore(StoreBase):
             row = self._series_row(s, series_uid)
             return _series(row, self._study_uid(s, row.study_id))
 
+    def ingest_totals(self) -> tuple[int, int, int]:
+        """(instances kept, their bytes, series completed) over the whole database (for the metrics)."""
+        with self._read() as s:
+            n = s.scalar(select(func.count()).select_from(InstanceRow)) or 0
+            size = s.scalar(select(func.coalesce(func.sum(InstanceRow.size_bytes), 0))) or 0
+            done = s.scalar(
+                select(func.count()).select_from(SeriesRow).where(SeriesRow.completed_at.is_not(None))
+            )
+        return int(n), int(size), int(done or 0)
+
 
 def _study_row(
     conn: Connection, study_uid: str, attrs: dict[str, Any], calling_aet: str | None, at: datetime

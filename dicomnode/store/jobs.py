@@ -9,7 +9,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 
 from dicomnode.domain import JobState, ResultFiles
 from dicomnode.store.base import (
@@ -387,3 +387,25 @@ class JobStore(StoreBase):
                 }
             )
             return {st: got.get(st, 0) for st in JobState}
+
+    def analysis_durations(self, limit: int = 20000) -> list[float]:
+        """Seconds each finished analysis took (ANALYSING -> REPORTED / NOT_QUALIFYING / FAILED), newest
+        first, from the last ``limit`` job events (the analysis-duration histogram of the metrics)."""
+        e = JobEventRow
+        q = (
+            select(e.job_id, e.at, e.from_state, e.to_state)
+            .where(or_(e.to_state == "analysing", e.from_state == "analysing"))
+            .order_by(e.id.desc())
+            .limit(limit)
+        )
+        with self._read() as s:
+            rows = s.execute(q).all()
+        done = ("reported", "not_qualifying", "failed")
+        ends: dict[int, datetime] = {}
+        out: list[float] = []
+        for job_id, at, from_state, to_state in rows:  # newest first: an end, then its start
+            if from_state == "analysing" and to_state in done:
+                ends[job_id] = at
+            elif to_state == "analysing" and job_id in ends:
+                out.append(max(0.0, (ends.pop(job_id) - at).total_seconds()))
+        return out

@@ -10,16 +10,13 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from sqlalchemy import func, or_, select
 
 from dicomnode.store import Store
-from dicomnode.store.models import InstanceRow, JobEventRow, SeriesRow
 
 log = logging.getLogger(__name__)
 
@@ -27,37 +24,11 @@ __all__ = ["ANALYSIS_BUCKETS", "StoreCollector", "analysis_durations", "metrics_
 
 #: Upper bounds (seconds) of the analysis-duration histogram buckets.
 ANALYSIS_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800)
-_ANALYSIS_DONE = ("reported", "not_qualifying", "failed")
 
 
 def analysis_durations(store: Store, limit: int = 20000) -> list[float]:
-    """Seconds each finished analysis took (ANALYSING -> REPORTED / NOT_QUALIFYING / FAILED), newest first.
-
-    Read-only query over ``job_events`` (the store has no method for it yet).
-    """
-    e = JobEventRow
-    q = (
-        select(e.job_id, e.at, e.from_state, e.to_state)
-        .where(or_(e.to_state == "analysing", e.from_state == "analysing"))
-        .order_by(e.id.desc())
-        .limit(limit)
-    )
-    with store.engine.connect() as conn:
-        rows = conn.execute(q).all()
-    ends: dict[int, datetime] = {}
-    out: list[float] = []
-    for job_id, at, from_state, to_state in rows:  # newest first: an end, then its start
-        if from_state == "analysing" and to_state in _ANALYSIS_DONE:
-            ends[job_id] = at
-        elif to_state == "analysing" and job_id in ends:
-            out.append(max(0.0, (ends.pop(job_id) - at).total_seconds()))
-    return out
-
-
-def _scalar(store: Store, query: Any) -> float:
-    with store.engine.connect() as conn:
-        v = conn.execute(query).scalar()
-    return float(v or 0)
+    """Seconds each finished analysis took, newest first (:meth:`Store.analysis_durations`)."""
+    return store.analysis_durations(limit)
 
 
 class StoreCollector:
@@ -78,17 +49,16 @@ class StoreCollector:
 
     def _collect(self) -> Iterator[Metric]:
         s = self.store
+        n_instances, spool_bytes, n_completed = s.ingest_totals()
         yield CounterMetricFamily(
             "dicomnode_instances_received",
             "DICOM instances received and kept (all processes, from the database)",
-            value=_scalar(s, select(func.count()).select_from(InstanceRow)),
+            value=float(n_instances),
         )
         yield CounterMetricFamily(
             "dicomnode_series_completed",
             "Series that reached completion (quiet period over)",
-            value=_scalar(
-                s, select(func.count()).select_from(SeriesRow).where(SeriesRow.completed_at.is_not(None))
-            ),
+            value=n_completed,
         )
         jobs = GaugeMetricFamily("dicomnode_jobs", "Analysis jobs by state", labels=["state"])
         for state, n in s.job_counts().items():
@@ -98,7 +68,7 @@ class StoreCollector:
         for outcome, n in s.delivery_counts().items():
             deliveries.add_metric([outcome.value], n)
         yield deliveries
-        durations = analysis_durations(s)
+        durations = s.analysis_durations()
         buckets: list[tuple[str, float]] = []
         for b in ANALYSIS_BUCKETS:
             buckets.append((_le(b), float(sum(1 for d in durations if d <= b))))
@@ -112,7 +82,7 @@ class StoreCollector:
         yield GaugeMetricFamily(
             "dicomnode_spool_bytes",
             "Bytes of received instances kept in the spool",
-            value=_scalar(s, select(func.coalesce(func.sum(InstanceRow.size_bytes), 0))),
+            value=float(spool_bytes),
         )
         free: float
         try:

@@ -1,8 +1,8 @@
 """Users of the admin UI / REST API: names, roles, argon2 password hashes, API tokens.
 
-The ``users`` table belongs to the store (:class:`dicomnode.store.models.UserRow`, created by the store's
-migration ``0002_users``, i.e. ``dicomnode db upgrade`` or any node start); this module only reads and
-writes its rows.
+The ``users`` table belongs to the store (:mod:`dicomnode.store.users`, created by the store's migration
+``0002_users``, i.e. ``dicomnode db upgrade`` or any node start); this module checks names, passwords and
+tokens and reads and writes the rows through the store's :class:`~dicomnode.store.users.UserRows`.
 
 Roles: ``admin`` (change rules, resend, re-run, manage users), ``viewer`` (read only) and ``sender``
 (may only store instances with STOW-RS: ``POST /dicomweb/studies``; for a PACS that authenticates).
@@ -15,16 +15,17 @@ import logging
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Literal
+from datetime import datetime
+from typing import TYPE_CHECKING, Literal
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Engine, Table, func, insert, inspect, select, update
-from sqlalchemy.exc import IntegrityError
 
-from dicomnode.errors import ConfigError, InputError
-from dicomnode.store.models import AuditRow, UserRow
+from dicomnode.errors import InputError
+from dicomnode.store.users import UserRows, ensure_users_table, users_table
+
+if TYPE_CHECKING:  # typing only: the web layer calls the store, never SQL
+    from sqlalchemy import Engine
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,6 @@ __all__ = [
 Role = Literal["admin", "viewer", "sender"]
 ROLES: tuple[Role, ...] = ("admin", "viewer", "sender")
 
-#: name, role, argon2 hash of the password, sha256 of the API token (None = no token): the store's table.
-users_table: Table = UserRow.__table__  # type: ignore[assignment]
 
 _USERNAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-@")
 
@@ -78,18 +77,6 @@ class Account:
     last_login: datetime | None
 
 
-def ensure_users_table(engine: Engine) -> None:
-    """Check that the store's migrations created ``users`` (they do: ``0002_users``); creates nothing.
-
-    Raises
-    ------
-    ConfigError
-        The database was not migrated (run ``dicomnode db upgrade``).
-    """
-    if not inspect(engine).has_table("users"):
-        raise ConfigError("database: no users table; run 'dicomnode db upgrade' first")
-
-
 def _check_password(password: str) -> None:
     if not password.strip():
         raise InputError("password must not be empty")
@@ -105,7 +92,7 @@ def _check_username(username: str) -> str:
 
 
 class UserStore:
-    """User accounts on the node's database engine.
+    """User accounts: names, roles and password/token checks over the store's ``users`` rows.
 
     Parameters
     ----------
@@ -117,66 +104,47 @@ class UserStore:
 
     def __init__(self, engine: Engine, hasher: PasswordHasher | None = None) -> None:
         self.engine = engine
+        self.rows = UserRows(engine)
         self.hasher = hasher or PasswordHasher()
 
     def count(self) -> int:
-        with self.engine.connect() as conn:
-            return len(conn.execute(select(users_table.c.id)).all())
+        return self.rows.count()
 
     def list_users(self) -> list[tuple[User, datetime, bool]]:
         """Every user with its creation time and whether it has an API token."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(users_table).order_by(users_table.c.username)).mappings().all()
         return [
-            (
-                User(r["username"], r["role"]),
-                _aware(r["created_at"]),
-                r["token_sha256"] is not None,
-            )
-            for r in rows
+            (User(r["username"], r["role"]), r["created_at"], r["token_sha256"] is not None)
+            for r in self.rows.all()
         ]
 
     def accounts(self) -> list[Account]:
         """Every account, disabled ones included, with its last log-in (newest ``login`` audit event)."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(users_table).order_by(users_table.c.username)).mappings().all()
-            # The login form audits each session log-in as action "login" by the user: no extra column.
-            last = dict(
-                conn.execute(
-                    select(AuditRow.actor, func.max(AuditRow.at))
-                    .where(AuditRow.action == "login")
-                    .group_by(AuditRow.actor)
-                ).all()
-            )
+        last = self.rows.last_logins()
         return [
             Account(
                 username=r["username"],
                 role=r["role"],
                 enabled=not r["disabled"],
-                created_at=_aware(r["created_at"]),
+                created_at=r["created_at"],
                 has_token=r["token_sha256"] is not None,
-                last_login=_aware(last[r["username"]]) if last.get(r["username"]) else None,
+                last_login=last.get(r["username"]),
             )
-            for r in rows
+            for r in self.rows.all()
         ]
 
     def exists(self, username: str) -> bool:
         """Whether an account called ``username`` exists (enabled or not)."""
-        with self.engine.connect() as conn:
-            found = conn.execute(select(users_table.c.id).where(users_table.c.username == username)).first()
-        return found is not None
+        return self.rows.get(username) is not None
 
     def lookup(self, username: str) -> tuple[User, str] | None:
         """The enabled user called ``username`` and its stored password hash (None: unknown or disabled)."""
-        with self.engine.connect() as conn:
-            r = conn.execute(select(users_table).where(users_table.c.username == username)).mappings().first()
+        r = self.rows.get(username)
         if r is None or r["disabled"]:
             return None
         return User(r["username"], r["role"]), str(r["password_hash"])
 
     def get(self, username: str) -> User | None:
-        with self.engine.connect() as conn:
-            r = conn.execute(select(users_table).where(users_table.c.username == username)).mappings().first()
+        r = self.rows.get(username)
         if r is None or r["disabled"]:
             return None
         return User(r["username"], r["role"])
@@ -189,16 +157,7 @@ class UserStore:
         _check_password(password)
         if self.exists(name):  # disabled accounts too: their name stays taken (audit trail)
             raise InputError(f"user {name!r} exists already")
-        with self.engine.begin() as conn:
-            conn.execute(
-                insert(users_table).values(
-                    username=name,
-                    role=role,
-                    password_hash=self.hasher.hash(password),
-                    created_at=datetime.now(UTC),
-                    disabled=0,
-                )
-            )
+        self.rows.insert(name, role, self.hasher.hash(password))
         log.info("user %s created (role %s)", name, role)
         return User(name, role)
 
@@ -209,13 +168,7 @@ class UserStore:
             raise InputError(f"no user {username!r}")
 
     def _write_hash(self, username: str, password: str) -> bool:
-        with self.engine.begin() as conn:
-            result = conn.execute(
-                update(users_table)
-                .where(users_table.c.username == username)
-                .values(password_hash=self.hasher.hash(password))
-            )
-        return bool(result.rowcount)
+        return self.rows.update(username, password_hash=self.hasher.hash(password))
 
     def set_enabled(self, username: str, enabled: bool) -> bool:
         """Enable or disable ``username`` (a disabled account cannot log in; its sessions end at once).
@@ -230,35 +183,24 @@ class UserStore:
         InputError
             There is no such user.
         """
-        with self.engine.begin() as conn:
-            r = conn.execute(select(users_table.c.disabled).where(users_table.c.username == username)).first()
-            if r is None:
-                raise InputError(f"no user {username!r}")
-            if bool(r[0]) == (not enabled):
-                return False
-            conn.execute(
-                update(users_table)
-                .where(users_table.c.username == username)
-                .values(disabled=0 if enabled else 1)
-            )
+        r = self.rows.get(username)
+        if r is None:
+            raise InputError(f"no user {username!r}")
+        if r["disabled"] == (not enabled):
+            return False
+        self.rows.update(username, disabled=0 if enabled else 1)
         log.info("user %s %s", username, "enabled" if enabled else "disabled")
         return True
 
     def new_token(self, username: str) -> str:
         """Issue a new API (bearer) token for ``username`` (returned once; only its SHA-256 is kept)."""
         token = "dn_" + secrets.token_urlsafe(32)
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(users_table)
-                .where(users_table.c.username == username)
-                .values(token_sha256=hashlib.sha256(token.encode()).hexdigest())
-            )
+        self.rows.update(username, token_sha256=hashlib.sha256(token.encode()).hexdigest())
         return token
 
     def verify_password(self, username: str, password: str) -> User | None:
         """The user when ``password`` is right, else None (same cost whether the user exists or not)."""
-        with self.engine.connect() as conn:
-            r = conn.execute(select(users_table).where(users_table.c.username == username)).mappings().first()
+        r = self.rows.get(username)
         stored = r["password_hash"] if r is not None else _DUMMY_HASH.get(self.hasher)
         try:
             self.hasher.verify(stored, password)
@@ -271,21 +213,10 @@ class UserStore:
         return User(r["username"], r["role"])
 
     def verify_token(self, token: str) -> User | None:
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        with self.engine.connect() as conn:
-            r = (
-                conn.execute(select(users_table).where(users_table.c.token_sha256 == digest))
-                .mappings()
-                .first()
-            )
+        r = self.rows.by_token(hashlib.sha256(token.encode()).hexdigest())
         if r is None or r["disabled"]:
             return None
         return User(r["username"], r["role"])
-
-
-def _aware(value: datetime) -> datetime:
-    # The store's column type returns aware UTC; a naive value can only be UTC too.
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 class _DummyHash:
@@ -321,7 +252,7 @@ def bootstrap_admin(users: UserStore, environ: Mapping[str, str], *, print_fn: o
     password = given or secrets.token_urlsafe(12)
     try:
         users.create("admin", password, "admin")
-    except (IntegrityError, InputError):
+    except InputError:
         return None  # another process of the node created it at the same moment
     if given:
         log.info("admin user created with the password from DICOMNODE_ADMIN_PASSWORD")

@@ -169,7 +169,7 @@ def test_sagittal_bundle_serves_the_node(sagittal_bundle: tuple[Path, Path, dict
     # network trained on the CPU rounds differently on another CPU, and one case may land anywhere inside
     # the held-out error distribution.
     from dicomnode.ml.inference import predict_sagittal
-    from dicomnode.ml.metrics import acr_category
+    from dicomnode.vocab import acr_category
 
     centroids = {v.level: v.roi_centroid_lps_mm for v in classical.vertebrae}
     direct = predict_sagittal(bundle, case.volume, centroids)

@@ -137,3 +137,37 @@ def test_ingest_stays_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"dicomnode.ingest pulls in: {out.stdout.strip()}"
+
+
+def _runtime_imports(path: Path) -> list[tuple[str, int]]:
+    """Imports outside ``if TYPE_CHECKING:`` blocks."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    typing_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for n in ast.walk(block)
+    }
+    out: list[tuple[str, int]] = []
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            out.extend((a.name, node.lineno) for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.append((node.module, node.lineno))
+    return out
+
+
+def test_web_and_pipeline_use_store_methods_only() -> None:
+    """No SQL outside the store: web and pipeline call store methods, never SQLAlchemy or the table models."""
+    offenders = [
+        f"{p.relative_to(PKG.parent)}:{line}: {name}"
+        for p in _py_files()
+        if _top_module(p) in ("web", "pipeline")
+        for name, line in _runtime_imports(p)
+        if name == "sqlalchemy"
+        or name.startswith("sqlalchemy.")
+        or name in ("dicomnode.store.models", "dicomnode.store.engine", "dicomnode.store.base")
+    ]
+    assert not offenders, offenders
