@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from dicomnode.domain import DeliveryOutcome, JobState
 from dicomnode.errors import ConfigError, InputError
@@ -33,6 +33,12 @@ IdPath = Annotated[int, Path(ge=1, le=2**62)]
 
 
 # -- models --------------------------------------------------------------------------------------------
+
+
+class FromRecord(BaseModel):
+    """An API model read from a store record's attributes (``Model.model_validate(record)``)."""
+
+    model_config = ConfigDict(from_attributes=True)
 
 
 class Problem(BaseModel):
@@ -100,7 +106,7 @@ class ExplainOut(BaseModel):
     series: list[SeriesDecision]
 
 
-class RuleVersionOut(BaseModel):
+class RuleVersionOut(FromRecord):
     id: int
     created_at: datetime
     author: str
@@ -148,7 +154,7 @@ class SeriesOut(BaseModel):
     version: int
 
 
-class JobOut(BaseModel):
+class JobOut(FromRecord):
     id: int
     series_instance_uid: str
     study_instance_uid: str
@@ -164,7 +170,7 @@ class JobOut(BaseModel):
     finished_at: datetime | None
 
 
-class EventOut(BaseModel):
+class EventOut(FromRecord):
     at: datetime
     from_state: JobState | None
     to_state: JobState
@@ -172,7 +178,7 @@ class EventOut(BaseModel):
     actor: str | None
 
 
-class DeliveryOut(BaseModel):
+class DeliveryOut(FromRecord):
     id: int
     job_id: int
     destination: str
@@ -232,7 +238,7 @@ class DeliveriesPage(PageOf):
     items: list[DeliveryOut]
 
 
-class AuditOut(BaseModel):
+class AuditOut(FromRecord):
     id: int
     at: datetime
     actor: str
@@ -338,39 +344,11 @@ def series_out(s: Any) -> SeriesOut:
 
 
 def job_out(j: Job) -> JobOut:
-    return JobOut(
-        id=j.id,
-        series_instance_uid=j.series_instance_uid,
-        study_instance_uid=j.study_instance_uid,
-        pipeline=j.pipeline,
-        destinations=list(j.destinations),
-        version=j.version,
-        state=j.state,
-        message=j.message,
-        attempts=j.attempts,
-        created_at=j.created_at,
-        updated_at=j.updated_at,
-        started_at=j.started_at,
-        finished_at=j.finished_at,
-    )
+    return JobOut.model_validate(j)
 
 
 def delivery_out(d: Delivery) -> DeliveryOut:
-    return DeliveryOut(
-        id=d.id,
-        job_id=d.job_id,
-        destination=d.destination,
-        version=d.version,
-        outcome=d.outcome,
-        attempts=d.attempts,
-        message=d.message,
-        next_attempt_at=d.next_attempt_at,
-        created_at=d.created_at,
-        updated_at=d.updated_at,
-        delivered_at=d.delivered_at,
-        study_instance_uid=d.study_instance_uid,
-        series_instance_uid=d.series_instance_uid,
-    )
+    return DeliveryOut.model_validate(d)
 
 
 def decision_out(sd: Any) -> DecisionOut:
@@ -484,10 +462,7 @@ def rule_versions(user: AnyUser, ctx: Ctx, limit: Limit = 50, offset: Offset = 0
     """Saved rule versions, newest first."""
     page = ctx.store.list_rule_versions(limit=limit, offset=offset)
     return VersionsOut(
-        items=[
-            RuleVersionOut(id=v.id, created_at=v.created_at, author=v.author, comment=v.comment)
-            for v in page.items
-        ],
+        items=[RuleVersionOut.model_validate(v) for v in page.items],
         total=page.total,
         current=ctx.rules.current().version,
     )
@@ -583,10 +558,7 @@ def get_job(job_id: IdPath, user: AnyUser, ctx: Ctx) -> JobDetailOut:
     overlays = overlay_files(list(d.result.files)) if d.result else []
     return JobDetailOut(
         job=job_out(d.job),
-        events=[
-            EventOut(at=e.at, from_state=e.from_state, to_state=e.to_state, message=e.message, actor=e.actor)
-            for e in d.events
-        ],
+        events=[EventOut.model_validate(e) for e in d.events],
         result=dict(d.result.result_json) if d.result else None,
         overlays=[f"/api/jobs/{job_id}/overlays/{i}.png" for i in range(len(overlays))],
         deliveries=[delivery_out(x) for x in d.deliveries],
@@ -721,18 +693,7 @@ def audit(
     """Audit events (who, when, what, before and after), newest first."""
     page = ctx.store.list_audit(target=target, limit=limit, offset=offset)
     return AuditPage(
-        items=[
-            AuditOut(
-                id=e.id,
-                at=e.at,
-                actor=e.actor,
-                action=e.action,
-                target=e.target,
-                before=e.before,
-                after=e.after,
-            )
-            for e in page.items
-        ],
+        items=[AuditOut.model_validate(e) for e in page.items],
         total=page.total,
         limit=limit,
         offset=offset,
