@@ -78,15 +78,38 @@ BONE_HU = 180.0
 #: even with partial volume, discs (80-100 HU), muscle (50) and CSF/fat do not.
 WALL_HU = 120.0
 CANAL_MAX_HU = 100.0
+#: A vertebral body is at most this deep (AP, mm; lumbar end plates 30-40 mm, spine-anatomy.md 1): a deeper
+#: blob on the midline has the neural arch joined to it.
+BODY_MAX_DEPTH_MM = 55.0
 CORE_HALF_WIDTH_MM = 45.0
+#: Rib bone is looked for outside this half width around the axis: the vertebral body (half width 15-25 mm)
+#: is inside, the rib heads and necks (25-50 mm out, where they articulate) are outside.
+RIB_HEAD_CORE_MM = 30.0
+#: Rib heads and necks articulate with the bodies and transverse processes 20-35 mm from the midline: rib
+#: bone that comes no closer than this does not reach the spine.
+RIB_HEAD_MAX_MM = 36.0
+#: The lower ribs run down by roughly 0.5-1 mm for every mm out from their heads: the head is found as the
+#: extreme of (distance out - this x height).
+RIB_HEAD_SLOPE = 0.7
+#: Ribs are 5-10 mm thick (up to 12 mm with partial volume): bone holding a ball this wide is not rib.
+RIB_MAX_THICK_MM = 12.0
 #: Score cost of one disc in the disc chain (HU of dip depth): end plate/disc contrast is 50-150 HU.
 DISC_COST = 25.0
-RIB_MIN_REACH_MM = 75.0
-#: A lowest rib shorter than this (path outside the 45 mm spine core, i.e. roughly 85 mm from the rib head)
-#: is in the range of rudimentary lumbar ribs and hypoplastic 12th ribs (see ``_short_rib_note``).
-RIB_SHORT_MM = 60.0
-#: A lowest rib shorter than this fraction of the rib above breaks the tapering series of the lower ribs.
+#: Rib bone reaches at least this far from the axis: lumbar transverse processes end 10-19 mm beyond the
+#: pedicle (L3 the longest; spine-anatomy.md 3.1), i.e. well inside 60 mm of the midline.
+RIB_MIN_REACH_MM = 65.0
+#: A lowest rib shorter than this (geodesic length from its head) is a short rib: a thoracic vertebra bears
+#: ribs >= 38 mm long, shorter ones mark a thoracolumbar transitional vertebra (Yun et al., Korean J Radiol
+#: 2018;19:1140; spine-anatomy.md 2). See ``_short_rib_note``.
+RIB_SHORT_MM = 38.0
+#: A lowest rib shorter than this fraction of the rib above cannot be told from a lumbar rib with the ribs
+#: alone: the 12th rib is about half the 11th (arc lengths ~114 vs ~210 mm, Todd's Cyclopaedia, table A;
+#: spine-anatomy.md 2), and a lumbar rib on L1 is shorter than the 12th above it by about as much. Only a
+#: 12th pair longer than that (or a second anchor) makes the rib count confident.
 RIB_SHORT_RATIO = 0.6
+#: With no rib pair above in view to compare, a lowest pair at least this long (a full 12th rib, ~114 mm
+#: arc in Todd's table) is taken as the 12th; a shorter one may be a lumbar rib.
+RIB_LONE_MIN_MM = 90.0
 #: Sacral-looking slices (mm) beside the vertebra above the sacrum that make a transitional vertebra possible.
 LSTV_MIN_MM = 4.0
 
@@ -108,6 +131,7 @@ class Segment:
     sacral: bool = False
     sacral_mm: float = 0.0  # extent (mm) of its slices where bone joined to it looks sacral (ala / ilium)
     slab: int = -1  # number of disc planes below it (its place between the discs)
+    rib_inferred: bool = False  # rib-free between two rib-bearing vertebrae: a missed rib pair
 
     @property
     def zc(self) -> float:
@@ -115,7 +139,7 @@ class Segment:
 
     @property
     def has_rib(self) -> bool:
-        return self.rib_l > 0 or self.rib_r > 0
+        return self.rib_l > 0 or self.rib_r > 0 or self.rib_inferred
 
 
 @dataclass
@@ -147,17 +171,58 @@ def _smooth_track(values: npt.NDArray[np.float64], ok: npt.NDArray[np.bool_], wi
     return np.interp(z, idx, values[idx]), good
 
 
-def _fill_bright_holes(closed: B, hu2: F32, min_hu: float) -> B:
-    """Fill holes of a slice mask whose median HU exceeds ``min_hu`` (marrow), not the dark canal."""
+def _fill_bright_holes(closed: B, hu2: F32, min_hu: float, behind_y: float | None = None) -> B:
+    """Fill holes of a slice mask whose median HU exceeds ``min_hu`` (marrow), not the dark canal.
+
+    ``behind_y``: holes whose centre lies behind this row (the canal behind a body's centre) stay open.
+    """
     filled = np.asarray(ndi.binary_fill_holes(closed), dtype=bool)
     holes = filled & ~closed
     if not holes.any():
         return filled
     lab, n = ndi.label(holes)
-    med = ndi.median(hu2, lab, np.arange(1, n + 1))
+    idx = np.arange(1, n + 1)
+    med = np.asarray(ndi.median(hu2, lab, idx))
     keep = np.zeros(n + 1, dtype=bool)
-    keep[1:] = np.asarray(med) > min_hu
+    keep[1:] = med > min_hu
+    if behind_y is not None:
+        cy = np.array([c[0] for c in ndi.center_of_mass(holes, lab, idx)])
+        keep[1:] &= cy <= behind_y
     return np.asarray(closed | keep[lab], dtype=bool)
+
+
+def _body_blob(
+    filled: B, hu2: F32, st_open: B, mid_x: float, mid_y: float, skin: float, g: float, xx: Any, yy: Any
+) -> tuple[float, float, float, float] | None:
+    """The vertebral body on one slice: the most posterior thick blob within 35 mm of the trunk midline
+    with bright cortex inside, >= 25 mm in front of the back skin. Returns its centre x, its posterior wall
+    row and its depth (rows) along the midline, and its centre row; None when there is none."""
+    op = ndi.binary_opening(filled, structure=st_open)
+    lab, n = ndi.label(op)
+    if n == 0:
+        return None
+    idx = np.arange(1, n + 1)
+    areas = ndi.sum_labels(np.ones_like(lab), lab, idx) * g * g
+    cms = ndi.center_of_mass(op, lab, idx)
+    # bright cortex inside (not the table or an enhanced organ) and well inside the back (>= 25 mm)
+    cortex = np.asarray(ndi.mean(hu2 > 200.0, lab, idx)) >= 0.1
+    back = skin if np.isfinite(skin) else np.inf
+    best, best_y = 0, -np.inf
+    for q, (area, (cy, cx)) in enumerate(zip(areas, cms, strict=True)):
+        if area < 400.0 or abs(cx - mid_x) * g > 35.0 or cy < mid_y - 30.0 / g:
+            continue
+        if not cortex[q] or (back - cy) * g < 25.0:
+            continue
+        if cy > best_y:
+            best, best_y = q + 1, cy
+    if best == 0:
+        return None
+    comp = lab == best
+    cy, cx = (float(v) for v in ndi.center_of_mass(comp))
+    post = yy[comp & (np.abs(xx - cx) * g <= 5.0)]
+    if post.size == 0:
+        return None
+    return cx, float(post.max()), float(post.max() - post.min() + 1), cy
 
 
 def _find_canal(hu: F32, body: B, g: float) -> tuple[Frame, B]:
@@ -193,37 +258,21 @@ def _find_canal(hu: F32, body: B, g: float) -> tuple[Frame, B]:
             continue
         closed = ndi.binary_closing(w, structure=st) | w
         filled = _fill_bright_holes(closed, hu[z], 40.0)
-        filled_all[z] = filled
-        op = ndi.binary_opening(filled, structure=st_open)
-        lab, n = ndi.label(op)
-        if n == 0:
-            continue
         bj, bi = np.nonzero(body[z])
         mid_x, mid_y = float(bi.mean()), float(bj.mean())
-        idx = np.arange(1, n + 1)
-        areas = ndi.sum_labels(np.ones_like(lab), lab, idx) * g * g
-        cms = ndi.center_of_mass(op, lab, idx)
-        # bright cortex inside (not the table or an enhanced organ) and well inside the back (>= 25 mm)
-        p90 = np.where(np.asarray(ndi.mean(hu[z] > 200.0, lab, idx)) >= 0.1, 1000.0, 0.0)
-        back = skin_y[z] if np.isfinite(skin_y[z]) else np.inf
-        best, best_y = 0, -np.inf
-        for q, (area, (cy, cx)) in enumerate(zip(areas, cms, strict=True)):
-            if area < 400.0 or abs(cx - mid_x) * g > 35.0 or cy < mid_y - 30.0 / g:
-                continue
-            if p90[q] < 200.0 or (back - cy) * g < 25.0:
-                continue
-            if cy > best_y:
-                best, best_y = q + 1, cy
-        if best == 0:
+        hit = _body_blob(filled, hu[z], st_open, mid_x, mid_y, skin_y[z], g, xx, yy)
+        if hit is not None and hit[2] * g > BODY_MAX_DEPTH_MM:
+            # deeper than any vertebral body: the canal was filled with the marrow (contrast-enhanced
+            # epidural veins lift its median above the marrow threshold) and the arch joined the body;
+            # fill again without the hole behind the body's centre
+            filled = _fill_bright_holes(closed, hu[z], 40.0, behind_y=hit[3])
+            hit = _body_blob(filled, hu[z], st_open, mid_x, mid_y, skin_y[z], g, xx, yy)
+            if hit is not None and hit[2] * g > BODY_MAX_DEPTH_MM:
+                hit = None
+        filled_all[z] = filled
+        if hit is None:
             continue
-        comp = lab == best
-        cx = float(ndi.center_of_mass(comp)[1])
-        cols = np.abs(xx - cx) * g <= 5.0
-        post = yy[comp & cols]
-        if post.size == 0:
-            continue
-        xb[z] = cx
-        ya[z] = float(post.max())
+        xb[z], ya[z] = hit[0], hit[1]
         found[z] = True
     if int(found.sum()) * g < 20.0:
         raise NotQualifyingError("spine not found: no vertebral body column in view")
@@ -357,76 +406,167 @@ def _axial_profile(hu: F32, col: Column, z_lo: int, z_hi: int, g: float, radius_
     return p
 
 
-def _find_discs(p: npt.NDArray[np.float64], z_lo: int, z_hi: int, g: float) -> list[int]:
-    """Intervertebral discs: dips of the axial profile flanked within 6 mm by brighter end plates on both
-    sides (a mid-body dip has its end plates 12-15 mm away), chosen as the best-scoring chain with a
-    vertebral pitch of 20-50 mm (dynamic programming), gaps filled with the best dip available."""
-    k0, k1 = 1, max(2, round(6.0 / g))
+#: A dip next to a band is the disc when it is no brighter than the marrow beyond the band plus this (HU).
+DISC_VS_MARROW_HU = 5.0
+
+
+def _disc_candidates(p: npt.NDArray[np.float64], z_lo: int, z_hi: int, g: float) -> dict[int, float]:
+    """Disc candidates along the column profile, with a score in HU.
+
+    A disc complex is end plate, disc, end plate. Where the disc is thick (lumbar discs, 8-12 mm) it is
+    resolved as a *dip* flanked within 6 mm by the brighter end plates on both sides. Where it is thin
+    (thoracic discs, 3-6 mm) the two end plates merge into one bright *band* at 2-3 mm sampling, with
+    marrow 6-16 mm away on both sides; its centre is the disc. Which of the two a disc looks like depends
+    on the disc's thickness and the slice thickness, not on the patient's bone density, so both are
+    candidates. A band is only taken where no dip lies inside it (a resolved pair of end plates is one
+    disc, not two bands). Mid-body dips (the marrow between the end plates of one small body) qualify as
+    weak dips, and bright foci in a body (a bone island) as bands; the chain's pitch consistency
+    (``_find_discs``) chooses among them.
+    """
     nz = p.size
+    k0, k1 = 1, max(2, round(6.0 / g))
     d = np.full(nz, -np.inf)
     for z in range(z_lo + k1, z_hi - k1 + 1):
         lo, hi = p[z - k1 : z - k0 + 1], p[z + k0 : z + k1 + 1]
         if np.isfinite(lo).any() and np.isfinite(hi).any() and np.isfinite(p[z]):
             d[z] = min(np.nanmax(lo), np.nanmax(hi)) - p[z]
-    cands = [
-        z
+    dips = {
+        z: float(d[z])
         for z in range(nz)
         if np.isfinite(d[z]) and d[z] >= 12.0 and d[z] >= d[max(0, z - 1)] and d[z] >= d[min(nz - 1, z + 1)]
-    ]
-    # non-maximum suppression within 6 mm
-    cands.sort(key=lambda z: -d[z])
-    kept: list[int] = []
-    for z in cands:
-        if all(abs(z - k) * g > 6.0 for k in kept):
-            kept.append(z)
-    c = sorted(kept)
-    if not c:
-        return []
-    smin, smax = 22.0, 50.0
-    # each disc costs DISC_COST so that two weak mid-body dips never beat one real disc
-    best = np.array([d[z] - DISC_COST for z in c], dtype=float)
-    prev = [-1] * len(c)
-    for i in range(len(c)):
-        for j in range(i):
-            delta = (c[i] - c[j]) * g
-            if delta < smin:
+    }
+    ps = ndi.gaussian_filter1d(np.where(np.isfinite(p), p, np.nanmedian(p)), 1.0 / g, mode="nearest")
+    near, far = max(2, round(5.0 / g)), max(3, round(16.0 / g))
+    bands: dict[int, float] = {}
+    far_side: dict[int, tuple[float, float]] = {}  # marrow level below / above each band
+    for z in range(z_lo + near, z_hi - near + 1):
+        if not (ps[z] >= ps[z - 1] and ps[z] >= ps[z + 1]):
+            continue
+        left = ps[max(z_lo, z - far) : z - near + 1]
+        right = ps[z + near : min(z_hi, z + far) + 1]
+        if left.size == 0 or right.size == 0:
+            continue
+        score = float(ps[z] - max(left.min(), right.min()))
+        if score >= 30.0:
+            bands[z] = score
+            far_side[z] = (float(left.min()), float(right.min()))
+    # a band and a dip within 8 mm: the dip is the disc of a resolved end-plate pair (the band one of its end
+    # plates) when it is darker than the marrow on the band's far side (discs are darker than the marrow
+    # beside them there); otherwise the dip is the marrow of a small body next to a merged band (the band is
+    # the disc)
+    for zb in list(bands):
+        for zd in list(dips):
+            if abs(zb - zd) * g > 8.0 or zb not in bands or zd not in dips:
                 continue
-            pen = 0.0 if delta <= smax else (60.0 if delta <= 2.2 * smax else np.inf)
-            cand = best[j] - pen + d[c[i]] - DISC_COST
-            if cand > best[i]:
-                best[i], prev[i] = cand, j
-    i = int(np.argmax(best))
-    chain = []
-    while i >= 0:
-        chain.append(c[i])
-        i = prev[i]
-    chain.sort()
-    # fill gaps left by a missed disc with the best remaining dip in the middle of the gap
+            marrow = far_side[zb][0] if zd > zb else far_side[zb][1]
+            if p[zd] <= marrow + DISC_VS_MARROW_HU:
+                bands.pop(zb)
+            else:
+                dips.pop(zd)
+    cands = {**bands, **dips}
+    # non-maximum suppression within 6 mm
+    kept: dict[int, float] = {}
+    for z in sorted(cands, key=lambda q: -cands[q]):
+        if all(abs(z - k) * g > 6.0 for k in kept):
+            kept[z] = cands[z]
+    return kept
+
+
+#: Vertebral pitch (body + disc, mm) from the upper thoracic spine (~17 mm) to the lower lumbar (~40 mm),
+#: with room for a large or a collapsed body.
+PITCH_MIN_MM, PITCH_MAX_MM = 14.0, 50.0
+#: Neighbouring pitches differ by ~5-15 % along a healthy spine (``PITCH_FREE``: no cost); a compression
+#: fracture (grade 3: > 40 % height loss) shortens one pitch by up to ~40 %. The cost rises linearly in
+#: log(ratio) to ``PITCH_PENALTY`` (HU of score) at ``PITCH_CHANGE``; a change beyond a factor 2.2 (two discs
+#: missed) is not allowed.
+PITCH_FREE = 1.15
+PITCH_CHANGE = 1.6
+PITCH_PENALTY = 60.0
+
+
+def _find_discs(p: npt.NDArray[np.float64], z_lo: int, z_hi: int, g: float) -> list[int]:
+    """Intervertebral discs: the best-scoring chain of disc candidates (``_disc_candidates``) with a
+    vertebral pitch of 14-50 mm that changes smoothly from one vertebra to the next (dynamic programming
+    over pairs of consecutive discs; each disc costs ``DISC_COST`` so that weak mid-body dips never beat
+    real discs); gaps left by a missed disc are filled with the best candidate available."""
+    cands = _disc_candidates(p, z_lo, z_hi, g)
+    if not cands:
+        return []
+    c = sorted(cands)
+    sc = [cands[z] - DISC_COST for z in c]
+    n = len(c)
+    lo_step, hi_step = PITCH_MIN_MM / g, 2.2 * PITCH_MAX_MM / g
+    preds: list[list[int]] = [[j for j in range(i) if lo_step <= c[i] - c[j] <= hi_step] for i in range(n)]
+
+    def jump(j: int, i: int) -> float:
+        return 0.0 if (c[i] - c[j]) * g <= PITCH_MAX_MM else PITCH_PENALTY
+
+    def change(k: int, j: int, i: int) -> float:
+        r = (c[i] - c[j]) / (c[j] - c[k])
+        if r > 2.2 or r < 1.0 / 2.2:
+            return np.inf
+        excess = (abs(np.log(r)) - np.log(PITCH_FREE)) / (np.log(PITCH_CHANGE) - np.log(PITCH_FREE))
+        return float(PITCH_PENALTY * np.clip(excess, 0.0, 1.0))
+
+    # best[(j, i)]: best chain ending with discs j then i; start[i]: chain of i alone
+    best: dict[tuple[int, int], float] = {}
+    back: dict[tuple[int, int], tuple[int, int] | None] = {}
+    for i in range(n):
+        for j in preds[i]:
+            v, b = sc[j] + sc[i] - jump(j, i), None
+            for k in preds[j]:
+                prev = best.get((k, j))
+                if prev is None:
+                    continue
+                cand = prev + sc[i] - jump(j, i) - change(k, j, i)
+                if cand > v:
+                    v, b = cand, (k, j)
+            best[(j, i)], back[(j, i)] = v, b
+    single = int(np.argmax(sc))
+    if not best or sc[single] >= max(best.values()):
+        chain = [c[single]]
+    else:
+        key: tuple[int, int] | None = max(best, key=lambda q: best[q])
+        idx: list[int] = []
+        while key is not None:
+            idx.append(key[1])
+            prev_key = back[key]
+            if prev_key is None:
+                idx.append(key[0])
+            key = prev_key
+        chain = sorted(c[q] for q in idx)
+    return _fill_gaps(chain, cands, p, z_hi, g)
+
+
+def _fill_gaps(
+    chain: list[int], cands: dict[int, float], p: npt.NDArray[np.float64], z_hi: int, g: float
+) -> list[int]:
+    """Fill gaps left by a missed disc with the best candidate (or profile dip) in the middle of the gap."""
     out = list(chain)
-    if len(out) >= 2:
-        pitch = float(np.median(np.diff(out))) * g
+    if len(out) < 2:
+        return out
+    smin = PITCH_MIN_MM
+    pitch = float(np.median(np.diff(out))) * g
+    top = max(out)
+    if (z_hi - top) * g > 1.6 * pitch:
         # above the top disc: another vertebra's worth of column means a missed disc up there
-        top = max(out)
-        if (z_hi - top) * g > 1.6 * pitch:
-            above = [
-                z
-                for z in range(top + int(smin / g), z_hi - int(10.0 / g) + 1)
-                if np.isfinite(d[z]) and d[z] >= 20.0
-            ]
-            if above:
-                out.append(max(above, key=lambda z: d[z]))
-                out.sort()
-        changed = True
-        while changed:
-            changed = False
-            for a, b in itertools.pairwise(out):
-                if (b - a) * g > max(smax, 1.6 * pitch):
-                    mid = [z for z in range(a + int(smin / g), b - int(smin / g) + 1) if np.isfinite(d[z])]
-                    if mid:
-                        out.append(max(mid, key=lambda z: d[z]))
-                        out.sort()
-                        changed = True
-                        break
+        above = [z for z in cands if top + pitch * 0.6 / g <= z <= z_hi - 10.0 / g]
+        if above:
+            out.append(max(above, key=lambda z: cands[z]))
+            out.sort()
+    changed = True
+    while changed:
+        changed = False
+        for a, b in itertools.pairwise(out):
+            local = [r - q for q, r in itertools.pairwise(out) if (q, r) != (a, b)]
+            ref = float(np.median(local)) * g if local else pitch
+            if (b - a) * g > max(1.6 * ref, 2 * smin):
+                mid = [z for z in cands if a + smin / g <= z <= b - smin / g]
+                if mid:
+                    out.append(max(mid, key=lambda z: cands[z]))
+                    out.sort()
+                    changed = True
+                    break
     return out
 
 
@@ -529,7 +669,7 @@ def _rib_evidence(
     frame: Frame,
     segs: list[Segment],
     g: float,
-    slab_of: Any = None,
+    tangent_of: Any = None,
 ) -> list[str]:
     """Attach to each vertebra the rib bone that passes next to it; return notes.
 
@@ -545,11 +685,16 @@ def _rib_evidence(
     xc = frame.xc[zl:zh, None, None]
     xx = np.arange(nx)[None, None, :]
     adx = np.abs(xx - xc) * g  # (nzc, 1, nx)
-    bone = (sub > BONE_HU) & body[zl:zh] & (adx >= CORE_HALF_WIDTH_MM)
+    bone = (sub > BONE_HU) & body[zl:zh] & (adx >= RIB_HEAD_CORE_MM)
     lab, n = ndi.label(bone, structure=np.ones((3, 3, 3), dtype=bool))
     if n == 0 or not segs:
         return notes
     vol = np.bincount(lab.ravel(), minlength=n + 1)[1:] * g**3
+    # ribs are thin (5-10 mm): a component that is mostly thicker than a 10 mm ball is an enhanced organ
+    # (spleen, kidney cortex, a vessel) above the bone threshold, or the pelvis
+    rb = max(1, round(RIB_MAX_THICK_MM / (2.0 * g)))
+    ball = np.sum(np.square(np.mgrid[-rb : rb + 1, -rb : rb + 1, -rb : rb + 1]), axis=0) <= rb * rb
+    thick = np.bincount(lab[ndi.binary_opening(bone, structure=ball)], minlength=n + 1)[1:] * g**3
     objs = ndi.find_objects(lab)
     x_mid = float(np.nanmedian(frame.xc[zl:zh]))
     ok = np.zeros(n + 1, dtype=bool)
@@ -558,23 +703,69 @@ def _rib_evidence(
         if sl is None:
             continue
         reach = max(abs(sl[2].start - x_mid), abs(sl[2].stop - 1 - x_mid)) * g
-        ok[q] = reach >= RIB_MIN_REACH_MM and 300.0 < vol[q - 1] < 150_000.0
+        ok[q] = reach >= RIB_MIN_REACH_MM and vol[q - 1] > 300.0 and thick[q - 1] < 0.25 * vol[q - 1]
         top_touch[q] = zl + sl[0].stop >= nz
     yy = np.arange(ny)[None, :, None]
     dy = (yy - frame.yc[zl:zh, None, None]) * g
-    ann = ok[lab] & (adx <= 62.0) & (dy >= -30.0) & (dy <= 40.0)
-    if not ann.any():
+    # rib necks: the medial 30-62 mm of each rib at canal depth; one connected piece per rib (ribs lie apart
+    # there, whatever joins them further out)
+    neck = ok[lab] & (adx <= 62.0) & (dy >= -30.0) & (dy <= 40.0)
+    if not neck.any():
+        return notes
+    neck_lab, n_neck = ndi.label(neck, structure=np.ones((3, 3, 3), dtype=bool))
+    nz_, ny_, nx_ = np.nonzero(neck_lab)
+    piece = neck_lab[nz_, ny_, nx_]
+    dxv = np.broadcast_to(adx, lab.shape)[nz_, ny_, nx_]
+    # each rib is credited to the vertebra at its medial end (the head articulates there): the rib body
+    # descends steeply as it runs out (the 12th rib lies at the next vertebra's level 45-60 mm out), so
+    # voxels further out would credit the vertebra below. A piece whose medial end stays further out than
+    # ``RIB_HEAD_MAX_MM`` does not reach a joint with the spine (a rib cut by the field of view, a lateral
+    # bone fragment).
+    min_dx = ndi.minimum(dxv, piece, np.arange(1, n_neck + 1))
+    min_dx = np.concatenate([[np.inf], np.asarray(min_dx, dtype=float)])
+    # the head is the medial and cranial extreme of the rib (ribs run down and out from their heads)
+    head_score = dxv - RIB_HEAD_SLOPE * nz_ * g
+    min_score = np.concatenate(
+        [[np.inf], np.asarray(ndi.minimum(head_score, piece, np.arange(1, n_neck + 1)), dtype=float)]
+    )
+    medial = head_score <= min_score[piece] + 4.0
+    med_n = np.bincount(piece[medial], minlength=n_neck + 1).astype(float)
+    med_z = np.bincount(piece[medial], weights=nz_[medial], minlength=n_neck + 1) / np.maximum(med_n, 1)
+    med_y = np.bincount(piece[medial], weights=ny_[medial], minlength=n_neck + 1) / np.maximum(med_n, 1)
+    med_x = np.bincount(piece[medial], weights=nx_[medial], minlength=n_neck + 1) / np.maximum(med_n, 1)
+    real = (min_dx <= RIB_HEAD_MAX_MM) & (med_n > 0)
+    keep = real[piece]
+    az, ay, ax = nz_[keep], ny_[keep], nx_[keep]
+    pz = np.round(med_z[piece[keep]]).astype(np.intp)
+    py = np.round(med_y[piece[keep]]).astype(np.intp)
+    px = np.round(med_x[piece[keep]]).astype(np.intp)
+    if az.size == 0:
         return notes
     zc = np.array([s.zc for s in segs])
-    az, ay, ax = np.nonzero(ann)
     azf = az + zl
-    if slab_of is not None:
-        # the vertebra whose disc planes enclose the rib neck (robust to bodies cut by the field of view)
-        slab = slab_of(azf, ay, ax)
-        index = {s.slab: i for i, s in enumerate(segs)}
-        nearest = np.array([index.get(int(k), -1) for k in slab])
+    if tangent_of is not None:
+        # the vertebra whose body centre is nearest to the rib head along the column axis: the head lies
+        # beside the body (lower ribs) or at the disc below it (demi-facets higher up), behind the body's
+        # centre, so the distance is taken along the column's own axis (kyphosis and lordosis tilt it)
+        cents = np.array([_centroid(sg) for sg in segs])
+        heads = np.stack([pz + zl, py, px], axis=1).astype(float)
+        tang = np.array([tangent_of(round(float(c[0]))) for c in cents])
+        dist = np.abs(np.einsum("hsk,sk->hs", heads[:, None, :] - cents[None, :, :], tang))
+        nearest = np.argmin(dist, axis=1)
+        if log.isEnabledFor(logging.DEBUG):
+            for pc in np.unique(piece[keep]):
+                w = piece[keep] == pc
+                log.debug(
+                    "rib piece %d head z %.0f dy %.0f dx %.0f -> vertebra #%d (%d voxels)",
+                    pc,
+                    (pz[w][0] + zl) * g,
+                    (py[w][0] - frame.yc[pz[w][0] + zl]) * g,
+                    min_dx[pc],
+                    nearest[w][0] + 1,
+                    w.sum(),
+                )
     else:
-        nearest = np.argmin(np.abs(azf[:, None] - zc[None, :]), axis=1)
+        nearest = np.argmin(np.abs((pz + zl)[:, None] - zc[None, :]), axis=1)
     side_left = (ax - frame.xc[azf]) > 0
     comp_of = lab[az, ay, ax]
     body_y = np.full(nz, np.nan)
@@ -621,10 +812,7 @@ def _rib_evidence(
                 sl = objs[c - 1]
                 if sl is None:
                     continue
-                cz, cy, cx = np.nonzero(lab[sl] == c)
-                length = _rib_length(
-                    cz + sl[0].start + zl, cy + sl[1].start, cx + sl[2].start, frame, body_y, g
-                )
+                length = _rib_length(lab[sl] == c, adx[sl[0], :, sl[2]], g)
                 if left:
                     s.rib_len_l = length
                 else:
@@ -632,29 +820,31 @@ def _rib_evidence(
     return notes
 
 
-def _rib_length(
-    cz: npt.NDArray[np.intp],
-    cy: npt.NDArray[np.intp],
-    cx: npt.NDArray[np.intp],
-    frame: Frame,
-    body_y: npt.NDArray[np.float64],
-    g: float,
-) -> float:
-    """Path length (mm) of one rib outside the spine core: a rib winds round the trunk, so its voxels are
-    binned by their angle around the trunk centre (5 degree bins, 0 posterior) and the centroids of the
-    bins joined by a polyline. Independent of the rib's thickness and cheap (no skeleton)."""
-    ang = np.arctan2(np.abs(cx - frame.xc[cz]), cy - body_y[cz])
-    ok = np.isfinite(ang)
-    if ok.sum() < 3:
+def _centroid(sg: Segment) -> npt.NDArray[np.float64]:
+    """Centre (z, y, x) of a segment's mask, working-grid index units."""
+    sub = sg.mask[sg.z0 : sg.z1 + 1]
+    c = np.asarray(ndi.center_of_mass(sub), dtype=np.float64)
+    out: npt.NDArray[np.float64] = c + np.array([sg.z0, 0.0, 0.0])
+    return out
+
+
+def _rib_length(comp: B, adx: npt.NDArray[np.float64], g: float) -> float:
+    """Length (mm) of one rib from its medial end: the longest geodesic path inside the rib's voxels from
+    the voxels nearest to the spine axis (``adx``: distance from the axis, mm, broadcastable to ``comp``).
+    Follows the rib whichever way it runs (the lower ribs run steeply down and out), unlike a length
+    measured around the trunk."""
+    from skimage.graph import MCP_Geometric
+
+    d = np.broadcast_to(adx, comp.shape)
+    dv = d[comp]
+    if dv.size < 3:
         return 0.0
-    b = np.floor(np.degrees(ang[ok]) / 5.0).astype(np.int64)
-    b -= b.min()
-    cnt = np.bincount(b).astype(float)
-    has = cnt > 0
-    pts = np.stack(
-        [np.bincount(b, weights=w.astype(float))[has] / cnt[has] for w in (cz[ok], cy[ok], cx[ok])], axis=1
-    )
-    return float(np.linalg.norm(np.diff(pts, axis=0), axis=1).sum() * g) if len(pts) > 1 else 0.0
+    starts = np.argwhere(comp & (d <= float(dv.min()) + 3.0))
+    mcp: Any = MCP_Geometric(np.where(comp, 1.0, np.inf), fully_connected=True)
+    cost, _ = mcp.find_costs([tuple(int(v) for v in p) for p in starts])
+    reach = np.asarray(cost)[comp]
+    reach = reach[np.isfinite(reach)]
+    return float(reach.max() * g) if reach.size else 0.0
 
 
 def _sacral_slices(hu: F32, filled: B, bodies: B, frame: Frame, g: float) -> npt.NDArray[np.int8]:
@@ -731,23 +921,29 @@ def _short_rib_note(segs: list[Segment], first: int, t12: int) -> str:
     lumbar rib on L1 (13 pairs, 5.8 % in Nakajima 2014). Lumbar ribs are rudimentary: short stubs. A 12th
     rib is normally the next step of the tapering series of the lower ribs (each of the 10th-12th shorter
     than the one above by roughly a third), but it can itself be hypoplastic and then looks like a lumbar
-    rib. So the lowest pair is accepted only when it is long in absolute terms (path outside the spine core
-    >= ``RIB_SHORT_MM``: longer than a rudimentary rib) and, when the pair above is in view, continues the
-    series (>= ``RIB_SHORT_RATIO`` of it). Anything shorter is a possible lumbar rib or a hypoplastic 12th
-    rib: the names stay the rib-based ones, flagged uncertain.
+    rib. So the lowest pair is accepted only when it is long in absolute terms (geodesic length from its
+    head >= ``RIB_SHORT_MM``: longer than a rudimentary rib) and, when the pair above is in view, continues
+    the series (>= ``RIB_SHORT_RATIO`` of it); with no pair above in view, only a long pair (>=
+    ``RIB_LONE_MIN_MM``, the range of a full 12th rib) is taken. Anything shorter is a possible lumbar rib or
+    a hypoplastic 12th rib: the names stay the rib-based ones, flagged uncertain.
     """
     s = segs[t12]
     low = max(s.rib_len_l, s.rib_len_r)
     above = max(segs[t12 - 1].rib_len_l, segs[t12 - 1].rib_len_r) if t12 > first else 0.0
     if low < RIB_SHORT_MM:
         return (
-            f"lowest rib pair is short ({low:.0f} mm outside the spine core, < {RIB_SHORT_MM:.0f} mm): a "
+            f"lowest rib pair is short ({low:.0f} mm from its head, < {RIB_SHORT_MM:.0f} mm): a "
             "lumbar rib on L1 or a hypoplastic 12th rib"
         )
     if above > 0.0 and low < RIB_SHORT_RATIO * above:
         return (
             f"lowest rib pair is short against the pair above ({low:.0f} mm vs {above:.0f} mm, ratio "
             f"{_trunc(low / above, 2)} < {RIB_SHORT_RATIO}): a lumbar rib on L1 or a hypoplastic 12th rib"
+        )
+    if above <= 0.0 and low < RIB_LONE_MIN_MM:
+        return (
+            f"lowest rib pair {low:.0f} mm long with no rib pair above it in view to compare (< "
+            f"{RIB_LONE_MIN_MM:.0f} mm): a 12th rib or a lumbar rib on L1 cannot be told apart"
         )
     return ""
 
@@ -941,23 +1137,37 @@ class ClassicalBackend:
         )
         context.frame = frame
         notes = _rib_evidence(
-            hu, body, frame, segs, g, slab_of=lambda z, y, x: _n_above(discs, col, z, y - y0, x - x0)
+            hu,
+            body,
+            frame,
+            segs,
+            g,
+            tangent_of=lambda z: col.tangent[int(np.clip(z, 0, len(col.tangent) - 1))],
         )
         # ribs belong to the run of rib-bearing vertebrae from the top; rib-like bone further down (iliac
         # crest next to L4/L5, a stray fragment) is not a rib
         first = next((i for i, sg in enumerate(segs) if sg.has_rib), None)
         # rib-bearing vertebrae are the uppermost ones: a run that starts below rib-free vertebrae (other
-        # than a first one cut by the field of view) is pelvis or other lateral bone, not ribs
-        allowed_first = 1 if segs[0].truncated else 0
+        # than ones cut by the field of view, and one whose ribs were missed) is pelvis or other lateral bone
+        allowed_first = next((i for i, sg in enumerate(segs) if not sg.truncated), len(segs)) + 1
         if first is not None and first > allowed_first:
             notes.append(f"rib-like bone first at vertebra #{first + 1}, below rib-free ones: not ribs")
             for sg in segs:
                 sg.rib_l = sg.rib_r = 0.0
             first = None
         if first is not None:
+            # one rib-free vertebra between rib-bearing ones is a missed rib pair (a thoracic rib head sits
+            # on the disc between two bodies and may be credited to either), not the end of the thorax
             i = first
-            while i + 1 < len(segs) and segs[i + 1].has_rib:
-                i += 1
+            while i + 1 < len(segs):
+                if segs[i + 1].has_rib:
+                    i += 1
+                elif i + 2 < len(segs) and segs[i + 2].has_rib and not segs[i + 1].truncated:
+                    segs[i + 1].rib_inferred = True
+                    notes.append(f"vertebra #{i + 2}: rib pair missed between rib-bearing neighbours")
+                    i += 2
+                else:
+                    break
             stray = [sg for sg in segs[i + 1 :] if sg.has_rib]
             if stray:
                 notes.append(
@@ -965,6 +1175,7 @@ class ClassicalBackend:
                 )
             for sg in stray:
                 sg.rib_l = sg.rib_r = 0.0
+                sg.rib_inferred = False
         for sg in segs:
             # upper two thirds only, as in _find_sacrum: the alae rise beside the lower end of a tilted L5
             sg.sacral_mm = float((sac[sg.z0 + (sg.z1 - sg.z0) // 3 : sg.z1 + 1] > 0).sum()) * g

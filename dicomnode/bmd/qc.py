@@ -275,7 +275,13 @@ def summarise(
     if l1 is not None and l1.excluded:
         notes.append(f"L1 excluded: {l1.exclusion_reason}")
     if uncertain:
-        notes.append("vertebral level naming uncertain: check the labels before relying on L1")
+        # a category, an L1 value or L1 thresholds for vertebrae that may be misnamed would be a diagnosis
+        # about the wrong bone: withheld, the per-vertebra values stay (marked uncertain)
+        notes.append(
+            "vertebral level naming uncertain (see the naming evidence): no category and no L1 figures; "
+            "per-vertebra values are shown, marked uncertain"
+        )
+        vb, l1_hu, used = None, None, ()
     return Summary(
         l1_hu=l1_hu,
         vbmd_l1_l2_mg_cm3=vb,

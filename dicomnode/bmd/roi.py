@@ -40,6 +40,8 @@ class RoiStats:
     heights_se_mm: tuple[float, float, float] | None = None
     #: mask-based heights (``body_heights``), an independent second estimate
     mask_heights_mm: tuple[float, float, float] | None = None
+    #: volume of outlier voxels excluded from the statistics (bone islands, sclerotic foci, vein)
+    outliers_mm3: float = 0.0
 
 
 def padded_box(box: Box, shape: tuple[int, int, int], pad: int = 2) -> Box:
@@ -109,9 +111,10 @@ def trabecular_roi(
         )
         basi |= (jgrid > y_ant + 0.4 * depth) & (np.abs(igrid - x_mid) < 0.12 * width)
         roi &= ell & ~basi
-    vals = data[roi]
     voxel = sx * sy * sz
     metal = float(np.count_nonzero(data[body] > METAL_HU)) * voxel
+    roi, n_out = exclude_outliers(data, roi)
+    vals = data[roi]
     if vals.size == 0:
         return RoiStats(
             roi,
@@ -144,7 +147,31 @@ def trabecular_roi(
         heights_mm=heights,
         heights_se_mm=heights_se,
         mask_heights_mm=mask_heights,
+        outliers_mm3=float(n_out) * voxel,
     )
+
+
+#: Voxels further than this many robust SDs (1.4826 x MAD) from the ROI's median are not trabecular bone:
+#: bone islands and sclerotic foci (hundreds of HU above), the basivertebral vein or an air/fat focus
+#: (below). Trabecular bone itself is close to normal at CT noise levels (SD 20-60 HU).
+OUTLIER_ROBUST_SD = 3.0
+#: The robust SD is not taken below this (HU): a very smooth ROI must not lose its normal noise tails.
+OUTLIER_MIN_SD = 15.0
+
+
+def exclude_outliers(data: npt.NDArray[np.float32], roi: B) -> tuple[B, int]:
+    """Drop outlier voxels from a trabecular ROI (robust z-score against the ROI's own median and MAD).
+
+    Returns the cleaned ROI and how many voxels were dropped (reported, never hidden).
+    """
+    vals = data[roi]
+    if vals.size < 10:
+        return roi, 0
+    med = float(np.median(vals))
+    rsd = max(OUTLIER_MIN_SD, 1.4826 * float(np.median(np.abs(vals - med))))
+    bad = roi & (np.abs(data - med) > OUTLIER_ROBUST_SD * rsd)
+    n = int(np.count_nonzero(bad))
+    return (roi & ~bad) if n else roi, n
 
 
 def _body_frame(

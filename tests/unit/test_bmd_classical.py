@@ -6,7 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dicomnode.bmd.classical import LSTV_MIN_MM, RIB_SHORT_MM, RIB_SHORT_RATIO, Segment, _name, _trunc
+from dicomnode.bmd.classical import (
+    LSTV_MIN_MM,
+    RIB_LONE_MIN_MM,
+    RIB_SHORT_MM,
+    RIB_SHORT_RATIO,
+    Segment,
+    _name,
+    _trunc,
+)
 
 MASK = np.zeros((1, 1, 1), dtype=bool)
 
@@ -63,8 +71,12 @@ def test_short_ratio_alone_makes_it_uncertain() -> None:
     assert uncertain and "against the pair above" in ev
 
 
-@pytest.mark.parametrize(("length", "uncertain"), [(RIB_SHORT_MM - 10.0, True), (RIB_SHORT_MM + 40.0, False)])
+@pytest.mark.parametrize(
+    ("length", "uncertain"),
+    [(RIB_SHORT_MM - 10.0, True), (RIB_LONE_MIN_MM - 10.0, True), (RIB_LONE_MIN_MM + 20.0, False)],
+)
 def test_single_rib_level_in_view_is_judged_on_its_own_length(length: float, uncertain: bool) -> None:
+    # with no pair above to compare, only a full-length 12th rib is taken as one
     names, unc, _ = _names(_spine([length], 4, sacrum=False), sacrum=False)
     assert unc is uncertain
     assert names[:2] == ["T12", "L1"]

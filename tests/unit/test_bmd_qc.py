@@ -76,6 +76,16 @@ def test_no_usable_level_gives_no_category() -> None:
     assert any("uncertain" in n for n in s.notes)
 
 
+def test_uncertain_naming_withholds_category_and_l1_figures() -> None:
+    # the same rows that give osteopenia when the names are confirmed: with uncertain names, no category,
+    # no L1 HU and no L1 thresholds, and the summary says why
+    rows = [_v("L1", 100.0), _v("L2", 90.0), _v("L3", 70.0)]
+    s = qc.summarise(rows, ContrastPhase.NATIVE, CAL, ["lowest rib pair is short"], True)
+    assert s.category is None and s.vbmd_l1_l2_mg_cm3 is None and s.levels_used == ()
+    assert s.l1_hu is None and s.l1_hu_flags == ()
+    assert any("no category" in n for n in s.notes) and "lowest rib pair is short" in s.notes
+
+
 @pytest.mark.parametrize(
     ("header", "age", "sex"),
     [
