@@ -158,15 +158,12 @@ def _with_default_pipeline(data: Any) -> Any:
     return data
 
 
-class Rule(BaseModel):
-    """An ordered rule: all ``conditions`` hold -> ``action``."""
+class _Outcome(BaseModel):
+    """What a matching rule (or the fallback) does with a series: the fields both share."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1, max_length=128)
-    description: str | None = None
-    conditions: list[Condition] = Field(default_factory=list)
-    action: Literal["analyse", "ignore"]
+    action: Literal["analyse", "ignore"] = "ignore"
     pipeline: str | None = None
     #: Destination names from the config; empty = every configured destination.
     destinations: list[str] = Field(default_factory=list)
@@ -177,6 +174,15 @@ class Rule(BaseModel):
     def _default_pipeline(cls, data: Any) -> Any:
         return _with_default_pipeline(data)
 
+
+class Rule(_Outcome):
+    """An ordered rule: all ``conditions`` hold -> ``action`` (which a rule must give)."""
+
+    name: str = Field(min_length=1, max_length=128)
+    description: str | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    action: Literal["analyse", "ignore"]
+
     @model_validator(mode="after")
     def _ignore_plain(self) -> Rule:
         if self.action == "ignore" and (self.pipeline or self.destinations):
@@ -184,20 +190,8 @@ class Rule(BaseModel):
         return self
 
 
-class Fallback(BaseModel):
+class Fallback(_Outcome):
     """What happens to a series no rule matched."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    action: Literal["analyse", "ignore"] = "ignore"
-    pipeline: str | None = None
-    destinations: list[str] = Field(default_factory=list)
-    select: Literal["best", "all"] = "best"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_pipeline(cls, data: Any) -> Any:
-        return _with_default_pipeline(data)
 
 
 class RankingOptions(BaseModel):

@@ -53,6 +53,15 @@ Errors: :class:`NotFoundError` (unknown id/UID), :class:`InvalidTransitionError`
 :class:`~dicomnode.errors.DicomnodeError`.
 """
 
+from dicomnode.store.base import (
+    ALLOWED_TRANSITIONS,
+    INSTANCE_SOURCES,
+    RERUNNABLE_STATES,
+    InvalidTransitionError,
+    NotFoundError,
+    StoreError,
+    jsonable_attrs,
+)
 from dicomnode.store.engine import make_engine, normalise_url
 from dicomnode.store.migrate import current_revision, head_revision, is_up_to_date, upgrade
 from dicomnode.store.records import (
@@ -70,16 +79,7 @@ from dicomnode.store.records import (
     StoredDecision,
     Study,
 )
-from dicomnode.store.store import (
-    ALLOWED_TRANSITIONS,
-    INSTANCE_SOURCES,
-    RERUNNABLE_STATES,
-    InvalidTransitionError,
-    NotFoundError,
-    Store,
-    StoreError,
-    jsonable_attrs,
-)
+from dicomnode.store.store import Store
 
 __all__ = [
     "ALLOWED_TRANSITIONS",

@@ -9,29 +9,11 @@ attempts), :mod:`~dicomnode.store.admin` (audit, rule versions, the scheduler le
 from __future__ import annotations
 
 from dicomnode.store.admin import AdminStore
-from dicomnode.store.base import (
-    ALLOWED_TRANSITIONS,
-    INSTANCE_SOURCES,
-    RERUNNABLE_STATES,
-    InvalidTransitionError,
-    NotFoundError,
-    StoreError,
-    jsonable_attrs,
-)
 from dicomnode.store.deliveries import DeliveryStore
 from dicomnode.store.instances import InstanceStore
 from dicomnode.store.jobs import JobStore
 
-__all__ = [
-    "ALLOWED_TRANSITIONS",
-    "INSTANCE_SOURCES",
-    "RERUNNABLE_STATES",
-    "InvalidTransitionError",
-    "NotFoundError",
-    "Store",
-    "StoreError",
-    "jsonable_attrs",
-]
+__all__ = ["Store"]
 
 
 class Store(InstanceStore, JobStore, DeliveryStore, AdminStore):
