@@ -104,8 +104,11 @@ def _summary_from_containers(root: Dataset) -> dict[str, Value]:
                     tkey = {
                         (c.ALGORITHM_NAME.value, "DCM"): "algorithm_name",
                         (c.ALGORITHM_VERSION.value, "DCM"): "algorithm_version",
+                        (c.COMMENT.value, "DCM"): "comments",
                     }.get(concept)
-                    if tkey is not None:
+                    if tkey == "comments" and "comments" in values:
+                        values[tkey] = f"{values[tkey]}\n{item.TextValue}"
+                    elif tkey is not None:
                         values[tkey] = str(item.TextValue)
     return values
 
@@ -120,7 +123,8 @@ def read_sr_measurements(path: Path | str) -> dict[str, dict[str, Value]]:
         ``roi_volume_mm3``, ``vbmd_mg_cm3``, ``level_uncertain``, ``excluded``, ``fracture_suspected``, ...),
         plus ``"summary"`` with ``vbmd_l1_l2_mg_cm3``, ``l1_hu``, ``kvp``, ``ref_hu_<tissue>``,
         ``calibration_slope``, ``calibration_intercept``, ``category``, ``contrast_phase``,
-        ``algorithm_name``, ``algorithm_version`` (from the Derived Imaging Measurements and Qualitative
+        ``algorithm_name``, ``algorithm_version``, ``comments`` (one per line; e.g. why no category was
+        given, or a vertebra without an outline) (from the Derived Imaging Measurements and Qualitative
         Evaluations containers; SRs of earlier versions kept them in a "vBMD summary" group, read too).
         Coded values are returned as their meaning (``"Yes"``/``"No"``) or our enum value (category, phase).
     """

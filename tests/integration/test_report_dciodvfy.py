@@ -135,6 +135,16 @@ def test_real_phantom_analysis_outputs_are_valid_and_round_trip(tmp_path: Path) 
         assert errors == [], (path.name, errors)
     got = read_sr_measurements(run.outputs.sr)
     for v in run.result.vertebrae:
+        if (
+            v.outline is None
+        ):  # no region (an excluded level with an empty ROI): named, never a region-less group
+            assert v.level not in got and f"{v.level}: no outline" in str(got["summary"]["comments"])
+            continue
         assert got[v.level]["hu_mean"] == pytest.approx(v.trabecular_hu_mean, rel=1e-9, abs=1e-9)
         if v.vbmd_mg_cm3 is not None:
             assert got[v.level]["vbmd_mg_cm3"] == pytest.approx(v.vbmd_mg_cm3, rel=1e-9, abs=1e-9)
+    s = run.result.summary
+    if s is not None and s.vbmd_l1_l2_mg_cm3 is not None:
+        assert got["summary"]["vbmd_l1_l2_mg_cm3"] == pytest.approx(s.vbmd_l1_l2_mg_cm3, rel=1e-9, abs=1e-9)
+    if s is not None:
+        assert got["summary"].get("category") == (s.category.value if s.category is not None else None)
