@@ -101,7 +101,7 @@ class RuleDecision:
     series_instance_uid: str
     selected: bool
     rule: str | None  # name of the rule that matched, None when nothing matched
-    action: str  # "analyse" or "ignore"
+    action: str  # vocab.ANALYZE ("analyze") or vocab.IGNORE ("ignore")
     pipeline: str | None = None
     destinations: tuple[str, ...] = ()
     reasons: tuple[str, ...] = ()

@@ -6,7 +6,8 @@
   (routing ranks them last, the calibration flags them);
 * :func:`acr_category` - the ACR QCT category of a vBMD (the measurement, the model bundles, evaluation);
 * :func:`contrast_agent_given` / :data:`NO_CONTRAST_AGENT_VALUES` - what a ContrastBolusAgent value says
-  (routing ranks native first, the calibration's contrast phase starts from it).
+  (routing ranks native first, the calibration's contrast phase starts from it);
+* :data:`ANALYZE` / :data:`IGNORE` / :func:`rule_action` - the routing actions, one spelling.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from dicomnode.domain import BoneCategory
 __all__ = [
     "ACR_NORMAL_ABOVE_MG_CM3",
     "ACR_OSTEOPOROSIS_BELOW_MG_CM3",
+    "ANALYZE",
     "CT_IMAGE_STORAGE",
     "CT_IMAGE_STORAGE_SOP_CLASSES",
     "ENHANCED_CT_IMAGE_STORAGE",
+    "IGNORE",
     "LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE",
     "MULTIFRAME_CT_SOP_CLASSES",
     "NO_CONTRAST_AGENT_VALUES",
@@ -30,6 +33,7 @@ __all__ = [
     "acr_category",
     "contrast_agent_given",
     "is_sharp_kernel",
+    "rule_action",
 ]
 
 # --- storage SOP classes (PS3.4 B.5) ------------------------------------------------------------------
@@ -144,3 +148,18 @@ def contrast_agent_given(agent: Any) -> bool | None:
     if not vals:
         return None
     return not all(v in NO_CONTRAST_AGENT_VALUES for v in vals)
+
+
+# --- rule actions -------------------------------------------------------------------------------------
+
+#: The routing action that sends a series to analysis (the CLI's spelling, ``dicomnode analyze``).
+ANALYZE = "analyze"
+#: The routing action that leaves a series alone.
+IGNORE = "ignore"
+#: Spellings earlier versions wrote (saved rule versions, recorded decisions), read as today's.
+_LEGACY_ACTIONS = {"analyse": ANALYZE}
+
+
+def rule_action(value: Any) -> Any:
+    """A rule action in today's spelling (``analyse`` -> ``analyze``); anything else as it is."""
+    return _LEGACY_ACTIONS.get(value, value) if isinstance(value, str) else value

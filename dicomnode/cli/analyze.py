@@ -1,4 +1,4 @@
-"""``dicomnode analyze INPUT --out DIR``: analyse one CT (DICOM folder/file or NIfTI) and write the outputs.
+"""``dicomnode analyze INPUT --out DIR``: analyze one CT (DICOM folder/file or NIfTI) and write the outputs.
 
 Exit status: 0 analysed (status ok), 2 not qualifying (MR, localizer, head CT, dose report, too few slices,
 lumbar spine not in view...), 1 failure. ``DIR/result.json`` is written in every case, except when a
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 def register(subparsers: Any) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser(
         "analyze",
-        help="analyse one CT series (DICOM folder/file or NIfTI) and write SR, overlays and result.json",
+        help="analyze one CT series (DICOM folder/file or NIfTI) and write SR, overlays and result.json",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,4 +1,4 @@
-"""``dicomnode demo --out DIR``: make a phantom CT study, analyse it, and say where to look.
+"""``dicomnode demo --out DIR``: make a phantom CT study, analyze it, and say where to look.
 
 What ``./setup.sh`` runs at the end: no PACS and no real data needed. The study holds a localizer, a thick
 bone-kernel series and a soft-kernel series (the one the node should pick); the phantom's true trabecular
@@ -27,7 +27,7 @@ DEMO_BMD = {"T11": 118.0, "T12": 112.0, "L1": 96.0, "L2": 101.0, "L3": 106.0, "L
 def register(subparsers: Any) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser(
         "demo",
-        help="make a phantom CT study, analyse it and write SR, overlays and result.json",
+        help="make a phantom CT study, analyze it and write SR, overlays and result.json",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

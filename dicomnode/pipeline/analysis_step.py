@@ -14,6 +14,7 @@ from dicomnode.domain import AnalysisStatus, DeliveryOutcome, JobState, Previous
 from dicomnode.pipeline.delivery_step import DeliveryStep
 from dicomnode.pipeline.jobs import AnalysisOutcome, AnalysisRequest
 from dicomnode.store import InvalidTransitionError, Job, NotFoundError
+from dicomnode.vocab import ANALYZE
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class AnalysisStep(DeliveryStep):
         beat.daemon = True
         beat.start()
         try:
-            outcome = self._analyse(job)
+            outcome = self._analyze(job)
         finally:
             stop.set()
             beat.join(timeout=5)
@@ -68,7 +69,7 @@ class AnalysisStep(DeliveryStep):
             except Exception as exc:  # a missed beat only risks a needless reset; keep analysing
                 log.warning("job %d: heartbeat failed: %s", job_id, exc)
 
-    def _analyse(self, job: Job) -> AnalysisOutcome:
+    def _analyze(self, job: Job) -> AnalysisOutcome:
         attempt_dir = self.results_dir / f"job-{job.id}" / f"v{job.version}-attempt{job.attempts}"
         try:
             input_dir = attempt_dir / "input"
@@ -104,7 +105,7 @@ class AnalysisStep(DeliveryStep):
         """The reasons of the newest recorded routing decision that selected ``job``'s series."""
         for stored in self.store.decisions(job.study_instance_uid):  # newest first
             d = stored.decision
-            if d.series_instance_uid == job.series_instance_uid and d.selected and d.action == "analyse":
+            if d.series_instance_uid == job.series_instance_uid and d.selected and d.action == ANALYZE:
                 rule = f"rule {d.rule}" if d.rule else "rule"
                 return (f"{rule}, rank {d.rank or 1} (routing of the rules in force)", *d.reasons)
         return ()

@@ -26,6 +26,7 @@ from dicomnode.pipeline.measure import (
     make_measure,
 )
 from dicomnode.pipeline.rules_in_force import SelectFn, file_select
+from dicomnode.vocab import ANALYZE
 
 if TYPE_CHECKING:  # typing only: importing report loads highdicom
     from dicomnode.report import MeasuredSeries, OutputFiles
@@ -59,7 +60,7 @@ def choose_series(series: Sequence[Any], select: SelectFn) -> SeriesChoice:
     decisions = list(select([s.summary for s in series]))
     by_decision = {d.series_instance_uid: d for d in decisions}
     selected = sorted(
-        (d for d in decisions if d.selected and d.action == "analyse" and d.series_instance_uid in by_uid),
+        (d for d in decisions if d.selected and d.action == ANALYZE and d.series_instance_uid in by_uid),
         key=lambda d: d.rank if d.rank is not None else 1 << 30,
     )
     best = selected[0] if selected else None

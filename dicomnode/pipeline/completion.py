@@ -7,6 +7,7 @@ import logging
 from datetime import datetime
 
 from dicomnode.pipeline.jobs import RunnerParts, now_utc
+from dicomnode.vocab import ANALYZE
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class CompletionStep(RunnerParts):
         self.stats.add("routed_studies")
         jobs: list[int] = []
         for d in decisions:
-            if not d.selected or d.action != "analyse":
+            if not d.selected or d.action != ANALYZE:
                 log.debug("series %s not analysed: %s", d.series_instance_uid, "; ".join(d.reasons[-2:]))
                 continue
             series = self.store.get_series(d.series_instance_uid)

@@ -31,7 +31,7 @@ One process owns the sweeps: :meth:`Runner.owns_sweeps` holds a lease row in the
 skips the sweeps until the first one's lease expires (it died) or is released (graceful stop).
 
 Each step lives in its own module, in the order of a job's life: :mod:`~dicomnode.pipeline.completion`
-(completion and routing), :mod:`~dicomnode.pipeline.analysis_step` (claim, analyse, record),
+(completion and routing), :mod:`~dicomnode.pipeline.analysis_step` (claim, analyze, record),
 :mod:`~dicomnode.pipeline.delivery_step` (send, retry), :mod:`~dicomnode.pipeline.sweeps` (recovery,
 retention, the sweep lease); :class:`Runner` only puts them together over one store.
 

@@ -65,7 +65,7 @@ class StoreSink:
     """Records received instances in the :class:`~dicomnode.store.Store` (ingest's production sink).
 
     Instances accepted but not kept (``path is None``: the "discard" policy) are not recorded: there is no
-    file to analyse or to clean up, and the database holds only what the spool holds.
+    file to analyze or to clean up, and the database holds only what the spool holds.
     """
 
     def __init__(self, store: Store) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 from dicomnode.domain import RuleDecision, SeriesSummary
 from dicomnode.routing.ranking import image_count, rank, slice_mm, values_of, why_better
 from dicomnode.routing.rules import Condition, Rule, RuleSet
+from dicomnode.vocab import ANALYZE
 
 _MISSING = object()
 
@@ -186,7 +187,7 @@ def select(
                         series=s,
                         rule=m.rule.name,
                         action=m.rule.action,
-                        pipeline=m.rule.pipeline if m.rule.action == "analyse" else None,
+                        pipeline=m.rule.pipeline if m.rule.action == ANALYZE else None,
                         destinations=_dests(m.rule.destinations, all_destinations, m.rule.action),
                         select=m.rule.select,
                         reasons=reasons,
@@ -204,7 +205,7 @@ def select(
                     series=s,
                     rule=None,
                     action=fb.action,
-                    pipeline=fb.pipeline if fb.action == "analyse" else None,
+                    pipeline=fb.pipeline if fb.action == ANALYZE else None,
                     destinations=_dests(fb.destinations, all_destinations, fb.action),
                     select=fb.select,
                     reasons=reasons,
@@ -227,7 +228,7 @@ def select(
 
 
 def _dests(names: Sequence[str], all_destinations: Sequence[str], action: str) -> tuple[str, ...]:
-    if action != "analyse":
+    if action != ANALYZE:
         return ()
     return tuple(names) if names else tuple(all_destinations)
 
@@ -235,7 +236,7 @@ def _dests(names: Sequence[str], all_destinations: Sequence[str], action: str) -
 def _rank_groups(pending: list[_Pending], rules: RuleSet) -> None:
     groups: dict[tuple[str, str | None], list[_Pending]] = {}
     for p in pending:
-        if p.action == "analyse":
+        if p.action == ANALYZE:
             groups.setdefault((p.series.study_instance_uid, p.rule), []).append(p)
     opts = rules.ranking
     for group in groups.values():

@@ -6,7 +6,7 @@ A rules file (YAML)::
     fallback: {action: ignore}   # when no rule matches
     rules:
       - name: abdominal-ct-bmd
-        action: analyse          # or ignore
+        action: analyze          # or ignore (the older spelling analyse is read as analyze)
         pipeline: bmd
         destinations: []         # names from the config; empty = every configured destination
         select: best             # best = one series per study (ranked), all = every accepted series
@@ -48,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydicom.datadict import keyword_dict
 
 from dicomnode.errors import ConfigError, RuleProblem, RulesError
+from dicomnode.vocab import ANALYZE, rule_action
 
 #: Values computed from the series rather than read from a header.
 DERIVED_ATTRIBUTES: frozenset[str] = frozenset(
@@ -153,7 +154,9 @@ def _num(x: float | None) -> str:
 
 def _with_default_pipeline(data: Any) -> Any:
     # "bmd" is the only pipeline today; defaulted so short rules (and fallbacks) stay short.
-    if isinstance(data, dict) and data.get("action") == "analyse" and not data.get("pipeline"):
+    if isinstance(data, dict) and "action" in data:
+        data = {**data, "action": rule_action(data["action"])}  # the older spelling "analyse" is accepted
+    if isinstance(data, dict) and data.get("action") == ANALYZE and not data.get("pipeline"):
         return {**data, "pipeline": DEFAULT_PIPELINE}
     return data
 
@@ -163,7 +166,7 @@ class _Outcome(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    action: Literal["analyse", "ignore"] = "ignore"
+    action: Literal["analyze", "ignore"] = "ignore"
     pipeline: str | None = None
     #: Destination names from the config; empty = every configured destination.
     destinations: list[str] = Field(default_factory=list)
@@ -181,7 +184,7 @@ class Rule(_Outcome):
     name: str = Field(min_length=1, max_length=128)
     description: str | None = None
     conditions: list[Condition] = Field(default_factory=list)
-    action: Literal["analyse", "ignore"]
+    action: Literal["analyze", "ignore"]
 
     @model_validator(mode="after")
     def _ignore_plain(self) -> Rule:

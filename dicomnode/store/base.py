@@ -37,6 +37,7 @@ from dicomnode.store.records import (
     StoredDecision,
     Study,
 )
+from dicomnode.vocab import rule_action
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +340,7 @@ def _decision(r: DecisionRow, study_uid: str) -> StoredDecision:
             series_instance_uid=r.series_instance_uid,
             selected=r.selected,
             rule=r.rule,
-            action=r.action,
+            action=rule_action(r.action),  # rows of older versions say "analyse"
             pipeline=r.pipeline,
             destinations=tuple(r.destinations or ()),
             reasons=tuple(r.reasons or ()),

@@ -160,7 +160,7 @@ class Actions:
             raise ResultFilesRemovedError(
                 f"delivery {delivery_id}: the result files of job {job.id} were removed "
                 f"({len(missing)} of {len(files)} DICOM files missing, retention.results_days); "
-                "re-run the job to analyse and send it again"
+                "re-run the job to analyze and send it again"
             )
 
     def test_destination(self, name: str, actor: str) -> ProbeResult:

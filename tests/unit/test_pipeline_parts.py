@@ -175,7 +175,7 @@ def test_local_executor_runs_pending_jobs(tmp_path: Path, store: Store) -> None:
     def select(summaries: Any) -> Any:
         from dicomnode.domain import RuleDecision
 
-        return [RuleDecision(s.series_instance_uid, True, "all", "analyse", "bmd") for s in summaries]
+        return [RuleDecision(s.series_instance_uid, True, "all", "analyze", "bmd") for s in summaries]
 
     runner = Runner(settings, store, analyze=analysis, select=select)
     executor = LocalExecutor(runner, 2, poll_s=0.1)

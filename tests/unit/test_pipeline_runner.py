@@ -132,7 +132,7 @@ def test_nothing_completes_before_the_quiet_period(tmp_path: Path, store: Store)
     assert store.get_series(AXIAL).completed_at is None
 
 
-def test_complete_route_analyse_deliver(tmp_path: Path, store: Store) -> None:
+def test_complete_route_analyze_deliver(tmp_path: Path, store: Store) -> None:
     _study(store, tmp_path)
     analysis, sender = FakeAnalysis(), FakeSender(DeliveryOutcome.SUCCESS)
     runner = _runner(tmp_path, store, analysis, sender)

@@ -130,7 +130,7 @@ def _rules(body: str) -> str:
 def _one(name: str, *conditions: str) -> str:
     """A one-rule file whose rule has the given flow-style conditions."""
     conds = "".join(f"      - {c}\n" for c in conditions)
-    return _rules(f"  - name: {name}\n    action: analyse\n    conditions:\n{conds}")
+    return _rules(f"  - name: {name}\n    action: analyze\n    conditions:\n{conds}")
 
 
 @pytest.mark.parametrize(
@@ -145,7 +145,7 @@ def _one(name: str, *conditions: str) -> str:
             "rule 'ct' condition 2: give exactly one of",
         ),
         (
-            _rules("  - name: ct\n    action: analyse\n    conditions:\n      - {attribute: Modality}\n"),
+            _rules("  - name: ct\n    action: analyze\n    conditions:\n      - {attribute: Modality}\n"),
             "rule 'ct' condition 1: give exactly one of",
         ),
         (
@@ -154,17 +154,17 @@ def _one(name: str, *conditions: str) -> str:
         ),
         (
             _rules(
-                "  - name: ct\n    action: analyse\n    conditions:\n      - {attribute: Modality, eq: CT}\n"
+                "  - name: ct\n    action: analyze\n    conditions:\n      - {attribute: Modality, eq: CT}\n"
             ),
             "rule 'ct' condition 1: eq: unknown field",
         ),
         (
-            _rules("  - name: x\n    action: analyse\n  - name: x\n    action: ignore\n"),
+            _rules("  - name: x\n    action: analyze\n  - name: x\n    action: ignore\n"),
             "rule names must be unique, repeated: x",
         ),
         (
             _rules("  - name: x\n    action: delete\n"),
-            "rule 'x': action: Input should be 'analyse' or 'ignore'",
+            "rule 'x': action: Input should be 'analyze' or 'ignore'",
         ),
         (
             _rules("  - name: x\n    action: ignore\n    pipeline: bmd\n"),
@@ -191,7 +191,7 @@ def test_invalid_rules_name_the_problem(text: str, fragment: str) -> None:
 
 
 def test_destinations_are_checked_against_config() -> None:
-    text = _rules("  - name: ct\n    action: analyse\n    destinations: [pacs, nowhere]\n")
+    text = _rules("  - name: ct\n    action: analyze\n    destinations: [pacs, nowhere]\n")
     rs = load_rules(text)  # no config given: not checked
     assert rs.rules[0].destinations == ["pacs", "nowhere"]
     with pytest.raises(ConfigError, match="rule 'ct': unknown destination 'nowhere' \\(configured: pacs\\)"):
@@ -201,7 +201,7 @@ def test_destinations_are_checked_against_config() -> None:
 def test_load_rules_from_file_and_default_pipeline(tmp_path: Path) -> None:
     f = tmp_path / "r.yaml"
     f.write_text(
-        _rules("  - name: ct\n    action: analyse\n    conditions: [{attribute: Modality, equals: CT}]\n")
+        _rules("  - name: ct\n    action: analyze\n    conditions: [{attribute: Modality, equals: CT}]\n")
     )
     rs = load_rules(f)
     assert rs.source == str(f)
@@ -221,13 +221,13 @@ rules:
     action: ignore
     conditions: [{{attribute: SliceThickness, range: {{min: 6}}}}]
   - name: ct
-    action: analyse
+    action: analyze
     pipeline: bmd
     destinations: [pacs]
     select: all
     conditions: [{{attribute: Modality, equals: CT}}]
   - name: any-ct-archive
-    action: analyse
+    action: analyze
     pipeline: research
     destinations: [archive]
     select: all
@@ -241,7 +241,7 @@ def test_first_match_takes_the_first_rule_and_says_why_earlier_ones_failed() -> 
     d = {x.series_instance_uid: x for x in select([thin, thick, mr], rs)}
     assert (d["1"].rule, d["1"].action, d["1"].selected, d["1"].destinations) == (
         "ct",
-        "analyse",
+        "analyze",
         True,
         ("pacs",),
     )
@@ -262,12 +262,12 @@ def test_all_match_yields_one_decision_per_matching_rule() -> None:
     ]
 
 
-def test_fallback_analyse_and_empty_destinations_mean_all() -> None:
-    rs = load_rules(MODES.format(mode="first_match", fallback="{action: analyse}"))
+def test_fallback_analyze_and_empty_destinations_mean_all() -> None:
+    rs = load_rules(MODES.format(mode="first_match", fallback="{action: analyze}"))
     (d,) = select([series("9", Modality="MR")], rs, all_destinations=["pacs", "archive"])
     assert (d.rule, d.action, d.pipeline, d.selected, d.destinations) == (
         None,
-        "analyse",
+        "analyze",
         "bmd",
         True,
         ("pacs", "archive"),
@@ -286,7 +286,7 @@ def _study_candidates() -> list[SeriesSummary]:
 
 
 ACCEPT_ALL = (
-    "rules:\n  - name: ct\n    action: analyse\n    conditions: [{attribute: Modality, equals: CT}]\n"
+    "rules:\n  - name: ct\n    action: analyze\n    conditions: [{attribute: Modality, equals: CT}]\n"
 )
 
 
@@ -352,8 +352,8 @@ def test_explain_prints_a_table_and_every_reason() -> None:
         "RANK",
     ]
     row = next(line for line in lines[1:4] if line.startswith("1.9.3"))
-    assert row.split()[-3:] == ["analyse", "yes", "1"]
-    assert "1.9.1: not selected (analyse, rule ct)" in text
+    assert row.split()[-3:] == ["analyze", "yes", "1"]
+    assert "1.9.1: not selected (analyze, rule ct)" in text
     assert "  - ct: Modality equals CT: pass (CT)" in text
     brief = explain(select(cands, load_rules(ACCEPT_ALL)), cands, verbose=False)
     assert len(brief.splitlines()) == 4
@@ -533,7 +533,7 @@ def test_cli_rules_explain_on_a_folder(shared_data: Path, capsys: pytest.Capture
 def test_cli_rules_explain_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(
-        _rules("  - name: ct\n    action: analyse\n    conditions: [{attribute: Bogus, equals: 1}]\n")
+        _rules("  - name: ct\n    action: analyze\n    conditions: [{attribute: Bogus, equals: 1}]\n")
     )
     assert main(["rules", "explain", str(tmp_path), "--rules", str(bad)]) == 2
     assert "unknown DICOM keyword 'Bogus'" in capsys.readouterr().err

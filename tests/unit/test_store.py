@@ -230,7 +230,7 @@ def test_series_summaries_merge_levels_and_fill_from_instances(store: Store) -> 
 
 def test_decisions_are_kept_with_reasons(store: Store) -> None:
     add(store, 1)
-    d = RuleDecision("1.2.3.1", True, "abdominal-ct-bmd", "analyse", "bmd", ("pacs",), ("a: pass", "b"), 1)
+    d = RuleDecision("1.2.3.1", True, "abdominal-ct-bmd", "analyze", "bmd", ("pacs",), ("a: pass", "b"), 1)
     store.record_decisions("1.2.3", [d], now=T0)
     (got,) = store.decisions("1.2.3")
     assert got.decision == d

@@ -10,11 +10,13 @@ from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, LegacyConvertedE
 
 from dicomnode.domain import BoneCategory
 from dicomnode.vocab import (
+    ANALYZE,
     CT_IMAGE_STORAGE_SOP_CLASSES,
     MULTIFRAME_CT_SOP_CLASSES,
     acr_category,
     contrast_agent_given,
     is_sharp_kernel,
+    rule_action,
 )
 
 PKG = Path(__file__).resolve().parents[2] / "dicomnode"
@@ -89,3 +91,12 @@ def test_each_fact_is_defined_once() -> None:
         for name in _defines(p, names)
     ]
     assert not offenders, offenders
+
+
+def test_one_spelling_of_the_analyze_action() -> None:
+    """``analyze`` (the CLI's spelling); rules and decisions of older versions say "analyse"."""
+    assert ANALYZE == "analyze" and rule_action("analyse") == ANALYZE and rule_action("ignore") == "ignore"
+    from dicomnode.routing import load_rules
+
+    legacy = load_rules("rules:\n  - name: r\n    action: analyse\n")
+    assert legacy.rules[0].action == ANALYZE and legacy.rules[0].pipeline == "bmd"

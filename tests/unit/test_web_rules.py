@@ -73,7 +73,9 @@ def test_rules_file_is_the_base(tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "data", rules_file=str(rules))
     service = RulesService(make_store(settings), settings)
     cur = service.current()
-    assert cur.source == "my-rules.yaml" and cur.rules.fallback.action == "analyse"
+    assert (
+        cur.source == "my-rules.yaml" and cur.rules.fallback.action == "analyze"
+    )  # the older spelling, read as today's
     s = SeriesSummary("1.2", "1.2.3", {"Modality": "CT"}, 40)
     (d,) = service.select([s])
-    assert d.action == "analyse" and d.destinations == ("pacs",)
+    assert d.action == "analyze" and d.destinations == ("pacs",)
