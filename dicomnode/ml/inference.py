@@ -1,4 +1,8 @@
-"""Apply bundles to a series: segmentation (levels), per-vertebra vBMD, and a full ``AnalysisResult``.
+"""Apply bundles to a series: segmentation (levels) and vBMD, added to the engine's ``AnalysisResult``.
+
+The node's one measurement entry point is :func:`dicomnode.pipeline.measure.make_measure`: the engine
+(``dicomnode.bmd.analyze_volume``, with a segmentation bundle as its backend when configured), then
+:func:`apply_bmd_bundle` for a vBMD bundle.
 
 Every entry point first calls :func:`~dicomnode.ml.bundle.check_input_spec`, so a bundle is never applied to
 a series its spec cannot meet.
@@ -7,7 +11,6 @@ a series its spec cannot meet.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -16,18 +19,12 @@ import numpy.typing as npt
 import torch
 from scipy import ndimage
 
-from dicomnode import DEFAULT_EROSION_MM
 from dicomnode.domain import (
     REPORTED_LEVELS,
     AnalysisResult,
     AnalysisStatus,
-    Calibration,
-    ContrastPhase,
-    PatientInfo,
-    Summary,
-    VertebraResult,
 )
-from dicomnode.errors import AnalysisError, BundleError
+from dicomnode.errors import BundleError
 from dicomnode.imaging.volume import Volume
 from dicomnode.ml.bundle import LoadedBundle, check_input_spec
 from dicomnode.ml.datasets import LEVEL_CLASSES, SEG_SACRUM, SEG_VERTEBRA
@@ -38,8 +35,6 @@ log = logging.getLogger(__name__)
 
 #: Vertebral bodies smaller than this (mm3) are treated as spurious and dropped.
 MIN_BODY_MM3 = 1500.0
-#: Erosion (mm) from the body outline to the trabecular ROI: the classical engine's default (cortex excluded).
-TRABECULAR_EROSION_MM = DEFAULT_EROSION_MM
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,26 +91,6 @@ def _upsampled_argmax(probs: npt.NDArray[np.float32], prep: Prepared) -> npt.NDA
         best[better] = p[better]
         labels[better] = c
     return labels
-
-
-def segment_prepared(bundle: LoadedBundle, prep: Prepared, overlap: float = 0.25) -> npt.NDArray[np.int16]:
-    """Network classes on the canonical grid (probabilities resampled, then argmax).
-
-    Parameters
-    ----------
-    bundle : LoadedBundle
-        Segmentation bundle.
-    prep : Prepared
-        Output of :func:`~dicomnode.ml.preprocess.prepare` with the bundle's spec.
-    overlap : float
-        Sliding-window overlap.
-
-    Returns
-    -------
-    ndarray of int16
-        Class per canonical voxel (0 background, 1 vertebral body, 2 sacrum).
-    """
-    return _upsampled_argmax(_coarse_probabilities(bundle, prep, overlap), prep)
 
 
 def segment_levels_prepared(
@@ -446,137 +421,6 @@ def predict_sagittal(
     outputs = list(bundle.manifest.output.get("outputs") or ["vbmd_mg_cm3"])
     tbs = float(out[outputs.index("tbs")]) if "tbs" in outputs and len(out) > outputs.index("tbs") else None
     return SagittalPrediction(float(out[0]), tbs, levels, centre, (*centre_notes, *notes))
-
-
-def _trabecular_stats(
-    canonical: Volume, mask: npt.NDArray[np.bool_]
-) -> tuple[npt.NDArray[np.bool_], float, float, float, float]:
-    sp = canonical.spacing  # i, j, k
-    dist = ndimage.distance_transform_edt(mask, sampling=(sp[2], sp[1], sp[0]))
-    roi = dist > TRABECULAR_EROSION_MM
-    if not roi.any():
-        roi = mask
-    vals = canonical.data[roi]
-    return roi, float(vals.mean()), float(np.median(vals)), float(vals.std()), float(roi.sum() * np.prod(sp))
-
-
-def analyse_with_bundles(
-    volume: Volume,
-    segmentation: LoadedBundle,
-    bmd: LoadedBundle | None = None,
-    classical_vbmd: Mapping[str, float] | None = None,
-) -> AnalysisResult:
-    """A whole analysis with model bundles: levels by the segmentation bundle, vBMD by the bmd bundle.
-
-    The trabecular HU statistics are measured in the segmented body eroded by ``TRABECULAR_EROSION_MM``.
-    Without a bmd bundle no vBMD is given (HU only). ``algorithm_name`` / ``algorithm_version`` name the
-    bundles used (``name`` joined by ``+``), and ``warnings`` carry their checksums.
-
-    Parameters
-    ----------
-    volume : Volume
-        HU volume.
-    segmentation : LoadedBundle
-        Task ``segmentation``.
-    bmd : LoadedBundle, optional
-        Task ``bmd``.
-    classical_vbmd : mapping, optional
-        vBMD per level from the calibrated-ROI method, to report agreement ("both" mode).
-
-    Returns
-    -------
-    AnalysisResult
-        Status ``ok`` with per-level results.
-
-    Raises
-    ------
-    BundleError
-        A bundle cannot serve this series.
-    AnalysisError
-        No vertebra T11-L5 found.
-    """
-    seg = segment(segmentation, volume)
-    canonical = seg.canonical
-    levels = seg.levels()
-    if not levels:
-        raise AnalysisError(f"bundle {segmentation.name}: no vertebra T11-L5 found")
-    centroids = {lvl: c for lvl in levels if (c := seg.centroid_lps(lvl)) is not None}
-    vbmd: dict[str, float] = predict_vbmd(bmd, volume, centroids) if bmd is not None else {}
-    vertebrae = []
-    for lvl in levels:
-        mask = seg.labels == LEVEL_CLASSES[lvl]
-        _, mean, median, sd, roi_mm3 = _trabecular_stats(canonical, mask)
-        kji = np.argwhere(mask)
-        mid_k = round(float(kji[:, 0].mean()))
-        vertebrae.append(
-            VertebraResult(
-                level=lvl,
-                level_uncertain=False,
-                excluded=False,
-                qc=(),
-                trabecular_hu_mean=mean,
-                trabecular_hu_median=median,
-                trabecular_hu_sd=sd,
-                roi_volume_mm3=roi_mm3,
-                roi_centroid_lps_mm=centroids[lvl],
-                vbmd_mg_cm3=vbmd.get(lvl),
-                mid_slice_index=mid_k,
-            )
-        )
-    used = tuple(lvl for lvl in ("L1", "L2") if lvl in vbmd)
-    mean_vbmd = float(np.mean([vbmd[lvl] for lvl in used])) if used else None
-    l1 = next((v for v in vertebrae if v.level == "L1"), None)
-    names = [segmentation.name] + ([bmd.name] if bmd is not None else [])
-    versions = [segmentation.version] + ([bmd.version] if bmd is not None else [])
-    notes = list(seg.notes)
-    if classical_vbmd is not None and mean_vbmd is not None:
-        ref = [classical_vbmd[lvl] for lvl in used if lvl in classical_vbmd]
-        if ref:
-            diff = mean_vbmd - float(np.mean(ref))
-            notes.append(f"agreement with calibrated ROI: model - ROI = {diff:+.1f} mg/cm3 (L1-L2)")
-    calibration = Calibration(
-        method=f"model:{bmd.name}" if bmd is not None else "none",
-        source=bmd.manifest.identification if bmd is not None else "no vBMD model configured",
-        slope_mg_cm3_per_hu=None,
-        intercept_mg_cm3=None,
-        reference_hu={},
-        kvp=_float_or_none(volume.header.get("KVP")) if volume.header else None,
-        kernel=str(volume.header.get("ConvolutionKernel"))
-        if volume.header.get("ConvolutionKernel")
-        else None,
-        contrast_correction_hu=0.0,
-    )
-    summary = Summary(
-        l1_hu=l1.trabecular_hu_mean if l1 is not None else None,
-        vbmd_l1_l2_mg_cm3=mean_vbmd,
-        category=acr_category(mean_vbmd) if mean_vbmd is not None else None,
-        levels_used=used,
-        contrast_phase=ContrastPhase.UNKNOWN,
-        calibration=calibration,
-        notes=tuple(notes),
-    )
-    hdr = volume.header or {}
-    warnings = [f"model bundle {b.manifest.identification}" for b in (segmentation, bmd) if b is not None]
-    return AnalysisResult(
-        status=AnalysisStatus.OK,
-        reason=None,
-        study_instance_uid=str(hdr.get("StudyInstanceUID", "")),
-        series_instance_uid=str(hdr.get("SeriesInstanceUID", "")),
-        vertebrae=tuple(vertebrae),
-        summary=summary,
-        patient=PatientInfo(_float_or_none(hdr.get("PatientAgeYears")), hdr.get("PatientSex")),
-        algorithm_name="+".join(names),
-        algorithm_version="+".join(versions),
-        warnings=tuple(warnings),
-    )
-
-
-def _float_or_none(v: object) -> float | None:
-    try:
-        f = float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def dice_per_level(

@@ -19,8 +19,9 @@ from dicomnode.domain import REPORTED_LEVELS
 from dicomnode.errors import BundleError
 from dicomnode.ml import datasets as ds
 from dicomnode.ml.bundle import load_bundle, validate_bundles
-from dicomnode.ml.inference import analyse_with_bundles, predict_vbmd
+from dicomnode.ml.inference import predict_vbmd
 from dicomnode.ml.train import TrainConfig, train
+from dicomnode.pipeline.measure import make_measure, resolve_options
 
 pytestmark = pytest.mark.slow
 
@@ -107,16 +108,19 @@ def test_bundles_serve_the_node(
         if SOURCE == "phantom"
         else (ds.synthetic_case(900))
     )
-    result = analyse_with_bundles(case.volume, seg, bmd)
-    assert result.status.value == "ok"
+    # the node's one measurement entry point: the engine with the segmentation bundle, then the vBMD bundle
+    options = resolve_options(segmentation_backend=f"bundle:{seg_path}", bmd_estimator=f"bundle:{bmd_path}")
+    result = make_measure(options)(case.volume).result
+    assert result.status.value == "ok", result.reason
     assert seg.name in result.algorithm_name and bmd.name in result.algorithm_name
-    assert seg.version in result.algorithm_version
-    assert any(seg.manifest.sha256[:12] in w for w in result.warnings)
+    assert seg.version in result.algorithm_version and bmd.version in result.algorithm_version
+    assert any(bmd.manifest.sha256[:12] in w for w in result.warnings)
+    assert any(c.startswith("segmentation: model bundle") for c in result.algorithm_components)
     l1 = result.vertebra("L1")
     assert l1 is not None and l1.vbmd_mg_cm3 is not None
     print(f"node: L1 truth {case.vbmd['L1']:.1f}, bundle {l1.vbmd_mg_cm3:.1f} mg/cm3")
-    # plumbing, not luck: the node reports the bmd bundle's own inference at the segmented L1 (how accurate
-    # the network is, is the held-out MAE of test_bmd_regression_reaches_mae_on_held_out, never one case)
+    # plumbing, not luck: the node reports the bmd bundle's own inference at the L1 ROI (how accurate the
+    # network is, is the held-out MAE of test_bmd_regression_reaches_mae_on_held_out, never one case)
     direct = predict_vbmd(bmd, case.volume, {"L1": l1.roi_centroid_lps_mm})
     assert l1.vbmd_mg_cm3 == pytest.approx(direct["L1"], abs=1e-6)
     assert _inside(case, "L1", l1.roi_centroid_lps_mm)  # centred on the true L1 body
@@ -230,7 +234,12 @@ def test_bmd_bundle_beside_the_calibrated_roi(bmd_bundle: tuple[Path, dict[str, 
     truth = (case.vbmd["L1"] + case.vbmd["L2"]) / 2.0
     roi, model = classical.summary.vbmd_l1_l2_mg_cm3, only.summary.vbmd_l1_l2_mg_cm3
     print(f"L1-L2 truth {truth:.1f}, ROI {roi:.1f}, model {model:.1f} mg/cm3")
-    assert abs(only.summary.vbmd_l1_l2_mg_cm3 - truth) < 15.0
+    # plumbing, not luck: the model's L1-L2 is the mean of the bundle's own inference at the engine's L1 and
+    # L2 ROI centroids (its accuracy is the held-out MAE of test_bmd_regression_reaches_mae_on_held_out)
+    ref = [v for v in classical.vertebrae if v.level in ("L1", "L2") and not v.excluded]
+    direct = predict_vbmd(bundle, case.volume, {v.level: v.roi_centroid_lps_mm for v in ref})
+    assert ref and only.summary.levels_used == tuple(v.level for v in ref)
+    assert model == pytest.approx(sum(direct.values()) / len(direct), abs=1e-6)
 
 
 def test_trained_bundles_serve_the_node_pipeline(
