@@ -5,7 +5,8 @@ PatientAge, a lower-case sex, a time with letters). We read them tolerantly (``i
 value counts as missing), but we never copy one into an SR or SC: highdicom copies the patient, study and
 equipment modules from the source datasets, so every source dataset passes through :func:`sanitized_source`
 first. An invalid value becomes empty (valid for Type 2 and 3 attributes; the patient and study attributes
-highdicom copies are of those types), so the object stays valid for ``dciodvfy``.
+highdicom copies are of those types), so the object stays valid for ``dciodvfy``. UIDs are the exception:
+they are copied as received, because the outputs must land in the source study and reference its images.
 
 The check itself is ``imaging.headers.element_is_valid`` (the rules the header reading uses too); the SR
 (``sr.build_sr``) and the SC (``sc.build_sc``) both copy from sanitised datasets.
@@ -49,7 +50,9 @@ def sanitized_source(ds: Dataset) -> Dataset:
             out.add(DataElement(tag, raw_vr if raw_vr != "SQ" else "UN", None))
             emptied.append(str(tag))
             continue
-        if tag.group & 0x0001 == 0 and not element_is_valid(elem):
+        # UIDs are copied as received, even one a strict reader calls invalid (a leading zero, seen in the
+        # wild): the outputs must land in the source study and reference the very images analysed
+        if tag.group & 0x0001 == 0 and elem.VR != "UI" and not element_is_valid(elem):
             out.add(DataElement(tag, elem.VR, None))
             emptied.append(elem.keyword or str(tag))
             continue

@@ -274,7 +274,7 @@ def _qualitative_items(
     if s is not None:
         comments.extend(str(n) for n in s.notes)
         if s.category is None:
-            comments.append("No bone density category: " + ("; ".join(map(str, s.notes)) or "not determined"))
+            comments.append("No bone density category given" + (": see the notes above" if s.notes else ""))
     comments.extend(f"{lv}: no outline on an image; its values are in result.json" for lv in without_region)
     items.extend(_text(c.COMMENT, text) for text in dict.fromkeys(comments))
     return items

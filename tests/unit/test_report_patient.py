@@ -100,3 +100,11 @@ def test_a_value_pydicom_cannot_convert_is_emptied_and_reads_as_missing(tmp_path
     assert "WindowCenter" not in header_dict(back)
     clean = sanitized_source(back)
     assert clean[0x00281050].value in (None, "") and clean.PatientID == "P1"
+
+
+def test_uids_are_copied_as_received_even_when_a_strict_reader_refuses_them() -> None:
+    """A leading-zero UID component (seen from real PACS): the outputs must still land in that study."""
+    ds = _bad_header()
+    ds.StudyInstanceUID = "1.2.03.4"
+    assert not element_is_valid(ds["StudyInstanceUID"])
+    assert sanitized_source(ds).StudyInstanceUID == "1.2.03.4"
