@@ -41,7 +41,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import StoragePresentationContexts
 
-from dicomnode.ingest import metrics
+from dicomnode.ingest import prometheus as metrics
 from dicomnode.ingest.reactors import enable_event_driven_reactors
 from dicomnode.ingest.spool import PROCESSING_FAILURE, OtherClassPolicy, Spool
 from dicomnode.netutil import enable_tcp_nodelay

@@ -59,7 +59,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-from dicomnode.ingest import metrics
+from dicomnode.ingest import prometheus as metrics
 from dicomnode.ingest.dicomparse import DatasetError, encode_file_meta, get_uid, is_valid_uid, parse_header
 from dicomnode.ingest.sink import InstanceSink, ReceivedInstance
 from dicomnode.vocab import CT_IMAGE_STORAGE_SOP_CLASSES

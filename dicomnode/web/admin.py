@@ -42,7 +42,7 @@ from dicomnode.web import api, pages
 from dicomnode.web.actions import Actions, ProbeFn
 from dicomnode.web.auth import AuthMiddleware, SessionCodec, load_or_create_secret
 from dicomnode.web.deps import WebContext
-from dicomnode.web.metrics import StoreCollector, metrics_text
+from dicomnode.web.prometheus import StoreCollector, metrics_text
 from dicomnode.web.ratelimit import Lockout, LoginThrottle
 from dicomnode.web.rules import RulesService
 from dicomnode.web.users import UserStore, bootstrap_admin, ensure_users_table

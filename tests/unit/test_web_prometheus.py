@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from web_testing import make_settings, make_store
 
 from dicomnode.domain import JobState
-from dicomnode.web.metrics import StoreCollector, analysis_durations, metrics_text
+from dicomnode.web.prometheus import StoreCollector, analysis_durations, metrics_text
 
 
 def _record(store: object, series: str, study: str, sop: str, t: datetime) -> None:
