@@ -19,7 +19,7 @@ from typing import Any
 
 from pynetdicom.transport import AddressInformation, AssociationServer, AssociationSocket
 
-LOGGER = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()
 _PATCHED = False
@@ -30,7 +30,7 @@ def _set_nodelay(sock: socket.socket) -> None:
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError as exc:  # e.g. a socket that is already closed by the peer
-        LOGGER.debug("could not set TCP_NODELAY: %s", exc)
+        log.debug("could not set TCP_NODELAY: %s", exc)
 
 
 def enable_tcp_nodelay() -> None:
@@ -58,7 +58,7 @@ def enable_tcp_nodelay() -> None:
         AssociationSocket._create_socket = _create_socket  # type: ignore[method-assign]
         AssociationServer.get_request = _get_request  # type: ignore[method-assign]
         _PATCHED = True
-        LOGGER.debug("TCP_NODELAY enabled for pynetdicom sockets")
+        log.debug("TCP_NODELAY enabled for pynetdicom sockets")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

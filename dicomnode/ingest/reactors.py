@@ -26,7 +26,7 @@ from typing import Any, cast
 import pynetdicom
 from pynetdicom import evt
 
-LOGGER = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 #: The association reactor copied below logs where pynetdicom's does, so its messages stay in the same stream.
 _ASSOC_LOGGER = logging.getLogger("pynetdicom.association")
 _DUL_LOGGER = logging.getLogger("pynetdicom.dul")
@@ -290,11 +290,11 @@ def enable_event_driven_reactors() -> bool:
         if _REACTORS_PATCHED:
             return True
         if pynetdicom.__version__ != SUPPORTED_PYNETDICOM:
-            LOGGER.info("pynetdicom %s: keeping its polling reactors", pynetdicom.__version__)
+            log.info("pynetdicom %s: keeping its polling reactors", pynetdicom.__version__)
             return False
         _install_reactors()
         _REACTORS_PATCHED = True
-        LOGGER.debug("event-driven reactors enabled for pynetdicom %s", pynetdicom.__version__)
+        log.debug("event-driven reactors enabled for pynetdicom %s", pynetdicom.__version__)
         return True
 
 
