@@ -406,8 +406,8 @@ def _axial_profile(hu: F32, col: Column, z_lo: int, z_hi: int, g: float, radius_
     return p
 
 
-#: A dip next to a band is the disc when it is no brighter than the marrow beyond the band plus this (HU).
-DISC_VS_MARROW_HU = 5.0
+#: Weight of a band's score against a dip's in the disc chain.
+BAND_WEIGHT = 0.7
 
 
 def _disc_candidates(p: npt.NDArray[np.float64], z_lo: int, z_hi: int, g: float) -> dict[int, float]:
@@ -438,7 +438,6 @@ def _disc_candidates(p: npt.NDArray[np.float64], z_lo: int, z_hi: int, g: float)
     ps = ndi.gaussian_filter1d(np.where(np.isfinite(p), p, np.nanmedian(p)), 1.0 / g, mode="nearest")
     near, far = max(2, round(5.0 / g)), max(3, round(16.0 / g))
     bands: dict[int, float] = {}
-    far_side: dict[int, tuple[float, float]] = {}  # marrow level below / above each band
     for z in range(z_lo + near, z_hi - near + 1):
         if not (ps[z] >= ps[z - 1] and ps[z] >= ps[z + 1]):
             continue
@@ -449,21 +448,9 @@ def _disc_candidates(p: npt.NDArray[np.float64], z_lo: int, z_hi: int, g: float)
         score = float(ps[z] - max(left.min(), right.min()))
         if score >= 30.0:
             bands[z] = score
-            far_side[z] = (float(left.min()), float(right.min()))
-    # a band and a dip within 8 mm: the dip is the disc of a resolved end-plate pair (the band one of its end
-    # plates) when it is darker than the marrow on the band's far side (discs are darker than the marrow
-    # beside them there); otherwise the dip is the marrow of a small body next to a merged band (the band is
-    # the disc)
-    for zb in list(bands):
-        for zd in list(dips):
-            if abs(zb - zd) * g > 8.0 or zb not in bands or zd not in dips:
-                continue
-            marrow = far_side[zb][0] if zd > zb else far_side[zb][1]
-            if p[zd] <= marrow + DISC_VS_MARROW_HU:
-                bands.pop(zb)
-            else:
-                dips.pop(zd)
-    cands = {**bands, **dips}
+    # a resolved dip is direct evidence of a disc, a band indirect (an end plate of a resolved pair, or a
+    # bone island, is a band too): bands count for less, and the chain's pitch decides between neighbours
+    cands = {**{z: BAND_WEIGHT * v for z, v in bands.items()}, **dips}
     # non-maximum suppression within 6 mm
     kept: dict[int, float] = {}
     for z in sorted(cands, key=lambda q: -cands[q]):
