@@ -1,7 +1,7 @@
 """``dicomnode evaluate``: compare predicted vBMD with a reference, write metrics, plots and a report.
 
 Inputs are read at the edge (:func:`read_reference`, :func:`read_predictions`), matched by id
-(:func:`match`) and scored by the pure functions of :mod:`dicomnode.ml.metrics`. Nothing is dropped
+(:func:`match`) and scored by the pure functions of :mod:`dicomnode.ml.agreement`. Nothing is dropped
 silently: ids without a partner, without a value or seen twice are listed in ``metrics.json`` and the report.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from dicomnode.errors import InputError
-from dicomnode.ml import metrics as m
+from dicomnode.ml import agreement as m
 
 log = logging.getLogger(__name__)
 

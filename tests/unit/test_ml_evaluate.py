@@ -12,7 +12,7 @@ from sklearn import metrics as skm
 
 from dicomnode.cli import main
 from dicomnode.errors import InputError
-from dicomnode.ml import metrics as m
+from dicomnode.ml import agreement as m
 from dicomnode.ml.evaluate import evaluate
 
 
