@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dicomnode.domain import BoneCategory
 from dicomnode.errors import InputError
 from dicomnode.imaging.volume import Volume
 from dicomnode.ml import bundle as bdl
@@ -40,6 +41,7 @@ from dicomnode.ml.datasets import (
 )
 from dicomnode.ml.inference import dice_per_level, segment_levels_prepared
 from dicomnode.ml.preprocess import Prepared, crop, prepare, resample_to
+from dicomnode.vocab import acr_category
 
 log = logging.getLogger(__name__)
 
@@ -639,22 +641,41 @@ def _predict_items(
     return out
 
 
-def _write_pairs(path: Path, items: Sequence[BmdItem], preds: dict[str, float]) -> tuple[Path, Path]:
+def _write_pairs(
+    path: Path, truth: Sequence[tuple[str, float]], preds: Mapping[str, float]
+) -> tuple[Path, Path]:
+    """``reference.csv`` (id, vBMD, osteoporosis) and ``predictions.csv`` (id, vBMD) for the evaluation."""
     path.mkdir(parents=True, exist_ok=True)
     ref, pred = path / "reference.csv", path / "predictions.csv"
     with ref.open("w", newline="") as fr, pred.open("w", newline="") as fp:
         wr, wp = csv.writer(fr), csv.writer(fp)
         wr.writerow(["id", "bmd_mg_cm3", "osteoporosis"])
         wp.writerow(["id", "bmd_mg_cm3"])
-        for it in items:
-            wr.writerow([it.row_id, f"{it.bmd:.4f}", int(it.bmd < 80.0)])
-            if it.row_id in preds:
-                wp.writerow([it.row_id, f"{preds[it.row_id]:.4f}"])
+        for row_id, bmd in truth:
+            wr.writerow([row_id, f"{bmd:.4f}", int(acr_category(bmd) is BoneCategory.OSTEOPOROSIS)])
+            if row_id in preds:
+                wp.writerow([row_id, f"{preds[row_id]:.4f}"])
     return ref, pred
 
 
-def _train_bmd(cfg: TrainConfig) -> dict[str, Any]:
+#: The figures of an evaluation kept in the report and the bundle's manifest.
+_EVAL_KEYS = ("n", "mae", "rmse", "r2", "auc", "accuracy")
+
+
+def _evaluate_split(
+    cfg: TrainConfig, split: str, truth: Sequence[tuple[str, float]], preds: Mapping[str, float]
+) -> tuple[dict[str, Any], str]:
+    """Evaluate one split (``cv`` or ``external``) into ``training/evaluation/<split>``: its figures and the
+    path of its HTML report."""
     from dicomnode.ml.evaluate import evaluate
+
+    out = cfg.out / "training" / "evaluation" / split
+    ref, pred = _write_pairs(out / "inputs", truth, preds)
+    doc = evaluate(ref, pred, out, n_boot=200, seed=cfg.seed)
+    return {k: doc[k] for k in _EVAL_KEYS}, str(out / "report.html")
+
+
+def _train_bmd(cfg: TrainConfig) -> dict[str, Any]:
     from dicomnode.ml.networks import build
 
     items = read_bmd_dataset(cfg.data)
@@ -681,18 +702,14 @@ def _train_bmd(cfg: TrainConfig) -> dict[str, Any]:
     )
     report: dict[str, Any] = {"folds": folds}
     perf: dict[str, Any] = {}
-    evals = cfg.out / "training" / "evaluation"
     if oof:
-        ref, pred = _write_pairs(evals / "cv" / "inputs", items, oof)
-        doc = evaluate(ref, pred, evals / "cv", n_boot=200, seed=cfg.seed)
-        perf["cv"] = {k: doc[k] for k in ("n", "mae", "rmse", "r2", "auc", "accuracy")}
-        report["cv_evaluation"] = str(evals / "cv" / "report.html")
+        perf["cv"], report["cv_evaluation"] = _evaluate_split(
+            cfg, "cv", [(i.row_id, i.bmd) for i in items], oof
+        )
     if ext_items:
         preds = _predict_items(final_net, ext_items, images, cfg.device)
-        ref, pred = _write_pairs(evals / "external" / "inputs", ext_items, preds)
-        doc = evaluate(ref, pred, evals / "external", n_boot=200, seed=cfg.seed)
-        perf["external"] = {k: doc[k] for k in ("n", "mae", "rmse", "r2", "auc", "accuracy")}
-        report["external_evaluation"] = str(evals / "external" / "report.html")
+        truth = [(i.row_id, i.bmd) for i in ext_items]
+        perf["external"], report["external_evaluation"] = _evaluate_split(cfg, "external", truth, preds)
         report["external_predictions"] = preds
     report["performance"] = perf
     manifest = bdl.write_bundle(
@@ -936,22 +953,6 @@ def _predict_series(
     return out
 
 
-def _write_series_pairs(
-    path: Path, items: Sequence[SagittalItem], preds: dict[str, list[float]]
-) -> tuple[Path, Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    ref, pred = path / "reference.csv", path / "predictions.csv"
-    with ref.open("w", newline="") as fr, pred.open("w", newline="") as fp:
-        wr, wp = csv.writer(fr), csv.writer(fp)
-        wr.writerow(["id", "bmd_mg_cm3", "osteoporosis"])
-        wp.writerow(["id", "bmd_mg_cm3"])
-        for it in items:
-            wr.writerow([it.series_id, f"{it.bmd:.4f}", int(it.bmd < 80.0)])
-            if it.series_id in preds:
-                wp.writerow([it.series_id, f"{preds[it.series_id][0]:.4f}"])
-    return ref, pred
-
-
 def _tbs_metrics(items: Sequence[SagittalItem], preds: dict[str, list[float]]) -> dict[str, Any]:
     pairs = [(it.tbs, preds[it.series_id][1]) for it in items if it.tbs is not None and it.series_id in preds]
     if not pairs:
@@ -967,7 +968,6 @@ def _tbs_metrics(items: Sequence[SagittalItem], preds: dict[str, list[float]]) -
 
 
 def _train_sagittal(cfg: TrainConfig) -> dict[str, Any]:
-    from dicomnode.ml.evaluate import evaluate
     from dicomnode.ml.networks import build
 
     levels = tuple(cfg.reference_levels)
@@ -1009,25 +1009,21 @@ def _train_sagittal(cfg: TrainConfig) -> dict[str, Any]:
     report: dict[str, Any] = {"folds": folds, "reference_levels": list(levels), "tbs": with_tbs}
     train_mean = float(np.mean([it.bmd for it in items]))
     perf: dict[str, Any] = {}
-    evals = cfg.out / "training" / "evaluation"
-    keys = ("n", "mae", "rmse", "r2", "auc", "accuracy")
     if oof:
-        ref, pred = _write_series_pairs(evals / "cv" / "inputs", items, oof)
-        doc = evaluate(ref, pred, evals / "cv", n_boot=200, seed=cfg.seed)
-        perf["cv"] = {k: doc[k] for k in keys}
+        vbmd = {sid: v[0] for sid, v in oof.items()}
+        truth = [(i.series_id, i.bmd) for i in items]
+        perf["cv"], report["cv_evaluation"] = _evaluate_split(cfg, "cv", truth, vbmd)
         if with_tbs:
             perf["cv"]["tbs"] = _tbs_metrics(items, oof)
-        report["cv_evaluation"] = str(evals / "cv" / "report.html")
     if ext_items:
         preds = _predict_series(final_net, ext_items, planes, cfg.device)
-        ref, pred = _write_series_pairs(evals / "external" / "inputs", ext_items, preds)
-        doc = evaluate(ref, pred, evals / "external", n_boot=200, seed=cfg.seed)
-        perf["external"] = {k: doc[k] for k in keys}
+        truth = [(i.series_id, i.bmd) for i in ext_items]
+        vbmd = {sid: v[0] for sid, v in preds.items()}
+        perf["external"], report["external_evaluation"] = _evaluate_split(cfg, "external", truth, vbmd)
         # the figure to beat: what predicting the development set's mean vBMD would score
         perf["external"]["mae_training_mean"] = float(np.mean([abs(train_mean - it.bmd) for it in ext_items]))
         if with_tbs:
             perf["external"]["tbs"] = _tbs_metrics(ext_items, preds)
-        report["external_evaluation"] = str(evals / "external" / "report.html")
         report["external_predictions"] = preds
         report["external_centres_lps"] = {it.series_id: centres[it.series_id] for it in ext_items}
     report["performance"] = perf
