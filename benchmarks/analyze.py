@@ -8,7 +8,10 @@ outside those steps (interpreter start, imports, exit); then the medians, agains
 wall, <= 2.5 GB). Figures only, never pass/fail. On a shared machine wall time includes waiting for the
 CPU: compare CPU time too, and run when the machine is quiet.
 
-    .venv/bin/python benchmarks/analyze.py [--matrix 512] [--slices 300] [--cores 2] [--repeat 3] [--keep DIR]
+    .venv/bin/python benchmarks/analyze.py [--matrix 512] [--slices 300] [--thickness 1.0] [--cores 2]
+        [--repeat 3] [--keep DIR]
+
+The thin-slice case of issue 9: ``--slices 640 --thickness 0.625`` (400 mm of 0.625 mm slices).
 """
 
 from __future__ import annotations
@@ -43,14 +46,14 @@ print(json.dumps({"rc": p.returncode, "wall_s": wall, "rss_gb": ru.ru_maxrss * 1
 """
 
 
-def make_series(folder: Path, matrix: int, slices: int) -> float:
-    """Write the phantom series (0.7 mm pixels at 512, 1 mm slices); return the time it took."""
+def make_series(folder: Path, matrix: int, slices: int, thickness: float = 1.0) -> float:
+    """Write the phantom series (0.7 mm pixels at 512, ``thickness`` mm slices); return the time it took."""
     from dicomnode.imaging.writer import write_dicom_series
     from dicomnode.phantom import PhantomSpec, make_phantom
 
     t0 = time.perf_counter()
     spec = PhantomSpec(
-        matrix=matrix, spacing_mm=0.7 * 512 / matrix, thickness_mm=1.0, n_slices=slices, seed=5
+        matrix=matrix, spacing_mm=0.7 * 512 / matrix, thickness_mm=thickness, n_slices=slices, seed=5
     )
     write_dicom_series(make_phantom(spec).volume, folder)
     return time.perf_counter() - t0
@@ -71,6 +74,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--matrix", type=int, default=512)
     ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--thickness", type=float, default=1.0, help="slice thickness and spacing (mm)")
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--keep", type=Path, default=None, help="keep the series and outputs in this folder")
@@ -79,8 +83,11 @@ def main() -> int:
     series = work / "ct"
     try:
         if not series.is_dir():
-            gen = make_series(series, args.matrix, args.slices)
-            print(f"phantom series {args.matrix}x{args.matrix}x{args.slices} written in {gen:.1f} s")
+            gen = make_series(series, args.matrix, args.slices, args.thickness)
+            print(
+                f"phantom series {args.matrix}x{args.matrix}x{args.slices}, {args.thickness:g} mm slices, "
+                f"written in {gen:.1f} s"
+            )
         script = Path(sys.executable).parent / "dicomnode"
         print(
             f"dicomnode analyze (fresh process, imports included) on {args.cores} core(s); "

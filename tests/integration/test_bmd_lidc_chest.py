@@ -1,0 +1,117 @@
+"""The second real patient: a GE chest CT that reaches L1 (LIDC-IDRI-0001, issue 9 acceptance).
+
+``lidc_idri_0001_chest_dicom/``: 133 slices, 0.70 mm pixels, 2.5 mm slices, feet first, contrast-enhanced,
+-2048 padding outside a 360 mm circular field of view, L1 complete only ~25 mm above the lower edge, no
+sacrum, all 12 rib pairs above it. ``mask.nii.gz`` is a TotalSegmentator-style label map on the same voxels
+(L1 = 31, T12 = 32, T11 = 33); its geometry is read from the file's own affine (RAS), never assumed.
+
+What holds (asserted): the lumbar spine is found and named from the ribs, each measured level's ROI
+centroid lies inside the reference vertebra of that name, the contrast is not called native, and the L1
+trabecular mean lies in 60-125 HU (the data README's rough reference is ~92 HU). What does not hold yet is
+marked ``xfail(strict=True)`` with the reason (see the issue note): the names are confident only when the
+12th rib pair is long against the 11th or a second anchor confirms it, and this patient's 12th ribs are
+~0.56 of the 11th, which a lumbar rib on L1 can also be; and the fracture call on its thin-disc lumbar
+bodies is not reliable yet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dicomnode.bmd import BmdOutput, analyze_volume
+from dicomnode.imaging.volume import Volume
+
+#: complete vertebrae in view (L3 is cut by the lower edge of the scan)
+LABELS = {"T11": 33, "T12": 32, "L1": 31, "L2": 30}
+
+
+@pytest.fixture(scope="module")
+def lidc_dir(shared_data: Path) -> Path:
+    return shared_data / "lidc_idri_0001_chest_dicom"
+
+
+@pytest.fixture(scope="module")
+def lidc_out(lidc_dir: Path) -> BmdOutput:
+    from dicomnode.imaging.loader import load_series
+    from dicomnode.imaging.series import scan_path
+
+    (series,) = scan_path(lidc_dir / "dicom")
+    vol: Volume = load_series(series)
+    return analyze_volume(vol)
+
+
+@pytest.fixture(scope="module")
+def label_at(lidc_dir: Path) -> object:
+    import nibabel as nib
+
+    img = nib.load(str(lidc_dir / "mask.nii.gz"))
+    data = np.asarray(img.dataobj)
+    inv = np.linalg.inv(np.asarray(img.affine, dtype=float))
+
+    def at(lps: tuple[float, float, float]) -> int:
+        ras = np.array([-lps[0], -lps[1], lps[2], 1.0])
+        i, j, k = np.round(inv @ ras)[:3].astype(int)
+        return int(data[i, j, k])
+
+    return at
+
+
+def test_lumbar_levels_found_and_inside_the_reference(lidc_out: BmdOutput, label_at: object) -> None:
+    res = lidc_out.result
+    levels = [v.level for v in res.vertebrae]
+    assert {"T11", "T12", "L1", "L2"} <= set(levels), levels
+    for v in res.vertebrae:
+        if v.level in LABELS and np.isfinite(v.roi_centroid_lps_mm[0]):
+            got = label_at(v.roi_centroid_lps_mm)  # type: ignore[operator]
+            assert got == LABELS[v.level], f"{v.level} ROI centroid in label {got}"
+
+
+def test_l1_trabecular_mean_and_contrast(lidc_out: BmdOutput) -> None:
+    res = lidc_out.result
+    l1 = res.vertebra("L1")
+    assert l1 is not None
+    assert 60.0 <= l1.trabecular_hu_mean <= 125.0, l1.trabecular_hu_mean
+    # a plausible trabecular SD once outliers are out (bone islands, vein, cortex)
+    assert l1.trabecular_hu_sd < 80.0, l1.trabecular_hu_sd
+    assert res.summary is not None
+    assert res.summary.contrast_phase.value != "native"
+    print(
+        f"[lidc] L1 {l1.trabecular_hu_mean:.1f} HU (median {l1.trabecular_hu_median:.0f}, SD "
+        f"{l1.trabecular_hu_sd:.0f}), phase {res.summary.contrast_phase.value}, notes {res.summary.notes}"
+    )
+
+
+def test_uncertain_names_withhold_the_category_with_the_reason(lidc_out: BmdOutput) -> None:
+    res = lidc_out.result
+    assert res.summary is not None
+    if any(v.level_uncertain for v in res.vertebrae):
+        assert res.summary.category is None and res.summary.l1_hu is None
+        assert any("no category" in n for n in res.summary.notes)
+        assert any("lowest rib pair" in n for n in res.summary.notes), res.summary.notes
+    else:
+        assert res.summary.category is not None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ribs are the only anchor and the 12th pair is 0.56 of the 11th (a lumbar rib can be as long): "
+    "confidence needs the count from the first rib, not built yet",
+)
+def test_named_confidently(lidc_out: BmdOutput) -> None:
+    assert not any(v.level_uncertain for v in lidc_out.result.vertebrae)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="end-plate profiles of these thin-disc bodies on 2.5 mm slices give false grade 2-3 ratios",
+)
+def test_no_false_fracture_at_t12_l2(lidc_out: BmdOutput) -> None:
+    flagged = [
+        v.level
+        for v in lidc_out.result.vertebrae
+        if v.level in ("T12", "L1", "L2") and v.exclusion_reason and "fracture" in v.exclusion_reason
+    ]
+    assert flagged == []
