@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import datetime
-from pathlib import Path
-from typing import Any
 
 from sqlalchemy import func, or_, select, update
 
-from dicomnode.domain import JobState, ResultFiles
+from dicomnode.domain import JobState
 from dicomnode.store.base import (
     RERUNNABLE_STATES,
     InvalidTransitionError,
@@ -37,7 +35,6 @@ from dicomnode.store.records import (
     JobDetail,
     JobEvent,
     Page,
-    Result,
 )
 
 log = logging.getLogger(__name__)
@@ -279,42 +276,6 @@ class JobStore(StoreBase):
                     s, row, JobState.SUPERSEDED, message or f"superseded by version {below_version}", None, at
                 )
             return [r.id for r in rows]
-
-    def record_result(
-        self,
-        job_id: int,
-        result_json: Mapping[str, Any],
-        files: Sequence[Path | str] | ResultFiles,
-        now: datetime | None = None,
-    ) -> None:
-        """Keep the analysis result (``result.json`` content) and the produced files; a re-run replaces it.
-
-        ``files`` is the typed :class:`~dicomnode.domain.ResultFiles` of the analysis (kept as they are),
-        or a plain list of files (kept as a list, with no typed outputs).
-        """
-        at = now or _now()
-        if isinstance(files, ResultFiles):
-            names, outputs = list(files.all), files.to_json()
-        else:
-            names, outputs = [str(f) for f in files], None
-        with self._write() as s:
-            if s.get(JobRow, job_id) is None:
-                raise NotFoundError(f"no job {job_id}")
-            row = s.scalar(select(ResultRow).where(ResultRow.job_id == job_id))
-            if row is None:
-                row = ResultRow(job_id=job_id, created_at=at, result_json=dict(result_json), files=names)
-                row.outputs = outputs
-                s.add(row)
-            else:
-                row.created_at = at
-                row.result_json = dict(result_json)
-                row.files = names
-                row.outputs = outputs
-
-    def get_result(self, job_id: int) -> Result | None:
-        with self._read() as s:
-            row = s.scalar(select(ResultRow).where(ResultRow.job_id == job_id))
-            return None if row is None else _result(row)
 
     def list_jobs(
         self,
