@@ -56,6 +56,9 @@ GRADE3_RATIO = 0.6
 #: A ratio must lie this many standard errors below the grade-2 line to exclude the level (one-sided ~2.3 %
 #: false exclusions of a grade-1 body when the errors are normal).
 FRACTURE_Z = 2.0
+#: The body outline's own height ratio (``roi.body_heights``; biased towards 1 by partial volume: a true 0.70
+#: wedge reads ~0.88 at 2 mm slices) at or above which it contradicts a grade 2-3 call from the profiles.
+MASK_REGULAR_RATIO = 0.95
 #: SD of one height's slice quantisation, in slice thicknesses: each of its two end-plate edges lies anywhere
 #: in the slice that straddles it (uniform, SD 1/sqrt(12) each, independent: sqrt(2/12)).
 QUANT_SD_SLICES = float(np.sqrt(2.0 / 12.0))
@@ -164,7 +167,21 @@ def build_vertebrae(
         # error (noisy profiles on thick slices scatter the fitted line: a regular body can read 0.65 there)
         se_r = ratio_se(h, st.heights_se_mm, i_min, i_max, slice_mm)
         unc = f"SE {se_r:.3f}"
-        if r + FRACTURE_Z * se_r < FRACTURE_EXCLUDE_RATIO:
+        mh = st.mask_heights_mm
+        r_mask = min(mh) / max(mh) if mh is not None and max(mh) > 0 else None
+        if (
+            r + FRACTURE_Z * se_r < FRACTURE_EXCLUDE_RATIO
+            and r_mask is not None
+            and r_mask >= MASK_REGULAR_RATIO
+        ):
+            # the end-plate profiles read a grade 2-3 deformity but the body's own outline is regular: one
+            # of the two height estimates met something else (a thin disc merged with its end plates, a
+            # bone island, the next body). Not called a fracture; the level is kept and flagged.
+            qcs[lv].append(
+                f"height ratio unclear (end-plate profiles {_trunc3(r)}, body outline {_trunc3(r_mask)}): "
+                "fracture not assessed, check the sagittal view"
+            )
+        elif r + FRACTURE_Z * se_r < FRACTURE_EXCLUDE_RATIO:
             grade = 2 if r >= GRADE3_RATIO else 3
             reasons[lv].append(
                 f"suspected compression fracture (height ratio {_trunc3(r)} < {FRACTURE_EXCLUDE_RATIO} "
