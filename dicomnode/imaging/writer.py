@@ -226,11 +226,14 @@ _COMPUTED = {
 
 
 def _header_items(*sources: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge header mappings (later wins), keeping only DICOM keywords with plain values."""
+    """Merge header mappings (later wins), keeping only DICOM keywords with plain values (never file meta
+    elements, group 0002, nor the image pixel description, group 0028: the writer makes its own meta header
+    and pixel encoding, and a source's padding value or bit depth does not fit it)."""
     out: dict[str, Any] = {}
     for src in sources:
         for key, val in src.items():
-            if key in _COMPUTED or pydicom.datadict.tag_for_keyword(key) is None:
+            tag = pydicom.datadict.tag_for_keyword(key)
+            if key in _COMPUTED or tag is None or tag >> 16 in (0x0002, 0x0028):
                 continue
             out[key] = val
     return out
