@@ -884,6 +884,10 @@ def _sacral_slices(hu: F32, filled: B, bodies: B, frame: Frame, g: float) -> npt
         left = reach_l >= 90.0 or ala_l
         right = reach_r >= 90.0 or ala_r
         out[z] = int(left) + int(right)
+    # the alae and the sacroiliac joints run on over many slices: a one-slice gap between two sacral slices is
+    # noise or partial volume at the threshold, not the end of the sacrum
+    gap = np.minimum(out[:-2], out[2:])
+    out[1:-1] = np.maximum(out[1:-1], gap)
     return out
 
 
