@@ -59,6 +59,8 @@ FRACTURE_Z = 2.0
 #: The body outline's own height ratio (``roi.body_heights``; biased towards 1 by partial volume: a true 0.70
 #: wedge reads ~0.88 at 2 mm slices) at or above which it contradicts a grade 2-3 call from the profiles.
 MASK_REGULAR_RATIO = 0.95
+#: Height ratios below this are taken as a failed outline, not a fracture (Genant grade 3 starts at 0.6).
+IMPLAUSIBLE_RATIO = 0.25
 #: SD of one height's slice quantisation, in slice thicknesses: each of its two end-plate edges lies anywhere
 #: in the slice that straddles it (uniform, SD 1/sqrt(12) each, independent: sqrt(2/12)).
 QUANT_SD_SLICES = float(np.sqrt(2.0 / 12.0))
@@ -169,7 +171,14 @@ def build_vertebrae(
         unc = f"SE {se_r:.3f}"
         mh = st.mask_heights_mm
         r_mask = min(mh) / max(mh) if mh is not None and max(mh) > 0 else None
-        if (
+        if r < IMPLAUSIBLE_RATIO:
+            # a body at a fraction of its height is vertebra plana, a rarity in screening: far more often the
+            # outline met the disc or the next body. Excluded, but not called a fracture.
+            reasons[lv].append(
+                f"vertebral body outline unreliable (height ratio {_trunc3(r)}, heights "
+                f"{'/'.join(f'{x:.0f}' for x in h)} mm): not measured"
+            )
+        elif (
             r + FRACTURE_Z * se_r < FRACTURE_EXCLUDE_RATIO
             and r_mask is not None
             and r_mask >= MASK_REGULAR_RATIO
@@ -270,7 +279,7 @@ def summarise(
             used = (a, b)
             vb = 0.5 * (ra.vbmd_mg_cm3 + rb.vbmd_mg_cm3)
             break
-    if used and used != ("L1", "L2"):
+    if used and used != ("L1", "L2") and not uncertain:
         why = [
             f"{lv}: {by[lv].exclusion_reason}" if lv in by else f"{lv}: not in view"
             for lv in ("L1", "L2")
@@ -279,7 +288,7 @@ def summarise(
         notes.append(
             f"L1-L2 not both usable ({'; '.join(why) or 'not in view'}); category on {used[0]}-{used[1]}"
         )
-    if not used:
+    if not used and not uncertain:
         singles = [r for r in rows if r.vbmd_mg_cm3 is not None and r.level in ("L1", "L2", "L3")]
         if singles:
             used = (singles[0].level,)
