@@ -3,26 +3,31 @@
 Pipeline (on the ~2 mm isotropic working grid, in HU after the preliminary air/fat calibration, all
 sizes in mm; the numbers are anatomical sizes, not fitted to any one scan):
 
+0. **Noise.** The working grid is brought to a common noise level (``grid.equalise_noise``).
 1. **Column.** Per axial slice: wall = HU > 120 (cortex, end plates and pedicles exceed it even with partial
    volume; discs 80-100, muscle 50 and CSF/fat do not), closed, marrow-like holes filled (not the dark
    canal), opened by 7 mm: only thick bone survives. The vertebral body is the most posterior thick blob
    within 35 mm of the trunk midline that contains bright cortex and lies >= 25 mm in front of the back
-   skin (the aorta and organs lie in front of it, the table behind). Its posterior wall gives the canal's
-   front; the track is cleaned with a running median and interpolated over disc levels.
+   skin (the aorta and organs lie in front of it, the table behind). A blob deeper than a body (55 mm) had
+   the canal filled (contrast in the epidural veins) and is split again without it. Its posterior wall gives
+   the canal's front; the track is cleaned with a running median and interpolated over disc levels.
 2. **Bodies.** Per slice, bone in front of the posterior wall within 40 mm of the axis; a watershed on the
    distance map (one basin per blob standing >= 2.5 mm above its saddle) splits off an enhanced aorta or
    psoas glued to the body; a 4 mm opening drops thin attachments.
-3. **Discs.** Along the smoothed centreline, the mean HU on a 10 mm disk perpendicular to the column axis:
-   a disc is a dip flanked within 6 mm by brighter end plates on both sides (a mid-body dip has its end
-   plates 12-15 mm away). The best chain of dips with a 22-50 mm pitch is chosen by dynamic programming
-   (each disc costs 25 HU of dip depth), gaps of a missed disc are filled. Bodies are split by the disc
-   planes (perpendicular to the axis, so tilted L5/S1 discs split cleanly), closed along the axis, and
-   each slice replaced by the convex hull of what its cortex encloses (an enhanced vessel lumen pressed
-   against the body has no cortex and is dropped).
-4. **Anchors.** *Ribs*: bone outside a 45 mm core around the axis that reaches >= 75 mm laterally (lumbar
-   transverse processes end before), is not pelvis-sized, and passes 45-62 mm off the axis at canal depth
-   between a vertebra's disc planes, is a rib of that vertebra; ribs belong to the run of rib-bearing
-   vertebrae from the top (iliac crests next to L4/L5 are not ribs); the lowest of that run is T12.
+3. **Discs.** Along the smoothed centreline, the mean HU on a 10 mm disk perpendicular to the column axis.
+   Thick discs are dips flanked within 6 mm by brighter end plates; thin (thoracic) discs merge with their
+   end plates into one bright band at 2-3 mm sampling (``_disc_candidates``). The chain of discs is chosen
+   by dynamic programming over pairs of discs: a 14-50 mm pitch that changes smoothly from one vertebra to
+   the next (each disc costs 25 HU of score), gaps of a missed disc are filled (``_find_discs``). Bodies
+   are split by the disc planes (perpendicular to the axis, so tilted L5/S1 discs split cleanly), closed
+   along the axis, and each slice replaced by the convex hull of what its cortex encloses (an enhanced
+   vessel lumen pressed against the body has no cortex and is dropped).
+4. **Anchors.** *Ribs*: thin bone (no 12 mm ball fits: not an enhanced organ) outside a 30 mm core that
+   reaches >= 65 mm from the axis (lumbar transverse processes end before) and whose medial end reaches the
+   spine (<= 36 mm); each rib is credited to the body nearest to its head along the column axis (the
+   medial-cranial extreme of the rib: the lower ribs run down and out, the 12th lies at L1's level 45-60 mm
+   out); ribs belong to the run of rib-bearing vertebrae from the top, one missed pair tolerated (iliac
+   crests next to L4/L5 are not ribs); the lowest of that run is T12.
    *Sacrum*: walking up from the lowest vertebra, the highest piece with >= 3 slices where bone joined to
    the body reaches >= 90 mm off the axis (sacrum joined to the ilia) or solid alae spread 28-60 mm beside
    the body; the vertebra above it is L5.
@@ -33,12 +38,12 @@ sizes in mm; the numbers are anatomical sizes, not fitted to any one scan):
    clinical.md 4.3), otherwise ``level_uncertain`` with the reason in the evidence:
 
    * *ribs only*: uncertain when the lowest rib is seen on one side only, reaches round to the front of
-     the flank like an 11th rib (> 100 deg), or is short: a path outside the spine core < 60 mm (roughly
-     85 mm from the head: rudimentary) or < 0.6 of the rib pair above it. Rationale: the lower ribs taper
-     (each of the 10th-12th about a third shorter than the one above), a lumbar rib on L1 is a
-     rudimentary stub, and a hypoplastic 12th rib looks the same; a short lowest rib is therefore either,
-     and only a full-length pair that continues the tapering series is taken as the 12th. Rib length is
-     the polyline through the rib's voxels binned by angle around the trunk (``_rib_length``).
+     the flank like an 11th rib (> 100 deg), or is short: < 38 mm from its head (not a thoracic rib, Yun
+     2018), < 0.6 of the rib pair above it, or < 90 mm with no pair above in view. Rationale: the 12th rib
+     is about half the 11th, a lumbar rib on L1 is about as much shorter than the 12th, and a hypoplastic
+     12th rib looks like either; only a 12th pair that is long against the pair above (or long outright)
+     is taken without a second anchor. Rib length is the geodesic path through the rib's voxels from its
+     head (``_rib_length``).
    * *sacrum only*: uncertain when the sacral evidence is one-sided, or when the vertebra above the
      sacrum itself has >= 4 mm of slices (upper two thirds of it: the alae rise beside the lower end of a
      normally tilted L5) where bone joined to it reaches the ala / ilium: a sacralised L5 (large
