@@ -321,7 +321,9 @@ def test_basel_fracture_flags(basel_rows: list[Row]) -> None:
     _check_fractures(basel_rows)
 
 
-@pytest.mark.xfail(strict=True, reason="the sacral anchor, cut through S1, is lost on the noisy and the 5 mm copies")
+@pytest.mark.xfail(
+    strict=True, reason="the sacral anchor, cut through S1, is lost on the noisy and the 5 mm copies"
+)
 def test_basel_naming_confidence_is_the_same(basel_rows: list[Row]) -> None:
     assert {r.uncertain for r in basel_rows} == {basel_rows[0].uncertain}
 
