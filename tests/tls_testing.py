@@ -105,49 +105,6 @@ def make_pki(folder: Path) -> Pki:
     )
 
 
-def make_ct_files(folder: Path, n: int, *, study: str | None = None) -> list[Path]:
-    """``n`` small CT instances of one new series (Part 10, explicit VR little endian)."""
-    import numpy as np
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir(parents=True, exist_ok=True)
-    study = study or generate_uid()
-    series = generate_uid()
-    out = []
-    for i in range(n):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.StudyInstanceUID = study
-        ds.SeriesInstanceUID = series
-        ds.Modality = "CT"
-        ds.PatientName = "Tls^Test"
-        ds.PatientID = "TLS1"
-        ds.InstanceNumber = i + 1
-        ds.Rows = ds.Columns = 8
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.PixelData = np.full(64, i, dtype=np.int16).tobytes()
-        p = folder / f"ct{i:03d}.dcm"
-        ds.save_as(p, enforce_file_format=True)
-        out.append(p)
-    return out
-
-
-def sop_of(path: Path) -> str:
-    import pydicom
-
-    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-
-
 def need(path: str, what: str) -> str:
     """``path`` if it exists; else skip (fail under CI) naming the Debian package."""
     if not os.path.exists(path):

@@ -6,22 +6,19 @@ dcmtk storescp, pynetdicom SCPs answering chosen statuses, a closed port, Orthan
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 import requests
 import uvicorn
+from dicom_testing import make_instances, running_orthanc, sop_of
 from fastapi import FastAPI
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pynetdicom import AE, evt
 
 from dicomnode.delivery import (
@@ -55,44 +52,6 @@ def need(path: str, what: str) -> str:
     return path
 
 
-def make_files(
-    folder: Path, n: int, *, sop_class: str = CTImageStorage, study: str | None = None
-) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    study = study or generate_uid()
-    series = generate_uid()
-    out = []
-    for i in range(n):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = sop_class
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.StudyInstanceUID = study
-        ds.SeriesInstanceUID = series
-        ds.Modality = "CT" if sop_class == CTImageStorage else "MR"
-        ds.PatientName = "Delivery^Test"
-        ds.PatientID = "DLV1"
-        ds.InstanceNumber = i + 1
-        ds.Rows = ds.Columns = 8
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.PixelData = np.full(64, i, dtype=np.int16).tobytes()
-        p = folder / f"f{i}.dcm"
-        ds.save_as(p, enforce_file_format=True)
-        out.append(p)
-    return out
-
-
-def sop_of(path: Path) -> str:
-    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-
-
 # -- dcmtk storescp -------------------------------------------------------------------------------------
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
@@ -116,7 +75,7 @@ def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 
 def test_cstore_to_storescp(storescp: tuple[int, Path], tmp_path: Path, shared_data: Path) -> None:
     port, out = storescp
-    files = make_files(tmp_path / "a", 3)
+    files = make_instances(tmp_path / "a", 3)
     j2k = shared_data / "edge_and_negative/cornerstone/CT1_J2KR.dcm"
     peer = DimsePeer("STORESCP", "127.0.0.1", port, "BMDNODE", name="storescp")
     res = deliver(peer, [*files, j2k])
@@ -165,7 +124,7 @@ class StatusSCP:
 def test_status_classes_from_a_real_scp(tmp_path: Path) -> None:
     scp = StatusSCP({1: [0x0000], 2: [0xB000], 3: [0xA700], 4: [0x0122], 5: [0xC000]})
     try:
-        files = make_files(tmp_path / "a", 5)
+        files = make_instances(tmp_path / "a", 5)
         res = deliver(DimsePeer("STATUSSCP", "127.0.0.1", scp.port, "BMDNODE"), files)
     finally:
         scp.close()
@@ -186,7 +145,7 @@ def test_transient_status_is_retried_for_the_failed_file_only(tmp_path: Path) ->
     attempts: list[tuple[int, DeliveryOutcome, float | None, int]] = []
     sleeps: list[float] = []
     try:
-        files = make_files(tmp_path / "a", 3)
+        files = make_instances(tmp_path / "a", 3)
         res = deliver_with_retry(
             DimsePeer("STATUSSCP", "127.0.0.1", scp.port, "BMDNODE"),
             files,
@@ -213,7 +172,7 @@ def test_rejected_calling_ae_is_permanent_and_not_retried(tmp_path: Path) -> Non
     try:
         res = deliver_with_retry(
             DimsePeer("STATUSSCP", "127.0.0.1", scp.port, "BMDNODE"),
-            make_files(tmp_path / "a", 2),
+            make_instances(tmp_path / "a", 2),
             RetryPolicy(max_attempts=5, base_delay_s=0.01, max_delay_s=0.01),
             sleep=lambda s: None,
             on_attempt=lambda n, r, o, d: attempts.append(n),
@@ -231,7 +190,9 @@ def test_rejected_calling_ae_is_permanent_and_not_retried(tmp_path: Path) -> Non
 def test_sop_class_refused_at_negotiation_is_permanent(tmp_path: Path) -> None:
     scp = StatusSCP({}, sop_class=MRImageStorage)
     try:
-        res = deliver(DimsePeer("STATUSSCP", "127.0.0.1", scp.port, "BMDNODE"), make_files(tmp_path / "a", 1))
+        res = deliver(
+            DimsePeer("STATUSSCP", "127.0.0.1", scp.port, "BMDNODE"), make_instances(tmp_path / "a", 1)
+        )
     finally:
         scp.close()
     assert res.outcome is DeliveryOutcome.PERMANENT_FAILURE
@@ -242,12 +203,12 @@ def test_closed_port_is_transient_until_attempts_run_out(tmp_path: Path) -> None
     port = free_port()  # nothing listens there
     sleeps: list[float] = []
     peer = DimsePeer("NOBODY", "127.0.0.1", port, "BMDNODE", timeout_s=3)
-    once = deliver(peer, make_files(tmp_path / "a", 1))
+    once = deliver(peer, make_instances(tmp_path / "a", 1))
     assert once.outcome is DeliveryOutcome.RETRYING and "cannot connect" in once.message
     with pytest.raises(RetryableError):
         once.raise_for_outcome()
     res = deliver_with_retry(
-        peer, make_files(tmp_path / "b", 1), RetryPolicy(max_attempts=3, base_delay_s=1, max_delay_s=2),
+        peer, make_instances(tmp_path / "b", 1), RetryPolicy(max_attempts=3, base_delay_s=1, max_delay_s=2),
         sleep=sleeps.append,
     )  # fmt: skip
     assert res.outcome is DeliveryOutcome.PERMANENT_FAILURE
@@ -261,7 +222,7 @@ def test_unreadable_file_is_permanent_without_blocking_the_others(
     storescp: tuple[int, Path], tmp_path: Path
 ) -> None:
     port, out = storescp
-    good = make_files(tmp_path / "a", 1)
+    good = make_instances(tmp_path / "a", 1)
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"not dicom")
     res = deliver(DimsePeer("STORESCP", "127.0.0.1", port, "BMDNODE"), [*good, junk])
@@ -295,37 +256,14 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]
         "DicomModalities": {"node": {"AET": "BMDNODE", "Host": "127.0.0.1", "Port": 11112}},
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Host": f"127.0.0.1:{http}", "Ssl": False},
     }
-    (work / "orthanc.json").write_text(json.dumps(config))
-    log = open(work / "orthanc.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [exe, str(work / "orthanc.json")],
-        cwd=work,
-        env=dict(os.environ, TCP_NODELAY="1"),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        end = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(f"http://127.0.0.1:{http}/system", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > end or proc.poll() is not None:
-                raise RuntimeError("Orthanc did not start: " + (work / "orthanc.log").read_text()[-2000:])
-            time.sleep(0.1)
+    with running_orthanc(exe, work, config):
         yield {"http": http, "dicom": dicom}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        log.close()
 
 
 def test_stow_to_orthanc(orthanc: dict[str, int], tmp_path: Path, shared_data: Path) -> None:
     base = f"http://127.0.0.1:{orthanc['http']}"
     peer = DicomwebPeer(f"{base}/dicom-web", name="orthanc-web")
-    files = make_files(tmp_path / "a", 2)
+    files = make_instances(tmp_path / "a", 2)
     sr = shared_data / "edge_and_negative/cornerstone/no-pixel-data_SR.dcm"
     res = deliver_with_retry(peer, [*files, sr], RetryPolicy(max_attempts=4, base_delay_s=0.5, max_delay_s=2))
     assert res.ok, res.message
@@ -343,7 +281,7 @@ def test_stow_to_orthanc(orthanc: dict[str, int], tmp_path: Path, shared_data: P
 
 
 def test_cstore_to_orthanc(orthanc: dict[str, int], tmp_path: Path) -> None:
-    files = make_files(tmp_path / "a", 3)
+    files = make_instances(tmp_path / "a", 3)
     # Orthanc may answer a transient status while its index is busy with the previous test's writes; the
     # retry policy is what production applies, so the test applies it too (and checks the final outcome).
     policy = RetryPolicy(max_attempts=4, base_delay_s=0.5, max_delay_s=2)
@@ -378,7 +316,7 @@ def stow_server(tmp_path: Path) -> Iterator[tuple[str, MemorySink]]:
 
 def test_stow_round_trip_through_uvicorn(stow_server: tuple[str, MemorySink], tmp_path: Path) -> None:
     url, sink = stow_server
-    cts = make_files(tmp_path / "a", 3)
+    cts = make_instances(tmp_path / "a", 3)
     res = deliver(DicomwebPeer(url, name="self"), cts)
     assert res.ok, res.message
     assert set(sink.instances) == {sop_of(f) for f in cts}
@@ -388,11 +326,11 @@ def test_stow_round_trip_through_uvicorn(stow_server: tuple[str, MemorySink], tm
     # MR is refused by this receiver's policy: 0x0122 per instance, HTTP 202 (partial) then 409 (all).
     mixed = deliver(
         DicomwebPeer(url),
-        [*make_files(tmp_path / "b", 1), *make_files(tmp_path / "c", 1, sop_class=MRImageStorage)],
+        [*make_instances(tmp_path / "b", 1), *make_instances(tmp_path / "c", 1, sop_class=MRImageStorage)],
     )
     assert mixed.outcome is DeliveryOutcome.PERMANENT_FAILURE
     assert sorted((f.status or 0) for f in mixed.files) == [0, 0x0122]
-    only_mr = deliver(DicomwebPeer(url), make_files(tmp_path / "d", 2, sop_class=MRImageStorage))
+    only_mr = deliver(DicomwebPeer(url), make_instances(tmp_path / "d", 2, sop_class=MRImageStorage))
     assert only_mr.outcome is DeliveryOutcome.PERMANENT_FAILURE
     assert [f.status for f in only_mr.files] == [0x0122, 0x0122]
 
@@ -417,7 +355,7 @@ def test_orthanc_pushes_to_our_scp(orthanc: dict[str, int], tmp_path: Path, shar
         assert r.ok, r.text
         study = generate_uid()
         files = [
-            *make_files(tmp_path / "a", 3, study=study),
+            *make_instances(tmp_path / "a", 3, study=study),
             shared_data / CORNERSTONE / "CTImage.dcm_JPEGLSLosslessTransferSyntax_1.2.840.10008.1.2.4.80.dcm",
         ]
         ids = []

@@ -23,7 +23,8 @@ from pathlib import Path
 import pydicom
 import pytest
 import yaml
-from tls_testing import Cert, Pki, make_ct_files, make_pki, need, sop_of
+from dicom_testing import make_instances, sop_of
+from tls_testing import Cert, Pki, make_pki, need
 
 from dicomnode.delivery import DimsePeer, deliver, echo
 from dicomnode.domain import DeliveryOutcome
@@ -85,7 +86,7 @@ def test_dcmtk_over_tls_beside_the_plain_port(
 ) -> None:
     sink = MemorySink()
     ctx = server_context(pki.node.cert, pki.node.key, ca_bundle=pki.ca)  # client certificate optional
-    files = make_ct_files(tmp_path / "in", 3)
+    files = make_instances(tmp_path / "in", 3)
     with StorageSCP(Spool(tmp_path / "spool", sink), port=0, tls_port=0, ssl_context=ctx) as scp:
         assert scp.port is not None and scp.tls_port is not None and scp.port != scp.tls_port
         with_cert = storescu(scp.tls_port, pki, pki.client, files[0])
@@ -113,7 +114,7 @@ def test_mutual_tls_refuses_clients_without_a_valid_certificate(
 ) -> None:
     sink = MemorySink()
     ctx = server_context(pki.node.cert, pki.node.key, ca_bundle=pki.ca, require_client_certificate=True)
-    files = make_ct_files(tmp_path / "in", 1)
+    files = make_instances(tmp_path / "in", 1)
     with StorageSCP(Spool(tmp_path / "spool", sink), port=None, tls_port=0, ssl_context=ctx) as scp:
         assert scp.port is None  # plain port off: TLS only
         assert scp.tls_port is not None
@@ -177,7 +178,7 @@ def test_delivery_to_dcmtk_storescp_over_tls(
 ) -> None:
     out, start = storescp_tls
     assert callable(start)
-    files = make_ct_files(tmp_path / "a", 3)
+    files = make_instances(tmp_path / "a", 3)
     port = start(pki.peer)  # storescp requires and verifies our client certificate (dcmtk's default)
     mutual = ClientTls(ca_bundle=pki.ca, certificate=pki.client.cert, private_key=pki.client.key)
     peer = DimsePeer("STORESCP", "127.0.0.1", port, "BMDNODE", timeout_s=10, name="storescp", tls=mutual)
@@ -221,7 +222,7 @@ def test_untrusted_expired_or_misnamed_destination_is_refused(
     tls = ClientTls(ca_bundle=pki.ca, certificate=pki.client.cert, private_key=pki.client.key)
     peer = DimsePeer("STORESCP", "127.0.0.1", port, "BMDNODE", timeout_s=10, name="pacs", tls=tls)
     caplog.set_level(logging.DEBUG, logger="pynetdicom")
-    res = deliver(peer, make_ct_files(tmp_path / "a", 1))
+    res = deliver(peer, make_instances(tmp_path / "a", 1))
     assert res.outcome is DeliveryOutcome.PERMANENT_FAILURE
     assert f"TLS handshake with STORESCP@127.0.0.1:{port} (TLS) failed: " in res.message
     assert reason in res.message, res.message
@@ -333,7 +334,7 @@ def test_cli_echo_check_config_and_tls_only_receive(
             assert first, "receive ended before its start-up line"
         assert f"DICOM TLS DICOMNODE@127.0.0.1:{tls_port}, client certificate required" in first, first
         assert "DICOM DICOMNODE@" not in first  # no plain listener
-        files = make_ct_files(tmp_path / "in", 1)
+        files = make_instances(tmp_path / "in", 1)
         ok = storescu(tls_port, pki, pki.client, files[0])
         assert ok.returncode == 0, ok.stderr
         refused = storescu(tls_port, pki, None, files[0])

@@ -30,7 +30,8 @@ from typing import Any
 import pydicom
 import pytest
 import requests
-from tls_testing import Pki, make_ct_files, make_pki, sop_of
+from dicom_testing import make_instances, sop_of
+from tls_testing import Pki, make_pki
 from web_testing import ADMIN_PASSWORD, make_settings, make_store
 
 from dicomnode.delivery import DicomwebPeer, deliver, echo
@@ -138,13 +139,13 @@ def test_https_refuses_tls11(https: Served, pki: Pki) -> None:
 
 def test_stow_delivery_verifies_the_certificate(https: Served, pki: Pki, tmp_path: Path) -> None:
     url = https.url + "/dicomweb"
-    files = make_ct_files(tmp_path / "a", 2)
+    files = make_instances(tmp_path / "a", 2)
     auth = {"username": "admin", "password": ADMIN_PASSWORD}
     res = deliver(DicomwebPeer(url, name="node", ca_bundle=pki.ca, **auth), files)
     assert res.ok, res.message
     assert _stored(https, files[0]) == {sop_of(f) for f in files}
 
-    more = make_ct_files(tmp_path / "b", 1)
+    more = make_instances(tmp_path / "b", 1)
     untrusted = deliver(DicomwebPeer(url, name="node", **auth), more)  # system CAs only
     assert untrusted.outcome is DeliveryOutcome.PERMANENT_FAILURE
     assert f"TLS with {url} failed: certificate not accepted" in untrusted.message, untrusted.message

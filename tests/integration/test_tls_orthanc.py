@@ -8,19 +8,16 @@ TLS listener (``UseDicomTls`` on the modality), where the node requires and veri
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
 import requests
+from dicom_testing import make_instances, running_orthanc, sop_of
 from pydicom.uid import generate_uid
-from tls_testing import Pki, make_ct_files, make_pki, need, sop_of
+from tls_testing import Pki, make_pki, need
 
 from dicomnode.delivery import DimsePeer, RetryPolicy, deliver, deliver_with_retry, echo
 from dicomnode.domain import DeliveryOutcome
@@ -67,36 +64,13 @@ def orthanc(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
             "node": {"AET": "BMDNODE", "Host": "127.0.0.1", "Port": 11112, "UseDicomTls": True}
         },
     }
-    (work / "orthanc.json").write_text(json.dumps(config))
-    log = open(work / "orthanc.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [exe, str(work / "orthanc.json")],
-        cwd=work,
-        env=dict(os.environ, TCP_NODELAY="1"),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        end = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(f"http://127.0.0.1:{http}/system", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > end or proc.poll() is not None:
-                raise RuntimeError("Orthanc did not start: " + (work / "orthanc.log").read_text()[-2000:])
-            time.sleep(0.1)
+    with running_orthanc(exe, work, config):
         yield {"http": http, "dicom": dicom}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        log.close()
 
 
 def test_node_delivers_to_orthanc_over_tls(orthanc: dict[str, int], pki: Pki, tmp_path: Path) -> None:
     base = f"http://127.0.0.1:{orthanc['http']}"
-    files = make_ct_files(tmp_path / "a", 3)
+    files = make_instances(tmp_path / "a", 3)
     tls = ClientTls(ca_bundle=pki.ca, certificate=pki.client.cert, private_key=pki.client.key)
     peer = DimsePeer("ORTHANC", "127.0.0.1", orthanc["dicom"], "BMDNODE", timeout_s=15, name="pacs", tls=tls)
     # Orthanc may answer a transient status while its index is busy; production applies the retry policy too.
@@ -109,7 +83,7 @@ def test_node_delivers_to_orthanc_over_tls(orthanc: dict[str, int], pki: Pki, tm
     assert e.ok and "(TLS)" in e.message, e.message
 
     # Orthanc requires a client certificate: without one, the delivery fails before anything is sent.
-    more = make_ct_files(tmp_path / "b", 1)
+    more = make_instances(tmp_path / "b", 1)
     refused = deliver(
         DimsePeer("ORTHANC", "127.0.0.1", orthanc["dicom"], "BMDNODE", timeout_s=15, tls=ClientTls(pki.ca)),
         more,
@@ -142,7 +116,7 @@ def test_orthanc_pushes_to_the_node_over_tls(
         assert r.ok, r.text
         assert requests.post(f"{base}/modalities/dicomnode/echo", json={}, timeout=30).ok
         study = generate_uid()
-        files = make_ct_files(tmp_path / "a", 3, study=study)
+        files = make_instances(tmp_path / "a", 3, study=study)
         ids = []
         for f in files:
             up = requests.post(f"{base}/instances", data=f.read_bytes(), timeout=10)
