@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -676,14 +677,15 @@ def _rib_evidence(
     frame: Frame,
     segs: list[Segment],
     g: float,
-    tangent_of: Any = None,
+    tangent_of: Callable[[int], npt.NDArray[np.float64]],
 ) -> list[str]:
     """Attach to each vertebra the rib bone that passes next to it; return notes.
 
-    Rib = bone outside the 45 mm spine core that reaches >= 75 mm off the axis (lumbar transverse processes
-    end before), is not the pelvis (< 150 cm3) and whose medial part lies inside the field of view. Its
-    voxels 45-62 mm off the axis at canal depth (the rib neck, at the level of the vertebra it articulates
-    with) are credited to the nearest vertebra along z.
+    Rib = thin bone (``RIB_MAX_THICK_MM``) outside a ``RIB_HEAD_CORE_MM`` core that reaches
+    ``RIB_MIN_REACH_MM`` off the axis (lumbar transverse processes end before). Its neck (30-62 mm off the
+    axis at canal depth, one connected piece per rib) is credited to the vertebra nearest to its head along
+    the column axis (``tangent_of(z)``: the axis at working-grid slice ``z``), when the head reaches the
+    spine (``RIB_HEAD_MAX_MM``).
     """
     notes: list[str] = []
     nz, ny, nx = hu.shape
@@ -743,36 +745,28 @@ def _rib_evidence(
     real = (min_dx <= RIB_HEAD_MAX_MM) & (med_n > 0)
     keep = real[piece]
     az, ay, ax = nz_[keep], ny_[keep], nx_[keep]
-    pz = np.round(med_z[piece[keep]]).astype(np.intp)
-    py = np.round(med_y[piece[keep]]).astype(np.intp)
-    px = np.round(med_x[piece[keep]]).astype(np.intp)
     if az.size == 0:
         return notes
-    zc = np.array([s.zc for s in segs])
     azf = az + zl
-    if tangent_of is not None:
-        # the vertebra whose body centre is nearest to the rib head along the column axis: the head lies
-        # beside the body (lower ribs) or at the disc below it (demi-facets higher up), behind the body's
-        # centre, so the distance is taken along the column's own axis (kyphosis and lordosis tilt it)
-        cents = np.array([_centroid(sg) for sg in segs])
-        heads = np.stack([pz + zl, py, px], axis=1).astype(float)
-        tang = np.array([tangent_of(round(float(c[0]))) for c in cents])
-        dist = np.abs(np.einsum("hsk,sk->hs", heads[:, None, :] - cents[None, :, :], tang))
-        nearest = np.argmin(dist, axis=1)
-        if log.isEnabledFor(logging.DEBUG):
-            for pc in np.unique(piece[keep]):
-                w = piece[keep] == pc
-                log.debug(
-                    "rib piece %d head z %.0f dy %.0f dx %.0f -> vertebra #%d (%d voxels)",
-                    pc,
-                    (pz[w][0] + zl) * g,
-                    (py[w][0] - frame.yc[pz[w][0] + zl]) * g,
-                    min_dx[pc],
-                    nearest[w][0] + 1,
-                    w.sum(),
-                )
-    else:
-        nearest = np.argmin(np.abs((pz + zl)[:, None] - zc[None, :]), axis=1)
+    # each rib goes to the vertebra whose body centre is nearest to its head along the column axis: the head
+    # lies beside the body (lower ribs) or at the disc below it (demi-facets higher up), behind the body's
+    # centre, so the distance is taken along the column's own axis (kyphosis and lordosis tilt it)
+    pieces = np.nonzero(real)[0]
+    heads = np.round(np.stack([med_z[pieces], med_y[pieces], med_x[pieces]], axis=1)) + np.array([zl, 0, 0])
+    cents = np.array([_centroid(sg) for sg in segs])
+    tang = np.array([tangent_of(round(float(c[0]))) for c in cents])
+    dist = np.abs(np.einsum("hsk,sk->hs", heads[:, None, :] - cents[None, :, :], tang))
+    vertebra_of = np.full(n_neck + 1, -1, dtype=np.intp)
+    vertebra_of[pieces] = np.argmin(dist, axis=1)
+    nearest = vertebra_of[piece[keep]]
+    for pc, head in zip(pieces, heads, strict=True):
+        log.debug(
+            "rib piece %d: head z %.0f mm, %.0f mm from the axis -> vertebra #%d",
+            pc,
+            head[0] * g,
+            min_dx[pc],
+            vertebra_of[pc] + 1,
+        )
     side_left = (ax - frame.xc[azf]) > 0
     comp_of = lab[az, ay, ax]
     body_y = np.full(nz, np.nan)
