@@ -14,6 +14,10 @@ DEMO=1
 [[ "${1:-}" == "--no-demo" ]] && DEMO=0
 
 APT_PACKAGES=(orthanc orthanc-dicomweb dcmtk dicom3tools chromium)
+# Container tooling (deploy/Dockerfile, deploy/compose/, tests/e2e/test_containers.py): Debian's podman as root
+# with runc, netavark + aardvark-dns (DNS between the compose services, iptables for their NAT), podman-compose,
+# debootstrap for the locally made base images (deploy/containers/base-images.sh).
+APT_PACKAGES+=(podman runc netavark aardvark-dns iptables catatonit podman-compose debootstrap)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -25,6 +29,13 @@ if ((${#missing[@]})); then
   SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# podman's settings on these machines (runc, cgroupfs, file events, default ulimits): written as root only
+if [[ $(id -u) -eq 0 ]]; then
+  deploy/containers/configure-podman.sh
+else
+  sudo deploy/containers/configure-podman.sh
 fi
 
 PY=${PYTHON:-python3.11}
