@@ -381,6 +381,9 @@ class AnalysisSettings(_Section):
     #: Finer choices read by the ML bundle loader (``kind`` or ``kind:PATH``); None = the pipeline's default.
     segmentation_backend: str | None = None
     bmd_estimator: str | None = None
+    #: Knee-radiograph classifier bundle folder (``dicomnode train knee-xray``); None: knee radiographs are
+    #: received and their jobs say "no model configured".
+    knee_bundle: str | None = None
 
     @field_validator("backend", "segmentation_backend", "bmd_estimator")
     @classmethod

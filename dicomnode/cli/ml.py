@@ -39,7 +39,7 @@ def register(subparsers: Any) -> None:
         "k-fold cross-validation by patient and write a MONAI-layout bundle with a checksummed manifest. "
         "Defaults below are given as segmentation / bmd / sagittal-bmd.",
     )
-    tr.add_argument("task", choices=("segmentation", "bmd", "sagittal-bmd"))
+    tr.add_argument("task", choices=("segmentation", "bmd", "sagittal-bmd", "knee-xray"))
     tr.add_argument(
         "--data",
         required=True,
@@ -104,6 +104,9 @@ def register(subparsers: Any) -> None:
     tr.add_argument("--name", default=None, help="bundle name (default: dicomnode-TASK)")
     tr.add_argument("--version-tag", dest="bundle_version", default="0.1.0", help="bundle version")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from dicomnode.cli import knee
+
+    knee.add_arguments(tr)
     tr.set_defaults(handler=run_train)
 
 
@@ -155,6 +158,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     """Handler of ``dicomnode train``."""
+    if args.task == "knee-xray":
+        from dicomnode.cli.knee import run_train_knee
+
+        return run_train_knee(args)
     from dicomnode.ml.train import TrainConfig, train
 
     seg = args.task == "segmentation"

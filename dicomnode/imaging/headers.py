@@ -89,6 +89,9 @@ SUMMARY_KEYWORDS: tuple[str, ...] = (
     "PhotometricInterpretation",
     "BitsStored",
     "PixelRepresentation",
+    # projection radiographs (knee routing): which view and which side
+    "ViewPosition",
+    "ImageLaterality",
 )
 
 #: Extra per-instance keywords used by ``header_dict`` for a Volume header (first instance).

@@ -238,3 +238,13 @@ def build(factory: str, kwargs: dict[str, Any]) -> nn.Module:
 def n_parameters(net: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(int(p.numel()) for p in net.parameters() if p.requires_grad)
+
+
+def _register_knee() -> None:
+    # the other networks of founding study (e)'s comparison live in their own module
+    from dicomnode.ml.knee_networks import KNEE_FACTORIES
+
+    FACTORIES.update(KNEE_FACTORIES)
+
+
+_register_knee()

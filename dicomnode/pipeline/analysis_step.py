@@ -93,6 +93,7 @@ class AnalysisStep(DeliveryStep):
                 disclaimer=self.settings.analysis.disclaimer,
                 previous_reports=self.previous_reports(job),
                 selection=self.selection(job),
+                pipeline=job.pipeline,
             )
             return self.analyze(request)
         except Exception as exc:  # a bug in a step must fail the job, not the worker

@@ -42,6 +42,10 @@ def analyze_job(request: AnalysisRequest, options: AnalysisOptions | None = None
     """
     from dicomnode.pipeline.analyze import analyze_path
 
+    if request.pipeline == "knee-xray":  # founding study (e): knee radiographs, not the CT measurement
+        from dicomnode.pipeline.knee import analyze_knee_job
+
+        return analyze_knee_job(request, options.knee_bundle if options is not None else None)
     run = analyze_path(
         request.input_dir,
         request.out_dir,

@@ -54,6 +54,8 @@ class AnalysisRequest:
     #: Why routing selected this series (the recorded decision's reasons): the analysis step takes the
     #: series as chosen and evaluates no rule again.
     selection: tuple[str, ...] = ()
+    #: The job's pipeline (the routing rule's ``pipeline``): "bmd", or "knee-xray" for knee radiographs.
+    pipeline: str = "bmd"
 
 
 @dataclass(frozen=True)

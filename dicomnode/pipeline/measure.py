@@ -58,6 +58,8 @@ class AnalysisOptions:
     erosion_mm: float = DEFAULT_EROSION_MM
     contrast_policy: str = "offset"
     disclaimer: str | None = None
+    #: Knee-radiograph classifier bundle (``dicomnode train knee-xray``); None: knee jobs say "no model".
+    knee_bundle: str | None = None
 
     def bundles(self) -> list[tuple[str, str, Path]]:
         """``(role, task, path)`` of every bundle these options use (role ``segmentation`` or ``bmd``)."""
@@ -150,7 +152,7 @@ def resolve_options(
 def options_from_settings(settings: Any) -> AnalysisOptions:
     """:func:`resolve_options` of ``settings.analysis`` (a ``dicomnode.config.Settings``)."""
     a = settings.analysis
-    return resolve_options(
+    options = resolve_options(
         a.backend,
         a.segmentation_backend,
         a.bmd_estimator,
@@ -158,6 +160,8 @@ def options_from_settings(settings: Any) -> AnalysisOptions:
         contrast_policy=a.contrast_policy,
         disclaimer=a.disclaimer,
     )
+    knee = getattr(a, "knee_bundle", None)
+    return dataclasses.replace(options, knee_bundle=knee) if knee else options
 
 
 def check_options(options: AnalysisOptions) -> list[str]:
