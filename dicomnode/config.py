@@ -181,7 +181,8 @@ class LoginThrottleSettings(_Section):
     them; ``receive`` and ``work`` count separately).
     """
 
-    #: Failed log-ins per user name (existing or not) before it is locked; 0 = no limit per name.
+    #: Failed log-ins for one user name (existing or not) from one client address before that name is locked
+    #: for that address (never for all addresses: a third party cannot lock a sender out); 0 = no limit.
     max_failures: int = Field(5, ge=0, le=10_000)
     #: Failed log-ins per client address (any user name) before it is locked; 0 = no limit per address.
     #: Higher than per name: several people may share one address (a terminal server, a NAT, a proxy).
@@ -211,10 +212,13 @@ class HttpSettings(_Section):
     #: Strict-Transport-Security max-age sent on HTTPS responses (also when a trusted reverse proxy says
     #: the request came over HTTPS); 0 = no header.
     hsts_seconds: int = Field(31_536_000, ge=0, le=2 * 31_536_000)
-    #: Proxies whose X-Forwarded-Proto / X-Forwarded-For headers are trusted (addresses, or "*"). A TLS
-    #: reverse proxy must be listed so that sessions get Secure cookies and HSTS; the client address it
-    #: forwards then replaces the TCP peer for ``stow_allow_addresses`` and the login throttle.
-    forwarded_allow_ips: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
+    #: Reverse proxies whose X-Forwarded-Proto / X-Forwarded-For headers are trusted (addresses or
+    #: networks). Empty (the default): no header is trusted, every address rule (``stow_allow_addresses``,
+    #: the login throttle) uses the TCP peer. A TLS reverse proxy must be listed so that sessions get Secure
+    #: cookies and HSTS; only for a request whose TCP peer is listed does the client address it forwards
+    #: replace the peer. Never list an address clients can connect from directly (they could claim any
+    #: address), nor ``*``.
+    forwarded_allow_ips: list[str] = Field(default_factory=list)
     #: Client addresses or networks (``10.0.0.5``, ``10.0.0.0/24``) allowed to store instances with STOW-RS
     #: (``POST /dicomweb/studies``) without credentials, for a PACS that cannot authenticate. Empty (the
     #: default): STOW-RS needs an ``admin`` or ``sender`` account. The TCP peer address is used, so list
@@ -222,6 +226,31 @@ class HttpSettings(_Section):
     stow_allow_addresses: list[str] = Field(default_factory=list)
     #: Lockout after repeated failed log-ins (login form and HTTP Basic).
     login_throttle: LoginThrottleSettings = Field(default_factory=LoginThrottleSettings)
+    #: Largest STOW-RS request body, MB: reading stops there and the request answers 413.
+    stow_max_body_mb: int = Field(4096, ge=1, le=1_048_576)
+    #: Largest single instance (multipart part) in a STOW-RS body, MB: a larger part stops the request with
+    #: 413. The write path reads one instance into memory to check its header (about twice its size), so
+    #: this bounds the memory one request can take; raise it for large Enhanced CT objects.
+    stow_max_instance_mb: int = Field(128, ge=1, le=65_536)
+    #: Seconds a session cookie stays valid after log-in (it also ends at log-out, on a password change,
+    #: a role change or when the account is disabled).
+    session_max_age_seconds: int = Field(12 * 3600, ge=60, le=30 * 86400)
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _proxies(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for v in value:
+            if v.strip() == "*":
+                raise ValueError(
+                    "'*' would trust X-Forwarded-For from any client; list the reverse proxies' addresses"
+                )
+            try:
+                ipaddress.ip_network(v.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{v!r} is not an IP address or network") from None
+        return [v.strip() for v in value]
 
     @field_validator("stow_allow_addresses")
     @classmethod

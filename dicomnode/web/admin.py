@@ -40,11 +40,12 @@ from dicomnode.pipeline.rules_in_force import RulesInForce
 from dicomnode.store import Store
 from dicomnode.web import api, pages
 from dicomnode.web.actions import Actions, ProbeFn
-from dicomnode.web.auth import AuthMiddleware, SessionCodec, load_or_create_secret
+from dicomnode.web.auth import AuthMiddleware, SessionCodec, SessionRevocations, load_or_create_secret
 from dicomnode.web.deps import WebContext
 from dicomnode.web.prometheus import StoreCollector, metrics_text
 from dicomnode.web.ratelimit import Lockout, LoginThrottle
 from dicomnode.web.rules import RulesService
+from dicomnode.web.security import SecurityHeadersMiddleware
 from dicomnode.web.users import UserStore, bootstrap_admin, ensure_users_table
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,13 @@ def install_admin(
         users=users,
         rules=RulesService(store, settings, rules),
         actions=Actions(store, settings, probe=probe, on_jobs_created=on_jobs_created),
-        sessions=SessionCodec(secret),
+        sessions=SessionCodec(
+            secret,
+            max_age_s=settings.http.session_max_age_seconds,
+            revocations=SessionRevocations(
+                settings.data_dir / "web-sessions-revoked.json", settings.http.session_max_age_seconds
+            ),
+        ),
         templates=make_templates(),
         role=role,
         throttle=LoginThrottle(settings.http.login_throttle, clock=clock, on_lockout=_audit_lockout(store)),
@@ -222,6 +229,8 @@ def install_admin(
         stow_allow_addresses=settings.http.stow_allow_addresses,
         throttle=ctx.throttle,
     )
+    # Outermost again (idempotent): the refusals the auth middleware writes get the security headers too.
+    app.add_middleware(SecurityHeadersMiddleware)
     return ctx
 
 

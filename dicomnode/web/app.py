@@ -54,12 +54,12 @@ def api_docs_html(spec: Mapping[str, Any]) -> str:
     return (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
         f"<title>{title} - API</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}</style></head>"
+        "</head>"  # no inline style: the Content-Security-Policy allows none (dicomnode.web.security)
         f"<body><h1>{title} - REST API</h1>"
         "<p>Machine-readable description: <a href='/api/openapi.json'>/api/openapi.json</a>. "
         "Authenticate with HTTP Basic or <code>Authorization: Bearer TOKEN</code>.</p>"
-        "<table><thead><tr><th>Method</th><th>Path</th><th>Tags</th><th>What it does</th></tr></thead>"
+        "<table border='1' cellpadding='4'><thead>"
+        "<tr><th>Method</th><th>Path</th><th>Tags</th><th>What it does</th></tr></thead>"
         f"<tbody>{''.join(rows)}</tbody></table></body></html>"
     )
 
@@ -154,8 +154,10 @@ def create_app(
 
         install_admin(app, settings, store, role=role, readiness=checks, rules=rules)
     # --- end hook --------------------------------------------------------------------------------------
-    if settings.http.hsts_seconds:  # HSTS on HTTPS responses (owner: dicomnode.web.security)
-        from dicomnode.web.security import HstsMiddleware
+    from dicomnode.web.security import HstsMiddleware, SecurityHeadersMiddleware
 
+    if settings.http.hsts_seconds:  # HSTS on HTTPS responses
         app.add_middleware(HstsMiddleware, max_age_s=settings.http.hsts_seconds)
+    # Added last, so outermost: every response gets the headers, the auth middleware's refusals included.
+    app.add_middleware(SecurityHeadersMiddleware)
     return app

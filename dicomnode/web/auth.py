@@ -1,8 +1,10 @@
 """Authentication for the admin app: session cookies for the pages, HTTP Basic or bearer tokens for scripts.
 
 * :class:`SessionCodec` signs the session cookie (``itsdangerous``; HttpOnly, SameSite=Lax, Secure when the
-  request came over https). The session holds the user name and a CSRF token; the role is read from the
-  users table on every request, so a demoted user loses rights at once.
+  request came over https). The session holds the user name, a CSRF token, a session id and the account's
+  stamp (password hash and role); the account is read from the users table on every request, and a session
+  ends server-side at log-out (its id is revoked), on a password change, a role change or when the account
+  is disabled.
 * :class:`AuthMiddleware` (pure ASGI, so streamed STOW-RS bodies pass untouched) authenticates every request
   except the public paths (``/api/health``, ``/login``, ``/static/``). Anonymous API calls get 401 with
   ``WWW-Authenticate: Basic``; anonymous page views are redirected to ``/login``.
@@ -31,6 +33,7 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import secrets
 import threading
 import time
@@ -52,6 +55,7 @@ __all__ = [
     "AuthMiddleware",
     "Session",
     "SessionCodec",
+    "SessionRevocations",
     "is_stow_request",
     "load_or_create_secret",
     "parse_networks",
@@ -90,12 +94,93 @@ def load_or_create_secret(path: Path) -> bytes:
 
 @dataclass(frozen=True)
 class Session:
+    """What a session cookie holds: the user, the CSRF token, the session id and the account stamp."""
+
     username: str
     csrf: str
+    #: Random id of this session (what log-out revokes).
+    sid: str = ""
+    #: :meth:`SessionCodec.stamp` of the account when the session began (password hash and role).
+    stamp: str = ""
+
+
+class SessionRevocations:
+    """Session ids ended by log-out, until their cookies would have expired anyway.
+
+    Kept in memory and in ``path`` (JSON, written atomically, 0600) beside the key that signs the cookies,
+    so a log-out survives a restart and holds for every node process that shares the key (the processes of
+    one host, one data directory). A process re-reads the file when it changed on disk.
+
+    Parameters
+    ----------
+    path
+        The file; None = memory only (tests).
+    max_age_s
+        How long a revoked id is remembered (the cookie lifetime: after that the signature check refuses it).
+    """
+
+    def __init__(self, path: Path | None, max_age_s: float) -> None:
+        self.path = path
+        self.max_age_s = max_age_s
+        self._ids: dict[str, float] = {}
+        self._mtime_ns = -1
+        self._lock = threading.Lock()
+
+    def revoke(self, sid: str) -> None:
+        """End the session ``sid`` now (in this process at once, in others at their next request)."""
+        if not sid:
+            return
+        with self._lock:
+            self._reload()
+            now = time.time()
+            self._ids = {k: v for k, v in self._ids.items() if v > now}
+            self._ids[sid] = now + self.max_age_s
+            self._save()
+
+    def is_revoked(self, sid: str) -> bool:
+        with self._lock:
+            self._reload()
+            until = self._ids.get(sid)
+        return until is not None and until > time.time()
+
+    def _reload(self) -> None:
+        if self.path is None:
+            return
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return
+        if mtime == self._mtime_ns:
+            return
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            log.warning("session revocation list %s unreadable; keeping the one in memory", self.path.name)
+            return
+        if isinstance(data, dict):
+            for k, v in data.items():
+                if isinstance(k, str) and isinstance(v, int | float):
+                    self._ids[k] = max(float(v), self._ids.get(k, 0.0))
+        self._mtime_ns = mtime
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fp:
+            json.dump(self._ids, fp)
+        tmp.replace(self.path)
+        self._mtime_ns = self.path.stat().st_mtime_ns
 
 
 class SessionCodec:
-    """Signs and reads the session cookie.
+    """Signs and reads the session cookie; sessions end server-side.
+
+    A cookie is valid only while (1) its signature and age check out, (2) its session id was not revoked
+    (log-out: :meth:`revoke`), and (3) the account's stamp still matches (:meth:`current`): the stamp is a
+    keyed hash of the account's password hash and role, so a password change (``dicomnode user passwd``,
+    the Users page) or a role change ends every session of that account at once, in every process.
 
     Parameters
     ----------
@@ -103,28 +188,50 @@ class SessionCodec:
         Signing key.
     max_age_s
         Sessions older than this are refused (the user logs in again).
+    revocations
+        Where revoked session ids are kept (default: memory only).
     """
 
-    def __init__(self, secret: bytes, max_age_s: float = 12 * 3600) -> None:
+    def __init__(
+        self, secret: bytes, max_age_s: float = 12 * 3600, revocations: SessionRevocations | None = None
+    ) -> None:
         self._s = URLSafeTimedSerializer(secret, salt="dicomnode-session")
+        self._stamp_key = hmac.new(secret, b"dicomnode-session-stamp", hashlib.sha256).digest()
         self.max_age_s = max_age_s
+        self.revocations = revocations or SessionRevocations(None, max_age_s)
 
-    def issue(self, username: str) -> tuple[str, Session]:
-        sess = Session(username, secrets.token_urlsafe(24))
-        return self._s.dumps({"u": sess.username, "c": sess.csrf}), sess
+    def stamp(self, password_hash: str, role: str) -> str:
+        """The account stamp: changes whenever the password hash or the role changes."""
+        mac = hmac.new(self._stamp_key, f"{password_hash}\0{role}".encode(), hashlib.sha256)
+        return base64.urlsafe_b64encode(mac.digest()[:18]).decode()
+
+    def issue(self, username: str, *, password_hash: str = "", role: str = "") -> tuple[str, Session]:
+        """A new session cookie for ``username`` whose account has ``password_hash`` and ``role`` now."""
+        sess = Session(
+            username, secrets.token_urlsafe(24), secrets.token_urlsafe(16), self.stamp(password_hash, role)
+        )
+        cookie = self._s.dumps({"u": sess.username, "c": sess.csrf, "i": sess.sid, "s": sess.stamp})
+        return cookie, sess
 
     def read(self, cookie: str) -> Session | None:
+        """The session in a cookie: None when forged, expired, from before the stamp existed, or revoked."""
         try:
             data = self._s.loads(cookie, max_age=int(self.max_age_s))
         except BadSignature:
             return None
-        if (
-            not isinstance(data, dict)
-            or not isinstance(data.get("u"), str)
-            or not isinstance(data.get("c"), str)
-        ):
+        if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("u", "c", "i", "s")):
             return None
-        return Session(data["u"], data["c"])
+        if self.revocations.is_revoked(data["i"]):
+            return None
+        return Session(data["u"], data["c"], data["i"], data["s"])
+
+    def current(self, sess: Session, password_hash: str, role: str) -> bool:
+        """Whether ``sess`` was issued for the account as it is now (same password hash, same role)."""
+        return hmac.compare_digest(sess.stamp, self.stamp(password_hash, role))
+
+    def revoke(self, sess: Session) -> None:
+        """End ``sess`` server-side (log-out): its cookie is refused from now on, wherever it is replayed."""
+        self.revocations.revoke(sess.sid)
 
 
 class _CredentialCache:
@@ -264,7 +371,7 @@ class AuthMiddleware:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         client = scope.get("client")
         address = str(client[0]) if client else ""
-        user, how, csrf, wait = await self._authenticate(headers, address)
+        user, how, sess, wait = await self._authenticate(headers, address)
         if how == "locked":
             if not _is_public(path):
                 await _too_many(send, wait)
@@ -273,7 +380,8 @@ class AuthMiddleware:
         state = scope.setdefault("state", {})
         state["user"] = user
         state["auth"] = how
-        state["csrf"] = csrf
+        state["csrf"] = sess.csrf if sess is not None else None
+        state["session"] = sess
         stow = is_stow_request(scope.get("method", "GET"), path)
         if user is None and stow and how is None and _address_in(address or None, self.stow_networks):
             state["auth"] = "address"
@@ -293,8 +401,8 @@ class AuthMiddleware:
 
     async def _authenticate(
         self, headers: dict[str, str], address: str
-    ) -> tuple[User | None, str | None, str | None, int]:
-        """``(user, how, csrf token, retry-after seconds)``; ``how`` is "locked" for a throttled Basic try."""
+    ) -> tuple[User | None, str | None, Session | None, int]:
+        """``(user, how, session, retry-after seconds)``; ``how`` is "locked" for a throttled Basic try."""
         from starlette.concurrency import run_in_threadpool
 
         authz = headers.get("authorization", "")
@@ -329,9 +437,10 @@ class AuthMiddleware:
         if cookie:
             sess = self.sessions.read(cookie)
             if sess is not None:
-                user = await run_in_threadpool(self.users.get, sess.username)
-                if user is not None:
-                    return user, "session", sess.csrf, 0
+                # The account as it is now: disabled, a new password or another role end the session.
+                found = await run_in_threadpool(self.users.lookup, sess.username)
+                if found is not None and self.sessions.current(sess, found[1], found[0].role):
+                    return found[0], "session", sess, 0
         return None, None, None, 0
 
     def _verify_basic(self, username: str, password: str, address: str) -> User | None:

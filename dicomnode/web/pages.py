@@ -14,11 +14,12 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from dicomnode import __version__
 from dicomnode.domain import DeliveryOutcome, JobState
 from dicomnode.store import NotFoundError
-from dicomnode.web.auth import SESSION_COOKIE, session_cookie_kwargs, too_many_message
+from dicomnode.web.auth import SESSION_COOKIE, Session, session_cookie_kwargs, too_many_message
 from dicomnode.web.deps import AnyUser, Ctx, WebContext, csrf
 from dicomnode.web.render import overlay_files
 
@@ -86,9 +87,18 @@ def _safe_next(target: str | None) -> str:
     return target
 
 
+#: The only messages ``/login?error=CODE`` shows: a code from this table, never text from the URL (a crafted
+#: link must not put words of its author's choosing into an official-looking alert).
+LOGIN_ERRORS: dict[str, str] = {
+    "credentials": "Wrong user name or password.",
+    "expired": "Your session has ended; please log in again.",
+}
+
+
 @router.get("/login", response_class=HTMLResponse)
 def login_page(request: Request, ctx: Ctx, next: str | None = None, error: str | None = None) -> HTMLResponse:
-    return _render(ctx, request, "login.html", "", next=_safe_next(next), error=error)
+    message = LOGIN_ERRORS.get(error or "")
+    return _render(ctx, request, "login.html", "", next=_safe_next(next), error=message)
 
 
 @router.post("/login")
@@ -110,10 +120,12 @@ def login(
     if user is None:
         ctx.store.audit(name[:64] or "?", "login.failed", "session")
         ctx.throttle.failed(name, address, "session")  # logs and audits a lockout it starts
-        q = urlencode({"next": _safe_next(next), "error": "Wrong user name or password."})
+        q = urlencode({"next": _safe_next(next), "error": "credentials"})
         return RedirectResponse(f"/login?{q}", status_code=303)
     ctx.throttle.succeeded(name, address)
-    cookie, _ = ctx.sessions.issue(user.username)
+    found = ctx.users.lookup(user.username)
+    # The session is bound to the account as it is now: a new password or role ends it (SessionCodec).
+    cookie, _ = ctx.sessions.issue(user.username, password_hash=found[1] if found else "", role=user.role)
     resp = RedirectResponse(_safe_next(next), status_code=303)
     resp.set_cookie(
         SESSION_COOKIE,
@@ -136,6 +148,11 @@ def _locked(ctx: WebContext, request: Request, next: str, wait: int) -> Response
 @router.post("/logout")
 async def logout(request: Request, user: AnyUser, ctx: Ctx) -> Response:
     await csrf(request)
+    sess = getattr(request.state, "session", None)
+    if isinstance(sess, Session):
+        # Server-side: the cookie stops working everywhere, also where a copy of it was kept.
+        await run_in_threadpool(ctx.sessions.revoke, sess)
+        ctx.store.audit(user.username, "logout", "session")
     resp = RedirectResponse("/login", status_code=303)
     resp.delete_cookie(SESSION_COOKIE, path="/")
     return resp

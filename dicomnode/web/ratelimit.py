@@ -1,10 +1,17 @@
 """Login throttle: refuse password guessing after repeated failures (login form and HTTP Basic).
 
-Failures are counted per user name (whether the account exists or not, so the answer never tells which
-names exist) and per client address (the TCP peer). When either count reaches its limit within the window,
-that name (or address) is locked for the lockout period: every further attempt is refused before the
+Failures are counted per user name *from one client address* (whether the account exists or not, so the
+answer never tells which names exist) and per client address (the TCP peer, or the address a configured
+reverse proxy forwards). When either count reaches its limit within the window, that name from that address
+(or the whole address) is locked for the lockout period: every further attempt is refused before the
 password is checked (HTTP 429 with ``Retry-After``). A successful log-in clears the counts of its name and
-address. Each lockout is logged (WARNING, user name and address, never the password) and handed to the
+address.
+
+A name is never locked for every address at once: otherwise anyone who can reach the port could lock out
+a PACS's ``sender`` account (five wrong passwords for its name) and stop its STOW-RS deliveries. Guessing
+one name from many addresses is slowed by the per-address limit on each of them and by argon2.
+
+Each lockout is logged (WARNING, user name and address, never the password) and handed to the
 ``on_lockout`` callback (the admin app writes it to the audit log).
 
 The counts live in this process's memory: a restart forgets them, and split ``receive`` / ``work`` processes
@@ -43,7 +50,8 @@ class Lockout:
     Attributes
     ----------
     scope
-        ``"user"`` (a user name was locked) or ``"address"`` (a client address was locked).
+        ``"user"`` (a user name was locked from one client address) or ``"address"`` (a client address was
+        locked for every name).
     username
         The user name of the attempt that reached the limit (as typed; it may not exist).
     address
@@ -100,8 +108,10 @@ class LoginThrottle:
 
     @staticmethod
     def _keys(username: str, address: str) -> tuple[_Key, _Key]:
-        # Case-folded: "Admin" and "admin" share one count, whatever the database's collation does.
-        return ("user", username.strip().casefold()[:_KEY_CHARS]), ("address", address[:_KEY_CHARS])
+        # Case-folded: "Admin" and "admin" share one count, whatever the database's collation does. The name
+        # is counted per address, so a third party's failures never lock the name for its real user.
+        name = username.strip().casefold()[:_KEY_CHARS]
+        return ("user", f"{address[:_KEY_CHARS]}\0{name}"), ("address", address[:_KEY_CHARS])
 
     def _limit(self, scope: Scope) -> int:
         s = self.settings

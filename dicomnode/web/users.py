@@ -170,6 +170,30 @@ class UserStore:
     def _write_hash(self, username: str, password: str) -> bool:
         return self.rows.update(username, password_hash=self.hasher.hash(password))
 
+    def set_role(self, username: str, role: Role) -> bool:
+        """Give ``username`` another role; its sessions end at once (see ``dicomnode.web.auth.SessionCodec``).
+
+        Returns
+        -------
+        bool
+            Whether the role changed (False: it had that role already).
+
+        Raises
+        ------
+        InputError
+            There is no such user, or the role is unknown.
+        """
+        if role not in ROLES:
+            raise InputError(f"role must be one of {', '.join(ROLES)}")
+        r = self.rows.get(username)
+        if r is None:
+            raise InputError(f"no user {username!r}")
+        if r["role"] == role:
+            return False
+        self.rows.update(username, role=role)
+        log.info("user %s now has the role %s", username, role)
+        return True
+
     def set_enabled(self, username: str, enabled: bool) -> bool:
         """Enable or disable ``username`` (a disabled account cannot log in; its sessions end at once).
 

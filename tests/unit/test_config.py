@@ -280,10 +280,10 @@ def test_tls_sections_and_relative_certificate_paths(tmp_path: Path) -> None:
     assert (pacs.tls.ca_bundle, pacs.tls.certificate) == (base / "certs/ca.pem", base / "certs/client.pem")
     assert web.tls is not None and web.tls.ca_bundle == base / "ca.pem"
     assert plain.tls is None
-    # Defaults: plain DICOM only, no HTTPS, HSTS a year when HTTPS is on, loopback proxy trusted.
+    # Defaults: plain DICOM only, no HTTPS, HSTS a year when HTTPS is on, no proxy trusted (issue 14).
     d = load_settings(None, environ={})
     assert (d.dicom.port, d.dicom.tls, d.http.tls) == (11112, None, None)
-    assert (d.http.hsts_seconds, d.http.forwarded_allow_ips) == (31_536_000, ["127.0.0.1"])
+    assert (d.http.hsts_seconds, d.http.forwarded_allow_ips) == (31_536_000, [])
 
 
 def test_tls_settings_from_the_environment() -> None:
