@@ -7,8 +7,8 @@ waited for, then the completion sweep creates one job per study and the Celery e
 broker (loopback Redis by default, RabbitMQ with ``--broker amqp://...``). The clock runs from the queueing to
 the last job reported. Prints, per worker count: wall time, studies per minute, the workers' CPU time per
 study (from the queueing on; and over their whole life, start-up and imports included) and the
-machine's load average, then the speed-up
-over one worker. Figures only, never pass/fail.
+machine's load average, then the speed-up over one worker and the space a study takes (spool, results,
+PostgreSQL). Figures only, never pass/fail.
 
 On a 2-core machine more than 2 workers cannot go faster: they share the same two cores (and the machine is
 shared with other work). The CPU time per study is the figure to size a site with (docs/capacity.md).
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -56,6 +56,9 @@ class Round:
     busy_cpu_s: float
     load: float
     done: int
+    db_bytes: int
+    spool_bytes: int
+    other_bytes: int
 
     @property
     def per_minute(self) -> float:
@@ -75,6 +78,16 @@ def fresh_database(server_url: str) -> Iterator[str]:
         with base.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         base.dispose()
+
+
+def tree_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (0 when it does not exist)."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+
+
+def db_bytes(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one())
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -127,6 +140,7 @@ def run_round(workers: int, studies: list[Path], args: argparse.Namespace, work:
         settings = load_settings(cfg)
         engine = make_engine(settings.database_url_resolved())
         upgrade(engine)
+        db_empty = db_bytes(engine)
         store = Store(engine)
         app = make_celery_app(args.broker)
         app.control.purge()
@@ -168,14 +182,19 @@ def run_round(workers: int, studies: list[Path], args: argparse.Namespace, work:
             job_ids = runner.sweep_completion(now=datetime.now(UTC) + timedelta(seconds=5))
             executor.wake()
             deadline = time.monotonic() + args.timeout
+            next_wake = time.monotonic() + 10
             while not all(store.get_job(j).state.is_final for j in job_ids):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"jobs not done after {args.timeout} s")
+                if time.monotonic() > next_wake:  # as the sweeps of 'work' do: a lost task is made up
+                    executor.wake()
+                    next_wake = time.monotonic() + 10
                 time.sleep(0.2)
             wall = time.perf_counter() - t0
             load = max(load0, os.getloadavg()[0])
             done = sum(store.get_job(j).state is JobState.DONE for j in job_ids)
             busy_cpu = sum(proc_cpu_s(p.pid) for p, _ in procs) - idle_cpu
+            db_used = db_bytes(engine) - db_empty
         finally:
             for proc, _ in procs:
                 proc.send_signal(signal.SIGTERM)
@@ -193,7 +212,9 @@ def run_round(workers: int, studies: list[Path], args: argparse.Namespace, work:
             print(
                 f"  warning: {done} of {len(job_ids)} jobs DONE for {len(studies)} studies", file=sys.stderr
             )
-        return Round(workers, len(studies), wall, cpu, busy_cpu, load, done)
+        spooled = tree_bytes(settings.spool_dir)
+        other = tree_bytes(settings.data_dir) - spooled
+        return Round(workers, len(studies), wall, cpu, busy_cpu, load, done, db_used, spooled, other)
 
 
 def main() -> int:
@@ -234,6 +255,13 @@ def main() -> int:
         for r in rounds:
             cpu = r.busy_cpu_s / r.studies
             print(f"{r.workers:7d}  {r.per_minute:11.2f}  {r.per_minute / base:7.2f}x  {cpu:11.1f}")
+        last = rounds[-1]
+        mb = 1e6 * last.studies
+        print(
+            f"per study: spool {last.spool_bytes / mb:.0f} MB, other data (results, logs) "
+            f"{last.other_bytes / mb:.1f} MB, PostgreSQL {last.db_bytes / mb:.2f} MB "
+            f"({args.slices} instances a study)"
+        )
         if any(r.workers > cores for r in rounds):
             print(f"(more workers than the {cores} cores share them: no speed-up is expected past {cores})")
     finally:

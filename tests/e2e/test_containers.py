@@ -16,6 +16,7 @@ Skips when podman or podman-compose is missing, or when not root; fails instead 
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
@@ -195,9 +196,8 @@ def test_compose_stack_returns_the_sr(compose_stack: ComposeStack, tmp_path: Pat
     # packages, Orthanc, the receiver and the sweeps process, these two on PostgreSQL and Redis).
     try:
         for service in HEALTHCHECKED:
-            wait_for(
-                f"{service} healthy", lambda s=service: compose_stack.healthy(s), timeout=240, interval=2
-            )
+            check = functools.partial(compose_stack.healthy, service)
+            wait_for(f"{service} healthy", check, timeout=240, interval=2)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{compose_stack.logs()}") from exc
     steps["stack up and healthy"] = time.monotonic() - t
