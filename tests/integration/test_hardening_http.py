@@ -355,7 +355,7 @@ def _me(app: Any, cookie: str) -> int:
 
 
 def test_a_saved_cookie_stops_working_after_log_out(tmp_path: Path) -> None:
-    app, _, _ = stow_node(tmp_path)
+    app, store, settings = stow_node(tmp_path)
     with TestClient(app, follow_redirects=False) as c:
         cookie, token = _log_in(c, "admin", ADMIN_PASSWORD)
         assert _me(app, cookie) == 200
@@ -363,7 +363,9 @@ def test_a_saved_cookie_stops_working_after_log_out(tmp_path: Path) -> None:
         assert out.status_code == 303
     assert _me(app, cookie) == 401
     # The revocation is kept beside the signing key: a restarted node (a new app on the data) refuses it too.
-    assert (app.state.settings.data_dir / "web-sessions-revoked.json").exists()
+    restarted = create_app(settings, store, admin=False)
+    install_admin(restarted, settings, store, environ={}, password_hasher=FAST_HASHER)
+    assert _me(restarted, cookie) == 401
 
 
 def test_password_and_role_changes_end_sessions(tmp_path: Path) -> None:
