@@ -13,12 +13,13 @@ from dicomnode.store.admin import AdminStore
 from dicomnode.store.deliveries import DeliveryStore
 from dicomnode.store.instances import InstanceStore
 from dicomnode.store.jobs import JobStore
+from dicomnode.store.labs import LabStore
 from dicomnode.store.results import ResultStore
 
 __all__ = ["Store"]
 
 
-class Store(InstanceStore, JobStore, ResultStore, DeliveryStore, AdminStore):
+class Store(InstanceStore, JobStore, ResultStore, DeliveryStore, AdminStore, LabStore):
     """Database access for dicomnode (SQLite or PostgreSQL).
 
     Create it with an engine made in ``cli`` (:func:`dicomnode.store.make_engine`) or :meth:`from_url`;

@@ -153,6 +153,9 @@ def create_app(
         from dicomnode.web.admin import install_admin
 
         install_admin(app, settings, store, role=role, readiness=checks, rules=rules)
+        from dicomnode.web.fhir import router as fhir_router  # FHIR lab values (issue 12)
+
+        app.include_router(fhir_router)
     # --- end hook --------------------------------------------------------------------------------------
     from dicomnode.web.security import HstsMiddleware, SecurityHeadersMiddleware
 

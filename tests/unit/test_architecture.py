@@ -27,7 +27,8 @@ ALLOWED: dict[str, set[str]] = {
     "routing": {"domain"},
     "imaging": {"domain"},
     "bmd": {"domain", "imaging", "ml"},
-    "ml": {"domain", "imaging", "bmd", "phantom", "config"},
+    "ml": {"domain", "imaging", "bmd", "phantom", "config", "labs"},
+    "labs": {"domain"},
     "report": {"domain", "imaging"},
     "delivery": {"config", "domain", "netutil", "tls"},
     "phantom": {"domain", "imaging"},
@@ -36,12 +37,12 @@ ALLOWED: dict[str, set[str]] = {
     "vocab": {"domain"},
     "pipeline": {
         "config", "domain", "store", "routing", "imaging", "bmd", "ml", "report", "delivery", "ingest",
-        "phantom", "netutil",
+        "phantom", "netutil", "labs",
     },
-    "web": {"config", "domain", "store", "routing", "pipeline", "delivery", "ingest", "netutil", "tls"},
+    "web": {"config", "domain", "store", "routing", "pipeline", "delivery", "ingest", "netutil", "tls", "labs"},
     "cli": {
         "config", "domain", "store", "routing", "imaging", "bmd", "ml", "report", "delivery", "ingest",
-        "phantom", "netutil", "pipeline", "web", "tls",
+        "phantom", "netutil", "pipeline", "web", "tls", "labs",
     },
 }  # fmt: skip
 #: Every module may use these: the error hierarchy, the package root and the one vocabulary.
