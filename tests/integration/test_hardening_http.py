@@ -499,3 +499,36 @@ def test_stow_refuses_file_meta_that_disagrees_with_the_dataset(tmp_path: Path) 
     assert reasons == [0xA900, 0xC212]  # the statuses DIMSE answers for the same mismatches
     assert len(r.json()["00081199"]["Value"]) == 1
     assert stored_sops(store) == 1
+
+
+# -- the two small mechanisms, on their own ------------------------------------------------------------------
+
+
+def test_claim_mismatch_is_the_one_consistency_rule() -> None:
+    from dicomnode.ingest.consistency import claim_mismatch
+
+    ct, mr = "1.2.840.10008.5.1.4.1.1.2", MRImageStorage
+    assert claim_mismatch(ct, "1.2.3", None, None) is None  # nothing claimed
+    assert claim_mismatch(ct, "1.2.3", ct + "\0", " 1.2.3 ") is None  # padding is not a difference
+    by_class = claim_mismatch(ct, "1.2.3", mr, "1.2.4", claimed_by="the file meta")
+    assert by_class is not None and by_class.status == 0xA900 and "file meta" in by_class.comment
+    by_instance = claim_mismatch(ct, "1.2.3", ct, "1.2.4")
+    assert by_instance is not None and by_instance.status == 0xC212
+
+
+def test_repeat_filter_lets_a_burst_through_and_counts_the_rest() -> None:
+    from dicomnode.ingest.lograte import RepeatFilter
+
+    now = [0.0]
+    f = RepeatFilter(burst=3, window_s=60, clock=lambda: now[0])
+
+    def record(msg: str, *args: object) -> logging.LogRecord:
+        return logging.LogRecord("x", logging.WARNING, __file__, 1, msg, args, None)
+
+    passed = [f.filter(record("refused %s", i)) for i in range(100)]
+    assert passed.count(True) == 3
+    assert f.filter(record("another template")), "other messages are not crowded out"
+    now[0] = 61.0
+    later = record("refused %s", 100)
+    assert f.filter(later)
+    assert later.getMessage() == "refused 100 (97 similar lines left out in the previous window)"
