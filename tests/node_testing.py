@@ -17,10 +17,11 @@ from typing import Any
 
 import requests
 import yaml
+from web_testing import ADMIN_PASSWORD
 
 from dicomnode.netutil import free_port
 
-ADMIN_PASSWORD = "admin-pass-123"
+__all__ = ["ADMIN_PASSWORD", "Receiver", "running_receiver"]
 
 
 @dataclass(frozen=True)

@@ -263,7 +263,7 @@ def _rss_after_stow(tmp_path: Path, body: Iterator[bytes]) -> tuple[int, int, in
             node.url + "/dicomweb/studies",
             data=body,
             headers={"Content-Type": CTYPE},
-            auth=("admin", "admin-pass-123"),
+            auth=("admin", ADMIN_PASSWORD),
             timeout=300,
         )
         after = node.status_kb("VmHWM")
