@@ -189,7 +189,14 @@ class _Parser:
             self.parts.append(_Part(headers, None, None, skipped_reason=OUT_OF_RESOURCES))
             return
         path = self.spool.new_temp_path()
-        self.parts.append(_Part(headers, path, open(path, "wb")))  # noqa: SIM115 - closed in _close_part
+        try:
+            fp = open(path, "wb")  # noqa: SIM115 - closed in _close_part
+        except OSError as exc:  # disk full, too many open files: this part fails, the request goes on
+            self.parts.append(
+                _Part(headers, None, None, skipped_reason=OUT_OF_RESOURCES, skipped_comment=_no_space(exc))
+            )
+            return
+        self.parts.append(_Part(headers, path, fp))
 
     def _write(self, part: _Part, data: bytes | bytearray) -> None:
         part.size += len(data)
@@ -209,7 +216,7 @@ class _Parser:
         try:
             part.fp.write(data)
         except OSError as exc:  # disk full (or failing) under us: this part fails, the request goes on
-            self._drop(part, OUT_OF_RESOURCES, f"out of resources: spool write failed ({exc.strerror})")
+            self._drop(part, OUT_OF_RESOURCES, _no_space(exc))
 
     def _drop(self, part: _Part, status: int, comment: str) -> None:
         """Stop keeping ``part``: close and delete its file; it will fail with ``status``."""
@@ -233,6 +240,10 @@ class _Parser:
             if part.path is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(part.path)
+
+
+def _no_space(exc: OSError) -> str:
+    return f"out of resources: spool write failed ({exc.strerror or type(exc).__name__})"
 
 
 def _content_type(value: str) -> email.message.Message:
@@ -385,7 +396,8 @@ def build_stow_router(
             return _error(400, str(exc))
         except TooLargeError as exc:
             LOGGER.info("STOW-RS refused (413): %s; before it: %s", exc, _summary(results))
-            parser.abort()
+            parser.parts = [p for p in parser.parts if id(p) not in handed]
+            parser.abort()  # the part over the limit is deleted before the rest is read and dropped
             await _drain(stream, max(0, max_body - parser.received))
             return _error(413, str(exc))
         except ClientDisconnect:
