@@ -21,7 +21,7 @@ def register(subparsers: Any) -> None:
     )
     ev.add_argument("--reference", required=True, type=Path, help="CSV id,bmd_mg_cm3,osteoporosis")
     ev.add_argument(
-        "--predictions", required=True, type=Path, help="CSV id,bmd_mg_cm3 or folder of result.json"
+        "--predictions", type=Path, default=None, help="CSV id,bmd_mg_cm3 or folder of result.json"
     )
     ev.add_argument("--out", required=True, type=Path, help="output folder")
     ev.add_argument(
@@ -29,6 +29,9 @@ def register(subparsers: Any) -> None:
     )
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95 %% CIs")
     ev.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    from dicomnode.cli import fusion as fusion_cli
+
+    fusion_cli.add_evaluate_arguments(ev)
     ev.set_defaults(handler=run_evaluate)
 
     tr = subparsers.add_parser(
@@ -39,7 +42,7 @@ def register(subparsers: Any) -> None:
         "k-fold cross-validation by patient and write a MONAI-layout bundle with a checksummed manifest. "
         "Defaults below are given as segmentation / bmd / sagittal-bmd.",
     )
-    tr.add_argument("task", choices=("segmentation", "bmd", "sagittal-bmd", "knee-xray"))
+    tr.add_argument("task", choices=("segmentation", "bmd", "sagittal-bmd", "knee-xray", "fusion"))
     tr.add_argument(
         "--data",
         required=True,
@@ -104,9 +107,10 @@ def register(subparsers: Any) -> None:
     tr.add_argument("--name", default=None, help="bundle name (default: dicomnode-TASK)")
     tr.add_argument("--version-tag", dest="bundle_version", default="0.1.0", help="bundle version")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
-    from dicomnode.cli import knee
+    from dicomnode.cli import fusion, knee
 
     knee.add_arguments(tr)
+    fusion.add_train_arguments(tr)
     tr.set_defaults(handler=run_train)
 
 
@@ -137,6 +141,15 @@ def _levels(text: str) -> tuple[str, ...]:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Handler of ``dicomnode evaluate``."""
+    if args.fusion is not None:
+        from dicomnode.cli.fusion import run_evaluate_fusion
+
+        return run_evaluate_fusion(args)
+    if args.predictions is None:
+        print(
+            "dicomnode evaluate: --predictions is required (or --fusion BUNDLE --labs CSV)", file=sys.stderr
+        )
+        return 1
     from dicomnode.ml.evaluate import evaluate
 
     try:
@@ -162,6 +175,10 @@ def run_train(args: argparse.Namespace) -> int:
         from dicomnode.cli.knee import run_train_knee
 
         return run_train_knee(args)
+    if args.task == "fusion":
+        from dicomnode.cli.fusion import run_train_fusion
+
+        return run_train_fusion(args)
     from dicomnode.ml.train import TrainConfig, train
 
     seg = args.task == "segmentation"
