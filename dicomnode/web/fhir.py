@@ -37,12 +37,26 @@ def _outcome(status: int, severity: str, code: str, text: str) -> JSONResponse:
     return JSONResponse(body, status_code=status, media_type=FHIR_JSON)
 
 
+async def _body_within(request: Request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it is known to be over ``limit`` bytes (from Content-Length, or
+    while it streams in): an oversized body is never held in memory (issue 14)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 async def _receive(request: Request, user: Any) -> JSONResponse:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype not in (FHIR_JSON, "application/json"):
         return _outcome(415, "error", "not-supported", f"content type {ctype or 'missing'}: send {FHIR_JSON}")
-    body = await request.body()
-    if len(body) > MAX_BODY:
+    body = await _body_within(request, MAX_BODY)
+    if body is None:
         return _outcome(413, "error", "too-costly", f"body over {MAX_BODY // (1024 * 1024)} MiB")
     try:
         doc = json.loads(body)

@@ -532,3 +532,42 @@ def test_repeat_filter_lets_a_burst_through_and_counts_the_rest() -> None:
     later = record("refused %s", 100)
     assert f.filter(later)
     assert later.getMessage() == "refused 100 (97 similar lines left out in the previous window)"
+
+
+def test_an_oversized_fhir_body_is_refused_without_reading_it_all(tmp_path: Path) -> None:
+    import anyio
+
+    from dicomnode.web.fhir import MAX_BODY
+    from dicomnode.web.fhir import router as fhir_router
+
+    app, _, _ = stow_node(tmp_path)
+    app.include_router(fhir_router)  # as create_app mounts it
+    chunk = b"[" * (1 << 20)
+    total = 64  # a 64 MB body, sent as 1 MB chunks without Content-Length
+    read = [0]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        read[0] += 1
+        return {"type": "http.request", "body": chunk, "more_body": read[0] < total}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    auth = base64.b64encode(f"admin:{ADMIN_PASSWORD}".encode())
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/fhir/Observation",
+        "raw_path": b"/fhir/Observation",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/fhir+json"), (b"authorization", b"Basic " + auth)],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    anyio.run(app, scope, receive, send)
+    assert sent[0]["status"] == 413
+    assert read[0] <= MAX_BODY // len(chunk) + 2  # stopped reading just past the limit, not at 64 MB
