@@ -139,7 +139,22 @@ class DicomSettings(_Section):
     #: What to do with storage SOP classes other than CT/enhanced CT: "ignore" = accept and keep but never
     #: analyse, "refuse" = do not accept them in association negotiation.
     accept_other_storage_classes: Literal["ignore", "refuse"] = "ignore"
+    #: Concurrent associations accepted (counted once the peer has sent its A-ASSOCIATE-RQ: a connection
+    #: that never identifies holds no slot); more are rejected with "local limit exceeded" (transient).
     max_associations: int = Field(10, ge=1, le=1000)
+    #: Concurrent associations accepted from one peer address (a PACS sending in parallel uses 2-8).
+    max_associations_per_address: int = Field(8, ge=1, le=1000)
+    #: Open connections from one address that have not yet been accepted as associations; more are closed
+    #: at once (a peer that connects and says nothing, again and again).
+    max_pending_connections_per_address: int = Field(32, ge=1, le=1000)
+    #: Seconds a peer has to send its A-ASSOCIATE-RQ (and each association PDU) before it is dropped.
+    acse_timeout_seconds: float = Field(10.0, gt=0, le=600)
+    #: Seconds an established association may stay idle (or take for one PDU) before it is aborted.
+    network_timeout_seconds: float = Field(30.0, gt=0, le=3600)
+    #: Seconds to wait for a DIMSE message of an association in progress.
+    dimse_timeout_seconds: float = Field(60.0, gt=0, le=3600)
+    #: Maximum PDU length we receive (PS3.8 Maximum Length Received); a longer PDU aborts the association.
+    max_pdu_bytes: int = Field(1 << 20, ge=4096, le=64 << 20)
     #: Refuse C-STORE (out of resources) when free space in data_dir drops below this.
     free_space_floor_mb: int = Field(1024, ge=0)
 

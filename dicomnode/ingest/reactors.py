@@ -19,6 +19,7 @@ import logging
 import queue
 import select
 import socket
+import struct
 import threading
 import time
 from typing import Any, cast
@@ -124,6 +125,191 @@ def _dul_wait(dul: Any, waker: _Waker) -> None:
         return
     if waker.r in ready:
         waker.drain()
+
+
+# -- reading a PDU: bounded, in large reads, quiet about garbage --------------------------------------------
+#
+# pynetdicom 3.0.4's ``DULServiceProvider._read_pdu_data`` trusts the 4-byte length of whatever arrives: it
+# reads that many bytes 4 KiB at a time into a growing bytearray (a 200 MB A-ASSOCIATE-RQ from anyone grows
+# the process by hundreds of MB; a 512 KB image costs 128 Python-level reads, the receive path's largest CPU
+# cost), blocks without a deadline on a peer that stops half-way, and logs every broken PDU at ERROR with a
+# traceback. The copy below keeps its events (Evt17 closed, Evt19 invalid) and changes only that:
+#
+# * a PDU longer than the limit for its type is refused before anything is read: A-ASSOCIATE-RQ/AC at most
+#   ``MAX_ACSE_PDU`` bytes, P-DATA-TF at most the maximum PDU length we announced (``MAX_PDATA_PDU`` when we
+#   announced none), the short PDUs (release, abort, reject) at most ``MAX_SMALL_PDU``;
+# * the body is read with ``recv_into`` into one buffer of the announced size (at most the limit), in reads
+#   of up to 1 MiB, with a deadline of the association's network timeout (ACSE timeout before the
+#   association is established) for the whole PDU;
+# * protocol garbage (unknown PDU type, over-long or undecodable PDU, connection lost mid-PDU) is one WARNING
+#   line without traceback, rate-limited process-wide (:class:`_GarbageLog`).
+
+#: Largest A-ASSOCIATE-RQ/AC accepted: 128 presentation contexts with many transfer syntaxes fit in a tenth.
+MAX_ACSE_PDU = 1 << 20
+#: Largest P-DATA-TF accepted when we announced no maximum PDU length (0 = "unlimited" in PS3.8).
+MAX_PDATA_PDU = 64 << 20
+#: A-RELEASE, A-ABORT and A-ASSOCIATE-RJ are 4-byte PDUs; allow some slack.
+MAX_SMALL_PDU = 1024
+_READ_CHUNK = 1 << 20
+_PDU_HEADER = struct.Struct(">BBL")
+
+
+class _GarbageLog:
+    """At most ``burst`` WARNING lines per ``period_s`` about protocol garbage; the rest are counted and
+    reported in the next line that is let through."""
+
+    def __init__(self, burst: int = 5, period_s: float = 60.0) -> None:
+        self.burst = burst
+        self.period_s = period_s
+        self._lock = threading.Lock()
+        self._window_start = -1e18
+        self._in_window = 0
+        self._suppressed = 0
+
+    def __call__(self, peer: str, what: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._window_start >= self.period_s:
+                self._window_start, self._in_window = now, 0
+            if self._in_window >= self.burst:
+                self._suppressed += 1
+                return
+            self._in_window += 1
+            suppressed, self._suppressed = self._suppressed, 0
+        more = f" ({suppressed} similar lines suppressed)" if suppressed else ""
+        log.warning("DICOM protocol error from %s: %s; connection dropped%s", peer, what, more)
+
+
+#: The process-wide limiter for protocol-garbage lines.
+garbage_log = _GarbageLog()
+
+
+def _peer(dul: Any) -> str:
+    try:
+        return f"{dul.assoc.requestor.address}:{dul.assoc.requestor.port}"
+    except Exception:  # the peer may not be known yet
+        return "?"
+
+
+def _pdu_limit(dul: Any, pdu_type: int) -> int:
+    if pdu_type in (0x01, 0x02):
+        return MAX_ACSE_PDU
+    if pdu_type == 0x04:
+        announced = getattr(dul.assoc, "_dn_max_pdu", None)
+        if announced is None:
+            announced = dul.assoc.acceptor.maximum_length if dul.assoc.is_acceptor else 0
+        return int(announced) if announced else MAX_PDATA_PDU
+    return MAX_SMALL_PDU
+
+
+def _recv_into(sock: Any, view: memoryview, deadline: float) -> bool:
+    """Fill ``view`` from ``sock`` (whose timeout the caller set) before ``deadline``; False when the peer
+    closed, stalled or the connection broke."""
+    got, n = 0, len(view)
+    while got < n:
+        if time.monotonic() > deadline:
+            return False
+        try:
+            k = sock.recv_into(view[got:], min(n - got, _READ_CHUNK))
+        except (TimeoutError, OSError):
+            return False
+        if not k:
+            return False
+        got += k
+    return True
+
+
+def _read_pdu_data(self: Any) -> None:
+    # pynetdicom 3.0.4 DULServiceProvider._read_pdu_data, bounded (see the comment above).
+    asock = self.socket
+    sock = getattr(asock, "socket", None)
+    if sock is None:
+        self.event_queue.put("Evt17")
+        return
+    if getattr(self, "_dn_garbage", False):
+        # The peer sent garbage and was answered with an A-ABORT: whatever it sends now is dropped with the
+        # connection (the state machine sees Evt17), not read and reported PDU by PDU.
+        asock.close()
+        _release_acceptor(self)
+        return
+    assoc = self.assoc
+    timeout = assoc.network_timeout if assoc.is_established else assoc.acse_timeout
+    timeout = float(timeout) if timeout else 3600.0
+    deadline = time.monotonic() + timeout
+    try:
+        sock.settimeout(timeout)
+    except OSError:
+        self.event_queue.put("Evt17")
+        return
+    try:
+        _read_pdu(self, sock, deadline)
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(None)
+
+
+def _garbage(dul: Any, what: str, event: str = "Evt19") -> None:
+    dul._dn_garbage = True
+    garbage_log(_peer(dul), what)
+    dul.event_queue.put(event)
+    _release_acceptor(dul)
+
+
+def _release_acceptor(dul: Any) -> None:
+    """End an acceptor that is still waiting for the A-ASSOCIATE-RQ of a peer that is gone or broken.
+
+    pynetdicom's acceptor thread waits for the request for the whole ACSE timeout even when the connection
+    has already closed; the ``None`` it receives here is what it gets on that timeout, so it ends now and
+    its thread (and the peer's pending-connection slot) is freed.
+    """
+    assoc = dul.assoc
+    if assoc.is_acceptor and assoc.requestor.primitive is None:
+        dul.to_user_queue.put(None)
+
+
+def _nul_padding_to_spaces(buf: bytearray) -> None:
+    """Trailing NULs of the AE title fields of an A-ASSOCIATE-RQ read as the spaces PS3.8 asks for.
+
+    Some devices pad AE titles with NUL bytes; pynetdicom refuses them with an ERROR line and a traceback.
+    Read tolerantly: the title is what precedes the padding (then checked like any other).
+    """
+    for start in (10, 26):  # called, calling AE title: 16 bytes each after the 6-byte header and 4 bytes
+        field = bytes(buf[start : start + 16])
+        if field.endswith(b"\x00"):
+            buf[start : start + 16] = field.rstrip(b"\x00").ljust(16, b" ")
+
+
+def _read_pdu(self: Any, sock: Any, deadline: float) -> None:
+    header = bytearray(6)
+    if not _recv_into(sock, memoryview(header), deadline):
+        # A peer that connects and closes (a port scan, a load balancer's probe) is not an event.
+        _DUL_LOGGER.debug("connection closed before a PDU header was received")
+        self.event_queue.put("Evt17")
+        _release_acceptor(self)
+        return
+    pdu_type, _, pdu_length = _PDU_HEADER.unpack(header)
+    if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+        _garbage(self, f"unknown PDU type 0x{pdu_type:02X}")
+        return
+    limit = _pdu_limit(self, pdu_type)
+    if pdu_length > limit:
+        _garbage(self, f"PDU type 0x{pdu_type:02X} of {pdu_length} bytes (limit {limit})")
+        return
+    buf = bytearray(6 + pdu_length)
+    buf[:6] = header
+    if not _recv_into(sock, memoryview(buf)[6:], deadline):
+        _garbage(self, f"PDU type 0x{pdu_type:02X} cut short or too slow ({pdu_length} bytes)", "Evt17")
+        return
+    if pdu_type == 0x01 and pdu_length >= 36:
+        _nul_padding_to_spaces(buf)
+    try:
+        pdu, event = self._decode_pdu(buf)
+    except Exception as exc:  # pynetdicom raises many types on a malformed PDU; one line, no traceback
+        text = str(exc).splitlines()[0][:120] if str(exc) else ""
+        _garbage(self, f"undecodable PDU type 0x{pdu_type:02X}: {type(exc).__name__}: {text}")
+        return
+    self.event_queue.put(event)
+    self._recv_pdu.put(pdu)
 
 
 def _install_reactors() -> None:
@@ -270,6 +456,7 @@ def _install_reactors() -> None:
     DULServiceProvider.kill_dul = kill_dul  # type: ignore[method-assign]
     DULServiceProvider.stop_dul = stop_dul  # type: ignore[method-assign]
     DULServiceProvider.run_reactor = dul_run_reactor  # type: ignore[method-assign]
+    DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]
     Association._run_reactor = assoc_run_reactor  # type: ignore[method-assign]
 
 

@@ -8,6 +8,8 @@ restricted, and others are rejected at association with "calling AE title not re
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import socket
 import ssl
@@ -109,9 +111,50 @@ class _NodeAE(AE):
     Answering per peer address there gives address pinning with the standard rejection.
     """
 
-    def __init__(self, ae_title: str, callers: Sequence[AllowedCaller]) -> None:
+    def __init__(
+        self,
+        ae_title: str,
+        callers: Sequence[AllowedCaller],
+        *,
+        max_associations: int = 10,
+        max_per_address: int | None = None,
+    ) -> None:
         super().__init__(ae_title=ae_title)
         self._callers = [(c.ae_title.strip(), _resolve(c.address)) for c in callers]
+        self._max_total = max_associations
+        self._max_per_address = max_per_address  # None: the total limit applies per address too
+
+    @property
+    def maximum_associations(self) -> int:
+        """The association limit pynetdicom compares with its count of acceptor threads.
+
+        pynetdicom counts every accepted TCP connection, including peers that never send an A-ASSOCIATE-RQ,
+        so ten silent connections used to take every slot until the ACSE timeout. Asked from an association
+        being negotiated (pynetdicom asks there), this answers from our own count instead: associations whose
+        peer has identified itself, in total and from the negotiating peer's address; -1 (so pynetdicom
+        rejects with "local limit exceeded", transient) when a limit is reached, a number no count reaches
+        otherwise.
+        """
+        thread = threading.current_thread()
+        if not isinstance(thread, Association) or not hasattr(self, "_max_total"):
+            return int(getattr(self, "_max_total", 10))
+        peer = thread.requestor.address
+        identified = [a for a in _acceptors() if a is not thread and _has_identified(a)]
+        same = [a for a in identified if a.requestor.address == peer]
+        per_address = self._max_per_address or self._max_total
+        if len(identified) >= self._max_total or len(same) >= per_address:
+            LOGGER.warning(
+                "association from %s refused: %d associations open (%d from that address)",
+                peer,
+                len(identified),
+                len(same),
+            )
+            return -1
+        return 1 << 30
+
+    @maximum_associations.setter
+    def maximum_associations(self, value: int) -> None:
+        self._max_total = int(value)
 
     @property
     def require_calling_aet(self) -> list[str]:
@@ -131,6 +174,82 @@ class _NodeAE(AE):
         return None
 
 
+class _ContextList(list):  # type: ignore[type-arg]
+    """The server's presentation contexts, copied cheaply for each new connection.
+
+    pynetdicom deep-copies the server's contexts for every accepted connection (so that negotiation can
+    change the copies); with every storage SOP class and 16 transfer syntaxes that deepcopy costs tens of ms
+    of CPU per connection, before the peer has said anything. A copy of each context object with its own
+    lists is all negotiation needs.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        out = []
+        for cx in self:
+            c = copy.copy(cx)
+            for key, value in vars(cx).items():
+                if isinstance(value, list):
+                    setattr(c, key, list(value))
+            out.append(c)
+        return out
+
+
+def _limit_pending(server: ThreadedAssociationServer, per_address: int) -> None:
+    """Close, at accept, a connection from an address that already has ``per_address`` connections whose
+    peer has not sent an A-ASSOCIATE-RQ yet (each costs a thread until the ACSE timeout)."""
+
+    def verify_request(request: Any, client_address: Any) -> bool:
+        try:
+            host = client_address[0]
+            waiting = [
+                a
+                for a in _acceptors()
+                if not _has_identified(a) and a.requestor.address == host and a.is_alive()
+            ]
+        except Exception:  # never let the check break the accept loop
+            return True
+        if len(waiting) >= per_address:
+            _pending_log(host, len(waiting))
+            return False
+        return True
+
+    # socketserver calls self.verify_request(request, client_address) for every accepted connection.
+    server.verify_request = verify_request  # type: ignore[method-assign]
+
+
+def _pending_log(host: str, n: int) -> None:
+    from dicomnode.ingest.reactors import garbage_log
+
+    garbage_log(host, f"{n} connections without an A-ASSOCIATE-RQ already open")
+
+
+def _lighten(server: ThreadedAssociationServer) -> None:
+    """Cheaper per-connection and per-message work for a started server (nothing that changes behaviour)."""
+    server.contexts = _ContextList(server.contexts)
+    # pynetdicom's standard handlers format a description of every PDU and DIMSE message for its logger, at
+    # INFO and DEBUG; the node keeps that logger at WARNING (cli), so the formatting is pure cost.
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        from pynetdicom import _handlers
+
+        for event, handler in (
+            (evt.EVT_DIMSE_RECV, _handlers.standard_dimse_recv_handler),
+            (evt.EVT_DIMSE_SENT, _handlers.standard_dimse_sent_handler),
+            (evt.EVT_PDU_RECV, _handlers.standard_pdu_recv_handler),
+            (evt.EVT_PDU_SENT, _handlers.standard_pdu_sent_handler),
+        ):
+            with contextlib.suppress(Exception):
+                server.unbind(event, handler)
+
+
+def _acceptors() -> list[Association]:
+    return [t for t in threading.enumerate() if isinstance(t, Association) and t.is_acceptor]
+
+
+def _has_identified(assoc: Association) -> bool:
+    # The A-ASSOCIATE-RQ has arrived (negotiating or established) and the association is not over.
+    return assoc.requestor.primitive is not None and not (assoc.is_released or assoc.is_aborted)
+
+
 class StorageSCP:
     """C-STORE and C-ECHO service provider writing into a :class:`Spool`.
 
@@ -145,11 +264,19 @@ class StorageSCP:
     allowed_callers
         Calling AE titles allowed to associate; empty = anyone.
     max_associations
-        Concurrent associations accepted; more are rejected (transient, local limit exceeded).
+        Concurrent associations accepted; more are rejected (transient, local limit exceeded). Only peers
+        that have sent their A-ASSOCIATE-RQ count: a connection that never identifies holds no slot.
+    max_associations_per_address
+        Concurrent associations accepted from one peer address (None = ``max_associations``).
+    max_pending_per_address
+        Connections from one address not yet identified (no A-ASSOCIATE-RQ yet); more are closed at once.
     max_pdu
-        Maximum PDU length we receive (0 = unlimited).
+        Maximum PDU length we receive (0 = unlimited, then 64 MiB is the hard limit); an A-ASSOCIATE-RQ is
+        limited to 1 MiB whatever this says (:mod:`dicomnode.ingest.reactors`).
     network_timeout, acse_timeout, dimse_timeout
-        Seconds before an idle or stuck peer is dropped (a half-open connection never blocks a thread).
+        Seconds before an idle or stuck peer is dropped: ``acse_timeout`` for the A-ASSOCIATE-RQ (and any
+        PDU before the association is established), ``network_timeout`` for an idle association or one
+        PDU, ``dimse_timeout`` for a DIMSE message.
     poll_interval_s
         How long pynetdicom's network reactor sleeps between polls of an idle socket (its default is 1 ms),
         where it still polls: only when ``event_driven`` is off or not available for the installed
@@ -176,9 +303,11 @@ class StorageSCP:
         port: int | None = 11112,
         allowed_callers: Iterable[AllowedCaller] = (),
         max_associations: int = 10,
-        max_pdu: int = 0,
-        network_timeout: float = 60.0,
-        acse_timeout: float = 30.0,
+        max_associations_per_address: int | None = None,
+        max_pending_per_address: int = 32,
+        max_pdu: int = 1 << 20,
+        network_timeout: float = 30.0,
+        acse_timeout: float = 10.0,
         dimse_timeout: float = 60.0,
         poll_interval_s: float | None = None,
         event_driven: bool = True,
@@ -193,6 +322,8 @@ class StorageSCP:
         self._port = port
         self.allowed_callers = tuple(allowed_callers)
         self.max_associations = max_associations
+        self.max_associations_per_address = max_associations_per_address
+        self.max_pending_per_address = max_pending_per_address
         self.max_pdu = max_pdu
         self.network_timeout = network_timeout
         self.acse_timeout = acse_timeout
@@ -221,6 +352,12 @@ class StorageSCP:
             "port": dicom.port,
             "allowed_callers": [AllowedCaller(a.ae_title, a.address) for a in dicom.allowed_calling_aets],
             "max_associations": dicom.max_associations,
+            "max_associations_per_address": dicom.max_associations_per_address,
+            "max_pending_per_address": dicom.max_pending_connections_per_address,
+            "max_pdu": dicom.max_pdu_bytes,
+            "acse_timeout": dicom.acse_timeout_seconds,
+            "network_timeout": dicom.network_timeout_seconds,
+            "dimse_timeout": dicom.dimse_timeout_seconds,
         }
         if dicom.tls is not None:
             from dicomnode.tls import server_context
@@ -240,9 +377,13 @@ class StorageSCP:
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def _build_ae(self) -> AE:
-        ae = _NodeAE(self.ae_title, self.allowed_callers)
+        ae = _NodeAE(
+            self.ae_title,
+            self.allowed_callers,
+            max_associations=self.max_associations,
+            max_per_address=self.max_associations_per_address,
+        )
         ae.require_called_aet = True
-        ae.maximum_associations = self.max_associations
         ae.maximum_pdu_size = self.max_pdu
         ae.network_timeout = self.network_timeout
         ae.acse_timeout = self.acse_timeout
@@ -275,11 +416,15 @@ class StorageSCP:
         if self.poll_interval_s is not None:
             handlers.append((evt.EVT_CONN_OPEN, self._on_conn_open))
         if self._port is not None:
-            self._server = self.ae.start_server((self.host, self._port), block=False, evt_handlers=handlers)
+            server = self.ae.start_server((self.host, self._port), block=False, evt_handlers=handlers)
+            assert server is not None  # block=False returns the server
+            self._server = server
+            _lighten(server)
+            _limit_pending(server, self.max_pending_per_address)
             LOGGER.info("DICOM SCP %s listening on %s:%d", self.ae_title, self.host, self.port)
         if self.ssl_context is not None:
             try:
-                self._tls_server = self.ae.start_server(
+                tls_server = self.ae.start_server(
                     (self.host, self._tls_port or 0),
                     block=False,
                     evt_handlers=handlers,
@@ -288,6 +433,10 @@ class StorageSCP:
             except BaseException:
                 self.stop()
                 raise
+            assert tls_server is not None
+            self._tls_server = tls_server
+            _lighten(tls_server)
+            _limit_pending(tls_server, self.max_pending_per_address)
             assert self.tls_port is not None
             LOGGER.info("DICOM SCP %s listening with TLS on %s:%d", self.ae_title, self.host, self.tls_port)
 

@@ -4,12 +4,23 @@ Durability contract (ARCHITECTURE.md): an instance is confirmed (status 0x0000) 
 disk (temp file, fsync, rename, directory fsync) *and* recorded in the database. Everything else returns a
 failure status with a one-line comment, so the sender keeps its copy and retries; nothing raises.
 
-The file write and the database record run at the same time (``record_concurrently``, the default): each
-waits mostly on a disk flush, so together they take about as long as the slower one. The status is answered
-only after both finished. Crash recovery: a crash (or a failed write) can leave a record whose file never
-landed, but such an instance was never confirmed, so its sender resends it, which lands the file and finds
-the record; a file that landed without a record (database down) is recorded by :func:`reindex_spool`. Either
-way nothing confirmed is lost.
+Group commit (:class:`_GroupCommit`): the receiving thread writes the bytes to a temp file and flushes them
+(fdatasync); one committer thread then takes every instance waiting at that moment, renames each file into
+place, flushes each touched directory once, and records the whole batch in one database transaction. Only
+then is each sender answered. Concurrent associations thus share the directory flushes and one database
+commit, and the file is always durable *before* its record exists: the database never holds a record whose
+file did not land, and an instance refused for any reason (0xA700 disk full, 0xA701...) leaves no record.
+
+What survives what (the guarantee behind a success status):
+
+* a crash of the process (kill -9, OOM kill) at any moment: every confirmed instance, file and record. The
+  page cache belongs to the kernel, so even without the flushes a completed write survives; a crash between
+  the rename and the commit leaves a file without a record for an instance never confirmed (its sender
+  resends; :func:`reindex_spool` records it too); a half-written temp file is removed at the next start
+  (:meth:`Spool.remove_stale_temp`).
+* a power loss or kernel crash: every confirmed instance too, because the file data (fdatasync), its
+  directory entries (directory fsync) and the database commit (SQLite WAL with ``synchronous=FULL``, or
+  PostgreSQL's commit) are flushed to the device before the answer; on hardware that honours flushes.
 
 Layout under the spool root::
 
@@ -41,14 +52,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
+import re
 import shutil
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -148,6 +160,22 @@ def _default_header_fn() -> HeaderFn:
     return summary
 
 
+#: Temp file names: ``<pid>-<hex>.part``.
+_TEMP_NAME = re.compile(r"^([0-9]+)-[0-9a-f]+\.part$")
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
 def _fsync_dir(path: Path) -> None:
     # A rename is durable only once the directory entry is flushed (POSIX); not possible on Windows.
     try:
@@ -166,6 +194,59 @@ def _sync_data(fd: int) -> None:
     # fdatasync flushes the data and the metadata needed to read it back (size), skipping timestamps.
     sync = getattr(os, "fdatasync", os.fsync)
     sync(fd)
+
+
+def _raw_text(ds: Dataset, tag: int) -> str | None:
+    """An element's value as text straight from the received bytes (no pydicom value conversion, which
+    costs more than the rest of the header check together); None when absent or empty."""
+    try:
+        elem = ds.get_item(tag)
+    except Exception:  # a malformed element reads as "missing", not a crash
+        return None
+    if elem is None:
+        return None
+    value = elem.value
+    if value is None:
+        return None
+    if isinstance(value, bytes | bytearray):
+        text = bytes(value).decode("ascii", "replace")
+    elif isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    text = text.strip(" \x00")
+    return text or None
+
+
+def _raw_floats(ds: Dataset, tag: int, n: int) -> tuple[float, ...] | None:
+    text = _raw_text(ds, tag)
+    if text is None:
+        return None
+    try:
+        out = tuple(float(v) for v in text.split("\\"))
+    except ValueError:
+        return None
+    return out if len(out) == n and all(math.isfinite(v) for v in out) else None
+
+
+def _raw_int(ds: Dataset, tag: int) -> int | None:
+    text = _raw_text(ds, tag)
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+#: Tags read from every received header (raw, see _raw_text).
+_UID_TAGS = {
+    "SOPClassUID": 0x00080016,
+    "SOPInstanceUID": 0x00080018,
+    "StudyInstanceUID": 0x0020000D,
+    "SeriesInstanceUID": 0x0020000E,
+}
+_INSTANCE_NUMBER, _IMAGE_POSITION, _IMAGE_ORIENTATION = 0x00200013, 0x00200032, 0x00200037
 
 
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
@@ -208,10 +289,6 @@ class Spool:
         protocol itself).
     on_result
         Optional callback called with every :class:`IngestResult` (never allowed to break ingest).
-    record_concurrently
-        Write and flush the file (worker thread) while the database record is made, instead of one after
-        the other; success is still answered only once both are done. The record may then reach the
-        database a few ms before the file's rename is on disk; see the module notes on crash recovery.
     """
 
     def __init__(
@@ -225,7 +302,6 @@ class Spool:
         header_fn: HeaderFn | None = None,
         fsync: bool = True,
         on_result: Callable[[IngestResult], None] | None = None,
-        record_concurrently: bool = True,
     ) -> None:
         self.root = Path(root).resolve()
         self.sink = sink
@@ -235,11 +311,12 @@ class Spool:
         self.header_fn: HeaderFn = header_fn if header_fn is not None else _default_header_fn()
         self.fsync = fsync
         self.on_result = on_result
-        self.record_concurrently = record_concurrently
-        self._pool: ThreadPoolExecutor | None = None
+        self._committer: _GroupCommit | None = None
+        self._known_dirs: set[Path] = set()
         self.temp_dir = self.root / TEMP_DIR
         self.ignored_dir = self.root / IGNORED_DIR
         self.temp_dir.mkdir(parents=True, exist_ok=True)
+        self.remove_stale_temp()
         self._cache_lock = threading.Lock()
         self._series_cache: OrderedDict[str, Mapping[str, Any]] = OrderedDict()
 
@@ -267,8 +344,43 @@ class Spool:
         return base / study / series / f"{sop}.dcm"
 
     def new_temp_path(self) -> Path:
-        """A fresh path in the spool temp area (same filesystem as the final paths)."""
-        return self.temp_dir / f"{uuid.uuid4().hex}.part"
+        """A fresh path in the spool temp area (same filesystem as the final paths).
+
+        The name starts with this process's id, so that a later start can tell a file left by a process
+        that died (removed at start-up, :meth:`remove_stale_temp`) from one another live process is writing.
+        """
+        return self.temp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.part"
+
+    def remove_stale_temp(self, *, legacy_age_s: float = 300.0) -> int:
+        """Delete temp files whose writing process is gone (a crash, kill -9); return how many.
+
+        Run at construction. A temp file was never confirmed to any sender (confirmation comes only after
+        the rename), so deleting it loses nothing. A file named by a process that still runs (this one, or
+        another receiver on the same spool) is kept; a file without a process id in its name (an earlier
+        version) is deleted once older than ``legacy_age_s``.
+        """
+        removed = 0
+        now = time.time()
+        try:
+            entries = list(self.temp_dir.iterdir())
+        except OSError:
+            return 0
+        for tmp in entries:
+            m = _TEMP_NAME.match(tmp.name)
+            try:
+                if m is not None:
+                    if _process_alive(int(m.group(1))):
+                        continue
+                elif now - tmp.stat().st_mtime < legacy_age_s:
+                    continue
+                if tmp.is_file():
+                    tmp.unlink()
+                    removed += 1
+            except OSError:
+                continue
+        if removed:
+            LOGGER.info("spool: removed %d temp file(s) left by a process that ended", removed)
+        return removed
 
     # -- entry points -------------------------------------------------------------------------------
     def ingest_dataset(
@@ -462,8 +574,8 @@ class Spool:
         self, header: Dataset, cmd_class: str | None, cmd_instance: str | None, expected_study: str | None
     ) -> tuple[str, str, str, str] | IngestResult:
         values: dict[str, str] = {}
-        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-            value = get_uid(header, keyword)
+        for keyword, tag in _UID_TAGS.items():
+            value = _raw_text(header, tag)
             if value is None:
                 return IngestResult(INVALID_UID, f"missing {keyword}", sop_instance_uid=cmd_instance)
             if not is_valid_uid(value):
@@ -508,51 +620,41 @@ class Spool:
         }
         keep = not (ignored and self.other_classes is OtherClassPolicy.DISCARD)
         final = self.final_path(study, series, sop, ignored=ignored) if keep else None
-
-        # Land the file in a worker thread while this thread records the instance: both wait mostly on the
-        # disk (fdatasync + directory fsync there, the database's commit here), so overlapping them takes
-        # about the longer of the two instead of their sum. Success is answered only when both are done.
-        landing: Future[None] | None = None
-        land_error: OSError | None = None
+        record = self._record(
+            header, sop_class, sop, study, series, ts, size, calling_ae, source, final, ignored
+        )
+        # This thread writes the bytes and flushes them (fdatasync releases the GIL, so the associations
+        # flush side by side and the filesystem journal groups them); the committer thread then renames the
+        # files of every instance waiting at that moment, flushes their directories once and records them
+        # all in one database transaction. The status is answered only after that (see _GroupCommit).
+        tmp: Path | None = None
         if final is not None:
-            # Without fsync there is no disk wait to overlap, only a thread hand-off to pay.
-            if self.record_concurrently and self.fsync:
-                landing = self._executor().submit(self._land, final, write=write, existing=existing)
-            else:
-                try:
-                    self._land(final, write=write, existing=existing)
-                except OSError as exc:
-                    return self._land_failed(exc, sop, ids)
-
-        new: bool | None = None
-        db_error: Exception | None = None
-        try:
-            new = self.sink.record_instance(
-                self._record(
-                    header, sop_class, sop, study, series, ts, size, calling_ae, source, final, ignored
-                )
-            )
-        except Exception as exc:
-            db_error = exc
-        if landing is not None:
+            tmp = existing if existing is not None else self.new_temp_path()
             try:
-                landing.result()
+                self._write_temp(tmp, write)
             except OSError as exc:
-                land_error = exc
-        if land_error is not None:
-            if db_error is None:
-                # The record went in but the file did not land: the sender gets a failure and resends; the
-                # record then points at the file again. reindex_spool never needs to undo a record.
-                LOGGER.warning("instance %s recorded but its file failed to land; sender will retry", sop)
-            return self._land_failed(land_error, sop, ids)
-        if db_error is not None:
-            # The file stays where it landed: the sender retries (failure status) and reindex_spool can
-            # record it later, so nothing received is lost.
-            LOGGER.error("database record failed for %s (file kept): %s", sop, db_error)
-            return IngestResult(
-                OUT_OF_RESOURCES_DATABASE, "database unavailable, file kept; please retry", **ids
-            )
-        return IngestResult(SUCCESS, None, path=final, duplicate=not new, **ids)
+                if existing is None:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink(missing_ok=True)
+                return self._land_failed(exc, sop, ids)
+        return self._group_commit().submit(_Pending(tmp, final, record, ids, sop))
+
+    def _write_temp(self, tmp: Path, write: Callable[[BinaryIO], None] | None) -> None:
+        if write is not None:
+            with open(tmp, "wb") as fp:
+                write(fp)
+                fp.flush()
+                if self.fsync:
+                    _sync_data(fp.fileno())
+        elif self.fsync:
+            with open(tmp, "rb+") as fp:
+                _sync_data(fp.fileno())
+
+    def _group_commit(self) -> _GroupCommit:
+        with self._cache_lock:
+            if self._committer is None:
+                self._committer = _GroupCommit(self)
+            return self._committer
 
     def _land_failed(self, exc: OSError, sop: str, ids: dict[str, Any]) -> IngestResult:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -586,17 +688,10 @@ class Spool:
             source=source,
             calling_ae_title=calling_ae,
             attributes=self._series_attributes(series, header, sop),
-            instance_number=_instance_number(header),
-            image_position_patient=_floats(header.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
-            image_orientation_patient=_floats(header.get("ImageOrientationPatient"), 6),  # type: ignore[arg-type]
+            instance_number=_raw_int(header, _INSTANCE_NUMBER),
+            image_position_patient=_raw_floats(header, _IMAGE_POSITION, 3),  # type: ignore[arg-type]
+            image_orientation_patient=_raw_floats(header, _IMAGE_ORIENTATION, 6),  # type: ignore[arg-type]
         )
-
-    def _executor(self) -> ThreadPoolExecutor:
-        with self._cache_lock:
-            if self._pool is None:
-                # One landing at a time per association; a few threads cover concurrent associations.
-                self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool-land")
-            return self._pool
 
     def _series_attributes(self, series: str, header: Dataset, sop: str) -> Mapping[str, Any]:
         # The summary holds series/study-level attributes, identical for every instance of a series; it is
@@ -618,39 +713,179 @@ class Spool:
                 self._series_cache.popitem(last=False)
         return attributes
 
-    def _land(self, final: Path, *, write: Callable[[BinaryIO], None] | None, existing: Path | None) -> None:
-        """Temp file, flush to disk, rename to ``final``, flush the directory entries."""
-        tmp = existing if existing is not None else self.new_temp_path()
-        try:
-            if write is not None:
-                with open(tmp, "wb") as fp:
-                    write(fp)
-                    fp.flush()
-                    if self.fsync:
-                        _sync_data(fp.fileno())
-            elif self.fsync:
-                with open(tmp, "rb+") as fp:
-                    _sync_data(fp.fileno())
-            parent = final.parent
-            # Folders about to be created (series, study, maybe ignored/): their entries must be flushed too.
-            new_dirs = [d for d in (parent, *parent.parents) if d != self.root and self.root in d.parents]
-            new_dirs = [d for d in new_dirs if not d.is_dir()]
-            if new_dirs:
-                parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            raise
-        if self.fsync:
-            _fsync_dir(parent)
-            for d in new_dirs:
-                _fsync_dir(d.parent)
+    def _new_dirs(self, final: Path) -> list[Path]:
+        """Folders between the spool root and ``final`` that do not exist yet (created here)."""
+        parent = final.parent
+        if parent in self._known_dirs and parent.is_dir():
+            return []
+        new_dirs = [d for d in (parent, *parent.parents) if d != self.root and self.root in d.parents]
+        new_dirs = [d for d in new_dirs if not d.is_dir()]
+        if new_dirs:
+            parent.mkdir(parents=True, exist_ok=True)
+        if len(self._known_dirs) > 4096:
+            self._known_dirs.clear()
+        self._known_dirs.add(parent)
+        return new_dirs
+
+    def close(self) -> None:
+        """Stop the committer thread (instances already submitted are committed first)."""
+        with self._cache_lock:
+            committer, self._committer = self._committer, None
+        if committer is not None:
+            committer.close()
 
     # -- recovery -----------------------------------------------------------------------------------
     def reindex(self, *, stale_temp_age_s: float = 86_400.0) -> ReindexReport:
         """See :func:`reindex_spool`."""
         return reindex_spool(self, stale_temp_age_s=stale_temp_age_s)
+
+
+class _Pending:
+    """One instance whose bytes are written and flushed, waiting for the group commit."""
+
+    __slots__ = ("done", "final", "ids", "record", "result", "sop", "tmp")
+
+    def __init__(
+        self, tmp: Path | None, final: Path | None, record: ReceivedInstance, ids: dict[str, Any], sop: str
+    ) -> None:
+        self.tmp = tmp
+        self.final = final
+        self.record = record
+        self.ids = ids
+        self.sop = sop
+        self.result: IngestResult | None = None
+        self.done = threading.Event()
+
+
+#: The most instances one group commit takes (more wait for the next one, a few ms later).
+GROUP_COMMIT_MAX = 64
+
+
+class _GroupCommit:
+    """The spool's committer thread: renames, directory flushes and database records, in batches.
+
+    Every association (and STOW request) writes and flushes its instance's bytes itself, then hands the
+    instance here and waits. The committer takes everything waiting at that moment, renames each file into
+    place, flushes each touched directory once, and records the whole batch in **one** database transaction
+    (one commit, one flush of the database journal). Only then are the waiting senders answered: a success
+    status still means the bytes and the record are durable, but N concurrent associations share one
+    directory flush per series and one database commit instead of paying N of each, and no association
+    waits for the database's write lock (SQLite's busy handler sleeps in steps of milliseconds).
+
+    A file that cannot be renamed (disk full, I/O error) is answered with a failure and never recorded; a
+    batch whose transaction fails is retried instance by instance, so one bad record fails only itself.
+    """
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+        self._cond = threading.Condition()
+        self._queue: list[_Pending] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="spool-commit", daemon=True)
+        self._thread.start()
+
+    def submit(self, pending: _Pending) -> IngestResult:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the spool is closed")
+            self._queue.append(pending)
+            self._cond.notify()
+        pending.done.wait()
+        assert pending.result is not None
+        return pending.result
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch = self._queue[:GROUP_COMMIT_MAX]
+                del self._queue[:GROUP_COMMIT_MAX]
+            try:
+                self._commit(batch)
+            except Exception as exc:  # the committer must survive anything; each waiter gets an answer
+                LOGGER.error("group commit failed: %s: %s", type(exc).__name__, exc)
+                for p in batch:
+                    if p.result is None:
+                        p.result = IngestResult(
+                            PROCESSING_FAILURE, f"processing failure: {type(exc).__name__}"
+                        )
+            finally:
+                for p in batch:
+                    if p.result is None:
+                        p.result = IngestResult(PROCESSING_FAILURE, "processing failure", **p.ids)
+                    p.done.set()
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        spool = self._spool
+        landed: list[_Pending] = []
+        dirs: dict[Path, None] = {}  # an ordered set: each directory flushed once per batch
+        for p in batch:
+            if p.final is None or p.tmp is None:
+                landed.append(p)  # accepted, nothing kept (discard policy)
+                continue
+            try:
+                new_dirs = spool._new_dirs(p.final)
+                os.replace(p.tmp, p.final)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    p.tmp.unlink(missing_ok=True)
+                p.result = spool._land_failed(exc, p.sop, p.ids)
+                continue
+            dirs[p.final.parent] = None
+            for d in new_dirs:
+                dirs[d.parent] = None
+            landed.append(p)
+        if spool.fsync:
+            for d in dirs:
+                _fsync_dir(d)
+        if not landed:
+            return
+        try:
+            news = self._record([p.record for p in landed])
+        except Exception as exc:
+            if len(landed) == 1:
+                self._record_failed(landed[0], exc)
+                return
+            # Find the one that fails: the others must not pay for it.
+            for p in landed:
+                try:
+                    (new,) = self._record([p.record])
+                except Exception as one:
+                    self._record_failed(p, one)
+                else:
+                    p.result = IngestResult(SUCCESS, None, path=p.final, duplicate=not new, **p.ids)
+            return
+        for p, new in zip(landed, news, strict=True):
+            p.result = IngestResult(SUCCESS, None, path=p.final, duplicate=not new, **p.ids)
+
+    def _record(self, records: list[ReceivedInstance]) -> list[bool]:
+        sink = self._spool.sink
+        many = getattr(sink, "record_instances", None)
+        if many is not None:
+            return list(many(records))
+        return [sink.record_instance(r) for r in records]
+
+    def _record_failed(self, p: _Pending, exc: Exception) -> None:
+        # The file stays where it landed: the sender retries (failure status) and reindex_spool can record
+        # it later, so nothing received is lost; the database holds nothing for it.
+        LOGGER.error("database record failed for %s (file kept): %s", p.sop, _one_line(exc))
+        p.result = IngestResult(
+            OUT_OF_RESOURCES_DATABASE, "database unavailable, file kept; please retry", **p.ids
+        )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:300]
 
 
 def _iter_spooled(spool: Spool) -> list[tuple[Path, bool]]:

@@ -6,11 +6,11 @@ keyword arguments, study- and series-level attributes apart, and a slice positio
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dicomnode.ingest.sink import ReceivedInstance
-from dicomnode.store import INSTANCE_SOURCES, Store
+from dicomnode.store import INSTANCE_SOURCES, NewInstance, Store
 
 #: Study-level keywords (the rest of the header summary is series-level).
 STUDY_KEYWORDS: frozenset[str] = frozenset(
@@ -73,25 +73,39 @@ class StoreSink:
 
     def record_instance(self, instance: ReceivedInstance) -> bool:
         """Record ``instance``; True when new. Raises if the database fails (ingest answers a failure)."""
-        if instance.path is None:
-            return True
-        study_attrs, series_attrs = split_attributes(instance.attributes)
-        frames = instance.attributes.get("NumberOfFrames")
-        return self.store.record_instance(
-            study_uid=instance.study_instance_uid,
-            series_uid=instance.series_instance_uid,
-            sop_instance_uid=instance.sop_instance_uid,
-            sop_class_uid=instance.sop_class_uid,
-            transfer_syntax=instance.transfer_syntax_uid,
-            path=instance.path,
-            size_bytes=instance.size_bytes,
-            study_attrs=study_attrs,
-            series_attrs=series_attrs,
-            calling_aet=instance.calling_ae_title,
-            source=store_source(instance.source),
-            slice_position=slice_position(
-                instance.image_position_patient, instance.image_orientation_patient
-            ),
-            number_of_frames=int(frames) if isinstance(frames, int | float) and frames > 1 else None,
-            now=instance.received_at,
-        )
+        return self.record_instances([instance])[0]
+
+    def record_instances(self, instances: Sequence[ReceivedInstance]) -> list[bool]:
+        """Record several instances in one database transaction (the spool's group commit); all or none.
+
+        Returns, in order, whether each was new. Raises if the database fails.
+        """
+        out = [True] * len(instances)
+        kept = [(i, inst) for i, inst in enumerate(instances) if inst.path is not None]
+        if kept:
+            news = self.store.record_instances([_new_instance(inst) for _, inst in kept])
+            for (i, _), new in zip(kept, news, strict=True):
+                out[i] = new
+        return out
+
+
+def _new_instance(instance: ReceivedInstance) -> NewInstance:
+    assert instance.path is not None
+    study_attrs, series_attrs = split_attributes(instance.attributes)
+    frames = instance.attributes.get("NumberOfFrames")
+    return NewInstance(
+        study_uid=instance.study_instance_uid,
+        series_uid=instance.series_instance_uid,
+        sop_instance_uid=instance.sop_instance_uid,
+        sop_class_uid=instance.sop_class_uid,
+        transfer_syntax=instance.transfer_syntax_uid,
+        path=instance.path,
+        size_bytes=instance.size_bytes,
+        study_attrs=study_attrs,
+        series_attrs=series_attrs,
+        calling_aet=instance.calling_ae_title,
+        source=store_source(instance.source),
+        slice_position=slice_position(instance.image_position_patient, instance.image_orientation_patient),
+        number_of_frames=int(frames) if isinstance(frames, int | float) and frames > 1 else None,
+        now=instance.received_at,
+    )

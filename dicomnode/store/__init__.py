@@ -64,6 +64,7 @@ from dicomnode.store.base import (
 )
 from dicomnode.store.engine import make_engine, normalise_url
 from dicomnode.store.migrate import current_revision, head_revision, is_up_to_date, upgrade
+from dicomnode.store.recording import NewInstance
 from dicomnode.store.records import (
     AuditEvent,
     Delivery,
@@ -93,6 +94,7 @@ __all__ = [
     "Job",
     "JobDetail",
     "JobEvent",
+    "NewInstance",
     "NotFoundError",
     "Page",
     "Result",

@@ -53,6 +53,9 @@ _SELECT_SERIES = select(
     SeriesRow.id, SeriesRow.last_received_at, SeriesRow.completed_at, SeriesRow.version
 ).where(SeriesRow.series_instance_uid == bindparam("uid"))
 _SELECT_INSTANCE = select(InstanceRow.id).where(InstanceRow.sop_instance_uid == bindparam("uid"))
+_SELECT_INSTANCES = select(InstanceRow.sop_instance_uid).where(
+    InstanceRow.sop_instance_uid.in_(bindparam("uids", expanding=True))
+)
 _INSERT_STUDY = insert(StudyRow)
 _INSERT_SERIES = insert(SeriesRow)
 _INSERT_INSTANCE = insert(InstanceRow)

@@ -8,44 +8,23 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, or_, select, update
+from sqlalchemy import and_, func, or_, select
 
 from dicomnode.domain import RuleDecision, SeriesSummary
 from dicomnode.store.base import (
-    _INSERT_INSTANCE,
-    _INSERT_SERIES,
-    _INSERT_STUDY,
-    _LEGACY_SOURCES,
-    _SELECT_INSTANCE,
-    _SELECT_SERIES,
-    _SELECT_STUDY,
-    _TOUCH_STUDY,
-    INSTANCE_SOURCES,
     NotFoundError,
     StoreBase,
     _attrs_from_db,
     _count,
     _decision,
-    _new_id,
     _now,
     _seconds,
     _series,
-    jsonable_attrs,
 )
-from dicomnode.store.models import (
-    DecisionRow,
-    InstanceRow,
-    JobRow,
-    SeriesRow,
-    StudyRow,
-)
-from dicomnode.store.records import (
-    Instance,
-    Page,
-    Series,
-    StoredDecision,
-    Study,
-)
+from dicomnode.store.engine import IMMEDIATE
+from dicomnode.store.models import DecisionRow, InstanceRow, SeriesRow, StudyRow
+from dicomnode.store.recording import NewInstance, _prepare, _record_series
+from dicomnode.store.records import Instance, Page, Series, StoredDecision, Study
 
 log = logging.getLogger(__name__)
 
@@ -82,49 +61,47 @@ class InstanceStore(StoreBase):
         position along the slice normal in mm (the series z-extent for routing). Returns True when the
         instance is new, False when it was already recorded.
         """
-        source = _LEGACY_SOURCES.get(source, source)
-        if source not in INSTANCE_SOURCES:
-            raise ValueError(f"source must be one of {INSTANCE_SOURCES}, not {source!r}")
-        at = now or _now()
-        s_attrs = jsonable_attrs(study_attrs)
-        se_attrs = jsonable_attrs(series_attrs)
-        instance = {
-            "sop_instance_uid": sop_instance_uid,
-            "sop_class_uid": sop_class_uid,
-            "transfer_syntax": transfer_syntax,
-            "path": str(path),
-            "size_bytes": int(size_bytes),
-            "calling_aet": calling_aet,
-            "source": source,
-            "received_at": at,
-            "slice_position": slice_position,
-            "number_of_frames": number_of_frames,
-        }
+        item = NewInstance(
+            study_uid=study_uid,
+            series_uid=series_uid,
+            sop_instance_uid=sop_instance_uid,
+            sop_class_uid=sop_class_uid,
+            transfer_syntax=transfer_syntax,
+            path=path,
+            size_bytes=size_bytes,
+            study_attrs=study_attrs,
+            series_attrs=series_attrs,
+            calling_aet=calling_aet,
+            source=source,
+            slice_position=slice_position,
+            number_of_frames=number_of_frames,
+            now=now,
+        )
+        return self.record_instances([item])[0]
 
-        def run() -> bool:
-            # Core statements on the session's connection, not ORM objects: this runs for every received
-            # image while the sender waits, and the ORM's unit of work cost several times the SQL itself.
-            with self._write() as s:
-                conn = s.connection()
-                study_id, study_attributes = _study_row(conn, study_uid, s_attrs, calling_aet, at)
-                series_id, last_received_at, completed_at, version = _series_state(
-                    conn, series_uid, study_id, se_attrs, at
-                )
-                if conn.execute(_SELECT_INSTANCE, {"uid": sop_instance_uid}).first() is not None:
-                    return False
-                conn.execute(_INSERT_INSTANCE, {**instance, "series_id": series_id})
-                # SQL-side increments: two associations writing the same series must not lose counts.
-                conn.execute(_TOUCH_STUDY, {"sid": study_id, "at": at})
-                merged = {**study_attributes, **s_attrs}
-                if study_attributes != merged:
-                    conn.execute(update(StudyRow).where(StudyRow.id == study_id).values(attributes=merged))
-                values: dict[str, Any] = {"n_instances": SeriesRow.n_instances + 1}
-                if at > last_received_at:
-                    values["last_received_at"] = at
-                if completed_at is not None:
-                    values.update(_reopened(conn, series_uid, series_id, version))
-                conn.execute(update(SeriesRow).where(SeriesRow.id == series_id).values(**values))
-                return True
+    def record_instances(self, batch: Sequence[NewInstance]) -> list[bool]:
+        """Record several received instances in **one** transaction (the spool's group commit).
+
+        Same rules as :meth:`record_instance` for each; all or nothing (an error records none). Instances of
+        one series share one look-up of their study and series and one update of the counters, so a batch
+        costs a few statements per series instead of six per instance. Returns, in order, whether each
+        instance was new (the second copy of one SOP instance in a batch is not).
+        """
+        prepared = [_prepare(item) for item in batch]
+
+        def run() -> list[bool]:
+            # Core statements on a bare connection, no ORM session: this runs while senders wait, and the
+            # session's set-up and unit of work cost several times the SQL itself.
+            news = [False] * len(prepared)
+            with self.engine.connect() as bare, bare.execution_options(**{IMMEDIATE: True}).begin():
+                conn = bare
+                groups: dict[tuple[str, str], list[int]] = {}
+                for i, p in enumerate(prepared):
+                    groups.setdefault((p.study_uid, p.series_uid), []).append(i)
+                for (study_uid, series_uid), indices in groups.items():
+                    for i, new in _record_series(conn, study_uid, series_uid, [prepared[i] for i in indices]):
+                        news[indices[i]] = new
+            return news
 
         return self._retry_integrity(run)
 
@@ -333,56 +310,3 @@ class InstanceStore(StoreBase):
                 select(func.count()).select_from(SeriesRow).where(SeriesRow.completed_at.is_not(None))
             )
         return int(n), int(size), int(done or 0)
-
-
-def _study_row(
-    conn: Connection, study_uid: str, attrs: dict[str, Any], calling_aet: str | None, at: datetime
-) -> tuple[int, dict[str, Any]]:
-    """The study's id and stored attributes, inserting the study when it is new."""
-    study = conn.execute(_SELECT_STUDY, {"uid": study_uid}).first()
-    if study is not None:
-        return int(study.id), dict(study.attributes or {})
-    values = {
-        "study_instance_uid": study_uid,
-        "attributes": attrs,
-        "calling_aet": calling_aet,
-        "first_received_at": at,
-        "last_received_at": at,
-        "routed_at": None,
-    }
-    return _new_id(conn.execute(_INSERT_STUDY, values)), dict(attrs)
-
-
-def _series_state(
-    conn: Connection, series_uid: str, study_id: int, attrs: dict[str, Any], at: datetime
-) -> tuple[int, datetime, datetime | None, int]:
-    """The series' id, last-received time, completion time and version, inserting the series when new."""
-    series = conn.execute(_SELECT_SERIES, {"uid": series_uid}).first()
-    if series is not None:
-        return int(series.id), series.last_received_at, series.completed_at, int(series.version)
-    values = {
-        "series_instance_uid": series_uid,
-        "study_id": study_id,
-        "attributes": attrs,
-        "modality": str(attrs.get("Modality")) if attrs.get("Modality") else None,
-        "n_instances": 0,
-        "first_received_at": at,
-        "last_received_at": at,
-        "completed_at": None,
-        "version": 1,
-        "needs_new_version": False,
-    }
-    return _new_id(conn.execute(_INSERT_SERIES, values)), at, None, 1
-
-
-def _reopened(conn: Connection, series_uid: str, series_id: int, version: int) -> dict[str, Any]:
-    """Column updates for a complete series a late instance re-opens (a new version when a job exists)."""
-    values: dict[str, Any] = {"completed_at": None}
-    has_job = conn.execute(
-        select(func.count(JobRow.id)).where(JobRow.series_id == series_id, JobRow.version == version)
-    ).scalar()
-    if has_job:
-        values["version"] = SeriesRow.version + 1
-        values["needs_new_version"] = True
-    log.info("series %s re-opened by a late instance (new version: %s)", series_uid, bool(has_job))
-    return values

@@ -413,9 +413,9 @@ class GatedSink(MemorySink):
         return super().record_instance(instance)
 
 
-def test_concurrent_record_answers_only_when_the_record_is_done(tmp_path: Path) -> None:
+def test_answer_waits_for_the_record(tmp_path: Path) -> None:
     sink = GatedSink()
-    spool = Spool(tmp_path / "s", sink)  # fsync on: the file lands in a worker while the sink records
+    spool = Spool(tmp_path / "s", sink)
     ds = make_ds()
     final = spool.final_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ignored=False)
     results: list[Any] = []
@@ -427,16 +427,14 @@ def test_concurrent_record_answers_only_when_the_record_is_done(tmp_path: Path) 
     deadline = time.monotonic() + 30
     while not final.is_file() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert final.is_file(), "the file lands while the record is still in progress"
+    assert final.is_file(), "the file is in place before the record is made"
     assert not results, "no status before the database record is done"
     sink.gate.set()
     worker.join(30)
     assert results and results[0].status == 0x0000 and results[0].path == final
 
 
-def test_concurrent_record_answers_only_when_the_file_landed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_no_record_before_the_file_landed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sink = MemorySink()
     spool = Spool(tmp_path / "s", sink)
     renaming, gate = threading.Event(), threading.Event()
@@ -455,25 +453,23 @@ def test_concurrent_record_answers_only_when_the_file_landed(
     )
     worker.start()
     assert renaming.wait(30)
-    deadline = time.monotonic() + 30
-    while ds.SOPInstanceUID not in sink.instances and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert ds.SOPInstanceUID in sink.instances, "the record is made while the file is still landing"
+    time.sleep(0.2)
+    assert ds.SOPInstanceUID not in sink.instances, "the record waits for the file to be in place"
     assert not results, "no status before the file is renamed into place"
     gate.set()
     worker.join(30)
     assert results and results[0].ok and results[0].path is not None and results[0].path.is_file()
+    assert sink.instances[ds.SOPInstanceUID].path == results[0].path
 
 
-@pytest.mark.parametrize("concurrent", [True, False])
 @pytest.mark.parametrize(
     ("error", "status"), [(OSError(28, "No space left on device"), 0xA700), (OSError(5, "I/O error"), 0xA701)]
 )
-def test_file_that_fails_to_land_is_a_failure_even_if_recorded(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, concurrent: bool, error: OSError, status: int
+def test_file_that_fails_to_land_is_refused_and_never_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: OSError, status: int
 ) -> None:
     sink = MemorySink()
-    spool = Spool(tmp_path / "s", sink, record_concurrently=concurrent)
+    spool = Spool(tmp_path / "s", sink)
 
     def broken_replace(src: Any, dst: Any) -> None:
         raise error
@@ -483,8 +479,9 @@ def test_file_that_fails_to_land_is_a_failure_even_if_recorded(
     res = spool.ingest_dataset(encode(ds), ExplicitVRLittleEndian)
     assert res.status == status and not res.ok, "the sender must keep its copy and resend"
     assert not list(spool.temp_dir.iterdir())
+    assert ds.SOPInstanceUID not in sink.instances, "a refused instance leaves no record"
     monkeypatch.undo()
-    # The resend lands the file; the record (made or not the first time) points at it.
+    # The resend lands the file and records it.
     again = spool.ingest_dataset(encode(ds), ExplicitVRLittleEndian)
     assert again.ok and again.path is not None and again.path.is_file()
     assert sink.instances[ds.SOPInstanceUID].path == again.path
