@@ -11,7 +11,8 @@ machine's load average, then the speed-up over one worker and the space a study 
 PostgreSQL). Figures only, never pass/fail.
 
 On a 2-core machine more than 2 workers cannot go faster: they share the same two cores (and the machine is
-shared with other work). The CPU time per study is the figure to size a site with (docs/capacity.md).
+shared with other work: "cores busy" says how much of the machine the workers got, and the load average
+how many others wanted it). The CPU time per study is the figure to size a site with (docs/capacity.md).
 
     .venv/bin/python benchmarks/scaleout.py [--workers 1 2 4] [--studies 8] [--matrix 512] [--slices 300]
         [--broker redis://127.0.0.1:6379/12] [--postgres postgresql+psycopg://postgres@127.0.0.1:5432/test]
@@ -81,8 +82,10 @@ def fresh_database(server_url: str) -> Iterator[str]:
 
 
 def tree_bytes(folder: Path) -> int:
-    """Bytes of the files under ``folder`` (0 when it does not exist)."""
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+    """Bytes of the files under ``folder`` (0 when it does not exist); links (a job's inputs) not followed."""
+    if not folder.is_dir():
+        return 0
+    return sum(f.lstat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 def db_bytes(engine: Engine) -> int:
@@ -247,14 +250,22 @@ def main() -> int:
             print(
                 f"workers={n} (OMP threads {threads}): {r.done}/{r.studies} studies in {r.wall_s:.1f} s = "
                 f"{r.per_minute:.2f} studies/min; worker CPU per study {r.busy_cpu_s / r.studies:.1f} s "
-                f"({r.cpu_s / r.studies:.1f} s with the workers' start-up); load avg {r.load:.1f}",
+                f"({r.cpu_s / r.studies:.1f} s with the workers' start-up); cores busy "
+                f"{r.busy_cpu_s / r.wall_s:.2f} of {cores}; load avg {r.load:.1f}",
                 flush=True,
             )
         base = rounds[0].per_minute
-        print("\nworkers  studies/min  speed-up  CPU s/study")
+        print("\nworkers  studies/min  speed-up  CPU s/study  cores busy")
         for r in rounds:
             cpu = r.busy_cpu_s / r.studies
-            print(f"{r.workers:7d}  {r.per_minute:11.2f}  {r.per_minute / base:7.2f}x  {cpu:11.1f}")
+            busy = r.busy_cpu_s / r.wall_s
+            speedup = r.per_minute / base
+            print(f"{r.workers:7d}  {r.per_minute:11.2f}  {speedup:7.2f}x  {cpu:11.1f}  {busy:10.2f}")
+        best = min(r.busy_cpu_s / r.studies for r in rounds)
+        print(
+            f"one core fully used would analyse {60 / best:.1f} studies/min at the lowest CPU cost measured "
+            f"({best:.1f} s/study)"
+        )
         last = rounds[-1]
         mb = 1e6 * last.studies
         print(
