@@ -225,11 +225,6 @@ def test_mutated_stow_bodies(run: _Run) -> None:
     _assert_still_answering(run)
 
 
-@pytest.mark.xfail(
-    reason="issue 14 finding 2 (DIMSE side, other owner): peers that never identify hold association slots "
-    "for about 30 s, so C-ECHO is refused (Local Limit Exceeded) right after the PDU run",
-    strict=False,
-)
 def test_random_and_mutated_pdus(run: _Run) -> None:
     t0 = time.monotonic()
     sent = 0
