@@ -13,6 +13,8 @@ from pathlib import Path
 from dicomnode.domain import AnalysisStatus, DeliveryOutcome, JobState, PreviousReport
 from dicomnode.pipeline.delivery_step import DeliveryStep
 from dicomnode.pipeline.jobs import AnalysisOutcome, AnalysisRequest
+from dicomnode.pipeline.knee import KNEE_PIPELINE as KNEE
+from dicomnode.pipeline.knee import patient_labs
 from dicomnode.store import InvalidTransitionError, Job, NotFoundError
 from dicomnode.vocab import ANALYZE
 
@@ -94,6 +96,9 @@ class AnalysisStep(DeliveryStep):
                 previous_reports=self.previous_reports(job),
                 selection=self.selection(job),
                 pipeline=job.pipeline,
+                lab_values=patient_labs(self.store, [i.path for i in instances])
+                if job.pipeline == KNEE
+                else (),
             )
             return self.analyze(request)
         except Exception as exc:  # a bug in a step must fail the job, not the worker

@@ -45,7 +45,7 @@ def analyze_job(request: AnalysisRequest, options: AnalysisOptions | None = None
     if request.pipeline == "knee-xray":  # founding study (e): knee radiographs, not the CT measurement
         from dicomnode.pipeline.knee import analyze_knee_job
 
-        return analyze_knee_job(request, options.knee_bundle if options is not None else None)
+        return analyze_knee_job(request, options)
     run = analyze_path(
         request.input_dir,
         request.out_dir,

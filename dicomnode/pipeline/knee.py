@@ -29,6 +29,44 @@ NO_MODEL = "no model configured: knee radiograph received, not classified (set a
 ALGORITHM = "dicomnode-knee-xray"
 
 
+def patient_labs(store: Any, paths: Sequence[Path]) -> tuple[Any, ...]:
+    """The stored lab values of the patient of a job's images (Patient ID of the first readable header)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+        except (OSError, InvalidDicomError, EOFError, ValueError):
+            continue
+        pid = str(ds.get("PatientID", "") or "").strip()
+        return tuple(store.lab_values(pid)) if pid else ()
+    return ()
+
+
+def _fusion(path: str, image_score: float, lab_values: Sequence[Any], day: Any) -> tuple[float | None, str]:
+    """The fused probability of osteoporosis (None: declined) and the sentence the SR carries."""
+    from dicomnode.labs.values import LabValue
+    from dicomnode.ml.fusion import apply_fusion
+
+    bundle = _fusion_bundle(path)
+    labs = [
+        LabValue(v.patient_id, v.analyte, v.loinc, float(v.value), v.unit, v.effective, v.source, v.source_id)
+        for v in lab_values
+    ]
+    if not labs:
+        return None, f"image model only: no laboratory values of the patient ({bundle.identification})"
+    p, _, note = apply_fusion(bundle, image_score, labs, day)
+    return p, f"{note} ({bundle.identification})"
+
+
+@functools.lru_cache(maxsize=2)
+def _fusion_bundle(path: str) -> Any:
+    from dicomnode.ml.fusion import load_fusion_bundle
+
+    return load_fusion_bundle(path)
+
+
 @functools.lru_cache(maxsize=2)
 def _bundle(path: str) -> Any:
     from dicomnode.ml.bundle import load_bundle
@@ -120,6 +158,8 @@ def analyze_knee(
     version: int = 1,
     disclaimer: str | None = None,
     previous_reports: Sequence[PreviousReport] = (),
+    fusion_bundle: str | None = None,
+    lab_values: Sequence[Any] = (),
 ) -> AnalysisOutcome:
     """Classify the knee radiograph of a series and write ``result.json`` (always), SR, SC and PNG.
 
@@ -151,8 +191,24 @@ def analyze_knee(
         uid = uid or str(header.get("SeriesInstanceUID", ""))
         bundle = _bundle(bundle_path)
         pred = classify_radiograph(bundle, rad)
+        fused: tuple[float | None, str] = (None, "image model only: no fusion bundle configured")
+        if fusion_bundle is not None:
+            fused = _fusion(
+                fusion_bundle, _osteoporosis_probability(pred), lab_values, _study_day(rad.header)
+            )
         return _report(
-            pred, rad, bundle, files, out_dir, uid, selection, job_key, version, disclaimer, previous_reports
+            pred,
+            rad,
+            bundle,
+            files,
+            out_dir,
+            uid,
+            selection,
+            job_key,
+            version,
+            disclaimer,
+            previous_reports,
+            fused,
         )
     except NotQualifyingError as exc:
         status, reason = AnalysisStatus.NOT_QUALIFYING, " ".join(str(exc).split())[:400]
@@ -177,6 +233,7 @@ def _report(
     version: int,
     disclaimer: str | None,
     previous_reports: Sequence[PreviousReport],
+    fused: tuple[float | None, str] = (None, "image model only"),
 ) -> AnalysisOutcome:
     import numpy as np
 
@@ -192,7 +249,10 @@ def _report(
     ]
     if len(files) > 1:
         comments.append(f"the series holds {len(files)} images; the first was classified")
-    comments.append("image model only: no laboratory values used")
+    p_fused, fusion_note = fused
+    comments.append(fusion_note)
+    fused_class = None if p_fused is None else ("osteoporosis" if p_fused >= 0.5 else "normal")
+    fused_probability = None if p_fused is None else max(p_fused, 1.0 - p_fused)
     report = KneeReport(
         class_names=pred.class_names,
         probabilities=pred.probabilities,
@@ -203,6 +263,8 @@ def _report(
         display=np.ascontiguousarray(display),
         heatmap=np.ascontiguousarray(heat),
         display_spacing_mm=prepared.spacing_mm,
+        fused_class=fused_class,
+        fused_probability=fused_probability,
         comments=tuple(comments),
     )
     extra = {
@@ -212,6 +274,8 @@ def _report(
         "bundle": pred.identification,
         "bundle_version": bundle.manifest.version,
         "laterality": rad.laterality,
+        "fused_class": fused_class,
+        "fused_probability_osteoporosis": p_fused,
         "comments": list(comments),
     }
     doc = _result(AnalysisStatus.OK, None, rad.header, uid, selection, extra)
@@ -234,12 +298,35 @@ def _report(
     return AnalysisOutcome(AnalysisStatus.OK, None, doc, files_out)
 
 
-def analyze_knee_job(request: AnalysisRequest, knee_bundle: str | None) -> AnalysisOutcome:
-    """:func:`analyze_knee` on a node job's input folder (the series routing chose)."""
+def _osteoporosis_probability(pred: Any) -> float:
+    names = [n.lower() for n in pred.class_names]
+    if "osteoporosis" in names:
+        return float(pred.probabilities[names.index("osteoporosis")])
+    return 1.0 - float(pred.probabilities[0])
+
+
+def _study_day(header: Dataset) -> Any:
+    from datetime import date
+
+    for kw in ("StudyDate", "SeriesDate", "ContentDate", "AcquisitionDate"):
+        text = str(header.get(kw, "") or "").strip()
+        if len(text) == 8 and text.isdigit():
+            try:
+                return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+            except ValueError:
+                continue
+    raise InputError("the radiograph has no valid Study Date: lab values cannot be matched to it")
+
+
+def analyze_knee_job(request: AnalysisRequest, options: Any = None) -> AnalysisOutcome:
+    """:func:`analyze_knee` on a node job's input folder (the series routing chose), with the node's
+    analysis options (``knee_bundle``, ``fusion_bundle``) and the patient's lab values of the request."""
     return analyze_knee(
         request.input_dir,
         request.out_dir,
-        bundle_path=knee_bundle,
+        bundle_path=getattr(options, "knee_bundle", None),
+        fusion_bundle=getattr(options, "fusion_bundle", None),
+        lab_values=request.lab_values,
         series_instance_uid=request.series_instance_uid,
         selection=request.selection,
         job_key=request.job_key,

@@ -60,6 +60,8 @@ class AnalysisOptions:
     disclaimer: str | None = None
     #: Knee-radiograph classifier bundle (``dicomnode train knee-xray``); None: knee jobs say "no model".
     knee_bundle: str | None = None
+    #: Image + lab-value fusion bundle (``dicomnode train fusion``), used for knee jobs with lab values.
+    fusion_bundle: str | None = None
 
     def bundles(self) -> list[tuple[str, str, Path]]:
         """``(role, task, path)`` of every bundle these options use (role ``segmentation`` or ``bmd``)."""
@@ -160,8 +162,8 @@ def options_from_settings(settings: Any) -> AnalysisOptions:
         contrast_policy=a.contrast_policy,
         disclaimer=a.disclaimer,
     )
-    knee = getattr(a, "knee_bundle", None)
-    return dataclasses.replace(options, knee_bundle=knee) if knee else options
+    knee, fusion = getattr(a, "knee_bundle", None), getattr(a, "fusion_bundle", None)
+    return dataclasses.replace(options, knee_bundle=knee, fusion_bundle=fusion) if knee or fusion else options
 
 
 def check_options(options: AnalysisOptions) -> list[str]:

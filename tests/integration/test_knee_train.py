@@ -190,7 +190,7 @@ def test_node_job_writes_sr_and_sc_in_the_study(trained: tuple[Path, Path, str],
         assert written.StudyInstanceUID == ds.StudyInstanceUID and written.PatientID == ds.PatientID
         assert _dciodvfy(path) == []
     texts = _sr_texts(pydicom.dcmread(outcome.outputs.sr))
-    assert "Probability" in texts and "no laboratory values used" in " ".join(texts)
+    assert "Probability" in texts and "image model only: no fusion bundle configured" in " ".join(texts)
     assert knee["class"].capitalize() in texts  # the class as a coded qualitative evaluation
 
 
@@ -266,3 +266,62 @@ def test_site_weights_are_checksummed_and_named(trained: tuple[Path, Path, str],
     manifest = verify_bundle(tmp_path / "b2")
     assert manifest.raw["transfer_weights"] == {"file": "site-resnet50.pt", "sha256": digest}
     assert str(tmp_path) not in (tmp_path / "b2" / "configs" / "metadata.json").read_text()
+
+
+def test_node_reports_the_fused_estimate_with_the_labs_used(
+    trained: tuple[Path, Path, str], tmp_path: Path
+) -> None:
+    """Item 5: with a fusion bundle and the patient's labs in the window the SR names them (with dates) and
+    gives the fused class; without labs in the window the image result stands alone and the SR says so."""
+    import dataclasses
+    from datetime import date
+
+    import pydicom
+
+    from dicomnode.labs.csv_io import read_lab_csv
+    from dicomnode.ml.fusion import FusionConfig, train_fusion, write_fusion_dataset
+    from dicomnode.pipeline.knee import patient_labs
+    from tests.web_testing import make_settings, make_store
+
+    out, _, _ = trained
+    data, labs_csv = write_fusion_dataset(tmp_path / "cohort", 80, 5, lab_signal=True)
+    train_fusion(FusionConfig(data=data, labs=labs_csv, out=tmp_path / "fusion", folds=0))
+    src = write_dx(make_knee(99, density=0.1, spacing_mm=1.6), tmp_path / "in" / "knee.dcm")
+    ds = pydicom.dcmread(src, stop_before_pixels=True)
+    # the patient's labs, stored as the FHIR endpoint stores them, found by the job's Patient ID
+    store = make_store(make_settings(tmp_path / "data"))
+    every = read_lab_csv(labs_csv)
+    first = every[0].patient_id  # a patient of the cohort with lab values, moved 12 days before the study
+    sampled = date(2025, 12, 20)
+    store.add_lab_values(
+        [
+            dataclasses.replace(v, patient_id=str(ds.PatientID), effective=sampled)
+            for v in every
+            if v.patient_id == first
+        ]
+    )
+    labs = patient_labs(store, [src])
+    assert len(labs) == 6
+    options = AnalysisOptions(knee_bundle=str(out), fusion_bundle=str(tmp_path / "fusion"))
+    request = dataclasses.replace(
+        _request(src.parent, tmp_path / "o1", str(ds.SeriesInstanceUID)), lab_values=labs
+    )
+    outcome = analyze_job(request, options)
+    assert outcome.status is AnalysisStatus.OK, outcome.reason
+    assert outcome.result_json["knee"]["fused_class"] in ("normal", "osteoporosis")
+    texts = " ".join(_sr_texts(pydicom.dcmread(outcome.outputs.sr)))
+    when = labs[0].effective.isoformat()
+    assert "fused with laboratory values" in texts and "25-hydroxyvitamin D" in texts and when in texts
+    assert "Osteoporosis class, image and laboratory values fused" in texts
+    assert _dciodvfy(outcome.outputs.sr) == []
+    # labs far from the study date: declined, the image answers, the SR says why
+    old = tuple(dataclasses.replace(v, effective=date(2025, 1, 2)) for v in labs)
+    for lab_values, why in ((old, "declined (no Calcium"), ((), "no laboratory values of the patient")):
+        request = dataclasses.replace(
+            _request(src.parent, tmp_path / f"o{len(lab_values)}", str(ds.SeriesInstanceUID)),
+            lab_values=lab_values,
+        )
+        outcome = analyze_job(request, options)
+        assert outcome.status is AnalysisStatus.OK and outcome.result_json["knee"]["fused_class"] is None
+        texts = " ".join(_sr_texts(pydicom.dcmread(outcome.outputs.sr)))
+        assert why in texts and "image model only" in texts
