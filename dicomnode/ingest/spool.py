@@ -5,9 +5,9 @@ disk (temp file, fsync, rename, directory fsync) *and* recorded in the database.
 failure status with a one-line comment, so the sender keeps its copy and retries; nothing raises.
 
 Group commit (:class:`_GroupCommit`): the receiving thread writes the bytes to a temp file and flushes them
-(fdatasync); one committer thread then takes every instance waiting at that moment, renames each file into
-place, flushes each touched directory once, and records the whole batch in one database transaction. Only
-then is each sender answered. Concurrent associations thus share the directory flushes and one database
+(fdatasync); then one of the waiting threads, the leader, takes every instance waiting at that moment, renames
+each file into place, flushes each touched directory once, and records the whole batch in one database
+transaction. Only then is each sender answered. Concurrent associations thus share the directory flushes and one database
 commit, and the file is always durable *before* its record exists: the database never holds a record whose
 file did not land, and an instance refused for any reason (0xA700 disk full, 0xA701...) leaves no record.
 
@@ -624,9 +624,9 @@ class Spool:
             header, sop_class, sop, study, series, ts, size, calling_ae, source, final, ignored
         )
         # This thread writes the bytes and flushes them (fdatasync releases the GIL, so the associations
-        # flush side by side and the filesystem journal groups them); the committer thread then renames the
-        # files of every instance waiting at that moment, flushes their directories once and records them
-        # all in one database transaction. The status is answered only after that (see _GroupCommit).
+        # flush side by side and the filesystem journal groups them); the group commit then renames the files
+        # of every instance waiting at that moment, flushes their directories once and records them all in
+        # one database transaction. The status is answered only after that (see _GroupCommit).
         tmp: Path | None = None
         if final is not None:
             tmp = existing if existing is not None else self.new_temp_path()
@@ -728,7 +728,7 @@ class Spool:
         return new_dirs
 
     def close(self) -> None:
-        """Stop the committer thread (instances already submitted are committed first)."""
+        """Release the group commit (kept for symmetry with other resources; ingest needs no thread)."""
         with self._cache_lock:
             committer, self._committer = self._committer, None
         if committer is not None:
@@ -762,15 +762,17 @@ GROUP_COMMIT_MAX = 64
 
 
 class _GroupCommit:
-    """The spool's committer thread: renames, directory flushes and database records, in batches.
+    """Group commit of the renames, directory flushes and database records, led by the waiting threads.
 
-    Every association (and STOW request) writes and flushes its instance's bytes itself, then hands the
-    instance here and waits. The committer takes everything waiting at that moment, renames each file into
-    place, flushes each touched directory once, and records the whole batch in **one** database transaction
-    (one commit, one flush of the database journal). Only then are the waiting senders answered: a success
-    status still means the bytes and the record are durable, but N concurrent associations share one
-    directory flush per series and one database commit instead of paying N of each, and no association
-    waits for the database's write lock (SQLite's busy handler sleeps in steps of milliseconds).
+    Every association (and STOW request) writes and flushes its instance's bytes itself, then queues the
+    instance here. If no thread is committing, it becomes the leader: it takes everything queued at that
+    moment, renames each file into place, flushes each touched directory once, records the whole batch in
+    **one** database transaction (one commit, one flush of the database journal) and answers the batch; it
+    repeats until its own instance is answered, then hands over to a waiting thread. The others wait. So a
+    success status still means the bytes and the record are durable, N concurrent associations share one
+    directory flush per series and one database commit instead of paying N of each, no association waits for
+    the database's write lock (SQLite's busy handler sleeps in steps of milliseconds), and a lone association
+    commits in its own thread (no hand-off to another thread and back for each instance).
 
     A file that cannot be renamed (disk full, I/O error) is answered with a failure and never recorded; a
     batch whose transaction fails is retried instance by instance, so one bad record fails only itself.
@@ -780,49 +782,51 @@ class _GroupCommit:
         self._spool = spool
         self._cond = threading.Condition()
         self._queue: list[_Pending] = []
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="spool-commit", daemon=True)
-        self._thread.start()
+        self._leading = False
 
     def submit(self, pending: _Pending) -> IngestResult:
         with self._cond:
-            if self._closed:
-                raise RuntimeError("the spool is closed")
             self._queue.append(pending)
-            self._cond.notify()
-        pending.done.wait()
+            while not pending.done.is_set():
+                if not self._leading:
+                    self._leading = True
+                    break
+                self._cond.wait()
+            else:
+                assert pending.result is not None
+                return pending.result
+        try:
+            while not pending.done.is_set():
+                with self._cond:
+                    batch = self._queue[:GROUP_COMMIT_MAX]
+                    del self._queue[:GROUP_COMMIT_MAX]
+                self._run_batch(batch)
+                with self._cond:
+                    self._cond.notify_all()  # the answered followers
+        finally:
+            with self._cond:
+                self._leading = False
+                self._cond.notify_all()  # one of the waiting followers leads next
         assert pending.result is not None
         return pending.result
 
     def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join(30)
+        """Nothing runs between calls: the leaders are the callers' own threads."""
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                batch = self._queue[:GROUP_COMMIT_MAX]
-                del self._queue[:GROUP_COMMIT_MAX]
-            try:
-                self._commit(batch)
-            except Exception as exc:  # the committer must survive anything; each waiter gets an answer
-                LOGGER.error("group commit failed: %s: %s", type(exc).__name__, exc)
-                for p in batch:
-                    if p.result is None:
-                        p.result = IngestResult(
-                            PROCESSING_FAILURE, f"processing failure: {type(exc).__name__}"
-                        )
-            finally:
-                for p in batch:
-                    if p.result is None:
-                        p.result = IngestResult(PROCESSING_FAILURE, "processing failure", **p.ids)
-                    p.done.set()
+    def _run_batch(self, batch: list[_Pending]) -> None:
+        try:
+            self._commit(batch)
+        except Exception as exc:  # each waiter gets an answer, whatever happened
+            LOGGER.error("group commit failed: %s", _one_line(exc))
+            for p in batch:
+                if p.result is None:
+                    reason = f"processing failure: {type(exc).__name__}"
+                    p.result = IngestResult(PROCESSING_FAILURE, reason, **p.ids)
+        finally:
+            for p in batch:
+                if p.result is None:
+                    p.result = IngestResult(PROCESSING_FAILURE, "processing failure", **p.ids)
+                p.done.set()
 
     def _commit(self, batch: list[_Pending]) -> None:
         spool = self._spool
