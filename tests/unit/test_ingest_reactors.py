@@ -82,6 +82,7 @@ PINNED_SOURCES = {
     "dul.DULServiceProvider.run_reactor": "61c299b9a930fb8740258c5518eed55255153ee890a826bed3d3483b42e1b110",
     "dul.DULServiceProvider.stop_dul": "6c62f0d0cd238affa1ee653ca676a100a29acb3e5f09bf32ab3e3fc9f8015198",
     "dul.DULServiceProvider.kill_dul": "d64f51d35ae851e0fa8fcd356521b0d3022914b9be5f243936bcafb9c2a8ff16",
+    "dul.DULServiceProvider._read_pdu_data": "c5f07708cfb78a70d039d5f8eac54258e16b76a3a5ed016a9affaf4ed5aa9134",
     "association.Association._run_reactor": "304c896561674fdc8a8c3c87ee41d63ef83f16942a44b64e545dce4a5370c0d1",  # noqa: E501
 }
 
