@@ -28,6 +28,9 @@ sizes in mm; the numbers are anatomical sizes, not fitted to any one scan):
    medial-cranial extreme of the rib: the lower ribs run down and out, the 12th lies at L1's level 45-60 mm
    out); ribs belong to the run of rib-bearing vertebrae from the top, one missed pair tolerated (iliac
    crests next to L4/L5 are not ribs); the lowest of that run is T12.
+   *First rib*: when the scan reaches above the lung apices and no rib is cut by its top edge, the rib
+   heads are counted per side from the first rib down, ordered along the column's own axis
+   (``_count_from_top``); the count is used only when both sides agree and the heads are evenly spaced.
    *Sacrum*: walking up from the lowest vertebra, the highest piece with >= 3 slices where bone joined to
    the body reaches >= 90 mm off the axis (sacrum joined to the ilia) or solid alae spread 28-60 mm beside
    the body; the vertebra above it is L5.
@@ -50,7 +53,10 @@ sizes in mm; the numbers are anatomical sizes, not fitted to any one scan):
      transverse processes touching or fused to the sacrum / ilium) or a partly fused, lumbarised S1.
 
    With both anchors in view and five rib-free vertebrae between them a short 12th rib is confirmed and
-   the names stay confident.
+   the names stay confident. A count from the first rib is a second anchor for the ribs: twelve pairs with
+   the twelfth on the lowest rib-bearing vertebra confirm the T12 anchor (a short, one-sided or
+   long-reaching lowest pair is then no reason for doubt); any other count (11 or 13 pairs, or a missed
+   rib) disagrees and every level is uncertain.
 """
 
 from __future__ import annotations
@@ -92,8 +98,10 @@ CORE_HALF_WIDTH_MM = 45.0
 #: is inside, the rib heads and necks (25-50 mm out, where they articulate) are outside.
 RIB_HEAD_CORE_MM = 30.0
 #: Rib heads and necks articulate with the bodies and transverse processes 20-35 mm from the midline: rib
-#: bone that comes no closer than this does not reach the spine.
-RIB_HEAD_MAX_MM = 36.0
+#: bone that comes no closer than this does not reach the spine (35 mm plus two working voxels: the thin
+#: medial end of a rib comes and goes by a voxel with the reconstruction grid; the scapula, the nearest
+#: other thin bone, stays > 50 mm out).
+RIB_HEAD_MAX_MM = 40.0
 #: The lower ribs run down by roughly 0.5-1 mm for every mm out from their heads: the head is found as the
 #: extreme of (distance out - this x height).
 RIB_HEAD_SLOPE = 0.7
@@ -102,8 +110,10 @@ RIB_MAX_THICK_MM = 12.0
 #: Score cost of one disc in the disc chain (HU of dip depth): end plate/disc contrast is 50-150 HU.
 DISC_COST = 25.0
 #: Rib bone reaches at least this far from the axis: lumbar transverse processes end 10-19 mm beyond the
-#: pedicle (L3 the longest; spine-anatomy.md 3.1), i.e. well inside 60 mm of the midline.
-RIB_MIN_REACH_MM = 65.0
+#: pedicle (L3 the longest; spine-anatomy.md 3.1), i.e. within about 50 mm of the midline (a body half
+#: width of 20-25 mm, the pedicle, then the process). A short 12th rib reaches only 60-75 mm out, and its
+#: thin lateral tip comes and goes with the reconstruction grid (partial volume): the margin lies between.
+RIB_MIN_REACH_MM = 58.0
 #: A lowest rib shorter than this (geodesic length from its head) is a short rib: a thoracic vertebra bears
 #: ribs >= 38 mm long, shorter ones mark a thoracolumbar transitional vertebra (Yun et al., Korean J Radiol
 #: 2018;19:1140; spine-anatomy.md 2). See ``_short_rib_note``.
@@ -118,6 +128,24 @@ RIB_SHORT_RATIO = 0.6
 RIB_LONE_MIN_MM = 90.0
 #: Sacral-looking slices (mm) beside the vertebra above the sacrum that make a transitional vertebra possible.
 LSTV_MIN_MM = 4.0
+
+
+#: Vertebral bodies are not traced on the outermost slices of a scan: a body that reaches this close to the
+#: top or bottom edge with no disc plane between is taken to be cut by the field of view.
+EDGE_MM = 12.0
+#: The first rib is surely in view when the top of the scan lies above the lung apices by this much.
+TOP_FREE_MM = 6.0
+#: Two rib pieces of one side whose heads lie closer than this (3-D) are one rib (the heads of consecutive
+#: ribs lie >= 17 mm apart, the vertebral pitch at T1-T4).
+TOP_MERGE_MM = 12.0
+#: A spacing between consecutive rib heads above this multiple of its neighbours' (up to two each side) is a
+#: missed rib, below its inverse a stray piece: the vertebral pitch changes smoothly down the thorax (~20 mm
+#: at T1-T4 to ~30 mm at T11-T12).
+TOP_GAP_RATIO = 1.6
+#: The left and right heads of one pair are offset (along the column and front-back, beyond the offset
+#: common to all pairs) by less than this fraction of the local spacing (a pair shifted by one rib is offset
+#: by a whole spacing).
+TOP_PAIR_RATIO = 0.6
 
 
 @dataclass
@@ -146,6 +174,18 @@ class Segment:
     @property
     def has_rib(self) -> bool:
         return self.rib_l > 0 or self.rib_r > 0 or self.rib_inferred
+
+
+@dataclass
+class RibHead:
+    """The medial (head) end of one rib piece that reaches the spine, working-grid index units."""
+
+    z: float
+    y: float
+    x: float
+    left: bool
+    top_cut: bool  # the piece reaches the top slices of the scan (it may continue above the field of view)
+    segment: int  # index of the vertebra (in view) it was credited to
 
 
 @dataclass
@@ -587,6 +627,28 @@ def _n_above(discs: list[int], col: Column, z: Any, y: Any, x: Any) -> Any:
     return n
 
 
+def _cut_by_edge(
+    discs: list[int], col: Column, k: int, zr: tuple[int, int], yr: tuple[int, int], nz: int, g: float
+) -> bool:
+    """Whether the vertebra between disc planes ``k - 1`` and ``k`` (``discs`` ascending) is cut by the top or
+    bottom of the scan: a side with no disc plane in view ends at the scan's edge when the body reaches
+    within ``EDGE_MM`` of it (bodies are not traced on the outermost slices), and a tilted disc plane that
+    leaves the scan across the body's depth cuts the body's corner off (its end plate is not in view)."""
+    z0, z1 = zr
+    edge = EDGE_MM / g
+    for side, dz in ((-1, discs[k - 1] if k >= 1 else None), (1, discs[k] if k < len(discs) else None)):
+        if dz is None:
+            if (z0 <= edge) if side < 0 else (nz - 1 - z1 <= edge):
+                return True
+            continue
+        t = col.tangent[dz]
+        # the plane's z at the front and back of the body (at the axis' x)
+        zs = [dz - (y - col.yb[dz]) * t[1] / t[0] for y in yr]
+        if (min(zs) < 0.5) if side < 0 else (max(zs) > nz - 1.5):
+            return True
+    return False
+
+
 def _segments_from_discs(bodies: B, discs: list[int], col: Column, g: float) -> list[Segment]:
     """Split the body mask by the disc planes (perpendicular to the column axis, so tilted discs split
     cleanly), close each body along the axis (mid-body slices with a faint cortex) and fill holes."""
@@ -620,7 +682,8 @@ def _segments_from_discs(bodies: B, discs: list[int], col: Column, g: float) -> 
         m[bz0:bz1, y0 : y1 + 1, x0 : x1 + 1] = sub
         zs = np.nonzero(sub.any(axis=(1, 2)))[0] + bz0
         z0, z1 = int(zs.min()), int(zs.max())
-        segs.append(Segment(0, z0, z1, m, truncated=(z0 == 0 or z1 == nz - 1), slab=k))
+        cut = _cut_by_edge(discs, col, k, (z0, z1), (y0, y1), nz, g)
+        segs.append(Segment(0, z0, z1, m, truncated=cut, slab=k))
     segs.sort(key=lambda s: -s.zc)  # cranial first (z grows superior)
     for i, s in enumerate(segs):
         s.label = i + 1
@@ -678,6 +741,7 @@ def _rib_evidence(
     segs: list[Segment],
     g: float,
     tangent_of: Callable[[int], npt.NDArray[np.float64]],
+    heads_out: list[RibHead] | None = None,
 ) -> list[str]:
     """Attach to each vertebra the rib bone that passes next to it; return notes.
 
@@ -759,6 +823,21 @@ def _rib_evidence(
     vertebra_of = np.full(n_neck + 1, -1, dtype=np.intp)
     vertebra_of[pieces] = np.argmin(dist, axis=1)
     nearest = vertebra_of[piece[keep]]
+    if heads_out is not None:
+        top_z = np.full(n_neck + 1, -1)
+        np.maximum.at(top_z, piece, nz_ + zl)
+        for pc, head in zip(pieces, heads, strict=True):
+            hz = int(np.clip(head[0], 0, nz - 1))
+            heads_out.append(
+                RibHead(
+                    float(head[0]),
+                    float(head[1]),
+                    float(head[2]),
+                    bool(head[2] > frame.xc[hz]),
+                    bool(top_z[pc] >= nz - 2),
+                    int(vertebra_of[pc]),
+                )
+            )
     for pc, head in zip(pieces, heads, strict=True):
         log.debug(
             "rib piece %d: head z %.0f mm, %.0f mm from the axis -> vertebra #%d",
@@ -819,6 +898,118 @@ def _rib_evidence(
                 else:
                     s.rib_len_r = length
     return notes
+
+
+@dataclass
+class TopCount:
+    """Rib pairs counted down from the first rib (only when the first rib is surely in view)."""
+
+    pairs: int | None  # None: no count from the top (upper thorax not in view, or the count is irregular)
+    note: str
+    lowest_segments: tuple[int, int] = (-1, -1)  # vertebrae the lowest pair's heads are credited to
+
+
+def _count_from_top(
+    heads: list[RibHead],
+    hu: F32,
+    body: B,
+    frame: Frame,
+    col: Column,
+    offset: tuple[int, int],
+    g: float,
+) -> TopCount:
+    """Count the rib pairs from the first rib down (the top anchor of the naming).
+
+    The first rib articulates with T1 only (spine-anatomy.md 2.1), so when the whole upper thorax is in view
+    the number of rib pairs is counted, and the lowest pair is the 12th only when twelve are counted. The
+    count is made only when it cannot have started below the first rib: the top of the scan lies above the
+    lung apices (no lung in its top ``TOP_FREE_MM``) and no rib reaching the spine is cut by the top edge
+    (the first rib's head rises above the apex). Rib heads are ordered along the column's own axis (arc
+    length of the body centreline, the head projected on the axis), per side; the two sides must give the
+    same number of ribs, pair up level by level and be evenly spaced (a 3-D spacing of more than
+    ``TOP_GAP_RATIO`` times its neighbours' is a missed rib, and no count is made).
+    """
+    nz = hu.shape[0]
+    k = max(2, int(np.ceil(TOP_FREE_MM / g)))
+    top = slice(nz - k, nz)
+    xx = np.arange(hu.shape[2])[None, None, :]
+    lateral = np.abs(xx - frame.xc[top, None, None]) * g >= 25.0
+    lung = (hu[top] < -400.0) & body[top] & lateral
+    lung_mm2 = float(lung.sum(axis=(1, 2)).max()) * g * g if lung.size else 0.0
+    if lung_mm2 > 100.0:
+        return TopCount(None, "")
+    if not heads:
+        return TopCount(None, "")
+    if any(h.top_cut for h in heads):
+        return TopCount(None, "a rib is cut by the top edge of the scan: no count from the top")
+    y0, x0 = offset
+    d = np.stack([np.ones(nz), np.gradient(col.yb), np.gradient(col.xb)], axis=1)
+    arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(d[1:], axis=1))]) * g
+    sides: dict[bool, list[tuple[float, RibHead]]] = {True: [], False: []}
+    for h in heads:
+        z = int(np.clip(round(h.z), 0, nz - 1))
+        c = np.array([z, col.yb[z] + y0, col.xb[z] + x0])
+        s_ = arc[z] + float(np.dot(np.array([h.z, h.y, h.x]) - c, col.tangent[z])) * g
+        sides[h.left].append((s_, h))
+    per_side: list[list[tuple[float, RibHead]]] = []
+    for side in (True, False):
+        lst = sorted(sides[side], key=lambda t: t[0])
+        merged: list[tuple[float, RibHead]] = []
+        for item in lst:
+            if merged and g * float(np.linalg.norm(_xyz(item[1]) - _xyz(merged[-1][1]))) < TOP_MERGE_MM:
+                continue  # one rib in two pieces: keep the lower head
+            merged.append(item)
+        per_side.append(merged)
+    left, right = per_side
+    log.debug(
+        "rib heads along the column (mm): left %s, right %s",
+        [round(a) for a, _ in left],
+        [round(a) for a, _ in right],
+    )
+    if len(left) != len(right):
+        return TopCount(
+            None, f"counted from the top, {len(left)} left and {len(right)} right ribs: no count from the top"
+        )
+    n = len(left)
+    if n < 3:
+        return TopCount(None, "")
+    # spacing between consecutive heads of a side and the offset of a pair, in 3-D (the axis is least sure
+    # at the top of the scan, where the column bends into the neck): a pair's heads differ mostly left-right
+    pl = np.array([_xyz(h) for _, h in left]) * g
+    pr = np.array([_xyz(h) for _, h in right]) * g
+    sp = 0.5 * (np.linalg.norm(np.diff(pl, axis=0), axis=1) + np.linalg.norm(np.diff(pr, axis=0), axis=1))
+    # the (z, y) offset of each pair (along the column and front-back) less the offset common to all pairs
+    # (a rotated trunk, the head placed deeper on one side): a pair shifted by one rib is off by a spacing
+    dzy = (pl - pr)[:, :2]
+    off = np.linalg.norm(dzy - np.median(dzy, axis=0), axis=1)
+    worst_gap, worst_off = 1.0, 0.0
+    for i in range(sp.size):
+        near = [sp[j] for j in range(max(0, i - 2), min(sp.size, i + 3)) if j != i]
+        ref = float(np.median(near)) if near else float(sp[i])
+        r = float(sp[i]) / max(ref, 1e-6)
+        worst_gap = r if abs(np.log(r)) > abs(np.log(worst_gap)) else worst_gap
+    for i in range(n):
+        near_sp = sp[max(0, i - 1) : i + 1]
+        worst_off = max(worst_off, float(off[i]) / max(float(np.mean(near_sp)), 1e-6))
+    if not 1.0 / TOP_GAP_RATIO <= worst_gap <= TOP_GAP_RATIO or worst_off > TOP_PAIR_RATIO:
+        return TopCount(
+            None,
+            f"rib heads counted from the top are irregular (spacing {sp.min():.0f}-{sp.max():.0f} mm, one "
+            f"{worst_gap:.2f} of its neighbours'; left-right offset up to {worst_off:.2f} of the spacing): "
+            "no count from the top",
+        )
+    lowest = (left[0][1], right[0][1])
+    return TopCount(
+        n,
+        f"the upper thorax is in view (top of the scan above the lung apices): {n} rib pairs counted down "
+        "from the first rib",
+        lowest_segments=(lowest[0].segment, lowest[1].segment),
+    )
+
+
+def _xyz(h: RibHead) -> npt.NDArray[np.float64]:
+    """A rib head's (z, y, x) in working-grid index units."""
+    return np.array([h.z, h.y, h.x])
 
 
 def _centroid(sg: Segment) -> npt.NDArray[np.float64]:
@@ -966,13 +1157,22 @@ class Naming:
     evidence: tuple[str, ...]
 
 
-def _name(segs: list[Segment], sacrum: int | None, sacrum_strong: bool, sacrum_note: str) -> Naming:
+def _name(
+    segs: list[Segment],
+    sacrum: int | None,
+    sacrum_strong: bool,
+    sacrum_note: str,
+    top: TopCount | None = None,
+) -> Naming:
     ev: list[str] = []
     n = len(segs)
     # rib anchor: the run of rib-bearing vertebrae from the top
     t12: int | None = None
-    rib_weak = False
+    rib_weak = False  # the vertebra below the lowest rib is not seen whole
+    rib_doubt = False  # the lowest rib pair may not be the 12th (answered by a count from the first rib)
     rib_short = ""  # why the lowest rib pair may not be the 12th (judged when the ribs are the only anchor)
+    top_agrees = False
+    top_disagrees = False
     first = next((i for i, s in enumerate(segs) if s.has_rib), None)
     if first is not None:
         i = first
@@ -981,7 +1181,7 @@ def _name(segs: list[Segment], sacrum: int | None, sacrum_strong: bool, sacrum_n
         t12 = i
         s = segs[t12]
         if not (s.rib_l > 0 and s.rib_r > 0):
-            rib_weak = True
+            rib_doubt = True
             ev.append("lowest rib seen on one side only")
         if t12 == n - 1:
             rib_weak = True
@@ -990,19 +1190,34 @@ def _name(segs: list[Segment], sacrum: int | None, sacrum_strong: bool, sacrum_n
             rib_weak = True
             ev.append("the vertebra below the lowest rib is not fully in view")
         if s.rib_reach > np.radians(100.0):
-            rib_weak = True
+            rib_doubt = True
             ev.append(
                 f"lowest rib reaches {np.degrees(s.rib_reach):.0f} deg around the trunk (an 11th rib does; "
                 "a 12th usually ends behind the flank): 11 rib pairs possible"
             )
         elif s.rib_reach and s.rib_reach < np.radians(35.0):
-            rib_weak = True
+            rib_doubt = True
             ev.append(f"lowest rib is a stub ({np.degrees(s.rib_reach):.0f} deg): lumbar rib possible")
         rib_short = _short_rib_note(segs, first, t12)
         ev.append(
             f"ribs articulate down to vertebra #{t12 + 1} of {n} in view (left {s.rib_l:.0f} mm3, right "
             f"{s.rib_r:.0f} mm3): T12 anchor"
         )
+        if top is not None and top.pairs is not None:
+            on_t12 = top.lowest_segments == (t12, t12)
+            if top.pairs == 12 and on_t12:
+                top_agrees = True
+                ev.append(f"{top.note}: the 12th pair is on vertebra #{t12 + 1}, the T12 anchor agrees")
+            else:
+                top_disagrees = True
+                where = (
+                    "the lowest pair's heads are not both on the lowest rib-bearing vertebra"
+                    if not on_t12
+                    else f"{top.pairs} pairs, not 12 (11 or 13 rib pairs, or a rib missed)"
+                )
+                ev.append(f"{top.note}: {where}; the count from the top and the lowest rib disagree")
+    if top is not None and top.pairs is None and top.note:
+        ev.append(top.note)
     # sacrum anchor: the vertebra above the sacrum is L5
     l5: int | None = None
     sac_weak = False
@@ -1022,7 +1237,7 @@ def _name(segs: list[Segment], sacrum: int | None, sacrum_strong: bool, sacrum_n
         gap = l5 - t12  # T12 -> L5 is five steps with five lumbar vertebrae
         if gap == 5:
             base = i_t12 - t12
-            uncertain = rib_weak and sac_weak
+            uncertain = ((rib_weak or rib_doubt) and sac_weak) or top_disagrees
             ev.append("rib and sacrum anchors agree (5 lumbar vertebrae)")
         else:
             base = i_l5 - l5
@@ -1034,10 +1249,14 @@ def _name(segs: list[Segment], sacrum: int | None, sacrum_strong: bool, sacrum_n
             )
     elif t12 is not None:
         base = i_t12 - t12
-        uncertain = rib_weak
-        if rib_short:
+        # the count from the first rib answers whether the lowest pair is the 12th (short, one-sided or
+        # long-reaching lowest ribs are then no reason for doubt)
+        uncertain = rib_weak or top_disagrees or (rib_doubt and not top_agrees)
+        if rib_short and not top_agrees:
             uncertain = True
             ev.append(rib_short)
+        elif rib_short:
+            ev.append(rib_short.replace(": a lumbar rib on L1 or a hypoplastic 12th rib", ", a short 12th"))
         ev.append("named from the ribs (sacrum not in view)")
     elif l5 is not None:
         base = i_l5 - l5
@@ -1141,6 +1360,7 @@ class ClassicalBackend:
             frame_c.xc + x0, frame_c.yc + y0, frame_c.ya + y0, frame_c.found, frame_c.z_lo, frame_c.z_hi
         )
         context.frame = frame
+        rib_heads: list[RibHead] = []
         notes = _rib_evidence(
             hu,
             body,
@@ -1148,6 +1368,7 @@ class ClassicalBackend:
             segs,
             g,
             tangent_of=lambda z: col.tangent[int(np.clip(z, 0, len(col.tangent) - 1))],
+            heads_out=rib_heads,
         )
         # ribs belong to the run of rib-bearing vertebrae from the top; rib-like bone further down (iliac
         # crest next to L4/L5, a stray fragment) is not a rib
@@ -1181,11 +1402,15 @@ class ClassicalBackend:
             for sg in stray:
                 sg.rib_l = sg.rib_r = 0.0
                 sg.rib_inferred = False
+        # the count from the first rib uses the rib heads down to the lowest rib-bearing vertebra (rib-like
+        # bone below it, e.g. the iliac crests of a chest-abdomen-pelvis CT, is not a rib)
+        last = max((i for i, sg in enumerate(segs) if sg.has_rib), default=-1)
+        top = _count_from_top([h for h in rib_heads if h.segment <= last], hu, body, frame, col, (y0, x0), g)
         for sg in segs:
             # upper two thirds only, as in _find_sacrum: the alae rise beside the lower end of a tilted L5
             sg.sacral_mm = float((sac[sg.z0 + (sg.z1 - sg.z0) // 3 : sg.z1 + 1] > 0).sum()) * g
         sacrum, sac_strong, sac_note = _find_sacrum(sac, segs, g)
-        naming = _name(segs, sacrum, sac_strong, sac_note)
+        naming = _name(segs, sacrum, sac_strong, sac_note, top)
         context.segments = segs
         # vertebrae inside the sacrum are not vertebrae for our purpose
         coarse_labels = np.zeros(hu.shape, dtype=np.uint8)

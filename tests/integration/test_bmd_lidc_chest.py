@@ -7,14 +7,15 @@ sacrum, all 12 rib pairs above it. ``mask.nii.gz`` is a TotalSegmentator-style l
 
 What holds (asserted): the lumbar spine is found and named from the ribs, each measured level's ROI
 centroid lies inside the reference vertebra of that name, the contrast is not called native, and the L1
-trabecular mean lies in 60-125 HU (the data README's rough reference is ~92 HU). What does not hold yet is
-marked ``xfail(strict=True)`` with the reason (see the issue note): the names are confident only when the
-12th rib pair is long against the 11th or a second anchor confirms it, and this patient's 12th ribs are
-~0.59 of the 11th, which a lumbar rib on L1 can also be.
+trabecular mean lies in 60-125 HU (the data README's rough reference is ~92 HU). The names are confident
+because the scan reaches above the lung apices and the rib pairs are counted from the first rib down (12, the 12th on the lowest rib-bearing
+vertebra); the 12th pair alone (~0.59 of the 11th) could be a lumbar rib. The same patient with its 12th
+ribs erased (11 pairs) must not be named confidently.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -94,13 +95,54 @@ def test_uncertain_names_withhold_the_category_with_the_reason(lidc_out: BmdOutp
         assert res.summary.category is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ribs are the only anchor and the 12th pair is 0.59 of the 11th (a lumbar rib can be as long): "
-    "confidence needs the count from the first rib, not built yet",
-)
-def test_named_confidently(lidc_out: BmdOutput) -> None:
-    assert not any(v.level_uncertain for v in lidc_out.result.vertebrae)
+def test_named_confidently_from_the_first_rib_down(lidc_out: BmdOutput) -> None:
+    # the scan reaches above the lung apices: the rib pairs are counted from the first rib, twelve are found
+    # and the twelfth is the lowest rib-bearing vertebra, so the T12 anchor is confirmed (the 12th pair alone,
+    # 0.59 of the 11th, could be a lumbar rib)
+    res = lidc_out.result
+    assert not any(v.level_uncertain for v in res.vertebrae)
+    assert res.summary is not None and res.summary.category is not None
+    ev = " ".join(res.summary.notes)
+    assert "12 rib pairs counted down from the first rib" in ev, ev
+    assert "the T12 anchor agrees" in ev, ev
+
+
+def _erase(vol: Volume, lidc_dir: Path, labels: tuple[int, ...]) -> Volume:
+    """The same patient with the bone of some labelled structures replaced by soft tissue (40 HU): a real
+    anatomy variant made from a real CT (the label map gives where the bone is)."""
+    import nibabel as nib
+
+    img = nib.load(str(lidc_dir / "mask.nii.gz"))
+    mask = np.asarray(img.dataobj)
+    ijk = np.argwhere(np.isin(mask, labels))
+    ras = np.c_[ijk, np.ones(len(ijk))] @ np.asarray(img.affine, dtype=float).T
+    lps = np.c_[-ras[:, 0], -ras[:, 1], ras[:, 2]]
+    i, j, k = np.round(vol.lps_to_index(lps)).astype(int).T
+    data = np.array(vol.data, copy=True)
+    rng = np.random.default_rng(3)
+    data[k, j, i] = 40.0 + rng.normal(0.0, 8.0, size=k.size)
+    return replace(vol, data=data)
+
+
+@pytest.fixture(scope="module")
+def lidc_volume(lidc_dir: Path) -> Volume:
+    from dicomnode.imaging.loader import load_series
+    from dicomnode.imaging.series import scan_path
+
+    (series,) = scan_path(lidc_dir / "dicom")
+    return load_series(series)
+
+
+def test_eleven_rib_pairs_are_never_named_confidently(lidc_volume: Volume, lidc_dir: Path) -> None:
+    # the 12th ribs taken away (11 rib pairs, ~8 % of people): the lowest rib now sits on T11, which the
+    # lowest-rib rule alone would call T12, one level off. The count from the first rib finds 11 pairs and
+    # disagrees, so the names must be flagged uncertain (and no category given), never confidently shifted.
+    res = analyze_volume(_erase(lidc_volume, lidc_dir, (103, 115))).result
+    assert res.vertebrae
+    assert all(v.level_uncertain for v in res.vertebrae)
+    assert res.summary is not None and res.summary.category is None
+    ev = " ".join(res.summary.notes)
+    assert "11 rib pairs counted down from the first rib" in ev, ev
 
 
 def test_no_false_fracture_at_t12_l2(lidc_out: BmdOutput) -> None:
