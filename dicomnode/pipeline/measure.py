@@ -208,6 +208,24 @@ def check_options(options: AnalysisOptions) -> list[str]:
                 "no routine abdominal CT has that many"
             )
         idents.append(f"{role}: {m.identification}")
+    idents.extend(_check_knee_and_fusion(options))
+    return idents
+
+
+def _check_knee_and_fusion(options: AnalysisOptions) -> list[str]:
+    """Start-up check of the knee and fusion bundles (checksums, task): a tampered one stops the node."""
+    idents: list[str] = []
+    if options.knee_bundle:
+        from dicomnode.ml.bundle import verify_bundle
+        from dicomnode.ml.knee import check_knee_bundle
+
+        manifest = verify_bundle(options.knee_bundle)
+        check_knee_bundle(manifest)
+        idents.append(f"knee: {manifest.identification}")
+    if options.fusion_bundle:
+        from dicomnode.ml.fusion import load_fusion_bundle
+
+        idents.append(f"fusion: {load_fusion_bundle(options.fusion_bundle).identification}")
     return idents
 
 

@@ -31,7 +31,7 @@ from dicomnode.ml.knee_synthetic import make_knee, write_dataset, write_dx
 from dicomnode.pipeline.executors import analyze_job
 from dicomnode.pipeline.jobs import AnalysisRequest
 from dicomnode.pipeline.knee import NO_MODEL, analyze_knee
-from dicomnode.pipeline.measure import AnalysisOptions
+from dicomnode.pipeline.measure import AnalysisOptions, check_options
 
 pytestmark = pytest.mark.slow
 
@@ -129,6 +129,10 @@ def test_bundle_loads_and_a_tampered_one_is_refused(trained: tuple[Path, Path, s
     weights.write_bytes(bytes(data))
     with pytest.raises(BundleError, match="sha256 mismatch"):
         load_bundle(bad)
+    # the node's start-up check refuses it too (and names the good one)
+    with pytest.raises(BundleError, match="sha256 mismatch"):
+        check_options(AnalysisOptions(knee_bundle=str(bad)))
+    assert check_options(AnalysisOptions(knee_bundle=str(out))) == [f"knee: {manifest.identification}"]
     outcome = analyze_knee(out.parent / "ext" / "images", tmp_path / "o", bundle_path=str(bad))
     assert outcome.status is AnalysisStatus.FAILED and "sha256 mismatch" in (outcome.reason or "")
 

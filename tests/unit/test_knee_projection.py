@@ -116,3 +116,18 @@ def test_shipped_rules_route_knee_radiographs(tmp_path: Path) -> None:
     assert any("BodyPartExamined one of KNEE" in r and "FAIL (CHEST)" in r for r in chest.reasons)  # type: ignore[attr-defined]
     hand = _decision(tmp_path, "hand", body_part="HAND", series_description="HAND PA")
     assert not hand.selected  # type: ignore[attr-defined]
+
+
+def test_rules_explain_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dicomnode.cli import main
+
+    case = make_knee(3, density=0.5, spacing_mm=1.6)
+    write_dx(case, tmp_path / "knee" / "a.dcm")
+    write_dx(case, tmp_path / "chest" / "a.dcm", body_part="CHEST", series_description="CHEST PA")
+    main(["rules", "explain", str(tmp_path / "knee")])
+    knee = capsys.readouterr().out
+    assert "rule 'knee-radiograph' matched: analyze" in knee
+    main(["rules", "explain", str(tmp_path / "chest")])
+    chest = capsys.readouterr().out
+    assert "knee-radiograph: BodyPartExamined one of KNEE, KNEES: FAIL (CHEST)" in chest
+    assert "no rule matched: fallback ignore" in chest
