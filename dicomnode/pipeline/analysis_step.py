@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dicomnode.domain import AnalysisStatus, DeliveryOutcome, JobState, PreviousReport
 from dicomnode.pipeline.delivery_step import DeliveryStep
-from dicomnode.pipeline.jobs import AnalysisOutcome, AnalysisRequest
+from dicomnode.pipeline.jobs import AnalysisOutcome, AnalysisRequest, temporary_failure
 from dicomnode.pipeline.knee import KNEE_PIPELINE as KNEE
 from dicomnode.pipeline.knee import patient_labs
 from dicomnode.store import InvalidTransitionError, Job, NotFoundError
@@ -102,6 +102,10 @@ class AnalysisStep(DeliveryStep):
             )
             return self.analyze(request)
         except Exception as exc:  # a bug in a step must fail the job, not the worker
+            temporary = temporary_failure(exc)
+            if temporary is not None:  # disk full...: one line, and the recovery sweep retries the job
+                log.warning("job %d: %s", job.id, temporary)
+                return AnalysisOutcome(AnalysisStatus.FAILED, temporary, {"status": "failed"})
             log.exception("job %d: analysis step crashed", job.id)
             return AnalysisOutcome(
                 AnalysisStatus.FAILED, f"internal error ({type(exc).__name__}: {exc})", {"status": "failed"}

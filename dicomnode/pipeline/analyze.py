@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from dicomnode.domain import AnalysisResult, AnalysisStatus, PreviousReport, RuleDecision
 from dicomnode.errors import DicomnodeError, InputError, NotQualifyingError
 from dicomnode.imaging.volume import Volume
+from dicomnode.pipeline.jobs import temporary_failure
 from dicomnode.pipeline.measure import (
     AnalysisOptions,
     Measure,
@@ -236,6 +237,9 @@ def _failure(exc: Exception) -> tuple[AnalysisStatus, str, BaseException | None]
         return AnalysisStatus.FAILED, _one_line(str(exc)), None
     if isinstance(exc, MemoryError):
         return AnalysisStatus.FAILED, "out of memory while analysing", exc
+    temporary = temporary_failure(exc)
+    if temporary is not None:  # the runner's recovery sweep retries it; no traceback for a full disk
+        return AnalysisStatus.FAILED, temporary, None
     return AnalysisStatus.FAILED, _one_line(f"internal error ({type(exc).__name__}: {exc})"), exc
 
 

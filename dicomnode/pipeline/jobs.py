@@ -3,6 +3,7 @@ the runner's counters and state (:class:`RunnerParts`)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import threading
@@ -19,6 +20,7 @@ from dicomnode.pipeline.rules_in_force import SelectFn
 from dicomnode.store import Store
 
 __all__ = [
+    "TEMPORARY_FAILURE",
     "AnalysisOutcome",
     "AnalysisRequest",
     "AnalyzeFn",
@@ -27,6 +29,7 @@ __all__ = [
     "RunnerStats",
     "make_worker_id",
     "now_utc",
+    "temporary_failure",
     "worker_dead_here",
 ]
 
@@ -156,3 +159,32 @@ class RunnerParts:
     _lease_lock: threading.Lock
     _lease_held: bool
     _lease_checked: datetime | None
+
+
+#: How a job message starts when its failure has a cause expected to pass (the disk was full, the process ran
+#: out of file handles): the recovery sweep puts such a job back in the queue a while later
+#: (:meth:`dicomnode.pipeline.sweeps.Sweeps.recover`), so it is analysed again once the cause is gone.
+TEMPORARY_FAILURE = "temporary failure: "
+_TEMPORARY_ERRNOS = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EMFILE: "too many open files",
+    errno.ENFILE: "too many open files",
+}
+
+
+def temporary_failure(exc: BaseException) -> str | None:
+    """The one-line job message for an error whose cause is expected to pass (disk full...), else None.
+
+    The error itself or one it was raised from counts; the message names the cause only (no path, no
+    traceback).
+    """
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in _TEMPORARY_ERRNOS:
+            name = errno.errorcode.get(seen.errno, str(seen.errno))
+            return f"{TEMPORARY_FAILURE}{_TEMPORARY_ERRNOS[seen.errno]} ({name}); retried automatically"
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -12,10 +12,20 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from dicomnode.domain import JobState
-from dicomnode.pipeline.jobs import SWEEP_LEASE, RunnerParts, now_utc, worker_dead_here
+from dicomnode.pipeline.jobs import (
+    SWEEP_LEASE,
+    TEMPORARY_FAILURE,
+    RunnerParts,
+    now_utc,
+    worker_dead_here,
+)
 from dicomnode.store import InvalidTransitionError, Job, NotFoundError
 
 log = logging.getLogger(__name__)
+
+#: Seconds after a temporary failure before the job is tried again, and the attempts it may take in all.
+TEMPORARY_RETRY_S = 60.0
+TEMPORARY_MAX_ATTEMPTS = 10
 
 
 class SweepStep(RunnerParts):
@@ -68,6 +78,9 @@ class SweepStep(RunnerParts):
         * ANALYSING jobs of a worker process of this host that no longer exists go back to PENDING at once;
           those not updated (heartbeat) for ``stale_job_s`` go back too (a worker on another host died).
         * REPORTED jobs (stopped between recording the result and creating deliveries) get their deliveries.
+        * FAILED jobs whose failure was temporary (:data:`~dicomnode.pipeline.jobs.TEMPORARY_FAILURE`: the
+          disk was full...) go back to PENDING ``TEMPORARY_RETRY_S`` after failing, up to
+          ``TEMPORARY_MAX_ATTEMPTS`` attempts: analysed again once the cause is gone.
         """
         now = now or now_utc()
         touched: list[int] = []
@@ -85,6 +98,14 @@ class SweepStep(RunnerParts):
                 touched.append(job.id)
         stale = self.store.reset_stale_jobs(now - timedelta(seconds=self.stale_job_s), now=now)
         touched.extend(stale)
+        touched.extend(
+            self.store.retry_temporary_failures(
+                TEMPORARY_FAILURE,
+                now - timedelta(seconds=TEMPORARY_RETRY_S),
+                max_attempts=TEMPORARY_MAX_ATTEMPTS,
+                now=now,
+            )
+        )
         if touched:
             self.stats.add("jobs_recovered", len(touched))
             log.warning("recovery: resumed job(s) %s", ", ".join(map(str, touched)))

@@ -255,6 +255,28 @@ class JobStore(StoreBase):
                 self._transition(s, row, JobState.PENDING, msg, "recovery", at)
             return [r.id for r in rows]
 
+    def retry_temporary_failures(
+        self, prefix: str, older_than: datetime, *, max_attempts: int, now: datetime | None = None
+    ) -> list[int]:
+        """FAILED jobs whose message starts with ``prefix`` (a temporary cause), failed before ``older_than``
+        and tried fewer than ``max_attempts`` times, go back to PENDING; returns their ids."""
+        at = now or _now()
+        with self._write() as s:
+            rows = list(
+                s.scalars(
+                    select(JobRow).where(
+                        JobRow.state == JobState.FAILED.value,
+                        JobRow.message.startswith(prefix, autoescape=True),
+                        JobRow.updated_at < older_than,
+                        JobRow.attempts < max_attempts,
+                    )
+                )
+            )
+            for row in rows:
+                msg = f"retry after a {(row.message or '')[:200]}"
+                self._transition(s, row, JobState.PENDING, msg, "recovery", at)
+            return [r.id for r in rows]
+
     def supersede(
         self, series_uid: str, *, below_version: int, message: str | None = None, now: datetime | None = None
     ) -> list[int]:
