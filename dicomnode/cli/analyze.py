@@ -73,6 +73,9 @@ def register(subparsers: Any) -> None:
         metavar="SPEC",
         help="roi (calibrated ROI, default), bundle:PATH (model vBMD) or both:PATH (both, with agreement)",
     )
+    from dicomnode.cli.knee import add_analyze_arguments
+
+    add_analyze_arguments(p)
     p.set_defaults(handler=run)
 
 
@@ -234,6 +237,11 @@ def _run(args: argparse.Namespace) -> int:
     except DicomnodeError as exc:
         print(f"dicomnode analyze: {exc}", file=sys.stderr)
         return 2
+    from dicomnode.cli.knee import maybe_analyze_knee
+
+    knee_rc = maybe_analyze_knee(args, select)  # a knee radiograph routed to knee-xray (issue 12)
+    if knee_rc is not None:
+        return knee_rc
     try:
         from dicomnode.pipeline.analyze import analyze_path
 

@@ -329,3 +329,23 @@ def test_node_reports_the_fused_estimate_with_the_labs_used(
         assert outcome.status is AnalysisStatus.OK and outcome.result_json["knee"]["fused_class"] is None
         texts = " ".join(_sr_texts(pydicom.dcmread(outcome.outputs.sr)))
         assert why in texts and "image model only" in texts
+
+
+def test_bad_radiographs_get_clear_reasons(trained: tuple[Path, Path, str], tmp_path: Path) -> None:
+    out, _, _ = trained
+    case = make_knee(31, spacing_mm=1.6)
+    bad = {
+        "nospacing": ({"spacing_attribute": "none"}, "no Pixel Spacing or Imager Pixel Spacing"),
+        "chest": ({"body_part": "CHEST", "series_description": "CHEST PA"}, "body part CHEST: not a knee"),
+        "hand": ({"body_part": "HAND", "series_description": "HAND PA"}, "body part HAND: not a knee"),
+    }
+    for name, (kw, reason) in bad.items():
+        write_dx(case, tmp_path / name / "x.dcm", **kw)  # type: ignore[arg-type]
+        outcome = analyze_knee(tmp_path / name, tmp_path / f"out-{name}", bundle_path=str(out))
+        assert outcome.status is AnalysisStatus.NOT_QUALIFYING, name
+        assert reason in (outcome.reason or "") and "\n" not in (outcome.reason or "")
+        assert outcome.outputs.sr is None
+    rc = main(
+        ["analyze", str(tmp_path / "nospacing"), "--out", str(tmp_path / "cli"), "--knee-bundle", str(out)]
+    )
+    assert rc == 2

@@ -131,3 +131,17 @@ def test_rules_explain_says_why(tmp_path: Path, capsys: pytest.CaptureFixture[st
     chest = capsys.readouterr().out
     assert "knee-radiograph: BodyPartExamined one of KNEE, KNEES: FAIL (CHEST)" in chest
     assert "no rule matched: fallback ignore" in chest
+
+
+def test_analyze_cli_routes_radiographs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dicomnode.cli import main
+
+    case = make_knee(3, density=0.5, spacing_mm=1.6)
+    write_dx(case, tmp_path / "knee" / "a.dcm")
+    write_dx(case, tmp_path / "chest" / "a.dcm", body_part="CHEST", series_description="CHEST PA")
+    assert main(["analyze", str(tmp_path / "knee"), "--out", str(tmp_path / "o1")]) == 2
+    assert "not qualifying: no model configured" in capsys.readouterr().err
+    assert (tmp_path / "o1" / "result.json").is_file()
+    assert main(["analyze", str(tmp_path / "chest"), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "DX radiograph, not a knee" in err and "FAIL (CHEST)" in err and "Traceback" not in err
