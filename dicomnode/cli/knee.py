@@ -96,6 +96,7 @@ def _radiograph_series(path: Path) -> dict[str, list[Any]]:
 
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     by_series: dict[str, list[Any]] = {}
+    others = 0
     for f in files:
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
@@ -103,6 +104,10 @@ def _radiograph_series(path: Path) -> dict[str, list[Any]]:
             continue
         if str(ds.get("Modality", "")).upper() in ("CR", "DX"):
             by_series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(ds)
+        else:
+            others += 1
+            if others >= 5 and not by_series:
+                return {}  # a CT (or other) folder: the CT path reads it; no second scan of every header
     return by_series
 
 
