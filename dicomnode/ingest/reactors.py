@@ -195,9 +195,10 @@ def _pdu_limit(dul: Any, pdu_type: int) -> int:
     if pdu_type in (0x01, 0x02):
         return MAX_ACSE_PDU
     if pdu_type == 0x04:
-        announced = getattr(dul.assoc, "_dn_max_pdu", None)
-        if announced is None:
-            announced = dul.assoc.acceptor.maximum_length if dul.assoc.is_acceptor else 0
+        # What we announced as our Maximum Length Received: as acceptor (the SCP) or as requestor (an SCU).
+        assoc = dul.assoc
+        ours = assoc.acceptor if assoc.is_acceptor else assoc.requestor
+        announced = getattr(ours, "maximum_length", 0)
         return int(announced) if announced else MAX_PDATA_PDU
     return MAX_SMALL_PDU
 
