@@ -163,3 +163,12 @@ def test_bad_input_is_4xx_with_one_line_and_nothing_stored(node: tuple[TestClien
     assert r.status_code == 400 and r.json()["issue"][0]["diagnostics"] == "request body is not JSON"
     headers = {**_basic("admin", ADMIN_PASSWORD), "Content-Type": "text/plain"}
     assert client.post("/fhir", content=b"{}", headers=headers).status_code == 415
+
+
+def test_the_app_factory_mounts_the_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicomnode.web.app import create_app
+
+    monkeypatch.setenv("DICOMNODE_ADMIN_PASSWORD", ADMIN_PASSWORD)
+    settings = make_settings(tmp_path / "data")
+    paths = create_app(settings, make_store(settings)).openapi()["paths"]
+    assert {"/fhir", "/fhir/Observation"} <= set(paths)
