@@ -39,7 +39,9 @@ ALLOWED: dict[str, set[str]] = {
         "config", "domain", "store", "routing", "imaging", "bmd", "ml", "report", "delivery", "ingest",
         "phantom", "netutil", "labs",
     },
-    "web": {"config", "domain", "store", "routing", "pipeline", "delivery", "ingest", "netutil", "tls", "labs"},
+    "web": {
+        "config", "domain", "store", "routing", "pipeline", "delivery", "ingest", "netutil", "tls", "labs",
+    },
     "cli": {
         "config", "domain", "store", "routing", "imaging", "bmd", "ml", "report", "delivery", "ingest",
         "phantom", "netutil", "pipeline", "web", "tls", "labs",
