@@ -292,18 +292,38 @@ def test_node_reports_the_fused_estimate_with_the_labs_used(
     train_fusion(FusionConfig(data=data, labs=labs_csv, out=tmp_path / "fusion", folds=0))
     src = write_dx(make_knee(99, density=0.1, spacing_mm=1.6), tmp_path / "in" / "knee.dcm")
     ds = pydicom.dcmread(src, stop_before_pixels=True)
-    # the patient's labs, stored as the FHIR endpoint stores them, found by the job's Patient ID
-    store = make_store(make_settings(tmp_path / "data"))
+    # the patient's labs, pushed as FHIR Observations to the node's endpoint, found by the job's Patient ID
+    from fastapi.testclient import TestClient
+
+    from dicomnode.web.fhir import router
+    from tests.web_testing import ADMIN_PASSWORD, build_admin_app
+
+    settings = make_settings(tmp_path / "data")
+    store = make_store(settings)
+    app = build_admin_app(settings, store)
+    app.include_router(router)
     every = read_lab_csv(labs_csv)
-    first = every[0].patient_id  # a patient of the cohort with lab values, moved 12 days before the study
-    sampled = date(2025, 12, 20)
-    store.add_lab_values(
-        [
-            dataclasses.replace(v, patient_id=str(ds.PatientID), effective=sampled)
-            for v in every
-            if v.patient_id == first
-        ]
+    first = every[0].patient_id  # a patient of the cohort with lab values, sampled 12 days before the study
+    entries = [
+        {
+            "resource": {
+                "resourceType": "Observation",
+                "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": v.loinc}]},
+                "subject": {"identifier": {"value": str(ds.PatientID)}},
+                "effectiveDateTime": "2025-12-20T09:00:00Z",
+                "valueQuantity": {"value": v.value, "unit": v.unit},
+            }
+        }
+        for v in every
+        if v.patient_id == first
+    ]
+    r = TestClient(app).post(
+        "/fhir",
+        json={"resourceType": "Bundle", "type": "batch", "entry": entries},
+        auth=("admin", ADMIN_PASSWORD),
     )
+    assert r.status_code == 200, r.text
     labs = patient_labs(store, [src])
     assert len(labs) == 6
     options = AnalysisOptions(knee_bundle=str(out), fusion_bundle=str(tmp_path / "fusion"))
