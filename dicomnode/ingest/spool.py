@@ -5,11 +5,12 @@ disk (temp file, fsync, rename, directory fsync) *and* recorded in the database.
 failure status with a one-line comment, so the sender keeps its copy and retries; nothing raises.
 
 Group commit (:class:`_GroupCommit`): the receiving thread writes the bytes to a temp file and flushes them
-(fdatasync); then one of the waiting threads, the leader, takes every instance waiting at that moment, renames
-each file into place, flushes each touched directory once, and records the whole batch in one database
-transaction. Only then is each sender answered. Concurrent associations thus share the directory flushes and one database
-commit, and the file is always durable *before* its record exists: the database never holds a record whose
-file did not land, and an instance refused for any reason (0xA700 disk full, 0xA701...) leaves no record.
+(fdatasync); then one of the waiting threads, the leader, takes every instance waiting at that moment,
+renames each file into place, flushes each touched directory once, and records the whole batch in one
+database transaction. Only then is each sender answered. Concurrent associations thus share the directory
+flushes and one database commit, and the file is always durable *before* its record exists: the database
+never holds a record whose file did not land, and an instance refused for any reason (0xA700 disk full,
+0xA701...) leaves no record.
 
 What survives what (the guarantee behind a success status):
 
