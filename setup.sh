@@ -31,10 +31,10 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# podman's settings on these machines (runc, cgroupfs, file events, default ulimits): written as root only
+# podman's settings on these machines (runc, cgroupfs, file events, default ulimits), written as root
 if [[ $(id -u) -eq 0 ]]; then
   deploy/containers/configure-podman.sh
-else
+elif ! deploy/containers/configure-podman.sh --check; then
   sudo deploy/containers/configure-podman.sh
 fi
 

@@ -3,8 +3,11 @@
 #   runtime = runc, cgroup_manager = cgroupfs (no systemd as PID 1), events_logger = file (no journald),
 #   default ulimits nofile=20000:20000 and nproc=32768:32768, netavark networks (DNS between containers),
 # in /etc/containers/containers.conf (or $CONTAINERS_CONF when set). An existing file is kept as .orig once,
-# then replaced by this one: these are the only settings we rely on.
+# then replaced by this one: these are the only settings we rely on. With --check: exit 0 when the file is
+# already so, 1 otherwise, changing nothing (no root needed).
 set -euo pipefail
+CHECK=0
+[[ "${1:-}" == "--check" ]] && CHECK=1
 CONF=${CONTAINERS_CONF:-/etc/containers/containers.conf}
 mkdir -p "$(dirname "$CONF")"
 want=$(
@@ -28,6 +31,7 @@ TOML
 if [[ -f $CONF ]] && [[ "$(cat "$CONF")" == "$want" ]]; then
   exit 0
 fi
+((CHECK)) && exit 1
 if [[ -f $CONF && ! -f $CONF.orig ]]; then
   cp -p "$CONF" "$CONF.orig"
 fi
