@@ -21,6 +21,13 @@ def add_train_arguments(tr: Any) -> None:
         "--labs-window", type=int, default=90, help="fusion: days between study and lab sample (default 90)"
     )
     tr.add_argument(
+        "--image-input",
+        choices=("knee-probability", "other"),
+        default="knee-probability",
+        help="fusion: what image_score is; the node applies a knee-probability bundle to knee radiographs "
+        "(default) and never applies an 'other' one",
+    )
+    tr.add_argument(
         "--missing",
         choices=("decline", "impute"),
         default="decline",
@@ -57,6 +64,7 @@ def run_train_fusion(args: argparse.Namespace) -> int:
         seed=args.seed,
         window_days=args.labs_window,
         missing=args.missing,
+        image_input=args.image_input,
         name=args.name or "dicomnode-fusion",
         version=args.bundle_version,
     )

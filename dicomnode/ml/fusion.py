@@ -49,6 +49,11 @@ FloatArray = npt.NDArray[np.float64]
 SCHEMA = "dicomnode-fusion-bundle/1"
 METADATA = Path("configs/metadata.json")
 PARAMS = Path("models/fusion.json")
+#: What a fusion bundle's image score can be; the node feeds a bundle only the score it was trained on.
+IMAGE_INPUTS: dict[str, str] = {
+    "knee-probability": "probability of osteoporosis from a knee-radiograph bundle (the knee-xray pipeline)",
+    "other": "another image model's output (used by train/evaluate only, never applied by the node)",
+}
 POSITIVE = ("osteoporosis", "1", "yes", "true", "positive")
 NEGATIVE = ("normal", "0", "no", "false", "negative", "osteopenia", "bone loss")
 
@@ -74,6 +79,8 @@ class FusionConfig:
     analytes: tuple[str, ...] = tuple(ANALYTES)
     name: str = "dicomnode-fusion"
     version: str = "0.1.0"
+    #: What ``image_score`` is (one of :data:`IMAGE_INPUTS`); the node applies the bundle only to that.
+    image_input: str = "knee-probability"
     notes: list[str] = field(default_factory=list)
 
 
@@ -371,6 +378,8 @@ def train_fusion(cfg: FusionConfig) -> dict[str, Any]:
     """
     from dicomnode.ml.train import patient_folds
 
+    if cfg.image_input not in IMAGE_INPUTS:
+        raise InputError(f"--image-input {cfg.image_input!r}: use {', '.join(IMAGE_INPUTS)}")
     if cfg.missing not in ("decline", "impute"):
         raise InputError(f"--missing {cfg.missing!r}: use decline or impute")
     unknown = [a for a in cfg.analytes if a not in ANALYTES]
@@ -426,6 +435,7 @@ class FusionBundle:
     window_days: int
     missing: str
     params: Mapping[str, Any]
+    image_input: str = "other"
 
     @property
     def identification(self) -> str:
@@ -447,6 +457,7 @@ def write_fusion_bundle(cfg: FusionConfig, params: Mapping[str, Any], report: Ma
         "weights": {"path": str(PARAMS), "sha256": digest},
         "input": {
             "image_score": "the image model's output, larger = osteoporosis more likely",
+            "image_input": cfg.image_input,
             "analytes": {
                 a: {"loinc": list(ANALYTES[a].loinc), "unit": ANALYTES[a].unit} for a in cfg.analytes
             },
@@ -497,6 +508,7 @@ def load_fusion_bundle(path: Path | str) -> FusionBundle:
         int(inp.get("window_days", 90)),
         str(inp.get("missing", "decline")),
         json.loads(data),
+        str(inp.get("image_input", "other")),
     )
 
 

@@ -50,6 +50,11 @@ def _fusion(path: str, image_score: float, lab_values: Sequence[Any], day: Any) 
     from dicomnode.ml.fusion import apply_fusion
 
     bundle = _fusion_bundle(path)
+    if bundle.image_input != "knee-probability":
+        return (
+            None,
+            f"image model only: fusion bundle {bundle.identification} takes {bundle.image_input} scores",
+        )
     labs = [
         LabValue(v.patient_id, v.analyte, v.loinc, float(v.value), v.unit, v.effective, v.source, v.source_id)
         for v in lab_values

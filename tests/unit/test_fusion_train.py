@@ -156,3 +156,17 @@ def test_bad_inputs_get_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     )
     err = capsys.readouterr().err
     assert "line 2: label 'maybe'" in err and "Traceback" not in err
+
+
+def test_the_node_feeds_a_bundle_only_the_score_it_was_trained_on(signal: Trained, tmp_path: Path) -> None:
+    from dicomnode.pipeline.knee import _fusion
+
+    _, _, knee_bundle = signal
+    assert load_fusion_bundle(knee_bundle).image_input == "knee-probability"
+    dev, _, labs = _cohort(tmp_path, True)
+    other = tmp_path / "other"
+    argv = ["train", "fusion", "--data", str(dev), "--labs", str(labs), "--out", str(other), "--folds", "0"]
+    assert main([*argv, "--image-input", "other"]) == 0
+    values = [make_value("p", "17861-6", 9.0, "mg/dL", date(2026, 3, 1))]
+    p, note = _fusion(str(other), 0.9, values, date(2026, 3, 2))
+    assert p is None and "takes other scores" in note and "image model only" in note
