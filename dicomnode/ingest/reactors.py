@@ -158,9 +158,15 @@ class _GarbageLog:
     """At most ``burst`` WARNING lines per ``period_s`` about protocol garbage; the rest are counted and
     reported in the next line that is let through."""
 
-    def __init__(self, burst: int = 5, period_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        burst: int = 5,
+        period_s: float = 60.0,
+        template: str = "DICOM protocol error from %s: %s; connection dropped",
+    ) -> None:
         self.burst = burst
         self.period_s = period_s
+        self.template = template
         self._lock = threading.Lock()
         self._window_start = -1e18
         self._in_window = 0
@@ -177,11 +183,13 @@ class _GarbageLog:
             self._in_window += 1
             suppressed, self._suppressed = self._suppressed, 0
         more = f" ({suppressed} similar lines suppressed)" if suppressed else ""
-        log.warning("DICOM protocol error from %s: %s; connection dropped%s", peer, what, more)
+        log.warning(self.template + "%s", peer, what, more)
 
 
 #: The process-wide limiter for protocol-garbage lines.
 garbage_log = _GarbageLog()
+#: The process-wide limiter for lines about connections and associations refused for a limit.
+refusal_log = _GarbageLog(template="DICOM connection from %s refused: %s")
 
 
 def _peer(dul: Any) -> str:

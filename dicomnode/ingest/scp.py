@@ -44,6 +44,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import StoragePresentationContexts
 
 from dicomnode.ingest import prometheus as metrics
+from dicomnode.ingest import reactors
 from dicomnode.ingest.reactors import enable_event_driven_reactors
 from dicomnode.ingest.spool import PROCESSING_FAILURE, OtherClassPolicy, Spool
 from dicomnode.netutil import enable_tcp_nodelay
@@ -143,11 +144,8 @@ class _NodeAE(AE):
         same = [a for a in identified if a.requestor.address == peer]
         per_address = self._max_per_address or self._max_total
         if len(identified) >= self._max_total or len(same) >= per_address:
-            LOGGER.warning(
-                "association from %s refused: %d associations open (%d from that address)",
-                peer,
-                len(identified),
-                len(same),
+            reactors.refusal_log(
+                str(peer), f"{len(identified)} associations open ({len(same)} from that address)"
             )
             return -1
         return 1 << 30
@@ -218,9 +216,7 @@ def _limit_pending(server: ThreadedAssociationServer, per_address: int) -> None:
 
 
 def _pending_log(host: str, n: int) -> None:
-    from dicomnode.ingest.reactors import garbage_log
-
-    garbage_log(host, f"{n} connections without an A-ASSOCIATE-RQ already open")
+    reactors.refusal_log(host, f"{n} connections without an A-ASSOCIATE-RQ already open")
 
 
 def _lighten(server: ThreadedAssociationServer) -> None:
