@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from dicomnode.labs.fhir import parse_observations
 from dicomnode.labs.values import LabInputError
@@ -68,14 +69,13 @@ async def _receive(request: Request, user: Any) -> JSONResponse:
         log.debug("FHIR lab values refused: %s", exc)
         return _outcome(422, "error", "invalid", " ".join(str(exc).split())[:300])
     store = request.app.state.store
-    stored = store.add_lab_values(values) if values else 0
+    # database writes off the event loop (SQLite may wait for the write lock)
+    stored = await run_in_threadpool(store.add_lab_values, values) if values else 0
     codes = sorted({v.loinc for v in values})
     patients = sorted({v.patient_id for v in values})
-    store.audit(
-        user.username,
-        "labs.received",
-        f"patients:{len(patients)}",
-        after={"stored": stored, "skipped_by_status": skipped, "loinc": codes, "patients": patients},
+    after = {"stored": stored, "skipped_by_status": skipped, "loinc": codes, "patients": patients}
+    await run_in_threadpool(
+        store.audit, user.username, "labs.received", f"patients:{len(patients)}", None, after
     )
     log.info("FHIR: %d lab value(s) stored, %d skipped by status", stored, skipped)  # counts only
     return _outcome(200, "information", "informational", f"stored {stored} lab value(s); {skipped} not final")
