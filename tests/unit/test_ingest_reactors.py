@@ -82,7 +82,8 @@ PINNED_SOURCES = {
     "dul.DULServiceProvider.run_reactor": "61c299b9a930fb8740258c5518eed55255153ee890a826bed3d3483b42e1b110",
     "dul.DULServiceProvider.stop_dul": "6c62f0d0cd238affa1ee653ca676a100a29acb3e5f09bf32ab3e3fc9f8015198",
     "dul.DULServiceProvider.kill_dul": "d64f51d35ae851e0fa8fcd356521b0d3022914b9be5f243936bcafb9c2a8ff16",
-    "dul.DULServiceProvider._read_pdu_data": "c5f07708cfb78a70d039d5f8eac54258e16b76a3a5ed016a9affaf4ed5aa9134",
+    "dul.DULServiceProvider._read_pdu_data": "c5f07708cfb78a70d039d5f8eac54258e16b76a3a5ed016a9affaf4ed5aa9134",  # noqa: E501
+    "dimse.DIMSEServiceProvider.send_msg": "bc8c411d046c95f8a31fc28ad24c1338630ea7acde3a7505eb54858f487f35b9",
     "association.Association._run_reactor": "304c896561674fdc8a8c3c87ee41d63ef83f16942a44b64e545dce4a5370c0d1",  # noqa: E501
 }
 
@@ -252,3 +253,30 @@ def test_idle_association_waits_instead_of_polling(
         assoc.release()
     # Polling every 1 ms would be ~1000 waits for two reactors; 50 ms waits give ~20.
     assert calls < 200, calls
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "sop", "status", "msg_id"),
+    [
+        (CTImageStorage, "1.2.3.4.5", 0x0000, 7),  # odd-length UIDs: NUL padding
+        ("1.2.840.10008.5.1.4.1.1.4", "1.2.3.4.56", 0xB000, 65535),  # even, a warning status
+        (CTImageStorage, generate_uid(), 0xA700, 1),
+    ],
+)
+def test_the_direct_c_store_response_is_what_pynetdicom_would_send(
+    sop_class: str, sop: str, status: int, msg_id: int
+) -> None:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = msg_id
+    rsp.AffectedSOPClassUID = sop_class
+    rsp.AffectedSOPInstanceUID = sop
+    rsp.Status = status
+    stock = C_STORE_RSP()
+    stock.primitive_to_message(rsp)
+    assert reactors.store_response_bytes(rsp) == encode(stock.command_set, True, True)
+    rsp.ErrorComment = "out of resources"
+    assert reactors.store_response_bytes(rsp) is None, "a response with a comment takes the stock path"
