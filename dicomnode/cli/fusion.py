@@ -22,17 +22,31 @@ def add_train_arguments(tr: Any) -> None:
     )
     tr.add_argument(
         "--image-input",
-        choices=("knee-probability", "other"),
+        choices=("knee-probability", "ct-vbmd", "ct-model-vbmd", "other"),
         default="knee-probability",
         help="fusion: what image_score is; the node applies a knee-probability bundle to knee radiographs "
-        "(default) and never applies an 'other' one",
+        "(default), a ct-vbmd one (minus the calibrated-ROI L1-L2 vBMD) or a ct-model-vbmd one (minus the "
+        "bmd bundle's L1-L2 vBMD) to CT jobs, and never applies an 'other' one",
     )
+    _image_results_argument(tr)
     tr.add_argument(
         "--missing",
         choices=("decline", "impute"),
         default="decline",
         help="fusion: without every lab value the fused model declines and the image model answers "
         "(decline, default), or the training median is used (impute)",
+    )
+
+
+def _image_results_argument(parser: Any) -> None:
+    parser.add_argument(
+        "--image-results",
+        type=Path,
+        default=None,
+        help="fusion with --image-input ct-vbmd/ct-model-vbmd: a folder of the CT analyses' result.json "
+        "files (dicomnode analyze --out DIR/<case>, with the bmd bundle as --backend for ct-model-vbmd); "
+        "the CSV then has patient_id,date,label and study_instance_uid or accession_number instead of "
+        "image_score, and each score is read from the study's result.json as the node reads its own",
     )
 
 
@@ -46,6 +60,7 @@ def add_evaluate_arguments(ev: Any) -> None:
         "lab CSV; prints image-only, labs-only and fused side by side",
     )
     ev.add_argument("--labs", type=Path, default=None, help="with --fusion: lab CSV")
+    _image_results_argument(ev)
 
 
 def run_train_fusion(args: argparse.Namespace) -> int:
@@ -65,6 +80,7 @@ def run_train_fusion(args: argparse.Namespace) -> int:
         window_days=args.labs_window,
         missing=args.missing,
         image_input=args.image_input,
+        image_results=args.image_results,
         name=args.name or "dicomnode-fusion",
         version=args.bundle_version,
     )
@@ -80,6 +96,9 @@ def run_train_fusion(args: argparse.Namespace) -> int:
                 "bundle": report["bundle"],
                 "patients_with_missing_labs": report["patients_with_missing_labs"],
                 "missing_policy": report["missing_policy"],
+                "image_input": report["image_input"],
+                "rows_left_out": report["rows_left_out"],
+                "rows_left_out_first": report["rows_left_out_first"],
             }
         )
     )
@@ -96,7 +115,7 @@ def run_evaluate_fusion(args: argparse.Namespace) -> int:
         format_three_way,
         load_fusion_bundle,
         predict_fusion,
-        read_fusion_csv,
+        read_fusion_rows,
         three_way,
     )
 
@@ -105,7 +124,7 @@ def run_evaluate_fusion(args: argparse.Namespace) -> int:
         return 1
     try:
         bundle = load_fusion_bundle(args.fusion)
-        rows = read_fusion_csv(args.reference)
+        rows, left_out = read_fusion_rows(args.reference, args.image_results, bundle.image_input)
         cfg = FusionConfig(
             data=args.reference,
             labs=args.labs,
@@ -124,6 +143,7 @@ def run_evaluate_fusion(args: argparse.Namespace) -> int:
         "bundle": bundle.identification,
         "n": len(rows),
         "missing_labs": int(np.isnan(labs).any(axis=1).sum()),
+        "rows_left_out": len(left_out),
         "metrics": metrics,
     }
     (args.out / "three_way.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")

@@ -6,6 +6,12 @@ Inputs of ``dicomnode train fusion``:
   (``normal``/``osteoporosis``, or 0/1 with 1 = osteoporosis); ``image_score`` the image model's output for
   that study, larger meaning more likely osteoporosis (the probability of a ``radiograph`` bundle, or the
   class probability of the DenseNet-121 vBMD model; a vBMD in mg/cm3 works when given negated);
+* or, for a CT image model (``--image-results DIR``, study a's CT side), a CSV
+  ``patient_id,date,label`` with ``study_instance_uid`` or ``accession_number``, and a folder of the
+  ``result.json`` files the CT analysis wrote for those studies (``dicomnode analyze``, or the node's
+  results): the image score is read from them as the node reads it from its own analysis
+  (:func:`ct_image_score`; ``--image-input ct-vbmd`` or ``ct-model-vbmd``), so a bundle is trained on
+  exactly the number it is applied to;
 * a lab CSV (:func:`dicomnode.labs.csv_io.read_lab_csv`).
 
 Lab features: per analyte the value nearest to the study date within ``window_days`` (before or after).
@@ -30,6 +36,7 @@ import csv
 import hashlib
 import json
 import math
+import re
 import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -52,8 +59,14 @@ PARAMS = Path("models/fusion.json")
 #: What a fusion bundle's image score can be; the node feeds a bundle only the score it was trained on.
 IMAGE_INPUTS: dict[str, str] = {
     "knee-probability": "probability of osteoporosis from a knee-radiograph bundle (the knee-xray pipeline)",
+    "ct-vbmd": "minus the L1-L2 mean vBMD (mg/cm3) of the calibrated trabecular ROI the CT analysis measures "
+    "(bmd_estimator roi or both:PATH)",
+    "ct-model-vbmd": "minus the L1-L2 mean vBMD (mg/cm3) of the configured CT bmd bundle (the DenseNet-121 "
+    "per-vertebra model, or the sagittal one; bmd_estimator bundle:PATH or both:PATH)",
     "other": "another image model's output (used by train/evaluate only, never applied by the node)",
 }
+#: The image inputs a CT analysis provides (read from its ``result.json``: :func:`ct_image_score`).
+CT_IMAGE_INPUTS = ("ct-vbmd", "ct-model-vbmd")
 POSITIVE = ("osteoporosis", "1", "yes", "true", "positive")
 NEGATIVE = ("normal", "0", "no", "false", "negative", "osteopenia", "bone loss")
 
@@ -81,6 +94,8 @@ class FusionConfig:
     version: str = "0.1.0"
     #: What ``image_score`` is (one of :data:`IMAGE_INPUTS`); the node applies the bundle only to that.
     image_input: str = "knee-probability"
+    #: A folder of CT ``result.json`` files the image scores are read from (``--image-results``).
+    image_results: Path | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -100,22 +115,134 @@ def read_fusion_csv(path: Path) -> list[FusionRow]:
         missing = [c for c in need if c not in (reader.fieldnames or [])]
         if missing:
             raise InputError(f"{path}: missing column(s) {', '.join(missing)} (need {','.join(need)})")
-        rows = []
+        rows: list[FusionRow] = []
         for n, r in enumerate(reader, start=2):
-            label = str(r["label"]).strip().lower()
-            if label not in POSITIVE + NEGATIVE:
-                raise InputError(f"{path} line {n}: label {r['label']!r} (use normal/osteoporosis or 0/1)")
-            try:
-                day = date.fromisoformat(str(r["date"]).strip()[:10])
-                score = float(str(r["image_score"]))
-            except ValueError as exc:
-                raise InputError(f"{path} line {n}: {exc}") from None
-            if not math.isfinite(score):
-                raise InputError(f"{path} line {n}: image_score is not a number")
-            rows.append(FusionRow(str(r["patient_id"]).strip(), day, int(label in POSITIVE), score))
+            rows.extend(_checked_row(path, n, r))
     if not rows:
         raise InputError(f"{path}: no rows")
     return rows
+
+
+def ct_image_score(doc: Mapping[str, Any], image_input: str) -> tuple[float | None, str]:
+    """The image score of a CT analysis (a ``result.json`` document) for a bundle of ``image_input``.
+
+    ``ct-vbmd``: minus the calibrated-ROI L1-L2 vBMD (the summary's, when the ROI estimated it);
+    ``ct-model-vbmd``: minus the bmd bundle's L1-L2 vBMD (the summary's with ``bundle:PATH``, the one its
+    algorithm line states with ``both:PATH``). Minus, so that larger means osteoporosis more likely.
+
+    Returns
+    -------
+    (score, why)
+        The score, or None and one line saying why there is none.
+    """
+    if image_input not in CT_IMAGE_INPUTS:
+        return None, f"the fusion bundle takes {image_input} scores, not a CT's"
+    if str(doc.get("status", "")) != "ok":
+        return None, f"the CT analysis did not succeed (status {doc.get('status')})"
+    summary = doc.get("summary") or {}
+    value = summary.get("vbmd_l1_l2_mg_cm3") if isinstance(summary, Mapping) else None
+    components = [str(x) for x in doc.get("algorithm_components") or ()]
+    model = next((x for x in components if x.startswith("vBMD: model bundle")), None)
+    roi = any(x.startswith("vBMD: calibrated trabecular ROI") for x in components) or not components
+    if image_input == "ct-vbmd":
+        if not roi:
+            return None, "the CT's vBMD is a model bundle's, not the calibrated ROI's the bundle takes"
+    elif model is None:
+        return None, "no CT bmd bundle configured (analysis.bmd_estimator bundle:PATH or both:PATH)"
+    elif ", beside the ROI" in model:
+        found = re.search(r"\bvBMD (-?\d+(?:\.\d+)?) mg/cm3", model)
+        value = float(found.group(1)) if found else None
+    if value is None or not math.isfinite(float(value)):
+        return None, "no L1-L2 vBMD in the CT analysis"
+    return -float(value), ""
+
+
+def read_result_scores(folder: Path, image_input: str) -> dict[str, tuple[float | None, str]]:
+    """The image score of every ``result.json`` under ``folder``, keyed by Study Instance UID and by
+    Accession Number (the first file in path order wins when a study has several).
+
+    Raises
+    ------
+    InputError
+        No such folder, no ``result.json`` in it, an unreadable one (named).
+    """
+    if not folder.is_dir():
+        raise InputError(f"--image-results {folder}: no such folder")
+    out: dict[str, tuple[float | None, str]] = {}
+    paths = sorted(folder.rglob("result.json"))
+    if not paths:
+        raise InputError(f"--image-results {folder}: no result.json in it (dicomnode analyze writes them)")
+    for path in paths:
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: not a readable result.json ({exc})") from None
+        if not isinstance(doc, dict):
+            raise InputError(f"{path}: not a result.json document")
+        score = ct_image_score(doc, image_input)
+        for key in (doc.get("study_instance_uid"), doc.get("accession_number")):
+            if key:
+                out.setdefault(str(key).strip(), score)
+    return out
+
+
+def read_fusion_rows(
+    path: Path, image_results: Path | None = None, image_input: str = "other"
+) -> tuple[list[FusionRow], list[str]]:
+    """The rows of a fusion CSV, their image scores from its ``image_score`` column or, with
+    ``image_results``, from the CT ``result.json`` files there; and why rows were left out (no result, or
+    no score in it).
+
+    Raises
+    ------
+    InputError
+        As :func:`read_fusion_csv`; no key column; no row with an image score.
+    """
+    if image_results is None:
+        return read_fusion_csv(path), []
+    if image_input not in CT_IMAGE_INPUTS:
+        raise InputError(f"--image-results needs --image-input {' or '.join(CT_IMAGE_INPUTS)}")
+    scores = read_result_scores(image_results, image_input)
+    if not path.is_file():
+        raise InputError(f"{path}: no such CSV file")
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        names = reader.fieldnames or []
+        keys = [k for k in ("study_instance_uid", "accession_number") if k in names]
+        if not keys or any(c not in names for c in ("patient_id", "date", "label")):
+            raise InputError(
+                f"{path}: with --image-results the columns are patient_id,date,label and "
+                "study_instance_uid or accession_number"
+            )
+        lines = list(reader)
+    rows: list[FusionRow] = []
+    left_out: list[str] = []
+    for n, r in enumerate(lines, start=2):
+        key = next((str(r[k]).strip() for k in keys if str(r.get(k) or "").strip()), "")
+        # the line number only: a study key is patient data and this list goes into the training report
+        score, why = scores.get(key, (None, "no result.json for its study" if key else "no study key"))
+        if score is None:
+            left_out.append(f"line {n}: {why}")
+            continue
+        rows.extend(_checked_row(path, n, {**r, "image_score": str(score)}))
+    if not rows:
+        first = left_out[0] if left_out else "no rows"
+        raise InputError(f"{path}: no row has an image score from {image_results} ({first})")
+    return rows, left_out
+
+
+def _checked_row(path: Path, n: int, r: Mapping[str, str]) -> list[FusionRow]:
+    label = str(r["label"]).strip().lower()
+    if label not in POSITIVE + NEGATIVE:
+        raise InputError(f"{path} line {n}: label {r['label']!r} (use normal/osteoporosis or 0/1)")
+    try:
+        day = date.fromisoformat(str(r["date"]).strip()[:10])
+        score = float(str(r["image_score"]))
+    except ValueError as exc:
+        raise InputError(f"{path} line {n}: {exc}") from None
+    if not math.isfinite(score):
+        raise InputError(f"{path} line {n}: image_score is not a number")
+    return [FusionRow(str(r["patient_id"]).strip(), day, int(label in POSITIVE), score)]
 
 
 def lab_features(
@@ -385,12 +512,16 @@ def train_fusion(cfg: FusionConfig) -> dict[str, Any]:
     unknown = [a for a in cfg.analytes if a not in ANALYTES]
     if unknown:
         raise InputError(f"unknown analyte(s) {', '.join(unknown)} (known: {', '.join(ANALYTES)})")
-    rows = read_fusion_csv(cfg.data)
+    rows, left_out = read_fusion_rows(cfg.data, cfg.image_results, cfg.image_input)
     img, labs, y = _features(rows, cfg.labs, cfg)
     if len(set(y.tolist())) < 2:
         raise InputError(f"{cfg.data}: both classes are needed")
     report: dict[str, Any] = {
         "n": len(rows),
+        "image_input": cfg.image_input,
+        "image_scores_from": str(cfg.image_results.name) if cfg.image_results else "image_score column",
+        "rows_left_out": len(left_out),
+        "rows_left_out_first": left_out[:5],
         "missing_policy": cfg.missing,
         "window_days": cfg.window_days,
         "analytes": list(cfg.analytes),
@@ -407,7 +538,7 @@ def train_fusion(cfg: FusionConfig) -> dict[str, Any]:
         report["cross_validation"] = three_way(y, oof)
     params = fit_fusion(img, labs, y, seed=cfg.seed, missing=cfg.missing)
     if cfg.external is not None:
-        rows_e = read_fusion_csv(cfg.external)
+        rows_e, _ = read_fusion_rows(cfg.external, cfg.image_results, cfg.image_input)
         img_e, labs_e, y_e = _features(rows_e, cfg.labs, cfg)
         report["external"] = three_way(y_e, predict_fusion(params, img_e, labs_e, cfg.missing))
     tables = []
@@ -458,6 +589,7 @@ def write_fusion_bundle(cfg: FusionConfig, params: Mapping[str, Any], report: Ma
         "input": {
             "image_score": "the image model's output, larger = osteoporosis more likely",
             "image_input": cfg.image_input,
+            "image_scores_from": report.get("image_scores_from", "image_score column"),
             "analytes": {
                 a: {"loinc": list(ANALYTES[a].loinc), "unit": ANALYTES[a].unit} for a in cfg.analytes
             },
@@ -540,6 +672,7 @@ def write_fusion_dataset(
     lab_signal: bool,
     image_auc_noise: float = 1.2,
     missing_fraction: float = 0.1,
+    ct_results: bool = False,
 ) -> tuple[Path, Path]:
     """A generated cohort (CSV of image scores and labels, lab CSV) for tests and trials.
 
@@ -547,6 +680,10 @@ def write_fusion_dataset(
     sees the status through noise (``image_auc_noise``); the lab values carry the status (lower vitamin D
     and calcium, higher PTH and alkaline phosphatase) when ``lab_signal``, else they are drawn independently
     of it. ``missing_fraction`` of the patients have no lab values at all.
+
+    ``ct_results``: the image side is a CT analysis instead, as ``train fusion --image-results`` reads it:
+    ``results/<patient>/result.json`` with an L1-L2 calibrated-ROI vBMD of ``120 - 35 * score`` mg/cm3,
+    and the CSV names each study by ``accession_number`` (no ``image_score`` column).
     """
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -562,11 +699,14 @@ def write_fusion_dataset(
     ):
         w = csv.writer(fh)
         lw = csv.writer(lf)
-        w.writerow(["patient_id", "date", "label", "image_score"])
+        w.writerow(["patient_id", "date", "label", "accession_number" if ct_results else "image_score"])
         lw.writerow(["patient_id", "date", "loinc", "value", "unit"])
         for i in range(n):
             pid, day = f"P{seed:03d}{i:04d}", date(2026, 1 + i % 12, 1 + i % 28)
-            w.writerow([pid, day.isoformat(), "osteoporosis" if label[i] else "normal", f"{image[i]:.4f}"])
+            key = f"A{seed:03d}{i:04d}" if ct_results else f"{image[i]:.4f}"
+            w.writerow([pid, day.isoformat(), "osteoporosis" if label[i] else "normal", key])
+            if ct_results:
+                _write_ct_result(root / "results" / pid, key, 120.0 - 35.0 * float(image[i]))
             if rng.random() < missing_fraction:
                 continue
             lab_day = date.fromordinal(day.toordinal() - int(rng.integers(0, 30)))
@@ -582,3 +722,16 @@ def write_fusion_dataset(
             for loinc, value, unit in values:
                 lw.writerow([pid, lab_day.isoformat(), loinc, f"{max(value, 0.6):.3f}", unit])
     return data, labs
+
+
+def _write_ct_result(folder: Path, accession: str, vbmd: float) -> None:
+    """A ``result.json`` as a CT analysis with the calibrated ROI writes it (the fields the scores use)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "status": "ok",
+        "study_instance_uid": f"2.25.{int(hashlib.sha256(accession.encode()).hexdigest()[:24], 16)}",
+        "accession_number": accession,
+        "summary": {"vbmd_l1_l2_mg_cm3": round(vbmd, 2), "levels_used": ["L1", "L2"]},
+        "algorithm_components": ["vBMD: calibrated trabecular ROI (internal calibration), erosion 2 mm"],
+    }
+    (folder / "result.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from dicomnode.domain import AnalysisStatus, DeliveryOutcome, JobState, PreviousReport
 from dicomnode.pipeline.delivery_step import DeliveryStep
+from dicomnode.pipeline.fusion import patient_labs
 from dicomnode.pipeline.jobs import AnalysisOutcome, AnalysisRequest, temporary_failure
 from dicomnode.pipeline.knee import KNEE_PIPELINE as KNEE
-from dicomnode.pipeline.knee import patient_labs
 from dicomnode.store import InvalidTransitionError, Job, NotFoundError
 from dicomnode.vocab import ANALYZE
 
@@ -96,8 +96,9 @@ class AnalysisStep(DeliveryStep):
                 previous_reports=self.previous_reports(job),
                 selection=self.selection(job),
                 pipeline=job.pipeline,
+                # every pipeline's fusion (knee: its probability; CT: its vBMD) reads the patient's labs
                 lab_values=patient_labs(self.store, [i.path for i in instances])
-                if job.pipeline == KNEE
+                if job.pipeline == KNEE or getattr(self.settings.analysis, "fusion_bundle", None)
                 else (),
             )
             return self.analyze(request)

@@ -161,6 +161,7 @@ def analyze_path(
     select: SelectFn | None = None,
     series_instance_uid: str | None = None,
     selection: Sequence[str] = (),
+    lab_values: Sequence[Any] = (),
 ) -> AnalyzeRun:
     """Analyse a DICOM folder/file or a NIfTI file and write the outputs into ``out_dir``.
 
@@ -185,6 +186,10 @@ def analyze_path(
     series_instance_uid, selection
         The series routing already chose, and its reasons (a node job): analysed as it is, no rule is
         evaluated again (``select`` unused).
+    lab_values
+        The patient's stored lab values (a node job with ``options.fusion_bundle``): the result is fused
+        with them when the bundle takes a CT score (:func:`dicomnode.pipeline.fusion.fuse_ct`), and the SR
+        says so, or why the image result stands alone.
     """
     from dicomnode.report import DEFAULT_DISCLAIMER, write_outputs
 
@@ -204,6 +209,11 @@ def analyze_path(
         sources: list[Dataset] = []
         if dicom and result.status is AnalysisStatus.OK:
             sources = source_datasets(volume, choice.chosen)
+        if options is not None and options.fusion_bundle:
+            from dicomnode.pipeline.fusion import fuse_ct
+
+            header = sources[0] if sources else volume.header
+            result = fuse_ct(result, options.fusion_bundle, lab_values, header)
         outputs = write_outputs(
             _WithResult(result, measured.canonical, measured.roi_masks),
             sources,

@@ -57,6 +57,7 @@ def analyze_job(request: AnalysisRequest, options: AnalysisOptions | None = None
         previous_reports=request.previous_reports,
         series_instance_uid=request.series_instance_uid,
         selection=request.selection,
+        lab_values=request.lab_values,
     )
     if run.error is not None:
         log.error("job %d: analysis error: %r", request.job_id, run.error)

@@ -59,7 +59,8 @@ class AnalysisRequest:
     selection: tuple[str, ...] = ()
     #: The job's pipeline (the routing rule's ``pipeline``): "bmd", or "knee-xray" for knee radiographs.
     pipeline: str = "bmd"
-    #: The patient's lab values (``dicomnode.store.labs.LabRecord``) for a knee job; empty otherwise.
+    #: The patient's lab values (``dicomnode.store.labs.LabRecord``) for a knee job, and for every job when a
+    #: fusion bundle is configured (``dicomnode.pipeline.fusion``); empty otherwise.
     lab_values: tuple[Any, ...] = ()
 
 

@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 
 from dicomnode.domain import AnalysisResult, AnalysisStatus, PreviousReport, ResultFiles
 from dicomnode.errors import DicomnodeError, InputError, NotQualifyingError
+from dicomnode.pipeline.fusion import patient_labs
 from dicomnode.pipeline.jobs import AnalysisOutcome, AnalysisRequest
 
 log = logging.getLogger(__name__)
@@ -28,48 +29,7 @@ KNEE_PIPELINE = "knee-xray"
 NO_MODEL = "no model configured: knee radiograph received, not classified (set analysis.knee_bundle)"
 ALGORITHM = "dicomnode-knee-xray"
 
-
-def patient_labs(store: Any, paths: Sequence[Path]) -> tuple[Any, ...]:
-    """The stored lab values of the patient of a job's images (Patient ID of the first readable header)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    for path in paths:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
-        except (OSError, InvalidDicomError, EOFError, ValueError):
-            continue
-        pid = str(ds.get("PatientID", "") or "").strip()
-        return tuple(store.lab_values(pid)) if pid else ()
-    return ()
-
-
-def _fusion(path: str, image_score: float, lab_values: Sequence[Any], day: Any) -> tuple[float | None, str]:
-    """The fused probability of osteoporosis (None: declined) and the sentence the SR carries."""
-    from dicomnode.labs.values import LabValue
-    from dicomnode.ml.fusion import apply_fusion
-
-    bundle = _fusion_bundle(path)
-    if bundle.image_input != "knee-probability":
-        return (
-            None,
-            f"image model only: fusion bundle {bundle.identification} takes {bundle.image_input} scores",
-        )
-    labs = [
-        LabValue(v.patient_id, v.analyte, v.loinc, float(v.value), v.unit, v.effective, v.source, v.source_id)
-        for v in lab_values
-    ]
-    if not labs:
-        return None, f"image model only: no laboratory values of the patient ({bundle.identification})"
-    p, _, note = apply_fusion(bundle, image_score, labs, day)
-    return p, f"{note} ({bundle.identification})"
-
-
-@functools.lru_cache(maxsize=2)
-def _fusion_bundle(path: str) -> Any:
-    from dicomnode.ml.fusion import load_fusion_bundle
-
-    return load_fusion_bundle(path)
+__all__ = ["KNEE_PIPELINE", "NO_MODEL", "analyze_knee", "analyze_knee_job", "patient_labs"]
 
 
 @functools.lru_cache(maxsize=2)
@@ -198,9 +158,12 @@ def analyze_knee(
         pred = classify_radiograph(bundle, rad)
         fused: tuple[float | None, str] = (None, "image model only: no fusion bundle configured")
         if fusion_bundle is not None:
-            fused = _fusion(
-                fusion_bundle, _osteoporosis_probability(pred), lab_values, _study_day(rad.header)
+            from dicomnode.pipeline.fusion import fuse, knee_score, study_day
+
+            found = fuse(
+                fusion_bundle, knee_score(_osteoporosis_probability(pred)), lab_values, study_day(rad.header)
             )
+            fused = (found.probability, found.note)
         return _report(
             pred,
             rad,
@@ -308,19 +271,6 @@ def _osteoporosis_probability(pred: Any) -> float:
     if "osteoporosis" in names:
         return float(pred.probabilities[names.index("osteoporosis")])
     return 1.0 - float(pred.probabilities[0])
-
-
-def _study_day(header: Dataset) -> Any:
-    from datetime import date
-
-    for kw in ("StudyDate", "SeriesDate", "ContentDate", "AcquisitionDate"):
-        text = str(header.get(kw, "") or "").strip()
-        if len(text) == 8 and text.isdigit():
-            try:
-                return date(int(text[:4]), int(text[4:6]), int(text[6:]))
-            except ValueError:
-                continue
-    raise InputError("the radiograph has no valid Study Date: lab values cannot be matched to it")
 
 
 def analyze_knee_job(request: AnalysisRequest, options: Any = None) -> AnalysisOutcome:

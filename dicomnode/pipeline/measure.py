@@ -60,7 +60,8 @@ class AnalysisOptions:
     disclaimer: str | None = None
     #: Knee-radiograph classifier bundle (``dicomnode train knee-xray``); None: knee jobs say "no model".
     knee_bundle: str | None = None
-    #: Image + lab-value fusion bundle (``dicomnode train fusion``), used for knee jobs with lab values.
+    #: Image + lab-value fusion bundle (``dicomnode train fusion``): knee and CT jobs with lab values, as its
+    #: image input says (``dicomnode.pipeline.fusion``).
     fusion_bundle: str | None = None
 
     def bundles(self) -> list[tuple[str, str, Path]]:

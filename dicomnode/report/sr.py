@@ -21,7 +21,10 @@ Content tree (codes in ``dicomnode.report.codes``, conformance and viewer notes 
         contrast correction
       Qualitative Evaluations (C0034375 UMLS)
         CODE category (Normal / Osteopenia / Osteoporosis, SNOMED CT; absent when withheld)
-        CODE contrast phase;  TEXT algorithm name / version;  TEXT comments (notes, withheld reasons)
+        CODE fused class (99DCMNODE FUSED-OP-CLASS), with a fusion bundle and the patient's lab values
+        CODE contrast phase;  TEXT algorithm name / version;  TEXT comments (notes, withheld reasons,
+        the lab values the fused class used with their dates, or why the image result stands alone)
+      (Derived Imaging Measurements also carries the fused class's probability, 99DCMNODE FUSED-PROB.)
 
 Why this layout (issue 10): OHIF (and other viewers) read every measurement group of 126010 as an
 annotation and take its first SCOORD without a guard, so a group without an image region there crashes the
@@ -42,8 +45,9 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import highdicom as hd
 import numpy as np
@@ -68,6 +72,47 @@ SR_SERIES_DESCRIPTION = "dicomnode BMD report"
 
 Region = hd.sr.ImageRegion | hd.sr.ImageRegion3D
 SRDocument = hd.sr.ComprehensiveSR | hd.sr.Comprehensive3DSR
+
+
+@dataclass(frozen=True)
+class FusedEstimate:
+    """The CT image result fused with the patient's laboratory values (founding study a), or why not.
+
+    Built by ``dicomnode.pipeline.fusion``; ``fused_class`` None means the image result stands alone and
+    ``note`` says why (no bundle for CT scores, no lab values, the bundle declined).
+    """
+
+    #: The sentence the SR carries: the lab values used with their dates, or why none were.
+    note: str
+    #: Fused probability of osteoporosis, its class and that class's probability (None: not fused).
+    probability_osteoporosis: float | None = None
+    fused_class: str | None = None
+    class_probability: float | None = None
+    #: The lab values used ("name value unit (date)").
+    labs_used: tuple[str, ...] = ()
+    #: The fusion bundle (name, version, checksum), what its image score is and the score fed to it.
+    bundle: str | None = None
+    image_input: str | None = None
+    image_score: float | None = None
+
+
+@dataclass(frozen=True)
+class FusedResult(AnalysisResult):
+    """A CT analysis result with its fusion with laboratory values (``result.json`` key ``fusion``)."""
+
+    fusion: FusedEstimate | None = None
+
+
+def _fusion_of(result: AnalysisResult) -> FusedEstimate | None:
+    fusion = getattr(result, "fusion", None)
+    return fusion if isinstance(fusion, FusedEstimate) else None
+
+
+def _fusion_codes() -> Any:
+    # one definition of the fused codes, shared with the knee SR (imported here: report.knee imports us)
+    from dicomnode.report import knee
+
+    return knee
 
 
 def _finite(value: float | None) -> bool:
@@ -252,6 +297,7 @@ def _qualitative_items(
     """Exam-level coded results and comments, for the Qualitative Evaluations container."""
     items: list[hd.sr.CodeContentItem | hd.sr.TextContentItem] = []
     s = result.summary
+    fusion = _fusion_of(result)
     if s is not None:
         if s.category is not None:
             items.append(
@@ -259,6 +305,13 @@ def _qualitative_items(
                     name=c.BMD_CATEGORY,
                     value=c.CATEGORY_VALUES[s.category.value],
                     relationship_type="CONTAINS",
+                )
+            )
+        if fusion is not None and fusion.fused_class is not None:  # beside the image's category
+            k = _fusion_codes()
+            items.append(
+                hd.sr.CodeContentItem(
+                    name=k.FUSED_CLASS, value=k.class_code(fusion.fused_class), relationship_type="CONTAINS"
                 )
             )
         items.append(
@@ -276,6 +329,8 @@ def _qualitative_items(
         if s.category is None:
             comments.append("No bone density category given" + (": see the notes above" if s.notes else ""))
     comments.extend(f"{lv}: no outline on an image; its values are in result.json" for lv in without_region)
+    if fusion is not None:
+        comments.append(fusion.note)
     items.extend(_text(c.COMMENT, text) for text in dict.fromkeys(comments))
     return items
 
@@ -396,6 +451,12 @@ def build_sr(
     extra: list[Dataset] = []
     if result.summary is not None:
         derived = _summary_measurements(result.summary, method)
+        fusion = _fusion_of(result)
+        if fusion is not None and fusion.class_probability is not None:
+            k = _fusion_codes()
+            derived.append(
+                hd.sr.Measurement(name=k.FUSED_PROBABILITY, value=fusion.class_probability, unit=k.UNIT_RATIO)
+            )
         if derived:
             extra.append(
                 _container(c.DERIVED_IMAGING_MEASUREMENTS, [cast(hd.sr.ContentItem, m[0]) for m in derived])

@@ -159,7 +159,7 @@ def test_bad_inputs_get_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_the_node_feeds_a_bundle_only_the_score_it_was_trained_on(signal: Trained, tmp_path: Path) -> None:
-    from dicomnode.pipeline.knee import _fusion
+    from dicomnode.pipeline.fusion import fuse, knee_score
 
     _, _, knee_bundle = signal
     assert load_fusion_bundle(knee_bundle).image_input == "knee-probability"
@@ -168,5 +168,6 @@ def test_the_node_feeds_a_bundle_only_the_score_it_was_trained_on(signal: Traine
     argv = ["train", "fusion", "--data", str(dev), "--labs", str(labs), "--out", str(other), "--folds", "0"]
     assert main([*argv, "--image-input", "other"]) == 0
     values = [make_value("p", "17861-6", 9.0, "mg/dL", date(2026, 3, 1))]
-    p, note = _fusion(str(other), 0.9, values, date(2026, 3, 2))
-    assert p is None and "takes other scores" in note and "image model only" in note
+    found = fuse(str(other), knee_score(0.9), values, date(2026, 3, 2))
+    assert found.probability is None and "takes other scores" in found.note
+    assert "image model only" in found.note
