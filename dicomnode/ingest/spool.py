@@ -73,6 +73,9 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
 from dicomnode.ingest import prometheus as metrics
+from dicomnode.ingest.consistency import INSTANCE_MISMATCH as _CLAIMED_INSTANCE_MISMATCH
+from dicomnode.ingest.consistency import SOP_CLASS_MISMATCH as _CLAIMED_CLASS_MISMATCH
+from dicomnode.ingest.consistency import claim_mismatch
 from dicomnode.ingest.dicomparse import DatasetError, encode_file_meta, get_uid, is_valid_uid, parse_header
 from dicomnode.ingest.sink import InstanceSink, ReceivedInstance
 from dicomnode.vocab import CT_IMAGE_STORAGE_SOP_CLASSES
@@ -83,10 +86,10 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 OUT_OF_RESOURCES_WRITE = 0xA701
 OUT_OF_RESOURCES_DATABASE = 0xA702
-DATASET_MISMATCH = 0xA900
+DATASET_MISMATCH = _CLAIMED_CLASS_MISMATCH
 CANNOT_UNDERSTAND = 0xC210
 INVALID_UID = 0xC211
-INSTANCE_MISMATCH = 0xC212
+INSTANCE_MISMATCH = _CLAIMED_INSTANCE_MISMATCH
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 PROCESSING_FAILURE = 0x0110
 
@@ -585,10 +588,9 @@ class Spool:
         sop_class, sop = values["SOPClassUID"], values["SOPInstanceUID"]
         study, series = values["StudyInstanceUID"], values["SeriesInstanceUID"]
         ids: dict[str, Any] = {"sop_class_uid": sop_class, "sop_instance_uid": sop}
-        if cmd_class is not None and cmd_class.strip().rstrip("\x00") != sop_class:
-            return IngestResult(DATASET_MISMATCH, "dataset SOP Class UID differs from the request", **ids)
-        if cmd_instance is not None and cmd_instance.strip().rstrip("\x00") != sop:
-            return IngestResult(INSTANCE_MISMATCH, "dataset SOP Instance UID differs from the request", **ids)
+        mismatch = claim_mismatch(sop_class, sop, cmd_class, cmd_instance)
+        if mismatch is not None:
+            return IngestResult(mismatch.status, mismatch.comment, **ids)
         if expected_study is not None and expected_study != study:
             return IngestResult(DATASET_MISMATCH, "instance belongs to another study than the request", **ids)
         if not self.accepts(sop_class):
