@@ -42,7 +42,7 @@ from dicomnode.report import codes as c
 from dicomnode.report.outputs import OutputFiles, _atomic_write
 from dicomnode.report.patient import sanitized_source
 from dicomnode.report.render import DEFAULT_DISCLAIMER, RenderedImage, _font
-from dicomnode.report.sr import MANUFACTURER, _append_to_root, _container, _text
+from dicomnode.report.sr import MANUFACTURER, _append_to_root, _container, _text, finish_sr
 from dicomnode.report.uids import UidPolicy
 
 log = logging.getLogger(__name__)
@@ -188,22 +188,14 @@ def build_knee_sr(
             _container(c.QUALITATIVE_EVALUATIONS, qualitative),
         ],
     )
-    sr = hd.sr.ComprehensiveSR(
-        evidence=[evidence],
-        content=measurement_report,
-        series_instance_uid=uids.uid("sr-series"),
-        series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=uids.uid("sr-instance"),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        is_complete=True,
-        is_final=False,  # PRELIMINARY: research output, needs a physician's review
-        is_verified=False,
-        previous_versions=list(previous_versions) or None,
+    return finish_sr(
+        hd.sr.ComprehensiveSR,
+        [evidence],
+        measurement_report,
+        uids,
+        (SR_SERIES_NUMBER, SR_SERIES_DESCRIPTION),
+        previous_versions,
     )
-    sr.SeriesDescription = SR_SERIES_DESCRIPTION
-    sr.SoftwareVersions = f"dicomnode {__version__}"
-    return sr
 
 
 def _heat_rgb(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

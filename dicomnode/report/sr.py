@@ -47,7 +47,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import highdicom as hd
 import numpy as np
@@ -463,12 +463,36 @@ def build_sr(
             )
     extra.append(_container(c.QUALITATIVE_EVALUATIONS, _qualitative_items(result, without_region)))
     _append_to_root(report, extra)
-    sr_class = hd.sr.Comprehensive3DSR if uses_3d else hd.sr.ComprehensiveSR
+    series = (series_number, SR_SERIES_DESCRIPTION)
+    if uses_3d:
+        return finish_sr(
+            hd.sr.Comprehensive3DSR, evidence, report, uids, series, previous_versions, institution_name
+        )
+    return finish_sr(
+        hd.sr.ComprehensiveSR, evidence, report, uids, series, previous_versions, institution_name
+    )
+
+
+_SR = TypeVar("_SR", hd.sr.ComprehensiveSR, hd.sr.Comprehensive3DSR)
+
+
+def finish_sr(
+    sr_class: type[_SR],
+    evidence: Sequence[Dataset],
+    content: Any,
+    uids: UidPolicy,
+    series: tuple[int, str],
+    previous_versions: Sequence[Dataset] = (),
+    institution_name: str | None = None,
+) -> _SR:
+    """The SR object of a report (CT and knee alike): its series (number, description), UIDs from the job's
+    policy, PRELIMINARY and unverified (research output that needs a physician's review), the versions it
+    replaces, and our software version."""
     sr = sr_class(
-        evidence=evidence,
-        content=report,
+        evidence=list(evidence),
+        content=content,
         series_instance_uid=uids.uid("sr-series"),
-        series_number=series_number,
+        series_number=series[0],
         sop_instance_uid=uids.uid("sr-instance"),
         instance_number=1,
         manufacturer=MANUFACTURER,
@@ -478,7 +502,7 @@ def build_sr(
         is_verified=False,
         previous_versions=list(previous_versions) or None,
     )
-    sr.SeriesDescription = SR_SERIES_DESCRIPTION
+    sr.SeriesDescription = series[1]
     sr.SoftwareVersions = f"dicomnode {__version__}"
     return sr
 
