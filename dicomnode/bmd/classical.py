@@ -636,6 +636,8 @@ def _cut_by_edge(
     leaves the scan across the body's depth cuts the body's corner off (its end plate is not in view)."""
     z0, z1 = zr
     edge = EDGE_MM / g
+    if z0 == 0 or z1 == nz - 1:
+        return True
     for side, dz in ((-1, discs[k - 1] if k >= 1 else None), (1, discs[k] if k < len(discs) else None)):
         if dz is None:
             if (z0 <= edge) if side < 0 else (nz - 1 - z1 <= edge):

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from dicomnode.bmd import calibration as cal
-from dicomnode.bmd.roi import METAL_MIN_MM3, RoiStats
+from dicomnode.bmd.roi import METAL_MIN_MM3, PROFILE_BEYOND_MM, RoiStats
 from dicomnode.bmd.segmentation import SpineSegmentation
 from dicomnode.domain import (
     REPORTED_LEVELS,
@@ -141,6 +141,11 @@ def build_vertebrae(
         st = stats[lv]
         if lv in seg.truncated:
             reasons[lv].append("vertebral body cut by the field of view")
+        elif st.near_edge:
+            reasons[lv].append(
+                f"vertebral body ends within {PROFILE_BEYOND_MM:.0f} mm of the scan's edge (its end plate "
+                "and the disc beyond are not in view)"
+            )
         if lv in seg.unreliable:
             reasons[lv].append(seg.unreliable[lv])
         if st.metal_mm3 >= METAL_MIN_MM3:

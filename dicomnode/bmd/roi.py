@@ -42,6 +42,8 @@ class RoiStats:
     mask_heights_mm: tuple[float, float, float] | None = None
     #: volume of outlier voxels excluded from the statistics (bone islands, sclerotic foci, vein)
     outliers_mm3: float = 0.0
+    #: the body ends within ``PROFILE_BEYOND_MM`` of the top or bottom of the scan (no heights then)
+    near_edge: bool = False
 
 
 def padded_box(box: Box, shape: tuple[int, int, int], pad: int = 2) -> Box:
@@ -50,6 +52,31 @@ def padded_box(box: Box, shape: tuple[int, int, int], pad: int = 2) -> Box:
         slice(max(0, box[1].start - pad), min(shape[1], box[1].stop + pad)),
         slice(max(0, box[2].start - pad), min(shape[2], box[2].stop + pad)),
     )
+
+
+def _near_scan_edge(canon: Volume, box: Box, body: B) -> bool:
+    """Whether the body ends closer to the top or bottom of the scan than the end-plate profiles reach
+    beyond it (``PROFILE_BEYOND_MM``): its end plate or the disc beyond may be cut off."""
+    sz = canon.spacing[2]
+    ks = np.nonzero(body.any(axis=(1, 2)))[0]
+    if ks.size == 0:
+        return False
+    k0, k1 = box[0].start + int(ks[0]), box[0].start + int(ks[-1])
+    return bool(k0 * sz < PROFILE_BEYOND_MM or (canon.shape[0] - 1 - k1) * sz < PROFILE_BEYOND_MM)
+
+
+def _with_context(canon: Volume, box: Box, body: B) -> tuple[Box, B]:
+    """``box`` grown by ``PROFILE_CONTEXT_MM`` on every side (within the volume) and ``body`` placed in it:
+    the end-plate profiles see the same anatomy beyond the body on every grid."""
+    sx, sy, sz = canon.spacing
+    grow = [max(1, int(np.ceil(PROFILE_CONTEXT_MM / s))) for s in (sz, sy, sx)]
+    ctx = tuple(
+        slice(max(0, b.start - c), min(n, b.stop + c)) for b, c, n in zip(box, grow, canon.shape, strict=True)
+    )
+    out = np.zeros(tuple(c.stop - c.start for c in ctx), dtype=bool)
+    o = tuple(b.start - c.start for b, c in zip(box, ctx, strict=True))
+    out[o[0] : o[0] + body.shape[0], o[1] : o[1] + body.shape[1], o[2] : o[2] + body.shape[2]] = body
+    return (ctx[0], ctx[1], ctx[2]), out
 
 
 def trabecular_roi(
@@ -83,8 +110,16 @@ def trabecular_roi(
     z_margin = max(endplate_margin_mm, erosion_mm + sz)
     roi = body & (dist > erosion_mm) & (dist_z > z_margin)
     mask_heights = body_heights(body, (sx, sy, sz), axis_mm)
-    pfit = profile_height_fit(data, body, (sx, sy, sz), axis_mm)
-    heights, heights_se = (pfit.heights_mm, pfit.se_mm) if pfit is not None else (mask_heights, None)
+    heights: tuple[float, float, float] | None
+    heights_se: tuple[float, float, float] | None
+    near_edge = _near_scan_edge(canon, box, body)
+    if near_edge:
+        # the profiles need the disc and the next end plate beyond the body: not in view, no heights
+        heights, heights_se = None, None
+    else:
+        ctx, body_ctx = _with_context(canon, box, body)
+        pfit = profile_height_fit(canon.data[ctx], body_ctx, (sx, sy, sz), axis_mm)
+        heights, heights_se = (pfit.heights_mm, pfit.se_mm) if pfit is not None else (mask_heights, None)
     if body.any():
         kk, jj, ii = np.nonzero(body)
         # mid-vertebral slab: the central half of the body height along its own axis (clinical L1 ROIs are
@@ -128,6 +163,7 @@ def trabecular_roi(
             heights,
             heights_se,
             mask_heights,
+            near_edge=near_edge,
         )
     kk, jj, ii = np.nonzero(roi)
     cen = (
@@ -148,6 +184,7 @@ def trabecular_roi(
         heights_se_mm=heights_se,
         mask_heights_mm=mask_heights,
         outliers_mm3=float(n_out) * voxel,
+        near_edge=near_edge,
     )
 
 
@@ -239,9 +276,21 @@ def body_heights(
 PROFILE_FRACTIONS = (0.15, 0.25, 0.35, 0.5, 0.65, 0.75, 0.85)
 #: Step (mm) along a profile, and the least HU drop from an end-plate peak into the disc that counts.
 PROFILE_STEP_MM = 0.25
+#: How far (mm) a profile runs beyond the body's own extent (into the disc and the next end plate), and the
+#: image context the profiles get around the body (the same in mm on every grid).
+PROFILE_BEYOND_MM = 12.0
+PROFILE_CONTEXT_MM = 16.0
 ENDPLATE_MIN_DROP_HU = 60.0
 #: Least HU an end-plate peak stands above the marrow at the body's middle.
 ENDPLATE_MIN_RISE_HU = 40.0
+#: A thin disc between two end plates, smeared by thick slices or partial volume, may not fall by
+#: ``ENDPLATE_MIN_DROP_HU``: two end-plate peaks facing each other within ``DISC_PAIR_MM`` with a dip of at
+#: least ``DISC_DIP_HU`` below both, the dip in the outer ``DISC_NEAR_MM`` of the body's extent, are the
+#: body's end plate, the disc and the next body's end plate (the first peak is the edge, not the second),
+#: unless a disc darker than the marrow follows the second peak (then it is the body's own end plate).
+DISC_PAIR_MM = 12.0
+DISC_DIP_HU = 30.0
+DISC_NEAR_MM = 8.0
 
 
 @dataclass(frozen=True)
@@ -331,7 +380,7 @@ def profile_height_fit(
             continue
         lo, hi = float(h[col].min()), float(h[col].max())
         c, half_span = 0.5 * (lo + hi), 0.5 * (hi - lo)
-        n = int((half_span + 12.0) / ds)
+        n = int((half_span + PROFILE_BEYOND_MM) / ds)
         s = np.arange(-n, n + 1) * ds
         # sample points (x, y, z) mm -> index (k, j, i) of the box
         base = u0 * e_lr + vt * e_ap + c * a
@@ -347,8 +396,9 @@ def profile_height_fit(
         )
         p = ndi.gaussian_filter1d(prof.reshape(s.size, pu.size).mean(axis=1).astype(float), 0.5 / ds)
         marrow = float(np.median(p[np.abs(s) <= max(2.0, 0.2 * half_span)]))
-        up = _endplate_edge(p[n:], marrow, ds)
-        dn = _endplate_edge(p[n::-1], marrow, ds)
+        near = half_span - DISC_NEAR_MM
+        up = _endplate_edge(p[n:], marrow, ds, near)
+        dn = _endplate_edge(p[n::-1], marrow, ds, near)
         if up is None or dn is None:
             continue
         # the working-grid mask may be too tall (its closing along the axis fills a wedge) but an end
@@ -389,9 +439,13 @@ def profile_height_fit(
     )
 
 
-def _endplate_edge(q: npt.NDArray[np.float64], marrow: float, ds: float) -> float | None:
+def _endplate_edge(
+    q: npt.NDArray[np.float64], marrow: float, ds: float, disc_from_mm: float | None = None
+) -> float | None:
     """Distance (mm) from ``q[0]`` (the body's middle) to the outer half-maximum edge of the first end
-    plate met walking outwards along the profile ``q``; None when no end plate is seen."""
+    plate met walking outwards along the profile ``q``; None when no end plate is seen. ``disc_from_mm``:
+    where a disc may begin (the outer part of the body's extent), for a thin disc between two end-plate
+    peaks that does not fall by ``ENDPLATE_MIN_DROP_HU`` (see ``DISC_PAIR_MM``)."""
     w = max(2, int(8.0 / ds))
     for k in range(1, q.size - 1):
         if q[k] < q[k - 1] or q[k] < q[k + 1]:
@@ -404,7 +458,10 @@ def _endplate_edge(q: npt.NDArray[np.float64], marrow: float, ds: float) -> floa
         if q[k] < marrow + ENDPLATE_MIN_RISE_HU:
             continue
         if drop < max(ENDPLATE_MIN_DROP_HU, 0.5 * (float(q[k]) - marrow)):
-            continue
+            j_disc = _thin_disc(q, k, marrow, ds, disc_from_mm)
+            if j_disc is None:
+                continue
+            j_low, low = j_disc - k, float(q[j_disc])
         # the half-maximum of the cortical end plate: half-way between its peak and the disc. Half-way
         # between marrow and disc instead would put the edge of a bright plate up to a slice outwards and
         # pull every wedge ratio towards 1 (a 50 % wedge read 0.70 at 3 mm slices)
@@ -413,6 +470,31 @@ def _endplate_edge(q: npt.NDArray[np.float64], marrow: float, ds: float) -> floa
             if q[j] < half:
                 t = (float(q[j - 1]) - half) / max(1e-6, float(q[j - 1] - q[j]))
                 return (j - 1 + t) * ds
+        return None
+    return None
+
+
+def _thin_disc(
+    q: npt.NDArray[np.float64], k: int, marrow: float, ds: float, disc_from_mm: float | None
+) -> int | None:
+    """Index of the disc between the end-plate peak ``q[k]`` and the next body's end-plate peak within
+    ``DISC_PAIR_MM`` (a dip >= ``DISC_DIP_HU`` below both, beyond ``disc_from_mm``); None if there is none."""
+    if disc_from_mm is None:
+        return None
+    stop = min(q.size - 1, k + int(DISC_PAIR_MM / ds) + 1)
+    for k2 in range(k + 2, stop):
+        if q[k2] < q[k2 - 1] or q[k2] < q[k2 + 1] or q[k2] < marrow + ENDPLATE_MIN_RISE_HU:
+            continue
+        j = k + int(np.argmin(q[k : k2 + 1]))
+        dip = float(q[j])
+        # beyond the second peak lies the next body's marrow; a disc darker than the marrow there means the
+        # second peak is this body's own end plate and the first a dense band inside the body (an impacted
+        # fracture zone, a bone island)
+        after = q[k2 : k2 + max(2, int(8.0 / ds))]
+        if float(after.min()) < marrow - DISC_DIP_HU:
+            return None
+        if j * ds >= disc_from_mm and min(float(q[k]), float(q[k2])) - dip >= DISC_DIP_HU:
+            return j
         return None
     return None
 
