@@ -8,9 +8,9 @@ sacrum, all 12 rib pairs above it. ``mask.nii.gz`` is a TotalSegmentator-style l
 What holds (asserted): the lumbar spine is found and named from the ribs, each measured level's ROI
 centroid lies inside the reference vertebra of that name, the contrast is not called native, and the L1
 trabecular mean lies in 60-125 HU (the data README's rough reference is ~92 HU). The names are confident
-because the scan reaches above the lung apices and the rib pairs are counted from the first rib down (12, the 12th on the lowest rib-bearing
-vertebra); the 12th pair alone (~0.59 of the 11th) could be a lumbar rib. The same patient with its 12th
-ribs erased (11 pairs) must not be named confidently.
+because the scan reaches above the lung apices and the rib pairs are counted from the first rib down (12,
+the 12th on the lowest rib-bearing vertebra); the 12th pair alone (~0.59 of the 11th) could be a lumbar
+rib. The same patient with its 12th ribs erased (11 pairs) must not be named confidently.
 """
 
 from __future__ import annotations
