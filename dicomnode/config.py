@@ -428,8 +428,9 @@ class AnalysisSettings(_Section):
     #: Knee-radiograph classifier bundle folder (``dicomnode train knee-xray``); None: knee radiographs are
     #: received and their jobs say "no model configured".
     knee_bundle: str | None = None
-    #: Fusion bundle (``dicomnode train fusion``): with lab values of the patient within its window the knee
-    #: result is also reported fused with them; None: the image result alone.
+    #: Fusion bundle (``dicomnode train fusion``): with lab values of the patient within its window the CT or
+    #: knee result (whichever image score the bundle was trained on) is also reported fused with them; None:
+    #: the image result alone.
     fusion_bundle: str | None = None
 
     @field_validator("backend", "segmentation_backend", "bmd_estimator")
