@@ -183,6 +183,14 @@ def build_vertebrae(
                 f"vertebral body outline unreliable (height ratio {_trunc3(r)}, heights "
                 f"{'/'.join(f'{x:.0f}' for x in h)} mm): not measured"
             )
+        elif st.heights_se_mm is None and r < FRACTURE_RATIO:
+            # the end-plate profiles failed and the heights are the working-grid outline's, which follows
+            # the segmentation rather than the end plates (it read a regular Basel L1 at 0.46 on a copy with
+            # a smaller field of view): a deformity is flagged for review, never excluded on it alone
+            qcs[lv].append(
+                f"height ratio {_trunc3(r)} from the body outline only (end-plate profiles not found): "
+                "fracture not assessed, check the sagittal view"
+            )
         elif (
             r + FRACTURE_Z * se_r < FRACTURE_EXCLUDE_RATIO
             and r_mask is not None
@@ -211,7 +219,7 @@ def build_vertebrae(
                 f"possible mild deformity (height ratio {_trunc3(r)} < {FRACTURE_RATIO}, Genant grade 1; "
                 "physiological wedging looks alike): kept"
             )
-        elif nb and max(h) < FRACTURE_RATIO * float(np.mean(nb)):
+        elif st.heights_se_mm is not None and nb and max(h) < FRACTURE_RATIO * float(np.mean(nb)):
             reasons[lv].append(
                 f"suspected compression fracture (height {max(h):.1f} mm < 80% of neighbours' "
                 f"{np.mean(nb):.1f} mm)"

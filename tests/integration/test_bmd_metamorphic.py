@@ -333,8 +333,15 @@ def test_basel_vbmd_and_category(basel_rows: list[Row]) -> None:
     _check_vbmd(basel_rows)
 
 
-@pytest.mark.xfail(strict=True, reason="fracture calls still depend on the grid (end-plate profiles)")
-def test_basel_fracture_flags(basel_rows: list[Row]) -> None:
+def test_basel_fracture_flags_without_tilt(basel_rows: list[Row]) -> None:
+    _check_fractures([r for r in basel_rows if r.variant not in TILTS])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the copy tilted 10 deg about left-right reads L4 as wedged (its body mask, not its end plates)",
+)
+def test_basel_fracture_flags_with_tilt(basel_rows: list[Row]) -> None:
     _check_fractures(basel_rows)
 
 
@@ -385,6 +392,5 @@ def test_lidc_l1_mean_spread_without_tilt(lidc_rows: list[Row]) -> None:
     _check_values([r for r in lidc_rows if r.variant not in TILTS])
 
 
-@pytest.mark.xfail(strict=True, reason="fracture calls on the thin-disc bodies still depend on the grid")
 def test_lidc_fracture_flags(lidc_rows: list[Row]) -> None:
     _check_fractures(lidc_rows)
