@@ -20,6 +20,13 @@ from typing import Any
 
 import pydicom
 import pytest
+from web_testing import (
+    complete_and_route,
+    ingest,
+    make_runner,
+    make_settings,
+    make_store,
+)
 
 from dicomnode.domain import AnalysisStatus, JobState
 from dicomnode.labs.csv_io import read_lab_csv
@@ -28,13 +35,6 @@ from dicomnode.pipeline.analyze import analyze_path
 from dicomnode.pipeline.executors import job_function
 from dicomnode.pipeline.measure import options_from_settings
 from dicomnode.pipeline.rules_in_force import RulesInForce
-from tests.web_testing import (
-    complete_and_route,
-    ingest,
-    make_runner,
-    make_settings,
-    make_store,
-)
 
 ACCEPTED_WARNING = "Unrecognized defined term <99DCMNODE> for value 1 of attribute <Coding Scheme Designator>"
 

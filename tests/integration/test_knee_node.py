@@ -8,11 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pydicom
+from web_testing import complete_and_route, ingest, make_runner, make_settings, make_store
 
 from dicomnode.domain import JobState
 from dicomnode.ml.knee_synthetic import make_knee, write_dx
 from dicomnode.pipeline.rules_in_force import RulesInForce
-from tests.web_testing import complete_and_route, ingest, make_runner, make_settings, make_store
 
 
 def test_knee_radiograph_without_a_bundle_is_received_and_says_no_model(tmp_path: Path) -> None:

@@ -281,11 +281,11 @@ def test_node_reports_the_fused_estimate_with_the_labs_used(
     from datetime import date
 
     import pydicom
+    from web_testing import make_settings, make_store
 
     from dicomnode.labs.csv_io import read_lab_csv
     from dicomnode.ml.fusion import FusionConfig, train_fusion, write_fusion_dataset
     from dicomnode.pipeline.knee import patient_labs
-    from tests.web_testing import make_settings, make_store
 
     out, _, _ = trained
     data, labs_csv = write_fusion_dataset(tmp_path / "cohort", 80, 5, lab_signal=True)
@@ -294,9 +294,9 @@ def test_node_reports_the_fused_estimate_with_the_labs_used(
     ds = pydicom.dcmread(src, stop_before_pixels=True)
     # the patient's labs, pushed as FHIR Observations to the node's endpoint, found by the job's Patient ID
     from fastapi.testclient import TestClient
+    from web_testing import ADMIN_PASSWORD, build_admin_app
 
     from dicomnode.web.fhir import router
-    from tests.web_testing import ADMIN_PASSWORD, build_admin_app
 
     settings = make_settings(tmp_path / "data")
     store = make_store(settings)

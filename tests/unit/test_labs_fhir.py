@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from web_testing import ADMIN_PASSWORD, VIEWER_PASSWORD, build_admin_app, make_settings, make_store
 
 from dicomnode.labs.csv_io import read_lab_csv
 from dicomnode.labs.fhir import parse_observations
 from dicomnode.labs.values import LabInputError
-from tests.web_testing import ADMIN_PASSWORD, VIEWER_PASSWORD, build_admin_app, make_settings, make_store
 
 PATIENT = "MRN-4711"
 
