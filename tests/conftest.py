@@ -40,3 +40,18 @@ def abdomen_ct(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def abdomen_seg(shared_data: Path) -> Path:
     return shared_data / "totalsegmentator_abdomen_nifti" / "example_seg_fast_force_split.nii.gz"
+
+
+@pytest.fixture(autouse=True)
+def _no_log_rate_limit_across_tests() -> object:
+    """A STOW-RS router attaches a repeat filter to the ingest loggers (``ingest.lograte``) for the life of
+    the process; tests must not inherit another test's counts (a line a test asserts would be dropped)."""
+    yield
+    import logging
+
+    from dicomnode.ingest.lograte import RepeatFilter
+
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        if isinstance(logger, logging.Logger):
+            for f in [f for f in logger.filters if isinstance(f, RepeatFilter)]:
+                logger.removeFilter(f)
