@@ -8,10 +8,16 @@ PACS or a router does). The receivers:
 
 * dcmtk ``storescp --fork`` (one process per association; writes each file, no fsync): the reference;
 * Orthanc (the PACS the node sits beside; its default SQLite index and file storage);
-* dicomnode's ``StorageSCP`` on the production path and settings: structure check, header parse, the file
-  written to the spool, the record in the embedded SQLite store (WAL, ``synchronous=FULL``), the success
-  status only once both are durable (the group commit: one flush of the files and one database transaction
-  for all instances waiting at that moment, across associations).
+* dicomnode's receiver as ``serve``/``receive`` builds it from the default settings (only the data folder and
+  the port set): ``dicom.receive_processes`` ("auto" = min(4, CPUs)) receiving processes sharing the port,
+  each running the ``StorageSCP``: structure check, header parse, the file written to the spool, the record in
+  the embedded SQLite store (WAL, ``synchronous=FULL``), the success status only once both are durable (the
+  group commit: one flush of the files and one database transaction for all instances waiting at that
+  moment, across the associations of that process). ``--only node1`` adds the node with one receiving
+  process (inside the benchmark's process), for comparison.
+
+The node's receiving processes are started (and the listening socket bound) before the clock starts, as
+Orthanc and storescp are; what is timed is the transfer, from the first storescu start to the last end.
 
 Each of ``--runs`` rounds sends the series to every receiver at 1 and at 4 associations, rotating the order;
 every receiver gets a fresh output folder (and database) each time. Medians over the rounds are printed as
@@ -42,7 +48,10 @@ import requests
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from dicomnode.cli.node import receiver_spool
+from dicomnode.config import Settings
 from dicomnode.ingest import Spool
+from dicomnode.ingest.processes import ReceiverPool
 from dicomnode.ingest.scp import StorageSCP
 from dicomnode.netutil import free_port, wait_port
 from dicomnode.pipeline.sink import StoreSink
@@ -52,6 +61,8 @@ STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 ORTHANC = "/usr/sbin/Orthanc"
 RECEIVERS = ("storescp", "orthanc", "node")
+#: Also accepted by ``--only``: the node with one receiving process (inside the benchmark's process).
+EXTRA_RECEIVERS = ("node1",)
 ASSOCIATIONS = (1, 4)
 
 
@@ -202,31 +213,51 @@ def run_orthanc(folder: Path, senders: list[Path], n: int) -> float:
     return elapsed
 
 
-def run_node(folder: Path, senders: list[Path], n: int) -> float:
+def run_node(folder: Path, senders: list[Path], n: int, processes: int | str = "auto") -> float:
+    """The node's receiver as ``dicomnode serve``/``receive`` builds it from the settings (defaults but the
+    folder and the port): ``dicom.receive_processes`` receiving processes on one port, or the SCP inside this
+    process when that is 1."""
     folder.mkdir(parents=True)
-    engine = make_engine(f"sqlite:///{folder / 'node.sqlite3'}")
+    settings = Settings(data_dir=folder, dicom={"port": free_port(), "receive_processes": processes})
+    engine = make_engine(settings.database_url_resolved())
     upgrade(engine)
     store = Store(engine)
-    scp = StorageSCP(Spool(folder / "spool", StoreSink(store)), ae_title="DICOMNODE", port=0)
+    count = settings.dicom.receive_process_count
+    spool = Spool(
+        settings.spool_dir,
+        StoreSink(store),
+        free_space_floor_mb=settings.dicom.free_space_floor_mb,
+        other_classes=settings.dicom.accept_other_storage_classes,
+    )
+    scp: StorageSCP | ReceiverPool = (
+        ReceiverPool(settings, receiver_spool, count)
+        if count > 1
+        else StorageSCP.from_settings(settings.dicom, spool)
+    )
     scp.start()
     try:
         assert scp.port is not None
-        elapsed = send(scp.port, "DICOMNODE", senders)
+        elapsed = send(scp.port, settings.dicom.ae_title, senders)
         got = store.ingest_totals()[0]
     finally:
         scp.stop()
-        scp.spool.close()
+        spool.close()
         engine.dispose()
     if got != n:
         raise RuntimeError(f"dicomnode: {got} of {n} instances recorded")
     return elapsed
 
 
-RUNNERS = {"storescp": run_storescp, "orthanc": run_orthanc, "node": run_node}
+def run_node_one_process(folder: Path, senders: list[Path], n: int) -> float:
+    return run_node(folder, senders, n, processes=1)
+
+
+RUNNERS = {"storescp": run_storescp, "orthanc": run_orthanc, "node": run_node, "node1": run_node_one_process}
 LABELS = {
     "storescp": "dcmtk storescp --fork (no fsync)",
     "orthanc": "Orthanc (default storage and index)",
-    "node": "dicomnode (durable: group commit, fsync, SQLite FULL)",
+    "node": "dicomnode (durable; receive_processes auto)",
+    "node1": "dicomnode (durable; receive_processes 1)",
 }
 
 
@@ -247,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=",".join(RECEIVERS), help="comma-separated receivers to run")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args(argv)
-    receivers = [r for r in RECEIVERS if r in args.only.split(",")]
+    receivers = [r for r in (*RECEIVERS, *EXTRA_RECEIVERS) if r in args.only.split(",")]
     # As the node runs (dicomnode.cli): pynetdicom's per-message INFO lines off.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     for tool in (STORESCU, STORESCP, ORTHANC):
@@ -288,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{LABELS[name]:56s} {k:5d} {t:7.2f} {args.images / t:7.1f} {total / 1e6 / t:6.1f}")
         if "node" in receivers:
             for k in ASSOCIATIONS:
+                if "node1" in receivers:
+                    print(f"RATIO {k} association(s): node/node1 {med[('node1', k)] / med[('node', k)]:.2f}")
                 node = med[("node", k)]
                 parts = [f"{k} association{'s' if k > 1 else ''}:"]
                 if "storescp" in receivers:

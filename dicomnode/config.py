@@ -157,8 +157,28 @@ class DicomSettings(_Section):
     max_pdu_bytes: int = Field(1 << 20, ge=4096, le=64 << 20)
     #: Refuse C-STORE (out of resources) when free space in data_dir drops below this.
     free_space_floor_mb: int = Field(1024, ge=0)
+    #: Processes receiving C-STORE on the DICOM port(s), each with its own spool writer and group commit, so
+    #: parallel associations are not serialised on one Python interpreter lock; ``auto`` = min(4, CPUs).
+    #: 1 = receive inside the node's own process (no child processes). Several processes accept on the same
+    #: listening socket(s) (plain and TLS), balanced by their number of open connections; association limits
+    #: and metrics are shared (``docs/conformance.md``, "Several receiving processes").
+    receive_processes: int | Literal["auto"] = "auto"
 
     _ae = field_validator("ae_title")(_check_ae)
+
+    @field_validator("receive_processes")
+    @classmethod
+    def _processes(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 64:
+            raise ValueError("must be 'auto' or a number of processes from 1 to 64")
+        return value
+
+    @property
+    def receive_process_count(self) -> int:
+        """``receive_processes`` resolved: ``auto`` = min(4, CPUs of this machine)."""
+        if self.receive_processes == "auto":
+            return max(1, min(4, os.cpu_count() or 1))
+        return int(self.receive_processes)
 
     @model_validator(mode="after")
     def _listeners(self) -> DicomSettings:

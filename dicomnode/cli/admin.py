@@ -160,6 +160,9 @@ def config_summary(settings: Settings, rules: RuleSet, path: Path | None) -> str
         f"  dicom         AE {d.ae_title} on {d.host}:{d.port or '(no plain port)'}; "
         f"calling AEs: {allowed or 'any'}; "
         f"other storage classes: {d.accept_other_storage_classes}; max associations {d.max_associations}",
+        f"  receiving     {d.receive_process_count} process(es)"
+        + (" (auto: min(4, CPUs))" if d.receive_processes == "auto" else "")
+        + ("" if d.receive_process_count > 1 else ", inside the node's process"),
         f"  http          {settings.http.host}:{settings.http.port}",
         *_tls_lines(settings),
         f"  completion    series quiet {settings.completion.series_quiet_seconds:g} s, study quiet "

@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -279,7 +280,15 @@ def build_node(
             free_space_floor_mb=settings.dicom.free_space_floor_mb,
             other_classes=settings.dicom.accept_other_storage_classes,
         )
-        node.scp = StorageSCP.from_settings(settings.dicom, spool)
+        processes = settings.dicom.receive_process_count
+        if processes > 1:
+            # Several receiving processes on the DICOM port(s), each with its own spool writer and group
+            # commit (dicomnode.ingest.processes); STOW-RS stays in this process, on this spool.
+            from dicomnode.ingest.processes import ReceiverPool
+
+            node.scp = ReceiverPool(settings, receiver_spool, processes)
+        else:
+            node.scp = StorageSCP.from_settings(settings.dicom, spool)
         routers.append(build_stow_router(spool))
         scp = node.scp
         readiness.append(("dicom", lambda: None if scp.is_listening else "DICOM listener not started"))
@@ -329,6 +338,31 @@ def build_node(
     if node.runner is not None and hasattr(node.app.state, "web"):
         node.app.state.web.actions.on_jobs_created = node.executor.wake
     return node
+
+
+def receiver_spool(settings: Settings) -> tuple[Any, Callable[[], None]]:
+    """A receiving process's spool over its own database connection, and what closes both.
+
+    The :data:`dicomnode.ingest.processes.SpoolFactory` of ``serve``/``receive`` with several receiving
+    processes: called in each of them (the database was migrated by the node's process before).
+    """
+    from dicomnode.ingest import Spool
+    from dicomnode.pipeline.sink import StoreSink
+    from dicomnode.store import Store, make_engine
+
+    engine = make_engine(settings.database_url_resolved())
+    spool = Spool(
+        settings.spool_dir,
+        StoreSink(Store(engine)),
+        free_space_floor_mb=settings.dicom.free_space_floor_mb,
+        other_classes=settings.dicom.accept_other_storage_classes,
+    )
+
+    def close() -> None:
+        spool.close()
+        engine.dispose()
+
+    return spool, close
 
 
 def check_analysis(settings: Settings) -> list[str]:

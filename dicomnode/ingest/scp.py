@@ -42,6 +42,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.ingest import prometheus as metrics
 from dicomnode.ingest import reactors
@@ -50,9 +51,8 @@ from dicomnode.ingest.spool import PROCESSING_FAILURE, OtherClassPolicy, Spool
 from dicomnode.netutil import enable_tcp_nodelay
 
 if TYPE_CHECKING:
-    from pynetdicom.transport import ThreadedAssociationServer
-
     from dicomnode.config import DicomSettings
+    from dicomnode.ingest.processes import SharedReceivers
 
 LOGGER = logging.getLogger(__name__)
 
@@ -124,6 +124,8 @@ class _NodeAE(AE):
         self._callers = [(c.ae_title.strip(), _resolve(c.address)) for c in callers]
         self._max_total = max_associations
         self._max_per_address = max_per_address  # None: the total limit applies per address too
+        #: The associations of the other receiving processes (None: this process receives alone).
+        self.shared: SharedReceivers | None = None
 
     @property
     def maximum_associations(self) -> int:
@@ -139,14 +141,18 @@ class _NodeAE(AE):
         thread = threading.current_thread()
         if not isinstance(thread, Association) or not hasattr(self, "_max_total"):
             return int(getattr(self, "_max_total", 10))
-        peer = thread.requestor.address
-        identified = [a for a in _acceptors() if a is not thread and _has_identified(a)]
-        same = [a for a in identified if a.requestor.address == peer]
+        peer = str(thread.requestor.address)
+        others = [a for a in _acceptors() if a is not thread and _has_identified(a)]
+        identified = [str(a.requestor.address) for a in others]
         per_address = self._max_per_address or self._max_total
-        if len(identified) >= self._max_total or len(same) >= per_address:
-            reactors.refusal_log(
-                str(peer), f"{len(identified)} associations open ({len(same)} from that address)"
-            )
+        shared = getattr(self, "shared", None)
+        if shared is not None:
+            # Several receiving processes: count the associations of all of them (dicomnode.ingest.processes).
+            total, same = shared.admit(peer, identified, self._max_total, per_address)
+        else:
+            total, same = len(identified), sum(1 for a in identified if a == peer)
+        if total >= self._max_total or same >= per_address:
+            reactors.refusal_log(peer, f"{total} associations open ({same} from that address)")
             return -1
         return 1 << 30
 
@@ -237,13 +243,81 @@ def _lighten(server: ThreadedAssociationServer) -> None:
                 server.unbind(event, handler)
 
 
+def _quiet_standard_handlers() -> None:
+    """Stop pynetdicom binding its standard logging handlers to every new association (process-wide).
+
+    Each association binds them itself at construction (``pynetdicom._config.LOG_HANDLER_LEVEL``), whatever
+    the server has, and they describe every PDU and DIMSE message for a logger the node keeps at WARNING:
+    about a third of the receiver's CPU per instance, for nothing. Only when that logger would not show them.
+    """
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        from pynetdicom import _config
+
+        _config.LOG_HANDLER_LEVEL = "none"
+
+
+class _SharedSocketServer(ThreadedAssociationServer):
+    """A pynetdicom server on a socket that is already bound and listening, shared by several processes.
+
+    The parent of the receiving processes (:mod:`dicomnode.ingest.processes`) binds the port once; every
+    receiving process accepts on that socket. The socket is non-blocking: when several processes are woken for
+    one connection, one accepts it and the others get EAGAIN (socketserver ignores that and waits again).
+    Before each accept, ``shared`` lets a process with fewer open connections take it first.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        listen_socket: socket.socket,
+        shared: SharedReceivers | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._listen_socket = listen_socket
+        self._shared = shared
+        super().__init__(*args, **kwargs)
+        self.request_queue_size = 128
+
+    def server_bind(self) -> None:
+        if self.socket is not None:
+            self.socket.close()  # the one socketserver made; ours is already bound
+        self.socket = self._listen_socket
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        return None  # listening already (the parent called listen())
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        if self._shared is not None:
+            self._shared.wait_turn()
+        listening = cast(socket.socket, self.socket)
+        client, address = listening.accept()  # BlockingIOError when another process took it: ignored
+        if self._shared is not None:
+            self._shared.opened()
+        client.setblocking(True)
+        # As dicomnode.netutil.enable_tcp_nodelay does for the stock server.
+        with contextlib.suppress(OSError):
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True)
+        return client, address
+
+    def server_close(self) -> None:
+        # Never shutdown() a listening socket other processes accept on: that would stop it for all of them.
+        if self.socket is not None:
+            self.socket.close()
+
+
 def _acceptors() -> list[Association]:
     return [t for t in threading.enumerate() if isinstance(t, Association) and t.is_acceptor]
 
 
 def _has_identified(assoc: Association) -> bool:
-    # The A-ASSOCIATE-RQ has arrived (negotiating or established) and the association is not over.
-    return assoc.requestor.primitive is not None and not (assoc.is_released or assoc.is_aborted)
+    # The A-ASSOCIATE-RQ has arrived (negotiating or established) and the association is not over (a
+    # rejected one holds no slot while its thread ends).
+    return assoc.requestor.primitive is not None and not (
+        assoc.is_released or assoc.is_aborted or assoc.is_rejected
+    )
 
 
 class StorageSCP:
@@ -288,6 +362,12 @@ class StorageSCP:
         (:func:`dicomnode.ingest.reactors.enable_event_driven_reactors`; process-wide, pynetdicom 3.0.4
         only). Each synchronous C-STORE then no longer waits for two polling periods. Off only to measure
         the difference.
+    listen_socket, tls_listen_socket
+        Sockets already bound and listening (plain, TLS) to accept on instead of binding ``port`` /
+        ``tls_port``: several receiving processes share them (:mod:`dicomnode.ingest.processes`).
+    shared
+        The state shared with the other receiving processes (association counts for the limits, open
+        connections for balancing); None = this process receives alone.
     """
 
     def __init__(
@@ -309,6 +389,9 @@ class StorageSCP:
         event_driven: bool = True,
         tls_port: int | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        listen_socket: socket.socket | None = None,
+        tls_listen_socket: socket.socket | None = None,
+        shared: SharedReceivers | None = None,
     ) -> None:
         if port is None and ssl_context is None:
             raise ValueError("StorageSCP needs a plain port or a TLS listener (ssl_context)")
@@ -332,6 +415,9 @@ class StorageSCP:
         self._tls_server: ThreadedAssociationServer | None = None
         self._stopped = threading.Event()
         self.ae: AE | None = None
+        self.listen_socket = listen_socket
+        self.tls_listen_socket = tls_listen_socket
+        self.shared = shared
 
     @classmethod
     def from_settings(cls, dicom: DicomSettings, spool: Spool, **kwargs: Any) -> StorageSCP:
@@ -379,6 +465,7 @@ class StorageSCP:
             max_associations=self.max_associations,
             max_per_address=self.max_associations_per_address,
         )
+        ae.shared = self.shared
         ae.require_called_aet = True
         ae.maximum_pdu_size = self.max_pdu
         ae.network_timeout = self.network_timeout
@@ -403,6 +490,7 @@ class StorageSCP:
         enable_tcp_nodelay()
         if self.event_driven:
             enable_event_driven_reactors()
+        _quiet_standard_handlers()
         self.ae = self._build_ae()
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
@@ -411,20 +499,19 @@ class StorageSCP:
         ]
         if self.poll_interval_s is not None:
             handlers.append((evt.EVT_CONN_OPEN, self._on_conn_open))
-        if self._port is not None:
-            server = self.ae.start_server((self.host, self._port), block=False, evt_handlers=handlers)
-            assert server is not None  # block=False returns the server
+        if self.shared is not None:
+            for event in (evt.EVT_CONN_OPEN, evt.EVT_CONN_CLOSE, evt.EVT_RELEASED, evt.EVT_ABORTED):
+                handlers.append((event, self._on_assoc_change))
+        if self._port is not None or self.listen_socket is not None:
+            server = self._start_server(handlers, self.listen_socket, self._port, None)
             self._server = server
             _lighten(server)
             _limit_pending(server, self.max_pending_per_address)
             LOGGER.info("DICOM SCP %s listening on %s:%d", self.ae_title, self.host, self.port)
         if self.ssl_context is not None:
             try:
-                tls_server = self.ae.start_server(
-                    (self.host, self._tls_port or 0),
-                    block=False,
-                    evt_handlers=handlers,
-                    ssl_context=self.ssl_context,
+                tls_server = self._start_server(
+                    handlers, self.tls_listen_socket, self._tls_port or 0, self.ssl_context
                 )
             except BaseException:
                 self.stop()
@@ -435,6 +522,38 @@ class StorageSCP:
             _limit_pending(tls_server, self.max_pending_per_address)
             assert self.tls_port is not None
             LOGGER.info("DICOM SCP %s listening with TLS on %s:%d", self.ae_title, self.host, self.tls_port)
+
+    def _start_server(
+        self,
+        handlers: list[Any],
+        listen: socket.socket | None,
+        port: int | None,
+        ssl_context: ssl.SSLContext | None,
+    ) -> ThreadedAssociationServer:
+        assert self.ae is not None
+        if listen is None:
+            server = self.ae.start_server(
+                (self.host, port or 0), block=False, evt_handlers=handlers, ssl_context=ssl_context
+            )
+            assert server is not None  # block=False returns the server
+            return server
+        # A socket shared with the other receiving processes: as AE.start_server(block=False) does, on it.
+        address = listen.getsockname()
+        shared_server = cast(
+            ThreadedAssociationServer,
+            self.ae.make_server(
+                (str(address[0]), int(address[1])),
+                ssl_context=ssl_context,
+                evt_handlers=handlers,
+                server_class=_SharedSocketServer,
+                listen_socket=listen,
+                shared=self.shared,
+            ),
+        )
+        thread = threading.Thread(target=shared_server.serve_forever, name="DicomAcceptor", daemon=True)
+        thread.start()
+        self.ae._servers.append(shared_server)
+        return shared_server
 
     def serve_forever(self) -> None:
         """Start and block until :meth:`stop` is called from another thread (or KeyboardInterrupt)."""
@@ -516,9 +635,22 @@ class StorageSCP:
     def _on_echo(self, event: evt.Event) -> int:
         return 0x0000
 
+    def _on_assoc_change(self, event: evt.Event) -> None:
+        # Several receiving processes: publish this process's open connections and associations.
+        shared = self.shared
+        if shared is None:
+            return
+        try:
+            ending = event.event in (evt.EVT_CONN_CLOSE, evt.EVT_RELEASED, evt.EVT_ABORTED)
+            acceptors = [a for a in _acceptors() if a.is_alive() and not (ending and a is event.assoc)]
+            open_now = [a for a in acceptors if not (a.is_released or a.is_aborted)]
+            shared.publish([str(a.requestor.address) for a in open_now if _has_identified(a)], len(open_now))
+        except Exception:  # notification handlers must not raise
+            LOGGER.debug("could not publish the association count", exc_info=True)
+
     def _on_rejected(self, event: evt.Event) -> None:
         try:
-            metrics.ASSOCIATIONS_REJECTED.inc()
+            metrics.count_rejection()
             rq = event.assoc.requestor
             LOGGER.info("association rejected: calling AE %r from %s", str(rq.ae_title).strip(), rq.address)
         except Exception:  # notification handlers must not raise either

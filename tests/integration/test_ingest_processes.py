@@ -1,0 +1,340 @@
+"""Several receiving processes on one DICOM port (``dicom.receive_processes``, dicomnode.ingest.processes).
+
+The guarantee does not depend on which process receives: kill -9 of a receiving process, or of the node's
+process that started them, loses no acknowledged instance (file with identical bytes, and its record); the
+killed receiver is replaced; the receivers end with the node's process (SIGTERM, or kill -9: no orphans);
+association limits and metrics hold for the node as a whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+
+from dicomnode.cli.node import receiver_spool
+from dicomnode.config import Settings
+from dicomnode.ingest import prometheus as metrics
+from dicomnode.ingest.processes import ReceiverPool
+from dicomnode.netutil import free_port, wait_port
+from dicomnode.store import Store, make_engine, upgrade
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def ct(study: str, series: str, k: int, size: int = 64) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.Modality = "CT"
+    ds.PatientName = "Many^Receivers"
+    ds.InstanceNumber = k + 1
+    ds.ImagePositionPatient = [0.0, 0.0, float(k)]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.Rows = ds.Columns = size
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = np.full(size * size, k, dtype=np.int16).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def children(pid: int) -> set[int]:
+    """Process ids whose parent is ``pid`` (from /proc)."""
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.add(int(entry.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_until(predicate: object, timeout: float = 20.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.1)
+    return False
+
+
+POOL_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    from dicomnode.cli.node import receiver_spool
+    from dicomnode.config import Settings
+    from dicomnode.ingest.processes import ReceiverPool
+    from dicomnode.store import make_engine, upgrade
+    settings = Settings(data_dir=Path(sys.argv[1]), dicom={"port": int(sys.argv[2]), "receive_processes": 2})
+    upgrade(make_engine(settings.database_url_resolved()))
+    pool = ReceiverPool(settings, receiver_spool, 2)
+    pool.start()
+    print(json.dumps({"port": pool.port, "pids": pool.pids()}), flush=True)
+    while True:
+        time.sleep(1)
+    """
+)
+
+
+@contextlib.contextmanager
+def pool_process(data: Path) -> Iterator[tuple[subprocess.Popen[str], int, list[int]]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", POOL_SCRIPT, str(data), str(free_port())],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        yield proc, int(info["port"]), [int(p) for p in info["pids"]]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            for pid in children(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            proc.kill()
+        proc.wait(10)
+
+
+class Senders:
+    """Four associations storing in parallel until stopped; what was answered 0x0000 is kept."""
+
+    def __init__(self, port: int, study: str) -> None:
+        self.port, self.study = port, study
+        self.acked: dict[str, bytes] = {}
+        self.lock = threading.Lock()
+        self.started = threading.Event()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._send, args=(k,)) for k in range(4)]
+
+    def __enter__(self) -> Senders:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+    def _send(self, k: int) -> None:
+        series = generate_uid()
+        ae = AE(f"SENDER{k}")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", self.port, ae_title="DICOMNODE")
+        if not assoc.is_established:
+            return
+        try:
+            for i in range(2000):
+                if self.stop.is_set():
+                    break
+                ds = ct(self.study, series, i)
+                status = assoc.send_c_store(ds)
+                if status is None or "Status" not in status or status.Status != 0x0000:
+                    return
+                with self.lock:
+                    self.acked[str(ds.SOPInstanceUID)] = bytes(ds.PixelData)
+                self.started.set()
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+
+def assert_all_recorded(data: Path, study: str, acked: dict[str, bytes]) -> None:
+    engine = make_engine(f"sqlite:///{data / 'dicomnode.sqlite3'}")
+    try:
+        store = Store(engine)
+        recorded = {}
+        for s in store.list_series(study_uid=study).items:
+            for inst in store.instances(s.series_instance_uid):
+                recorded[inst.sop_instance_uid] = inst.path
+        missing = [uid for uid in acked if uid not in recorded]
+        assert not missing, f"{len(missing)} acknowledged instance(s) lost"
+        for uid, pixels in acked.items():
+            assert dcmread(recorded[uid]).PixelData == pixels
+    finally:
+        engine.dispose()
+
+
+def test_kill_9_of_a_receiving_process_loses_nothing_and_it_is_replaced(tmp_path: Path) -> None:
+    study = generate_uid()
+    with pool_process(tmp_path) as (proc, port, pids):
+        assert len(pids) == 2 and children(proc.pid) >= set(pids)
+        with Senders(port, study) as senders:
+            assert senders.started.wait(60)
+            time.sleep(0.5)
+            os.kill(pids[0], signal.SIGKILL)
+            time.sleep(0.5)
+        assert len(senders.acked) > 10, "the kill came while storing"
+        # The killed receiver is replaced; the port still takes associations.
+        assert wait_until(lambda: len(children(proc.pid) - {pids[0]}) >= 2), "no replacement started"
+        with Senders(port, study) as more:
+            assert more.started.wait(60)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    assert_all_recorded(tmp_path, study, {**senders.acked, **more.acked})
+
+
+def test_kill_9_of_the_node_process_loses_nothing_and_leaves_no_orphan(tmp_path: Path) -> None:
+    study = generate_uid()
+    with pool_process(tmp_path) as (proc, port, pids):
+        with Senders(port, study) as senders:
+            assert senders.started.wait(60)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            # The receivers notice that the node's process is gone and stop (aborting their associations).
+            assert wait_until(lambda: not any(alive(p) for p in pids)), "receiving processes left running"
+        assert len(senders.acked) > 10
+    assert_all_recorded(tmp_path, study, senders.acked)
+
+
+def test_sigterm_to_receive_stops_its_receiving_processes(tmp_path: Path) -> None:
+    port, http = free_port(), free_port()
+    config = tmp_path / "node.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data_dir": str(tmp_path / "data"),
+                "dicom": {"port": port, "receive_processes": 2},
+                "http": {"port": http},
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dicomnode", "receive", "--config", str(config)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_port(port, timeout=60)
+        assert wait_until(lambda: len(children(proc.pid)) >= 2, 60)
+        receivers = children(proc.pid)
+        ae = AE("ECHOSCU")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+        assert assoc.is_established
+        status = assoc.send_c_echo()
+        assert status is not None and status.Status == 0x0000
+        assoc.release()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert wait_until(lambda: not any(alive(p) for p in receivers), 10), "orphan receiving processes"
+    finally:
+        if proc.poll() is None:
+            for pid in children(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Iterator[ReceiverPool]:
+    settings = Settings(
+        data_dir=tmp_path,
+        dicom={
+            "port": free_port(),
+            "receive_processes": 2,
+            "max_associations": 3,
+            "max_associations_per_address": 2,
+        },
+    )
+    upgrade(make_engine(settings.database_url_resolved()))
+    receivers = ReceiverPool(settings, receiver_spool, 2)
+    receivers.start()
+    try:
+        yield receivers
+    finally:
+        receivers.stop()
+        assert not any(alive(p) for p in receivers.pids())
+
+
+def _associate(port: int, source: str = "127.0.0.1") -> object:
+    ae = AE("LIMITS")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    return ae.associate("127.0.0.1", port, ae_title="DICOMNODE", bind_address=(source, 0))
+
+
+def test_association_limits_hold_across_the_receiving_processes(pool: ReceiverPool) -> None:
+    assert pool.port is not None
+    open_ = [_associate(pool.port) for _ in range(2)]
+    try:
+        assert all(a.is_established for a in open_)  # type: ignore[attr-defined]
+        # Whichever process takes it, a third from the same address is over max_associations_per_address.
+        for _ in range(3):
+            third = _associate(pool.port)
+            assert third.is_rejected  # type: ignore[attr-defined]
+        # From another source address (127.0.0.2 is loopback too): the total of 3 allows one more, no more.
+        other = _associate(pool.port, "127.0.0.2")
+        assert other.is_established  # type: ignore[attr-defined]
+        fourth = _associate(pool.port, "127.0.0.2")
+        assert fourth.is_rejected  # type: ignore[attr-defined]
+        other.release()  # type: ignore[attr-defined]
+    finally:
+        for a in open_:
+            a.release()  # type: ignore[attr-defined]
+    # Released slots are free again, in every process.
+    assert wait_until(lambda: _try_and_release(pool.port), 10)
+
+
+def _try_and_release(port: int | None) -> bool:
+    assert port is not None
+    a = _associate(port)
+    ok = bool(a.is_established)  # type: ignore[attr-defined]
+    if ok:
+        a.release()  # type: ignore[attr-defined]
+    return ok
+
+
+def test_metrics_of_the_receiving_processes_reach_the_node_process(pool: ReceiverPool) -> None:
+    assert pool.port is not None
+    counter = metrics.INSTANCES.labels(source="dimse", result="stored")
+    before = counter._value.get()
+    study = generate_uid()
+    with Senders(pool.port, study) as senders:
+        assert senders.started.wait(60)
+        time.sleep(0.3)
+    n = len(senders.acked)
+    assert wait_until(lambda: counter._value.get() - before >= n, 10)
+    assert counter._value.get() - before == n
