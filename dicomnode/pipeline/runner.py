@@ -15,7 +15,7 @@ again after a crash without doing anything twice:
 * :meth:`Runner.recover` - jobs left ANALYSING by a worker that died go back to PENDING; REPORTED jobs get
   their deliveries.
 * :meth:`Runner.sweep_retention` - spooled studies (``retention.spool_days``) and result folders
-  (``retention.results_days``) of finished work are removed; the database rows stay.
+  (``retention.results_days``) of finished work are removed; the rows of removed instances go, the rest stay.
 
 A new version of a series (instances arrived after its analysis started) replaces the old results: its SR
 gets new UIDs and names the SRs of the earlier versions that may have reached a destination in its

@@ -1,6 +1,7 @@
 """Retention and recovery: spooled studies and result folders of finished work are removed after their
-retention period (the database rows stay); the jobs of dead workers go back to PENDING and interrupted steps
-are finished; one process holds the lease that lets it run these sweeps."""
+retention period (with the rows of the removed instances; study, series, job and delivery rows stay); the
+jobs of dead workers go back to PENDING and interrupted steps are finished; one process holds the lease that
+lets it run these sweeps."""
 
 from __future__ import annotations
 
@@ -130,8 +131,9 @@ class SweepStep(RunnerParts):
     def clean_spool(self, now: datetime | None = None) -> int:
         """Remove spooled study folders older than ``retention.spool_days`` whose jobs are all final.
 
-        The database rows stay (the history remains visible); only the received files go. Returns the number
-        of study folders removed.
+        The received files go, and the rows of those instances with them (a row never points at a file that
+        is gone); the study, series, job and delivery rows stay (the history remains visible). Returns the
+        number of study folders removed.
         """
         days = self.settings.retention.spool_days
         if days <= 0:
@@ -154,7 +156,14 @@ class SweepStep(RunnerParts):
                     continue
                 shutil.rmtree(study_dir, ignore_errors=True)
                 removed += 1
-                log.info("retention: removed spooled study %s", study_dir.name)
+                # The rows of those instances go with their files (a row must not point at nothing); the
+                # study, series and job rows stay as history.
+                try:
+                    forgotten = self.store.forget_instances(study_dir.name, study_dir)
+                except Exception:  # the folder is gone either way: say so, keep sweeping
+                    log.exception("retention: could not delete the instance rows of study %s", study_dir.name)
+                    forgotten = 0
+                log.info("retention: removed spooled study %s (%d instance rows)", study_dir.name, forgotten)
         return removed
 
     def clean_results(self, now: datetime | None = None) -> int:

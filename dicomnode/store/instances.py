@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, delete, func, or_, select
 
 from dicomnode.domain import RuleDecision, SeriesSummary
 from dicomnode.store.base import (
@@ -300,6 +300,28 @@ class InstanceStore(StoreBase):
         with self._read() as s:
             row = self._series_row(s, series_uid)
             return _series(row, self._study_uid(s, row.study_id))
+
+    def forget_instances(self, study_uid: str, folder: Path | str) -> int:
+        """Delete the rows of the instances of ``study_uid`` whose files were under ``folder`` (the retention
+        sweep removed it); returns how many.
+
+        The study, its series (with their counts and times), routing decisions, jobs, results and deliveries
+        stay: they are the history the admin UI shows; only rows pointing at files that no longer exist go.
+        The same study sent again is recorded anew (and re-opens its series, as any late instance does).
+        """
+        prefix = str(folder).rstrip("/") + "/"
+        with self._write() as s:
+            study_id = s.scalar(select(StudyRow.id).where(StudyRow.study_instance_uid == study_uid))
+            if study_id is None:
+                return 0
+            series_ids = select(SeriesRow.id).where(SeriesRow.study_id == study_id)
+            result = s.execute(
+                delete(InstanceRow)
+                .where(InstanceRow.series_id.in_(series_ids))
+                .where(func.substr(InstanceRow.path, 1, len(prefix)) == prefix)
+                .execution_options(synchronize_session=False)
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
 
     def ingest_totals(self) -> tuple[int, int, int]:
         """(instances kept, their bytes, series completed) over the whole database (for the metrics)."""
