@@ -31,9 +31,11 @@ sizes in mm; the numbers are anatomical sizes, not fitted to any one scan):
    *First rib*: when the scan reaches above the lung apices and no rib is cut by its top edge, the rib
    heads are counted per side from the first rib down, ordered along the column's own axis
    (``_count_from_top``); the count is used only when both sides agree and the heads are evenly spaced.
-   *Sacrum*: walking up from the lowest vertebra, the highest piece with >= 3 slices where bone joined to
-   the body reaches >= 90 mm off the axis (sacrum joined to the ilia) or solid alae spread 28-60 mm beside
-   the body; the vertebra above it is L5.
+   *Sacrum*: walking up from the lowest vertebra, the highest piece with an ala: >= ``ALA_MIN_MM3`` of
+   solid bone joined to the body 28-60 mm beside it on one side, summed between its own disc planes (a
+   volume, so noise or thick slices that break the ala on a few slices lower it a little instead of
+   removing it, and a steep lumbosacral disc does not hand S1's alae to L5); both sides: strong evidence.
+   The vertebra above it is L5.
 5. **Naming.** Both anchors: names agree when five rib-free vertebrae lie between them (T12 ... L5);
    otherwise every level is uncertain (11/13 rib pairs, transitional vertebra) and the sacrum-based names
    are used. No anchor: uncertain. One anchor: names from it, confident only when the anchor is
@@ -128,6 +130,11 @@ RIB_SHORT_RATIO = 0.6
 RIB_LONE_MIN_MM = 90.0
 #: Sacral-looking slices (mm) beside the vertebra above the sacrum that make a transitional vertebra possible.
 LSTV_MIN_MM = 4.0
+#: Least volume (mm3) of solid bone joined to a vertebra 28-60 mm to one side of it, between its disc planes,
+#: that is a sacral ala. S1's ala is a lateral mass of about 30 x 30 x 30 mm joined to the ilium; a lumbar
+#: transverse process is a bar of about 10 x 10 mm section, a few cm3 in that band at most. Seen on the
+#: Basel CT across its metamorphic copies: S1 7.5-11.8 cm3 a side, L5 1.6-3.6 cm3.
+ALA_MIN_MM3 = 6000.0
 
 
 #: Vertebral bodies are not traced on the outermost slices of a scan: a body that reaches this close to the
@@ -1041,8 +1048,12 @@ def _rib_length(comp: B, adx: npt.NDArray[np.float64], g: float) -> float:
     return float(reach.max() * g) if reach.size else 0.0
 
 
-def _sacral_slices(hu: F32, filled: B, bodies: B, frame: Frame, g: float) -> npt.NDArray[np.int8]:
-    """Per slice: 2 = sacrum-like on both sides, 1 = on one side, 0 = not.
+def _sacral_slices(
+    hu: F32, filled: B, bodies: B, frame: Frame, g: float, lateral: list[LateralBone] | None = None
+) -> npt.NDArray[np.int8]:
+    """Per slice: 2 = sacrum-like on both sides, 1 = on one side, 0 = not. ``lateral`` (when given) receives
+    the solid bone joined to the body 28-60 mm beside it on each slice (``_ala_volumes`` weighs it per
+    vertebra between the disc planes).
 
     Sacrum-like: bone joined to the vertebral body reaches >= 90 mm off the axis (sacrum joined to the
     iliac bones across the sacroiliac joint; lumbar transverse processes end at ~50 mm and the iliac
@@ -1071,8 +1082,15 @@ def _sacral_slices(hu: F32, filled: B, bodies: B, frame: Frame, g: float) -> npt
         ids2 = np.unique(lab2[b])
         comp2 = np.isin(lab2, ids2[ids2 > 0])
         band = (yy >= ya - 35.0 / g) & (yy <= ya + 15.0 / g)
-        ala_l = (comp2 & band & (dxm >= 28.0) & (dxm <= 60.0)).sum() * g * g >= 450.0
-        ala_r = (comp2 & band & (dxm <= -28.0) & (dxm >= -60.0)).sum() * g * g >= 450.0
+        side_l = comp2 & band & (dxm >= 28.0) & (dxm <= 60.0)
+        side_r = comp2 & band & (dxm <= -28.0) & (dxm >= -60.0)
+        ala_l = side_l.sum() * g * g >= 450.0
+        ala_r = side_r.sum() * g * g >= 450.0
+        if lateral is not None:
+            for sgn, m in ((1, side_l), (-1, side_r)):
+                jj, ii = np.nonzero(m)
+                if jj.size:
+                    lateral.append(LateralBone(z, sgn, jj, ii))
         left = reach_l >= 90.0 or ala_l
         right = reach_r >= 90.0 or ala_r
         out[z] = int(left) + int(right)
@@ -1083,32 +1101,62 @@ def _sacral_slices(hu: F32, filled: B, bodies: B, frame: Frame, g: float) -> npt
     return out
 
 
-def _find_sacrum(sac: npt.NDArray[np.int8], segs: list[Segment], g: float) -> tuple[int | None, bool, str]:
+@dataclass(frozen=True)
+class LateralBone:
+    """Solid bone joined to the vertebral body on one working slice, 28-60 mm to one side of it."""
+
+    z: int
+    side: int  # +1 left, -1 right
+    yy: npt.NDArray[np.intp]
+    xx: npt.NDArray[np.intp]
+
+
+def _ala_volumes(
+    lateral: list[LateralBone], discs: list[int], col: Column, g: float
+) -> dict[int, tuple[float, float]]:
+    """Volume (mm3) of the lateral bone joined to each vertebra, left and right, per slab between the disc
+    planes (keyed like ``Segment.slab``). Weighed between the disc planes rather than by slice: the
+    lumbosacral disc is steep, and a slice through the top of S1's alae also cuts the bottom of L5."""
+    acc: dict[tuple[int, int], float] = {}
+    for lb in lateral:
+        k = _n_above(discs, col, np.full(lb.yy.shape, lb.z), lb.yy, lb.xx)
+        for kk, n in zip(*np.unique(k, return_counts=True), strict=True):
+            acc[(int(kk), lb.side)] = acc.get((int(kk), lb.side), 0.0) + float(n) * g**3
+    slabs = {k for k, _ in acc}
+    return {k: (acc.get((k, 1), 0.0), acc.get((k, -1), 0.0)) for k in slabs}
+
+
+def _find_sacrum(
+    segs: list[Segment], ala: dict[int, tuple[float, float]], g: float
+) -> tuple[int | None, bool, str]:
     """The sacrum: walking up from the lowest vertebra (at most four), the highest of a contiguous run of
-    pieces with sacral evidence (>= 3 sacrum-like slices, >= 30 % of the upper two thirds of the piece;
-    S1-S2 remnant discs split the sacrum into pieces). Strong evidence when >= 3 slices are sacrum-like on
-    both sides."""
-    found: tuple[int, bool, int] | None = None
+    pieces with sacral evidence (S1-S2 remnant discs split the sacrum into pieces).
+
+    Sacral evidence is the volume of solid bone joined to the piece 28-60 mm beside it, between its own
+    disc planes: the alae of S1 (a lateral mass about 30 mm wide, deep and tall, joined to the ilium at the
+    sacroiliac joint) give ``ALA_MIN_MM3`` or more on a side; a lumbar transverse process (about 10 x 10 mm
+    in section) gives a fraction of that. A volume is a sum over slices, so noise or thick slices that
+    break the alae on a few slices lower it a little instead of removing it. Strong evidence: both sides.
+    """
+    found: tuple[int, bool, float, float] | None = None
     for i in range(len(segs) - 1, max(-1, len(segs) - 5), -1):
         s = segs[i]
         if s.has_rib:
             break
-        # judged on the upper two thirds of the piece: the alae rise beside the lower end of a tilted L5,
-        # while on S1 they sit level with (or above) its middle
-        zs = sac[s.z0 + (s.z1 - s.z0) // 3 : s.z1 + 1]
-        n_any, n_both = int((zs > 0).sum()), int((zs > 1).sum())
-        if n_any >= 3 and n_any >= 0.3 * zs.size:
-            found = (i, n_both >= 3, n_any)
+        vl, vr = ala.get(s.slab, (0.0, 0.0))
+        if max(vl, vr) >= ALA_MIN_MM3:
+            found = (i, min(vl, vr) >= ALA_MIN_MM3, vl, vr)
         elif found is not None:
             break
     if found is None:
         return None, False, ""
-    i, strong, n_any = found
+    i, strong, vl, vr = found
     side = "both sides" if strong else "one side only"
     return (
         i,
         strong,
-        f"sacrum: vertebra #{i + 1} joined to the iliac bones / alae on {side} over {n_any * g:.0f} mm",
+        f"sacrum: vertebra #{i + 1} with alae joined to it on {side} ({vl / 1000:.1f} cm3 left, "
+        f"{vr / 1000:.1f} cm3 right; >= {ALA_MIN_MM3 / 1000:.0f} cm3 is an ala)",
     )
 
 
@@ -1340,7 +1388,8 @@ class ClassicalBackend:
         col = _centreline(bodies, frame_c, g)
         prof = _axial_profile(hu_c, col, frame_c.z_lo, frame_c.z_hi, g)
         discs = _find_discs(prof, frame_c.z_lo, frame_c.z_hi, g)
-        sac = _sacral_slices(hu_c, filled, bodies, frame_c, g)
+        lateral: list[LateralBone] = []
+        sac = _sacral_slices(hu_c, filled, bodies, frame_c, g, lateral)
         sac_run = _caudal_run(sac > 0, g)
         if sac_run is not None:
             _, hi = sac_run
@@ -1411,7 +1460,7 @@ class ClassicalBackend:
         for sg in segs:
             # upper two thirds only, as in _find_sacrum: the alae rise beside the lower end of a tilted L5
             sg.sacral_mm = float((sac[sg.z0 + (sg.z1 - sg.z0) // 3 : sg.z1 + 1] > 0).sum()) * g
-        sacrum, sac_strong, sac_note = _find_sacrum(sac, segs, g)
+        sacrum, sac_strong, sac_note = _find_sacrum(segs, _ala_volumes(lateral, discs, col, g), g)
         naming = _name(segs, sacrum, sac_strong, sac_note, top)
         context.segments = segs
         # vertebrae inside the sacrum are not vertebrae for our purpose

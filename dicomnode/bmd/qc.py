@@ -112,6 +112,15 @@ def l1_hu_flags(hu: float) -> tuple[str, ...]:
     return tuple(flags)
 
 
+def reference_height(st: RoiStats, truncated: bool) -> float | None:
+    """A vertebra's tallest height as its neighbours' reference (the < 80 % of neighbours rule): only from
+    its end-plate profiles. An outline-only height follows the segmentation (it met a merged disc or the
+    next body) and can be far too tall; a body cut by the field of view has no height."""
+    if truncated or st.heights_mm is None or st.heights_se_mm is None:
+        return None
+    return max(st.heights_mm)
+
+
 def build_vertebrae(
     *,
     volume: Volume,
@@ -133,9 +142,7 @@ def build_vertebrae(
     ratio: dict[str, float | None] = {}
 
     def _max_h(lv: str | None) -> float | None:
-        if lv is None or lv in seg.truncated or stats[lv].heights_mm is None:
-            return None
-        return max(stats[lv].heights_mm or (0.0,))
+        return None if lv is None else reference_height(stats[lv], lv in seg.truncated)
 
     for i, lv in enumerate(levels):
         st = stats[lv]

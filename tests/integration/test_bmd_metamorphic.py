@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from scipy import ndimage as ndi
 
@@ -43,6 +44,8 @@ class Row:
     l1_l2: float | None
     category: str | None
     failed: str = ""
+    #: the L1 ROI centroid (LPS mm) mapped back into the original patient's frame (tilts undone)
+    l1_at: tuple[float, float, float] | None = None
 
 
 def _row(name: str, res: AnalysisResult) -> Row:
@@ -65,6 +68,7 @@ def _row(name: str, res: AnalysisResult) -> Row:
         l1.trabecular_hu_mean if l1 is not None else None,
         pair,
         s.category.value if s is not None and s.category is not None else None,
+        l1_at=l1.roi_centroid_lps_mm if l1 is not None else None,
     )
 
 
@@ -100,25 +104,59 @@ def _resample(vol: Volume, spacing: tuple[float, float, float], slab_mm: float |
     return Volume(out, aff, header=canon.header, source=canon.source)
 
 
-def _tilt(vol: Volume, axis: str, degrees: float) -> Volume:
-    """The patient rotated by ``degrees`` about the left-right (``"x"``) or anterior-posterior (``"y"``)
-    axis through the volume's centre, on the same grid (the scanner's grid stays axis-aligned)."""
-    canon = vol.canonical()
-    sx, sy, sz = canon.spacing
+def _rotation(axis: str, degrees: float) -> npt.NDArray[np.float64]:
+    """Rotation in mm, coordinates ordered (z, y, x) like the array."""
     t = np.radians(degrees)
     c, s = np.cos(t), np.sin(t)
-    # rotation in mm, coordinates ordered (z, y, x) like the array
     if axis == "x":
-        rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-    else:
-        rot = np.array([[c, 0.0, -s], [0.0, 1.0, 0.0], [s, 0.0, c]])
+        return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    return np.array([[c, 0.0, -s], [0.0, 1.0, 0.0], [s, 0.0, c]])
+
+
+def _pivot(canon: Volume) -> npt.NDArray[np.float64]:
+    """The centre of a tilt, as a (k, j, i) index of the canonical grid: the spine (the densest bone near
+    the trunk's midline, behind its centre) at the middle of the scan.
+
+    A patient tilts about their own spine; more to the point, rotating a finite volume leaves wedges with
+    no data at its top and bottom, which no scanner makes (every slice covers the whole field of view).
+    Pivoting on the spine keeps those wedges away from the column, so the copy shows the same vertebrae
+    as the original, tilted, the way a tilted patient is scanned."""
+    mid = canon.data[canon.shape[0] // 3 : 2 * canon.shape[0] // 3]
+    trunk = mid > -400
+    _, jj, ii = np.nonzero(trunk)
+    jc, ic = float(jj.mean()), float(ii.mean())
+    sx = canon.spacing[0]
+    _, jb, ib = np.nonzero(mid > 200)
+    near = (np.abs(ib - ic) * sx <= 25.0) & (jb > jc)
+    return np.array([(canon.shape[0] - 1) / 2.0, float(np.median(jb[near])), float(np.median(ib[near]))])
+
+
+def _tilt(vol: Volume, axis: str, degrees: float) -> Volume:
+    """The patient rotated by ``degrees`` about the left-right (``"x"``) or anterior-posterior (``"y"``)
+    axis through the spine at the middle of the scan (``_pivot``), on the same grid (the scanner's grid
+    stays axis-aligned)."""
+    canon = vol.canonical()
+    sx, sy, sz = canon.spacing
+    rot = _rotation(axis, degrees)
     sp = np.array([sz, sy, sx])
-    centre = (np.array(canon.shape) - 1) / 2.0
+    centre = _pivot(canon)
     # output index -> mm -> rotate back -> input index
     m = np.diag(1.0 / sp) @ rot.T @ np.diag(sp)
     offset = centre - m @ centre
     out = ndi.affine_transform(canon.data, m, offset=offset, order=1, mode="constant", cval=-1024.0)
     return replace(canon, data=out.astype(np.float32), slice_sop_instance_uids=(), slice_frame_numbers=())
+
+
+def _untilt(
+    vol: Volume, axis: str, degrees: float, lps: tuple[float, float, float]
+) -> tuple[float, float, float]:
+    """A point of the copy made by ``_tilt(vol, axis, degrees)`` back in the original patient's frame."""
+    canon = vol.canonical()
+    rot = _rotation(axis, degrees)
+    centre = canon.index_to_lps(tuple(_pivot(canon)[::-1]))
+    d = (np.asarray(lps) - centre)[::-1]  # (z, y, x) as in _tilt
+    x, y, z = centre + (rot.T @ d)[::-1]
+    return (float(x), float(y), float(z))
 
 
 def _noise(vol: Volume, sd: float, seed: int = 7) -> Volume:
@@ -236,14 +274,21 @@ def _run_suite(name: str, vol: Volume, tmp: Path, crop_from_top: bool) -> list[R
         except DicomnodeError as exc:  # a variant the engine refuses is a row of its own, not an error
             rows.append(Row(label, (), True, frozenset(), None, None, None, str(exc)[:120]))
             continue
-        rows.append(_row(label, res))
-    print(f"\n[{name}] {'variant':38s} {'levels':17s} unc  {'fractures':11s} L1 HU   L1-L2  category")
+        row = _row(label, res)
+        if row.l1_at is not None and label in TILT_OF:
+            row = replace(row, l1_at=_untilt(vol, *TILT_OF[label], row.l1_at))
+        rows.append(row)
+    print(
+        f"\n[{name}] {'variant':38s} {'levels':17s} unc  {'fractures':11s} L1 HU   L1-L2  L1 at (orig. mm)"
+        "      category"
+    )
     for r in rows:
         l1 = f"{r.l1_hu:6.1f}" if r.l1_hu is not None else "     -"
         pair = f"{r.l1_l2:6.1f}" if r.l1_l2 is not None else "     -"
+        at = "(" + ",".join(f"{v:5.0f}" for v in r.l1_at) + ")" if r.l1_at is not None else "-" * 19
         print(
             f"[{name}] {r.variant:38s} {','.join(r.levels):17s} {str(r.uncertain)[0]}    "
-            f"{','.join(sorted(r.fractures)) or '-':11s} {l1}  {pair}  {r.category}"
+            f"{','.join(sorted(r.fractures)) or '-':11s} {l1}  {pair}  {at}  {r.category}"
             + (f"  FAILED: {r.failed}" if r.failed else "")
         )
     return rows
@@ -264,12 +309,23 @@ def _spread(values: list[float | None]) -> float:
     return max(v) - min(v) if len(v) >= 2 else 0.0
 
 
+#: How far (mm) the L1 ROI centroid of a copy, mapped back into the original frame, may lie from the
+#: original's: the ROI moves a few mm with the grid; the next vertebra is 30-35 mm away.
+SAME_VERTEBRA_MM = 12.0
+
+
 def _check_levels(rows: list[Row], required: frozenset[str] = frozenset({"L1", "L2"})) -> None:
+    """The same names in every copy, on the same vertebrae: a copy whose "L1" is the original's L2 is named
+    one level off, whatever its names look like."""
     ref = rows[0]
+    assert ref.l1_at is not None
     for r in rows[1:]:
         assert "L1" in r.levels, f"{r.variant}: L1 not measured ({r.levels})"
         common = set(ref.levels) & set(r.levels)
         assert required <= common, f"{r.variant}: {r.levels} vs {ref.levels}"
+        assert r.l1_at is not None
+        off = float(np.linalg.norm(np.subtract(r.l1_at, ref.l1_at)))
+        assert off <= SAME_VERTEBRA_MM, f"{r.variant}: its L1 lies {off:.0f} mm from the original's L1"
 
 
 #: LIDC: L2 is cut by the lower edge (its front lower corner; data README: "L3 and L2 cut by the lower
@@ -312,42 +368,54 @@ def _check_fractures(rows: list[Row]) -> None:
 
 
 TILTS = ("tilt 10 deg about left-right", "tilt -8 deg about anterior-posterior")
+TILT_OF = {TILTS[0]: ("x", 10.0), TILTS[1]: ("y", -8.0)}
 
 
 def test_basel_levels_are_the_same_in_every_variant(basel_rows: list[Row]) -> None:
     _check_levels(basel_rows)
 
 
-def test_basel_l1_mean_spread_without_tilt(basel_rows: list[Row]) -> None:
-    _check_values([r for r in basel_rows if r.variant not in TILTS])
-
-
-@pytest.mark.xfail(
-    strict=True, reason="tilted copies read L1 11-17 HU higher (ROI against the tilted end plates)"
+#: Why Basel's L1 mean moves with thick slices: per-slice means of the ROI's footprint on the native 3 mm
+#: grid run 159 and 120 HU 3-6 mm above the lower end plate, 98 HU mid-body, 127-148 HU in the upper half
+#: (dense bone under both end plates, a bone island in the upper half). A 5 mm slice that straddles the
+#: mid-vertebral slab's lower edge brings 125 HU into it. Placing the slab from the end plates in the image
+#: or from the disc midpoints on the column was tried and moved it by less than the 4-5 mm needed.
+L1_PARTIAL_VOLUME = (
+    "the 5 mm slab-averaged copy reads Basel's L1 15 HU higher: dense bone under its lower end plate reaches "
+    "the mid-vertebral slab through a 5 mm slice (see L1_PARTIAL_VOLUME)"
 )
-def test_basel_l1_mean_spread_with_tilt(basel_rows: list[Row]) -> None:
+THICK = "5 mm slab-averaged slices"
+
+
+def test_basel_l1_mean_spread_up_to_3mm_slices(basel_rows: list[Row]) -> None:
+    # every copy on the native 3 mm slices or thinner, tilted ones included
+    _check_values([r for r in basel_rows if r.variant != THICK])
+
+
+@pytest.mark.xfail(strict=True, reason=L1_PARTIAL_VOLUME)
+def test_basel_l1_mean_spread(basel_rows: list[Row]) -> None:
     _check_values(basel_rows)
 
 
+def test_basel_vbmd_and_category_up_to_3mm_slices(basel_rows: list[Row]) -> None:
+    _check_vbmd([r for r in basel_rows if r.variant != THICK])
+
+
+@pytest.mark.xfail(strict=True, reason="L1-L2 spread 10 mg/cm3: " + L1_PARTIAL_VOLUME)
 def test_basel_vbmd_and_category(basel_rows: list[Row]) -> None:
     _check_vbmd(basel_rows)
 
 
-def test_basel_fracture_flags_without_tilt(basel_rows: list[Row]) -> None:
-    _check_fractures([r for r in basel_rows if r.variant not in TILTS])
+def test_basel_category_is_the_same(basel_rows: list[Row]) -> None:
+    # the category of every copy named confidently (an uncertain one has none, by design)
+    cats = {r.category for r in basel_rows if not r.uncertain}
+    assert len(cats) == 1, cats
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the copy tilted 10 deg about left-right reads L4 as wedged (its body mask, not its end plates)",
-)
-def test_basel_fracture_flags_with_tilt(basel_rows: list[Row]) -> None:
+def test_basel_fracture_flags_are_the_same(basel_rows: list[Row]) -> None:
     _check_fractures(basel_rows)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the sacral anchor, cut through S1, is lost on the noisy and the 5 mm copies"
-)
 def test_basel_naming_confidence_is_the_same(basel_rows: list[Row]) -> None:
     assert {r.uncertain for r in basel_rows} == {basel_rows[0].uncertain}
 
@@ -374,16 +442,14 @@ def test_lidc_named_confidently_whenever_the_first_rib_is_in_view(lidc_rows: lis
 
 @pytest.mark.xfail(
     strict=True,
-    reason="the 5 mm slabs put the first rib in the top slice and the tilted copies lose a rib head or L1: "
-    "no count from the top there",
+    reason="the 5 mm slabs put the first rib in the top slice, and the tilted copies take the front of the "
+    "upper ribs out of the scan's top edge: no count from the top there, and the lowest rib pair (0.5-0.6 "
+    "of the one above) alone is not enough",
 )
 def test_lidc_naming_confidence_is_the_same(lidc_rows: list[Row]) -> None:
     assert {r.uncertain for r in lidc_rows} == {lidc_rows[0].uncertain}
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a 10 deg tilt loses L1, 25 mm above the lower edge, in the lordotic curve"
-)
 def test_lidc_levels_are_the_same_with_tilt(lidc_rows: list[Row]) -> None:
     _check_levels(lidc_rows, LIDC_REQUIRED)
 

@@ -7,11 +7,16 @@ import numpy as np
 import pytest
 
 from dicomnode.bmd.classical import (
+    ALA_MIN_MM3,
     LSTV_MIN_MM,
     RIB_LONE_MIN_MM,
     RIB_SHORT_MM,
     RIB_SHORT_RATIO,
+    Column,
+    LateralBone,
     Segment,
+    _ala_volumes,
+    _find_sacrum,
     _name,
     _trunc,
 )
@@ -111,3 +116,64 @@ def test_no_anchor_is_always_uncertain() -> None:
 def test_trunc_never_rounds_up_to_the_threshold() -> None:
     assert _trunc(0.7999, 2) == "0.79"
     assert _trunc(0.5, 2) == "0.50"
+
+
+# ---------------------------------------------------------------- the sacral anchor from ala volumes
+
+
+def _column(nz: int) -> Column:
+    """A straight column along z through (y, x) = (20, 50) on the working grid."""
+    return Column(np.full(nz, 20.0), np.full(nz, 50.0), np.tile([1.0, 0.0, 0.0], (nz, 1)))
+
+
+def _lateral(z_lo: int, z_hi: int, area_vox: int, side: int) -> list[LateralBone]:
+    return [LateralBone(z, side, np.full(area_vox, 20), np.arange(area_vox) + 70) for z in range(z_lo, z_hi)]
+
+
+def test_ala_volume_is_weighed_between_the_disc_planes() -> None:
+    # discs at z = 20 and 40: slab 0 below 20, slab 1 between, slab 2 above 40; 2 mm working voxels
+    col = _column(60)
+    lat = _lateral(5, 25, 100, 1) + _lateral(5, 15, 50, -1)
+    vols = _ala_volumes(lat, [20, 40], col, 2.0)
+    # z 5..20 (15 slices incl. the plane at 20, which is not above it) belong to slab 0, z 21..24 to slab 1
+    assert vols[0] == (16 * 100 * 8.0, 10 * 50 * 8.0)
+    assert vols[1] == (4 * 100 * 8.0, 0.0)
+    assert 2 not in vols
+
+
+def _pieces(n_lumbar: int) -> list[Segment]:
+    segs = [Segment(i + 1, 100 - 15 * i, 112 - 15 * i, MASK, slab=n_lumbar - i) for i in range(n_lumbar + 1)]
+    segs[0].rib_l = segs[0].rib_r = 800.0  # T12 on top
+    return segs
+
+
+def test_sacrum_is_the_piece_with_alae_on_both_sides() -> None:
+    segs = _pieces(6)  # T12, L1-L5, S1 (slab 0)
+    ala = {0: (ALA_MIN_MM3 * 1.5, ALA_MIN_MM3 * 1.3), 1: (0.5 * ALA_MIN_MM3, 0.3 * ALA_MIN_MM3)}
+    sacrum, strong, note = _find_sacrum(segs, ala, 2.0)
+    assert sacrum == len(segs) - 1
+    assert strong
+    assert "both sides" in note
+
+
+def test_transverse_processes_are_not_alae() -> None:
+    # lumbar transverse processes give a few cm3 beside every lumbar piece: no sacrum, names from the ribs
+    segs = _pieces(5)
+    ala = {k: (0.5 * ALA_MIN_MM3, 0.5 * ALA_MIN_MM3) for k in range(6)}
+    assert _find_sacrum(segs, ala, 2.0) == (None, False, "")
+
+
+def test_one_sided_ala_is_weak_sacral_evidence() -> None:
+    segs = _pieces(6)
+    sacrum, strong, note = _find_sacrum(segs, {0: (ALA_MIN_MM3 * 1.2, 0.2 * ALA_MIN_MM3)}, 2.0)
+    assert sacrum == len(segs) - 1
+    assert not strong
+    assert "one side only" in note
+
+
+def test_sacrum_spanning_two_pieces_is_named_from_the_upper_one() -> None:
+    # an S1-S2 remnant disc splits the sacrum: the highest piece of the run with alae is S1
+    segs = _pieces(7)
+    ala = {0: (ALA_MIN_MM3 * 2, ALA_MIN_MM3 * 2), 1: (ALA_MIN_MM3 * 1.5, ALA_MIN_MM3 * 1.4)}
+    sacrum, _, _ = _find_sacrum(segs, ala, 2.0)
+    assert sacrum == len(segs) - 2

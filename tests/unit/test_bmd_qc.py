@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from dicomnode.bmd import qc
+from dicomnode.bmd.qc import reference_height
+from dicomnode.bmd.roi import RoiStats
 from dicomnode.domain import BoneCategory, Calibration, ContrastPhase, VertebraResult
 
 CAL = Calibration("internal-air-fat", "test", 0.83, -17.0, {}, 120.0, "STANDARD", 0.0)
@@ -103,3 +106,20 @@ def test_patient_info(header: dict[str, str], age: float | None, sex: str | None
     else:
         assert info.age_years is not None and math.isclose(info.age_years, age, abs_tol=0.05)
     assert info.sex == sex
+
+
+def _stats(heights: tuple[float, float, float] | None, se: tuple[float, float, float] | None) -> RoiStats:
+    box = (slice(0, 1), slice(0, 1), slice(0, 1))
+    roi = np.ones((1, 1, 1), dtype=bool)
+    return RoiStats(roi, box, 100.0, 100.0, 20.0, 2000.0, (0.0, 0.0, 0.0), 0.0, heights, se)
+
+
+def test_neighbour_reference_height_comes_from_end_plate_profiles_only() -> None:
+    # profile heights: the tallest is the reference
+    assert reference_height(_stats((30.0, 28.0, 31.0), (0.5, 0.5, 0.5)), truncated=False) == 31.0
+    # outline-only heights (the profiles failed) met a merged disc or the next body: no reference. A 44 mm
+    # outline next to a regular 27 mm body once called that body "< 80 % of its neighbours"
+    assert reference_height(_stats((22.0, 30.0, 44.0), None), truncated=False) is None
+    # a body cut by the field of view has no height to compare
+    assert reference_height(_stats((30.0, 28.0, 31.0), (0.5, 0.5, 0.5)), truncated=True) is None
+    assert reference_height(_stats(None, None), truncated=False) is None
