@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -338,3 +339,55 @@ def test_metrics_of_the_receiving_processes_reach_the_node_process(pool: Receive
     n = len(senders.acked)
     assert wait_until(lambda: counter._value.get() - before >= n, 10)
     assert counter._value.get() - before == n
+
+
+def test_tls_and_plain_ports_with_several_receiving_processes(tmp_path: Path) -> None:
+    """Mutual TLS on the TLS port and the plain port beside it, served by two receiving processes: a client
+    with a valid certificate stores, one without is refused; C-ECHO answers on both ports."""
+    from dicom_testing import make_instances
+    from tls_testing import make_pki, need
+
+    pki = make_pki(tmp_path / "pki")
+    storescu, echoscu = need("/usr/bin/storescu", "dcmtk"), need("/usr/bin/echoscu", "dcmtk")
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        dicom={
+            "port": free_port(),
+            "receive_processes": 2,
+            "tls": {
+                "port": free_port(),
+                "certificate": str(pki.node.cert),
+                "private_key": str(pki.node.key),
+                "ca_bundle": str(pki.ca),
+                "require_client_certificate": True,
+            },
+        },
+    )
+    upgrade(make_engine(settings.database_url_resolved()))
+    files = make_instances(tmp_path / "in", 4)
+    env = dict(os.environ, TCP_NODELAY="1")
+
+    def run(tool: str, port: int | None, *opts: str, files: tuple[Path, ...] = ()) -> Any:
+        return subprocess.run(
+            [tool, *opts, "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, files)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    with ReceiverPool(settings, receiver_spool, 2) as receivers:
+        assert receivers.tls_port is not None and receivers.port is not None
+        mutual = ["+tls", str(pki.client.key), str(pki.client.cert), "+cf", str(pki.ca)]
+        for f in files[:2]:  # two associations: whichever process takes each
+            ok = run(storescu, receivers.tls_port, *mutual, files=(f,))
+            assert ok.returncode == 0, ok.stderr
+        refused = run(storescu, receivers.tls_port, "+tla", "+cf", str(pki.ca), files=(files[2],))
+        assert refused.returncode != 0
+        plain = run(storescu, receivers.port, files=(files[3],))
+        assert plain.returncode == 0, plain.stderr
+        assert run(echoscu, receivers.tls_port, *mutual).returncode == 0
+        assert run(echoscu, receivers.port).returncode == 0
+    engine = make_engine(settings.database_url_resolved())
+    assert Store(engine).ingest_totals()[0] == 3  # the refused client stored nothing
+    engine.dispose()
