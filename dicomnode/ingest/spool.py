@@ -746,7 +746,7 @@ class Spool:
 class _Pending:
     """One instance whose bytes are written and flushed, waiting for the group commit."""
 
-    __slots__ = ("done", "final", "ids", "record", "result", "sop", "tmp")
+    __slots__ = ("final", "ids", "record", "result", "sop", "tmp", "wake")
 
     def __init__(
         self, tmp: Path | None, final: Path | None, record: ReceivedInstance, ids: dict[str, Any], sop: str
@@ -757,7 +757,8 @@ class _Pending:
         self.ids = ids
         self.sop = sop
         self.result: IngestResult | None = None
-        self.done = threading.Event()
+        #: Set when the instance is answered (``result`` set), or when its thread is to lead the next batch.
+        self.wake = threading.Event()
 
 
 #: The most instances one group commit takes (more wait for the next one, a few ms later).
@@ -783,34 +784,35 @@ class _GroupCommit:
 
     def __init__(self, spool: Spool) -> None:
         self._spool = spool
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._queue: list[_Pending] = []
         self._leading = False
 
     def submit(self, pending: _Pending) -> IngestResult:
-        with self._cond:
+        # Each waiting thread sleeps on its own event and is woken once: when its instance is answered, or
+        # when the leader hands the lead over to it. (A shared condition woke every waiter after every batch:
+        # thread wake-ups are costly, on a virtual machine most of all.)
+        with self._lock:
             self._queue.append(pending)
-            while not pending.done.is_set():
-                if not self._leading:
-                    self._leading = True
-                    break
-                self._cond.wait()
-            else:
-                assert pending.result is not None
+            lead = not self._leading
+            self._leading = True
+        if not lead:
+            pending.wake.wait()
+            if pending.result is not None:
                 return pending.result
+            # Handed the lead: our instance is still queued.
         try:
-            while not pending.done.is_set():
-                with self._cond:
+            while pending.result is None:
+                with self._lock:
                     batch = self._queue[:GROUP_COMMIT_MAX]
                     del self._queue[:GROUP_COMMIT_MAX]
-                self._run_batch(batch)
-                with self._cond:
-                    self._cond.notify_all()  # the answered followers
+                self._run_batch(batch)  # answers (and wakes) every instance of the batch
         finally:
-            with self._cond:
-                self._leading = False
-                self._cond.notify_all()  # one of the waiting followers leads next
-        assert pending.result is not None
+            with self._lock:
+                if self._queue:
+                    self._queue[0].wake.set()  # the next leader (its result still None)
+                else:
+                    self._leading = False
         return pending.result
 
     def close(self) -> None:
@@ -829,7 +831,7 @@ class _GroupCommit:
             for p in batch:
                 if p.result is None:
                     p.result = IngestResult(PROCESSING_FAILURE, "processing failure", **p.ids)
-                p.done.set()
+                p.wake.set()
 
     def _commit(self, batch: list[_Pending]) -> None:
         spool = self._spool
