@@ -55,6 +55,30 @@ def make_instances(
     return out
 
 
+def ct_slice(study: str, series: str, k: int, size: int = 8, patient: str = "Test^Patient") -> Dataset:
+    """Slice ``k`` (``size`` x ``size``, every pixel ``k``) of a CT series, ready for C-STORE (explicit VR
+    little endian)."""
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.Modality = "CT"
+    ds.PatientName = patient
+    ds.InstanceNumber = k + 1
+    ds.ImagePositionPatient = [0.0, 0.0, float(k)]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.Rows = ds.Columns = size
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = np.full(size * size, k, dtype=np.int16).tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
 def sop_of(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 

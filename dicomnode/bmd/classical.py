@@ -135,6 +135,11 @@ LSTV_MIN_MM = 4.0
 #: transverse process is a bar of about 10 x 10 mm section, a few cm3 in that band at most. Seen on the
 #: Basel CT across its metamorphic copies: S1 7.5-11.8 cm3 a side, L5 1.6-3.6 cm3.
 ALA_MIN_MM3 = 6000.0
+#: Lateral bone beside the vertebra above the sacrum that makes a transitional vertebra possible when the
+#: sacrum is the only anchor: three quarters of an ala, well above a normal L5's transverse processes
+#: (1.6-3.6 cm3 a side on the Basel copies), where a dysplastic process (>= 19 mm tall, Castellvi I) or one
+#: articulating with the sacrum lies.
+LSTV_ALA_MM3 = 4500.0
 
 
 #: Vertebral bodies are not traced on the outermost slices of a scan: a body that reaches this close to the
@@ -171,6 +176,9 @@ class Segment:
     rib_len_r: float = 0.0
     sacral: bool = False
     sacral_mm: float = 0.0  # extent (mm) of its slices where bone joined to it looks sacral (ala / ilium)
+    ala_mm3: float = (
+        0.0  # the larger side's volume of solid bone joined to it 28-60 mm out (``_ala_volumes``)
+    )
     slab: int = -1  # number of disc planes below it (its place between the discs)
     rib_inferred: bool = False  # rib-free between two rib-bearing vertebrae: a missed rib pair
 
@@ -1318,6 +1326,13 @@ def _name(
                 f"{segs[l5].sacral_mm:.0f} mm: lumbosacral transitional vertebra possible (sacralised L5 or "
                 "lumbarised S1), so the sacrum alone cannot fix L5"
             )
+        elif segs[l5].ala_mm3 >= LSTV_ALA_MM3:
+            uncertain = True
+            ev.append(
+                f"vertebra #{l5 + 1} above the sacrum has {segs[l5].ala_mm3 / 1000:.1f} cm3 of bone beside "
+                f"it (>= {LSTV_ALA_MM3 / 1000:.1f} cm3: transverse processes large enough to be a "
+                "transitional vertebra's), so the sacrum alone cannot fix L5"
+            )
         ev.append("named from the sacrum (no rib-bearing vertebra in view)")
     else:
         uncertain = True
@@ -1457,10 +1472,12 @@ class ClassicalBackend:
         # bone below it, e.g. the iliac crests of a chest-abdomen-pelvis CT, is not a rib)
         last = max((i for i, sg in enumerate(segs) if sg.has_rib), default=-1)
         top = _count_from_top([h for h in rib_heads if h.segment <= last], hu, body, frame, col, (y0, x0), g)
+        ala = _ala_volumes(lateral, discs, col, g)
         for sg in segs:
-            # upper two thirds only, as in _find_sacrum: the alae rise beside the lower end of a tilted L5
+            # upper two thirds only: the alae rise beside the lower end of a tilted L5
             sg.sacral_mm = float((sac[sg.z0 + (sg.z1 - sg.z0) // 3 : sg.z1 + 1] > 0).sum()) * g
-        sacrum, sac_strong, sac_note = _find_sacrum(segs, _ala_volumes(lateral, discs, col, g), g)
+            sg.ala_mm3 = max(ala.get(sg.slab, (0.0, 0.0)))
+        sacrum, sac_strong, sac_note = _find_sacrum(segs, ala, g)
         naming = _name(segs, sacrum, sac_strong, sac_note, top)
         context.segments = segs
         # vertebrae inside the sacrum are not vertebrae for our purpose

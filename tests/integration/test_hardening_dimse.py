@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from dicom_testing import ct_slice
+from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
@@ -43,25 +44,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def ct(study: str, series: str, k: int, size: int = 8) -> Dataset:
-    ds = Dataset()
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-    ds.Modality = "CT"
-    ds.PatientName = "Hostile^Peer"
-    ds.InstanceNumber = k + 1
-    ds.ImagePositionPatient = [0.0, 0.0, float(k)]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.Rows = ds.Columns = size
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = np.full(size * size, k, dtype=np.int16).tobytes()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return ds
+    return ct_slice(study, series, k, size, patient="Hostile^Peer")
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import pytest
 
 from dicomnode.bmd.classical import (
     ALA_MIN_MM3,
+    LSTV_ALA_MM3,
     LSTV_MIN_MM,
     RIB_LONE_MIN_MM,
     RIB_SHORT_MM,
@@ -177,3 +178,16 @@ def test_sacrum_spanning_two_pieces_is_named_from_the_upper_one() -> None:
     ala = {0: (ALA_MIN_MM3 * 2, ALA_MIN_MM3 * 2), 1: (ALA_MIN_MM3 * 1.5, ALA_MIN_MM3 * 1.4)}
     sacrum, _, _ = _find_sacrum(segs, ala, 2.0)
     assert sacrum == len(segs) - 2
+
+
+def test_large_processes_above_the_sacrum_make_sacrum_only_names_uncertain() -> None:
+    # no ribs in view: the sacrum is the only anchor, and the vertebra above it carries nearly an ala's worth
+    # of bone beside it (a dysplastic or sacrum-articulating transverse process): L5 cannot be fixed
+    segs = _spine([], 5, sacrum=True)
+    _, uncertain, _ = _names(segs, sacrum=True)
+    assert not uncertain
+    segs[-2].ala_mm3 = LSTV_ALA_MM3 + 500.0
+    names, uncertain, ev = _names(segs, sacrum=True)
+    assert uncertain
+    assert "transverse processes large enough" in ev
+    assert names[-1] == "L5"  # still named from the sacrum, flagged
