@@ -51,8 +51,9 @@ sizes in mm; the numbers are anatomical sizes, not fitted to any one scan):
      head (``_rib_length``).
    * *sacrum only*: uncertain when the sacral evidence is one-sided, or when the vertebra above the
      sacrum itself has >= 4 mm of slices (upper two thirds of it: the alae rise beside the lower end of a
-     normally tilted L5) where bone joined to it reaches the ala / ilium: a sacralised L5 (large
-     transverse processes touching or fused to the sacrum / ilium) or a partly fused, lumbarised S1.
+     normally tilted L5) where bone joined to it reaches the ala / ilium, or >= ``LSTV_ALA_MM3`` of bone
+     beside it on a side: a sacralised L5 (large transverse processes touching or fused to the sacrum /
+     ilium) or a partly fused, lumbarised S1.
 
    With both anchors in view and five rib-free vertebrae between them a short 12th rib is confirmed and
    the names stay confident. A count from the first rib is a second anchor for the ribs: twelve pairs with
