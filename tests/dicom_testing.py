@@ -79,6 +79,26 @@ def ct_slice(study: str, series: str, k: int, size: int = 8, patient: str = "Tes
     return ds
 
 
+def assert_all_recorded(database: Path, study: str, acked: dict[str, bytes]) -> None:
+    """Every instance of ``study`` answered with success (``acked``: SOP Instance UID -> pixel bytes) has its
+    record in the node's SQLite ``database`` and its file on disk with the same pixels."""
+    from dicomnode.store import Store, make_engine
+
+    engine = make_engine(f"sqlite:///{database}")
+    try:
+        store = Store(engine)
+        recorded = {}
+        for s in store.list_series(study_uid=study).items:
+            for inst in store.instances(s.series_instance_uid):
+                recorded[inst.sop_instance_uid] = inst.path
+        missing = [uid for uid in acked if uid not in recorded]
+        assert not missing, f"{len(missing)} acknowledged instance(s) lost"
+        for uid, pixels in acked.items():
+            assert pydicom.dcmread(recorded[uid]).PixelData == pixels
+    finally:
+        engine.dispose()
+
+
 def sop_of(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 

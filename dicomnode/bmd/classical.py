@@ -1135,9 +1135,7 @@ def _ala_volumes(
     return {k: (acc.get((k, 1), 0.0), acc.get((k, -1), 0.0)) for k in slabs}
 
 
-def _find_sacrum(
-    segs: list[Segment], ala: dict[int, tuple[float, float]], g: float
-) -> tuple[int | None, bool, str]:
+def _find_sacrum(segs: list[Segment], ala: dict[int, tuple[float, float]]) -> tuple[int | None, bool, str]:
     """The sacrum: walking up from the lowest vertebra (at most four), the highest of a contiguous run of
     pieces with sacral evidence (S1-S2 remnant discs split the sacrum into pieces).
 
@@ -1478,7 +1476,7 @@ class ClassicalBackend:
             # upper two thirds only: the alae rise beside the lower end of a tilted L5
             sg.sacral_mm = float((sac[sg.z0 + (sg.z1 - sg.z0) // 3 : sg.z1 + 1] > 0).sum()) * g
             sg.ala_mm3 = max(ala.get(sg.slab, (0.0, 0.0)))
-        sacrum, sac_strong, sac_note = _find_sacrum(segs, ala, g)
+        sacrum, sac_strong, sac_note = _find_sacrum(segs, ala)
         naming = _name(segs, sacrum, sac_strong, sac_note, top)
         context.segments = segs
         # vertebrae inside the sacrum are not vertebrae for our purpose

@@ -91,7 +91,6 @@ def _outside_mid_slab(
     mid-plane and half as tall as the fitted height there. It follows the end plates themselves, so a body
     axis a few degrees off (the column's smoothed tangent in a strong lordosis) or a wedge does not bring the
     slab's corners against an end plate, as a slab cut square to the axis from the mask's extent does."""
-    assert fit.mid_line_mm is not None and fit.depth_mm is not None
     sx, sy, sz = spacing
     ri, rj, rk = idx
     _, e_ap, _ = _body_frame((float(a[0]), float(a[1]), float(a[2])))
@@ -163,7 +162,7 @@ def trabecular_roi(
         a = np.asarray(axis_mm if axis_mm is not None else (0.0, 0.0, 1.0), dtype=float)
         a /= np.linalg.norm(a)
         rk, rj, ri = np.nonzero(roi)
-        if pfit is not None and pfit.mid_line_mm is not None and pfit.depth_mm is not None:
+        if pfit is not None:
             out_slab = _outside_mid_slab(pfit, (ri, rj, rk), (sx, sy, sz), a, shift)
         else:
             h_all = ii * sx * a[0] + jj * sy * a[1] + kk * sz * a[2]
@@ -343,8 +342,8 @@ class HeightFit:
     #: the body's mid-plane between its end plates along the axis, as a Theil-Sen line over the depth
     #: (intercept at the front, slope per unit depth fraction), in the coordinates of the box the fit was
     #: given (mm along the axis); the depth fraction runs from ``depth_mm[0]`` (front) to ``depth_mm[1]``
-    mid_line_mm: tuple[float, float] | None = None
-    depth_mm: tuple[float, float] | None = None
+    mid_line_mm: tuple[float, float]
+    depth_mm: tuple[float, float]
 
 
 def profile_heights(

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dicom_testing import ct_slice
+from dicom_testing import assert_all_recorded, ct_slice
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
@@ -450,16 +450,4 @@ def test_kill_9_while_storing_loses_no_acknowledged_instance(tmp_path: Path) -> 
         t.join(60)
     assert len(acked) > 10, "the kill came while storing"
 
-    engine = make_engine(f"sqlite:///{tmp_path / 'node.sqlite3'}")
-    store = Store(engine)
-    from pydicom import dcmread
-
-    recorded = {}
-    for s in store.list_series(study_uid=study).items:
-        for inst in store.instances(s.series_instance_uid):
-            recorded[inst.sop_instance_uid] = inst.path
-    missing = [uid for uid in acked if uid not in recorded]
-    assert not missing, f"{len(missing)} acknowledged instance(s) lost"
-    for uid, pixels in acked.items():
-        assert dcmread(recorded[uid]).PixelData == pixels
-    engine.dispose()
+    assert_all_recorded(tmp_path / "node.sqlite3", study, acked)

@@ -23,8 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
-from dicom_testing import ct_slice
-from pydicom import dcmread
+from dicom_testing import assert_all_recorded, ct_slice
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
@@ -161,22 +160,6 @@ class Senders:
                 assoc.release()
 
 
-def assert_all_recorded(data: Path, study: str, acked: dict[str, bytes]) -> None:
-    engine = make_engine(f"sqlite:///{data / 'dicomnode.sqlite3'}")
-    try:
-        store = Store(engine)
-        recorded = {}
-        for s in store.list_series(study_uid=study).items:
-            for inst in store.instances(s.series_instance_uid):
-                recorded[inst.sop_instance_uid] = inst.path
-        missing = [uid for uid in acked if uid not in recorded]
-        assert not missing, f"{len(missing)} acknowledged instance(s) lost"
-        for uid, pixels in acked.items():
-            assert dcmread(recorded[uid]).PixelData == pixels
-    finally:
-        engine.dispose()
-
-
 def test_kill_9_of_a_receiving_process_loses_nothing_and_it_is_replaced(tmp_path: Path) -> None:
     study = generate_uid()
     with pool_process(tmp_path) as (proc, port, pids):
@@ -193,7 +176,7 @@ def test_kill_9_of_a_receiving_process_loses_nothing_and_it_is_replaced(tmp_path
             assert more.started.wait(60)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-    assert_all_recorded(tmp_path, study, {**senders.acked, **more.acked})
+    assert_all_recorded(tmp_path / "dicomnode.sqlite3", study, {**senders.acked, **more.acked})
 
 
 def test_kill_9_of_the_node_process_loses_nothing_and_leaves_no_orphan(tmp_path: Path) -> None:
@@ -207,7 +190,7 @@ def test_kill_9_of_the_node_process_loses_nothing_and_leaves_no_orphan(tmp_path:
             # The receivers notice that the node's process is gone and stop (aborting their associations).
             assert wait_until(lambda: not any(alive(p) for p in pids)), "receiving processes left running"
         assert len(senders.acked) > 10
-    assert_all_recorded(tmp_path, study, senders.acked)
+    assert_all_recorded(tmp_path / "dicomnode.sqlite3", study, senders.acked)
 
 
 def test_sigterm_to_receive_stops_its_receiving_processes(tmp_path: Path) -> None:

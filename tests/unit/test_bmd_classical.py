@@ -151,7 +151,7 @@ def _pieces(n_lumbar: int) -> list[Segment]:
 def test_sacrum_is_the_piece_with_alae_on_both_sides() -> None:
     segs = _pieces(6)  # T12, L1-L5, S1 (slab 0)
     ala = {0: (ALA_MIN_MM3 * 1.5, ALA_MIN_MM3 * 1.3), 1: (0.5 * ALA_MIN_MM3, 0.3 * ALA_MIN_MM3)}
-    sacrum, strong, note = _find_sacrum(segs, ala, 2.0)
+    sacrum, strong, note = _find_sacrum(segs, ala)
     assert sacrum == len(segs) - 1
     assert strong
     assert "both sides" in note
@@ -161,12 +161,12 @@ def test_transverse_processes_are_not_alae() -> None:
     # lumbar transverse processes give a few cm3 beside every lumbar piece: no sacrum, names from the ribs
     segs = _pieces(5)
     ala = {k: (0.5 * ALA_MIN_MM3, 0.5 * ALA_MIN_MM3) for k in range(6)}
-    assert _find_sacrum(segs, ala, 2.0) == (None, False, "")
+    assert _find_sacrum(segs, ala) == (None, False, "")
 
 
 def test_one_sided_ala_is_weak_sacral_evidence() -> None:
     segs = _pieces(6)
-    sacrum, strong, note = _find_sacrum(segs, {0: (ALA_MIN_MM3 * 1.2, 0.2 * ALA_MIN_MM3)}, 2.0)
+    sacrum, strong, note = _find_sacrum(segs, {0: (ALA_MIN_MM3 * 1.2, 0.2 * ALA_MIN_MM3)})
     assert sacrum == len(segs) - 1
     assert not strong
     assert "one side only" in note
@@ -176,7 +176,7 @@ def test_sacrum_spanning_two_pieces_is_named_from_the_upper_one() -> None:
     # an S1-S2 remnant disc splits the sacrum: the highest piece of the run with alae is S1
     segs = _pieces(7)
     ala = {0: (ALA_MIN_MM3 * 2, ALA_MIN_MM3 * 2), 1: (ALA_MIN_MM3 * 1.5, ALA_MIN_MM3 * 1.4)}
-    sacrum, _, _ = _find_sacrum(segs, ala, 2.0)
+    sacrum, _, _ = _find_sacrum(segs, ala)
     assert sacrum == len(segs) - 2
 
 
