@@ -213,6 +213,23 @@ def run_orthanc(folder: Path, senders: list[Path], n: int) -> float:
     return elapsed
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far (Linux /proc; 0 elsewhere)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
+#: CPU seconds the node's receiver used during each timed transfer (receiver, associations) -> list.
+NODE_CPU: dict[tuple[str, int], list[float]] = {}
+
+
 def run_node(folder: Path, senders: list[Path], n: int, processes: int | str = "auto") -> float:
     """The node's receiver as ``dicomnode serve``/``receive`` builds it from the settings (defaults but the
     folder and the port): ``dicom.receive_processes`` receiving processes on one port, or the SCP inside this
@@ -235,9 +252,13 @@ def run_node(folder: Path, senders: list[Path], n: int, processes: int | str = "
         else StorageSCP.from_settings(settings.dicom, spool)
     )
     scp.start()
+    pids = scp.pids() if isinstance(scp, ReceiverPool) else [os.getpid()]
     try:
         assert scp.port is not None
+        cpu0 = _cpu_seconds(pids)
         elapsed = send(scp.port, settings.dicom.ae_title, senders)
+        cpu = _cpu_seconds(pids) - cpu0
+        NODE_CPU.setdefault(("node" if count > 1 else "node1", len(senders)), []).append(cpu)
         got = store.ingest_totals()[0]
     finally:
         scp.stop()
@@ -317,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
             for name in receivers:
                 t = med[(name, k)]
                 print(f"{LABELS[name]:56s} {k:5d} {t:7.2f} {args.images / t:7.1f} {total / 1e6 / t:6.1f}")
+        for (name, k), cpus in sorted(NODE_CPU.items()):
+            per = statistics.median(cpus) / args.images * 1000
+            print(f"CPU {name} x{k}: receiver CPU {per:.2f} ms per image (median of {len(cpus)})")
         if "node" in receivers:
             for k in ASSOCIATIONS:
                 if "node1" in receivers:

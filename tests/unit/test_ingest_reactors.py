@@ -83,6 +83,7 @@ PINNED_SOURCES = {
     "dul.DULServiceProvider.stop_dul": "6c62f0d0cd238affa1ee653ca676a100a29acb3e5f09bf32ab3e3fc9f8015198",
     "dul.DULServiceProvider.kill_dul": "d64f51d35ae851e0fa8fcd356521b0d3022914b9be5f243936bcafb9c2a8ff16",
     "dul.DULServiceProvider._read_pdu_data": "c5f07708cfb78a70d039d5f8eac54258e16b76a3a5ed016a9affaf4ed5aa9134",  # noqa: E501
+    "dul.DULServiceProvider._is_transport_event": "a192323b769ecd4ab1349db0b819516a7dce2d42fc65d8bdec919984e5ebbab0",  # noqa: E501
     "dimse.DIMSEServiceProvider.send_msg": "bc8c411d046c95f8a31fc28ad24c1338630ea7acde3a7505eb54858f487f35b9",
     "association.Association._run_reactor": "304c896561674fdc8a8c3c87ee41d63ef83f16942a44b64e545dce4a5370c0d1",  # noqa: E501
 }
@@ -280,3 +281,36 @@ def test_the_direct_c_store_response_is_what_pynetdicom_would_send(
     assert reactors.store_response_bytes(rsp) == encode(stock.command_set, True, True)
     rsp.ErrorComment = "out of resources"
     assert reactors.store_response_bytes(rsp) is None, "a response with a comment takes the stock path"
+
+
+def test_read_ahead_takes_pdus_split_or_several_per_read() -> None:
+    # Plain sockets are read through a buffer: a PDU cut across reads is put together, several PDUs in one
+    # read come out one by one, a PDU larger than the buffer grows it, and a peer that closes mid-PDU or
+    # stalls past the deadline is a failed fill (the reactor then reports Evt17).
+    a, b = socket.socketpair()
+    try:
+        ahead = reactors._ReadAhead()
+        deadline = time.monotonic() + 5
+        first, second = b"\x04\x00" + bytes(4) + b"x" * 10, b"\x04\x00" + bytes(4) + b"y" * 20
+        a.sendall(first + second[:3])
+        assert ahead.fill(b, len(first), deadline)
+        assert bytes(ahead.take(len(first))) == first
+        assert len(ahead) == 3
+        sender = threading.Thread(target=lambda: (time.sleep(0.05), a.sendall(second[3:])))
+        sender.start()
+        assert ahead.fill(b, len(second), deadline)
+        sender.join()
+        assert bytes(ahead.take(len(second))) == second and len(ahead) == 0
+        big = bytes(range(256)) * (3 * reactors._READ_CHUNK // 256)
+        sender = threading.Thread(target=a.sendall, args=(big,))
+        sender.start()
+        assert ahead.fill(b, len(big), deadline)
+        sender.join()
+        assert bytes(ahead.take(len(big))) == big
+        a.sendall(b"zz")
+        assert not ahead.fill(b, 4, time.monotonic() + 0.1), "stalled past the deadline"
+        a.close()
+        assert not ahead.fill(b, 4, time.monotonic() + 5), "closed mid-PDU"
+    finally:
+        a.close()
+        b.close()
