@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -23,7 +24,7 @@ from dicomnode.store.base import (
 )
 from dicomnode.store.engine import IMMEDIATE
 from dicomnode.store.models import DecisionRow, InstanceRow, SeriesRow, StudyRow
-from dicomnode.store.recording import NewInstance, _prepare, _record_series
+from dicomnode.store.recording import NewInstance, SqliteStatements, _prepare, _Prepared, _record_series
 from dicomnode.store.records import Instance, Page, Series, StoredDecision, Study
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 
 class InstanceStore(StoreBase):
     """Instances and series (received, complete, summarised, routed)."""
+
+    #: Record received instances on SQLite through the driver's cursor (False: SQLAlchemy Core, as on
+    #: PostgreSQL; the tests compare the two).
+    sqlite_direct = True
 
     def record_instance(
         self,
@@ -88,6 +93,11 @@ class InstanceStore(StoreBase):
         instance was new (the second copy of one SOP instance in a batch is not).
         """
         prepared = [_prepare(item) for item in batch]
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, p in enumerate(prepared):
+            groups.setdefault((p.study_uid, p.series_uid), []).append(i)
+        if self.engine.dialect.name == "sqlite" and self.sqlite_direct:
+            return self._record_on_sqlite(prepared, groups)
 
         def run() -> list[bool]:
             # Core statements on a bare connection, no ORM session: this runs while senders wait, and the
@@ -95,15 +105,51 @@ class InstanceStore(StoreBase):
             news = [False] * len(prepared)
             with self.engine.connect() as bare, bare.execution_options(**{IMMEDIATE: True}).begin():
                 conn = bare
-                groups: dict[tuple[str, str], list[int]] = {}
-                for i, p in enumerate(prepared):
-                    groups.setdefault((p.study_uid, p.series_uid), []).append(i)
                 for (study_uid, series_uid), indices in groups.items():
                     for i, new in _record_series(conn, study_uid, series_uid, [prepared[i] for i in indices]):
                         news[indices[i]] = new
             return news
 
         return self._retry_integrity(run)
+
+    def _record_on_sqlite(
+        self, prepared: list[_Prepared], groups: dict[tuple[str, str], list[int]]
+    ) -> list[bool]:
+        # The same statements on the driver's own cursor (recording.SqliteStatements), in one BEGIN IMMEDIATE
+        # transaction on a pooled connection; a concurrent first insert of the same study or series by another
+        # receiving process (IntegrityError) is retried, as _retry_integrity does for the Core path.
+        statements: SqliteStatements | None = getattr(self, "_sqlite_statements", None)
+        if statements is None:
+            statements = SqliteStatements(self.engine.dialect)
+            self._sqlite_statements = statements
+        for attempt in range(5):
+            raw = self.engine.raw_connection()
+            try:
+                driver = raw.driver_connection
+                assert driver is not None
+                cursor = driver.cursor()
+                cursor.execute("BEGIN IMMEDIATE")
+                try:
+                    news = [False] * len(prepared)
+                    db = statements.on(cursor)
+                    for (study_uid, series_uid), indices in groups.items():
+                        items = [prepared[i] for i in indices]
+                        for i, new in _record_series(db, study_uid, series_uid, items):
+                            news[indices[i]] = new
+                    cursor.execute("COMMIT")
+                    return news
+                except BaseException:
+                    if driver.in_transaction:
+                        driver.rollback()
+                    raise
+                finally:
+                    cursor.close()
+            except sqlite3.IntegrityError:
+                if attempt == 4:
+                    raise
+            finally:
+                raw.close()
+        raise AssertionError("unreachable")
 
     def instances(self, series_uid: str) -> list[Instance]:
         """The instances of a series (for the analysis step: their files), in arrival order."""

@@ -23,6 +23,7 @@ from dicomnode.domain import DeliveryOutcome, JobState, ResultFiles, RuleDecisio
 from dicomnode.errors import InputError
 from dicomnode.store import (
     InvalidTransitionError,
+    NewInstance,
     NotFoundError,
     Store,
     current_revision,
@@ -676,3 +677,73 @@ def test_attribute_values_are_stored_as_plain_json(store: Store) -> None:
     assert got["ImageType"] == ("ORIGINAL", "PRIMARY")
     assert got["OperatorsName"] == "Doe^J"
     assert got["Weird"] is None and got["Blob"] is None
+
+
+def test_sqlite_direct_recording_writes_what_the_core_path_writes(tmp_path: Path) -> None:
+    # On SQLite, record_instances runs its statements on the driver's cursor (recording.SqliteStatements);
+    # the same batches through SQLAlchemy Core must leave the same rows: new study and series, duplicates in
+    # and across batches, study attributes merged, a late instance re-opening a complete series with a job.
+    stores = []
+    for name, direct in (("direct", True), ("core", False)):
+        eng = make_engine(f"sqlite:///{tmp_path / name}.sqlite3")
+        upgrade(eng)
+        st = Store(eng)
+        st.sqlite_direct = direct
+        stores.append(st)
+
+    def item(i: int, series: str, at: datetime, **study: Any) -> NewInstance:
+        return NewInstance(
+            study_uid="1.2.3",
+            series_uid=series,
+            sop_instance_uid=f"{series}.{i}",
+            sop_class_uid=CT,
+            transfer_syntax=ELE,
+            path=f"spool/{series}/{i}.dcm",
+            size_bytes=1000 + i,
+            study_attrs={"StudyDescription": "CT", **study},
+            series_attrs={"Modality": "CT", "ImageType": ("ORIGINAL", "PRIMARY"), "SliceThickness": 1.25},
+            calling_aet="PACS",
+            source="dimse",
+            slice_position=-float(i) if i % 3 else None,
+            number_of_frames=None,
+            now=at,
+        )
+
+    for st in stores:
+        assert st.record_instances(
+            [item(1, "1.2.3.1", T0), item(2, "1.2.3.1", T0), item(1, "1.2.3.1", T0)]
+        ) == [
+            True,
+            True,
+            False,
+        ]
+        later = T0 + timedelta(seconds=5)
+        assert st.record_instances(
+            [item(2, "1.2.3.1", later), item(3, "1.2.3.2", later, AccessionNumber="A1")]
+        ) == [
+            False,
+            True,
+        ]
+        st.mark_series_complete("1.2.3.1", now=T0 + timedelta(seconds=60))
+        st.create_job("1.2.3.1", "bmd", ["pacs"], 1, now=T0 + timedelta(seconds=61))
+        assert st.record_instances([item(4, "1.2.3.1", T0 + timedelta(seconds=90))]) == [True]
+        assert st.record_instances([item(5, "1.2.3.1", T0 + timedelta(seconds=30))]) == [True]  # older time
+
+    def dump(st: Store) -> dict[str, list[Any]]:
+        with st.engine.connect() as conn:
+            return {
+                table: [tuple(r) for r in conn.execute(text(f"SELECT * FROM {table} ORDER BY id"))]
+                for table in ("studies", "series", "instances")
+            }
+
+    direct, core = (dump(st) for st in stores)
+    assert direct == core
+    series = stores[0].get_series("1.2.3.1")
+    assert (series.n_instances, series.version, series.needs_new_version, series.completed_at) == (
+        4,
+        2,
+        True,
+        None,
+    )
+    assert series.last_received_at == T0 + timedelta(seconds=90)
+    assert stores[0].get_study("1.2.3").attributes["AccessionNumber"] == "A1"
