@@ -79,18 +79,18 @@ def _with_context(canon: Volume, box: Box, body: B) -> tuple[Box, B]:
     return (ctx[0], ctx[1], ctx[2]), out
 
 
-def _outside_mid_slab(
+def _mid_slab_weight(
     fit: HeightFit,
     idx: tuple[npt.NDArray[np.intp], ...],
     spacing: tuple[float, float, float],
     a: npt.NDArray[np.float64],
     shift: npt.NDArray[np.float64],
-) -> npt.NDArray[np.bool_]:
-    """Which of the voxels ``idx`` (i, j, k of the body box) lie outside the central half of the body height,
-    measured between the end plates the profiles found: at each depth the slab is centred on the fitted
-    mid-plane and half as tall as the fitted height there. It follows the end plates themselves, so a body
-    axis a few degrees off (the column's smoothed tangent in a strong lordosis) or a wedge does not bring the
-    slab's corners against an end plate, as a slab cut square to the axis from the mask's extent does."""
+) -> npt.NDArray[np.float64]:
+    """How much of each voxel ``idx`` (i, j, k of the body box) lies inside the central half of the body
+    height, between the end plates of ``fit``: at each depth the slab is centred on the fitted mid-plane
+    and half as tall as the fitted height there. It follows the end plates themselves, so a body axis a few
+    degrees off (the column's smoothed tangent in a strong lordosis) or a wedge does not bring the slab's
+    corners against an end plate, as a slab cut square to the axis from the mask's extent does."""
     sx, sy, sz = spacing
     ri, rj, rk = idx
     _, e_ap, _ = _body_frame((float(a[0]), float(a[1]), float(a[2])))
@@ -101,7 +101,25 @@ def _outside_mid_slab(
     m0, m1 = fit.mid_line_mm
     h0, _, h2 = fit.heights_mm
     height = h0 + (h2 - h0) * f
-    out: npt.NDArray[np.bool_] = np.abs(h - (m0 + m1 * f)) > 0.25 * height
+    return slab_weight(np.abs(h - (m0 + m1 * f)) - 0.25 * height, spacing, a)
+
+
+def slab_weight(
+    beyond_mm: npt.NDArray[np.float64], spacing: tuple[float, float, float], a: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """Each voxel's weight in a slab, from how far (mm, along the slab's axis ``a``) its centre lies beyond
+    the slab's face (negative: inside).
+
+    A voxel integrates the image over about its own extent along the axis (a slice over its slice
+    sensitivity profile): a 5 mm slice centred 1 mm inside the face carries 1.5 mm of what lies beyond it
+    (the dense bone under an end plate), so counting voxels by their centres makes the slab a slice
+    thicker on thick slices. Here a voxel centred on the face counts nothing, and the weight rises linearly
+    to full one voxel extent (``2 r``) inside: what lies beyond the face contributes at most ``r / 8`` of a
+    voxel (at a centre ``r / 2`` inside, weight 1/4, ``r / 2`` beyond), the slab is about the same physical
+    slab on every grid, and there is no jump when its face crosses a slice centre."""
+    sx, sy, sz = spacing
+    reach = 0.5 * (abs(float(a[0])) * sx + abs(float(a[1])) * sy + abs(float(a[2])) * sz)
+    out: npt.NDArray[np.float64] = np.clip(-beyond_mm / (2.0 * max(reach, 1e-6)), 0.0, 1.0)
     return out
 
 
@@ -120,9 +138,10 @@ def trabecular_roi(
       cranio-caudal axis to the body's end go (the slice sensitivity profile smears the dense end plate over
       about one slice thickness beyond its own edge);
     * mid-vertebral slab: only the central half of the body height, between the end plates the end-plate
-      profiles found (a mid-plane and a height fitted over the depth, ``_outside_mid_slab``), or, when the
-      profiles fail (thick slices, a body at the scan's edge), along the vertebra's axis over the mask's
-      extent;
+      profiles found (a mid-plane and a height fitted over the depth, ``_mid_slab_weight``), or, when the
+      profiles fail (thick slices, a body at the scan's edge), between the mask's ends at each depth
+      (``mask_height_fit``); each voxel counts for the share of its slice inside the slab
+      (``slab_weight``: the statistics are weighted, the ROI mask holds every voxel with a share);
     * shape: an elliptic cylinder centred slightly anterior of the body centre (0.45 of the depth from the
       front) with semi-axes 36 % of the width and 33 % of the depth, like the oval ROI of manual L1
       measurements (Pickhardt; Comp2Comp uses 65 % x 50 % diameters); it keeps pedicle roots and the
@@ -138,6 +157,8 @@ def trabecular_roi(
     dist_z = ndi.distance_transform_edt(padded, sampling=(sz, 1e4, 1e4))[1:-1, 1:-1, 1:-1]
     z_margin = max(endplate_margin_mm, erosion_mm + sz)
     roi = body & (dist > erosion_mm) & (dist_z > z_margin)
+    # each ROI voxel's weight: the share of it inside the mid-vertebral slab (``slab_weight``)
+    weight = np.zeros(body.shape, dtype=np.float64)
     mask_heights = body_heights(body, (sx, sy, sz), axis_mm)
     heights: tuple[float, float, float] | None
     heights_se: tuple[float, float, float] | None
@@ -162,15 +183,19 @@ def trabecular_roi(
         a = np.asarray(axis_mm if axis_mm is not None else (0.0, 0.0, 1.0), dtype=float)
         a /= np.linalg.norm(a)
         rk, rj, ri = np.nonzero(roi)
+        mfit = None if pfit is not None else mask_height_fit(body, (sx, sy, sz), axis_mm)
         if pfit is not None:
-            out_slab = _outside_mid_slab(pfit, (ri, rj, rk), (sx, sy, sz), a, shift)
+            w_slab = _mid_slab_weight(pfit, (ri, rj, rk), (sx, sy, sz), a, shift)
+        elif mfit is not None:
+            w_slab = _mid_slab_weight(mfit, (ri, rj, rk), (sx, sy, sz), a, np.zeros(3))
         else:
             h_all = ii * sx * a[0] + jj * sy * a[1] + kk * sz * a[2]
             h_lo, h_hi = np.percentile(h_all, 2), np.percentile(h_all, 98)
-            span = h_hi - h_lo
             hr = ri * sx * a[0] + rj * sy * a[1] + rk * sz * a[2]
-            out_slab = (hr < h_lo + 0.25 * span) | (hr > h_hi - 0.25 * span)
+            w_slab = slab_weight(np.abs(hr - 0.5 * (h_lo + h_hi)) - 0.25 * (h_hi - h_lo), (sx, sy, sz), a)
+        out_slab = w_slab <= 0.0
         roi[rk[out_slab], rj[out_slab], ri[out_slab]] = False
+        weight[rk, rj, ri] = w_slab
         y_ant, y_post = np.percentile(jj, 2) * sy, np.percentile(jj, 98) * sy
         x_lo, x_hi = np.percentile(ii, 2) * sx, np.percentile(ii, 98) * sx
         depth, width = max(y_post - y_ant, 1.0), max(x_hi - x_lo, 1.0)
@@ -187,8 +212,8 @@ def trabecular_roi(
     voxel = sx * sy * sz
     metal = float(np.count_nonzero(data[body] > METAL_HU)) * voxel
     roi, n_out = exclude_outliers(data, roi)
-    vals = data[roi]
-    if vals.size == 0:
+    vals, w = data[roi].astype(np.float64), weight[roi]
+    if vals.size == 0 or float(w.sum()) <= 0.0:
         return RoiStats(
             roi,
             box,
@@ -203,6 +228,10 @@ def trabecular_roi(
             mask_heights,
             near_edge=near_edge,
         )
+    # weighted statistics (frequency weights: the slab's edge voxels count for the share of them inside)
+    w_sum = float(w.sum())
+    mean = float(np.sum(w * vals) / w_sum)
+    sd = float(np.sqrt(np.sum(w * (vals - mean) ** 2) / (w_sum - 1.0))) if w_sum > 1.0 else 0.0
     kk, jj, ii = np.nonzero(roi)
     cen = (
         float(ii.mean()) + box[2].start,
@@ -212,10 +241,10 @@ def trabecular_roi(
     return RoiStats(
         roi=roi,
         box=box,
-        mean=float(vals.mean()),
-        median=float(np.median(vals)),
-        sd=float(vals.std(ddof=1)) if vals.size > 1 else 0.0,
-        volume_mm3=float(vals.size) * voxel,
+        mean=mean,
+        median=_weighted_median(vals, w),
+        sd=sd,
+        volume_mm3=w_sum * voxel,
         centroid_ijk=cen,
         metal_mm3=metal,
         heights_mm=heights,
@@ -232,6 +261,13 @@ def trabecular_roi(
 OUTLIER_ROBUST_SD = 3.0
 #: The robust SD is not taken below this (HU): a very smooth ROI must not lose its normal noise tails.
 OUTLIER_MIN_SD = 15.0
+
+
+def _weighted_median(vals: npt.NDArray[np.float64], w: npt.NDArray[np.float64]) -> float:
+    """The value at which the cumulative weight reaches half the total (the lower of two on a tie)."""
+    order = np.argsort(vals, kind="stable")
+    cum = np.cumsum(w[order])
+    return float(vals[order][int(np.searchsorted(cum, 0.5 * cum[-1]))])
 
 
 def exclude_outliers(data: npt.NDArray[np.float32], roi: B) -> tuple[B, int]:
@@ -460,9 +496,7 @@ def profile_height_fit(
     # Theil-Sen line (median of pairwise slopes): a profile caught by the posterior wall, a pedicle root or
     # a Schmorl node must not tilt it (robust to 2 of 7 outliers)
     fa, ha = np.asarray(fr), np.asarray(hs)
-    ia, ib = np.triu_indices(fa.size, 1)
-    slope = float(np.median((ha[ib] - ha[ia]) / (fa[ib] - fa[ia])))
-    icpt = float(np.median(ha - slope * fa))
+    icpt, slope = _theil_sen(fa, ha)
     res = ha - (icpt + slope * fa)
     robust_sd = 1.4826 * float(np.median(np.abs(res)))
     inl = np.abs(res) <= max(3.0 * robust_sd, 1e-9)
@@ -476,14 +510,68 @@ def profile_height_fit(
     def _se(f: float) -> float:
         return sigma * float(np.sqrt(1.0 / n + (f - float(f_in.mean())) ** 2 / sxx))
 
-    ma = np.asarray(mids)
-    m_slope = float(np.median((ma[ib] - ma[ia]) / (fa[ib] - fa[ia])))
-    m_icpt = float(np.median(ma - m_slope * fa))
+    m_icpt, m_slope = _theil_sen(fa, np.asarray(mids))
     return HeightFit(
         heights_mm=(icpt, h_mid if h_mid is not None else icpt + 0.5 * slope, icpt + slope),
         se_mm=(_se(0.0), sigma if h_mid is not None else _se(0.5), _se(1.0)),
         fractions=tuple(float(x) for x in fa),
         profile_heights_mm=tuple(float(x) for x in ha),
+        mid_line_mm=(m_icpt, m_slope),
+        depth_mm=(v0, v1),
+    )
+
+
+def _theil_sen(x: npt.NDArray[np.float64], y: npt.NDArray[np.float64]) -> tuple[float, float]:
+    """Intercept and slope of the Theil-Sen line (median of pairwise slopes) through ``(x, y)``."""
+    ia, ib = np.triu_indices(x.size, 1)
+    slope = float(np.median((y[ib] - y[ia]) / (x[ib] - x[ia])))
+    return float(np.median(y - slope * x)), slope
+
+
+def mask_height_fit(
+    body: B, spacing: tuple[float, float, float], axis_mm: tuple[float, float, float] | None = None
+) -> HeightFit | None:
+    """The body's mid-plane and height from the mask alone, at the depth fractions of the end-plate
+    profiles (``PROFILE_FRACTIONS``, in the same central 12 mm wide band): at each, the mask's extent along
+    the axis (voxel centres, so a mask that takes in half a slice of disc or end plate at each end is not
+    taller than the body); Theil-Sen lines over the depth, as ``profile_height_fit`` fits its profiles.
+
+    For the mid-vertebral slab when the end-plate profiles fail (thick slices, faint end plates): a body
+    tilted against the column's smoothed axis (a strong lordosis) spans its height plus its depth times the
+    tilt along that axis, and a slab over that whole extent takes in the end plates at its corners; per
+    depth, the extent is the body's own. No standard errors (``se_mm`` is NaN): heights from a mask are
+    never used to call a fracture on their own (``qc.reference_height``)."""
+    sx, sy, sz = spacing
+    if not body.any():
+        return None
+    a, e_ap, e_lr = _body_frame(axis_mm)
+    kk, jj, ii = np.nonzero(body)
+    pts = np.stack([ii * sx, jj * sy, kk * sz], axis=1)
+    h, v, u = pts @ a, pts @ e_ap, pts @ e_lr
+    band = np.abs(u - float(np.median(u))) <= 6.0
+    if band.sum() < 10:
+        return None
+    v0, v1 = float(np.percentile(v[band], 2)), float(np.percentile(v[band], 98))
+    fr, hs, mids = [], [], []
+    for frac in PROFILE_FRACTIONS:
+        col = band & (np.abs(v - (v0 + frac * (v1 - v0))) <= 1.5)
+        if col.sum() < 3:
+            continue
+        lo, hi = float(h[col].min()), float(h[col].max())
+        fr.append(frac)
+        hs.append(hi - lo)
+        mids.append(0.5 * (lo + hi))
+    if len(fr) < 3:
+        return None
+    fa = np.asarray(fr)
+    icpt, slope = _theil_sen(fa, np.asarray(hs))
+    m_icpt, m_slope = _theil_sen(fa, np.asarray(mids))
+    nan = float("nan")
+    return HeightFit(
+        heights_mm=(icpt, icpt + 0.5 * slope, icpt + slope),
+        se_mm=(nan, nan, nan),
+        fractions=tuple(float(x) for x in fa),
+        profile_heights_mm=tuple(hs),
         mid_line_mm=(m_icpt, m_slope),
         depth_mm=(v0, v1),
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dicomnode.bmd.roi import body_heights, outline_on_slice, trabecular_roi
+from dicomnode.bmd.roi import body_heights, mask_height_fit, outline_on_slice, slab_weight, trabecular_roi
 from dicomnode.imaging.volume import Volume
 
 
@@ -73,3 +73,68 @@ def test_outline_is_closed_and_on_the_source_image() -> None:
     cols = np.array([p[0] for p in o.points_cr])
     # centred on the body (x = 40 mm -> column 50 at 0.8 mm, +0.5 for the pixel-centre convention)
     assert abs(0.5 * (cols.min() + cols.max()) - 50.5) < 2.0
+
+
+def test_slab_weight_counts_a_voxel_by_how_far_inside_its_centre_lies() -> None:
+    sp = (0.8, 0.8, 5.0)  # reach along z: 2.5 mm
+    beyond = np.array([2.0, 0.0, -1.25, -2.5, -5.0, -9.0])
+    w = slab_weight(beyond, sp, np.array([0.0, 0.0, 1.0]))
+    assert w.tolist() == pytest.approx([0.0, 0.0, 0.25, 0.5, 1.0, 1.0])
+    # thin slices: nearly the plain centre rule
+    thin = slab_weight(np.array([0.1, -0.1, -0.7]), (0.7, 0.7, 0.625), np.array([0.0, 0.0, 1.0]))
+    assert thin[0] == 0.0 and thin[2] == 1.0
+
+
+def _banded_body(slice_mm: float, phase_mm: float = 0.0) -> tuple[Volume, np.ndarray]:
+    """A 26 mm tall elliptic body (z 12-38 mm, + ``phase_mm``) on a 0.5 mm z grid with 100 HU marrow in
+    its central half and 300 HU sclerotic bands in its outer quarters (under the end plates), slab-averaged
+    to ``slice_mm`` slices like a thick reconstruction; the mask takes every slice that holds body."""
+    sx = sy = 0.8
+    fine = 0.5
+    nx, ny, nz = int(80 / sx), int(70 / sy), int(50 / fine)
+    k, j, i = np.meshgrid(np.arange(nz) * fine, np.arange(ny) * sy, np.arange(nx) * sx, indexing="ij")
+    ell = ((i - 40) / 22) ** 2 + ((j - 35) / 16) ** 2 <= 1.0
+    c = 25.0 + phase_mm
+    body_f = ell & (np.abs(k - c) <= 13)
+    data = np.zeros((nz, ny, nx), dtype=np.float32)
+    data[body_f] = 300.0
+    data[ell & (np.abs(k - c) < 6.5)] = 100.0
+    n = round(slice_mm / fine)
+    m = nz // n
+    thick = data[: m * n].reshape(m, n, ny, nx).mean(axis=1)
+    zc = (np.arange(m) * n + 0.5 * (n - 1)) * fine  # slice centres
+    aff = np.diag([sx, sy, slice_mm, 1.0])
+    aff[2, 3] = zc[0]
+    vol = Volume(data=thick.astype(np.float32), affine=aff)
+    holds = body_f[: m * n].reshape(m, n, ny, nx).any(axis=(1, 2, 3))
+    body = np.broadcast_to(ell[0][None], thick.shape) & holds[:, None, None]
+    return vol, np.ascontiguousarray(body)
+
+
+@pytest.mark.parametrize("slice_mm", [1.0, 3.0, 5.0])
+@pytest.mark.parametrize("phase_mm", [0.0, 1.0, 2.0, 3.0, 4.0])
+def test_mid_slab_keeps_the_bands_under_the_end_plates_out_on_thick_slices(
+    slice_mm: float, phase_mm: float
+) -> None:
+    """The mask of a thick-slice body takes in the slices that straddle its end plates; the slab from the
+    mask's extent with voxels weighted by the share inside keeps the sclerotic bands out of the mean (a
+    slab that counted every voxel centred inside read 300 HU bands in)."""
+    vol, body = _banded_body(slice_mm, phase_mm)
+    box = (slice(0, vol.shape[0]), slice(0, vol.shape[1]), slice(0, vol.shape[2]))
+    st = trabecular_roi(vol, body, box, erosion_mm=3.0, endplate_margin_mm=3.0)
+    assert st.volume_mm3 > 1000.0
+    assert st.mean < 100.0 + 0.15 * 200.0  # < 15 % of a band's excess
+
+
+def test_mask_height_fit_follows_a_body_tilted_against_the_axis() -> None:
+    """A body whose end plates are tilted 20 degrees against the given axis (a lordotic curve): the mask's
+    mid-plane rises across the depth by the depth times tan(20 deg), and its height is the body's own."""
+    sp = (1.0, 1.0, 1.0)
+    k, j, i = np.meshgrid(np.arange(90), np.arange(70), np.arange(80), indexing="ij")
+    rise = (j - 19) * np.tan(np.radians(20.0))
+    body = (((i - 40) / 22) ** 2 + ((j - 35) / 16) ** 2 <= 1.0) & (k >= 30 + rise) & (k <= 56 + rise)
+    fit = mask_height_fit(body, sp)
+    assert fit is not None
+    depth = fit.depth_mm[1] - fit.depth_mm[0]
+    assert fit.mid_line_mm[1] == pytest.approx(depth * np.tan(np.radians(20.0)), rel=0.1)
+    assert fit.heights_mm[1] == pytest.approx(26.0, abs=1.5)
