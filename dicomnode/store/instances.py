@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 from collections.abc import Mapping, Sequence
@@ -24,7 +25,14 @@ from dicomnode.store.base import (
 )
 from dicomnode.store.engine import IMMEDIATE
 from dicomnode.store.models import DecisionRow, InstanceRow, SeriesRow, StudyRow
-from dicomnode.store.recording import NewInstance, SqliteStatements, _prepare, _Prepared, _record_series
+from dicomnode.store.recording import (
+    NewInstance,
+    SqliteStatements,
+    WriteQueue,
+    _prepare,
+    _Prepared,
+    _record_series,
+)
 from dicomnode.store.records import Instance, Page, Series, StoredDecision, Study
 
 log = logging.getLogger(__name__)
@@ -36,6 +44,8 @@ class InstanceStore(StoreBase):
     #: Record received instances on SQLite through the driver's cursor (False: SQLAlchemy Core, as on
     #: PostgreSQL; the tests compare the two).
     sqlite_direct = True
+    _sqlite_statements: SqliteStatements | None = None
+    _record_queue: WriteQueue | None = None
 
     def record_instance(
         self,
@@ -118,32 +128,37 @@ class InstanceStore(StoreBase):
         # The same statements on the driver's own cursor (recording.SqliteStatements), in one BEGIN IMMEDIATE
         # transaction on a pooled connection; a concurrent first insert of the same study or series by another
         # receiving process (IntegrityError) is retried, as _retry_integrity does for the Core path.
-        statements: SqliteStatements | None = getattr(self, "_sqlite_statements", None)
+        statements = self._sqlite_statements
         if statements is None:
             statements = SqliteStatements(self.engine.dialect)
+            database = self.engine.url.database
+            self._record_queue = WriteQueue(database) if database and database != ":memory:" else None
             self._sqlite_statements = statements
+        queue = self._record_queue
         for attempt in range(5):
             raw = self.engine.raw_connection()
             try:
+                held = queue.held() if queue is not None else contextlib.nullcontext()
                 driver = raw.driver_connection
                 assert driver is not None
                 cursor = driver.cursor()
-                cursor.execute("BEGIN IMMEDIATE")
-                try:
-                    news = [False] * len(prepared)
-                    db = statements.on(cursor)
-                    for (study_uid, series_uid), indices in groups.items():
-                        items = [prepared[i] for i in indices]
-                        for i, new in _record_series(db, study_uid, series_uid, items):
-                            news[indices[i]] = new
-                    cursor.execute("COMMIT")
-                    return news
-                except BaseException:
-                    if driver.in_transaction:
-                        driver.rollback()
-                    raise
-                finally:
-                    cursor.close()
+                with held:
+                    cursor.execute("BEGIN IMMEDIATE")
+                    try:
+                        news = [False] * len(prepared)
+                        db = statements.on(cursor)
+                        for (study_uid, series_uid), indices in groups.items():
+                            items = [prepared[i] for i in indices]
+                            for i, new in _record_series(db, study_uid, series_uid, items):
+                                news[indices[i]] = new
+                        cursor.execute("COMMIT")
+                        return news
+                    except BaseException:
+                        if driver.in_transaction:
+                            driver.rollback()
+                        raise
+                    finally:
+                        cursor.close()
             except sqlite3.IntegrityError:
                 if attempt == 4:
                     raise

@@ -747,3 +747,30 @@ def test_sqlite_direct_recording_writes_what_the_core_path_writes(tmp_path: Path
     )
     assert series.last_received_at == T0 + timedelta(seconds=90)
     assert stores[0].get_study("1.2.3").attributes["AccessionNumber"] == "A1"
+
+
+def test_recording_transactions_of_two_processes_queue_on_the_lock_file(tmp_path: Path) -> None:
+    # Two WriteQueues on one database stand for two receiving processes (each its own open file: flock
+    # conflicts between them as between processes): the second waits until the first lets go.
+    from dicomnode.store.recording import WriteQueue
+
+    database = str(tmp_path / "node.sqlite3")
+    first, second = WriteQueue(database), WriteQueue(database)
+    order: list[str] = []
+    inside = threading.Event()
+
+    def other() -> None:
+        inside.wait(5)
+        with second.held():
+            order.append("second")
+
+    t = threading.Thread(target=other)
+    t.start()
+    with first.held():
+        inside.set()
+        t.join(0.2)  # the other thread is blocked on the lock, not done
+        assert t.is_alive()
+        order.append("first")
+    t.join(5)
+    assert order == ["first", "second"]
+    assert Path(first.path).exists()
