@@ -21,8 +21,10 @@ Orthanc and storescp are; what is timed is the transfer, from the first storescu
 
 Each of ``--runs`` rounds sends the series to every receiver at 1 and at 4 associations, rotating the order;
 every receiver gets a fresh output folder (and database) each time. Medians over the rounds are printed as
-seconds and images/s with the ratios node/storescp and node/Orthanc at each association count. The load
-average is printed before and after (the machine may be shared); nothing here is asserted.
+seconds and images/s with the ratios node/storescp and node/Orthanc at each association count, and the CPU
+the node's receiver used per image during the transfers (user + system, of its receiving processes or, for
+``node1``, of this process): on a shared machine a steadier measure than the wall time for comparing code
+versions. The load average is printed before and after (the machine may be shared); nothing here is asserted.
 
 Usage::
 
