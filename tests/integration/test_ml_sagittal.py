@@ -129,9 +129,16 @@ def test_sagittal_inference_reproduces_held_out_predictions(
         assert pred is not None and pred.levels == ("L1", "L2") and pred.tbs is None
         assert pred.vbmd_mg_cm3 == pytest.approx(expected[sid][0], abs=0.05), sid
     volume = ds.load_image(image)
+    full = predict_sagittal(bundle, volume, centroids)
     gap = predict_sagittal(bundle, volume, {lvl: centroids[lvl] for lvl in ("L1", "L3")})
-    assert gap is not None and "L2 placed from L1 and L3" in " ".join(gap.notes)
-    assert gap.vbmd_mg_cm3 == pytest.approx(expected[sid][0], abs=10.0)  # an excluded L2 still centres
+    assert full is not None and gap is not None and "L2 placed from L1 and L3" in " ".join(gap.notes)
+    # an excluded L2 still centres the reformat: L2 placed half-way between L1 and L3 moves the centre by a
+    # few mm at most. (The value the small test network gives for that shifted reformat is not asserted: a
+    # 24-epoch network's response to a shift of a few mm is no property of the code, and it differed by
+    # 17 mg/cm3 on one CPU and by less than 10 on another.)
+    shift = float(np.linalg.norm(np.subtract(gap.centre_lps, full.centre_lps)))
+    assert shift <= 5.0, f"reformat centre moved {shift:.1f} mm"
+    assert np.isfinite(gap.vbmd_mg_cm3)
     assert predict_sagittal(bundle, volume, {"L4": centroids["L4"]}) is None
 
 
