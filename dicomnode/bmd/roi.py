@@ -86,8 +86,8 @@ def _mid_slab_weight(
     a: npt.NDArray[np.float64],
     shift: npt.NDArray[np.float64],
 ) -> npt.NDArray[np.float64]:
-    """How much of each voxel ``idx`` (i, j, k of the body box) lies inside the central half of the body
-    height, between the end plates of ``fit``: at each depth the slab is centred on the fitted mid-plane
+    """The weight (``slab_weight``) of each voxel ``idx`` (i, j, k of the body box) in the central half of the
+    body height, between the end plates of ``fit``: at each depth the slab is centred on the fitted mid-plane
     and half as tall as the fitted height there. It follows the end plates themselves, so a body axis a few
     degrees off (the column's smoothed tangent in a strong lordosis) or a wedge does not bring the slab's
     corners against an end plate, as a slab cut square to the axis from the mask's extent does."""
@@ -140,8 +140,8 @@ def trabecular_roi(
     * mid-vertebral slab: only the central half of the body height, between the end plates the end-plate
       profiles found (a mid-plane and a height fitted over the depth, ``_mid_slab_weight``), or, when the
       profiles fail (thick slices, a body at the scan's edge), between the mask's ends at each depth
-      (``mask_height_fit``); each voxel counts for the share of its slice inside the slab
-      (``slab_weight``: the statistics are weighted, the ROI mask holds every voxel with a share);
+      (``mask_height_fit``); each voxel counts by how far inside the slab its centre lies (``slab_weight``:
+      the statistics are weighted, the ROI mask holds every voxel with a weight above 0);
     * shape: an elliptic cylinder centred slightly anterior of the body centre (0.45 of the depth from the
       front) with semi-axes 36 % of the width and 33 % of the depth, like the oval ROI of manual L1
       measurements (Pickhardt; Comp2Comp uses 65 % x 50 % diameters); it keeps pedicle roots and the
@@ -157,7 +157,7 @@ def trabecular_roi(
     dist_z = ndi.distance_transform_edt(padded, sampling=(sz, 1e4, 1e4))[1:-1, 1:-1, 1:-1]
     z_margin = max(endplate_margin_mm, erosion_mm + sz)
     roi = body & (dist > erosion_mm) & (dist_z > z_margin)
-    # each ROI voxel's weight: the share of it inside the mid-vertebral slab (``slab_weight``)
+    # each ROI voxel's weight in the mid-vertebral slab (``slab_weight``)
     weight = np.zeros(body.shape, dtype=np.float64)
     mask_heights = body_heights(body, (sx, sy, sz), axis_mm)
     heights: tuple[float, float, float] | None
@@ -228,7 +228,7 @@ def trabecular_roi(
             mask_heights,
             near_edge=near_edge,
         )
-    # weighted statistics (frequency weights: the slab's edge voxels count for the share of them inside)
+    # weighted statistics (frequency weights: voxels near the slab's faces count for less)
     w_sum = float(w.sum())
     mean = float(np.sum(w * vals) / w_sum)
     sd = float(np.sqrt(np.sum(w * (vals - mean) ** 2) / (w_sum - 1.0))) if w_sum > 1.0 else 0.0
