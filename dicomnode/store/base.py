@@ -180,12 +180,18 @@ class StoreBase:
         with self._sessions() as s, s.begin():
             yield s
 
-    def _retry_integrity(self, fn: Callable[[], T], attempts: int = 5) -> T:
+    def _retry_integrity(
+        self,
+        fn: Callable[[], T],
+        attempts: int = 5,
+        errors: tuple[type[Exception], ...] = (IntegrityError,),
+    ) -> T:
         # Concurrent first inserts of the same study/series/job: the loser retries and finds the row.
+        # ``errors``: what an integrity error is on the path taken (SQLAlchemy's, or the driver's own).
         for i in range(attempts):
             try:
                 return fn()
-            except IntegrityError:
+            except errors:
                 if i == attempts - 1:
                     raise
         raise AssertionError("unreachable")

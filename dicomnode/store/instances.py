@@ -31,7 +31,8 @@ from dicomnode.store.recording import (
     WriteQueue,
     _prepare,
     _Prepared,
-    _record_series,
+    _record_batch,
+    _Statements,
 )
 from dicomnode.store.records import Instance, Page, Series, StoredDecision, Study
 
@@ -103,31 +104,24 @@ class InstanceStore(StoreBase):
         instance was new (the second copy of one SOP instance in a batch is not).
         """
         prepared = [_prepare(item) for item in batch]
-        groups: dict[tuple[str, str], list[int]] = {}
-        for i, p in enumerate(prepared):
-            groups.setdefault((p.study_uid, p.series_uid), []).append(i)
         if self.engine.dialect.name == "sqlite" and self.sqlite_direct:
-            return self._record_on_sqlite(prepared, groups)
+            # a concurrent first insert of the same study or series by another receiving process raises
+            # the driver's own IntegrityError on this path
+            return self._retry_integrity(
+                lambda: self._record_on_sqlite(prepared), errors=(sqlite3.IntegrityError,)
+            )
 
         def run() -> list[bool]:
             # Core statements on a bare connection, no ORM session: this runs while senders wait, and the
             # session's set-up and unit of work cost several times the SQL itself.
-            news = [False] * len(prepared)
             with self.engine.connect() as bare, bare.execution_options(**{IMMEDIATE: True}).begin():
-                conn = bare
-                for (study_uid, series_uid), indices in groups.items():
-                    for i, new in _record_series(conn, study_uid, series_uid, [prepared[i] for i in indices]):
-                        news[indices[i]] = new
-            return news
+                return _record_batch(_Statements(bare), prepared)
 
         return self._retry_integrity(run)
 
-    def _record_on_sqlite(
-        self, prepared: list[_Prepared], groups: dict[tuple[str, str], list[int]]
-    ) -> list[bool]:
+    def _record_on_sqlite(self, prepared: list[_Prepared]) -> list[bool]:
         # The same statements on the driver's own cursor (recording.SqliteStatements), in one BEGIN IMMEDIATE
-        # transaction on a pooled connection; a concurrent first insert of the same study or series by another
-        # receiving process (IntegrityError) is retried, as _retry_integrity does for the Core path.
+        # transaction on a pooled connection, queued behind the other receiving processes' (WriteQueue).
         statements = self._sqlite_statements
         if statements is None:
             statements = SqliteStatements(self.engine.dialect)
@@ -135,36 +129,26 @@ class InstanceStore(StoreBase):
             self._record_queue = WriteQueue(database) if database and database != ":memory:" else None
             self._sqlite_statements = statements
         queue = self._record_queue
-        for attempt in range(5):
-            raw = self.engine.raw_connection()
-            try:
-                held = queue.held() if queue is not None else contextlib.nullcontext()
-                driver = raw.driver_connection
-                assert driver is not None
-                cursor = driver.cursor()
-                with held:
-                    cursor.execute("BEGIN IMMEDIATE")
-                    try:
-                        news = [False] * len(prepared)
-                        db = statements.on(cursor)
-                        for (study_uid, series_uid), indices in groups.items():
-                            items = [prepared[i] for i in indices]
-                            for i, new in _record_series(db, study_uid, series_uid, items):
-                                news[indices[i]] = new
-                        cursor.execute("COMMIT")
-                        return news
-                    except BaseException:
-                        if driver.in_transaction:
-                            driver.rollback()
-                        raise
-                    finally:
-                        cursor.close()
-            except sqlite3.IntegrityError:
-                if attempt == 4:
+        raw = self.engine.raw_connection()
+        try:
+            held = queue.held() if queue is not None else contextlib.nullcontext()
+            driver = raw.driver_connection
+            assert driver is not None
+            cursor = driver.cursor()
+            with held:
+                cursor.execute("BEGIN IMMEDIATE")
+                try:
+                    news = _record_batch(statements.on(cursor), prepared)
+                    cursor.execute("COMMIT")
+                    return news
+                except BaseException:
+                    if driver.in_transaction:
+                        driver.rollback()
                     raise
-            finally:
-                raw.close()
-        raise AssertionError("unreachable")
+                finally:
+                    cursor.close()
+        finally:
+            raw.close()
 
     def instances(self, series_uid: str) -> list[Instance]:
         """The instances of a series (for the analysis step: their files), in arrival order."""

@@ -159,11 +159,22 @@ class _Statements:
         self.conn.execute(update(SeriesRow).where(SeriesRow.id == series_id).values(**values))
 
 
+def _record_batch(db: _Statements, prepared: list[_Prepared]) -> list[bool]:
+    """Record a batch (in the caller's one transaction), series by series: whether each instance was new."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, p in enumerate(prepared):
+        groups.setdefault((p.study_uid, p.series_uid), []).append(i)
+    news = [False] * len(prepared)
+    for (study_uid, series_uid), indices in groups.items():
+        for i, new in _record_series(db, study_uid, series_uid, [prepared[i] for i in indices]):
+            news[indices[i]] = new
+    return news
+
+
 def _record_series(
-    conn: Connection | _Statements, study_uid: str, series_uid: str, items: list[_Prepared]
+    db: _Statements, study_uid: str, series_uid: str, items: list[_Prepared]
 ) -> list[tuple[int, bool]]:
     """Record instances of one series (in one transaction): ``[(index in items, new)]``."""
-    db = conn if not isinstance(conn, Connection) else _Statements(conn)
     first = items[0]
     study_id, study_attributes = _study_row(db, study_uid, first.study_attrs, first.calling_aet, first.at)
     series_id, last_received_at, completed_at, version = _series_state(
