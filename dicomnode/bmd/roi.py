@@ -104,6 +104,17 @@ def _mid_slab_weight(
     return slab_weight(np.abs(h - (m0 + m1 * f)) - 0.25 * height, spacing, a)
 
 
+#: A voxel counts once its extent (half a slice each side of its centre, along the slab's axis) reaches no
+#: more than this (mm) beyond the mid-vertebral slab's face, ...
+SLAB_LEAK_MM = 1.0
+#: ... and fully once its extent lies this far (mm) inside: the thickest slices the shipped rules qualify
+#: (5 mm) plus a 3 mm ramp, less the leak (see ``slab_weight``).
+SLAB_FULL_MM = 7.0
+#: The weight's ramp is never narrower than this (slices thicker than 5 mm): no jump when the slab's face
+#: crosses a slice centre.
+SLAB_MIN_RAMP_MM = 1.0
+
+
 def slab_weight(
     beyond_mm: npt.NDArray[np.float64], spacing: tuple[float, float, float], a: npt.NDArray[np.float64]
 ) -> npt.NDArray[np.float64]:
@@ -111,15 +122,22 @@ def slab_weight(
     the slab's face (negative: inside).
 
     A voxel integrates the image over about its own extent along the axis (a slice over its slice
-    sensitivity profile): a 5 mm slice centred 1 mm inside the face carries 1.5 mm of what lies beyond it
-    (the dense bone under an end plate), so counting voxels by their centres makes the slab a slice
-    thicker on thick slices. Here a voxel centred on the face counts nothing, and the weight rises linearly
-    to full one voxel extent (``2 r``) inside: what lies beyond the face contributes at most ``r / 8`` of a
-    voxel (at a centre ``r / 2`` inside, weight 1/4, ``r / 2`` beyond), the slab is about the same physical
-    slab on every grid, and there is no jump when its face crosses a slice centre."""
+    sensitivity profile, half extent ``r``): a 5 mm slice centred 1 mm inside the face carries 1.5 mm of
+    what lies beyond it (the denser bone towards the end plates). So a voxel counts nothing until its
+    extent reaches at most ``SLAB_LEAK_MM`` beyond the face (centre ``r - SLAB_LEAK_MM`` inside), and its
+    weight rises linearly to full where its far edge lies ``SLAB_FULL_MM`` inside (centre ``SLAB_FULL_MM -
+    r`` inside). The weight folded with the slice profile is then about the same on every grid from 0.5 to
+    5 mm slices: what enters from beyond the face is under a tenth of a mm of bone, the ramp costs about 3 mm
+    of depth at each face (2-4 mm on 5 mm slices, by where the face falls between slice centres), full
+    sampling from ``SLAB_FULL_MM`` inside; thicker slices keep a ramp of ``SLAB_MIN_RAMP_MM`` (no jump when
+    the face crosses a slice centre). Thin and thick slices of one patient sample the same bone: counting a
+    voxel by how far inside its centre lies, regardless of its extent, let 5 mm copies of both real CTs
+    read 9 HU above their native slices."""
     sx, sy, sz = spacing
     reach = 0.5 * (abs(float(a[0])) * sx + abs(float(a[1])) * sy + abs(float(a[2])) * sz)
-    out: npt.NDArray[np.float64] = np.clip(-beyond_mm / (2.0 * max(reach, 1e-6)), 0.0, 1.0)
+    start = reach - SLAB_LEAK_MM
+    width = max(SLAB_FULL_MM - reach - start, SLAB_MIN_RAMP_MM)
+    out: npt.NDArray[np.float64] = np.clip((-beyond_mm - start) / width, 0.0, 1.0)
     return out
 
 
@@ -140,7 +158,7 @@ def trabecular_roi(
     * mid-vertebral slab: only the central half of the body height, between the end plates the end-plate
       profiles found (a mid-plane and a height fitted over the depth, ``_mid_slab_weight``), or, when the
       profiles fail (thick slices, a body at the scan's edge), between the mask's ends at each depth
-      (``mask_height_fit``); each voxel counts by how far inside the slab its centre lies (``slab_weight``:
+      (``mask_height_fit``); each voxel counts by where its whole extent lies in the slab (``slab_weight``:
       the statistics are weighted, the ROI mask holds every voxel with a weight above 0);
     * shape: an elliptic cylinder centred slightly anterior of the body centre (0.45 of the depth from the
       front) with semi-axes 36 % of the width and 33 % of the depth, like the oval ROI of manual L1

@@ -75,14 +75,42 @@ def test_outline_is_closed_and_on_the_source_image() -> None:
     assert abs(0.5 * (cols.min() + cols.max()) - 50.5) < 2.0
 
 
-def test_slab_weight_counts_a_voxel_by_how_far_inside_its_centre_lies() -> None:
-    sp = (0.8, 0.8, 5.0)  # reach along z: 2.5 mm
-    beyond = np.array([2.0, 0.0, -1.25, -2.5, -5.0, -9.0])
+def test_slab_weight_counts_a_voxel_by_where_its_extent_lies() -> None:
+    sp = (0.8, 0.8, 5.0)  # reach along z 2.5 mm: weight 0 at 1.5 mm inside, full at 4.5 mm inside
+    beyond = np.array([2.0, 0.0, -1.5, -3.0, -4.5, -9.0])
     w = slab_weight(beyond, sp, np.array([0.0, 0.0, 1.0]))
-    assert w.tolist() == pytest.approx([0.0, 0.0, 0.25, 0.5, 1.0, 1.0])
-    # thin slices: nearly the plain centre rule
-    thin = slab_weight(np.array([0.1, -0.1, -0.7]), (0.7, 0.7, 0.625), np.array([0.0, 0.0, 1.0]))
-    assert thin[0] == 0.0 and thin[2] == 1.0
+    assert w.tolist() == pytest.approx([0.0, 0.0, 0.0, 0.5, 1.0, 1.0])
+    # thin slices: from 1 mm beyond the face (their extent reaches 1 mm out) to 7 mm inside
+    thin = slab_weight(np.array([1.0, -3.0, -7.0]), (0.7, 0.7, 0.6), np.array([0.0, 0.0, 1.0]))
+    assert thin.tolist() == pytest.approx([0.0, 0.5, 1.0], abs=0.02)
+    # tilted axis: the reach is the voxel's extent along it (0.7 mm here)
+    tilted = slab_weight(np.array([0.3, -6.3]), (1.0, 1.0, 1.0), np.array([0.0, 0.6, 0.8]))
+    assert tilted.tolist() == pytest.approx([0.0, 1.0])
+
+
+@pytest.mark.parametrize("slice_mm", [0.625, 1.0, 2.5, 3.0, 5.0])
+@pytest.mark.parametrize("phase", [0.0, 0.3, 0.55, 0.8])
+def test_slab_weight_samples_the_same_bone_on_every_grid(slice_mm: float, phase: float) -> None:
+    """The weight folded with the slice profile: how much each depth of the patient (x mm beyond the face,
+    negative inside) enters the slab's statistics. Slices abut (spacing = thickness), so a depth deep
+    inside is covered by one slice of full weight: 1. On every grid and wherever the face falls between
+    slice centres, nothing from more than 1 mm beyond the face enters and under 0.1 mm of bone from
+    beyond it in all, and the depth the ramp costs (the integral of 1 - sampling inside) is about 3 mm."""
+    a = np.array([0.0, 0.0, 1.0])
+    centres = (np.arange(-round(30.0 / slice_mm), round(10.0 / slice_mm)) + phase) * slice_mm
+    w = slab_weight(centres, (0.8, 0.8, slice_mm), a)
+    x = np.linspace(-25.0, 8.0, 6601)
+    dx = float(x[1] - x[0])
+    covers = np.abs(x[:, None] - centres[None, :]) <= 0.5 * slice_mm + 1e-9
+    sampling = (w[None, :] * covers).sum(axis=1)
+    assert sampling[x > 1.0 + 1e-6].max() == 0.0
+    assert float(sampling[x > 0.0].sum()) * dx < 0.1
+    assert sampling[x < -7.0 - 1e-6].min() == pytest.approx(1.0)
+    inside = (x > -20.0) & (x <= 0.0)
+    lost = float(np.sum(1.0 - sampling[inside])) * dx
+    assert 1.9 <= lost <= 4.1, lost
+    if slice_mm <= 3.0:
+        assert 2.6 <= lost <= 3.4, lost
 
 
 def _banded_body(slice_mm: float, phase_mm: float = 0.0) -> tuple[Volume, np.ndarray]:
