@@ -74,7 +74,16 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage as ndi
 
-from dicomnode.bmd.grid import F32, B, CoarseGrid, body_mask, coarse_to_full, disk, make_coarse
+from dicomnode.bmd.grid import (
+    F32,
+    B,
+    CoarseGrid,
+    body_mask,
+    coarse_to_full,
+    disk,
+    make_coarse,
+    sparse_binary_opening,
+)
 from dicomnode.bmd.segmentation import SpineSegmentation
 from dicomnode.errors import AnalysisError, NotQualifyingError
 from dicomnode.imaging.volume import Volume
@@ -800,7 +809,7 @@ def _rib_evidence(
     # (spleen, kidney cortex, a vessel) above the bone threshold, or the pelvis
     rb = max(1, round(RIB_MAX_THICK_MM / (2.0 * g)))
     ball = np.sum(np.square(np.mgrid[-rb : rb + 1, -rb : rb + 1, -rb : rb + 1]), axis=0) <= rb * rb
-    thick = np.bincount(lab[ndi.binary_opening(bone, structure=ball)], minlength=n + 1)[1:] * g**3
+    thick = np.bincount(lab[sparse_binary_opening(bone, ball)], minlength=n + 1)[1:] * g**3
     objs = ndi.find_objects(lab)
     x_mid = float(np.nanmedian(frame.xc[zl:zh]))
     ok = np.zeros(n + 1, dtype=bool)

@@ -228,3 +228,36 @@ def fill_holes_2d(m: B) -> B:
     padded = np.pad(m, ((1, 1), (0, 0), (0, 0)))
     return np.asarray(ndi.binary_fill_holes(padded, structure=st2)[1:-1], dtype=bool)
 
+
+def sparse_binary_opening(mask: B, structure: B) -> B:
+    """``ndi.binary_opening(mask, structure)`` (one iteration, border 0) for a sparse 3-D mask.
+
+    The structure must have odd sizes and be point-symmetric (a ball). Only the mask's own voxels are tested
+    for the erosion and only the eroded voxels are grown back, so the cost follows the number of mask voxels
+    instead of the volume: bone above 180 HU is ~1 % of a trunk, and scipy's opening with a 7-voxel ball
+    spent ~0.4 s scanning the rest. The result is the same set, voxel for voxel.
+    """
+    st = np.asarray(structure, dtype=bool)
+    if (
+        st.ndim != mask.ndim
+        or any(n % 2 == 0 for n in st.shape)
+        or not np.array_equal(st, st[::-1, ::-1, ::-1])
+    ):
+        return np.asarray(ndi.binary_opening(mask, structure=st), dtype=bool)
+    r = np.array(st.shape) // 2
+    offsets = np.argwhere(st) - r
+    padded = np.pad(np.asarray(mask, dtype=bool), [(int(p), int(p)) for p in r])  # outside the volume: 0
+    cand = np.argwhere(padded)
+    for o in offsets:  # erosion: a voxel stays when every offset lands on the mask
+        q = cand + o
+        cand = cand[padded[q[:, 0], q[:, 1], q[:, 2]]]
+        if cand.size == 0:
+            break
+    out = np.zeros(mask.shape, dtype=bool)
+    eroded = cand - r
+    shape = np.array(mask.shape)
+    for o in offsets:  # dilation of the eroded voxels (the structure is symmetric: no reflection)
+        q = eroded + o
+        q = q[np.all((q >= 0) & (q < shape), axis=1)]
+        out[q[:, 0], q[:, 1], q[:, 2]] = True
+    return out
