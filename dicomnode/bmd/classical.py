@@ -74,7 +74,16 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage as ndi
 
-from dicomnode.bmd.grid import F32, B, CoarseGrid, body_mask, coarse_to_full, disk, make_coarse
+from dicomnode.bmd.grid import (
+    F32,
+    B,
+    CoarseGrid,
+    body_mask,
+    coarse_to_full,
+    disk,
+    make_coarse,
+    sparse_binary_opening,
+)
 from dicomnode.bmd.segmentation import SpineSegmentation
 from dicomnode.errors import AnalysisError, NotQualifyingError
 from dicomnode.imaging.volume import Volume
@@ -372,14 +381,29 @@ def _bodies(hu: F32, body: B, frame: Frame, g: float) -> B:
     st_open = disk(r_open)
     st_close = disk(max(1, round(2.0 / g)))
     grow = ndi.generate_binary_structure(2, 1)
+    # Each slice works on a crop: the window's bounding box plus a margin wider than any structuring
+    # element reaches (closing, opening, regrowth), clipped to the slice. Every result lies inside the
+    # window, so the crop gives the same masks as the whole slice (about 20 times fewer pixels).
+    margin = 2 * r_open + 2 * st_close.shape[0] + 4
     for z in range(frame.z_lo, frame.z_hi + 1):
         xc, ya = frame.xc[z], frame.ya[z]
-        win = (yy <= ya + 0.5) & (yy >= ya - 70.0 / g) & (np.abs(xx - xc) <= 40.0 / g)
-        w = (hu[z] > WALL_HU) & body[z] & win
+        win_full = (yy <= ya + 0.5) & (yy >= ya - 70.0 / g) & (np.abs(xx - xc) <= 40.0 / g)
+        rows = np.nonzero(win_full.any(axis=1))[0]
+        cols = np.nonzero(win_full.any(axis=0))[0]
+        if rows.size == 0:
+            continue
+        crop = (
+            slice(max(0, int(rows[0]) - margin), min(ny, int(rows[-1]) + margin + 1)),
+            slice(max(0, int(cols[0]) - margin), min(nx, int(cols[-1]) + margin + 1)),
+        )
+        win = win_full[crop]
+        hu2 = hu[z][crop]
+        cy_, cx_ = yy[crop], xx[crop]
+        w = (hu2 > WALL_HU) & body[z][crop] & win
         if w.sum() * g * g < 100.0:
             continue
         closed = ndi.binary_closing(np.pad(w, 3), structure=st_close)[3:-3, 3:-3] | w
-        reg = _fill_bright_holes(closed, hu[z], 40.0) & win
+        reg = _fill_bright_holes(closed, hu2, 40.0) & win
         if reg.sum() * g * g < 150.0:
             continue
         dist = ndi.distance_transform_edt(reg)
@@ -392,7 +416,7 @@ def _bodies(hu: F32, body: B, frame: Frame, g: float) -> B:
             basins = watershed(-dist, markers, mask=reg)
             # the basin nearest to the point 12 mm in front of the posterior wall
             dmin = ndi.labeled_comprehension(
-                np.hypot(yy - sy, xx - sx), basins, np.arange(1, n_mark + 1), np.min, float, np.inf
+                np.hypot(cy_ - sy, cx_ - sx), basins, np.arange(1, n_mark + 1), np.min, float, np.inf
             )
             reg = basins == int(np.argmin(dmin)) + 1
         op = ndi.binary_opening(reg, structure=st_open)
@@ -400,14 +424,14 @@ def _bodies(hu: F32, body: B, frame: Frame, g: float) -> B:
         if n == 0:
             continue
         d = ndi.labeled_comprehension(
-            np.hypot(yy - sy, xx - sx), lab, np.arange(1, n + 1), np.min, float, np.inf
+            np.hypot(cy_ - sy, cx_ - sx), lab, np.arange(1, n + 1), np.min, float, np.inf
         )
         k = int(np.argmin(d)) + 1
         if d[k - 1] * g > 15.0:
             continue
         comp = ndi.binary_dilation(lab == k, structure=grow, iterations=r_open) & reg
         if comp.sum() * g * g >= 150.0:
-            out[z] = comp
+            out[z][crop] = comp
     return out
 
 
@@ -785,7 +809,7 @@ def _rib_evidence(
     # (spleen, kidney cortex, a vessel) above the bone threshold, or the pelvis
     rb = max(1, round(RIB_MAX_THICK_MM / (2.0 * g)))
     ball = np.sum(np.square(np.mgrid[-rb : rb + 1, -rb : rb + 1, -rb : rb + 1]), axis=0) <= rb * rb
-    thick = np.bincount(lab[ndi.binary_opening(bone, structure=ball)], minlength=n + 1)[1:] * g**3
+    thick = np.bincount(lab[sparse_binary_opening(bone, ball)], minlength=n + 1)[1:] * g**3
     objs = ndi.find_objects(lab)
     x_mid = float(np.nanmedian(frame.xc[zl:zh]))
     ok = np.zeros(n + 1, dtype=bool)

@@ -7,6 +7,8 @@ to the full-resolution canonical data.
 
 from __future__ import annotations
 
+import itertools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,25 +45,57 @@ class CoarseGrid:
         )
 
 
+def _block_mean_axis(d: F32, axis: int, fa: int, workers: int = 2) -> F32:
+    """Mean of ``fa`` consecutive samples along ``axis`` (the remainder dropped).
+
+    The sum is taken in the order ``((d0 + d1) + d2) + ...`` then scaled by ``float32(1 / fa)``, element by
+    element, so splitting the work into slabs along another axis gives the same bits. Two threads share the
+    slabs: numpy releases the GIL in these element-wise loops, which are most of ``make_coarse``'s time.
+    """
+    n = (d.shape[axis] // fa) * fa
+    shape = list(d.shape)
+    shape[axis] = n // fa
+    out = np.empty(shape, dtype=np.float32)
+    scale = np.float32(1.0 / fa)
+    split = 1 if axis == 0 else 0  # slabs along an axis that is not reduced
+    edges = [shape[split] * w // workers for w in range(workers + 1)]
+
+    def slab(lo: int, hi: int) -> None:
+        src = [slice(None)] * 3
+        dst = [slice(None)] * 3
+        src[split] = dst[split] = slice(lo, hi)
+        acc = out[tuple(dst)]
+        for o in range(fa):
+            src[axis] = slice(o, n, fa)
+            part = d[tuple(src)]
+            if o == 0:
+                acc[...] = part
+            else:
+                np.add(acc, part, out=acc)
+        np.multiply(acc, scale, out=acc)
+
+    bounds = [(lo, hi) for lo, hi in itertools.pairwise(edges) if hi > lo]
+    if len(bounds) <= 1 or out.size < 1_000_000:  # a small volume: not worth a thread
+        for lo, hi in bounds:
+            slab(lo, hi)
+        return out
+    with ThreadPoolExecutor(max_workers=len(bounds)) as pool:
+        for f in [pool.submit(slab, lo, hi) for lo, hi in bounds]:
+            f.result()
+    return out
+
+
 def make_coarse(canon: Volume, g: float = GRID_MM) -> CoarseGrid:
     """Block-mean then linearly interpolate the canonical volume onto a ``g`` mm isotropic grid."""
     sx, sy, sz = canon.spacing
     data = canon.data
     f = [max(1, int(np.floor(g / s + 1e-6))) for s in (sz, sy, sx)]  # numpy axis order k, j, i
     d = np.asarray(data, dtype=np.float32)
-    # block mean by strided sums, one axis at a time (far faster than a 6-D reshape mean on big volumes)
+    # block mean one axis at a time, by strided sums written into one preallocated array per axis (far
+    # faster than a 6-D reshape mean on big volumes)
     for axis, fa in enumerate(f):
-        if fa <= 1:
-            continue
-        n = (d.shape[axis] // fa) * fa
-        acc: F32 | None = None
-        for o in range(fa):
-            sl = [slice(None)] * 3
-            sl[axis] = slice(o, n, fa)
-            part = d[tuple(sl)]
-            acc = part.astype(np.float32, copy=True) if acc is None else acc + part
-        assert acc is not None
-        d = acc * np.float32(1.0 / fa)
+        if fa > 1:
+            d = _block_mean_axis(d, axis, fa)
     s_np = (sz, sy, sx)
     out_shape = tuple(max(1, int(np.floor((data.shape[a] - 1) * s_np[a] / g)) + 1) for a in range(3))
     # coarse index c -> original index c*g/s -> block index (c*g/s - (f-1)/2) / f
@@ -193,3 +227,37 @@ def fill_holes_2d(m: B) -> B:
     st2[1] = ndi.generate_binary_structure(2, 1)
     padded = np.pad(m, ((1, 1), (0, 0), (0, 0)))
     return np.asarray(ndi.binary_fill_holes(padded, structure=st2)[1:-1], dtype=bool)
+
+
+def sparse_binary_opening(mask: B, structure: B) -> B:
+    """``ndi.binary_opening(mask, structure)`` (one iteration, border 0) for a sparse 3-D mask.
+
+    The structure must have odd sizes and be point-symmetric (a ball). Only the mask's own voxels are tested
+    for the erosion and only the eroded voxels are grown back, so the cost follows the number of mask voxels
+    instead of the volume: bone above 180 HU is ~1 % of a trunk, and scipy's opening with a 7-voxel ball
+    spent ~0.4 s scanning the rest. The result is the same set, voxel for voxel.
+    """
+    st = np.asarray(structure, dtype=bool)
+    if (
+        st.ndim != mask.ndim
+        or any(n % 2 == 0 for n in st.shape)
+        or not np.array_equal(st, st[::-1, ::-1, ::-1])
+    ):
+        return np.asarray(ndi.binary_opening(mask, structure=st), dtype=bool)
+    r = np.array(st.shape) // 2
+    offsets = np.argwhere(st) - r
+    padded = np.pad(np.asarray(mask, dtype=bool), [(int(p), int(p)) for p in r])  # outside the volume: 0
+    cand = np.argwhere(padded)
+    for o in offsets:  # erosion: a voxel stays when every offset lands on the mask
+        q = cand + o
+        cand = cand[padded[q[:, 0], q[:, 1], q[:, 2]]]
+        if cand.size == 0:
+            break
+    out = np.zeros(mask.shape, dtype=bool)
+    eroded = cand - r
+    shape = np.array(mask.shape)
+    for o in offsets:  # dilation of the eroded voxels (the structure is symmetric: no reflection)
+        q = eroded + o
+        q = q[np.all((q >= 0) & (q < shape), axis=1)]
+        out[q[:, 0], q[:, 1], q[:, 2]] = True
+    return out

@@ -11,13 +11,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from dicomnode.config import Settings
-from dicomnode.delivery import DeliveryResult, RetryPolicy
 from dicomnode.domain import AnalysisStatus, PreviousReport, ResultFiles
 from dicomnode.pipeline.rules_in_force import SelectFn
-from dicomnode.store import Store
+
+if TYPE_CHECKING:  # annotations only: `dicomnode analyze` imports this module and needs no database
+    # (SQLAlchemy + Alembic take ~0.5 s to import) nor delivery code
+    from dicomnode.config import Settings
+    from dicomnode.delivery import DeliveryResult, RetryPolicy
+    from dicomnode.store import Store
 
 __all__ = [
     "TEMPORARY_FAILURE",

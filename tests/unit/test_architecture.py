@@ -142,6 +142,19 @@ def test_ingest_stays_light() -> None:
     assert out.stdout.strip() == "", f"dicomnode.ingest pulls in: {out.stdout.strip()}"
 
 
+def test_analyze_command_stays_off_the_database() -> None:
+    """``dicomnode analyze`` loads neither the store (SQLAlchemy, Alembic) nor the delivery code: importing
+    them took about half a second of its cold start (issue 9). Fresh interpreter, transitive."""
+    code = (
+        "import sys, dicomnode.cli, dicomnode.cli.analyze, dicomnode.cli.knee\n"
+        "import dicomnode.pipeline.analyze, dicomnode.pipeline.knee\n"
+        "bad = ('sqlalchemy', 'alembic', 'dicomnode.store', 'dicomnode.delivery')\n"
+        "print(','.join(sorted(n for n in bad if n in sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"dicomnode analyze pulls in: {out.stdout.strip()}"
+
+
 def _runtime_imports(path: Path) -> list[tuple[str, int]]:
     """Imports outside ``if TYPE_CHECKING:`` blocks."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
