@@ -599,8 +599,9 @@ class StorageSCP:
         self.stop()
 
     # -- handlers (total: never raise) ---------------------------------------------------------------
-    def _on_store(self, event: evt.Event) -> Dataset:
-        status = Dataset()
+    def _on_store(self, event: evt.Event) -> Dataset | int:
+        # A plain status is answered as an int (pynetdicom sets it on the response as it is); a Dataset, whose
+        # construction costs more than the rest of the answer, only to carry an ErrorComment.
         try:
             req = cast(C_STORE, event.request)
             data = req.DataSet.getvalue() if req.DataSet is not None else b""
@@ -612,9 +613,11 @@ class StorageSCP:
                 calling_ae_title=str(event.assoc.requestor.ae_title).strip() or None,
                 source="dimse",
             )
+            if result.ok or not result.comment:
+                return result.status
+            status = Dataset()
             status.Status = result.status
-            if not result.ok and result.comment:
-                status.ErrorComment = _lo(result.comment)
+            status.ErrorComment = _lo(result.comment)
         except Exception as exc:  # belt and braces: Spool never raises, but the event plumbing might
             LOGGER.error("C-STORE handler failed: %s: %s", type(exc).__name__, exc)
             status = Dataset()

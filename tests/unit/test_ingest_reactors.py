@@ -7,6 +7,7 @@ same process, so both ends of every association use the patched loops.
 from __future__ import annotations
 
 import contextlib
+import io
 import socket
 import threading
 import time
@@ -77,7 +78,7 @@ def test_scp_start_installs_the_patch_once(node: tuple[StorageSCP, MemorySink]) 
     assert DULServiceProvider.run_reactor is run, "a second call must not wrap the patch again"
 
 
-#: sha256 of the source of the pynetdicom 3.0.4 functions the patch copies or wraps.
+#: sha256 of the source of the pynetdicom 3.0.4 functions the patch copies, wraps or stands in for.
 PINNED_SOURCES = {
     "dul.DULServiceProvider.run_reactor": "61c299b9a930fb8740258c5518eed55255153ee890a826bed3d3483b42e1b110",
     "dul.DULServiceProvider.stop_dul": "6c62f0d0cd238affa1ee653ca676a100a29acb3e5f09bf32ab3e3fc9f8015198",
@@ -86,21 +87,30 @@ PINNED_SOURCES = {
     "dul.DULServiceProvider._is_transport_event": "a192323b769ecd4ab1349db0b819516a7dce2d42fc65d8bdec919984e5ebbab0",  # noqa: E501
     "dimse.DIMSEServiceProvider.send_msg": "bc8c411d046c95f8a31fc28ad24c1338630ea7acde3a7505eb54858f487f35b9",
     "association.Association._run_reactor": "304c896561674fdc8a8c3c87ee41d63ef83f16942a44b64e545dce4a5370c0d1",  # noqa: E501
+    # What the direct P-DATA-TF path does in their place (DT-2) or mirrors (PDV items, C-STORE-RQ assembly).
+    "fsm.DT_2": "6541e369216c2ab559df9a878a777934066282c0d8b7608c542127610c592230",
+    "dul.DULServiceProvider._decode_pdu": "edd5454f6e2bc212c32c369d7c12c8ef3b19116c604857eb0b2f0ab53391f874",
+    "pdu.P_DATA_TF._generate_items": "2dbfba812975c551f7543f2089a38228055561a985224932698261115dffa2e4",
+    "dimse.DIMSEServiceProvider.receive_primitive": "533d17b6a815edee0cf264b62db31dd54ce9b3ec4c77c466a418bce0258ab584",  # noqa: E501
+    "dimse_messages.DIMSEMessage.decode_msg": "4a6a0156bb315c5cadc7db2b977b77385716c0e9d281d6a10ab4d0418897a8b6",  # noqa: E501
+    "dimse_messages.DIMSEMessage.message_to_primitive": "95c5a14dc7d2b04b2d3848e76745f1a27821f5905ee8e797a5935231df4d557d",  # noqa: E501
 }
 
 
 def _source_sha(where: str) -> str:
     """sha256 of a method's source (``module.Class.name``) as pynetdicom's installed file has it (not the
     patched attribute)."""
-    module, cls, name = where.split(".")
     import ast
     import hashlib
     import importlib
 
+    module, *owner, name = where.split(".")  # module.Class.name, or module.name for a module's function
     path = Path(importlib.import_module(f"pynetdicom.{module}").__file__ or "")
     text = path.read_text(encoding="utf-8")
-    klass = next(n for n in ast.parse(text).body if isinstance(n, ast.ClassDef) and n.name == cls)
-    fn = next(n for n in klass.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    body = ast.parse(text).body
+    if owner:
+        body = next(n for n in body if isinstance(n, ast.ClassDef) and n.name == owner[0]).body
+    fn = next(n for n in body if isinstance(n, ast.FunctionDef) and n.name == name)
     return hashlib.sha256((ast.get_source_segment(text, fn) or "").encode()).hexdigest()
 
 
@@ -314,3 +324,104 @@ def test_read_ahead_takes_pdus_split_or_several_per_read() -> None:
     finally:
         a.close()
         b.close()
+
+
+def _store_command(**extra: object) -> tuple[bytes, object]:
+    """A C-STORE-RQ command set as pynetdicom encodes it, and the request primitive it came from."""
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    req = C_STORE()
+    req.MessageID = 4711
+    req.AffectedSOPClassUID = CTImageStorage
+    req.AffectedSOPInstanceUID = generate_uid()
+    req.Priority = 1
+    req.DataSet = io.BytesIO(b"\x00" * 8)  # a data set follows (Command Data Set Type not 0x0101)
+    for key, value in extra.items():
+        setattr(req, key, value)
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    return encode(msg.command_set, True, True), req
+
+
+def test_a_plain_c_store_command_is_read_as_pynetdicom_reads_it() -> None:
+    from pynetdicom.dimse_messages import DIMSEMessage
+    from pynetdicom.pdu_primitives import P_DATA
+
+    command, _ = _store_command()
+    store = reactors._StoreRequest.decode(memoryview(command), 5)
+    assert store is not None
+    lean = store.primitive
+    stock_msg = DIMSEMessage()
+    pdata = P_DATA()
+    pdata.presentation_data_value_list = [[5, b"\x03" + command], [5, b"\x02" + b"\x00" * 8]]
+    assert stock_msg.decode_msg(pdata)
+    stock = stock_msg.message_to_primitive()
+    for key in ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority"):
+        assert getattr(lean, key) == getattr(stock, key), key
+    assert type(lean.AffectedSOPClassUID) is type(stock.AffectedSOPClassUID)
+    assert lean.MoveOriginatorApplicationEntityTitle is None and lean.MoveOriginatorMessageID is None
+    assert lean._context_id == 5 and lean.is_valid_request
+
+
+def test_other_command_sets_are_left_to_pynetdicom() -> None:
+    from pynetdicom.dimse_messages import C_ECHO_RQ
+    from pynetdicom.dimse_primitives import C_ECHO
+    from pynetdicom.dsutils import encode
+
+    moved, _ = _store_command(MoveOriginatorApplicationEntityTitle="MOVER", MoveOriginatorMessageID=3)
+    assert reactors._StoreRequest.decode(memoryview(moved), 1) is None, "a Move Originator"
+    echo = C_ECHO()
+    echo.MessageID = 1
+    echo.AffectedSOPClassUID = VERIFICATION
+    msg = C_ECHO_RQ()
+    msg.primitive_to_message(echo)
+    assert reactors._StoreRequest.decode(memoryview(encode(msg.command_set, True, True)), 1) is None
+    command, req = _store_command()
+    uid = str(req.AffectedSOPInstanceUID).encode()
+    broken = command.replace(uid, b"1.2.3.x" + uid[7:])
+    assert reactors._StoreRequest.decode(memoryview(broken), 1) is None, "a UID that is not digits and dots"
+    assert reactors._StoreRequest.decode(memoryview(command[:-3]), 1) is None, "cut short"
+
+
+def test_a_broken_pdv_is_garbage_and_the_scp_keeps_serving(node: tuple[StorageSCP, MemorySink]) -> None:
+    import struct
+
+    scp, sink = node
+    assoc = scu().associate("127.0.0.1", scp.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    sock = assoc.dul.socket.socket
+    assert sock is not None
+    # A P-DATA-TF whose only PDV item says 1 byte: no room for the message control header.
+    sock.sendall(b"\x04\x00" + struct.pack(">L", 5) + struct.pack(">L", 1) + b"\x01")
+    end = time.monotonic() + 10
+    while not assoc.is_aborted and time.monotonic() < end:
+        time.sleep(0.05)
+    assert assoc.is_aborted, "the SCP answers an A-ABORT"
+    ds = ct(generate_uid(), generate_uid(), 0)
+    again = scu().associate("127.0.0.1", scp.port, ae_title="DICOMNODE")
+    assert again.is_established
+    assert int(again.send_c_store(ds).Status) == 0
+    again.release()
+    assert str(ds.SOPInstanceUID) in sink.instances
+
+
+def test_a_handler_on_pdu_events_takes_pynetdicoms_path(node: tuple[StorageSCP, MemorySink]) -> None:
+    from pynetdicom import evt
+
+    scp, sink = node
+    server = scp._server
+    assert server is not None
+    seen: list[int] = []
+    server.bind(evt.EVT_PDU_RECV, lambda event: seen.append(event.pdu.pdu_type))
+    assoc = scu().associate("127.0.0.1", scp.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    study, series = generate_uid(), generate_uid()
+    datasets = [ct(study, series, k) for k in range(3)]
+    try:
+        assert [int(assoc.send_c_store(ds).Status) for ds in datasets] == [0, 0, 0]
+    finally:
+        assoc.release()
+    assert seen.count(0x04) >= 3, "every P-DATA-TF went through pynetdicom's decode and its event"
+    assert {str(ds.SOPInstanceUID) for ds in datasets} <= set(sink.instances)
