@@ -25,6 +25,9 @@ seconds and images/s with the ratios node/storescp and node/Orthanc at each asso
 the node's receiver used per image during the transfers (user + system, of its receiving processes or, for
 ``node1``, of this process): on a shared machine a steadier measure than the wall time for comparing code
 versions. The load average is printed before and after (the machine may be shared); nothing here is asserted.
+Compare CPU figures only between runs with the same ``--dir``: creating a file costs every receiver more or
+less kernel CPU depending on the folder (on one ext4 machine 0.3-1 ms in the system temp folder, 0.03-0.2 ms
+elsewhere).
 
 Usage::
 
