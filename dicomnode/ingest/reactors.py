@@ -109,6 +109,14 @@ def _notify_assoc(dul: Any) -> None:
         event.set()
 
 
+def _wake_dul(dul: Any) -> None:
+    # A DUL built before the patch was installed (an association already open then) has no waker and runs
+    # pynetdicom's polling loop, which needs none; the patched kill/stop methods still reach it.
+    waker = getattr(dul, "_dn_waker", None)
+    if waker is not None:
+        waker.wake()
+
+
 def _dul_wait(dul: Any, waker: _Waker) -> None:
     """Block until the peer socket is readable, another thread has queued work, or the cap elapses."""
     if _buffered(dul):
@@ -645,7 +653,7 @@ def _install_reactors() -> None:
 
     def kill_dul(self: DULServiceProvider) -> None:
         original_kill(self)
-        self._dn_waker.wake()  # type: ignore[attr-defined]
+        _wake_dul(self)
 
     def is_transport_event(self: DULServiceProvider) -> bool:
         # As pynetdicom's, but a PDU already in the read-ahead buffer is an event without asking the socket.
@@ -658,7 +666,7 @@ def _install_reactors() -> None:
         # As pynetdicom's, plus the wake-up so the reactor sees the flag now rather than after its wait.
         if self.state_machine.current_state == "Sta1":
             self._kill_thread = True
-            self._dn_waker.wake()  # type: ignore[attr-defined]
+            _wake_dul(self)
             while self.is_alive():
                 time.sleep(self._run_loop_delay)
             return True

@@ -425,3 +425,14 @@ def test_a_handler_on_pdu_events_takes_pynetdicoms_path(node: tuple[StorageSCP, 
         assoc.release()
     assert seen.count(0x04) >= 3, "every P-DATA-TF went through pynetdicom's decode and its event"
     assert {str(ds.SOPInstanceUID) for ds in datasets} <= set(sink.instances)
+
+
+def test_a_dul_built_before_the_patch_can_still_be_killed(node: tuple[StorageSCP, MemorySink]) -> None:
+    # An association already open when the patch was installed runs pynetdicom's own loop and has no waker;
+    # the patched kill_dul (reached through the class) must not raise in its reactor thread.
+    from pynetdicom.dul import DULServiceProvider
+
+    dul = DULServiceProvider.__new__(DULServiceProvider)
+    dul._kill_thread = False
+    dul.kill_dul()
+    assert dul._kill_thread
