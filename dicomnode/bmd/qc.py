@@ -59,6 +59,11 @@ FRACTURE_Z = 2.0
 #: The body outline's own height ratio (``roi.body_heights``; biased towards 1 by partial volume: a true 0.70
 #: wedge reads ~0.88 at 2 mm slices) at or above which it contradicts a grade 2-3 call from the profiles.
 MASK_REGULAR_RATIO = 0.95
+#: End-plate profiles that read a body taller than this multiple of its tallest neighbour met something
+#: beyond its end plates: consecutive vertebral bodies differ by at most ~6.5 % in height (the steepest step,
+#: T9 to L1; Palm et al., Sci Rep 2025, spine-anatomy.md 1.1), three such steps is not anatomy. A wedge
+#: fracture keeps its posterior height (its tallest) near its neighbours', a crush fracture is shorter.
+TALLER_THAN_NEIGHBOURS = 1.2
 #: Height ratios below this are taken as a failed outline, not a fracture (Genant grade 3 starts at 0.6).
 IMPLAUSIBLE_RATIO = 0.25
 #: SD of one height's slice quantisation, in slice thicknesses: each of its two end-plate edges lies anywhere
@@ -209,6 +214,20 @@ def build_vertebrae(
             qcs[lv].append(
                 f"height ratio unclear (end-plate profiles {_trunc3(r)}, body outline {_trunc3(r_mask)}): "
                 "fracture not assessed, check the sagittal view"
+            )
+        elif (
+            r + FRACTURE_Z * se_r < FRACTURE_EXCLUDE_RATIO
+            and nb
+            and max(h) > TALLER_THAN_NEIGHBOURS * max(nb)
+        ):
+            # a compression fracture shortens a body; profiles that read it much taller than either neighbour
+            # ran past one of its end plates (into the disc or the next body), and the ratio they give is no
+            # evidence of a wedge. Not called a fracture; the level is kept and flagged.
+            qcs[lv].append(
+                f"height ratio unclear (end-plate profiles {_trunc3(r)}, but their tallest height "
+                f"{max(h):.1f} mm exceeds the neighbours' {max(nb):.1f} mm by more than "
+                f"{round(100 * (TALLER_THAN_NEIGHBOURS - 1))} %): fracture not assessed, check the sagittal "
+                "view"
             )
         elif r + FRACTURE_Z * se_r < FRACTURE_EXCLUDE_RATIO:
             grade = 2 if r >= GRADE3_RATIO else 3

@@ -123,3 +123,43 @@ def test_neighbour_reference_height_comes_from_end_plate_profiles_only() -> None
     # a body cut by the field of view has no height to compare
     assert reference_height(_stats((30.0, 28.0, 31.0), (0.5, 0.5, 0.5)), truncated=True) is None
     assert reference_height(_stats(None, None), truncated=False) is None
+
+
+def _rows_for(heights: dict[str, tuple[float, float, float]]) -> dict[str, VertebraResult]:
+    """``build_vertebrae`` on three levels whose ROIs are alike but for their end-plate profile heights."""
+    from dicomnode.bmd import calibration as cal
+    from dicomnode.bmd.segmentation import SpineSegmentation
+    from dicomnode.imaging.volume import Volume
+
+    vol = Volume(np.zeros((4, 4, 4), dtype=np.float32), np.eye(4))
+    levels = tuple(heights)
+    seg = SpineSegmentation(levels, np.zeros((4, 4, 4), dtype=np.uint8), level_uncertain=False)
+    stats = {lv: _stats(h, (0.5, 0.5, 0.5)) for lv, h in heights.items()}
+    fit = cal.TissueFit(1.0, 0.0, {}, (), ())
+    rows = qc.build_vertebrae(
+        volume=vol,
+        canon=vol,
+        seg=seg,
+        stats=stats,
+        fit=fit,
+        correction=0.0,
+        vbmd_ok=True,
+        min_roi_mm3=1000.0,
+        outline=lambda *_: None,
+    )
+    return {r.level: r for r in rows}
+
+
+def test_a_wedge_between_regular_neighbours_is_a_fracture() -> None:
+    rows = _rows_for({"T12": (25.0, 26.0, 27.0), "L1": (15.0, 22.0, 27.5), "L2": (26.0, 27.0, 28.0)})
+    assert rows["L1"].excluded and "compression fracture" in (rows["L1"].exclusion_reason or "")
+    assert not rows["T12"].excluded and not rows["L2"].excluded
+
+
+def test_profiles_that_read_a_body_much_taller_than_its_neighbours_are_no_fracture() -> None:
+    # LIDC's L1 tilted 5 degrees: its profiles read 20/27/35 mm (0.57) next to a 27.5 mm T12; a fracture
+    # shortens a body, so the 35 mm posterior height ran past an end plate: flagged, kept, not excluded
+    rows = _rows_for({"T12": (24.2, 25.8, 27.5), "L1": (20.1, 27.1, 35.4), "L2": (26.0, 27.0, 28.0)})
+    l1 = rows["L1"]
+    assert not l1.excluded and l1.vbmd_mg_cm3 is not None
+    assert any("height ratio unclear" in q and "exceeds the neighbours'" in q for q in l1.qc), l1.qc
