@@ -234,6 +234,17 @@ def _footer_lines(result: AnalysisResult) -> list[str]:
     return lines
 
 
+def not_shown_lines(result: AnalysisResult) -> list[str]:
+    """One line per vertebra found and named but with no ROI to place on the overview (nothing of it was left
+    to measure): it has no label on the image, so the footer lists it with its reason, and the reader sees
+    every level the analysis found."""
+    return [
+        f"{v.level}{'?' if v.level_uncertain else ''} excluded, not shown: {v.exclusion_reason or 'no ROI'}"
+        for v in result.vertebrae
+        if not np.all(np.isfinite(v.roi_centroid_lps_mm))
+    ]
+
+
 def _draw_legend(draw: ImageDraw.ImageDraw, x: int, y: int, font: Any) -> None:
     items = (("measured", ACCENT), ("level uncertain (?)", UNCERTAIN), ("excluded", EXCLUDED_C))
     for label, colour in items:
@@ -401,6 +412,10 @@ def _render_overview(
     foot: list[tuple[str, Colour, Any, int]] = []  # (text, colour, font, line height)
     for line in _footer_lines(result):
         foot.extend((ln, MUTED, f_small, LINE_SMALL) for ln in wrap_text(md, line, f_small, width - 2 * pad))
+    for line in not_shown_lines(result):
+        foot.extend(
+            (ln, EXCLUDED_C, f_small, LINE_SMALL) for ln in wrap_text(md, line, f_small, width - 2 * pad)
+        )
     if common:
         note = "All levels: " + "  ·  ".join(common)
         foot.extend(

@@ -198,3 +198,25 @@ def test_render_all_takes_each_mask_once_and_matches_the_single_renders(case: Sy
     assert np.array_equal(next(i for i in images if i.name == "L2").rgb, single.rgb)
     overview = r.render_overview(case.result, case.canonical, case.roi_masks)
     assert np.array_equal(images[0].rgb, overview.rgb)
+
+
+def test_a_vertebra_with_no_roi_is_listed_under_the_overview(case: SyntheticCase) -> None:
+    # a body found and named but with nothing left to measure (an empty ROI) has no place on the image
+    v = case.result.vertebra("L3")
+    assert v is not None
+    empty = dataclasses.replace(
+        v,
+        excluded=True,
+        exclusion_reason="trabecular ROI too small (0 mm3 < 1000 mm3)",
+        roi_centroid_lps_mm=(float("nan"),) * 3,
+    )
+    result = dataclasses.replace(
+        case.result, vertebrae=tuple(empty if x.level == "L3" else x for x in case.result.vertebrae)
+    )
+    assert r.not_shown_lines(case.result) == []
+    assert r.not_shown_lines(result) == [
+        "L3 excluded, not shown: trabecular ROI too small (0 mm3 < 1000 mm3)"
+    ]
+    full = r.render_overview(case.result, case.canonical, case.roi_masks)
+    listed = r.render_overview(result, case.canonical, case.roi_masks)
+    assert listed.rgb.shape[0] > full.rgb.shape[0] - 200  # drawn; one label fewer, one footer line more
