@@ -131,28 +131,31 @@ def test_ingest_stays_light() -> None:
     """Importing the receiver must not load torch, MONAI or highdicom (fresh interpreter, transitive)."""
     if not (PKG / "ingest").is_dir():
         pytest.skip("dicomnode.ingest not present")
-    code = (
-        "import sys, importlib, pkgutil, dicomnode.ingest as m\n"
+    imports = (
+        "import importlib, pkgutil, dicomnode.ingest as m\n"
         "for info in pkgutil.walk_packages(m.__path__, 'dicomnode.ingest.'):\n"
         "    importlib.import_module(info.name)\n"
-        "bad = sorted(n for n in ('torch', 'monai', 'highdicom') if n in sys.modules)\n"
-        "print(','.join(bad))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "", f"dicomnode.ingest pulls in: {out.stdout.strip()}"
+    loaded = _loaded_after(imports, ("torch", "monai", "highdicom"))
+    assert loaded == "", f"dicomnode.ingest pulls in: {loaded}"
 
 
 def test_analyze_command_stays_off_the_database() -> None:
     """``dicomnode analyze`` loads neither the store (SQLAlchemy, Alembic) nor the delivery code: importing
     them took about half a second of its cold start (issue 9). Fresh interpreter, transitive."""
-    code = (
-        "import sys, dicomnode.cli, dicomnode.cli.analyze, dicomnode.cli.knee\n"
+    imports = (
+        "import dicomnode.cli, dicomnode.cli.analyze, dicomnode.cli.knee\n"
         "import dicomnode.pipeline.analyze, dicomnode.pipeline.knee\n"
-        "bad = ('sqlalchemy', 'alembic', 'dicomnode.store', 'dicomnode.delivery')\n"
-        "print(','.join(sorted(n for n in bad if n in sys.modules)))\n"
     )
+    loaded = _loaded_after(imports, ("sqlalchemy", "alembic", "dicomnode.store", "dicomnode.delivery"))
+    assert loaded == "", f"dicomnode analyze pulls in: {loaded}"
+
+
+def _loaded_after(imports: str, names: tuple[str, ...]) -> str:
+    """Which of ``names`` a fresh interpreter has loaded after running ``imports`` (comma-separated)."""
+    code = imports + f"import sys\nprint(','.join(sorted(n for n in {names!r} if n in sys.modules)))\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "", f"dicomnode analyze pulls in: {out.stdout.strip()}"
+    return out.stdout.strip()
 
 
 def _runtime_imports(path: Path) -> list[tuple[str, int]]:
