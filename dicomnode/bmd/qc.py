@@ -185,6 +185,7 @@ def build_vertebrae(
         # exclude only when the ratio is below the grade-2 line by more than FRACTURE_Z of its own standard
         # error (noisy profiles on thick slices scatter the fitted line: a regular body can read 0.65 there)
         se_r = ratio_se(h, st.heights_se_mm, i_min, i_max, slice_mm)
+        surely_below = r + FRACTURE_Z * se_r < FRACTURE_EXCLUDE_RATIO
         unc = f"SE {se_r:.3f}"
         mh = st.mask_heights_mm
         r_mask = min(mh) / max(mh) if mh is not None and max(mh) > 0 else None
@@ -203,11 +204,7 @@ def build_vertebrae(
                 f"height ratio {_trunc3(r)} from the body outline only (end-plate profiles not found): "
                 "fracture not assessed, check the sagittal view"
             )
-        elif (
-            r + FRACTURE_Z * se_r < FRACTURE_EXCLUDE_RATIO
-            and r_mask is not None
-            and r_mask >= MASK_REGULAR_RATIO
-        ):
+        elif surely_below and r_mask is not None and r_mask >= MASK_REGULAR_RATIO:
             # the end-plate profiles read a grade 2-3 deformity but the body's own outline is regular: one
             # of the two height estimates met something else (a thin disc merged with its end plates, a
             # bone island, the next body). Not called a fracture; the level is kept and flagged.
@@ -215,11 +212,7 @@ def build_vertebrae(
                 f"height ratio unclear (end-plate profiles {_trunc3(r)}, body outline {_trunc3(r_mask)}): "
                 "fracture not assessed, check the sagittal view"
             )
-        elif (
-            r + FRACTURE_Z * se_r < FRACTURE_EXCLUDE_RATIO
-            and nb
-            and max(h) > TALLER_THAN_NEIGHBOURS * max(nb)
-        ):
+        elif surely_below and nb and max(h) > TALLER_THAN_NEIGHBOURS * max(nb):
             # a compression fracture shortens a body; profiles that read it much taller than either neighbour
             # ran past one of its end plates (into the disc or the next body), and the ratio they give is no
             # evidence of a wedge. Not called a fracture; the level is kept and flagged.
@@ -229,7 +222,7 @@ def build_vertebrae(
                 f"{round(100 * (TALLER_THAN_NEIGHBOURS - 1))} %): fracture not assessed, check the sagittal "
                 "view"
             )
-        elif r + FRACTURE_Z * se_r < FRACTURE_EXCLUDE_RATIO:
+        elif surely_below:
             grade = 2 if r >= GRADE3_RATIO else 3
             reasons[lv].append(
                 f"suspected compression fracture (height ratio {_trunc3(r)} < {FRACTURE_EXCLUDE_RATIO} "

@@ -234,6 +234,11 @@ def _footer_lines(result: AnalysisResult) -> list[str]:
     return lines
 
 
+def _placed(v: VertebraResult) -> bool:
+    """Whether the vertebra has an ROI centroid to draw it at (an empty ROI has none)."""
+    return bool(np.all(np.isfinite(v.roi_centroid_lps_mm)))
+
+
 def not_shown_lines(result: AnalysisResult) -> list[str]:
     """One line per vertebra found and named but with no ROI to place on the overview (nothing of it was left
     to measure): it has no label on the image, so the footer lists it with its reason, and the reader sees
@@ -241,7 +246,7 @@ def not_shown_lines(result: AnalysisResult) -> list[str]:
     return [
         f"{v.level}{'?' if v.level_uncertain else ''} excluded, not shown: {v.exclusion_reason or 'no ROI'}"
         for v in result.vertebrae
-        if not np.all(np.isfinite(v.roi_centroid_lps_mm))
+        if not _placed(v)
     ]
 
 
@@ -331,7 +336,7 @@ def _render_overview(
     data = volume.data
     nk, nj, ni = data.shape
     _si, sj, sk = volume.spacing
-    verts = [v for v in result.vertebrae if np.all(np.isfinite(v.roi_centroid_lps_mm))]
+    verts = [v for v in result.vertebrae if _placed(v)]
     i_mid = round(float(np.median([_centroid_index(volume, v)[0] for v in verts]))) if verts else ni // 2
     i_mid = min(max(i_mid, 0), ni - 1)
     # a 3-voxel slab average: less noise, same anatomy
@@ -701,7 +706,7 @@ def render_all(
     Each level's mask is taken from ``roi_masks`` once (a mapping may compute it on access) and reduced at
     once to what the images show: its left-right projection and its mid-vertebral slice.
     """
-    shown = [v for v in result.vertebrae if np.all(np.isfinite(v.roi_centroid_lps_mm))]
+    shown = [v for v in result.vertebrae if _placed(v)]
     projections: dict[str, BoolArray] | None = {} if roi_masks is not None else None
     slices: dict[str, BoolArray] = {}
     if roi_masks is not None and projections is not None:
