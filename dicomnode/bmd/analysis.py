@@ -30,6 +30,7 @@ from dicomnode.bmd.tissues import (
     measure_fat,
     measure_muscle,
     measure_psoas,
+    outline_hull,
 )
 from dicomnode.domain import (
     REPORTED_LEVELS,
@@ -199,8 +200,9 @@ def _analyze(volume: Volume, opts: BmdOptions) -> BmdOutput:
     tz = np.zeros(grid.hu.shape[0], dtype=bool)
     tz[::3] = True
     depth = np.zeros(grid.hu.shape, dtype=np.float32)
-    depth[tz] = depth_from_skin(body[tz], g)
-    air = measure_air(grid.hu[tz], body[tz], g)
+    hull = outline_hull(body[tz])
+    depth[tz] = depth_from_skin(body[tz], g, hull=hull)
+    air = measure_air(grid.hu[tz], body[tz], g, hull=hull)
     fat = measure_fat(grid.hu[tz], body[tz], depth[tz])
     pre = cal.fit_tissue_map({"air": air, "fat": fat}, ContrastPhase.UNKNOWN)
     hu_cal = (grid.hu * np.float32(pre.gain) + np.float32(pre.offset)).astype(np.float32)

@@ -113,13 +113,22 @@ def _wls(meas: Mapping[str, float], used: tuple[str, ...]) -> tuple[float, float
     return float(sol[0]), float(sol[1])
 
 
+def _offset_only(meas: Mapping[str, float], used: tuple[str, ...]) -> float:
+    """Weighted mean of ``reference - measured`` over ``used`` (weights 1 / SD^2): the offset of a map
+    whose gain is 1."""
+    w = np.array([1.0 / TISSUE_SD_HU[t] ** 2 for t in used])
+    d = np.array([REFERENCE_HU[t] - meas[t] for t in used])
+    return float((w * d).sum() / w.sum())
+
+
 def fit_tissue_map(measured: Mapping[str, float | None], phase: ContrastPhase) -> TissueFit:
     """Fit ``HU_ref = gain * HU_measured + offset`` on the available internal tissues.
 
     Air and fat (900 HU apart, stable between patients) set the map; muscle and blood join the weighted
     fit only in native scans and only when they agree with the air/fat map within 30 HU (paraspinal muscle
     of older patients is often fatty, aortic ROIs can catch the wall or a thrombus): a disagreeing tissue
-    is reported, not used.
+    is reported, not used. Without air in view (a small field of view) only the offset is fitted, gain 1,
+    on the soft tissues: 150 HU apart, they cannot fix a gain.
 
     Parameters
     ----------
@@ -160,7 +169,18 @@ def fit_tissue_map(measured: Mapping[str, float | None], phase: ContrastPhase) -
     if len(used_t) < 2 or not ("air" in used_t or "fat" in used_t):
         flags.append("internal calibration not possible (too few reference tissues): identity map used")
         return TissueFit(1.0, 0.0, meas, (), tuple(flags))
-    gain, offset = _wls(meas, used_t)
+    if "air" in used_t:
+        gain, offset = _wls(meas, used_t)
+    else:
+        # the soft tissues span 150 HU (fat -100 to muscle +50) and each varies by ~10 HU between patients
+        # and with where it is sampled: a gain fitted on them alone is uncertain by ~0.1 (10-20 HU at bone
+        # density). Without air (a small field of view) only the offset is fitted; the gain is the
+        # scanner's own, which the air-water calibration every scanner runs daily keeps within ~1 %.
+        gain, offset = 1.0, _offset_only(meas, used_t)
+        flags.append(
+            "air not in view: internal calibration corrects the offset only "
+            f"({'/'.join(used_t)}, {offset:+.1f} HU)"
+        )
     x = np.array([meas[t] for t in used_t])
     y = np.array([REFERENCE_HU[t] for t in used_t])
     resid = np.abs(gain * x + offset - y)

@@ -32,31 +32,56 @@ def robust_mean(values: npt.NDArray[np.float32]) -> float | None:
     return float(keep.mean()) if keep.size else med
 
 
-def depth_from_skin(body: B, g: float, max_mm: float = 30.0) -> F32:
+def outline_hull(body: B) -> B:
+    """The body's outline slice by slice: the convex hull of each axial slice's body mask.
+
+    What lies outside it is the air around the patient. What lies inside it but outside the body is not:
+    a lung or bowel gas that a small field of view cuts open to the image edge, the gap between an arm and
+    the trunk. The image edge itself is no skin: where a small display field of view cuts the trunk, the
+    hull runs along the edge and nothing outside it is in view there.
+    """
+    from skimage.morphology import convex_hull_image
+
+    hull = np.zeros(body.shape, dtype=bool)
+    for z in range(body.shape[0]):
+        if body[z].any():
+            hull[z] = convex_hull_image(body[z])  # type: ignore[no-untyped-call]
+    return hull
+
+
+def depth_from_skin(body: B, g: float, max_mm: float = 30.0, hull: B | None = None) -> F32:
     """In-plane depth (mm) of each body voxel under the skin, capped at ``max_mm``.
 
-    Repeated in-plane erosions alternating a cross and a square (an octagon approximates a disk to within a
-    few percent); much cheaper than a distance transform and exact enough for 3-25 mm bands.
+    The skin is where the body meets the air around it (outside ``outline_hull``), never the image edge:
+    a trunk cut by a small field of view has no skin at the cut, and the tissue there is not subcutaneous.
+    Repeated in-plane erosions of the hull (the image edge counting as inside) alternating a cross and a
+    square (an octagon approximates a disk to within a few percent); much cheaper than a distance transform
+    and exact enough for 3-25 mm bands. At a concave stretch of skin (the back's midline groove) the hull
+    runs a few millimetres outside it, so the depth there reads a little more than the skin's own.
     """
     cross = np.zeros((1, 3, 3), dtype=bool)
     cross[0] = ndi.generate_binary_structure(2, 1)
     square = np.ones((1, 3, 3), dtype=bool)
     depth = np.zeros(body.shape, dtype=np.float32)
-    cur = body.copy()
+    cur = outline_hull(body) if hull is None else hull.copy()
     n = int(np.ceil(max_mm / g))
     for it in range(n):
         depth[cur] += np.float32(g)
-        cur = ndi.binary_erosion(cur, structure=cross if it % 2 == 0 else square)
+        cur = ndi.binary_erosion(cur, structure=cross if it % 2 == 0 else square, border_value=1)
         if not cur.any():
             break
     depth[cur] = np.float32(max_mm + g)
+    depth[~body] = 0.0
     return depth
 
 
-def measure_air(hu: F32, body: B, g: float) -> float | None:
-    """Air outside the body (at least 10 mm from the skin), ignoring fill values outside the FOV."""
+def measure_air(hu: F32, body: B, g: float, hull: B | None = None) -> float | None:
+    """Air around the body (outside its outline hull, at least 10 mm from it), ignoring fill values outside
+    the reconstructed field of view. Air inside the hull is not sampled: a lung cut open to the image edge
+    by a small field of view reads -850 to -900 HU, not air's -1000."""
     r = max(1, round(10.0 / g))
-    near = ndi.binary_dilation(body, structure=np.ones((1, 3, 3), dtype=bool), iterations=r)
+    outline = outline_hull(body) if hull is None else hull
+    near = ndi.binary_dilation(outline, structure=np.ones((1, 3, 3), dtype=bool), iterations=r)
     v = hu[~near]
     v = v[(v > -1400.0) & (v < -700.0)]
     if v.size == 0:

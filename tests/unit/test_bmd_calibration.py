@@ -116,3 +116,17 @@ def test_calibration_record_composes_the_map() -> None:
     assert vb == pytest.approx(cal.vbmd_from_hu(175.0, 11.0), abs=1e-6)
     assert rec.reference_hu["air"] == pytest.approx(0.95 * -1000.0 + 10.0)
     assert cal.build_calibration(fit, None, None, 0.0, [], False).slope_mg_cm3_per_hu is None
+
+
+def test_without_air_only_the_offset_is_fitted_with_a_flag() -> None:
+    # a small field of view: no air around the body. Fat, muscle and blood (150 HU apart) would fit a gain
+    # of ~1.14 from a 10 HU error in fat alone; the gain stays the scanner's and only the offset is corrected
+    fit = cal.fit_tissue_map({"air": None, "fat": -85.0, "muscle": 38.0, "blood": 42.5}, ContrastPhase.NATIVE)
+    assert fit.gain == 1.0
+    assert fit.used == ("fat", "muscle", "blood")
+    # weighted mean of reference - measured: (-15 / 100 + 12 / 100 - 2.5 / 64) / (2 / 100 + 1 / 64)
+    assert fit.offset == pytest.approx((-0.15 + 0.12 - 2.5 / 64) / (0.02 + 1 / 64), abs=1e-9)
+    assert any("offset only" in f for f in fit.flags)
+    # a scanner 12 HU high throughout is put right without air
+    shifted = cal.fit_tissue_map(_scan(1.0, 12.0, air=None), ContrastPhase.NATIVE)
+    assert (shifted.gain, shifted.offset) == (1.0, pytest.approx(-12.0))
