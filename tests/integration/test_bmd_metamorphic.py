@@ -251,6 +251,8 @@ def _variants(tmp: Path, crop_from_top: bool) -> list[tuple[str, Callable[[Volum
         ("tilt -8 deg about anterior-posterior", lambda v: _tilt(v, "y", -8.0)),
         ("noise 25 HU", lambda v: _noise(v, 25.0)),
         ("small field of view 260 mm", lambda v: _small_fov(v, 260.0)),
+        # cuts into the trunk at the sides (and LIDC's lungs): air and skin only where the trunk meets air
+        ("small field of view 220 mm", lambda v: _small_fov(v, 220.0)),
         ("feet first, unsigned intercept -1024", _roundtrip(tmp, orientation="FFS")),
         ("prone", _roundtrip(tmp, orientation="HFP")),
         crop,
@@ -340,6 +342,7 @@ LIDC_TOP_IN_VIEW = (
     "1.0 mm in-plane, 0.625 mm slices",
     "noise 25 HU",
     "small field of view 260 mm",
+    "small field of view 220 mm",
     "feet first, unsigned intercept -1024",
     "prone",
 )
