@@ -1008,6 +1008,25 @@ def _count_from_top(
         [round(a) for a, _ in left],
         [round(a) for a, _ in right],
     )
+    # one side's lowest rib may be missed (a short 12th rib breaks up on the working grid) or absent (a
+    # unilateral 11th or 13th pair): the ribs pair up from the top, and the longer side's extra rib must lie
+    # below the other side's lowest, one regular spacing under its own neighbour; it is then counted with
+    # the pairs (13 is no agreement with the T12 anchor)
+    lone: RibHead | None = None
+    lone_side = ""
+    if abs(len(left) - len(right)) == 1 and min(len(left), len(right)) >= 3:
+        longer = left if len(left) > len(right) else right
+        lone_side = "left" if longer is left else "right"
+        lone_item, rest = longer[0], longer[1:]
+        pl_ = np.array([_xyz(h) for _, h in rest[:3]]) * g
+        first_gap = float(np.linalg.norm((_xyz(lone_item[1]) - _xyz(rest[0][1])) * g))
+        ref_gap = float(np.median(np.linalg.norm(np.diff(pl_, axis=0), axis=1)))
+        if 1.0 / TOP_GAP_RATIO <= first_gap / max(ref_gap, 1e-6) <= TOP_GAP_RATIO:
+            lone = lone_item[1]
+            if longer is left:
+                left = rest
+            else:
+                right = rest
     if len(left) != len(right):
         return TopCount(
             None, f"counted from the top, {len(left)} left and {len(right)} right ribs: no count from the top"
@@ -1033,12 +1052,27 @@ def _count_from_top(
     for i in range(n):
         near_sp = sp[max(0, i - 1) : i + 1]
         worst_off = max(worst_off, float(off[i]) / max(float(np.mean(near_sp)), 1e-6))
+    level = float(np.median([a - b for (a, _), (b, _) in zip(left, right, strict=True)]))
+    if lone is not None and abs(level) > TOP_PAIR_RATIO * float(np.median(sp)):
+        # the pairs sit a rib apart along the column: the shorter side lacks its first rib, not its lowest
+        return TopCount(
+            None,
+            f"counted from the top, {n + 1} {lone_side} and {n} on the other side, paired one rib apart: no "
+            "count from the top",
+        )
     if not 1.0 / TOP_GAP_RATIO <= worst_gap <= TOP_GAP_RATIO or worst_off > TOP_PAIR_RATIO:
         return TopCount(
             None,
             f"rib heads counted from the top are irregular (spacing {sp.min():.0f}-{sp.max():.0f} mm, one "
             f"{worst_gap:.2f} of its neighbours'; left-right offset up to {worst_off:.2f} of the spacing): "
             "no count from the top",
+        )
+    if lone is not None:
+        return TopCount(
+            n + 1,
+            f"the upper thorax is in view (top of the scan above the lung apices): {n + 1} ribs counted down "
+            f"from the first rib, the lowest on the {lone_side} only (its pair not found)",
+            lowest_segments=(lone.segment, lone.segment),
         )
     lowest = (left[0][1], right[0][1])
     return TopCount(

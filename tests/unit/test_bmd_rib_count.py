@@ -93,10 +93,30 @@ def test_a_cervical_rib_pair_is_counted_as_a_thirteenth() -> None:
     assert _count(_heads(zs, True) + _heads(zs, False)).pairs == 13
 
 
-def test_sides_that_disagree_give_no_count() -> None:
+def test_a_lowest_rib_found_on_one_side_only_is_counted_with_the_pairs() -> None:
+    # a short 12th rib breaks up on the working grid on one side (seen on the LIDC chest CT at 1.25 and
+    # 5 mm): the eleven pairs above and the lone rib one spacing below them make twelve
     zs = _thorax(12)
-    top = _count(_heads(zs, True) + _heads(zs[:-1], False))
-    assert top.pairs is None and "11 right" in top.note
+    top = _count(_heads(zs, True) + _heads(zs[:-1], False, segment_of_lowest=8))
+    assert top.pairs == 12, top.note
+    assert top.lowest_segments == (9, 9)
+    assert "left only" in top.note
+    # a unilateral rib below the twelfth pair (a lumbar rib on one side) is a thirteenth
+    below = [*zs, zs[-1] - 30.0]
+    assert _count(_heads(below, True) + _heads(zs, False)).pairs == 13
+
+
+def test_sides_that_do_not_pair_up_give_no_count() -> None:
+    zs = _thorax(12)
+    # the right side lacks its first rib: its ribs sit one level below their left partners
+    top = _count(_heads(zs, True) + _heads(zs[1:], False))
+    assert top.pairs is None and "one rib apart" in top.note
+    # a rib missed in the middle of one side
+    top = _count(_heads(zs, True) + _heads(zs[:5] + zs[6:], False))
+    assert top.pairs is None
+    # two ribs fewer on one side
+    top = _count(_heads(zs, True) + _heads(zs[:-2], False))
+    assert top.pairs is None and "10 right" in top.note
 
 
 def test_one_rib_in_two_pieces_is_one_rib() -> None:
@@ -145,3 +165,13 @@ def test_any_other_count_from_the_top_makes_the_names_uncertain() -> None:
     # twelve counted, but the lowest counted pair is not on the lowest rib-bearing vertebra
     nm = _name(segs, None, False, "", TopCount(12, "12 rib pairs counted", lowest_segments=(1, 1)))
     assert nm.uncertain
+
+
+def test_twelve_from_the_top_confirms_a_lowest_rib_seen_on_one_side() -> None:
+    segs = _spine(3, 4)
+    segs[2].rib_r = 0.0
+    segs[2].rib_len_r = 0.0
+    assert _name(segs, None, False, "").uncertain
+    nm = _name(segs, None, False, "", TopCount(12, "12 ribs counted", lowest_segments=(2, 2)))
+    assert not nm.uncertain
+    assert [nm.names[s.label] for s in segs[:4]] == ["T10", "T11", "T12", "L1"]
