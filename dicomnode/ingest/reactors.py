@@ -710,12 +710,19 @@ def _serve_store(dul: Any, store: _StoreRequest) -> bool:
         return False
     direct, context = chosen
     assoc = dul.assoc
+    # The network idle timer stands still while the instance is stored: the association reactor, free now,
+    # checks it, and on pynetdicom's path it was busy serving (it checks the timer only between requests).
+    idle = dul._idle_timer
+    idle.restart()
+    idle.stop()
     try:
         status = direct(assoc, context, req, store.data.view())
     except Exception as exc:  # what pynetdicom's attempt() answers for a handler that raises
         _ASSOC_LOGGER.error("Exception in handler bound to 'evt.EVT_C_STORE'")
         _ASSOC_LOGGER.exception(exc)
         status = 0xC211
+    finally:
+        idle.restart()
     if not assoc.is_established or dul._kill_thread:
         return True  # aborted or released while storing: pynetdicom sends no response either
     command = store_response(

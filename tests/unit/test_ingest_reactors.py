@@ -562,3 +562,27 @@ def test_an_association_reuses_its_buffer_but_not_a_large_one(node: tuple[Storag
     assert {str(ds.SOPInstanceUID) for ds in datasets} == set(sink.instances)
     stored = sink.instances[str(big.SOPInstanceUID)].path
     assert stored is not None and stored.stat().st_size > 2100 * 2100 * 2
+
+
+def test_a_slow_store_outlasting_the_network_timeout_is_still_answered(tmp_path: Path) -> None:
+    # Served in the network thread, the association reactor is free to look at the idle timer meanwhile: it
+    # must not take a slow commit (a database busy for longer than the network timeout) for an idle peer.
+    class SlowSink(MemorySink):
+        def record_instance(self, instance: object) -> bool:
+            time.sleep(1.6)
+            return super().record_instance(instance)  # type: ignore[arg-type]
+
+    sink = SlowSink()
+    scp = StorageSCP(Spool(tmp_path / "spool", sink, fsync=False), port=0, network_timeout=1.0)
+    scp.start()
+    try:
+        assoc = scu().associate("127.0.0.1", scp.port, ae_title="DICOMNODE")
+        assert assoc.is_established
+        ds = ct(generate_uid(), generate_uid(), 0)
+        status = assoc.send_c_store(ds)
+        assert status is not None and int(status.Status) == 0
+        assert assoc.is_established, "not aborted for a network timeout while storing"
+        assoc.release()
+    finally:
+        scp.stop()
+    assert str(ds.SOPInstanceUID) in sink.instances
