@@ -94,6 +94,11 @@ PINNED_SOURCES = {
     "dimse.DIMSEServiceProvider.receive_primitive": "533d17b6a815edee0cf264b62db31dd54ce9b3ec4c77c466a418bce0258ab584",  # noqa: E501
     "dimse_messages.DIMSEMessage.decode_msg": "4a6a0156bb315c5cadc7db2b977b77385716c0e9d281d6a10ab4d0418897a8b6",  # noqa: E501
     "dimse_messages.DIMSEMessage.message_to_primitive": "95c5a14dc7d2b04b2d3848e76745f1a27821f5905ee8e797a5935231df4d557d",  # noqa: E501
+    # What serving a plain C-STORE in the network thread does in their place (_serve_store).
+    "association.Association._serve_request": "b2b830a81a99d40aa450fb580e1b69c3b7d7111c603502f2c215561564bdd6ab",  # noqa: E501
+    "service_class.StorageServiceClass.SCP": "726a71d3d6ae3e672bde2c9671d6579347f80f47255a6c58e72c6908dc3b0761",  # noqa: E501
+    "fsm.DT_1": "ed12799eee42eb246b842f6c6cf7901bc596855afb0654597206ad4384ce6404",
+    "transport.AssociationSocket.send": "30954262b82648fb3991f9ed998dd7b2fa2cb1a744ad5cbf6c81a16b9da420ae",
 }
 
 
