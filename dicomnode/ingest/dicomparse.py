@@ -27,6 +27,14 @@ _PIXEL_GROUP = 0x7FE0
 _LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 )
+#: Every VR of PS3.5 6.2: pydicom refuses any other when it reads the header (checked there, too).
+_KNOWN_VRS = frozenset(
+    (
+        *(b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT"),
+        *(b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST"),
+        *(b"SV", b"TM", b"UC", b"UI", b"UL", b"UN", b"UR", b"US", b"UT", b"UV"),
+    )
+)
 _MAX_DEPTH = 64
 #: PS3.5 9.1: digits and dots, no leading zeros in a component, at most 64 characters.
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
@@ -41,11 +49,20 @@ def _vr_ok(vr: bytes) -> bool:
 
 
 class _Walker:
-    """Walk element headers of an encoded dataset without decoding values."""
+    """Walk element headers of an encoded dataset without decoding values.
 
-    def __init__(self, buf: bytes | memoryview, little_endian: bool) -> None:
+    On the way it notes where the top-level pixel data group begins (:attr:`stop`: what routing reads ends
+    there) and the raw values of the top-level elements in ``collect`` (:attr:`values`).
+    """
+
+    def __init__(
+        self, buf: bytes | memoryview, little_endian: bool, collect: frozenset[int] = frozenset()
+    ) -> None:
         self.buf = buf
         self.n = len(buf)
+        self.stop = -1
+        self.collect = collect
+        self.values: dict[int, bytes] = {}
         e = "<" if little_endian else ">"
         self.hh = struct.Struct(e + "HH")
         self.h = struct.Struct(e + "H")
@@ -69,9 +86,12 @@ class _Walker:
         h4 = self.le_length if le_only else self.length
         h2 = self.le_h if le_only else self.h
         buf = self.buf
+        top = depth == 0
         while pos < self.n:
             self._need(pos, 8, "an element header")
             group, elem = hh.unpack_from(buf, pos)
+            if top and self.stop < 0 and group >= _PIXEL_GROUP:
+                self.stop = pos
             if group == 0xFFFE:
                 tag = (group << 16) | elem
                 pos += 8
@@ -85,7 +105,7 @@ class _Walker:
                 pos += 8
             else:
                 vr = bytes(buf[pos + 4 : pos + 6])
-                if not _vr_ok(vr):
+                if not _vr_ok(vr) or (self.stop < 0 and vr not in _KNOWN_VRS):
                     raise DatasetError(f"invalid VR for ({group:04X},{elem:04X}) at byte {pos}")
                 if vr in _LONG_VRS:
                     self._need(pos, 12, "an element header")
@@ -105,12 +125,16 @@ class _Walker:
                 else:
                     raise DatasetError(f"undefined length on ({group:04X},{elem:04X}) with VR {vr.decode()}")
             else:
+                if top and (group << 16 | elem) in self.collect and pos + length <= self.n:
+                    self.values[group << 16 | elem] = bytes(buf[pos : pos + length])
                 pos += length
                 if pos > self.n:
                     raise DatasetError(
                         f"dataset truncated: element ({group:04X},{elem:04X}) "
                         f"runs {pos - self.n} bytes past the end"
                     )
+        if top and self.stop < 0:
+            self.stop = pos
         if in_item:
             raise DatasetError("dataset truncated inside a sequence item")
         return pos
@@ -136,7 +160,7 @@ class _Walker:
                     raise DatasetError("dataset truncated inside a sequence item")
 
 
-def check_structure(data: bytes | memoryview, *, implicit_vr: bool, little_endian: bool) -> None:
+def check_structure(data: bytes | memoryview, *, implicit_vr: bool, little_endian: bool) -> int:
     """Check that ``data`` is a complete encoded dataset; raise :class:`DatasetError` otherwise.
 
     Parameters
@@ -146,18 +170,31 @@ def check_structure(data: bytes | memoryview, *, implicit_vr: bool, little_endia
     implicit_vr, little_endian
         The encoding of the transfer syntax.
 
+    Returns
+    -------
+    int
+        Where the top-level elements of the pixel data group (7FE0) or later begin (the end when none).
+
     Raises
     ------
     DatasetError
-        When an element runs past the end of the data, a VR is not two capital letters, a sequence is not
-        terminated, or the data is empty.
+        When an element runs past the end of the data, a VR is not two capital letters (nor a known VR,
+        before the pixel data), a sequence is not terminated, or the data is empty.
     """
+    return _walk(data, implicit_vr, little_endian, frozenset()).stop
+
+
+def _walk(
+    data: bytes | memoryview, implicit_vr: bool, little_endian: bool, collect: frozenset[int]
+) -> _Walker:
     if len(data) < 8:
         raise DatasetError("dataset is empty or shorter than one element")
-    _Walker(data, little_endian).dataset(0, implicit_vr, False, in_item=False, depth=0)
+    walker = _Walker(data, little_endian, collect)
+    walker.dataset(0, implicit_vr, False, in_item=False, depth=0)
+    return walker
 
 
-def inflate(data: bytes) -> bytes:
+def inflate(data: bytes | memoryview) -> bytes:
     """Inflate a Deflated Explicit VR Little Endian dataset (raw deflate stream, PS3.5 A.5)."""
     try:
         return zlib.decompress(data, -zlib.MAX_WBITS)
@@ -170,7 +207,7 @@ def _stop_at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
     return tag >> 16 >= _PIXEL_GROUP
 
 
-def parse_header(data: bytes, transfer_syntax: str) -> Dataset:
+def parse_header(data: bytes | memoryview, transfer_syntax: str) -> Dataset:
     """Check and parse the dataset bytes received in ``transfer_syntax``, up to the pixel data.
 
     Parameters
@@ -190,18 +227,72 @@ def parse_header(data: bytes, transfer_syntax: str) -> Dataset:
     DatasetError
         When the bytes are not a complete, parseable dataset.
     """
+    return scan_header(data, transfer_syntax).dataset()
+
+
+class HeaderScan:
+    """A dataset checked by :func:`scan_header`: raw values of some top-level elements, and the header
+    (everything before the pixel data) parsed by pydicom when asked for (:meth:`dataset`)."""
+
+    __slots__ = ("_dataset", "_header", "implicit_vr", "little_endian", "values")
+
+    def __init__(
+        self, header: bytes, values: dict[int, bytes], implicit_vr: bool, little_endian: bool
+    ) -> None:
+        self._header = header
+        self.values = values
+        self.implicit_vr = implicit_vr
+        self.little_endian = little_endian
+        self._dataset: Dataset | None = None
+
+    def text(self, tag: int) -> str | None:
+        """A collected element's value as text, padding stripped; None when absent or empty."""
+        raw = self.values.get(tag)
+        if raw is None:
+            return None
+        return raw.decode("ascii", "replace").strip(" \x00") or None
+
+    def dataset(self) -> Dataset:
+        """The header as pydicom reads it (once; later calls return the same Dataset).
+
+        Raises
+        ------
+        DatasetError
+            When pydicom cannot read it.
+        """
+        if self._dataset is None:
+            try:
+                ds = read_dataset(
+                    BytesIO(self._header), self.implicit_vr, self.little_endian, stop_when=_stop_at_pixels
+                )
+            except Exception as exc:  # pydicom raises many types on garbage; all mean "cannot understand"
+                raise DatasetError(f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from exc
+            ds.set_original_encoding(self.implicit_vr, self.little_endian, "iso8859")
+            self._dataset = ds
+        return self._dataset
+
+
+def scan_header(
+    data: bytes | memoryview, transfer_syntax: str, collect: frozenset[int] = frozenset()
+) -> HeaderScan:
+    """Check the dataset bytes received in ``transfer_syntax`` (:func:`check_structure`) and take what
+    routing reads: the raw values of the top-level elements in ``collect`` and the bytes before the pixel
+    data, for pydicom to parse only when asked (:meth:`HeaderScan.dataset`). Nothing of the pixel data is
+    copied.
+
+    Raises
+    ------
+    DatasetError
+        When the bytes are not a complete dataset in that transfer syntax.
+    """
     ts = UID(transfer_syntax)
     if not ts.is_transfer_syntax:
         raise DatasetError(f"unknown transfer syntax {ts}")
     if ts == DeflatedExplicitVRLittleEndian:
         data = inflate(data)
-    check_structure(data, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian)
-    try:
-        ds = read_dataset(BytesIO(data), ts.is_implicit_VR, ts.is_little_endian, stop_when=_stop_at_pixels)
-    except Exception as exc:  # pydicom raises many types on garbage; all mean "cannot understand"
-        raise DatasetError(f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from exc
-    ds.set_original_encoding(ts.is_implicit_VR, ts.is_little_endian, "iso8859")
-    return ds
+    implicit, little = ts.is_implicit_VR, ts.is_little_endian
+    walker = _walk(data, implicit, little, collect)
+    return HeaderScan(bytes(data[: walker.stop]), walker.values, implicit, little)
 
 
 def is_valid_uid(value: object) -> bool:

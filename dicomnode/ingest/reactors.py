@@ -277,10 +277,15 @@ class _ReadAhead:
     def take(self, n: int) -> bytearray:
         """The next ``n`` buffered bytes (``fill(n)`` succeeded)."""
         out = self.buf[self.start : self.start + n]
+        self.skip(n)
+        return out
+
+    def skip(self, n: int) -> None:
+        """Consume the next ``n`` buffered bytes (``fill(n)`` succeeded); they stay in place until the
+        next :meth:`fill`."""
         self.start += n
         if self.start == self.end:
             self.start = self.end = 0
-        return out
 
 
 def _buffered(dul: Any) -> bool:
@@ -399,11 +404,17 @@ def _read_pdu(self: Any, sock: Any, deadline: float, ahead: _ReadAhead | None = 
         _garbage(self, f"PDU type 0x{pdu_type:02X} of {pdu_length} bytes (limit {limit})")
         return
     if ahead is not None:
-        if ahead.fill(sock, 6 + pdu_length, deadline):
-            buf = ahead.take(6 + pdu_length)
-        else:
+        if not ahead.fill(sock, 6 + pdu_length, deadline):
             self._dn_ahead = None
             buf = None
+        elif pdu_type == 0x04 and (getattr(self, "_dn_store", None) is not None or _pdata_direct(self)):
+            # Read where it lies: every PDV is copied or decoded before the buffer is read into again.
+            start = ahead.start
+            ahead.skip(6 + pdu_length)
+            _receive_pdata(self, memoryview(ahead.buf)[start : start + 6 + pdu_length])
+            return
+        else:
+            buf = ahead.take(6 + pdu_length)
     else:
         buf = bytearray(6 + pdu_length)
         buf[:6] = header
@@ -455,7 +466,7 @@ def _pdata_direct(dul: Any) -> bool:
     return not (handlers(evt.EVT_DATA_RECV) or handlers(evt.EVT_PDU_RECV) or handlers(evt.EVT_FSM_TRANSITION))
 
 
-def _receive_pdata(dul: Any, buf: bytearray) -> None:
+def _receive_pdata(dul: Any, buf: bytearray | memoryview) -> None:
     """DT-2 for the P-DATA-TF ``buf`` (header included): its PDVs to the DIMSE provider."""
     from pynetdicom.pdu_primitives import P_DATA
 
@@ -479,7 +490,7 @@ def _receive_pdata(dul: Any, buf: bytearray) -> None:
     for context_id, data in pdvs:
         control = data[0]
         if store is None and control & 3 == 3 and dimse.message is None and _lean_store_allowed(dul):
-            store = _StoreRequest.decode(data[1:], context_id)
+            store = _StoreRequest.decode(data[1:], context_id, getattr(dul, "_dn_buffer", None))
             if store is not None:
                 dul._dn_store = store
                 continue
@@ -489,10 +500,17 @@ def _receive_pdata(dul: Any, buf: bytearray) -> None:
                 _garbage(dul, "P-DATA-TF with a command fragment inside a C-STORE data set")
                 return
             store.data.write(data[1:])
-            if control & 2:  # the last fragment: queued where pynetdicom's receive_primitive queues it
-                dimse.msg_queue.put((store.primitive._context_id, store.primitive))
-                dul._dn_store = store = None
-                done = True
+            if control & 2:  # the last fragment
+                dul._dn_store = None
+                if not _serve_store(dul, store):
+                    # queued where pynetdicom's receive_primitive queues it, for the association reactor
+                    store.primitive.DataSet = store.to_bytesio()
+                    dimse.msg_queue.put((store.primitive._context_id, store.primitive))
+                    done = True
+                # the buffer serves the association's next request, unless a large data set grew it
+                keep = len(store.data.buf) <= _KEEP_BUFFER_BYTES
+                dul._dn_buffer = store.data if keep else None
+                store = None
             continue
         # pynetdicom's own assembly (anything but a plain C-STORE request), one PDV at a time
         primitive = P_DATA()
@@ -540,19 +558,59 @@ def _command_uid(raw: memoryview) -> Any:
     return UID(value.decode("ascii"), validation_mode=config.IGNORE)
 
 
+#: A data set buffer larger than this is not kept for the association's next request.
+_KEEP_BUFFER_BYTES = 8 << 20
+
+
+class _DataSetBuffer:
+    """The bytes of a data set being received: ``buf[:size]``, in one buffer an association reuses.
+
+    The fragments of a C-STORE data set are copied in once; the handler gets a view of them (no copy). The
+    buffer grows by replacement, never in place, so a view handed out earlier stays valid.
+    """
+
+    __slots__ = ("buf", "size")
+
+    def __init__(self, capacity: int = 1 << 20) -> None:
+        self.buf = bytearray(capacity)
+        self.size = 0
+
+    def write(self, data: memoryview) -> None:
+        end = self.size + len(data)
+        if end > len(self.buf):
+            grown = bytearray(max(end, 2 * len(self.buf)))
+            memoryview(grown)[: self.size] = memoryview(self.buf)[: self.size]
+            self.buf = grown
+        # through a memoryview: a bytearray's own slice assignment copies a non-bytearray source twice
+        memoryview(self.buf)[self.size : end] = data
+        self.size = end
+
+    def view(self) -> memoryview:
+        return memoryview(self.buf)[: self.size]
+
+
 class _StoreRequest:
     """A C-STORE request whose data set is being received (see above)."""
 
     __slots__ = ("data", "primitive")
 
-    def __init__(self, primitive: Any) -> None:
+    def __init__(self, primitive: Any, data: _DataSetBuffer | None = None) -> None:
         self.primitive = primitive
-        self.data = io.BytesIO()
-        primitive.DataSet = self.data
+        if data is None:
+            data = _DataSetBuffer()
+        data.size = 0
+        self.data = data
+
+    def to_bytesio(self) -> io.BytesIO:
+        """The data set as pynetdicom's own assembly leaves it (a copy: the buffer is reused)."""
+        return io.BytesIO(self.data.view())
 
     @classmethod
-    def decode(cls, command: memoryview, context_id: int) -> _StoreRequest | None:
-        """The request for this command set when it is a plain C-STORE-RQ with a data set, else None."""
+    def decode(
+        cls, command: memoryview, context_id: int, data: _DataSetBuffer | None = None
+    ) -> _StoreRequest | None:
+        """The request for this command set when it is a plain C-STORE-RQ with a data set, else None; its data
+        set goes into ``data`` (emptied) when given, else into a new buffer."""
         from pynetdicom.dimse_primitives import C_STORE
 
         values: dict[int, memoryview] = {}
@@ -583,7 +641,119 @@ class _StoreRequest:
         primitive._affected_sop_class_uid = sop_class
         primitive._affected_sop_instance_uid = sop
         primitive._context_id = context_id
-        return cls(primitive)
+        return cls(primitive, data)
+
+
+# -- a C-STORE request: served in the network thread -------------------------------------------------------
+#
+# pynetdicom serves a request in the association's own thread: the DUL thread queues the message and wakes
+# the association reactor, which runs the service class (a response primitive, the EVT_C_STORE event, the
+# handler), queues the response for the DUL thread and wakes it to send. Two thread hand-offs per instance,
+# each a wake-up and a pass of the interpreter lock (with four associations, eight threads passing it
+# around), and the queue, primitive and state-machine steps between them. When the handler bound to
+# EVT_C_STORE offers a ``direct`` form (:class:`dicomnode.ingest.scp.StorageSCP` does) and nothing would
+# observe the difference, the DUL thread that read the last fragment calls it and sends the response itself:
+# what pynetdicom's ``_serve_request``, ``StorageServiceClass.SCP`` and the state machine's DT-1 (Sta6 +
+# Evt9 -> Sta6: send the P-DATA-TF) do, in that order. "Nothing would observe" means: the association is
+# established and has not sent a release, no message is queued for the association reactor before this one,
+# nothing is queued for the DUL (a release or abort requested by another thread goes first, through
+# pynetdicom), the context ID is one of the accepted ones, the SOP class maps to the Storage Service Class
+# (no SOP Class Common Extended Negotiation), the handler is bound without extra arguments, and no handler is
+# bound to the events the steps skipped would report (EVT_DIMSE_RECV/SENT, EVT_PDU_SENT, EVT_DATA_SENT,
+# EVT_FSM_TRANSITION). Anything else takes pynetdicom's path. A response that is not plain (a Dataset with an
+# ErrorComment) is built and sent by pynetdicom's own code, from this thread.
+
+#: Events whose handlers would miss what the direct path skips.
+_DIRECT_STORE_WATCHED = (
+    evt.EVT_DIMSE_RECV,
+    evt.EVT_DIMSE_SENT,
+    evt.EVT_PDU_SENT,
+    evt.EVT_DATA_SENT,
+    evt.EVT_FSM_TRANSITION,
+)
+_PDATA_HEADER = struct.Struct(">BBLLB")
+
+
+def _direct_store_handler(dul: Any, context_id: int, sop_class: str) -> tuple[Any, Any] | None:
+    """``(direct handler, accepted context)`` when this request may be served in the DUL thread, else None."""
+    from pynetdicom import _config
+    from pynetdicom.service_class import StorageServiceClass
+    from pynetdicom.sop_class import uid_to_service_class
+
+    assoc = dul.assoc
+    if not assoc.is_established or assoc._sent_release or not dul.to_provider_queue.empty():
+        return None
+    if not assoc.dimse.msg_queue.empty() or not dul.event_queue.empty():
+        return None
+    bound = assoc.get_handlers(evt.EVT_C_STORE)
+    if not isinstance(bound, tuple) or len(bound) != 2 or bound[1]:
+        return None
+    direct = getattr(bound[0], "direct", None)
+    if direct is None or any(assoc.get_handlers(e) for e in _DIRECT_STORE_WATCHED):
+        return None
+    context = assoc._accepted_cx.get(context_id)
+    if context is None or sop_class in assoc.acceptor.accepted_common_extended:
+        return None
+    storage = _config.UNRESTRICTED_STORAGE_SERVICE or uid_to_service_class(sop_class) is StorageServiceClass
+    if not storage:
+        return None
+    return direct, context
+
+
+def _serve_store(dul: Any, store: _StoreRequest) -> bool:
+    """Serve a complete plain C-STORE request in the DUL thread (see above); False: not served here (the
+    caller queues it for pynetdicom)."""
+    req = store.primitive
+    context_id = int(req._context_id)
+    chosen = _direct_store_handler(dul, context_id, str(req._affected_sop_class_uid))
+    if chosen is None:
+        return False
+    direct, context = chosen
+    assoc = dul.assoc
+    # The network idle timer stands still while the instance is stored: the association reactor, free now,
+    # checks it, and on pynetdicom's path it was busy serving (it checks the timer only between requests).
+    idle = dul._idle_timer
+    idle.restart()
+    idle.stop()
+    try:
+        status = direct(assoc, context, req, store.data.view())
+    except Exception as exc:  # what pynetdicom's attempt() answers for a handler that raises
+        _ASSOC_LOGGER.error("Exception in handler bound to 'evt.EVT_C_STORE'")
+        _ASSOC_LOGGER.exception(exc)
+        status = 0xC211
+    finally:
+        idle.restart()
+    if not assoc.is_established or dul._kill_thread:
+        return True  # aborted or released while storing: pynetdicom sends no response either
+    command = store_response(
+        req.MessageID, req._affected_sop_class_uid, req._affected_sop_instance_uid, status
+    )
+    peer_max = int(getattr(assoc.requestor, "maximum_length", 0) or 0)
+    if command is None or (peer_max and len(command) + 6 > peer_max) or not dul.to_provider_queue.empty():
+        _send_stock_store_response(assoc, context, req, status)
+        return True
+    # pynetdicom's AssociationSocket.send: Evt17 queued if the connection broke
+    dul.socket.send(command_pdu(command, context_id))
+    return True
+
+
+def command_pdu(command: bytes, context_id: int) -> bytes:
+    """A P-DATA-TF with one PDV: the whole command set ``command`` (message control header 0x03)."""
+    return _PDATA_HEADER.pack(0x04, 0, len(command) + 6, len(command) + 2, context_id) + b"\x03" + command
+
+
+def _send_stock_store_response(assoc: Any, context: Any, req: Any, status: Any) -> None:
+    # As StorageServiceClass.SCP does after its handler returns; send_msg queues the P-DATA for this thread.
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.service_class import StorageServiceClass
+
+    rsp = C_STORE()
+    rsp.MessageID = req.MessageID
+    rsp.MessageIDBeingRespondedTo = req.MessageID
+    rsp.AffectedSOPInstanceUID = req.AffectedSOPInstanceUID
+    rsp.AffectedSOPClassUID = req.AffectedSOPClassUID
+    rsp = StorageServiceClass(assoc).validate_status(status, rsp)
+    assoc.dimse.send_msg(rsp, int(context.context_id))
 
 
 # -- the C-STORE response: encoded directly --------------------------------------------------------------
@@ -611,9 +781,24 @@ def store_response_bytes(primitive: Any) -> bytes | None:
     try:
         if primitive.ErrorComment is not None or primitive.OffendingElement is not None:
             return None
-        status, msg_id = primitive.Status, primitive.MessageIDBeingRespondedTo
-        sop_class, sop = primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID
-        if status is None or msg_id is None or not sop_class or not sop:
+        status = primitive.Status
+    except AttributeError:
+        return None
+    return store_response(
+        primitive.MessageIDBeingRespondedTo,
+        primitive.AffectedSOPClassUID,
+        primitive.AffectedSOPInstanceUID,
+        status,
+    )
+
+
+def store_response(msg_id: Any, sop_class: Any, sop: Any, status: Any) -> bytes | None:
+    """The encoded command set of a C-STORE response with only a status (an int in 0..0xFFFF), or None when
+    that is not what ``status`` is (a Dataset, another type) or an identifier is missing."""
+    if not isinstance(status, int) or not 0 <= status <= 0xFFFF:
+        return None
+    try:
+        if msg_id is None or not sop_class or not sop:
             return None
         body = b"".join(
             (

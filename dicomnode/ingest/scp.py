@@ -493,7 +493,7 @@ class StorageSCP:
         _quiet_standard_handlers()
         self.ae = self._build_ae()
         handlers: list[Any] = [
-            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_STORE, _StoreHandler(self.spool)),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
@@ -599,31 +599,6 @@ class StorageSCP:
         self.stop()
 
     # -- handlers (total: never raise) ---------------------------------------------------------------
-    def _on_store(self, event: evt.Event) -> Dataset | int:
-        # A plain status is answered as an int (pynetdicom sets it on the response as it is); a Dataset, whose
-        # construction costs more than the rest of the answer, only to carry an ErrorComment.
-        try:
-            req = cast(C_STORE, event.request)
-            data = req.DataSet.getvalue() if req.DataSet is not None else b""
-            result = self.spool.ingest_dataset(
-                data,
-                str(event.context.transfer_syntax),
-                sop_class_uid=str(req.AffectedSOPClassUID) if req.AffectedSOPClassUID else None,
-                sop_instance_uid=str(req.AffectedSOPInstanceUID) if req.AffectedSOPInstanceUID else None,
-                calling_ae_title=str(event.assoc.requestor.ae_title).strip() or None,
-                source="dimse",
-            )
-            if result.ok or not result.comment:
-                return result.status
-            status = Dataset()
-            status.Status = result.status
-            status.ErrorComment = _lo(result.comment)
-        except Exception as exc:  # belt and braces: Spool never raises, but the event plumbing might
-            LOGGER.error("C-STORE handler failed: %s: %s", type(exc).__name__, exc)
-            status = Dataset()
-            status.Status = PROCESSING_FAILURE
-            status.ErrorComment = _lo(f"processing failure: {type(exc).__name__}")
-        return status
 
     def _on_conn_open(self, event: evt.Event) -> None:
         # pynetdicom exposes the reactor delay only as an attribute of each association's DUL.
@@ -658,6 +633,74 @@ class StorageSCP:
             LOGGER.info("association rejected: calling AE %r from %s", str(rq.ae_title).strip(), rq.address)
         except Exception:  # notification handlers must not raise either
             LOGGER.debug("rejection logging failed", exc_info=True)
+
+
+class _StoreHandler:
+    """The EVT_C_STORE handler: called with pynetdicom's event, or in its ``direct`` form by the network
+    thread that read the request (:func:`dicomnode.ingest.reactors._serve_store`), with the data set's bytes
+    as a view of the buffer they were received into (no copy).
+
+    A plain status is answered as an int (pynetdicom sets it on the response as it is); a Dataset, whose
+    construction costs more than the rest of the answer, only to carry an ErrorComment.
+    """
+
+    __slots__ = ("spool",)
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+
+    def __call__(self, event: evt.Event) -> Dataset | int:
+        try:
+            req = cast(C_STORE, event.request)
+            data = req.DataSet.getvalue() if req.DataSet is not None else b""
+            return self._store(
+                data,
+                str(event.context.transfer_syntax),
+                req.AffectedSOPClassUID,
+                req.AffectedSOPInstanceUID,
+                event.assoc.requestor.ae_title,
+            )
+        except Exception as exc:  # belt and braces: Spool never raises, but the event plumbing might
+            return _failure(exc)
+
+    def direct(self, assoc: Association, context: Any, req: C_STORE, data: memoryview) -> Dataset | int:
+        """The handler without the event: ``context`` is the accepted presentation context."""
+        try:
+            return self._store(
+                data,
+                str(context.transfer_syntax[0]),
+                req.AffectedSOPClassUID,
+                req.AffectedSOPInstanceUID,
+                assoc.requestor.ae_title,
+            )
+        except Exception as exc:
+            return _failure(exc)
+
+    def _store(
+        self, data: bytes | memoryview, ts: str, sop_class: Any, sop: Any, calling_ae: Any
+    ) -> Dataset | int:
+        result = self.spool.ingest_dataset(
+            data,
+            ts,
+            sop_class_uid=str(sop_class) if sop_class else None,
+            sop_instance_uid=str(sop) if sop else None,
+            calling_ae_title=str(calling_ae).strip() or None,
+            source="dimse",
+        )
+        if result.ok or not result.comment:
+            return result.status
+        status = Dataset()
+        status.Status = result.status
+        status.ErrorComment = _lo(result.comment)
+        return status
+
+
+def _failure(exc: Exception) -> Dataset:
+    LOGGER.error("C-STORE handler failed: %s: %s", type(exc).__name__, exc)
+    status = Dataset()
+    status.Status = PROCESSING_FAILURE
+    status.ErrorComment = _lo(f"processing failure: {type(exc).__name__}")
+    return status
 
 
 def _lo(text: str) -> str:

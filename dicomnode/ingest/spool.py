@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import math
 import os
@@ -66,7 +67,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, BinaryIO
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
@@ -76,7 +77,15 @@ from dicomnode.ingest import prometheus as metrics
 from dicomnode.ingest.consistency import INSTANCE_MISMATCH as _CLAIMED_INSTANCE_MISMATCH
 from dicomnode.ingest.consistency import SOP_CLASS_MISMATCH as _CLAIMED_CLASS_MISMATCH
 from dicomnode.ingest.consistency import claim_mismatch
-from dicomnode.ingest.dicomparse import DatasetError, encode_file_meta, get_uid, is_valid_uid, parse_header
+from dicomnode.ingest.dicomparse import (
+    DatasetError,
+    HeaderScan,
+    encode_file_meta,
+    get_uid,
+    is_valid_uid,
+    parse_header,
+    scan_header,
+)
 from dicomnode.ingest.sink import InstanceSink, ReceivedInstance
 from dicomnode.vocab import CT_IMAGE_STORAGE_SOP_CLASSES
 
@@ -166,6 +175,22 @@ def _default_header_fn() -> HeaderFn:
 
 #: Temp file names: ``<pid>-<hex>.part``.
 _TEMP_NAME = re.compile(r"^([0-9]+)-[0-9a-f]+\.part$")
+#: The hex of a temp file name: a random token per process, then a counter (unique without a system call).
+_TEMP_TOKEN = uuid.uuid4().hex[:16]
+_TEMP_COUNTER = itertools.count()
+
+
+def _write_all(fd: int, *parts: bytes | memoryview) -> None:
+    """Write ``parts`` to ``fd`` in order (writev; again from where a short write stopped)."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    writev = getattr(os, "writev", None)
+    while views:
+        n = writev(fd, views) if writev is not None else os.write(fd, views[0])
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
 
 
 def _process_alive(pid: int) -> bool:
@@ -200,30 +225,8 @@ def _sync_data(fd: int) -> None:
     sync(fd)
 
 
-def _raw_text(ds: Dataset, tag: int) -> str | None:
-    """An element's value as text straight from the received bytes (no pydicom value conversion, which
-    costs more than the rest of the header check together); None when absent or empty."""
-    try:
-        elem = ds.get_item(tag)
-    except Exception:  # a malformed element reads as "missing", not a crash
-        return None
-    if elem is None:
-        return None
-    value = elem.value
-    if value is None:
-        return None
-    if isinstance(value, bytes | bytearray):
-        text = bytes(value).decode("ascii", "replace")
-    elif isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        text = "\\".join(str(v) for v in value)
-    else:
-        text = str(value)
-    text = text.strip(" \x00")
-    return text or None
-
-
-def _raw_floats(ds: Dataset, tag: int, n: int) -> tuple[float, ...] | None:
-    text = _raw_text(ds, tag)
+def _raw_floats(header: HeaderScan, tag: int, n: int) -> tuple[float, ...] | None:
+    text = header.text(tag)
     if text is None:
         return None
     try:
@@ -233,8 +236,8 @@ def _raw_floats(ds: Dataset, tag: int, n: int) -> tuple[float, ...] | None:
     return out if len(out) == n and all(math.isfinite(v) for v in out) else None
 
 
-def _raw_int(ds: Dataset, tag: int) -> int | None:
-    text = _raw_text(ds, tag)
+def _raw_int(header: HeaderScan, tag: int) -> int | None:
+    text = header.text(tag)
     if text is None:
         return None
     try:
@@ -243,7 +246,8 @@ def _raw_int(ds: Dataset, tag: int) -> int | None:
         return None
 
 
-#: Tags read from every received header (raw, see _raw_text).
+#: Tags read from every received header, as raw text (no pydicom value conversion: the structure check
+#: collects them on its walk, see dicomparse.scan_header).
 _UID_TAGS = {
     "SOPClassUID": 0x00080016,
     "SOPInstanceUID": 0x00080018,
@@ -251,6 +255,7 @@ _UID_TAGS = {
     "SeriesInstanceUID": 0x0020000E,
 }
 _INSTANCE_NUMBER, _IMAGE_POSITION, _IMAGE_ORIENTATION = 0x00200013, 0x00200032, 0x00200037
+_SCANNED_TAGS = frozenset((*_UID_TAGS.values(), _INSTANCE_NUMBER, _IMAGE_POSITION, _IMAGE_ORIENTATION))
 
 
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
@@ -353,7 +358,7 @@ class Spool:
         The name starts with this process's id, so that a later start can tell a file left by a process
         that died (removed at start-up, :meth:`remove_stale_temp`) from one another live process is writing.
         """
-        return self.temp_dir / f"{os.getpid()}-{uuid.uuid4().hex}.part"
+        return self.temp_dir / f"{os.getpid()}-{_TEMP_TOKEN}{next(_TEMP_COUNTER):x}.part"
 
     def remove_stale_temp(self, *, legacy_age_s: float = 300.0) -> int:
         """Delete temp files whose writing process is gone (a crash, kill -9); return how many.
@@ -389,7 +394,7 @@ class Spool:
     # -- entry points -------------------------------------------------------------------------------
     def ingest_dataset(
         self,
-        dataset_bytes: bytes,
+        dataset_bytes: bytes | memoryview,
         transfer_syntax_uid: str,
         *,
         sop_class_uid: str | None = None,
@@ -402,7 +407,8 @@ class Spool:
         Parameters
         ----------
         dataset_bytes
-            The encoded dataset (``event.request.DataSet.getvalue()``).
+            The encoded dataset (``event.request.DataSet.getvalue()``, or a view of the buffer it was
+            received into: only the header before the pixel data is copied, the rest goes to the file).
         transfer_syntax_uid
             The transfer syntax of the presentation context it arrived on.
         sop_class_uid, sop_instance_uid
@@ -509,7 +515,7 @@ class Spool:
 
     def _ingest_dataset(
         self,
-        data: bytes,
+        data: bytes | memoryview,
         ts: str,
         cmd_class: str | None,
         cmd_instance: str | None,
@@ -519,10 +525,10 @@ class Spool:
         if not self.has_free_space():
             return IngestResult(OUT_OF_RESOURCES, "out of resources: spool free space below floor")
         try:
-            header = parse_header(data, ts)
+            header = scan_header(data, ts, _SCANNED_TAGS)
+            checked = self._check_uids(header, cmd_class, cmd_instance, None)
         except DatasetError as exc:
             return IngestResult(CANNOT_UNDERSTAND, str(exc), sop_instance_uid=cmd_instance)
-        checked = self._check_uids(header, cmd_class, cmd_instance, None)
         if isinstance(checked, IngestResult):
             return checked
         sop_class, sop, study, series = checked
@@ -537,9 +543,9 @@ class Spool:
             ae[:16] if ae else None,
         )
 
-        def write(fp: BinaryIO) -> None:
-            fp.write(meta)
-            fp.write(data)
+        def write(fd: int) -> None:
+            # One system call from the received buffer to the page cache (no copy in between).
+            _write_all(fd, meta, data)
 
         return self._commit(
             header, sop_class, sop, study, series, ts, len(data), calling_ae, source, write=write
@@ -563,10 +569,10 @@ class Spool:
         if ts is None:
             return IngestResult(CANNOT_UNDERSTAND, "file meta has no Transfer Syntax UID")
         try:
-            header = parse_header(data, ts)
+            header = scan_header(data, ts, _SCANNED_TAGS)
+            checked = self._check_uids(header, None, None, expected_study)
         except DatasetError as exc:
             return IngestResult(CANNOT_UNDERSTAND, str(exc))
-        checked = self._check_uids(header, None, None, expected_study)
         if isinstance(checked, IngestResult):
             return checked
         sop_class, sop, study, series = checked
@@ -575,11 +581,13 @@ class Spool:
         )
 
     def _check_uids(
-        self, header: Dataset, cmd_class: str | None, cmd_instance: str | None, expected_study: str | None
+        self, header: HeaderScan, cmd_class: str | None, cmd_instance: str | None, expected_study: str | None
     ) -> tuple[str, str, str, str] | IngestResult:
+        """The four UIDs, checked, or the refusal. Raises DatasetError when the header of the first instance
+        of a series (the one whose summary routing keeps) cannot be parsed."""
         values: dict[str, str] = {}
         for keyword, tag in _UID_TAGS.items():
-            value = _raw_text(header, tag)
+            value = header.text(tag)
             if value is None:
                 return IngestResult(INVALID_UID, f"missing {keyword}", sop_instance_uid=cmd_instance)
             if not is_valid_uid(value):
@@ -595,11 +603,17 @@ class Spool:
             return IngestResult(DATASET_MISMATCH, "instance belongs to another study than the request", **ids)
         if not self.accepts(sop_class):
             return IngestResult(SOP_CLASS_NOT_SUPPORTED, "SOP class not supported", **ids)
+        with self._cache_lock:
+            known = series in self._series_cache
+        if not known:
+            # pydicom reads the header of the first instance of each series (for its summary); any other
+            # instance is routed on what the structure check collected, so its header is parsed no more.
+            header.dataset()
         return sop_class, sop, study, series
 
     def _commit(
         self,
-        header: Dataset,
+        header: HeaderScan,
         sop_class: str,
         sop: str,
         study: str,
@@ -609,7 +623,7 @@ class Spool:
         calling_ae: str | None,
         source: str,
         *,
-        write: Callable[[BinaryIO], None] | None = None,
+        write: Callable[[int], None] | None = None,
         existing: Path | None = None,
     ) -> IngestResult:
         ignored = not self.is_analysed(sop_class)
@@ -642,16 +656,18 @@ class Spool:
                 return self._land_failed(exc, sop, ids)
         return self._group_commit().submit(_Pending(tmp, final, record, ids, sop))
 
-    def _write_temp(self, tmp: Path, write: Callable[[BinaryIO], None] | None) -> None:
-        if write is not None:
-            with open(tmp, "wb") as fp:
-                write(fp)
-                fp.flush()
-                if self.fsync:
-                    _sync_data(fp.fileno())
-        elif self.fsync:
-            with open(tmp, "rb+") as fp:
-                _sync_data(fp.fileno())
+    def _write_temp(self, tmp: Path, write: Callable[[int], None] | None) -> None:
+        if write is None and not self.fsync:
+            return
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0) if write else os.O_RDWR
+        fd = os.open(tmp, flags, 0o644)
+        try:
+            if write is not None:
+                write(fd)
+            if self.fsync:
+                _sync_data(fd)
+        finally:
+            os.close(fd)
 
     def _group_commit(self) -> _GroupCommit:
         with self._cache_lock:
@@ -667,7 +683,7 @@ class Spool:
 
     def _record(
         self,
-        header: Dataset,
+        header: HeaderScan,
         sop_class: str,
         sop: str,
         study: str,
@@ -696,7 +712,7 @@ class Spool:
             image_orientation_patient=_raw_floats(header, _IMAGE_ORIENTATION, 6),  # type: ignore[arg-type]
         )
 
-    def _series_attributes(self, series: str, header: Dataset, sop: str) -> Mapping[str, Any]:
+    def _series_attributes(self, series: str, header: HeaderScan, sop: str) -> Mapping[str, Any]:
         # The summary holds series/study-level attributes, identical for every instance of a series; it is
         # computed for the first instance of a series and reused (the first instance wins, as in
         # imaging.headers.summarize), which keeps a 300-slice series from paying for it 300 times.
@@ -706,10 +722,10 @@ class Spool:
                 self._series_cache.move_to_end(series)
                 return cached
         try:
-            attributes: Mapping[str, Any] = MappingProxyType(dict(self.header_fn(header)))
+            attributes: Mapping[str, Any] = MappingProxyType(dict(self.header_fn(header.dataset())))
         except Exception as exc:  # a summary problem must not lose the instance; routing sees fewer keys
             LOGGER.warning("header summary failed for %s: %s", sop, exc)
-            return MappingProxyType({})
+            attributes = MappingProxyType({})
         with self._cache_lock:
             self._series_cache[series] = attributes
             while len(self._series_cache) > _SERIES_CACHE_SIZE:

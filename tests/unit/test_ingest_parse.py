@@ -33,6 +33,7 @@ from dicomnode.ingest.dicomparse import (
     get_uid,
     is_valid_uid,
     parse_header,
+    scan_header,
 )
 
 
@@ -243,3 +244,50 @@ def test_fast_file_meta_matches_pydicom(version: str | None, ae: str | None) -> 
     out = DicomBytesIO()
     write_file_meta_info(out, ref, enforce_standard=True)
     assert raw[132:] == out.getvalue()
+
+
+@pytest.mark.parametrize(("ts", "implicit", "little"), ENCODINGS)
+def test_the_scan_collects_raw_values_and_stops_at_the_pixel_data(
+    ts: str, implicit: bool, little: bool
+) -> None:
+    # What routing reads of every instance comes from the structure check's own walk: the raw values equal
+    # pydicom's, the header pydicom parses (only when asked) is the bytes before the pixel data, and the
+    # structure check reports where that group begins.
+    ds = _ct()
+    ds.InstanceNumber = "12"
+    ds.ImagePositionPatient = ["-1.5", "2", "3.25"]
+    data = _encode(ds, implicit, little)
+    tags = frozenset({0x00080018, 0x0020000D, 0x00200013, 0x00200032, 0x00280010, 0x00081030})
+    scan = scan_header(data, ts, tags)
+    stock = parse_header(data, ts)
+    for tag in tags - {0x00081030, 0x00280010}:
+        assert scan.values[tag] == stock.get_item(tag).value, hex(tag)
+    assert 0x00081030 not in scan.values, "absent"
+    assert scan.text(0x00200032) == "-1.5\\2\\3.25" and scan.text(0x00200013) == "12"
+    assert scan.text(0x00081030) is None
+    pixels = data.index(b"\xe0\x7f\x10\x00" if little else b"\x7f\xe0\x00\x10")
+    assert check_structure(data, implicit_vr=implicit, little_endian=little) == pixels
+    assert scan.dataset() == stock and scan.dataset() is scan.dataset(), "parsed once"
+    assert "PixelData" not in scan.dataset()
+    no_pixels = _encode(_without_pixels(ds), implicit, little)
+    assert check_structure(no_pixels, implicit_vr=implicit, little_endian=little) == len(no_pixels)
+
+
+def _without_pixels(ds: Dataset) -> Dataset:
+    out = Dataset()
+    out.update({e.tag: e for e in ds if e.tag != 0x7FE00010})
+    return out
+
+
+def test_an_unknown_vr_is_refused_before_the_pixel_data_only() -> None:
+    # pydicom refuses an unknown VR in what it reads (the header): so does the walk, which pydicom no longer
+    # follows on every instance. After the pixel data (never read) only the VR's form is checked, as before.
+    data = _encode(_ct(), False, True)
+    pixels = data.index(b"\xe0\x7f\x10\x00")
+    bad = data.replace(b"\x08\x00\x60\x00CS", b"\x08\x00\x60\x00XX", 1)  # Modality
+    assert bad != data
+    with pytest.raises(DatasetError, match="invalid VR"):
+        scan_header(bad, ExplicitVRLittleEndian)
+    trailer = b"\xfc\xff\xfc\xffXX\x02\x00ab"  # (FFFC,FFFC) after the pixel data
+    scan_header(data + trailer, ExplicitVRLittleEndian)
+    assert check_structure(data + trailer, implicit_vr=False, little_endian=True) == pixels

@@ -94,6 +94,11 @@ PINNED_SOURCES = {
     "dimse.DIMSEServiceProvider.receive_primitive": "533d17b6a815edee0cf264b62db31dd54ce9b3ec4c77c466a418bce0258ab584",  # noqa: E501
     "dimse_messages.DIMSEMessage.decode_msg": "4a6a0156bb315c5cadc7db2b977b77385716c0e9d281d6a10ab4d0418897a8b6",  # noqa: E501
     "dimse_messages.DIMSEMessage.message_to_primitive": "95c5a14dc7d2b04b2d3848e76745f1a27821f5905ee8e797a5935231df4d557d",  # noqa: E501
+    # What serving a plain C-STORE in the network thread does in their place (_serve_store).
+    "association.Association._serve_request": "b2b830a81a99d40aa450fb580e1b69c3b7d7111c603502f2c215561564bdd6ab",  # noqa: E501
+    "service_class.StorageServiceClass.SCP": "726a71d3d6ae3e672bde2c9671d6579347f80f47255a6c58e72c6908dc3b0761",  # noqa: E501
+    "fsm.DT_1": "ed12799eee42eb246b842f6c6cf7901bc596855afb0654597206ad4384ce6404",
+    "transport.AssociationSocket.send": "30954262b82648fb3991f9ed998dd7b2fa2cb1a744ad5cbf6c81a16b9da420ae",
 }
 
 
@@ -362,7 +367,11 @@ def test_a_plain_c_store_command_is_read_as_pynetdicom_reads_it() -> None:
         assert getattr(lean, key) == getattr(stock, key), key
     assert type(lean.AffectedSOPClassUID) is type(stock.AffectedSOPClassUID)
     assert lean.MoveOriginatorApplicationEntityTitle is None and lean.MoveOriginatorMessageID is None
+    # the data set is attached once received (a request queued for pynetdicom gets it as a BytesIO)
+    store.data.write(memoryview(b"\x00" * 8))
+    lean.DataSet = store.to_bytesio()
     assert lean._context_id == 5 and lean.is_valid_request
+    assert lean.DataSet.getvalue() == b"\x00" * 8
 
 
 def test_other_command_sets_are_left_to_pynetdicom() -> None:
@@ -436,3 +445,149 @@ def test_a_dul_built_before_the_patch_can_still_be_killed(node: tuple[StorageSCP
     dul._kill_thread = False
     dul.kill_dul()
     assert dul._kill_thread
+
+
+def _serving_threads(scp: StorageSCP) -> list[str]:
+    """The kind of thread each instance is stored in: 'dul' (the network thread) or 'association'."""
+    from pynetdicom.dul import DULServiceProvider
+
+    kinds: list[str] = []
+
+    def note(result: object) -> None:
+        thread = threading.current_thread()
+        kinds.append("dul" if isinstance(thread, DULServiceProvider) else "association")
+
+    scp.spool.on_result = note
+    return kinds
+
+
+def test_a_plain_c_store_is_served_in_the_network_thread(node: tuple[StorageSCP, MemorySink]) -> None:
+    # No hand-off to the association's thread and back: the DUL thread that read the data set stores it and
+    # sends the response; the SCU sees the same statuses as on pynetdicom's path, the refusal's comment too.
+    scp, sink = node
+    kinds = _serving_threads(scp)
+    assoc = scu().associate("127.0.0.1", scp.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    study, series = generate_uid(), generate_uid()
+    datasets = [ct(study, series, k) for k in range(5)]
+    uidless = ct(study, series, 9)
+    del uidless.SeriesInstanceUID
+    try:
+        statuses = [assoc.send_c_store(ds) for ds in datasets]
+        refused = assoc.send_c_store(uidless)
+        echo = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    assert [int(s.Status) for s in statuses] == [0] * 5
+    assert int(refused.Status) == 0xC211 and refused.ErrorComment == "missing SeriesInstanceUID"
+    assert int(echo.Status) == 0
+    assert kinds == ["dul"] * 6
+    assert {str(ds.SOPInstanceUID) for ds in datasets} == set(sink.instances)
+
+
+@pytest.mark.parametrize("event_name", ["EVT_DIMSE_SENT", "EVT_PDU_SENT", "EVT_DATA_SENT"])
+def test_a_handler_on_sent_events_keeps_the_association_thread(
+    node: tuple[StorageSCP, MemorySink], event_name: str
+) -> None:
+    from pynetdicom import evt
+
+    scp, sink = node
+    server = scp._server
+    assert server is not None
+    seen: list[object] = []
+    server.bind(getattr(evt, event_name), lambda event: seen.append(event))
+    kinds = _serving_threads(scp)
+    assoc = scu().associate("127.0.0.1", scp.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    ds = ct(generate_uid(), generate_uid(), 0)
+    try:
+        assert int(assoc.send_c_store(ds).Status) == 0
+    finally:
+        assoc.release()
+    assert kinds == ["association"], "pynetdicom's path, so the bound handler sees the response"
+    assert seen and str(ds.SOPInstanceUID) in sink.instances
+
+
+def test_the_direct_response_pdu_is_what_pynetdicom_would_send() -> None:
+    from pynetdicom.pdu import P_DATA_TF
+    from pynetdicom.pdu_primitives import P_DATA
+
+    command = reactors.store_response(9, CTImageStorage, "1.2.3.4.5", 0)
+    assert command is not None
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [[7, b"\x03" + command]]
+    stock = P_DATA_TF()
+    stock.from_primitive(primitive)
+    assert reactors.command_pdu(command, 7) == stock.encode()
+    assert reactors.store_response(9, CTImageStorage, "1.2.3.4.5", Dataset()) is None, "not a plain status"
+    assert reactors.store_response(9, CTImageStorage, "1.2.3.4.5", 0x10000) is None
+
+
+def test_the_data_set_buffer_is_copied_once_and_views_stay_valid() -> None:
+    buffer = reactors._DataSetBuffer(capacity=16)
+    buffer.write(memoryview(b"0123456789"))
+    first = buffer.view()
+    buffer.write(memoryview(b"abcdefghij"))  # grows: a new buffer, the old view still reads its bytes
+    assert bytes(first) == b"0123456789"
+    assert bytes(buffer.view()) == b"0123456789abcdefghij" and len(buffer.buf) == 32
+    request = reactors._StoreRequest.decode(memoryview(_store_command()[0]), 1, buffer)
+    assert request is not None and request.data is buffer and buffer.size == 0, "reused, emptied"
+    buffer.write(memoryview(b"xyz"))
+    queued = request.to_bytesio()
+    buffer.write(memoryview(b"!"))
+    assert queued.getvalue() == b"xyz", "a request queued for pynetdicom keeps its own copy"
+
+
+def test_an_association_reuses_its_buffer_but_not_a_large_one(node: tuple[StorageSCP, MemorySink]) -> None:
+    from pynetdicom.dul import DULServiceProvider
+
+    scp, sink = node
+    kept: list[object] = []  # the buffer the association held when each instance arrived
+
+    def note(result: object) -> None:
+        thread = threading.current_thread()
+        assert isinstance(thread, DULServiceProvider)
+        kept.append(thread.__dict__.get("_dn_buffer"))
+
+    scp.spool.on_result = note
+    assoc = scu().associate("127.0.0.1", scp.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    study, series = generate_uid(), generate_uid()
+    big = ct(study, series, 2)
+    big.Rows = big.Columns = 2100  # 8.8 MB: more than an association keeps for its next request
+    big.PixelData = np.zeros(2100 * 2100, dtype=np.int16).tobytes()
+    datasets = [ct(study, series, 0), ct(study, series, 1), big, ct(study, series, 3)]
+    try:
+        statuses = [assoc.send_c_store(ds) for ds in datasets]
+    finally:
+        assoc.release()
+    assert [int(s.Status) for s in statuses] == [0] * 4
+    assert kept[0] is None and kept[1] is not None and kept[2] is kept[1], "the first buffer, reused"
+    assert kept[3] is None, "the buffer the large data set grew was let go"
+    assert {str(ds.SOPInstanceUID) for ds in datasets} == set(sink.instances)
+    stored = sink.instances[str(big.SOPInstanceUID)].path
+    assert stored is not None and stored.stat().st_size > 2100 * 2100 * 2
+
+
+def test_a_slow_store_outlasting_the_network_timeout_is_still_answered(tmp_path: Path) -> None:
+    # Served in the network thread, the association reactor is free to look at the idle timer meanwhile: it
+    # must not take a slow commit (a database busy for longer than the network timeout) for an idle peer.
+    class SlowSink(MemorySink):
+        def record_instance(self, instance: object) -> bool:
+            time.sleep(1.6)
+            return super().record_instance(instance)  # type: ignore[arg-type]
+
+    sink = SlowSink()
+    scp = StorageSCP(Spool(tmp_path / "spool", sink, fsync=False), port=0, network_timeout=1.0)
+    scp.start()
+    try:
+        assoc = scu().associate("127.0.0.1", scp.port, ae_title="DICOMNODE")
+        assert assoc.is_established
+        ds = ct(generate_uid(), generate_uid(), 0)
+        status = assoc.send_c_store(ds)
+        assert status is not None and int(status.Status) == 0
+        assert assoc.is_established, "not aborted for a network timeout while storing"
+        assoc.release()
+    finally:
+        scp.stop()
+    assert str(ds.SOPInstanceUID) in sink.instances

@@ -485,3 +485,73 @@ def test_file_that_fails_to_land_is_refused_and_never_recorded(
     again = spool.ingest_dataset(encode(ds), ExplicitVRLittleEndian)
     assert again.ok and again.path is not None and again.path.is_file()
     assert sink.instances[ds.SOPInstanceUID].path == again.path
+
+
+def test_pydicom_parses_the_header_of_the_first_instance_of_a_series_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The others are checked and recorded from what the structure check collects (UIDs, instance number,
+    # position, orientation: the same values), and a first instance pydicom cannot read is still refused.
+    from dicomnode.ingest import dicomparse
+
+    parsed: list[str] = []
+    real = dicomparse.HeaderScan.dataset
+
+    def dataset(self: dicomparse.HeaderScan) -> Dataset:
+        parsed.append(str(self.text(0x00080018)))
+        return real(self)
+
+    monkeypatch.setattr(dicomparse.HeaderScan, "dataset", dataset)
+    sink = MemorySink()
+    spool = Spool(tmp_path / "s", sink)
+    first = make_ds()
+    rest = [make_ds(study=first.StudyInstanceUID, series=first.SeriesInstanceUID) for _ in range(3)]
+    rest[1].InstanceNumber = "8"
+    rest[1].ImagePositionPatient = ["-100", "-120", "36.75"]
+    data = [memoryview(encode(ds)) for ds in (first, *rest)]
+    assert all(spool.ingest_dataset(d, ExplicitVRLittleEndian).ok for d in data)
+    assert set(parsed) == {first.SOPInstanceUID}
+    second = sink.instances[rest[1].SOPInstanceUID]
+    assert second.instance_number == 8 and second.image_position_patient == (-100.0, -120.0, 36.75)
+    assert second.image_orientation_patient == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    assert second.series_instance_uid == first.SeriesInstanceUID
+    assert second.attributes == sink.instances[first.SOPInstanceUID].attributes
+    assert second.attributes["StudyDescription"] == "CT ABDOMEN"
+    assert second.path is not None and second.path.read_bytes().endswith(bytes(data[2]))
+
+    def unreadable(self: dicomparse.HeaderScan) -> Dataset:
+        raise dicomparse.DatasetError("dataset cannot be parsed: a test")
+
+    monkeypatch.setattr(dicomparse.HeaderScan, "dataset", unreadable)
+    new_series = make_ds()
+    res = spool.ingest_dataset(encode(new_series), ExplicitVRLittleEndian)
+    assert res.status == 0xC210 and new_series.SOPInstanceUID not in sink.instances
+
+
+def test_a_short_write_is_written_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicomnode.ingest import spool as spool_module
+
+    real = os.writev
+    calls: list[int] = []
+
+    def writev(fd: int, buffers: list[Any]) -> int:
+        calls.append(len(buffers))
+        return real(fd, [memoryview(buffers[0])[:1000]])  # at most 1000 bytes of the first buffer
+
+    monkeypatch.setattr(os, "writev", writev)
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        spool_module._write_all(fd, b"m" * 1500, memoryview(b"d" * 2500), b"")
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"m" * 1500 + b"d" * 2500
+    assert calls == [2, 2, 1, 1, 1], "both parts, then the rest of the second"
+
+
+def test_temp_names_are_unique_and_known_as_this_process(spool: Spool) -> None:
+    from dicomnode.ingest.spool import _TEMP_NAME
+
+    names = [spool.new_temp_path().name for _ in range(1000)]
+    assert len(set(names)) == 1000
+    assert all((m := _TEMP_NAME.match(n)) and int(m.group(1)) == os.getpid() for n in names)
