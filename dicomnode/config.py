@@ -158,7 +158,8 @@ class DicomSettings(_Section):
     #: Refuse C-STORE (out of resources) when free space in data_dir drops below this.
     free_space_floor_mb: int = Field(1024, ge=0)
     #: Processes receiving C-STORE on the DICOM port(s), each with its own spool writer and group commit, so
-    #: parallel associations are not serialised on one Python interpreter lock; ``auto`` = min(4, CPUs).
+    #: parallel associations are not serialised on one Python interpreter lock; ``auto`` = min(4, CPUs), but 1
+    #: on a machine of 2 CPUs or fewer (one process was as fast as two or faster there in 7 of 8 benchmarks).
     #: 1 = receive inside the node's own process (no child processes). Several processes accept on the same
     #: listening socket(s) (plain and TLS), balanced by their number of open connections; association limits
     #: and metrics are shared (``docs/conformance.md``, "Several receiving processes").
@@ -175,9 +176,15 @@ class DicomSettings(_Section):
 
     @property
     def receive_process_count(self) -> int:
-        """``receive_processes`` resolved: ``auto`` = min(4, CPUs of this machine)."""
+        """``receive_processes`` resolved: ``auto`` = min(4, CPUs of this machine), 1 with 2 CPUs or fewer.
+
+        On 2 cores the receiving processes compete with the node's analysis and with each other, and each of
+        two commits about one instance at a time, paying its own directory flush and database commit: one
+        process was as fast as two or faster in 7 of 8 runs of ``benchmarks/ingest.py`` (README).
+        """
         if self.receive_processes == "auto":
-            return max(1, min(4, os.cpu_count() or 1))
+            cpus = os.cpu_count() or 1
+            return 1 if cpus <= 2 else min(4, cpus)
         return int(self.receive_processes)
 
     @model_validator(mode="after")

@@ -161,7 +161,7 @@ def config_summary(settings: Settings, rules: RuleSet, path: Path | None) -> str
         f"calling AEs: {allowed or 'any'}; "
         f"other storage classes: {d.accept_other_storage_classes}; max associations {d.max_associations}",
         f"  receiving     {d.receive_process_count} process(es)"
-        + (" (auto: min(4, CPUs))" if d.receive_processes == "auto" else "")
+        + (" (auto: min(4, CPUs), 1 with 2 CPUs or fewer)" if d.receive_processes == "auto" else "")
         + ("" if d.receive_process_count > 1 else ", inside the node's process"),
         f"  http          {settings.http.host}:{settings.http.port}",
         *_tls_lines(settings),

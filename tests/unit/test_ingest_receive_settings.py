@@ -13,10 +13,19 @@ from dicomnode.errors import ConfigError
 from dicomnode.ingest.processes import SharedReceivers
 
 
+@pytest.mark.parametrize(("cpus", "expected"), [(1, 1), (2, 1), (3, 3), (4, 4), (16, 4)])
+def test_auto_is_one_process_on_two_cpus_or_fewer(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, expected: int
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    assert DicomSettings().receive_process_count == expected
+
+
 def test_receive_processes_default_is_auto_min_4_cpus() -> None:
     d = DicomSettings()
     assert d.receive_processes == "auto"
-    assert d.receive_process_count == max(1, min(4, os.cpu_count() or 1))
+    cpus = os.cpu_count() or 1
+    assert d.receive_process_count == (1 if cpus <= 2 else min(4, cpus))
     assert DicomSettings(receive_processes=1).receive_process_count == 1
     assert DicomSettings(receive_processes=3).receive_process_count == 3
 
