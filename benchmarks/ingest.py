@@ -8,13 +8,13 @@ PACS or a router does). The receivers:
 
 * dcmtk ``storescp --fork`` (one process per association; writes each file, no fsync): the reference;
 * Orthanc (the PACS the node sits beside; its default SQLite index and file storage);
-* dicomnode's receiver as ``serve``/``receive`` builds it from the default settings (only the data folder and
-  the port set): ``dicom.receive_processes`` ("auto" = min(4, CPUs), 1 with 2 CPUs or fewer) receiving processes,
-  each running the ``StorageSCP``: structure check, header parse, the file written to the spool, the record in
-  the embedded SQLite store (WAL, ``synchronous=FULL``), the success status only once both are durable (the
-  group commit: one flush of the files and one database transaction for all instances waiting at that
-  moment, across the associations of that process). ``--only node1`` adds the node with one receiving
-  process (inside the benchmark's process), for comparison.
+* dicomnode's receiver as ``serve``/``receive`` builds it from the default settings (only the data folder
+  and the port set): ``dicom.receive_processes`` ("auto" = min(4, CPUs), 1 with 2 CPUs or fewer) receiving
+  processes, each running the ``StorageSCP``: structure check, header parse, the file written to the spool,
+  the record in the embedded SQLite store (WAL, ``synchronous=FULL``), the success status only once both are
+  durable (the group commit: one flush of the files and one database transaction for all instances waiting
+  at that moment, across the associations of that process). ``--only node1`` adds the node with one
+  receiving process (inside the benchmark's process), for comparison.
 
 The node's receiving processes are started (and the listening socket bound) before the clock starts, as
 Orthanc and storescp are; what is timed is the transfer, from the first storescu start to the last end.
