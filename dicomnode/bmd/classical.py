@@ -1018,9 +1018,9 @@ def _count_from_top(
         longer = left if len(left) > len(right) else right
         lone_side = "left" if longer is left else "right"
         lone_item, rest = longer[0], longer[1:]
-        pl_ = np.array([_xyz(h) for _, h in rest[:3]]) * g
+        above = np.array([_xyz(h) for _, h in rest[:3]]) * g  # its side's three heads above it
         first_gap = float(np.linalg.norm((_xyz(lone_item[1]) - _xyz(rest[0][1])) * g))
-        ref_gap = float(np.median(np.linalg.norm(np.diff(pl_, axis=0), axis=1)))
+        ref_gap = float(np.median(np.linalg.norm(np.diff(above, axis=0), axis=1)))
         if 1.0 / TOP_GAP_RATIO <= first_gap / max(ref_gap, 1e-6) <= TOP_GAP_RATIO:
             lone = lone_item[1]
             if longer is left:
@@ -1052,14 +1052,15 @@ def _count_from_top(
     for i in range(n):
         near_sp = sp[max(0, i - 1) : i + 1]
         worst_off = max(worst_off, float(off[i]) / max(float(np.mean(near_sp)), 1e-6))
-    level = float(np.median([a - b for (a, _), (b, _) in zip(left, right, strict=True)]))
-    if lone is not None and abs(level) > TOP_PAIR_RATIO * float(np.median(sp)):
-        # the pairs sit a rib apart along the column: the shorter side lacks its first rib, not its lowest
-        return TopCount(
-            None,
-            f"counted from the top, {n + 1} {lone_side} and {n} on the other side, paired one rib apart: no "
-            "count from the top",
-        )
+    if lone is not None:
+        level = float(np.median([a - b for (a, _), (b, _) in zip(left, right, strict=True)]))
+        if abs(level) > TOP_PAIR_RATIO * float(np.median(sp)):
+            # the pairs sit a rib apart along the column: the shorter side lacks its first rib, not its lowest
+            return TopCount(
+                None,
+                f"counted from the top, {n + 1} {lone_side} and {n} on the other side, paired one rib apart: "
+                "no count from the top",
+            )
     if not 1.0 / TOP_GAP_RATIO <= worst_gap <= TOP_GAP_RATIO or worst_off > TOP_PAIR_RATIO:
         return TopCount(
             None,

@@ -63,7 +63,7 @@ def depth_from_skin(body: B, g: float, max_mm: float = 30.0, hull: B | None = No
     cross[0] = ndi.generate_binary_structure(2, 1)
     square = np.ones((1, 3, 3), dtype=bool)
     depth = np.zeros(body.shape, dtype=np.float32)
-    cur = outline_hull(body) if hull is None else hull.copy()
+    cur = outline_hull(body) if hull is None else hull  # never changed in place: each erosion is new
     n = int(np.ceil(max_mm / g))
     for it in range(n):
         depth[cur] += np.float32(g)

@@ -407,7 +407,7 @@ def _read_pdu(self: Any, sock: Any, deadline: float, ahead: _ReadAhead | None = 
         if not ahead.fill(sock, 6 + pdu_length, deadline):
             self._dn_ahead = None
             buf = None
-        elif pdu_type == 0x04 and (getattr(self, "_dn_store", None) is not None or _pdata_direct(self)):
+        elif _pdata_here(self, pdu_type):
             # Read where it lies: every PDV is copied or decoded before the buffer is read into again.
             start = ahead.start
             ahead.skip(6 + pdu_length)
@@ -420,11 +420,11 @@ def _read_pdu(self: Any, sock: Any, deadline: float, ahead: _ReadAhead | None = 
         buf[:6] = header
         if not _recv_into(sock, memoryview(buf)[6:], deadline):
             buf = None
+        elif _pdata_here(self, pdu_type):
+            _receive_pdata(self, buf)
+            return
     if buf is None:
         _garbage(self, f"PDU type 0x{pdu_type:02X} cut short or too slow ({pdu_length} bytes)", "Evt17")
-        return
-    if pdu_type == 0x04 and (getattr(self, "_dn_store", None) is not None or _pdata_direct(self)):
-        _receive_pdata(self, buf)
         return
     if pdu_type == 0x01 and pdu_length >= 36:
         _nul_padding_to_spaces(buf)
@@ -454,6 +454,12 @@ def _read_pdu(self: Any, sock: Any, deadline: float, ahead: _ReadAhead | None = 
 # pynetdicom's path.
 
 _PDV_LENGTH = struct.Struct(">L")
+
+
+def _pdata_here(dul: Any, pdu_type: int) -> bool:
+    """Whether the PDU just read is a P-DATA-TF for :func:`_receive_pdata`: the rest of a C-STORE data set
+    begun there, or one that may skip the state machine (:func:`_pdata_direct`)."""
+    return pdu_type == 0x04 and (getattr(dul, "_dn_store", None) is not None or _pdata_direct(dul))
 
 
 def _pdata_direct(dul: Any) -> bool:
