@@ -17,6 +17,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,6 +77,20 @@ def tls_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
+def refusal_lines(caplog: pytest.LogCaptureFixture, timeout_s: float = 10.0) -> list[str]:
+    """The node's TLS warnings once the refusal has been logged.
+
+    The client can exit before the node's handshake gives up: under TLS 1.3 the client's side of the handshake
+    completes first, and the node's refusal (and its log line) follows in the listener's thread. Wait for it,
+    then a moment more so that a second line would be seen too.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not tls_warnings(caplog) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    return tls_warnings(caplog)
+
+
 def assert_no_traceback(caplog: pytest.LogCaptureFixture) -> None:
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
     assert "Traceback" not in caplog.text
@@ -127,7 +142,7 @@ def test_mutual_tls_refuses_clients_without_a_valid_certificate(
             caplog.clear()
             r = storescu(scp.tls_port, pki, cert, files[0])
             assert r.returncode != 0, label
-            lines = tls_warnings(caplog)
+            lines = refusal_lines(caplog)
             assert len(lines) == 1, (label, lines)
             assert "refused" in lines[0] and reason in lines[0] and "127.0.0.1:" in lines[0], (
                 label,
@@ -137,7 +152,7 @@ def test_mutual_tls_refuses_clients_without_a_valid_certificate(
         caplog.clear()
         plain = storescu(scp.tls_port, pki, None, files[0], tls=False)
         assert plain.returncode != 0
-        (line,) = tls_warnings(caplog)
+        (line,) = refusal_lines(caplog)
         assert "does not speak TLS" in line
         assert sink.instances == {}  # no association got as far as a C-STORE
         ok = storescu(scp.tls_port, pki, pki.client, files[0])
