@@ -290,6 +290,11 @@ def _analyze(volume: Volume, opts: BmdOptions) -> BmdOutput:
     reported = tuple(r for r in rows if r.level in REPORTED_LEVELS)
     if not any(r.level.startswith("L") for r in reported):
         seen = ", ".join(seg.levels) or "none"
+        if seg.level_uncertain:
+            # the names are a guess: a lumbar vertebra in view may carry a thoracic name
+            raise NotQualifyingError(
+                f"no vertebra named lumbar, and the naming is uncertain (vertebrae found: {seen})"
+            )
         raise NotQualifyingError(f"lumbar spine not in view (vertebrae found: {seen})")
     if all(r.excluded for r in reported):
         reasons = "; ".join(f"{r.level}: {r.exclusion_reason}" for r in reported)

@@ -64,6 +64,11 @@ MASK_REGULAR_RATIO = 0.95
 #: T9 to L1; Palm et al., Sci Rep 2025, spine-anatomy.md 1.1), three such steps is not anatomy. A wedge
 #: fracture keeps its posterior height (its tallest) near its neighbours', a crush fracture is shorter.
 TALLER_THAN_NEIGHBOURS = 1.2
+#: A body taller than this multiple of the body below it is two bodies in one segment: a disc between them
+#: was missed (a thin disc between faint end plates, blurred by thick slices). Vertebral bodies grow taller
+#: from the thorax down to L3-L4, by at most ~6.5 % a step (``TALLER_THAN_NEIGHBOURS``); a body with a piece
+#: of the next one on top reads 1.3-2 times the one below, and its ROI takes in the end plates between them.
+TWO_BODIES = 1.3
 #: Height ratios below this are taken as a failed outline, not a fracture (Genant grade 3 starts at 0.6).
 IMPLAUSIBLE_RATIO = 0.25
 #: SD of one height's slice quantisation, in slice thicknesses: each of its two end-plate edges lies anywhere
@@ -242,6 +247,29 @@ def build_vertebrae(
             reasons[lv].append(
                 f"suspected compression fracture (height {max(h):.1f} mm < 80% of neighbours' "
                 f"{np.mean(nb):.1f} mm)"
+            )
+
+    # two bodies in one segment: the top body measured (none whole above it), taller than the body below it
+    # by any height estimate (a merged body's end-plate profiles and outline both run past the missed disc).
+    # Only at the top: a disc missed between two bodies inside the column leaves a gap in the chain of discs
+    # that is filled (``classical._fill_gaps``), but above the top disc the column's extent is not known, and
+    # a body below that is a fragment (a false disc split it) would make any body above it look tall.
+    def _tallest(lv: str) -> float | None:
+        st = stats[lv]
+        hs = [max(h) for h in (st.heights_mm, st.mask_heights_mm) if h is not None and max(h) > 0]
+        return max(hs) if hs and lv not in seg.truncated and not st.near_edge else None
+
+    by_order = sorted(levels, key=lambda v: order.get(v, 99))  # cranial first
+    tallest = [_tallest(lv) for lv in by_order]
+    top = next((i for i, h in enumerate(tallest) if h is not None), None)
+    if top is not None and top + 1 < len(by_order):
+        h_top, h_below = tallest[top], tallest[top + 1]
+        below = by_order[top + 1]
+        fractured = any("fracture" in r for r in reasons[below])  # short because it is crushed
+        if h_top is not None and h_below is not None and h_top > TWO_BODIES * h_below and not fractured:
+            reasons[by_order[top]].append(
+                f"vertebral body {h_top:.0f} mm tall, more than {TWO_BODIES:g} times the body below it "
+                f"({h_below:.0f} mm): two bodies in one segment (a disc missed), not measured"
             )
     # outliers against both neighbours (calibrated HU), among otherwise valid levels
     cal_hu = {lv: fit.apply(stats[lv].mean) for lv in levels if np.isfinite(stats[lv].mean)}

@@ -131,3 +131,32 @@ def test_metal_and_outlier_levels_are_excluded_with_reasons() -> None:
     assert l3 is not None and l3.excluded and "metal" in (l3.exclusion_reason or "")
     assert l1v is not None and l1v.excluded and "outlier" in (l1v.exclusion_reason or "")
     assert res.summary is not None and res.summary.levels_used != ("L1", "L2")
+
+
+def test_thoracic_names_given_with_doubt_are_not_called_a_spine_without_lumbar_vertebrae(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A chest CT whose names are a guess (the rib count disagreed, one rib seen on one side only) may call
+    # its L1 "T12": "lumbar spine not in view" would then be a false statement. The refusal says the naming
+    # is uncertain instead; with confident thoracic names it still says the lumbar spine is not in view.
+    from dicomnode.bmd import analysis
+
+    original = analysis.ClassicalBackend.segment
+    thoracic = tuple(f"T{k}" for k in range(1, 13))
+
+    def shifted(uncertain: bool):  # type: ignore[no-untyped-def]
+        def segment(self, canonical, context=None):  # type: ignore[no-untyped-def]
+            seg = original(self, canonical, context=context)
+            names = thoracic[len(thoracic) - len(seg.levels) :]
+            return replace(seg, levels=names, level_uncertain=uncertain)
+
+        return segment
+
+    vol = _phantom(SPEC).volume
+    monkeypatch.setattr(analysis.ClassicalBackend, "segment", shifted(True))
+    with pytest.raises(NotQualifyingError, match="naming is uncertain") as doubt:
+        analyze_volume(vol)
+    assert "lumbar spine not in view" not in str(doubt.value)
+    monkeypatch.setattr(analysis.ClassicalBackend, "segment", shifted(False))
+    with pytest.raises(NotQualifyingError, match="lumbar spine not in view"):
+        analyze_volume(vol)

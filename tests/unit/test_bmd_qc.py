@@ -163,3 +163,28 @@ def test_profiles_that_read_a_body_much_taller_than_its_neighbours_are_no_fractu
     l1 = rows["L1"]
     assert not l1.excluded and l1.vbmd_mg_cm3 is not None
     assert any("height ratio unclear" in q and "exceeds the neighbours'" in q for q in l1.qc), l1.qc
+
+
+def test_a_body_much_taller_than_the_one_below_is_two_bodies_in_one() -> None:
+    # Basel re-encoded with 3.75 mm slabs and noise: the thin T12/L1 disc was missed, L1 took in the lower
+    # part of T12 (outline 34/38/48 mm over a 33 mm L2) and its ROI the end plates between them (L1 +19 HU)
+    rows = _rows_for({"L1": (34.0, 38.1, 47.5), "L2": (33.0, 29.2, 29.5), "L3": (31.1, 28.0, 27.0)})
+    l1 = rows["L1"]
+    assert l1.excluded and "two bodies in one segment" in (l1.exclusion_reason or ""), l1.exclusion_reason
+    assert l1.vbmd_mg_cm3 is None
+    assert not rows["L2"].excluded and not rows["L3"].excluded
+
+
+def test_only_the_top_body_can_be_two_bodies() -> None:
+    # a false disc cut L1 into a 12 mm fragment: T12 over it reads 2.3 times taller, but T12 has a body
+    # above it; discs missed inside the column are found by the gaps they leave in the chain of discs
+    rows = _rows_for({"T11": (27.7, 30.6, 31.9), "T12": (23.2, 25.7, 28.2), "L1": (12.2, 11.9, 11.0)})
+    assert "two bodies" not in (rows["T12"].exclusion_reason or "")
+    assert "two bodies" not in (rows["T11"].exclusion_reason or "")
+
+
+def test_a_body_over_a_compression_fracture_is_not_two_bodies() -> None:
+    # the top body in view over a crushed one (55 % of its height): the fracture explains the difference
+    rows = _rows_for({"T12": (27.0, 27.5, 28.0), "L1": (15.0, 15.2, 15.4), "L2": (28.0, 28.5, 29.0)})
+    assert "fracture" in (rows["L1"].exclusion_reason or ""), rows["L1"].exclusion_reason
+    assert "two bodies" not in (rows["T12"].exclusion_reason or "")
