@@ -222,6 +222,9 @@ class Node:
             self.server.should_exit = True
             if self.server_thread is not None:
                 self.server_thread.join(timeout=10)
+        spool = getattr(self.scp, "spool", None)  # receiving in this process: its temp files made ahead
+        if spool is not None:
+            spool.close()
         self.store.close()
 
 

@@ -149,7 +149,10 @@ class Senders:
                 if self.stop.is_set():
                     break
                 ds = ct(self.study, series, i)
-                status = assoc.send_c_store(ds)
+                try:
+                    status = assoc.send_c_store(ds)
+                except RuntimeError:  # the kill aborted the association between two requests
+                    return
                 if status is None or "Status" not in status or status.Status != 0x0000:
                     return
                 with self.lock:

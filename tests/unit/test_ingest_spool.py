@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from pydicom.uid import (
 )
 
 from dicomnode.ingest import MemorySink, OtherClassPolicy, ReceivedInstance, Spool, reindex_spool
+from dicomnode.ingest import spool as spool_module
+from dicomnode.ingest.spool import IngestResult
 
 # Some tests build deliberately invalid UIDs; pydicom warns when they are assigned.
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
@@ -96,8 +99,16 @@ def sink() -> MemorySink:
 
 
 @pytest.fixture
-def spool(tmp_path: Path, sink: MemorySink) -> Spool:
-    return Spool(tmp_path / "spool", sink)
+def spool(tmp_path: Path, sink: MemorySink) -> Iterator[Spool]:
+    spool = Spool(tmp_path / "spool", sink)
+    yield spool
+    spool.close()
+
+
+def leftover_temp(spool: Spool) -> list[Path]:
+    """Temp files left once the spool is closed (closing removes the empty ones it created ahead)."""
+    spool.close()
+    return list(spool.temp_dir.iterdir())
 
 
 def test_stored_bytes_are_exactly_what_was_received(spool: Spool, sink: MemorySink) -> None:
@@ -125,7 +136,7 @@ def test_stored_bytes_are_exactly_what_was_received(spool: Spool, sink: MemorySi
     assert rec.instance_number == 7
     assert rec.image_position_patient == (-100.0, -120.0, 35.5)
     assert rec.image_orientation_patient == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-    assert not list((spool.root / ".tmp").iterdir()), "no temp file left behind"
+    assert not leftover_temp(spool), "no temp file left behind"
 
 
 def test_duplicate_is_overwritten_and_reported(spool: Spool, sink: MemorySink) -> None:
@@ -285,7 +296,7 @@ def test_write_error_is_a_failure_not_an_exception(spool: Spool, monkeypatch: py
     monkeypatch.setattr(os, "replace", broken_replace)
     res = spool.ingest_dataset(encode(make_ds()), ExplicitVRLittleEndian)
     assert res.status == 0xA701 and "Permission denied" in (res.comment or "")
-    assert not list(spool.temp_dir.iterdir()), "the temp file is cleaned up"
+    assert not leftover_temp(spool), "the temp file is cleaned up"
 
 
 def test_unexpected_errors_never_escape(tmp_path: Path) -> None:
@@ -361,7 +372,7 @@ def test_ingest_file_outside_the_temp_area_is_copied_not_taken(
     junk.write_bytes(b"junk")
     assert spool.ingest_file(junk).status == 0xC210
     assert junk.is_file(), "a refused file outside the spool is left alone"
-    assert not list(spool.temp_dir.iterdir())
+    assert not leftover_temp(spool)
 
 
 def test_durability_order_data_sync_then_rename_then_directory_sync(
@@ -478,7 +489,7 @@ def test_file_that_fails_to_land_is_refused_and_never_recorded(
     ds = make_ds()
     res = spool.ingest_dataset(encode(ds), ExplicitVRLittleEndian)
     assert res.status == status and not res.ok, "the sender must keep its copy and resend"
-    assert not list(spool.temp_dir.iterdir())
+    assert not leftover_temp(spool)
     assert ds.SOPInstanceUID not in sink.instances, "a refused instance leaves no record"
     monkeypatch.undo()
     # The resend lands the file and records it.
@@ -529,8 +540,6 @@ def test_pydicom_parses_the_header_of_the_first_instance_of_a_series_only(
 
 
 def test_a_short_write_is_written_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dicomnode.ingest import spool as spool_module
-
     real = os.writev
     calls: list[int] = []
 
@@ -555,3 +564,55 @@ def test_temp_names_are_unique_and_known_as_this_process(spool: Spool) -> None:
     names = [spool.new_temp_path().name for _ in range(1000)]
     assert len(set(names)) == 1000
     assert all((m := _TEMP_NAME.match(n)) and int(m.group(1)) == os.getpid() for n in names)
+
+
+def _stored(spool: Spool) -> IngestResult:
+    ds = make_ds()
+    res = spool.ingest_dataset(
+        encode(ds), ExplicitVRLittleEndian, sop_class_uid=CTImageStorage, sop_instance_uid=ds.SOPInstanceUID
+    )
+    assert res.status == 0x0000 and res.path is not None
+    return res
+
+
+def test_temp_files_are_created_ahead_used_and_removed_at_close(spool: Spool) -> None:
+    _stored(spool)  # the first C-STORE starts the thread that creates them
+    deadline = time.monotonic() + 10
+    while len(list(spool.temp_dir.iterdir())) < spool_module.TEMP_FILES_AHEAD and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ahead = list(spool.temp_dir.iterdir())
+    assert len(ahead) == spool_module.TEMP_FILES_AHEAD
+    assert all(p.stat().st_size == 0 and p.name.startswith(f"{os.getpid()}-") for p in ahead)
+    inodes = {p.stat().st_ino for p in ahead}
+    res = _stored(spool)
+    assert res.path is not None and res.path.stat().st_ino in inodes, "written into a file created ahead"
+    assert not leftover_temp(spool), "closing removes the files not used"
+    _stored(spool)  # a C-STORE after close() starts again
+    assert not leftover_temp(spool)
+
+
+def test_temp_files_created_ahead_too_long_ago_are_not_used(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spool_module, "TEMP_AHEAD_MAX_AGE_S", -1.0)
+    _stored(spool)
+    time.sleep(0.2)
+    for _ in range(3):
+        _stored(spool)
+    assert not leftover_temp(spool)
+
+
+def test_temp_files_named_by_an_earlier_process_with_this_id_are_removed(
+    tmp_path: Path, sink: MemorySink
+) -> None:
+    # A container's node has the same process id at every start: its files from before are not "alive".
+    root = tmp_path / "spool"
+    (root / ".tmp").mkdir(parents=True)
+    earlier = root / ".tmp" / f"{os.getpid()}-{'f' * 16}1.part"
+    earlier.write_bytes(b"")
+    spool = Spool(root, sink)
+    assert not earlier.exists()
+    mine = spool.new_temp_path()
+    mine.write_bytes(b"being written")
+    Spool(root, sink)  # another spool of this process keeps this process's files
+    assert mine.exists()
