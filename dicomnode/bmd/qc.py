@@ -249,24 +249,35 @@ def build_vertebrae(
                 f"{np.mean(nb):.1f} mm)"
             )
 
-    # two bodies in one segment: the top body measured (none whole above it), taller than the body below it
-    # by any height estimate (a merged body's end-plate profiles and outline both run past the missed disc).
-    # Only at the top: a disc missed between two bodies inside the column leaves a gap in the chain of discs
-    # that is filled (``classical._fill_gaps``), but above the top disc the column's extent is not known, and
-    # a body below that is a fragment (a false disc split it) would make any body above it look tall.
+    # two bodies in one segment: the top body of the column in view (nothing whole above it: every vertebra
+    # above it, reported or not, is cut by the scan's edge), taller than the body below it by any height
+    # estimate (a merged body's end-plate profiles and outline both run past the missed disc). Only there: a
+    # disc missed between two bodies inside the column leaves a gap in the chain of discs that is filled
+    # (``classical._fill_gaps``), but above the top disc the column's extent is not known; and a body below
+    # that is a fragment (a false disc split it) would make any body above it look tall.
     def _tallest(lv: str) -> float | None:
         st = stats[lv]
         hs = [max(h) for h in (st.heights_mm, st.mask_heights_mm) if h is not None and max(h) > 0]
         return max(hs) if hs and lv not in seg.truncated and not st.near_edge else None
 
+    def _cut(lv: str) -> bool:
+        return lv in seg.truncated or (lv in stats and stats[lv].near_edge)
+
     by_order = sorted(levels, key=lambda v: order.get(v, 99))  # cranial first
     tallest = [_tallest(lv) for lv in by_order]
     top = next((i for i, h in enumerate(tallest) if h is not None), None)
-    if top is not None and top + 1 < len(by_order):
+    if top is not None and top + 1 < len(by_order) and by_order[top] in seg.levels:
+        above = seg.levels[: seg.levels.index(by_order[top])]
         h_top, h_below = tallest[top], tallest[top + 1]
         below = by_order[top + 1]
         fractured = any("fracture" in r for r in reasons[below])  # short because it is crushed
-        if h_top is not None and h_below is not None and h_top > TWO_BODIES * h_below and not fractured:
+        if (
+            all(_cut(lv) for lv in above)
+            and h_top is not None
+            and h_below is not None
+            and h_top > TWO_BODIES * h_below
+            and not fractured
+        ):
             reasons[by_order[top]].append(
                 f"vertebral body {h_top:.0f} mm tall, more than {TWO_BODIES:g} times the body below it "
                 f"({h_below:.0f} mm): two bodies in one segment (a disc missed), not measured"

@@ -125,15 +125,18 @@ def test_neighbour_reference_height_comes_from_end_plate_profiles_only() -> None
     assert reference_height(_stats(None, None), truncated=False) is None
 
 
-def _rows_for(heights: dict[str, tuple[float, float, float]]) -> dict[str, VertebraResult]:
-    """``build_vertebrae`` on three levels whose ROIs are alike but for their end-plate profile heights."""
+def _rows_for(
+    heights: dict[str, tuple[float, float, float]], above: tuple[str, ...] = ()
+) -> dict[str, VertebraResult]:
+    """``build_vertebrae`` on three levels whose ROIs are alike but for their end-plate profile heights;
+    ``above``: whole vertebrae named above them but not measured."""
     from dicomnode.bmd import calibration as cal
     from dicomnode.bmd.segmentation import SpineSegmentation
     from dicomnode.imaging.volume import Volume
 
     vol = Volume(np.zeros((4, 4, 4), dtype=np.float32), np.eye(4))
     levels = tuple(heights)
-    seg = SpineSegmentation(levels, np.zeros((4, 4, 4), dtype=np.uint8), level_uncertain=False)
+    seg = SpineSegmentation(above + levels, np.zeros((4, 4, 4), dtype=np.uint8), level_uncertain=False)
     stats = {lv: _stats(h, (0.5, 0.5, 0.5)) for lv, h in heights.items()}
     fit = cal.TissueFit(1.0, 0.0, {}, (), ())
     rows = qc.build_vertebrae(
@@ -180,6 +183,13 @@ def test_only_the_top_body_can_be_two_bodies() -> None:
     # above it; discs missed inside the column are found by the gaps they leave in the chain of discs
     rows = _rows_for({"T11": (27.7, 30.6, 31.9), "T12": (23.2, 25.7, 28.2), "L1": (12.2, 11.9, 11.0)})
     assert "two bodies" not in (rows["T12"].exclusion_reason or "")
+    assert "two bodies" not in (rows["T11"].exclusion_reason or "")
+    # the top body reported is not the top of the column when whole vertebrae lie above it (a chest CT:
+    # T10 and up are named but not reported); LIDC at 5 mm, tilted, read T11 31 mm over a 23 mm fragment
+    rows = _rows_for(
+        {"T11": (28.0, 30.0, 31.0), "T12": (20.0, 22.0, 23.0), "L1": (26.0, 27.0, 28.0)},
+        above=("T9", "T10"),
+    )
     assert "two bodies" not in (rows["T11"].exclusion_reason or "")
 
 
