@@ -263,22 +263,20 @@ def build_vertebrae(
     def _cut(lv: str) -> bool:
         return lv in seg.truncated or (lv in stats and stats[lv].near_edge)
 
-    by_order = sorted(levels, key=lambda v: order.get(v, 99))  # cranial first
-    tallest = [_tallest(lv) for lv in by_order]
+    tallest = [_tallest(lv) for lv in levels]  # ``levels`` runs cranial to caudal, as ``seg.levels``
     top = next((i for i, h in enumerate(tallest) if h is not None), None)
-    if top is not None and top + 1 < len(by_order) and by_order[top] in seg.levels:
-        above = seg.levels[: seg.levels.index(by_order[top])]
+    if top is not None and top + 1 < len(levels):
         h_top, h_below = tallest[top], tallest[top + 1]
-        below = by_order[top + 1]
-        fractured = any("fracture" in r for r in reasons[below])  # short because it is crushed
+        above = seg.levels[: seg.levels.index(levels[top])]
+        fractured = any("fracture" in r for r in reasons[levels[top + 1]])  # short because it is crushed
         if (
-            all(_cut(lv) for lv in above)
-            and h_top is not None
+            h_top is not None
             and h_below is not None
             and h_top > TWO_BODIES * h_below
             and not fractured
+            and all(_cut(lv) for lv in above)
         ):
-            reasons[by_order[top]].append(
+            reasons[levels[top]].append(
                 f"vertebral body {h_top:.0f} mm tall, more than {TWO_BODIES:g} times the body below it "
                 f"({h_below:.0f} mm): two bodies in one segment (a disc missed), not measured"
             )
