@@ -7,9 +7,11 @@ second CA that nobody trusts. RSA keys: dcmtk's default BCP 195 profile negotiat
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,3 +115,24 @@ def need(path: str, what: str) -> str:
             pytest.fail(msg + " -- required under CI")
         pytest.skip(msg)
     return path
+
+
+def tls_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The node's TLS log lines at WARNING or above (``dicomnode.tls``)."""
+    return [
+        r.getMessage() for r in caplog.records if r.name == "dicomnode.tls" and r.levelno >= logging.WARNING
+    ]
+
+
+def refusal_lines(caplog: pytest.LogCaptureFixture, timeout_s: float = 10.0) -> list[str]:
+    """The node's TLS warnings once the refusal has been logged.
+
+    The client can exit before the node's handshake gives up: under TLS 1.3 the client's side of the handshake
+    completes first, and the node's refusal (and its log line) follows in the listener's thread. Wait for it,
+    then a moment more so that a second line would be seen too.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not tls_warnings(caplog) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    return tls_warnings(caplog)

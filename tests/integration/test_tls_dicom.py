@@ -17,7 +17,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pydicom
 import pytest
 import yaml
 from dicom_testing import make_instances, sop_of
-from tls_testing import Cert, Pki, make_pki, need
+from tls_testing import Cert, Pki, make_pki, need, refusal_lines, tls_warnings
 
 from dicomnode.delivery import DimsePeer, deliver, echo
 from dicomnode.domain import DeliveryOutcome
@@ -69,26 +68,6 @@ def storescu(
     return dcmtk(
         STORESCU, *opts, "-aet", "STORESCU", "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, files)
     )
-
-
-def tls_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
-        r.getMessage() for r in caplog.records if r.name == "dicomnode.tls" and r.levelno >= logging.WARNING
-    ]
-
-
-def refusal_lines(caplog: pytest.LogCaptureFixture, timeout_s: float = 10.0) -> list[str]:
-    """The node's TLS warnings once the refusal has been logged.
-
-    The client can exit before the node's handshake gives up: under TLS 1.3 the client's side of the handshake
-    completes first, and the node's refusal (and its log line) follows in the listener's thread. Wait for it,
-    then a moment more so that a second line would be seen too.
-    """
-    deadline = time.monotonic() + timeout_s
-    while not tls_warnings(caplog) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.2)
-    return tls_warnings(caplog)
 
 
 def assert_no_traceback(caplog: pytest.LogCaptureFixture) -> None:

@@ -9,7 +9,6 @@ TLS listener (``UseDicomTls`` on the modality), where the node requires and veri
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 import requests
 from dicom_testing import make_instances, running_orthanc, sop_of
 from pydicom.uid import generate_uid
-from tls_testing import Pki, make_pki, need
+from tls_testing import Pki, make_pki, need, refusal_lines
 
 from dicomnode.delivery import DimsePeer, RetryPolicy, deliver, deliver_with_retry, echo
 from dicomnode.domain import DeliveryOutcome
@@ -143,12 +142,7 @@ def test_orthanc_pushes_to_the_node_over_tls(
         assert requests.put(f"{base}/modalities/plain", json=modality, timeout=5).ok
         assert not requests.post(f"{base}/modalities/plain/echo", json={}, timeout=30).ok
         # The node's acceptor thread logs the refused handshake; Orthanc may report its failed echo first.
-        end = time.monotonic() + 10
-        while True:
-            lines = [r.getMessage() for r in caplog.records if r.name == "dicomnode.tls"]
-            if lines or time.monotonic() > end:
-                break
-            time.sleep(0.05)
+        lines = refusal_lines(caplog)
         assert len(lines) == 1 and "does not speak TLS" in lines[0], lines
     for f in files:
         rec = sink.instances[sop_of(f)]
