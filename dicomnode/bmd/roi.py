@@ -165,7 +165,9 @@ def trabecular_roi(
       measurements (Pickhardt; Comp2Comp uses 65 % x 50 % diameters); it keeps pedicle roots and the
       posterior wall out even when the body mask is generous;
     * basivertebral vein: the posterior third of the body in its central half width goes, and so does
-      the vein's channel towards the centre (central 24 % of the width behind 40 % of the depth).
+      the vein's channel towards the centre (central 24 % of the width behind 40 % of the depth);
+    * end-plate guard: what lies on the rise towards an end plate goes (``_endplate_guard``), for the slabs
+      placed from a mask whose ends run a few mm into a disc.
     """
     sx, sy, sz = canon.spacing
     data = canon.data[box]
@@ -227,6 +229,8 @@ def trabecular_roi(
         )
         basi |= (jgrid > y_ant + 0.4 * depth) & (np.abs(igrid - x_mid) < 0.12 * width)
         roi &= ell & ~basi
+        guard = _endplate_guard(data, body & (dist > erosion_mm) & ell & ~basi, roi, weight, a, (sx, sy, sz))
+        roi &= ~guard
     voxel = sx * sy * sz
     metal = float(np.count_nonzero(data[body] > METAL_HU)) * voxel
     roi, n_out = exclude_outliers(data, roi)
@@ -279,6 +283,65 @@ def trabecular_roi(
 OUTLIER_ROBUST_SD = 3.0
 #: The robust SD is not taken below this (HU): a very smooth ROI must not lose its normal noise tails.
 OUTLIER_MIN_SD = 15.0
+
+
+#: A layer of the ROI's footprint (across the body, one slice thick along its axis) whose median lies this
+#: far (HU) above the ROI's median, beyond its own sampling error, is the rise towards an end plate
+#: (``_endplate_guard``).
+ENDPLATE_GUARD_RISE_HU = 20.0
+#: Fewest footprint voxels for a layer's median to count.
+ENDPLATE_GUARD_MIN_VOXELS = 10
+
+
+def _endplate_guard(
+    data: npt.NDArray[Any],
+    foot: B,
+    roi: B,
+    weight: npt.NDArray[np.float64],
+    a: npt.NDArray[np.float64],
+    spacing: tuple[float, float, float],
+) -> B:
+    """The ROI voxels that lie on the rise towards an end plate: in or beyond the first layer, walking from
+    the ROI's centre along the body axis ``a`` either way, whose median over the ROI's footprint (``foot``:
+    the body's eroded elliptic core at every height) stands ``ENDPLATE_GUARD_RISE_HU`` above the ROI's own
+    median, plus twice the layer median's standard error (1.253 robust SD / sqrt(n)).
+
+    The mid-vertebral slab keeps a quarter of the body height from each end plate when the end plates are
+    found; where they are not (thick slices that fill a thin disc between two end-plate peaks), the slab
+    comes from the mask, whose ends may lie a few mm off, and on slices 3-4 mm thick one layer holds both
+    marrow and the denser bone under the end plate. The layers' medians show where the marrow ends on any
+    grid: trabecular bone is densest next to the end plates, and a layer one slice thick averages over some
+    hundred voxels. Layers are one voxel's extent along the axis (at least 1 mm) thick."""
+    out = np.zeros(roi.shape, dtype=bool)
+    sx, sy, sz = spacing
+    rk, rj, ri = np.nonzero(roi)
+    w = weight[rk, rj, ri]
+    if rk.size < ENDPLATE_GUARD_MIN_VOXELS or float(w.sum()) <= 0.0:
+        return out
+    ax = (float(a[0]) * sx, float(a[1]) * sy, float(a[2]) * sz)
+    hr = ri * ax[0] + rj * ax[1] + rk * ax[2]
+    h0 = float(np.sum(w * hr) / w.sum())
+    rvals = data[rk, rj, ri].astype(np.float64)
+    marrow = _weighted_median(rvals, w)
+    rsd = max(OUTLIER_MIN_SD, 1.4826 * float(np.median(np.abs(rvals - np.median(rvals)))))
+    bw = max(1.0, abs(ax[0]) + abs(ax[1]) + abs(ax[2]))
+    fk, fj, fi = np.nonzero(foot)
+    vals = data[fk, fj, fi]
+    b = np.floor((fi * ax[0] + fj * ax[1] + fk * ax[2] - h0) / bw + 0.5).astype(np.int64)
+    if b.size == 0:
+        return out
+    for step in (1, -1):
+        last = int(b.max()) if step > 0 else int(b.min())
+        for n in range(0, last + step, step):
+            layer = vals[b == n]
+            if layer.size < ENDPLATE_GUARD_MIN_VOXELS:
+                continue
+            se = 1.253 * rsd / float(np.sqrt(layer.size))
+            if float(np.median(layer)) >= marrow + ENDPLATE_GUARD_RISE_HU + 2.0 * se:
+                beyond = (hr - (h0 + (n - 0.5 * step) * bw)) * step >= 0.0
+                out[rk[beyond], rj[beyond], ri[beyond]] = True
+                break
+    return out
 
 
 def _weighted_median(vals: npt.NDArray[np.float64], w: npt.NDArray[np.float64]) -> float:

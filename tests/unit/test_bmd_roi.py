@@ -6,7 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dicomnode.bmd.roi import body_heights, mask_height_fit, outline_on_slice, slab_weight, trabecular_roi
+from dicomnode.bmd.roi import (
+    ENDPLATE_GUARD_RISE_HU,
+    _endplate_guard,
+    body_heights,
+    mask_height_fit,
+    outline_on_slice,
+    slab_weight,
+    trabecular_roi,
+)
 from dicomnode.imaging.volume import Volume
 
 
@@ -166,3 +174,59 @@ def test_mask_height_fit_follows_a_body_tilted_against_the_axis() -> None:
     depth = fit.depth_mm[1] - fit.depth_mm[0]
     assert fit.mid_line_mm[1] == pytest.approx(depth * np.tan(np.radians(20.0)), rel=0.1)
     assert fit.heights_mm[1] == pytest.approx(26.0, abs=1.5)
+
+
+def _rising_column(slice_mm: float, noise_hu: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+    """A 40 mm column of an elliptic footprint on a 0.7 mm in-plane grid, slab-averaged from 0.5 mm to
+    ``slice_mm`` slices: marrow 100 HU up to z = 24 mm, then rising linearly by 20 HU per mm (the denser bone
+    under an end plate), with Gaussian noise. Returns the data, the footprint mask and the slice thickness."""
+    sx = 0.7
+    fine = 0.5
+    n = round(slice_mm / fine)
+    nz = (80 // n) * n
+    z = np.arange(nz) * fine
+    profile = 100.0 + 20.0 * np.clip(z - 24.0, 0.0, None)
+    ny = nx = int(30 / sx)
+    j, i = np.meshgrid(np.arange(ny) * sx, np.arange(nx) * sx, indexing="ij")
+    ell = ((i - 15) / 12) ** 2 + ((j - 15) / 9) ** 2 <= 1.0
+    thick = profile.reshape(-1, n).mean(axis=1)
+    data = np.broadcast_to(thick[:, None, None], (thick.size, ny, nx)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    data = data + rng.normal(0.0, noise_hu, data.shape).astype(np.float32)
+    foot = np.broadcast_to(ell[None], data.shape).copy()
+    return data, foot, slice_mm
+
+
+@pytest.mark.parametrize("slice_mm", [1.0, 2.5, 3.0, 4.0])
+def test_endplate_guard_cuts_the_roi_where_the_bone_under_the_end_plate_rises(slice_mm: float) -> None:
+    """A slab placed 8 mm too high (its mask reached into the disc) ends on the rise under the end plate:
+    the guard drops what lies on the rise and keeps the marrow below it, on thin and thick slices."""
+    data, foot, sz = _rising_column(slice_mm, noise_hu=30.0)
+    zc = (np.arange(data.shape[0]) + 0.5) * sz  # slice centres (mm)
+    roi = foot & ((zc >= 12.0) & (zc <= 30.0))[:, None, None]
+    weight = roi.astype(np.float64)
+    drop = _endplate_guard(data, foot, roi, weight, np.array([0.0, 0.0, 1.0]), (0.7, 0.7, sz))
+    kept = roi & ~drop
+    # every layer kept lies below where its mean exceeds the marrow by the rise threshold plus a slice
+    z_kept = zc[np.nonzero(kept.any(axis=(1, 2)))[0]]
+    assert z_kept.max() <= 24.0 + ENDPLATE_GUARD_RISE_HU / 20.0 + sz
+    # the marrow below the rise is kept
+    assert kept[(zc + 0.5 * sz <= 24.0)[:, None, None] & roi].all()
+    assert float(data[kept].mean()) < 100.0 + 10.0
+
+
+@pytest.mark.parametrize("slice_mm", [0.625, 3.0, 5.0])
+def test_endplate_guard_keeps_uniform_noisy_marrow(slice_mm: float) -> None:
+    """Marrow without a rise (the slab well inside the body) loses nothing to noise, even in thin layers."""
+    data, foot, sz = _rising_column(slice_mm, noise_hu=60.0, seed=3)
+    zc = (np.arange(data.shape[0]) + 0.5) * sz
+    roi = foot & ((zc >= 5.0) & (zc <= 20.0))[:, None, None]
+    drop = _endplate_guard(
+        data,
+        foot & (zc <= 22.0)[:, None, None],
+        roi,
+        roi.astype(np.float64),
+        np.array([0.0, 0.0, 1.0]),
+        (0.7, 0.7, sz),
+    )
+    assert not drop.any()
