@@ -131,6 +131,27 @@ def reference_height(st: RoiStats, truncated: bool) -> float | None:
     return max(st.heights_mm)
 
 
+def _outliers(hu: dict[str, float]) -> list[tuple[str, float]]:
+    """The levels whose trabecular HU lies far from the other levels' median (more than ``OUTLIER_MIN_HU``
+    and ``OUTLIER_FRACTION`` of that median), with their difference: the most deviant first, each set aside
+    before the next is judged, while at least three levels are left to judge against.
+
+    Measured against the median of all the others rather than the mean of the two next to it, one wrong level
+    (a ROI on a body the segmentation cut obliquely, 195 HU beside 80-110) is not the reason its right
+    neighbour is excluded, and a level at either end of the measured range is judged too."""
+    left = dict(hu)
+    out: list[tuple[str, float]] = []
+    while len(left) >= 3:
+        dev = {lv: v - float(np.median([o for k, o in left.items() if k != lv])) for lv, v in left.items()}
+        lv = max(dev, key=lambda k: abs(dev[k]))
+        ref = left[lv] - dev[lv]
+        if not (abs(dev[lv]) > OUTLIER_MIN_HU and abs(dev[lv]) > OUTLIER_FRACTION * abs(ref)):
+            break
+        out.append((lv, dev[lv]))
+        del left[lv]
+    return out
+
+
 def build_vertebrae(
     *,
     volume: Volume,
@@ -280,16 +301,12 @@ def build_vertebrae(
                 f"vertebral body {h_top:.0f} mm tall, more than {TWO_BODIES:g} times the body below it "
                 f"({h_below:.0f} mm): two bodies in one segment (a disc missed), not measured"
             )
-    # outliers against both neighbours (calibrated HU), among otherwise valid levels
+    # outliers against the other levels (calibrated HU), among otherwise valid levels
     cal_hu = {lv: fit.apply(stats[lv].mean) for lv in levels if np.isfinite(stats[lv].mean)}
     valid = [lv for lv in levels if not reasons[lv] and lv in cal_hu]
-    for i, lv in enumerate(valid):
-        if 0 < i < len(valid) - 1:
-            nb_mean = 0.5 * (cal_hu[valid[i - 1]] + cal_hu[valid[i + 1]])
-            d = cal_hu[lv] - nb_mean
-            if abs(d) > OUTLIER_MIN_HU and abs(d) > OUTLIER_FRACTION * abs(nb_mean):
-                qcs[lv].append(f"trabecular HU {d:+.0f} HU from its neighbours' mean")
-                reasons[lv].append("outlier against neighbours (lesion, sclerosis or mislabelled structure?)")
+    for lv, d in _outliers({lv: cal_hu[lv] for lv in valid}):
+        qcs[lv].append(f"trabecular HU {d:+.0f} HU from the other measured levels' median")
+        reasons[lv].append("outlier against neighbours (lesion, sclerosis or mislabelled structure?)")
     out: list[VertebraResult] = []
     for lv in sorted(levels, key=lambda v: order.get(v, 99)):
         st = stats[lv]

@@ -198,3 +198,21 @@ def test_a_body_over_a_compression_fracture_is_not_two_bodies() -> None:
     rows = _rows_for({"T12": (27.0, 27.5, 28.0), "L1": (15.0, 15.2, 15.4), "L2": (28.0, 28.5, 29.0)})
     assert "fracture" in (rows["L1"].exclusion_reason or ""), rows["L1"].exclusion_reason
     assert "two bodies" not in (rows["T12"].exclusion_reason or "")
+
+
+def test_outliers_are_judged_against_the_median_of_the_other_levels() -> None:
+    from dicomnode.bmd.qc import _outliers
+
+    # a wrong ROI at the end of the range (a body cut obliquely): it goes, its right neighbour stays
+    assert [lv for lv, _ in _outliers({"T11": 109.0, "T12": 104.0, "L1": 80.0, "L2": 195.0})] == ["L2"]
+    # a sclerotic level in the middle
+    out = _outliers({"L1": 95.0, "L2": 240.0, "L3": 100.0, "L4": 105.0})
+    assert [lv for lv, _ in out] == ["L2"] and out[0][1] == pytest.approx(140.0)
+    # two wrong levels, the worse first
+    assert [lv for lv, _ in _outliers({"L1": 90.0, "L2": 300.0, "L3": 95.0, "L4": 200.0, "L5": 100.0})] == [
+        "L2",
+        "L4",
+    ]
+    # the ordinary spread between levels is no outlier; two levels are not judged
+    assert _outliers({"T12": 110.0, "L1": 96.0, "L2": 111.0, "L3": 104.0, "L4": 107.0, "L5": 111.0}) == []
+    assert _outliers({"L1": 80.0, "L2": 200.0}) == []
