@@ -13,8 +13,14 @@ PACS or a router does). The receivers:
   processes, each running the ``StorageSCP``: structure check, header parse, the file written to the spool,
   the record in the embedded SQLite store (WAL, ``synchronous=FULL``), the success status only once both are
   durable (the group commit: one flush of the files and one database transaction for all instances waiting
-  at that moment, across the associations of that process). ``--only node1`` adds the node with one
-  receiving process (inside the benchmark's process), for comparison.
+  at that moment, across the associations of that process). This is ``dicom.durability: power``, the
+  default: a success survives a power loss;
+* ``node-process``: the same with ``dicom.durability: process``: the same write, rename, commit and answer,
+  in the same order, without any flush (the recording connection on SQLite ``synchronous=NORMAL``): a success
+  survives a crash of the node's process, not a power loss.
+
+``--only`` also takes ``node1`` (``power``, one receiving process inside the benchmark's process) and
+``node-process2`` (``process``, two receiving processes), for comparison.
 
 The node's receiving processes are started (and the listening socket bound) before the clock starts, as
 Orthanc and storescp are; what is timed is the transfer, from the first storescu start to the last end.
@@ -35,6 +41,8 @@ creates its temp files ahead in a thread of their own, storescp in its forked ch
 Usage::
 
     .venv/bin/python benchmarks/ingest.py [--images 336] [--size 512] [--runs 5] [--only node,orthanc,...]
+
+``--only`` names: storescp, orthanc, node, node-process (the default set), node1, node-process2.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -56,21 +65,27 @@ import requests
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from dicomnode.cli.node import receiver_spool
+from dicomnode.cli.node import build_spool, receiver_spool
 from dicomnode.config import Settings
-from dicomnode.ingest import Spool
 from dicomnode.ingest.processes import ReceiverPool
 from dicomnode.ingest.scp import StorageSCP
 from dicomnode.netutil import free_port, wait_port
-from dicomnode.pipeline.sink import StoreSink
 from dicomnode.store import Store, make_engine, upgrade
 
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 ORTHANC = "/usr/sbin/Orthanc"
-RECEIVERS = ("storescp", "orthanc", "node")
-#: Also accepted by ``--only``: the node with one receiving process (inside the benchmark's process).
-EXTRA_RECEIVERS = ("node1",)
+RECEIVERS = ("storescp", "orthanc", "node", "node-process")
+#: Also accepted by ``--only``: the node with one receiving process (inside the benchmark's process), and the
+#: node with ``dicom.durability: process`` and two receiving processes.
+EXTRA_RECEIVERS = ("node1", "node-process2")
+#: The node's variants: receiver name -> (``dicom.receive_processes``, ``dicom.durability``).
+NODES: dict[str, tuple[int | str, str]] = {
+    "node": ("auto", "power"),
+    "node-process": ("auto", "process"),
+    "node1": (1, "power"),
+    "node-process2": (2, "process"),
+}
 ASSOCIATIONS = (1, 4)
 
 
@@ -238,22 +253,21 @@ def _cpu_seconds(pids: list[int]) -> float:
 NODE_CPU: dict[tuple[str, int], list[float]] = {}
 
 
-def run_node(folder: Path, senders: list[Path], n: int, processes: int | str = "auto") -> float:
-    """The node's receiver as ``dicomnode serve``/``receive`` builds it from the settings (defaults but the
-    folder and the port): ``dicom.receive_processes`` receiving processes on one port, or the SCP inside this
-    process when that is 1."""
+def run_node(folder: Path, senders: list[Path], n: int, name: str = "node") -> float:
+    """The node's receiver ``name`` (:data:`NODES`) as ``dicomnode serve``/``receive`` builds it from the
+    settings (defaults but the folder, the port, ``dicom.receive_processes`` and ``dicom.durability``):
+    that many receiving processes on one port, or the SCP inside this process when that is 1."""
     folder.mkdir(parents=True)
-    settings = Settings(data_dir=folder, dicom={"port": free_port(), "receive_processes": processes})
+    processes, durability = NODES[name]
+    settings = Settings(
+        data_dir=folder,
+        dicom={"port": free_port(), "receive_processes": processes, "durability": durability},
+    )
     engine = make_engine(settings.database_url_resolved())
     upgrade(engine)
     store = Store(engine)
     count = settings.dicom.receive_process_count
-    spool = Spool(
-        settings.spool_dir,
-        StoreSink(store),
-        free_space_floor_mb=settings.dicom.free_space_floor_mb,
-        other_classes=settings.dicom.accept_other_storage_classes,
-    )
+    spool, close_spool = build_spool(settings, engine)  # the node's own spool (STOW-RS when count > 1)
     scp: StorageSCP | ReceiverPool = (
         ReceiverPool(settings, receiver_spool, count)
         if count > 1
@@ -266,27 +280,38 @@ def run_node(folder: Path, senders: list[Path], n: int, processes: int | str = "
         cpu0 = _cpu_seconds(pids)
         elapsed = send(scp.port, settings.dicom.ae_title, senders)
         cpu = _cpu_seconds(pids) - cpu0
-        NODE_CPU.setdefault(("node" if count > 1 else "node1", len(senders)), []).append(cpu)
+        NODE_CPU.setdefault(
+            (f"{name} ({count} process{'es' if count > 1 else ''})", len(senders)), []
+        ).append(cpu)
         got = store.ingest_totals()[0]
     finally:
         scp.stop()
-        spool.close()
+        close_spool()
         engine.dispose()
     if got != n:
         raise RuntimeError(f"dicomnode: {got} of {n} instances recorded")
     return elapsed
 
 
-def run_node_one_process(folder: Path, senders: list[Path], n: int) -> float:
-    return run_node(folder, senders, n, processes=1)
+def _node_runner(name: str) -> Callable[[Path, list[Path], int], float]:
+    def run(folder: Path, senders: list[Path], n: int) -> float:
+        return run_node(folder, senders, n, name)
+
+    return run
 
 
-RUNNERS = {"storescp": run_storescp, "orthanc": run_orthanc, "node": run_node, "node1": run_node_one_process}
+RUNNERS: dict[str, Callable[[Path, list[Path], int], float]] = {
+    "storescp": run_storescp,
+    "orthanc": run_orthanc,
+    **{name: _node_runner(name) for name in NODES},
+}
 LABELS = {
     "storescp": "dcmtk storescp --fork (no fsync)",
     "orthanc": "Orthanc (default storage and index)",
-    "node": "dicomnode (durable; receive_processes auto)",
-    "node1": "dicomnode (durable; receive_processes 1)",
+    "node": "dicomnode (durability power; receive_processes auto)",
+    "node-process": "dicomnode (durability process; receive_processes auto)",
+    "node1": "dicomnode (durability power; receive_processes 1)",
+    "node-process2": "dicomnode (durability process; receive_processes 2)",
 }
 
 
@@ -304,7 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--runs", type=int, default=5, help="rounds (median reported; >= 5 recommended)")
     ap.add_argument("--dir", type=Path, default=None, help="parent of the work folder (default: system temp)")
-    ap.add_argument("--only", default=",".join(RECEIVERS), help="comma-separated receivers to run")
+    ap.add_argument(
+        "--only",
+        default=",".join(RECEIVERS),
+        help=f"comma-separated receivers to run, of: {', '.join((*RECEIVERS, *EXTRA_RECEIVERS))}",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args(argv)
     receivers = [r for r in (*RECEIVERS, *EXTRA_RECEIVERS) if r in args.only.split(",")]
@@ -349,17 +378,25 @@ def main(argv: list[str] | None = None) -> int:
         for (name, k), cpus in sorted(NODE_CPU.items()):
             per = statistics.median(cpus) / args.images * 1000
             print(f"CPU {name} x{k}: receiver CPU {per:.2f} ms per image (median of {len(cpus)})")
-        if "node" in receivers:
-            for k in ASSOCIATIONS:
-                if "node1" in receivers:
-                    print(f"RATIO {k} association(s): node/node1 {med[('node1', k)] / med[('node', k)]:.2f}")
-                node = med[("node", k)]
+        for k in ASSOCIATIONS:
+            if "node" in receivers:
+                for other in ("node1", "node-process"):
+                    if other in receivers:
+                        print(
+                            f"RATIO {k} association(s): {other}/node {med[('node', k)] / med[(other, k)]:.2f}"
+                        )
+            if "node-process" in receivers and "node-process2" in receivers:
+                ratio = med[("node-process", k)] / med[("node-process2", k)]
+                print(f"RATIO {k} association(s): node-process2/node-process {ratio:.2f}")
+            for name in (r for r in receivers if r in NODES):
+                node = med[(name, k)]
                 parts = [f"{k} association{'s' if k > 1 else ''}:"]
                 if "storescp" in receivers:
-                    parts.append(f"node/storescp --fork {med[('storescp', k)] / node:.2f}")
+                    parts.append(f"{name}/storescp --fork {med[('storescp', k)] / node:.2f}")
                 if "orthanc" in receivers:
-                    parts.append(f"node/Orthanc {med[('orthanc', k)] / node:.2f}")
-                print("RATIO " + " ".join(parts) + " (speed ratios, >1 = node faster)")
+                    parts.append(f"{name}/Orthanc {med[('orthanc', k)] / node:.2f}")
+                if len(parts) > 1:
+                    print("RATIO " + " ".join(parts) + " (speed ratios, >1 = node faster)")
         print(f"load average after: {_load()}")
     finally:
         if args.keep:

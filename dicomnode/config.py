@@ -164,6 +164,15 @@ class DicomSettings(_Section):
     #: listening socket(s) (plain and TLS), balanced by their number of open connections; association limits
     #: and metrics are shared (``docs/conformance.md``, "Several receiving processes").
     receive_processes: int | Literal["auto"] = "auto"
+    #: What a success status (C-STORE 0x0000, a stored STOW-RS instance) promises the sender survives.
+    #: ``power`` (default): a power loss or kernel crash too; the file data, its directory entry and the
+    #: database record are flushed to the device before the answer (SQLite ``synchronous=FULL``). ``process``:
+    #: a crash of the node's process (kill -9, OOM kill), not a power loss or kernel crash; the same write,
+    #: rename and commit in the same order, but nothing is flushed (the recording SQLite connection uses
+    #: ``synchronous=NORMAL`` in WAL mode; PostgreSQL commits are unchanged). After a power loss in
+    #: ``process`` mode, instances answered in the last seconds before it may be missing or truncated while
+    #: their senders hold them for delivered (``docs/conformance.md``, "Receiving").
+    durability: Literal["power", "process"] = "power"
 
     _ae = field_validator("ae_title")(_check_ae)
 
@@ -186,6 +195,11 @@ class DicomSettings(_Section):
             cpus = os.cpu_count() or 1
             return 1 if cpus <= 2 else min(4, cpus)
         return int(self.receive_processes)
+
+    @property
+    def flush_to_device(self) -> bool:
+        """Whether received instances are flushed to the device before the answer (``durability: power``)."""
+        return self.durability == "power"
 
     @model_validator(mode="after")
     def _listeners(self) -> DicomSettings:

@@ -163,6 +163,12 @@ def config_summary(settings: Settings, rules: RuleSet, path: Path | None) -> str
         f"  receiving     {d.receive_process_count} process(es)"
         + (" (auto: min(4, CPUs), 1 with 2 CPUs or fewer)" if d.receive_processes == "auto" else "")
         + ("" if d.receive_process_count > 1 else ", inside the node's process"),
+        f"  durability    {d.durability}: "
+        + (
+            "a success status survives a power loss (files, directories and record flushed first)"
+            if d.flush_to_device
+            else "a success status survives a crash of the node's process, NOT a power loss or kernel crash"
+        ),
         f"  http          {settings.http.host}:{settings.http.port}",
         *_tls_lines(settings),
         f"  completion    series quiet {settings.completion.series_quiet_seconds:g} s, study quiet "

@@ -158,6 +158,7 @@ class Node:
     analyzer: Any = None
     server: Any = None
     server_thread: threading.Thread | None = None
+    close_spool: Callable[[], None] | None = None
     stopped: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
@@ -222,9 +223,8 @@ class Node:
             self.server.should_exit = True
             if self.server_thread is not None:
                 self.server_thread.join(timeout=10)
-        spool = getattr(self.scp, "spool", None)  # receiving in this process: its temp files made ahead
-        if spool is not None:
-            spool.close()
+        if self.close_spool is not None:  # its temp files made ahead, its recording connection if its own
+            self.close_spool()
         self.store.close()
 
 
@@ -272,17 +272,12 @@ def build_node(
     node = Node(role=role, settings=settings, store=store, app=None)
 
     if role in ("serve", "receive"):
-        from dicomnode.ingest import Spool
         from dicomnode.ingest.scp import StorageSCP
         from dicomnode.ingest.stow import build_stow_router
-        from dicomnode.pipeline.sink import StoreSink
 
-        spool = Spool(
-            settings.spool_dir,
-            StoreSink(store),
-            free_space_floor_mb=settings.dicom.free_space_floor_mb,
-            other_classes=settings.dicom.accept_other_storage_classes,
-        )
+        # dicom.durability: flushed before the answer (power, on the node's engine) or not (process, on a
+        # recording connection of its own); STOW-RS stores through the same spool, so it follows too.
+        spool, node.close_spool = build_spool(settings, engine)
         processes = settings.dicom.receive_process_count
         if processes > 1:
             # Several receiving processes on the DICOM port(s), each with its own spool writer and group
@@ -343,29 +338,57 @@ def build_node(
     return node
 
 
+def build_spool(settings: Settings, engine: Any = None) -> tuple[Any, Callable[[], None]]:
+    """The spool of received instances (C-STORE and STOW-RS) as the settings ask, and what closes it.
+
+    ``dicom.durability`` decides what a success status promises: ``power`` flushes the files and directories
+    (the spool's ``fsync``) and records over a ``synchronous=FULL`` SQLite connection; ``process`` flushes
+    nothing and records over a ``synchronous=NORMAL`` one (WAL: survives a crash of the process, not a power
+    loss). Only the recording connection changes: the node's other commits (jobs, deliveries, accounts) stay
+    ``FULL``. PostgreSQL commits are left as the server does them (flushed) in both modes.
+
+    Parameters
+    ----------
+    settings
+        The node's settings (``dicom`` section, spool directory, database URL).
+    engine
+        The node's engine, recorded over when it has the synchronous setting wanted (``power``, or
+        PostgreSQL); None, or a different setting wanted: a new engine of the spool's own, disposed by the
+        returned ``close`` (the database must be migrated already).
+    """
+    from dicomnode.ingest import Spool
+    from dicomnode.pipeline.sink import StoreSink
+    from dicomnode.store import Store, make_engine
+    from dicomnode.store.engine import SYNCHRONOUS_FULL, SYNCHRONOUS_NORMAL
+
+    flush = settings.dicom.flush_to_device
+    own = engine is None or (not flush and engine.dialect.name == "sqlite")
+    if own:
+        synchronous = SYNCHRONOUS_FULL if flush else SYNCHRONOUS_NORMAL
+        engine = make_engine(settings.database_url_resolved(), sqlite_synchronous=synchronous)
+    spool = Spool(
+        settings.spool_dir,
+        StoreSink(Store(engine)),
+        free_space_floor_mb=settings.dicom.free_space_floor_mb,
+        other_classes=settings.dicom.accept_other_storage_classes,
+        fsync=flush,
+    )
+
+    def close() -> None:
+        spool.close()
+        if own:
+            engine.dispose()
+
+    return spool, close
+
+
 def receiver_spool(settings: Settings) -> tuple[Any, Callable[[], None]]:
     """A receiving process's spool over its own database connection, and what closes both.
 
     The :data:`dicomnode.ingest.processes.SpoolFactory` of ``serve``/``receive`` with several receiving
     processes: called in each of them (the database was migrated by the node's process before).
     """
-    from dicomnode.ingest import Spool
-    from dicomnode.pipeline.sink import StoreSink
-    from dicomnode.store import Store, make_engine
-
-    engine = make_engine(settings.database_url_resolved())
-    spool = Spool(
-        settings.spool_dir,
-        StoreSink(Store(engine)),
-        free_space_floor_mb=settings.dicom.free_space_floor_mb,
-        other_classes=settings.dicom.accept_other_storage_classes,
-    )
-
-    def close() -> None:
-        spool.close()
-        engine.dispose()
-
-    return spool, close
+    return build_spool(settings)
 
 
 def check_analysis(settings: Settings) -> list[str]:

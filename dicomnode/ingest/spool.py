@@ -1,7 +1,8 @@
 """The one write path for received instances, shared by the C-STORE SCP and the STOW-RS receiver.
 
 Durability contract (ARCHITECTURE.md): an instance is confirmed (status 0x0000) only when its bytes are on
-disk (temp file, fsync, rename, directory fsync) *and* recorded in the database. Everything else returns a
+disk (temp file, fsync, rename, directory fsync; without the flushes under ``dicom.durability: process``,
+below) *and* recorded in the database. Everything else returns a
 failure status with a one-line comment, so the sender keeps its copy and retries; nothing raises.
 
 Group commit (:class:`_GroupCommit`): the receiving thread writes the bytes to a temp file and flushes them
@@ -22,6 +23,14 @@ What survives what (the guarantee behind a success status):
 * a power loss or kernel crash: every confirmed instance too, because the file data (fdatasync), its
   directory entries (directory fsync) and the database commit (SQLite WAL with ``synchronous=FULL``, or
   PostgreSQL's commit) are flushed to the device before the answer; on hardware that honours flushes.
+  This is ``dicom.durability: power`` (the default, ``fsync=True``).
+
+``dicom.durability: process`` (``fsync=False``, the recording connection on SQLite ``synchronous=NORMAL``,
+built by ``dicomnode.cli.node.build_spool``) keeps the first promise and drops the second: the same write,
+rename and commit in the same order before the answer, but no flush. A completed write and rename live in the
+kernel's page cache and a WAL commit survives a crash of the application whatever its synchronous setting, so
+a kill -9 still loses nothing confirmed; a power loss or kernel crash may lose (or truncate, or leave without
+its file) what was confirmed in the seconds before it, until the kernel wrote it back.
 
 Temp files created ahead (:class:`_TempFiles`): a C-STORE's bytes go into an empty temp file that a
 background thread created before the request arrived (a few at a time, each kept open), so creating a file
@@ -302,8 +311,9 @@ class Spool:
         ``Dataset -> {keyword: value}`` series/study summary for routing; default
         ``dicomnode.imaging.headers.header_dict`` with its ``SUMMARY_KEYWORDS``.
     fsync
-        Flush files and directories to disk before confirming (leave True outside benchmarks of the
-        protocol itself).
+        Flush files and directories to disk before confirming: True for ``dicom.durability: power`` (a
+        confirmed instance survives a power loss, with a sink that flushes its commits too), False for
+        ``process`` (it survives a crash of the process: the order write, rename, record, answer is the same).
     on_result
         Optional callback called with every :class:`IngestResult` (never allowed to break ingest).
     """

@@ -1,8 +1,13 @@
 """Engine creation (called from ``cli``; the engine is then passed to :class:`~dicomnode.store.Store`).
 
-SQLite gets WAL (readers never block the writer), a busy timeout, foreign keys on, and ``BEGIN IMMEDIATE``
+SQLite gets WAL (readers never block the writer), a busy timeout, foreign keys on, ``BEGIN IMMEDIATE``
 for write transactions (a deferred transaction that reads then writes can fail at once with "database is
-locked" in WAL mode, whatever the busy timeout). PostgreSQL uses psycopg 3 (``postgresql+psycopg://``).
+locked" in WAL mode, whatever the busy timeout) and ``synchronous=FULL`` (a commit is on the device before it
+returns). The connection that records received instances under ``dicom.durability: process`` asks for
+``synchronous=NORMAL`` instead (:data:`SYNCHRONOUS_NORMAL`): in WAL mode a commit then survives a crash of the
+process but may roll back after a power loss or an operating-system crash, and the database stays consistent
+(https://www.sqlite.org/pragma.html#pragma_synchronous). PostgreSQL uses psycopg 3
+(``postgresql+psycopg://``); its commits are flushed by the server whatever the option.
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ IMMEDIATE = "dicomnode_sqlite_immediate"
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
+#: ``PRAGMA synchronous`` values :func:`make_engine` accepts for SQLite.
+SYNCHRONOUS_FULL = "FULL"
+SYNCHRONOUS_NORMAL = "NORMAL"
+
 
 def normalise_url(url: str) -> str:
     """``postgresql://`` -> ``postgresql+psycopg://`` (the driver we ship); other URLs unchanged."""
@@ -30,13 +39,17 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def make_engine(url: str, *, sqlite_synchronous: str = SYNCHRONOUS_FULL, **kwargs: Any) -> Engine:
     """Create the engine for ``url`` with the settings dicomnode relies on.
 
     Parameters
     ----------
     url
         ``sqlite:///path/to/file.sqlite3`` or ``postgresql+psycopg://user@host:port/db``.
+    sqlite_synchronous
+        SQLite's ``PRAGMA synchronous`` for every connection of this engine: ``FULL`` (default: a commit
+        survives a power loss) or ``NORMAL`` (in WAL mode, a commit survives a crash of the process only;
+        used for recording received instances under ``dicom.durability: process``). Ignored for PostgreSQL.
     **kwargs
         Passed to :func:`sqlalchemy.create_engine`.
 
@@ -48,6 +61,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     url = normalise_url(url)
     parsed = check_url(url)
     backend = parsed.get_backend_name()
+    if sqlite_synchronous not in (SYNCHRONOUS_FULL, SYNCHRONOUS_NORMAL):
+        raise ValueError(f"sqlite_synchronous must be FULL or NORMAL, not {sqlite_synchronous!r}")
     if backend == "sqlite":
         db = parsed.database
         if db and db != ":memory:":
@@ -56,7 +71,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         kwargs["connect_args"].setdefault("check_same_thread", False)
         kwargs["connect_args"].setdefault("timeout", SQLITE_BUSY_TIMEOUT_MS / 1000)
         engine = create_engine(url, **kwargs)
-        _sqlite_events(engine)
+        _sqlite_events(engine, sqlite_synchronous)
         return engine
     if backend == "postgresql":
         kwargs.setdefault("pool_pre_ping", True)
@@ -96,7 +111,7 @@ def _set_wal(cur: Any) -> None:
             time.sleep(0.05)
 
 
-def _sqlite_events(engine: Engine) -> None:
+def _sqlite_events(engine: Engine, synchronous: str) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event below emit BEGIN itself (pysqlite's implicit BEGIN is deferred only).
@@ -106,7 +121,9 @@ def _sqlite_events(engine: Engine) -> None:
         _set_wal(cur)
         cur.execute("PRAGMA foreign_keys=ON")
         # FULL: a committed row survives power loss too (a C-STORE success promises the instance is recorded).
-        cur.execute("PRAGMA synchronous=FULL")
+        # NORMAL (the recording connection under dicom.durability: process): in WAL mode it survives a crash
+        # of the process, not a power loss; the database stays consistent either way.
+        cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.close()
 
     @event.listens_for(engine, "begin")

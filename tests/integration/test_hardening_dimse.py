@@ -389,13 +389,16 @@ RECEIVER_SCRIPT = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from dicomnode.ingest import Spool
+    from dicomnode.cli.node import build_spool
+    from dicomnode.config import Settings
     from dicomnode.ingest.scp import StorageSCP
-    from dicomnode.pipeline.sink import StoreSink
-    from dicomnode.store import Store, make_engine, upgrade
-    engine = make_engine(f"sqlite:///{sys.argv[1]}/node.sqlite3")
+    from dicomnode.store import make_engine, upgrade
+    dicom = {"durability": sys.argv[2], "free_space_floor_mb": 0}
+    settings = Settings(data_dir=Path(sys.argv[1]), dicom=dicom)
+    engine = make_engine(settings.database_url_resolved())
     upgrade(engine)
-    scp = StorageSCP(Spool(Path(sys.argv[1]) / "spool", StoreSink(Store(engine))), port=0)
+    spool, _ = build_spool(settings, engine)  # as serve/receive build it for dicom.durability
+    scp = StorageSCP(spool, port=0)
     scp.start()
     print(scp.port, flush=True)
     while True:
@@ -404,13 +407,19 @@ RECEIVER_SCRIPT = textwrap.dedent(
 )
 
 
-def test_kill_9_while_storing_loses_no_acknowledged_instance(tmp_path: Path) -> None:
+@pytest.mark.parametrize("durability", ["power", "process"])
+def test_kill_9_while_storing_loses_no_acknowledged_instance(tmp_path: Path, durability: str) -> None:
     """Process crash: four associations store in parallel; the receiver gets SIGKILL in the middle. Every
-    instance answered 0x0000 has its record and its file (bytes identical) after the crash."""
+    instance answered 0x0000 has its record and its file (bytes identical) after the crash, with the flushes
+    (``dicom.durability: power``) and without them (``process``: written, renamed, committed on a
+    ``synchronous=NORMAL`` connection, answered)."""
     import threading
 
     proc = subprocess.Popen(
-        [sys.executable, "-c", RECEIVER_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=REPO
+        [sys.executable, "-c", RECEIVER_SCRIPT, str(tmp_path), durability],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
     )
     assert proc.stdout is not None
     port = int(proc.stdout.readline())
@@ -453,4 +462,4 @@ def test_kill_9_while_storing_loses_no_acknowledged_instance(tmp_path: Path) -> 
         t.join(60)
     assert len(acked) > 10, "the kill came while storing"
 
-    assert_all_recorded(tmp_path / "node.sqlite3", study, acked)
+    assert_all_recorded(tmp_path / "dicomnode.sqlite3", study, acked)

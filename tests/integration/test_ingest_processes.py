@@ -85,7 +85,8 @@ POOL_SCRIPT = textwrap.dedent(
     from dicomnode.config import Settings
     from dicomnode.ingest.processes import ReceiverPool
     from dicomnode.store import make_engine, upgrade
-    settings = Settings(data_dir=Path(sys.argv[1]), dicom={"port": int(sys.argv[2]), "receive_processes": 2})
+    dicom = {"port": int(sys.argv[2]), "receive_processes": 2, "durability": sys.argv[3]}
+    settings = Settings(data_dir=Path(sys.argv[1]), dicom=dicom)
     upgrade(make_engine(settings.database_url_resolved()))
     pool = ReceiverPool(settings, receiver_spool, 2)
     pool.start()
@@ -97,9 +98,11 @@ POOL_SCRIPT = textwrap.dedent(
 
 
 @contextlib.contextmanager
-def pool_process(data: Path) -> Iterator[tuple[subprocess.Popen[str], int, list[int]]]:
+def pool_process(
+    data: Path, durability: str = "power"
+) -> Iterator[tuple[subprocess.Popen[str], int, list[int]]]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", POOL_SCRIPT, str(data), str(free_port())],
+        [sys.executable, "-c", POOL_SCRIPT, str(data), str(free_port()), durability],
         stdout=subprocess.PIPE,
         text=True,
         cwd=REPO,
@@ -163,9 +166,12 @@ class Senders:
                 assoc.release()
 
 
-def test_kill_9_of_a_receiving_process_loses_nothing_and_it_is_replaced(tmp_path: Path) -> None:
+@pytest.mark.parametrize("durability", ["power", "process"])
+def test_kill_9_of_a_receiving_process_loses_nothing_and_it_is_replaced(
+    tmp_path: Path, durability: str
+) -> None:
     study = generate_uid()
-    with pool_process(tmp_path) as (proc, port, pids):
+    with pool_process(tmp_path, durability) as (proc, port, pids):
         assert len(pids) == 2 and children(proc.pid) >= set(pids)
         with Senders(port, study) as senders:
             assert senders.started.wait(60)
