@@ -63,6 +63,50 @@ def store(tmp_path: Path) -> Store:
     return Store(engine)
 
 
+def _event_log() -> tuple[list[tuple[str, str]], Any]:
+    """A list of (kind, what) events and the thread-safe function that appends to it."""
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def note(kind: str, what: str) -> None:
+        with lock:
+            events.append((kind, what))
+
+    return events, note
+
+
+def _fd_path(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else "?"
+
+
+def _store_four_at_once(send: Any, results: list[Any]) -> None:
+    """Run ``send(k)`` for k = 0..3 in four threads at once; each must have stored its instance."""
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(results) == 4 and all(r.ok and r.path is not None for r in results)
+
+
+def _trace_renames_and_commits(monkeypatch: pytest.MonkeyPatch, sink: Any, note: Any) -> None:
+    """Note each rename (``os.replace``) once done and each instance once its transaction is committed."""
+    real_replace, real_record = os.replace, sink.record_instances
+
+    def replace(src: Any, dst: Any) -> None:
+        real_replace(src, dst)
+        note("rename", f"{src} -> {dst}")
+
+    def record_instances(instances: Any) -> list[bool]:
+        out = real_record(instances)  # returns once the transaction is committed
+        for inst in instances:
+            note("commit", str(inst.path))
+        return out
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(sink, "record_instances", record_instances)
+
+
 def test_sqlite_commits_are_flushed_to_the_device(store: Store) -> None:
     with store.engine.connect() as conn:
         assert conn.execute(text("PRAGMA synchronous")).scalar() == 2, "FULL: a commit is on the device"
@@ -74,43 +118,23 @@ def test_every_flush_happens_before_the_answer_in_order(
 ) -> None:
     """Four instances stored at once (group commit): for each, the file data is flushed before its
     rename, the directory after it, and the database commit after both; the answers come last."""
-    events: list[tuple[str, str]] = []
+    events, note = _event_log()
     lock = threading.Lock()
-    real_replace, real_fsync = os.replace, os.fsync
+    real_fsync = os.fsync
     real_fdatasync = getattr(os, "fdatasync", os.fsync)
-
-    def note(kind: str, what: str) -> None:
-        with lock:
-            events.append((kind, what))
-
-    def fd_path(fd: int) -> str:
-        return os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else "?"
 
     def fdatasync(fd: int) -> None:
         real_fdatasync(fd)
-        note("data", fd_path(fd))
+        note("data", _fd_path(fd))
 
     def fsync(fd: int) -> None:
         real_fsync(fd)
-        note("dir", fd_path(fd))
-
-    def replace(src: Any, dst: Any) -> None:
-        real_replace(src, dst)
-        note("rename", f"{src} -> {dst}")
+        note("dir", _fd_path(fd))
 
     sink = StoreSink(store)
-    real_record = sink.record_instances
-
-    def record_instances(instances: Any) -> list[bool]:
-        out = real_record(instances)  # returns once the transaction is committed
-        for inst in instances:
-            note("commit", str(inst.path))
-        return out
-
     monkeypatch.setattr(os, "fdatasync", fdatasync)
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(sink, "record_instances", record_instances)
+    _trace_renames_and_commits(monkeypatch, sink, note)
     spool = Spool(tmp_path / "spool", sink)
     study, series = generate_uid(), generate_uid()
     results: list[Any] = []
@@ -121,12 +145,7 @@ def test_every_flush_happens_before_the_answer_in_order(
         with lock:
             results.append(res)
 
-    threads = [threading.Thread(target=send, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert len(results) == 4 and all(r.ok and r.path is not None for r in results)
+    _store_four_at_once(send, results)
     for res in results:
         final = str(res.path)
         rename = next(i for i, (k, w) in enumerate(events) if k == "rename" and w.endswith(f"-> {final}"))
@@ -230,48 +249,27 @@ def test_process_mode_writes_renames_commits_then_answers_without_any_flush(
     engine = make_engine(settings.database_url_resolved())
     upgrade(engine)
     spool, close = build_spool(settings, engine)
-    events: list[tuple[str, str]] = []
+    events, note = _event_log()
     lock = threading.Lock()
-    real_replace, real_writev, real_write = os.replace, os.writev, os.write
-
-    def note(kind: str, what: str) -> None:
-        with lock:
-            events.append((kind, what))
-
-    def fd_path(fd: int) -> str:
-        return os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else "?"
+    real_writev, real_write = os.writev, os.write
 
     def flush(fd: int) -> None:
-        note("flush", fd_path(fd))
+        note("flush", _fd_path(fd))
         raise AssertionError("no flush in process mode")
 
     def writev(fd: int, buffers: Any) -> int:
-        note("write", fd_path(fd))
+        note("write", _fd_path(fd))
         return real_writev(fd, buffers)
 
     def write(fd: int, data: Any) -> int:
-        note("write", fd_path(fd))
+        note("write", _fd_path(fd))
         return real_write(fd, data)
-
-    def replace(src: Any, dst: Any) -> None:
-        real_replace(src, dst)
-        note("rename", f"{src} -> {dst}")
-
-    sink = spool.sink
-    real_record = sink.record_instances
-
-    def record_instances(instances: Any) -> list[bool]:
-        out = real_record(instances)  # returns once the transaction is committed
-        for inst in instances:
-            note("commit", str(inst.path))
-        return out
 
     monkeypatch.setattr(os, "fdatasync", flush)
     monkeypatch.setattr(os, "fsync", flush)
     monkeypatch.setattr(os, "writev", writev)
     monkeypatch.setattr(os, "write", write)
-    monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(sink, "record_instances", record_instances)
+    _trace_renames_and_commits(monkeypatch, spool.sink, note)
     study, series = generate_uid(), generate_uid()
     results: list[Any] = []
     sent: dict[str, bytes] = {}
@@ -285,12 +283,7 @@ def test_process_mode_writes_renames_commits_then_answers_without_any_flush(
             sent[str(res.path)] = data
 
     try:
-        threads = [threading.Thread(target=send, args=(k,)) for k in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        assert len(results) == 4 and all(r.ok and r.path is not None for r in results)
+        _store_four_at_once(send, results)
         assert not [e for e in events if e[0] == "flush"], "nothing is flushed"
         for res in results:
             final = str(res.path)
