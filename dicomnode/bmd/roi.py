@@ -323,7 +323,7 @@ def _endplate_guard(
     h0 = float(np.sum(w * hr) / w.sum())
     rvals = data[rk, rj, ri].astype(np.float64)
     marrow = _weighted_median(rvals, w)
-    rsd = max(OUTLIER_MIN_SD, 1.4826 * float(np.median(np.abs(rvals - np.median(rvals)))))
+    _, rsd = _robust_sd(rvals)
     bw = max(1.0, abs(ax[0]) + abs(ax[1]) + abs(ax[2]))
     fk, fj, fi = np.nonzero(foot)
     vals = data[fk, fj, fi]
@@ -351,6 +351,12 @@ def _weighted_median(vals: npt.NDArray[np.float64], w: npt.NDArray[np.float64]) 
     return float(vals[order][int(np.searchsorted(cum, 0.5 * cum[-1]))])
 
 
+def _robust_sd(vals: npt.NDArray[Any]) -> tuple[float, float]:
+    """The median of ``vals`` and their robust SD (1.4826 x MAD), the SD at least ``OUTLIER_MIN_SD``."""
+    med = float(np.median(vals))
+    return med, max(OUTLIER_MIN_SD, 1.4826 * float(np.median(np.abs(vals - med))))
+
+
 def exclude_outliers(data: npt.NDArray[np.float32], roi: B) -> tuple[B, int]:
     """Drop outlier voxels from a trabecular ROI (robust z-score against the ROI's own median and MAD).
 
@@ -359,8 +365,7 @@ def exclude_outliers(data: npt.NDArray[np.float32], roi: B) -> tuple[B, int]:
     vals = data[roi]
     if vals.size < 10:
         return roi, 0
-    med = float(np.median(vals))
-    rsd = max(OUTLIER_MIN_SD, 1.4826 * float(np.median(np.abs(vals - med))))
+    med, rsd = _robust_sd(vals)
     bad = roi & (np.abs(data - med) > OUTLIER_ROBUST_SD * rsd)
     n = int(np.count_nonzero(bad))
     return (roi & ~bad) if n else roi, n
