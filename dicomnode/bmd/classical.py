@@ -42,13 +42,17 @@ sizes in mm; the numbers are anatomical sizes, not fitted to any one scan):
    unambiguous (lumbar ribs 5.8 %, lumbosacral transitional vertebrae 9-30 %, lumbar miscount ~10 %;
    clinical.md 4.3), otherwise ``level_uncertain`` with the reason in the evidence:
 
-   * *ribs only*: uncertain when the lowest rib is seen on one side only, reaches round to the front of
-     the flank like an 11th rib (> 100 deg), or is short: < 38 mm from its head (not a thoracic rib, Yun
-     2018), < 0.6 of the rib pair above it, or < 90 mm with no pair above in view. Rationale: the 12th rib
-     is about half the 11th, a lumbar rib on L1 is about as much shorter than the 12th, and a hypoplastic
-     12th rib looks like either; only a 12th pair that is long against the pair above (or long outright)
-     is taken without a second anchor. Rib length is the geodesic path through the rib's voxels from its
-     head (``_rib_length``).
+   * *ribs only*: the lowest rib-bearing vertebra is T12 when the lowest rib pair has the length of a 12th
+     (``_lowest_rib_note``): the lower ribs taper, the 11th about four fifths of the 10th, the 12th about
+     half the 11th (Todd, table A), and a rib under 38 mm is not a thoracic rib (Yun 2018). Uncertain when
+     the lowest pair is short (< 38 mm, or < 1/3 of the pair above: a lumbar rib or a hypoplastic 12th),
+     long against the pair above (>= 2/3 of it: an 11th, 11 rib pairs possible), under a pair that is >= 0.85
+     of the pair above it (a 10th against a 9th, not an 11th against a 10th), < 90 mm with no pair above
+     in view to compare, or reaches round to the front of the flank like an 11th rib (> 100 deg); or when it
+     is seen on one side only, unless the pair above is seen on both sides and the one rib has a 12th's
+     length (a 12th whose partner was missed or is absent: a unilateral lumbar rib is rudimentary). Rib
+     length is the geodesic path through the rib's voxels from its head (``_rib_length``). A 13th pair as
+     long as a 12th (13 pairs: 0.37 %) is not told from a 12th by the ribs alone.
    * *sacrum only*: uncertain when the sacral evidence is one-sided, or when the vertebra above the
      sacrum itself has >= 4 mm of slices (upper two thirds of it: the alae rise beside the lower end of a
      normally tilted L5) where bone joined to it reaches the ala / ilium, or >= ``LSTV_ALA_MM3`` of bone
@@ -128,13 +132,25 @@ DISC_COST = 25.0
 RIB_MIN_REACH_MM = 58.0
 #: A lowest rib shorter than this (geodesic length from its head) is a short rib: a thoracic vertebra bears
 #: ribs >= 38 mm long, shorter ones mark a thoracolumbar transitional vertebra (Yun et al., Korean J Radiol
-#: 2018;19:1140; spine-anatomy.md 2). See ``_short_rib_note``.
+#: 2018;19:1140; spine-anatomy.md 2). See ``_lowest_rib_note``.
 RIB_SHORT_MM = 38.0
-#: A lowest rib shorter than this fraction of the rib above cannot be told from a lumbar rib with the ribs
-#: alone: the 12th rib is about half the 11th (arc lengths ~114 vs ~210 mm, Todd's Cyclopaedia, table A;
-#: spine-anatomy.md 2), and a lumbar rib on L1 is shorter than the 12th above it by about as much. Only a
-#: 12th pair longer than that (or a second anchor) makes the rib count confident.
-RIB_SHORT_RATIO = 0.6
+#: A lowest rib shorter than this fraction of the rib pair above is a rudimentary rib, not a 12th: a 12th rib
+#: is about half the 11th (arc lengths ~114 vs ~210 mm, Todd's Cyclopaedia, table A; spine-anatomy.md 2.2;
+#: the LIDC patient's 12th measures 0.48-0.59 of its 11th on every grid tried), while a rib shorter than
+#: 38 mm, a third of a full 12th, marks a thoracolumbar transitional vertebra or a lumbar rib (Yun 2018). It
+#: is the same criterion as ``RIB_SHORT_MM``, scaled to the patient's own ribs.
+RIB_SHORT_RATIO = 1.0 / 3.0
+#: A lowest rib at least this fraction of the pair above continues the series like an 11th rib does (the
+#: 11th is about four fifths of the 10th, Todd table A: 210 vs 267 mm), not like a 12th (about half the 11th):
+#: with 11 rib pairs (8 %, spine-anatomy.md 2.3) the lowest rib-bearing vertebra is T11. The cut lies between
+#: the two ratios.
+RIB_ELEVENTH_RATIO = 2.0 / 3.0
+#: The lower ribs' taper steepens towards the 12th: each of the 8th to 12th against the one above is 0.99,
+#: 0.95, 0.91, 0.79, 0.55 (absolute lengths, Todd's Cyclopaedia, table A: 12.25, 12.10, 11.50, 10.50, 8.25,
+#: 4.50 in). The pair above a 12th is an 11th, markedly shorter than the 10th; with 11 rib pairs the pair
+#: above the lowest is a 10th, nearly as long as the 9th. So when the pair above the lowest is at least this
+#: fraction of its own upper neighbour, 11 rib pairs are possible (the cut lies between 0.79 and 0.91).
+RIB_TENTH_RATIO = 0.85
 #: With no rib pair above in view to compare, a lowest pair at least this long (a full 12th rib, ~114 mm
 #: arc in Todd's table) is taken as the 12th; a shorter one may be a lumbar rib.
 RIB_LONE_MIN_MM = 90.0
@@ -1226,22 +1242,36 @@ def _find_sacrum(segs: list[Segment], ala: dict[int, tuple[float, float]]) -> tu
     )
 
 
-def _short_rib_note(segs: list[Segment], first: int, t12: int) -> str:
-    """Why the lowest rib pair may not be the 12th (empty when it is clearly a full-length 12th pair).
+def _lowest_rib_lengths(segs: list[Segment], first: int, t12: int) -> tuple[float, float, float]:
+    """Length (mm, the longer side) of the lowest rib pair, of the pair above it and of the pair above that
+    (0 when not in view)."""
 
-    With the ribs as the only anchor the lowest rib-bearing vertebra is called T12, which is wrong with a
-    lumbar rib on L1 (13 pairs, 5.8 % in Nakajima 2014). Lumbar ribs are rudimentary: short stubs. A 12th
-    rib is normally the next step of the tapering series of the lower ribs (each of the 10th-12th shorter
-    than the one above by roughly a third), but it can itself be hypoplastic and then looks like a lumbar
-    rib. So the lowest pair is accepted only when it is long in absolute terms (geodesic length from its
-    head >= ``RIB_SHORT_MM``: longer than a rudimentary rib) and, when the pair above is in view, continues
-    the series (>= ``RIB_SHORT_RATIO`` of it); with no pair above in view, only a long pair (>=
-    ``RIB_LONE_MIN_MM``, the range of a full 12th rib) is taken. Anything shorter is a possible lumbar rib or
-    a hypoplastic 12th rib: the names stay the rib-based ones, flagged uncertain.
+    def length(i: int) -> float:
+        return max(segs[i].rib_len_l, segs[i].rib_len_r) if i >= first else 0.0
+
+    return length(t12), length(t12 - 1), length(t12 - 2)
+
+
+def _lowest_rib_note(segs: list[Segment], first: int, t12: int) -> str:
+    """Why the lowest rib pair may not be the 12th (empty when its length marks it as a 12th pair).
+
+    With the ribs as the only anchor the lowest rib-bearing vertebra is called T12. That is wrong with a
+    lumbar rib on L1 (1.3-5.8 %) or with 11 rib pairs (8 %; spine-anatomy.md 2.3). The lower ribs taper: the
+    11th is about four fifths of the 10th, the 12th about half the 11th, and a rib shorter than 38 mm is not
+    a thoracic rib (Yun 2018: a thoracolumbar transitional vertebra or a lumbar rib). So the lowest pair is
+    taken as the 12th when it is at least ``RIB_SHORT_MM`` long (geodesic length from its head) and, when the
+    pair above is in view, between ``RIB_SHORT_RATIO`` and ``RIB_ELEVENTH_RATIO`` of it, and when the pair
+    above that is in view too, the pair above the lowest is an 11th by its taper (< ``RIB_TENTH_RATIO`` of the
+    pair above it); with no pair above in view, only a pair in the range of a full 12th rib (>=
+    ``RIB_LONE_MIN_MM``). Shorter: a lumbar rib or a
+    hypoplastic 12th rib; longer against the pair above, or under a pair that does not taper like an 11th: an
+    11th rib with the 12th absent. Either way the
+    names stay the rib-based ones, flagged uncertain.
+
+    A 13th pair as long as a 12th (0.37 % of people have 13 pairs) cannot be told from a 12th by the ribs at
+    the bottom; only a count from the first rib or the sacrum finds it.
     """
-    s = segs[t12]
-    low = max(s.rib_len_l, s.rib_len_r)
-    above = max(segs[t12 - 1].rib_len_l, segs[t12 - 1].rib_len_r) if t12 > first else 0.0
+    low, above, above2 = _lowest_rib_lengths(segs, first, t12)
     if low < RIB_SHORT_MM:
         return (
             f"lowest rib pair is short ({low:.0f} mm from its head, < {RIB_SHORT_MM:.0f} mm): a "
@@ -1250,7 +1280,20 @@ def _short_rib_note(segs: list[Segment], first: int, t12: int) -> str:
     if above > 0.0 and low < RIB_SHORT_RATIO * above:
         return (
             f"lowest rib pair is short against the pair above ({low:.0f} mm vs {above:.0f} mm, ratio "
-            f"{_trunc(low / above, 2)} < {RIB_SHORT_RATIO}): a lumbar rib on L1 or a hypoplastic 12th rib"
+            f"{_trunc(low / above, 2)} < {_trunc(RIB_SHORT_RATIO, 2)}): a lumbar rib on L1 or a hypoplastic "
+            "12th rib"
+        )
+    if above > 0.0 and low >= RIB_ELEVENTH_RATIO * above:
+        return (
+            f"lowest rib pair is long against the pair above ({low:.0f} mm vs {above:.0f} mm, ratio "
+            f"{_trunc(low / above, 2)} >= {_trunc(RIB_ELEVENTH_RATIO, 2)}, where a 12th is about half the "
+            "11th): an 11th rib, 11 rib pairs possible"
+        )
+    if above > 0.0 and above2 > 0.0 and above >= RIB_TENTH_RATIO * above2:
+        return (
+            f"the pair above the lowest rib pair does not taper like an 11th ({above:.0f} mm vs {above2:.0f} "
+            f"mm above it, ratio {_trunc(above / above2, 2)} >= {RIB_TENTH_RATIO}; an 11th is about 0.79 of "
+            "the 10th, a 10th about 0.91 of the 9th): the lowest pair may be an 11th, 11 rib pairs possible"
         )
     if above <= 0.0 and low < RIB_LONE_MIN_MM:
         return (
@@ -1296,9 +1339,19 @@ def _name(
             i += 1
         t12 = i
         s = segs[t12]
+        rib_short = _lowest_rib_note(segs, first, t12)
         if not (s.rib_l > 0 and s.rib_r > 0):
-            rib_doubt = True
-            ev.append("lowest rib seen on one side only")
+            pair_above = segs[t12 - 1] if t12 > first else None
+            if rib_short or pair_above is None or not (pair_above.rib_l > 0 and pair_above.rib_r > 0):
+                rib_doubt = True
+                ev.append("lowest rib seen on one side only")
+            else:
+                # a unilateral lumbar rib is rudimentary (it would be short); a rib of a 12th's length
+                # below a pair seen on both sides is a 12th whose partner was missed (a short, thin rib
+                # breaks up on thick slices) or is absent
+                ev.append(
+                    "lowest rib seen on one side only; its length against the pair above marks it as a 12th"
+                )
         if t12 == n - 1:
             rib_weak = True
         elif t12 + 1 == n - 1 or segs[t12 + 1].truncated:
@@ -1314,7 +1367,6 @@ def _name(
         elif s.rib_reach and s.rib_reach < np.radians(35.0):
             rib_doubt = True
             ev.append(f"lowest rib is a stub ({np.degrees(s.rib_reach):.0f} deg): lumbar rib possible")
-        rib_short = _short_rib_note(segs, first, t12)
         ev.append(
             f"ribs articulate down to vertebra #{t12 + 1} of {n} in view (left {s.rib_l:.0f} mm3, right "
             f"{s.rib_r:.0f} mm3): T12 anchor"
@@ -1371,8 +1423,15 @@ def _name(
         if rib_short and not top_agrees:
             uncertain = True
             ev.append(rib_short)
+        elif not rib_short and first is not None:
+            low, up, _ = _lowest_rib_lengths(segs, first, t12)
+            ev.append(
+                f"lowest rib pair {low:.0f} mm long"
+                + (f", {low / up:.2f} of the pair above ({up:.0f} mm)" if up > 0.0 else "")
+                + ": the length of a 12th rib"
+            )
         elif rib_short:
-            ev.append(rib_short.replace(": a lumbar rib on L1 or a hypoplastic 12th rib", ", a short 12th"))
+            ev.append(f"{rib_short.split(':')[0]}: the count from the first rib makes it the 12th")
         ev.append("named from the ribs (sacrum not in view)")
     elif l5 is not None:
         base = i_l5 - l5

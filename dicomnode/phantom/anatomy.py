@@ -46,9 +46,13 @@ _BODY: dict[str, tuple[float, float, float, float, float]] = {
     "S1": (50.0, 33.0, 25.0, 0.0, 30.0),
 }
 
-# level -> rib end angle (rad along the rib ellipse; pi = anterior midline)
+# level -> rib end angle (rad along the rib ellipse; pi = anterior midline). The lower ribs taper as real
+# ones do: the 11th about four fifths of the 10th and the 12th about half the 11th (arc lengths 267 / 210 /
+# 114 mm, Todd's Cyclopaedia, table A; spine-anatomy.md 2.2). The 13th (a lumbar rib on L1, only with 13
+# pairs) is rudimentary, as lumbar ribs are: just past the transverse process, under 38 mm from its head
+# (Yun, Korean J Radiol 2018;19:1140).
 _RIB_END: dict[int, float] = {1: 2.9, 2: 2.9, 3: 2.9, 4: 2.9, 5: 2.9, 6: 2.9, 7: 2.85, 8: 2.75, 9: 2.6,
-                              10: 2.45, 11: 1.9, 12: 1.3, 13: 0.8}  # fmt: skip
+                              10: 2.45, 11: 1.9, 12: 1.05, 13: 0.45}  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,7 @@ def test_uncertain_names_withhold_the_category_with_the_reason(lidc_out: BmdOutp
 def test_named_confidently_from_the_first_rib_down(lidc_out: BmdOutput) -> None:
     # the scan reaches above the lung apices: the rib pairs are counted from the first rib, twelve are found
     # and the twelfth is the lowest rib-bearing vertebra, so the T12 anchor is confirmed (the 12th pair alone,
-    # 0.59 of the 11th, could be a lumbar rib)
+    # 0.59 of the 11th, about half as a 12th is, would name it too)
     res = lidc_out.result
     assert not any(v.level_uncertain for v in res.vertebrae)
     assert res.summary is not None and res.summary.category is not None
@@ -154,3 +154,21 @@ def test_no_false_fracture_at_t12_l2(lidc_out: BmdOutput) -> None:
         if v.level in ("T12", "L1", "L2") and v.exclusion_reason and "fracture" in v.exclusion_reason
     ]
     assert flagged == []
+
+
+def test_eleven_rib_pairs_without_the_first_rib_are_not_named_confidently(
+    lidc_volume: Volume, lidc_dir: Path
+) -> None:
+    # the same 11 pairs with the upper thorax cropped away: no count from the first rib. The lowest pair (the
+    # 11th, 0.64 of the 10th) alone could pass for a 12th, but the pair above it (the 10th, 0.94 of the 9th)
+    # does not taper like an 11th, so the names stay flagged
+    vol = _erase(lidc_volume, lidc_dir, (103, 115))
+    canon = vol.canonical()
+    top = float(canon.index_to_lps((0, 0, canon.shape[0] - 1))[2])
+    keep = canon.affine[2, 3] + canon.affine[2, 2] * np.arange(canon.shape[0]) <= top - 40.0
+    res = analyze_volume(replace(canon, data=canon.data[keep])).result
+    assert res.vertebrae
+    assert all(v.level_uncertain for v in res.vertebrae)
+    assert res.summary is not None and res.summary.category is None
+    ev = " ".join(res.summary.notes)
+    assert "11 rib pairs counted" not in ev and "does not taper like an 11th" in ev, ev

@@ -188,9 +188,12 @@ def test_kill_9_of_a_receiving_process_loses_nothing_and_it_is_replaced(
     assert_all_recorded(tmp_path / "dicomnode.sqlite3", study, {**senders.acked, **more.acked})
 
 
-def test_kill_9_of_the_node_process_loses_nothing_and_leaves_no_orphan(tmp_path: Path) -> None:
+@pytest.mark.parametrize("durability", ["power", "process"])
+def test_kill_9_of_the_node_process_loses_nothing_and_leaves_no_orphan(
+    tmp_path: Path, durability: str
+) -> None:
     study = generate_uid()
-    with pool_process(tmp_path) as (proc, port, pids):
+    with pool_process(tmp_path, durability) as (proc, port, pids):
         with Senders(port, study) as senders:
             assert senders.started.wait(60)
             time.sleep(0.5)

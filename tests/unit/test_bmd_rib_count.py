@@ -136,17 +136,18 @@ def _spine(n_rib: int, n_free: int) -> list[Segment]:
         if i < n_rib:
             s.rib_l = s.rib_r = 800.0
             s.rib_reach = np.radians(70.0)
-            # a short lowest pair (0.5 of the one above): alone, a lumbar rib would look the same
-            s.rib_len_l = s.rib_len_r = 60.0 if i == n_rib - 1 else 120.0
+            # the 10th and 11th rib lengths of Todd's table (mm), then a rudimentary lowest pair (< 38 mm):
+            # alone, a lumbar rib would look the same
+            s.rib_len_l = s.rib_len_r = 30.0 if i == n_rib - 1 else (210.0 if i == n_rib - 2 else 267.0)
         segs.append(s)
         z -= 17
     return segs
 
 
-def test_twelve_from_the_top_confirms_a_short_twelfth_rib() -> None:
+def test_twelve_from_the_top_confirms_a_rudimentary_twelfth_rib() -> None:
     segs = _spine(3, 4)
     alone = _name(segs, None, False, "")
-    assert alone.uncertain  # short lowest pair, ribs the only anchor
+    assert alone.uncertain  # rudimentary lowest pair, ribs the only anchor
     both = _name(segs, None, False, "", TopCount(12, "12 rib pairs counted", lowest_segments=(2, 2)))
     assert not both.uncertain
     assert [both.names[s.label] for s in segs[:4]] == ["T10", "T11", "T12", "L1"]
@@ -154,7 +155,7 @@ def test_twelve_from_the_top_confirms_a_short_twelfth_rib() -> None:
 
 def test_any_other_count_from_the_top_makes_the_names_uncertain() -> None:
     segs = _spine(3, 4)
-    segs[2].rib_len_l = segs[2].rib_len_r = 120.0  # a long lowest pair: confident on its own
+    segs[2].rib_len_l = segs[2].rib_len_r = 114.0  # a 12th pair, half the 11th: confident on its own
     assert not _name(segs, None, False, "").uncertain
     for pairs in (11, 13):
         nm = _name(
