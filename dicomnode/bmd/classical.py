@@ -48,9 +48,8 @@ sizes in mm; the numbers are anatomical sizes, not fitted to any one scan):
      the lowest pair is short (< 38 mm, or < 1/3 of the pair above: a lumbar rib or a hypoplastic 12th),
      long against the pair above (>= 2/3 of it: an 11th, 11 rib pairs possible), under a pair that is >= 0.85
      of the pair above it (a 10th against a 9th, not an 11th against a 10th), < 90 mm with no pair above
-     in view to compare, or reaches round to the front of the flank like an 11th rib (> 100 deg); or when it
-     is seen on one side only, unless the pair above is seen on both sides and the one rib has a 12th's
-     length (a 12th whose partner was missed or is absent: a unilateral lumbar rib is rudimentary). Rib
+     in view to compare, or reaches round to the front of the flank like an 11th rib (> 100 deg), or is seen
+     on one side only (a 12th whose partner was missed, or a rib credited one vertebra low). Rib
      length is the geodesic path through the rib's voxels from its head (``_rib_length``). A 13th pair as
      long as a 12th (13 pairs: 0.37 %) is not told from a 12th by the ribs alone.
    * *sacrum only*: uncertain when the sacral evidence is one-sided, or when the vertebra above the
@@ -1341,17 +1340,10 @@ def _name(
         s = segs[t12]
         rib_short = _lowest_rib_note(segs, first, t12)
         if not (s.rib_l > 0 and s.rib_r > 0):
-            pair_above = segs[t12 - 1] if t12 > first else None
-            if rib_short or pair_above is None or not (pair_above.rib_l > 0 and pair_above.rib_r > 0):
-                rib_doubt = True
-                ev.append("lowest rib seen on one side only")
-            else:
-                # a unilateral lumbar rib is rudimentary (it would be short); a rib of a 12th's length
-                # below a pair seen on both sides is a 12th whose partner was missed (a short, thin rib
-                # breaks up on thick slices) or is absent
-                ev.append(
-                    "lowest rib seen on one side only; its length against the pair above marks it as a 12th"
-                )
+            # the partner of a 12th may be missed (a short, thin rib breaks up on thick slices), but a rib
+            # credited to the vertebra below its own (a disc missed or misplaced above it) looks the same
+            rib_doubt = True
+            ev.append("lowest rib seen on one side only")
         if t12 == n - 1:
             rib_weak = True
         elif t12 + 1 == n - 1 or segs[t12 + 1].truncated:

@@ -453,29 +453,37 @@ def test_lidc_levels_are_the_same_without_tilt(lidc_rows: list[Row]) -> None:
 
 def test_lidc_named_confidently_from_the_first_rib_or_the_12th_ribs_length(lidc_rows: list[Row]) -> None:
     by = {r.variant: r for r in lidc_rows}
-    unsure = [r.variant for r in lidc_rows if r.uncertain]
+    unsure = [r.variant for r in lidc_rows if r.uncertain and r.variant != THICK]
     assert not unsure, f"uncertain: {unsure}"
     # where the whole upper thorax is in view the count from the first rib confirms the lowest rib pair
     no_count = [v for v in LIDC_TOP_IN_VIEW if not any("the T12 anchor agrees" in n for n in by[v].notes)]
     assert not no_count, f"no count from the first rib although the upper thorax is in view: {no_count}"
-    # elsewhere (the first rib in the top slice, cut by the top edge, or cropped away) the lowest pair's
-    # length against the pair above (a 12th is about half the 11th) is the evidence
-    rest = [r for r in lidc_rows if r.variant not in LIDC_TOP_IN_VIEW]
+    # elsewhere (the first rib cut by the top edge, or cropped away) the lowest pair's length against the
+    # pair above (a 12th is about half the 11th) is the evidence
+    rest = [r for r in lidc_rows if r.variant not in LIDC_TOP_IN_VIEW and r.variant != THICK]
     assert rest and all(any("the length of a 12th rib" in n for n in r.notes) for r in rest), [
         (r.variant, r.notes) for r in rest
     ]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="the 5 mm slabs put the first rib in the top slice (no count from the top) and break the right "
+    "12th rib up, so the lowest rib is seen on one side only: a 12th whose partner was missed looks the same "
+    "as a rib credited one vertebra too low, which a random tilted copy showed, so it is not taken alone",
+)
 def test_lidc_naming_confidence_is_the_same(lidc_rows: list[Row]) -> None:
     assert {r.uncertain for r in lidc_rows} == {lidc_rows[0].uncertain}
 
 
 def test_lidc_category_is_the_same(lidc_rows: list[Row]) -> None:
-    # L2 is cut by the lower edge in most copies: the category is on L1-L2 where both are usable, on T12-L1
-    # otherwise (the summary says which)
-    cats = {r.category for r in lidc_rows}
-    means = [r.category_mg for r in lidc_rows if r.category_mg is not None]
-    assert len(means) == len(lidc_rows)
+    # the category of every copy named confidently (an uncertain one has none, by design). L2 is cut by the
+    # lower edge in most copies: the category is on L1-L2 where both are usable, on T12-L1 otherwise
+    sure = [r for r in lidc_rows if not r.uncertain]
+    assert len(sure) >= len(lidc_rows) - 1
+    cats = {r.category for r in sure}
+    means = [r.category_mg for r in sure if r.category_mg is not None]
+    assert len(means) == len(sure)
     near = any(abs(m - c) <= 5.0 for m in means for c in CUTOFFS)
     assert len(cats) == 1 or near, (cats, means)
     assert None not in cats

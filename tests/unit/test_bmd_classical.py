@@ -104,15 +104,15 @@ def test_the_pair_above_the_lowest_must_taper_like_an_11th(tenth: float, uncerta
     assert 210.0 / 267.0 < RIB_TENTH_RATIO <= 210.0 / 220.0
 
 
-@pytest.mark.parametrize(("low", "uncertain"), [(114.0, False), (30.0, True), (180.0, True)])
-def test_lowest_rib_on_one_side_only_is_judged_by_its_length(low: float, uncertain: bool) -> None:
-    # a 12th-length rib under a pair seen on both sides is a 12th whose partner was missed or is absent;
-    # a rudimentary one may be a unilateral lumbar rib, a long one an 11th
+@pytest.mark.parametrize("low", [114.0, 30.0, 180.0])
+def test_lowest_rib_on_one_side_only_is_uncertain_whatever_its_length(low: float) -> None:
+    # a 12th whose partner was missed looks like a rib credited one vertebra too low (seen on a tilted copy of
+    # the LIDC chest CT whose discs were misplaced): without a second anchor the names stay flagged
     segs = _spine([267.0, 210.0, low], 4, sacrum=False)
     segs[2].rib_r, segs[2].rib_len_r = 0.0, 0.0
     names, unc, ev = _names(segs, sacrum=False)
     assert names[2] == "T12"
-    assert unc is uncertain, ev
+    assert unc, ev
     assert "one side only" in ev
 
 
