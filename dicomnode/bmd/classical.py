@@ -78,6 +78,8 @@ from dicomnode.bmd.grid import (
     F32,
     B,
     CoarseGrid,
+    binary_closing_2d,
+    binary_opening_2d,
     body_mask,
     coarse_to_full,
     disk,
@@ -247,11 +249,21 @@ def _fill_bright_holes(closed: B, hu2: F32, min_hu: float, behind_y: float | Non
 
     ``behind_y``: holes whose centre lies behind this row (the canal behind a body's centre) stay open.
     """
-    filled = np.asarray(ndi.binary_fill_holes(closed), dtype=bool)
-    holes = filled & ~closed
-    if not holes.any():
-        return filled
-    lab, n = ndi.label(holes)
+    # the holes, labelled as ``ndi.label(binary_fill_holes(closed) & ~closed)`` labels them: the
+    # background's 4-connected components that do not reach the slice's edge, numbered in scan order
+    bg, n_bg = ndi.label(~np.asarray(closed, dtype=bool))
+    outside = np.zeros(n_bg + 1, dtype=bool)
+    outside[0] = True
+    for edge in (bg[0, :], bg[-1, :], bg[:, 0], bg[:, -1]):
+        outside[edge] = True
+    hole_ids = np.flatnonzero(~outside)
+    if hole_ids.size == 0:
+        return np.array(closed, dtype=bool)
+    n = int(hole_ids.size)
+    renumber = np.zeros(n_bg + 1, dtype=np.int32)
+    renumber[hole_ids] = np.arange(1, n + 1, dtype=np.int32)
+    lab = renumber[bg]
+    holes = lab > 0
     idx = np.arange(1, n + 1)
     med = np.asarray(ndi.median(hu2, lab, idx))
     keep = np.zeros(n + 1, dtype=bool)
@@ -268,7 +280,7 @@ def _body_blob(
     """The vertebral body on one slice: the most posterior thick blob within 35 mm of the trunk midline
     with bright cortex inside, >= 25 mm in front of the back skin. Returns its centre x, its posterior wall
     row and its depth (rows) along the midline, and its centre row; None when there is none."""
-    op = ndi.binary_opening(filled, structure=st_open)
+    op = binary_opening_2d(filled, st_open)
     lab, n = ndi.label(op)
     if n == 0:
         return None
@@ -327,7 +339,7 @@ def _find_canal(hu: F32, body: B, g: float) -> tuple[Frame, B]:
         w = wall[z]
         if w.sum() * g * g < 300.0 or not body[z].any():
             continue
-        closed = ndi.binary_closing(w, structure=st) | w
+        closed = binary_closing_2d(w, st) | w
         filled = _fill_bright_holes(closed, hu[z], 40.0)
         bj, bi = np.nonzero(body[z])
         mid_x, mid_y = float(bi.mean()), float(bj.mean())
@@ -402,7 +414,7 @@ def _bodies(hu: F32, body: B, frame: Frame, g: float) -> B:
         w = (hu2 > WALL_HU) & body[z][crop] & win
         if w.sum() * g * g < 100.0:
             continue
-        closed = ndi.binary_closing(np.pad(w, 3), structure=st_close)[3:-3, 3:-3] | w
+        closed = binary_closing_2d(np.pad(w, 3), st_close)[3:-3, 3:-3] | w
         reg = _fill_bright_holes(closed, hu2, 40.0) & win
         if reg.sum() * g * g < 150.0:
             continue
@@ -419,7 +431,7 @@ def _bodies(hu: F32, body: B, frame: Frame, g: float) -> B:
                 np.hypot(cy_ - sy, cx_ - sx), basins, np.arange(1, n_mark + 1), np.min, float, np.inf
             )
             reg = basins == int(np.argmin(dmin)) + 1
-        op = ndi.binary_opening(reg, structure=st_open)
+        op = binary_opening_2d(reg, st_open)
         lab, n = ndi.label(op)
         if n == 0:
             continue
@@ -1139,13 +1151,13 @@ def _sacral_slices(
         if not b.any():
             continue
         dxm = (xx - xc) * g
-        f = ndi.binary_closing((hu[z] > BONE_HU) | b, structure=st) | b
+        f = binary_closing_2d((hu[z] > BONE_HU) | b, st) | b
         lab, _ = ndi.label(f)
         ids = np.unique(lab[b])
         comp = np.isin(lab, ids[ids > 0])
         reach_l = float(dxm[comp].max()) if comp.any() else 0.0
         reach_r = float(-dxm[comp].min()) if comp.any() else 0.0
-        f2 = ndi.binary_closing(filled[z], structure=st) | filled[z] | b
+        f2 = binary_closing_2d(filled[z], st) | filled[z] | b
         lab2, _ = ndi.label(f2)
         ids2 = np.unique(lab2[b])
         comp2 = np.isin(lab2, ids2[ids2 > 0])

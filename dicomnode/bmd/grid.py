@@ -291,6 +291,63 @@ def fill_holes_2d(m: B) -> B:
     return filled
 
 
+def _symmetric_offsets(structure: B, ndim: int) -> npt.NDArray[np.intp] | None:
+    """The offsets (from the centre) of a structure with odd sizes that is point-symmetric (so that
+    erosion and dilation need no reflection); None for any other structure."""
+    st = np.asarray(structure, dtype=bool)
+    if st.ndim != ndim or any(n % 2 == 0 for n in st.shape) or not np.array_equal(st, st[::-1, ::-1]):
+        return None
+    offsets: npt.NDArray[np.intp] = np.argwhere(st) - np.array(st.shape) // 2
+    return offsets
+
+
+def _erode_2d(mask: B, offsets: npt.NDArray[np.intp]) -> B:
+    """Erosion of a 2-D mask (outside the image: False), as the AND of the mask shifted by each offset."""
+    ny, nx = mask.shape
+    r = int(np.abs(offsets).max()) if offsets.size else 0
+    p = np.pad(mask, r)
+    out = np.ones(mask.shape, dtype=bool)
+    for dy, dx in offsets:
+        out &= p[r + dy : r + dy + ny, r + dx : r + dx + nx]
+    return out
+
+
+def _dilate_2d(mask: B, offsets: npt.NDArray[np.intp]) -> B:
+    """Dilation of a 2-D mask by a point-symmetric structure's offsets: the OR of the shifted masks."""
+    ny, nx = mask.shape
+    r = int(np.abs(offsets).max()) if offsets.size else 0
+    p = np.pad(mask, r)
+    out = np.zeros(mask.shape, dtype=bool)
+    for dy, dx in offsets:
+        out |= p[r + dy : r + dy + ny, r + dx : r + dx + nx]
+    return out
+
+
+def binary_opening_2d(mask: B, structure: B) -> B:
+    """``ndi.binary_opening(mask, structure)`` (one iteration, border 0) of a small 2-D mask.
+
+    For a point-symmetric structure with odd sizes (a disk, a cross, a square) the erosion is the AND
+    and the dilation the OR of the mask shifted by each of the structure's offsets: the same pixels as
+    scipy's, several times faster on the slices of the working grid (scipy's per-pixel structure loop
+    dominates there). Any other structure goes to scipy.
+    """
+    m = np.asarray(mask, dtype=bool)
+    offsets = _symmetric_offsets(structure, 2)
+    if offsets is None or m.ndim != 2 or m.size == 0:
+        return np.asarray(ndi.binary_opening(m, structure=structure), dtype=bool)
+    return _dilate_2d(_erode_2d(m, offsets), offsets)
+
+
+def binary_closing_2d(mask: B, structure: B) -> B:
+    """``ndi.binary_closing(mask, structure)`` (one iteration, border 0: the image edge erodes) of a
+    small 2-D mask; see :func:`binary_opening_2d`."""
+    m = np.asarray(mask, dtype=bool)
+    offsets = _symmetric_offsets(structure, 2)
+    if offsets is None or m.ndim != 2 or m.size == 0:
+        return np.asarray(ndi.binary_closing(m, structure=structure), dtype=bool)
+    return _erode_2d(_dilate_2d(m, offsets), offsets)
+
+
 def sparse_binary_opening(mask: B, structure: B) -> B:
     """``ndi.binary_opening(mask, structure)`` (one iteration, border 0) for a sparse 3-D mask.
 
