@@ -20,7 +20,7 @@ from dicomnode.bmd import calibration as cal
 from dicomnode.bmd import qc
 from dicomnode.bmd.classical import ClassicalBackend, ClassicalContext
 from dicomnode.bmd.grid import CoarseGrid, body_mask, make_coarse
-from dicomnode.bmd.roi import RoiStats, outline_on_slice, padded_box, trabecular_roi
+from dicomnode.bmd.roi import Box, RoiStats, outline_on_slice, padded_box, trabecular_roi
 from dicomnode.bmd.segmentation import SegmentationBackend, SpineSegmentation, get_backend
 from dicomnode.bmd.tissues import (
     SpineFrame,
@@ -73,15 +73,34 @@ class BmdOptions:
 class LabelMasks(Mapping[str, npt.NDArray[np.bool_]]):
     """Read-only mapping level -> boolean mask, computed on access from one label volume.
 
-    Keeps memory at one ``uint8`` volume instead of one boolean volume per level.
+    Keeps memory at one ``uint8`` volume instead of one boolean volume per level. ``boxes`` (optional) gives
+    per level a box of the label volume outside which that level's label does not occur: a mask is then
+    compared inside its box only (the rest is the zeros of a fresh array), and :meth:`box` tells a reader
+    (the overlays) where to look.
     """
 
-    def __init__(self, labels: npt.NDArray[np.uint8], levels: Mapping[str, int]) -> None:
+    def __init__(
+        self,
+        labels: npt.NDArray[np.uint8],
+        levels: Mapping[str, int],
+        boxes: Mapping[str, Box] | None = None,
+    ) -> None:
         self.labels = labels
         self._levels = dict(levels)
+        self._boxes = {k: v for k, v in (boxes or {}).items() if k in self._levels}
 
     def __getitem__(self, level: str) -> npt.NDArray[np.bool_]:
-        return np.asarray(self.labels == self._levels[level])
+        q = self._levels[level]
+        box = self._boxes.get(level)
+        if box is None:
+            return np.asarray(self.labels == q)
+        out = np.zeros(self.labels.shape, dtype=bool)
+        out[box] = self.labels[box] == q
+        return out
+
+    def box(self, level: str) -> Box | None:
+        """A box outside which ``level``'s mask is all False (None: unknown, the whole volume)."""
+        return self._boxes.get(level)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._levels)
@@ -99,6 +118,30 @@ class BmdOutput:
     body_masks: Mapping[str, npt.NDArray[np.bool_]]
     roi_masks: Mapping[str, npt.NDArray[np.bool_]]
     segmentation: SpineSegmentation | None = None
+
+
+def _find_objects(labels: npt.NDArray[np.uint8], label_box: object = None) -> list[Box | None]:
+    """``ndi.find_objects(labels)``; read inside ``label_box`` only when the backend gave one (the hint
+    ``label_box``: a box outside which every label is 0), which gives the same boxes for a fraction of
+    the work."""
+    if not (
+        isinstance(label_box, tuple) and len(label_box) == 3 and all(isinstance(b, slice) for b in label_box)
+    ):
+        return list(ndi.find_objects(labels))
+    starts = [int(b.indices(n)[0]) for b, n in zip(label_box, labels.shape, strict=True)]
+    out: list[Box | None] = []
+    for o in ndi.find_objects(labels[label_box]):
+        if o is None:
+            out.append(None)
+        else:
+            out.append(
+                (
+                    slice(o[0].start + starts[0], o[0].stop + starts[0]),
+                    slice(o[1].start + starts[1], o[1].stop + starts[1]),
+                    slice(o[2].start + starts[2], o[2].stop + starts[2]),
+                )
+            )
+    return out
 
 
 def _frame_from_labels(
@@ -262,13 +305,18 @@ def _analyze(volume: Volume, opts: BmdOptions) -> BmdOutput:
     notes.extend(phase_notes)
 
     # 4. per-level ROIs at full resolution
-    objs = ndi.find_objects(seg.body_labels)
+    objs = _find_objects(seg.body_labels, seg.hints.get("label_box"))
     roi_labels = np.zeros(canon.shape, dtype=np.uint8)
     stats: dict[str, RoiStats] = {}
+    body_boxes: dict[str, Box] = {}
+    roi_boxes: dict[str, Box] = {}
     for q, lvl in enumerate(seg.levels, start=1):
-        if q - 1 >= len(objs) or objs[q - 1] is None:
+        found = objs[q - 1] if q - 1 < len(objs) else None
+        if found is None:
             continue
-        box = padded_box(objs[q - 1], canon.shape)
+        body_boxes[lvl] = found
+        box = padded_box(found, canon.shape)
+        roi_boxes[lvl] = box
         body_q = seg.body_labels[box] == q
         axis = seg.hints.get("axes", {}).get(lvl) if isinstance(seg.hints.get("axes"), dict) else None
         st = trabecular_roi(canon, body_q, box, opts.erosion_mm, opts.endplate_margin_mm, axis)
@@ -317,7 +365,7 @@ def _analyze(volume: Volume, opts: BmdOptions) -> BmdOutput:
     return BmdOutput(
         result=result,
         canonical=canon,
-        body_masks=LabelMasks(seg.body_labels, index),
-        roi_masks=LabelMasks(roi_labels, {k: v for k, v in index.items() if k in stats}),
+        body_masks=LabelMasks(seg.body_labels, index, body_boxes),
+        roi_masks=LabelMasks(roi_labels, {k: v for k, v in index.items() if k in stats}, roi_boxes),
         segmentation=seg,
     )

@@ -81,6 +81,8 @@ from dicomnode.bmd.grid import (
     F32,
     B,
     CoarseGrid,
+    binary_closing_2d,
+    binary_opening_2d,
     body_mask,
     coarse_to_full,
     disk,
@@ -262,11 +264,21 @@ def _fill_bright_holes(closed: B, hu2: F32, min_hu: float, behind_y: float | Non
 
     ``behind_y``: holes whose centre lies behind this row (the canal behind a body's centre) stay open.
     """
-    filled = np.asarray(ndi.binary_fill_holes(closed), dtype=bool)
-    holes = filled & ~closed
-    if not holes.any():
-        return filled
-    lab, n = ndi.label(holes)
+    # the holes, labelled as ``ndi.label(binary_fill_holes(closed) & ~closed)`` labels them: the
+    # background's 4-connected components that do not reach the slice's edge, numbered in scan order
+    bg, n_bg = ndi.label(~np.asarray(closed, dtype=bool))
+    outside = np.zeros(n_bg + 1, dtype=bool)
+    outside[0] = True
+    for edge in (bg[0, :], bg[-1, :], bg[:, 0], bg[:, -1]):
+        outside[edge] = True
+    hole_ids = np.flatnonzero(~outside)
+    if hole_ids.size == 0:
+        return np.array(closed, dtype=bool)
+    n = int(hole_ids.size)
+    renumber = np.zeros(n_bg + 1, dtype=np.int32)
+    renumber[hole_ids] = np.arange(1, n + 1, dtype=np.int32)
+    lab = renumber[bg]
+    holes = lab > 0
     idx = np.arange(1, n + 1)
     med = np.asarray(ndi.median(hu2, lab, idx))
     keep = np.zeros(n + 1, dtype=bool)
@@ -283,7 +295,7 @@ def _body_blob(
     """The vertebral body on one slice: the most posterior thick blob within 35 mm of the trunk midline
     with bright cortex inside, >= 25 mm in front of the back skin. Returns its centre x, its posterior wall
     row and its depth (rows) along the midline, and its centre row; None when there is none."""
-    op = ndi.binary_opening(filled, structure=st_open)
+    op = binary_opening_2d(filled, st_open)
     lab, n = ndi.label(op)
     if n == 0:
         return None
@@ -342,7 +354,7 @@ def _find_canal(hu: F32, body: B, g: float) -> tuple[Frame, B]:
         w = wall[z]
         if w.sum() * g * g < 300.0 or not body[z].any():
             continue
-        closed = ndi.binary_closing(w, structure=st) | w
+        closed = binary_closing_2d(w, st) | w
         filled = _fill_bright_holes(closed, hu[z], 40.0)
         bj, bi = np.nonzero(body[z])
         mid_x, mid_y = float(bi.mean()), float(bj.mean())
@@ -417,7 +429,7 @@ def _bodies(hu: F32, body: B, frame: Frame, g: float) -> B:
         w = (hu2 > WALL_HU) & body[z][crop] & win
         if w.sum() * g * g < 100.0:
             continue
-        closed = ndi.binary_closing(np.pad(w, 3), structure=st_close)[3:-3, 3:-3] | w
+        closed = binary_closing_2d(np.pad(w, 3), st_close)[3:-3, 3:-3] | w
         reg = _fill_bright_holes(closed, hu2, 40.0) & win
         if reg.sum() * g * g < 150.0:
             continue
@@ -434,7 +446,7 @@ def _bodies(hu: F32, body: B, frame: Frame, g: float) -> B:
                 np.hypot(cy_ - sy, cx_ - sx), basins, np.arange(1, n_mark + 1), np.min, float, np.inf
             )
             reg = basins == int(np.argmin(dmin)) + 1
-        op = ndi.binary_opening(reg, structure=st_open)
+        op = binary_opening_2d(reg, st_open)
         lab, n = ndi.label(op)
         if n == 0:
             continue
@@ -1154,13 +1166,13 @@ def _sacral_slices(
         if not b.any():
             continue
         dxm = (xx - xc) * g
-        f = ndi.binary_closing((hu[z] > BONE_HU) | b, structure=st) | b
+        f = binary_closing_2d((hu[z] > BONE_HU) | b, st) | b
         lab, _ = ndi.label(f)
         ids = np.unique(lab[b])
         comp = np.isin(lab, ids[ids > 0])
         reach_l = float(dxm[comp].max()) if comp.any() else 0.0
         reach_r = float(-dxm[comp].min()) if comp.any() else 0.0
-        f2 = ndi.binary_closing(filled[z], structure=st) | filled[z] | b
+        f2 = binary_closing_2d(filled[z], st) | filled[z] | b
         lab2, _ = ndi.label(f2)
         ids2 = np.unique(lab2[b])
         comp2 = np.isin(lab2, ids2[ids2 > 0])
@@ -1615,7 +1627,7 @@ class ClassicalBackend:
 
         if not levels:
             raise NotQualifyingError("no vertebra could be named")
-        full = _labels_to_full(context.grid, coarse_labels, len(levels))
+        full, label_box = _labels_to_full(context.grid, coarse_labels, len(levels))
         ev = list(notes) + list(naming.evidence)
         log.debug("classical segmentation: %s", "; ".join(ev))
         return SpineSegmentation(
@@ -1625,7 +1637,7 @@ class ClassicalBackend:
             evidence=tuple(ev),
             truncated=frozenset(truncated),
             unreliable=unreliable,
-            hints={"frame": frame, "axes": axes},
+            hints={"frame": frame, "axes": axes, "label_box": label_box},
         )
 
 
@@ -1642,19 +1654,47 @@ def _caudal_run(sac: npt.NDArray[np.bool_], g: float) -> tuple[int, int] | None:
     return min(runs, key=lambda r: r[0]) if runs else None
 
 
-def _labels_to_full(grid: CoarseGrid, labels: npt.NDArray[np.uint8], n: int) -> npt.NDArray[np.uint8]:
-    out = np.zeros(grid.full_shape, dtype=np.uint8)
+def _labels_to_full(
+    grid: CoarseGrid, labels: npt.NDArray[np.uint8], n: int
+) -> tuple[npt.NDArray[np.uint8], tuple[slice, slice, slice] | None]:
+    """The coarse labels 1..n on the canonical grid (linear interpolation of each label's mask, 0.5
+    threshold; a voxel already taken keeps its label), and a canonical box outside which all is 0 (None
+    when no label is present).
+
+    Each label is interpolated from a crop of the working grid around it (its box plus the 4 mm margin,
+    the interpolation's reach and a spare voxel): the same samples as from the whole grid, for a
+    fraction of the work."""
     from dicomnode.bmd.grid import full_bbox_of_coarse
 
+    out = np.zeros(grid.full_shape, dtype=np.uint8)
+    objs = ndi.find_objects(labels, max_label=n)
+    steps = (grid.step[2], grid.step[1], grid.step[0])
+    # coarse voxels a sample of the bbox may read beyond the label's own box: the 4 mm margin, the
+    # rounding of the bbox to whole canonical voxels (< 1 canonical voxel = 1/step coarse), the linear
+    # interpolation's upper neighbour, and one spare
+    pad = [int(np.ceil(4.0 / grid.g + 1.0 / st)) + 2 for st in steps]
+    union: list[list[int]] | None = None
     for q in range(1, n + 1):
-        m = labels == q
-        if not m.any():
+        box = objs[q - 1] if q - 1 < len(objs) else None
+        if box is None:
             continue
-        bbox = full_bbox_of_coarse(grid, m, 4.0)
-        fm, _ = coarse_to_full(grid, m, bbox)
+        crop = tuple(
+            slice(max(0, box[a].start - pad[a]), min(labels.shape[a], box[a].stop + pad[a])) for a in range(3)
+        )
+        origin = (crop[0].start, crop[1].start, crop[2].start)
+        m = labels[crop] == q
+        bbox = full_bbox_of_coarse(grid, m, 4.0, origin=origin)
+        fm, _ = coarse_to_full(grid, m, bbox, origin=origin)
         sub = out[bbox]
         sub[fm & (sub == 0)] = q
-    return out
+        if union is None:
+            union = [[b.start, b.stop] for b in bbox]
+        else:
+            for a in range(3):
+                union[a] = [min(union[a][0], bbox[a].start), max(union[a][1], bbox[a].stop)]
+    if union is None:
+        return out, None
+    return out, (slice(*union[0]), slice(*union[1]), slice(*union[2]))
 
 
 __all__ = ["AnalysisError", "ClassicalBackend", "ClassicalContext"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -207,14 +208,36 @@ def _exit_now(rc: int) -> None:
     os._exit(rc)
 
 
+#: Cyclic garbage collection in the command process: a young generation this large is collected about
+#: 70 times less often than with Python's default (700), and older generations only every 50 of those.
+COMMAND_GC_THRESHOLDS = (50_000, 50, 50)
+
+
+def _tune_gc() -> None:
+    """Spare the one-shot command most of the cyclic garbage collector's work.
+
+    Reading a few hundred DICOM headers and building the SR allocate hundreds of thousands of small
+    objects; with the default thresholds the collector ran ~700 times, five of them full collections over
+    every module imported (about 0.3 s of a 5 s run). Everything imported so far lives until the process
+    ends: ``gc.freeze`` takes it out of the collector's sight, and higher thresholds make collections rare
+    (cycles are still freed: the collector stays enabled). Nothing computed changes.
+    """
+    gc.freeze()
+    gc.set_threshold(*COMMAND_GC_THRESHOLDS)
+
+
 def run(args: argparse.Namespace) -> int:
     """Handler of ``dicomnode analyze``; never lets a traceback reach the user (unless -vv).
 
-    Run as the ``dicomnode`` command, the process then ends at once (see :func:`_exit_now`); called from
-    Python it returns the exit status.
+    Run as the ``dicomnode`` command, the garbage collector is tuned for one short run (:func:`_tune_gc`)
+    and the process ends at once (see :func:`_exit_now`); called from Python it returns the exit status and
+    leaves the collector as it was.
     """
+    command = _is_command_process()
+    if command:
+        _tune_gc()
     rc = _run(args)
-    if _is_command_process():
+    if command:
         _exit_now(rc)
     return rc
 

@@ -269,9 +269,27 @@ def _measure_draw() -> ImageDraw.ImageDraw:
     return ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
 
-def _projection(mask: BoolArray) -> BoolArray:
-    """Left-right projection of a canonical mask ``[k, j, i]`` -> ``[k, j]`` (the sagittal view)."""
-    return np.asarray(mask.any(axis=2), dtype=bool)
+def _projection(mask: BoolArray, box: tuple[slice, slice, slice] | None = None) -> BoolArray:
+    """Left-right projection of a canonical mask ``[k, j, i]`` -> ``[k, j]`` (the sagittal view).
+
+    ``box``: the mask is all False outside it (only the box is read)."""
+    if box is None:
+        return np.asarray(mask.any(axis=2), dtype=bool)
+    out = np.zeros(mask.shape[:2], dtype=bool)
+    out[box[0], box[1]] = mask[box].any(axis=2)
+    return out
+
+
+def _mask_box(masks: Mapping[str, BoolArray], level: str) -> tuple[slice, slice, slice] | None:
+    """The box outside which ``masks[level]`` is all False, when the mapping knows it (a ``box(level)``
+    method, as ``dicomnode.bmd.LabelMasks`` has); None otherwise."""
+    box_of = getattr(masks, "box", None)
+    if not callable(box_of):
+        return None
+    box = box_of(level)
+    if isinstance(box, tuple) and len(box) == 3 and all(isinstance(b, slice) for b in box):
+        return (box[0], box[1], box[2])
+    return None
 
 
 def _common_flags(verts: Sequence[VertebraResult]) -> tuple[str, ...]:
@@ -320,7 +338,7 @@ def render_overview(
         for v in result.vertebrae:
             mask = roi_masks.get(v.level)
             if mask is not None and mask.shape == volume.data.shape:
-                projections[v.level] = _projection(mask)
+                projections[v.level] = _projection(mask, _mask_box(roi_masks, v.level))
     return _render_overview(result, volume, projections, disclaimer=disclaimer, target_px=target_px)
 
 
@@ -714,7 +732,7 @@ def render_all(
             mask = roi_masks.get(v.level)
             if mask is None or mask.shape != volume.data.shape:
                 continue
-            projections[v.level] = _projection(mask)
+            projections[v.level] = _projection(mask, _mask_box(roi_masks, v.level))
             if levels is None or v.level in levels:
                 slices[v.level] = np.array(mask[_axial_k(volume, v)], dtype=bool)
             del mask  # one full-size mask alive at a time

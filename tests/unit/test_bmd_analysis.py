@@ -160,3 +160,26 @@ def test_thoracic_names_given_with_doubt_are_not_called_a_spine_without_lumbar_v
     monkeypatch.setattr(analysis.ClassicalBackend, "segment", shifted(False))
     with pytest.raises(NotQualifyingError, match="lumbar spine not in view"):
         analyze_volume(vol)
+
+
+def test_label_masks_with_boxes_equal_the_plain_comparison() -> None:
+    from scipy import ndimage as ndi
+
+    from dicomnode.bmd import LabelMasks
+    from dicomnode.bmd.analysis import _find_objects
+
+    rng = np.random.default_rng(8)
+    labels = np.zeros((30, 40, 50), dtype=np.uint8)
+    labels[3:9, 5:15, 10:20] = 1
+    labels[12:20, 8:18, 12:25] = rng.integers(0, 2, (8, 10, 13)) * 2
+    levels = {"L1": 1, "L2": 2, "L3": 3}
+    objs = ndi.find_objects(labels)
+    assert _find_objects(labels, (slice(2, 25), slice(4, 30), slice(9, 40))) == objs
+    assert _find_objects(labels, None) == objs
+    boxes = {"L1": objs[0], "L2": objs[1]}
+    masks = LabelMasks(labels, levels, boxes)
+    plain = LabelMasks(labels, levels)
+    for lv in levels:
+        assert np.array_equal(masks[lv], labels == levels[lv])
+        assert np.array_equal(plain[lv], labels == levels[lv])
+    assert masks.box("L1") == objs[0] and masks.box("L3") is None and plain.box("L1") is None

@@ -76,3 +76,38 @@ def test_a_field_of_view_inside_the_trunk_has_neither_air_nor_skin() -> None:
     depth = depth_from_skin(body, G, hull=hull)
     assert measure_air(hu, body, G, hull=hull) is None
     assert measure_fat(hu, body, depth) is None
+
+
+def _plain_depth_from_skin(
+    body: npt.NDArray[np.bool_], g: float, max_mm: float = 30.0
+) -> npt.NDArray[np.float32]:
+    """The depth as written before: scipy erosions of the hull, boolean-index updates."""
+    from scipy import ndimage as ndi
+
+    cross = np.zeros((1, 3, 3), dtype=bool)
+    cross[0] = ndi.generate_binary_structure(2, 1)
+    square = np.ones((1, 3, 3), dtype=bool)
+    depth = np.zeros(body.shape, dtype=np.float32)
+    cur = outline_hull(body)
+    for it in range(int(np.ceil(max_mm / g))):
+        depth[cur] += np.float32(g)
+        cur = ndi.binary_erosion(cur, structure=cross if it % 2 == 0 else square, border_value=1)
+        if not cur.any():
+            break
+    depth[cur] = np.float32(max_mm + g)
+    depth[~body] = 0.0
+    return depth
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_depth_from_skin_equals_the_scipy_erosions(seed: int) -> None:
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+    body = ndi.gaussian_filter(rng.random((6, 50, 45)), 2.0) > 0.48
+    body[:, 20:30, 15:30] = True
+    for g in (2.0, 3.0):
+        got = depth_from_skin(body, g)
+        ref = _plain_depth_from_skin(body, g)
+        assert got.dtype == np.float32
+        assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))

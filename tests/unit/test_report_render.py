@@ -220,3 +220,19 @@ def test_a_vertebra_with_no_roi_is_listed_under_the_overview(case: SyntheticCase
     full = r.render_overview(case.result, case.canonical, case.roi_masks)
     listed = r.render_overview(result, case.canonical, case.roi_masks)
     assert listed.rgb.shape[0] > full.rgb.shape[0] - 200  # drawn; one label fewer, one footer line more
+
+
+def test_projection_inside_a_known_box_equals_the_whole_projection() -> None:
+    from dicomnode.report.render import _mask_box, _projection
+
+    class Boxed(dict[str, np.ndarray]):
+        def box(self, level: str) -> tuple[slice, slice, slice] | None:
+            return (slice(2, 9), slice(3, 12), slice(1, 7)) if level == "L1" else None
+
+    mask = np.zeros((12, 15, 10), dtype=bool)
+    mask[2:9, 3:12, 1:7] = np.random.default_rng(9).random((7, 9, 6)) < 0.3
+    masks = Boxed(L1=mask, L2=mask)
+    assert _mask_box(masks, "L2") is None and _mask_box({"L1": mask}, "L1") is None
+    box = _mask_box(masks, "L1")
+    assert box is not None
+    assert np.array_equal(_projection(mask, box), _projection(mask))
