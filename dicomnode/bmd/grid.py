@@ -8,6 +8,7 @@ to the full-resolution canonical data.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -74,15 +75,22 @@ def _block_mean_axis(d: F32, axis: int, fa: int, workers: int = 2) -> F32:
                 np.add(acc, part, out=acc)
         np.multiply(acc, scale, out=acc)
 
-    bounds = [(lo, hi) for lo, hi in itertools.pairwise(edges) if hi > lo]
-    if len(bounds) <= 1 or out.size < 1_000_000:  # a small volume: not worth a thread
-        for lo, hi in bounds:
-            slab(lo, hi)
-        return out
-    with ThreadPoolExecutor(max_workers=len(bounds)) as pool:
-        for f in [pool.submit(slab, lo, hi) for lo, hi in bounds]:
-            f.result()
+    _run_slabs(slab, edges, out.size)
     return out
+
+
+def _run_slabs(work: Callable[[int, int], None], edges: list[int], size: int) -> None:
+    """Run ``work(lo, hi)`` for each non-empty range between consecutive ``edges``: in one thread for a
+    small volume (< 1e6 output voxels, not worth a thread), else one thread per range (numpy releases the
+    GIL)."""
+    bounds = [(lo, hi) for lo, hi in itertools.pairwise(edges) if hi > lo]
+    if len(bounds) <= 1 or size < 1_000_000:
+        for lo, hi in bounds:
+            work(lo, hi)
+        return
+    with ThreadPoolExecutor(max_workers=len(bounds)) as pool:
+        for fut in [pool.submit(work, lo, hi) for lo, hi in bounds]:
+            fut.result()
 
 
 #: Output slices (along axis 0) per slab of :func:`_block_mean`: the slab's intermediates stay in cache.
@@ -111,15 +119,7 @@ def _block_mean(d: F32, f: tuple[int, int, int], workers: int = 2) -> F32:
                     part = _block_mean_axis(part, axis, fa, workers=1)
             out[s0:s1] = part
 
-    edges = [n0 * w // workers for w in range(workers + 1)]
-    bounds = [(lo, hi) for lo, hi in itertools.pairwise(edges) if hi > lo]
-    if len(bounds) <= 1 or out.size < 1_000_000:  # a small volume: not worth a thread
-        for lo, hi in bounds:
-            slabs(lo, hi)
-        return out
-    with ThreadPoolExecutor(max_workers=len(bounds)) as pool:
-        for fut in [pool.submit(slabs, lo, hi) for lo, hi in bounds]:
-            fut.result()
+    _run_slabs(slabs, [n0 * w // workers for w in range(workers + 1)], out.size)
     return out
 
 
@@ -301,26 +301,28 @@ def _symmetric_offsets(structure: B, ndim: int) -> npt.NDArray[np.intp] | None:
     return offsets
 
 
-def _erode_2d(mask: B, offsets: npt.NDArray[np.intp]) -> B:
-    """Erosion of a 2-D mask (outside the image: False), as the AND of the mask shifted by each offset."""
+def _shifted(mask: B, offsets: npt.NDArray[np.intp], erode: bool) -> B:
+    """Erosion (the AND of the mask shifted by each offset; outside the image: False) or dilation (the OR)
+    of a 2-D mask by a point-symmetric structure's offsets."""
     ny, nx = mask.shape
     r = int(np.abs(offsets).max()) if offsets.size else 0
     p = np.pad(mask, r)
-    out = np.ones(mask.shape, dtype=bool)
+    out = np.full(mask.shape, erode, dtype=bool)
     for dy, dx in offsets:
-        out &= p[r + dy : r + dy + ny, r + dx : r + dx + nx]
+        shifted = p[r + dy : r + dy + ny, r + dx : r + dx + nx]
+        if erode:
+            out &= shifted
+        else:
+            out |= shifted
     return out
+
+
+def _erode_2d(mask: B, offsets: npt.NDArray[np.intp]) -> B:
+    return _shifted(mask, offsets, erode=True)
 
 
 def _dilate_2d(mask: B, offsets: npt.NDArray[np.intp]) -> B:
-    """Dilation of a 2-D mask by a point-symmetric structure's offsets: the OR of the shifted masks."""
-    ny, nx = mask.shape
-    r = int(np.abs(offsets).max()) if offsets.size else 0
-    p = np.pad(mask, r)
-    out = np.zeros(mask.shape, dtype=bool)
-    for dy, dx in offsets:
-        out |= p[r + dy : r + dy + ny, r + dx : r + dx + nx]
-    return out
+    return _shifted(mask, offsets, erode=False)
 
 
 def binary_opening_2d(mask: B, structure: B) -> B:

@@ -41,15 +41,16 @@ def _plain_block_mean(d: np.ndarray, factors: tuple[int, int, int]) -> np.ndarra
     return d
 
 
-@pytest.mark.parametrize(
-    ("shape", "factors"),
-    [
-        ((7, 9, 11), (3, 2, 1)),
-        ((1, 5, 5), (1, 3, 3)),
-        ((33, 17, 20), (2, 4, 3)),
-        ((120, 130, 140), (2, 2, 2)),
-    ],
-)
+#: shapes and block factors: odd remainders, a single slice, and one over the threading threshold
+BLOCK_CASES = [
+    ((7, 9, 11), (3, 2, 1)),
+    ((1, 5, 5), (1, 3, 3)),
+    ((33, 17, 20), (2, 4, 3)),
+    ((120, 130, 140), (2, 2, 2)),
+]
+
+
+@pytest.mark.parametrize(("shape", "factors"), BLOCK_CASES)
 def test_block_mean_is_bit_identical(shape: tuple[int, int, int], factors: tuple[int, int, int]) -> None:
     # the last case is over the threading threshold (two slabs per axis)
     a = (np.random.default_rng(1).standard_normal(shape) * 300).astype(np.float32)
@@ -95,15 +96,7 @@ def test_sparse_opening_of_an_asymmetric_structure_falls_back_to_scipy() -> None
     assert np.array_equal(sparse_binary_opening(mask, st), ndi.binary_opening(mask, structure=st))
 
 
-@pytest.mark.parametrize(
-    ("shape", "factors"),
-    [
-        ((7, 9, 11), (3, 2, 1)),
-        ((1, 5, 5), (1, 3, 3)),
-        ((33, 17, 20), (2, 4, 3)),
-        ((120, 130, 140), (2, 2, 2)),
-    ],
-)
+@pytest.mark.parametrize(("shape", "factors"), BLOCK_CASES)
 def test_slab_block_mean_is_bit_identical(shape: tuple[int, int, int], factors: tuple[int, int, int]) -> None:
     # the slab by slab mean (make_coarse's) against the whole-volume passes, axis by axis
     a = (np.random.default_rng(6).standard_normal(shape) * 300).astype(np.float32)
