@@ -81,6 +81,7 @@ from dicomnode.bmd.grid import (
     F32,
     B,
     CoarseGrid,
+    background_holes,
     binary_closing_2d,
     binary_opening_2d,
     body_mask,
@@ -266,16 +267,12 @@ def _fill_bright_holes(closed: B, hu2: F32, min_hu: float, behind_y: float | Non
     """
     # the holes, labelled as ``ndi.label(binary_fill_holes(closed) & ~closed)`` labels them: the
     # background's 4-connected components that do not reach the slice's edge, numbered in scan order
-    bg, n_bg = ndi.label(~np.asarray(closed, dtype=bool))
-    outside = np.zeros(n_bg + 1, dtype=bool)
-    outside[0] = True
-    for edge in (bg[0, :], bg[-1, :], bg[:, 0], bg[:, -1]):
-        outside[edge] = True
-    hole_ids = np.flatnonzero(~outside)
+    bg, hole = background_holes(closed)
+    hole_ids = np.flatnonzero(hole)
     if hole_ids.size == 0:
         return np.array(closed, dtype=bool)
     n = int(hole_ids.size)
-    renumber = np.zeros(n_bg + 1, dtype=np.int32)
+    renumber = np.zeros(hole.size, dtype=np.int32)
     renumber[hole_ids] = np.arange(1, n + 1, dtype=np.int32)
     lab = renumber[bg]
     holes = lab > 0
@@ -1274,10 +1271,9 @@ def _lowest_rib_note(segs: list[Segment], first: int, t12: int) -> str:
     pair above is in view, between ``RIB_SHORT_RATIO`` and ``RIB_ELEVENTH_RATIO`` of it, and when the pair
     above that is in view too, the pair above the lowest is an 11th by its taper (< ``RIB_TENTH_RATIO`` of the
     pair above it); with no pair above in view, only a pair in the range of a full 12th rib (>=
-    ``RIB_LONE_MIN_MM``). Shorter: a lumbar rib or a
-    hypoplastic 12th rib; longer against the pair above, or under a pair that does not taper like an 11th: an
-    11th rib with the 12th absent. Either way the
-    names stay the rib-based ones, flagged uncertain.
+    ``RIB_LONE_MIN_MM``). Shorter: a lumbar rib or a hypoplastic 12th rib; longer against the pair above, or
+    under a pair that does not taper like an 11th: an 11th rib with the 12th absent. Either way the names stay
+    the rib-based ones, flagged uncertain.
 
     A 13th pair as long as a 12th (0.37 % of people have 13 pairs) cannot be told from a 12th by the ribs at
     the bottom; only a count from the first rib or the sacrum finds it.

@@ -271,23 +271,28 @@ def body_mask(hu: F32, g: float) -> B:
     return fill_holes_2d(up & m)
 
 
+def background_holes(m: B, structure: B | None = None) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.bool_]]:
+    """The background of ``m`` labelled (``ndi.label(~m, structure)``, in scan order) and, per label, whether
+    it is a hole: a component that does not reach the edge of its slice (the last two axes: a 2-D mask, or a
+    stack of axial slices with an in-plane ``structure``). Label 0, the mask itself, is no hole."""
+    lab, n = ndi.label(~np.asarray(m, dtype=bool), structure=structure)
+    hole = np.ones(n + 1, dtype=bool)
+    hole[0] = False
+    for edge in (lab[..., 0, :], lab[..., -1, :], lab[..., :, 0], lab[..., :, -1]):
+        hole[edge] = False
+    return np.asarray(lab, dtype=np.int32), hole
+
+
 def fill_holes_2d(m: B) -> B:
     """Fill holes slice by slice (axial), also in the first and last slice.
 
     A hole is a 4-connected component of a slice's background that does not touch the slice's edge (what
-    ``ndi.binary_fill_holes`` with the in-plane cross fills): the background is labelled once, and the
-    components that reach an edge stay background. The same voxels as the iterated dilation of scipy's
-    fill, in one pass."""
+    ``ndi.binary_fill_holes`` with the in-plane cross fills; :func:`background_holes`): the same voxels as
+    the iterated dilation of scipy's fill, in one labelling pass."""
     st2 = np.zeros((3, 3, 3), dtype=bool)
     st2[1] = ndi.generate_binary_structure(2, 1)
-    lab, n = ndi.label(~np.asarray(m, dtype=bool), structure=st2)
-    if n == 0:
-        return np.array(m, dtype=bool)
-    outside = np.zeros(n + 1, dtype=bool)
-    for edge in (lab[:, 0, :], lab[:, -1, :], lab[:, :, 0], lab[:, :, -1]):
-        outside[edge] = True
-    outside[0] = True  # the mask itself (label 0) is no hole
-    filled: B = np.asarray(m, dtype=bool) | ~outside[lab]
+    lab, hole = background_holes(m, st2)
+    filled: B = np.asarray(m, dtype=bool) | hole[lab]
     return filled
 
 
@@ -301,15 +306,16 @@ def _symmetric_offsets(structure: B, ndim: int) -> npt.NDArray[np.intp] | None:
     return offsets
 
 
-def _shifted(mask: B, offsets: npt.NDArray[np.intp], erode: bool) -> B:
-    """Erosion (the AND of the mask shifted by each offset; outside the image: False) or dilation (the OR)
-    of a 2-D mask by a point-symmetric structure's offsets."""
-    ny, nx = mask.shape
+def _shifted(mask: B, offsets: npt.NDArray[np.intp], erode: bool, border: bool = False) -> B:
+    """Erosion (the AND of the mask shifted by each in-plane offset) or dilation (the OR) over the last two
+    axes (a 2-D mask, or a stack of axial slices) by a point-symmetric structure's offsets; outside the
+    image counts as ``border``."""
+    ny, nx = mask.shape[-2:]
     r = int(np.abs(offsets).max()) if offsets.size else 0
-    p = np.pad(mask, r)
+    p = np.pad(mask, [(0, 0)] * (mask.ndim - 2) + [(r, r), (r, r)], constant_values=border)
     out = np.full(mask.shape, erode, dtype=bool)
     for dy, dx in offsets:
-        shifted = p[r + dy : r + dy + ny, r + dx : r + dx + nx]
+        shifted = p[..., r + dy : r + dy + ny, r + dx : r + dx + nx]
         if erode:
             out &= shifted
         else:
@@ -317,16 +323,18 @@ def _shifted(mask: B, offsets: npt.NDArray[np.intp], erode: bool) -> B:
     return out
 
 
-def _erode_2d(mask: B, offsets: npt.NDArray[np.intp]) -> B:
-    return _shifted(mask, offsets, erode=True)
+def erode_in_plane(mask: B, structure: B, border: bool = False) -> B:
+    """``ndi.binary_erosion`` of each axial slice (the last two axes) by a point-symmetric 2-D
+    ``structure`` with odd sizes, outside the image counting as ``border``: the AND of the shifted slices,
+    the same voxels without scipy's per-voxel structure loop."""
+    offsets = _symmetric_offsets(structure, 2)
+    if offsets is None:
+        raise ValueError("erode_in_plane needs a point-symmetric 2-D structure with odd sizes")
+    return _shifted(np.asarray(mask, dtype=bool), offsets, erode=True, border=border)
 
 
-def _dilate_2d(mask: B, offsets: npt.NDArray[np.intp]) -> B:
-    return _shifted(mask, offsets, erode=False)
-
-
-def binary_opening_2d(mask: B, structure: B) -> B:
-    """``ndi.binary_opening(mask, structure)`` (one iteration, border 0) of a small 2-D mask.
+def _open_close_2d(mask: B, structure: B, closing: bool) -> B:
+    """``ndi.binary_opening`` / ``binary_closing`` (one iteration, border 0) of a small 2-D mask.
 
     For a point-symmetric structure with odd sizes (a disk, a cross, a square) the erosion is the AND
     and the dilation the OR of the mask shifted by each of the structure's offsets: the same pixels as
@@ -336,18 +344,21 @@ def binary_opening_2d(mask: B, structure: B) -> B:
     m = np.asarray(mask, dtype=bool)
     offsets = _symmetric_offsets(structure, 2)
     if offsets is None or m.ndim != 2 or m.size == 0:
-        return np.asarray(ndi.binary_opening(m, structure=structure), dtype=bool)
-    return _dilate_2d(_erode_2d(m, offsets), offsets)
+        op = ndi.binary_closing if closing else ndi.binary_opening
+        return np.asarray(op(m, structure=structure), dtype=bool)
+    first = _shifted(m, offsets, erode=not closing)
+    return _shifted(first, offsets, erode=closing)
+
+
+def binary_opening_2d(mask: B, structure: B) -> B:
+    """``ndi.binary_opening(mask, structure)`` of a small 2-D mask (see :func:`_open_close_2d`)."""
+    return _open_close_2d(mask, structure, closing=False)
 
 
 def binary_closing_2d(mask: B, structure: B) -> B:
-    """``ndi.binary_closing(mask, structure)`` (one iteration, border 0: the image edge erodes) of a
-    small 2-D mask; see :func:`binary_opening_2d`."""
-    m = np.asarray(mask, dtype=bool)
-    offsets = _symmetric_offsets(structure, 2)
-    if offsets is None or m.ndim != 2 or m.size == 0:
-        return np.asarray(ndi.binary_closing(m, structure=structure), dtype=bool)
-    return _erode_2d(_dilate_2d(m, offsets), offsets)
+    """``ndi.binary_closing(mask, structure)`` (the image edge erodes) of a small 2-D mask (see
+    :func:`_open_close_2d`)."""
+    return _open_close_2d(mask, structure, closing=True)
 
 
 def sparse_binary_opening(mask: B, structure: B) -> B:

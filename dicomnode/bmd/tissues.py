@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage as ndi
 
-from dicomnode.bmd.grid import F32, B
+from dicomnode.bmd.grid import F32, B, erode_in_plane
 
 #: Fewest voxels (coarse grid) for a tissue mean to be trusted.
 MIN_VOXELS = 60
@@ -59,32 +59,20 @@ def depth_from_skin(body: B, g: float, max_mm: float = 30.0, hull: B | None = No
     and exact enough for 3-25 mm bands. At a concave stretch of skin (the back's midline groove) the hull
     runs a few millimetres outside it, so the depth there reads a little more than the skin's own.
     """
+    cross = ndi.generate_binary_structure(2, 1)
+    square = np.ones((3, 3), dtype=bool)
     depth = np.zeros(body.shape, dtype=np.float32)
     cur = outline_hull(body) if hull is None else hull  # never changed in place: each erosion is new
     n = int(np.ceil(max_mm / g))
     step = np.float32(g)
     for it in range(n):
         np.add(depth, step, out=depth, where=cur)
-        cur = _erode_in_plane(cur, square=it % 2 == 1)
+        cur = erode_in_plane(cur, square if it % 2 == 1 else cross, border=True)
         if not cur.any():
             break
     np.copyto(depth, np.float32(max_mm + g), where=cur)
     np.copyto(depth, np.float32(0.0), where=~body)
     return depth
-
-
-def _erode_in_plane(mask: B, square: bool) -> B:
-    """``ndi.binary_erosion(mask, structure, border_value=1)`` for the in-plane cross (4 neighbours) or
-    3 x 3 square of one axial slice (structure shaped ``(1, 3, 3)``): the AND of the shifted slices, the
-    image edge counting as inside. The same voxels, without scipy's generic per-voxel structure loop."""
-    p = np.pad(mask, ((0, 0), (1, 1), (1, 1)), constant_values=True)
-    if square:
-        # the square is separable: 3 rows, then 3 columns
-        rows = p[:, :-2, :] & p[:, 1:-1, :] & p[:, 2:, :]
-        out: B = rows[:, :, :-2] & rows[:, :, 1:-1] & rows[:, :, 2:]
-        return out
-    out = p[:, 1:-1, 1:-1] & p[:, :-2, 1:-1] & p[:, 2:, 1:-1] & p[:, 1:-1, :-2] & p[:, 1:-1, 2:]
-    return out
 
 
 def measure_air(hu: F32, body: B, g: float, hull: B | None = None) -> float | None:
