@@ -16,12 +16,14 @@ sizes in mm; the numbers are anatomical sizes, not fitted to any one scan):
    psoas glued to the body; a 4 mm opening drops thin attachments.
 3. **Discs.** Along the smoothed centreline, the mean HU on a 10 mm disk perpendicular to the column axis.
    Thick discs are dips flanked within 6 mm by brighter end plates; thin (thoracic) discs merge with their
-   end plates into one bright band at 2-3 mm sampling (``_disc_candidates``). The chain of discs is chosen
-   by dynamic programming over pairs of discs: a 14-50 mm pitch that changes smoothly from one vertebra to
-   the next (each disc costs 25 HU of score), gaps of a missed disc are filled (``_find_discs``). Bodies
-   are split by the disc planes (perpendicular to the axis, so tilted L5/S1 discs split cleanly), closed
-   along the axis, and each slice replaced by the convex hull of what its cortex encloses (an enhanced
-   vessel lumen pressed against the body has no cortex and is dropped).
+   end plates into one bright band at 2-3 mm sampling (``_disc_candidates``); a deep dip beside a band is
+   the disc of a resolved pair unless its bright flanks lie a body's height apart (the marrow of a small
+   thoracic body between two merged bands, on thick or tilted slices): then both stay candidates. The
+   chain of discs is chosen by dynamic programming over pairs of discs: a 14-50 mm pitch that changes
+   smoothly from one vertebra to the next (each disc costs 25 HU of score), gaps of a missed disc are
+   filled (``_find_discs``). Bodies are split by the disc planes (perpendicular to the axis, so tilted
+   L5/S1 discs split cleanly), closed along the axis, and each slice replaced by the convex hull of what
+   its cortex encloses (an enhanced vessel lumen pressed against the body has no cortex and is dropped).
 4. **Anchors.** *Ribs*: thin bone (no 12 mm ball fits: not an enhanced organ) outside a 30 mm core that
    reaches >= 65 mm from the axis (lumbar transverse processes end before) and whose medial end reaches the
    spine (<= 36 mm); each rib is credited to the body nearest to its head along the column axis (the
@@ -523,6 +525,29 @@ BAND_WEIGHT = 0.7
 #: 101 HU band of end plate and bone island: disc, 0.42; a 37 HU marrow dip beside a 106 HU merged thoracic
 #: band: marrow, 0.35): a narrow margin, a figure to revisit with more data.
 DIP_VS_BAND = 0.4
+#: The end plates around a disc lie a disc's height apart (lumbar 8-12 mm, thoracic 3-6 mm; spine-anatomy.md
+#: 1), the end-plate bands around a body's marrow a body's height (thoracic 17-23 mm, lumbar 25-30 mm). A
+#: deep dip beside a band whose bright flanks (``_flank_span``) lie at least this far apart may be marrow:
+#: the band is kept as a candidate beside it (``_disc_candidates``). The Basel CT's resolved lumbar discs
+#: span 12-16 mm, the marrow dips of the LIDC thorax on tilted 2.5 mm slabs 18-24 mm.
+MARROW_SPAN_MM = 18.0
+
+
+def _flank_span(ps: npt.NDArray[np.float64], z: int, g: float) -> float:
+    """Distance (mm) between the bright flanks of the dip of the profile ``ps`` at ``z``: from the dip's
+    lowest point (within 4 mm), uphill on each side to the first peak. Around a disc these are its two end
+    plates, around a body's marrow the two end-plate bands."""
+    n = ps.size
+    r = max(1, round(4.0 / g))
+    lo_i = max(0, z - r)
+    m = lo_i + int(np.argmin(ps[lo_i : min(n, z + r + 1)]))
+    a = m
+    while a > 0 and ps[a - 1] >= ps[a]:
+        a -= 1
+    b = m
+    while b < n - 1 and ps[b + 1] >= ps[b]:
+        b += 1
+    return float((b - a) * g)
 
 
 def _disc_candidates(p: npt.NDArray[np.float64], z_lo: int, z_hi: int, g: float) -> dict[int, float]:
@@ -565,14 +590,16 @@ def _disc_candidates(p: npt.NDArray[np.float64], z_lo: int, z_hi: int, g: float)
             bands[z] = score
     # a band and a dip within 8 mm: the band is an end plate of a resolved pair (the dip is the disc) when
     # the dip is deep against it; a shallow dip beside a strong band is the marrow of a small body next to
-    # a merged band (the band is the disc)
+    # a merged band (the band is the disc). A deep dip whose bright flanks lie a body's height apart may be
+    # either (a small thoracic body's marrow between two merged bands on thick or tilted slices, or a thick
+    # disc): both stay, and the chain's pitch and scores choose.
     for zb, sb in list(bands.items()):
         for zd, sd in list(dips.items()):
             if abs(zb - zd) * g <= 8.0 and zb in bands and zd in dips:
-                if sd >= DIP_VS_BAND * sb:
-                    bands.pop(zb)
-                else:
+                if sd < DIP_VS_BAND * sb:
                     dips.pop(zd)
+                elif _flank_span(ps, zd, g) < MARROW_SPAN_MM:
+                    bands.pop(zb)
     # a resolved dip is direct evidence of a disc, a band indirect (an end plate of a resolved pair, or a
     # bone island, is a band too): bands count for less, and the chain's pitch decides between neighbours
     cands = {**{z: BAND_WEIGHT * v for z, v in bands.items()}, **dips}
