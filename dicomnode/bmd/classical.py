@@ -122,6 +122,9 @@ RIB_HEAD_CORE_MM = 30.0
 #: medial end of a rib comes and goes by a voxel with the reconstruction grid; the scapula, the nearest
 #: other thin bone, stays > 50 mm out).
 RIB_HEAD_MAX_MM = 40.0
+#: The lowest rib-like piece of a side whose head end lies more than this in front of the rib heads above it
+#: is not a rib (``_drop_organ_below_the_ribs``).
+RIB_HEAD_FRONT_MM = 20.0
 #: The lower ribs run down by roughly 0.5-1 mm for every mm out from their heads: the head is found as the
 #: extreme of (distance out - this x height).
 RIB_HEAD_SLOPE = 0.7
@@ -827,6 +830,43 @@ def _refine_segments(hu: F32, segs: list[Segment], discs: list[int], col: Column
         sg.mask[z0:z1, y0:y1, x0:x1] = sub
 
 
+def _drop_organ_below_the_ribs(
+    real: npt.NDArray[np.bool_],
+    med_z: npt.NDArray[np.float64],
+    med_y: npt.NDArray[np.float64],
+    med_x: npt.NDArray[np.float64],
+    frame: Frame,
+    g: float,
+) -> None:
+    """Unmark (in ``real``) the lowest rib-like piece of a side when its head end lies far in front of the
+    rib heads above it on that side.
+
+    The rib heads form a column beside the spine: found 30 mm out, each lies at or behind the canal's front,
+    where the neck runs back to its transverse process (9-30 mm behind it from T4 down on both real CTs and
+    their copies), within ~10 mm of its neighbours'. Below the ribs, in the arterial phase, the thin enhanced
+    cortex of a kidney passes for thin bone, and its artery brings it within reach of the spine: such a piece
+    credited to L1 made it a rib-bearing vertebra (its head end 16 mm in front of the canal's front).
+    ``med_*`` are per neck piece: its head end (crop z, whole-grid y and x)."""
+    nz = frame.xc.size
+    zi = np.clip(np.round(med_z).astype(np.intp) + frame.z_lo, 0, nz - 1)
+    front = (med_y - frame.ya[zi]) * g  # mm behind the canal's front (negative: in front of it)
+    left = med_x > frame.xc[zi]
+    pieces = np.nonzero(real)[0]
+    for side in (True, False):
+        own = sorted((int(p) for p in pieces if left[p] == side), key=lambda p: float(med_z[p]))
+        if len(own) < 3:
+            continue
+        low, above = own[0], own[1:4]
+        ref = float(np.median(front[above]))
+        if front[low] < ref - RIB_HEAD_FRONT_MM:
+            real[low] = False
+            log.debug(
+                "lowest rib-like piece on the %s: head end %.0f mm in front of the heads above it: not a rib",
+                "left" if side else "right",
+                ref - front[low],
+            )
+
+
 def _rib_evidence(
     hu: F32,
     body: B,
@@ -900,6 +940,7 @@ def _rib_evidence(
     med_y = np.bincount(piece[medial], weights=ny_[medial], minlength=n_neck + 1) / np.maximum(med_n, 1)
     med_x = np.bincount(piece[medial], weights=nx_[medial], minlength=n_neck + 1) / np.maximum(med_n, 1)
     real = (min_dx <= RIB_HEAD_MAX_MM) & (med_n > 0)
+    _drop_organ_below_the_ribs(real, med_z, med_y, med_x, frame, g)
     keep = real[piece]
     az, ay, ax = nz_[keep], ny_[keep], nx_[keep]
     if az.size == 0:

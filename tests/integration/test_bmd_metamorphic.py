@@ -520,3 +520,19 @@ def test_lidc_thoracic_discs_hold_on_tilted_thick_slices(lidc: Volume, lidc_rows
     at = _untilt(before, "x", 9.2, l1.roi_centroid_lps_mm)
     d = float(np.linalg.norm(np.subtract(at, ref)))
     assert d <= SAME_VERTEBRA_MM, f"L1 ROI {d:.0f} mm from the original's L1"
+
+
+def test_lidc_enhanced_kidney_is_not_a_rib(lidc: Volume, lidc_rows: list[Row]) -> None:
+    # 1 mm slices (point-sampled) on a 0.8 mm grid, tilted -3.4 degrees about left-right, a 300 mm field of
+    # view (a copy drawn by benchmarks/invariance_sweep.py --random, seed 1). LIDC is arterial: the thin
+    # enhanced cortex of the right kidney, reached by its artery, passed for a rib credited to L1, whose head
+    # end lay 16 mm in front of the canal's front where the rib heads above lie 9-30 mm behind it. L1 then
+    # counted as rib-bearing: names one level off (flagged), "L1" on L2.
+    before = _resample(lidc, (0.8, 0.8, 1.0))
+    res = analyze_volume(_small_fov(_tilt(before, "x", -3.4), 300.0)).result
+    ref = lidc_rows[0].l1_at
+    assert ref is not None
+    (l1,) = [v for v in res.vertebrae if v.level == "L1"]
+    at = _untilt(before, "x", -3.4, l1.roi_centroid_lps_mm)
+    d = float(np.linalg.norm(np.subtract(at, ref)))
+    assert d <= SAME_VERTEBRA_MM, f"L1 ROI {d:.0f} mm from the original's L1"

@@ -176,3 +176,46 @@ def test_twelve_from_the_top_confirms_a_lowest_rib_seen_on_one_side() -> None:
     nm = _name(segs, None, False, "", TopCount(12, "12 ribs counted", lowest_segments=(2, 2)))
     assert not nm.uncertain
     assert [nm.names[s.label] for s in segs[:4]] == ["T10", "T11", "T12", "L1"]
+
+
+def _pieces(fronts_mm: list[float], left: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Head ends (crop z, y, x) of rib-like pieces on one side, cranial to caudal 25 mm apart, lying
+    ``fronts_mm`` behind the canal's front (``Frame.ya`` = 35)."""
+    n = len(fronts_mm)
+    z = np.array([150.0 - 12.5 * i for i in range(n)])
+    y = 35.0 + np.array(fronts_mm) / G
+    x = np.full(n, XC + (20.0 if left else -20.0))
+    return z, y, x
+
+
+def _drop(fronts_l: list[float], fronts_r: list[float]) -> tuple[list[bool], list[bool]]:
+    from dicomnode.bmd.classical import _drop_organ_below_the_ribs
+
+    _, _, frame, _ = _scene()
+    zl, yl, xl = _pieces(fronts_l, True)
+    zr, yr, xr = _pieces(fronts_r, False)
+    # index 0 is the background, as in the neck labelling
+    med_z = np.concatenate([[0.0], zl, zr])
+    med_y = np.concatenate([[0.0], yl, yr])
+    med_x = np.concatenate([[0.0], xl, xr])
+    real = np.concatenate([[False], np.ones(zl.size + zr.size, dtype=bool)])
+    _drop_organ_below_the_ribs(real, med_z, med_y, med_x, frame, G)
+    return list(real[1 : 1 + zl.size]), list(real[1 + zl.size :])
+
+
+def test_an_organ_in_front_of_the_spine_below_the_ribs_is_not_a_rib() -> None:
+    # the lowest right piece's head end lies 16 mm in front of the canal's front, the heads above it 12-20
+    # mm behind: an enhanced kidney reached by its artery, not a 12th rib
+    left, right = _drop([18.0, 14.0, 16.0, 20.0, 22.0], [12.0, 10.0, 14.0, 18.0, -16.0])
+    assert all(left)
+    assert right == [True, True, True, True, False]
+
+
+def test_a_lowest_rib_in_line_with_the_heads_above_stays() -> None:
+    left, right = _drop([18.0, 14.0, 16.0, 20.0, 6.0], [12.0, 10.0, 14.0, 18.0, 26.0])
+    assert all(left) and all(right)
+
+
+def test_too_few_heads_above_to_compare_leave_the_lowest_alone() -> None:
+    left, right = _drop([18.0, -20.0], [12.0, -20.0])
+    assert all(left) and all(right)
