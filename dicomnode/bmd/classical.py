@@ -25,11 +25,12 @@ sizes in mm; the numbers are anatomical sizes, not fitted to any one scan):
    L5/S1 discs split cleanly), closed along the axis, and each slice replaced by the convex hull of what
    its cortex encloses (an enhanced vessel lumen pressed against the body has no cortex and is dropped).
 4. **Anchors.** *Ribs*: thin bone (no 12 mm ball fits: not an enhanced organ) outside a 30 mm core that
-   reaches >= 65 mm from the axis (lumbar transverse processes end before) and whose medial end reaches the
-   spine (<= 36 mm); each rib is credited to the body nearest to its head along the column axis (the
-   medial-cranial extreme of the rib: the lower ribs run down and out, the 12th lies at L1's level 45-60 mm
-   out); ribs belong to the run of rib-bearing vertebrae from the top, one missed pair tolerated (iliac
-   crests next to L4/L5 are not ribs); the lowest of that run is T12.
+   reaches >= 58 mm from the axis (lumbar transverse processes end before) and whose medial end reaches the
+   spine (<= 40 mm), the lowest piece of a side dropped when its head end lies far in front of the rib heads
+   above it (an enhanced kidney reached by its artery); each rib is credited to the body nearest to its head
+   along the column axis (the medial-cranial extreme of the rib: the lower ribs run down and out, the 12th
+   lies at L1's level 45-60 mm out); ribs belong to the run of rib-bearing vertebrae from the top, one missed
+   pair tolerated (iliac crests next to L4/L5 are not ribs); the lowest of that run is T12.
    *First rib*: when the scan reaches above the lung apices and no rib is cut by its top edge, the rib
    heads are counted per side from the first rib down, ordered along the column's own axis
    (``_count_from_top``); the count is used only when both sides agree and the heads are evenly spaced.
