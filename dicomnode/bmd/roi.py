@@ -516,11 +516,7 @@ def profile_height_fit(
     the body's tilt against the slices shifts that error from profile to profile and the line fitted over
     the depth averages it. The height at each fraction is the distance of the two edges; an edge more than
     a slice (+ 2 mm) beyond the mask's own extent there has met another structure (a thin posterior disc
-    missed, the next vertebra, a pedicle root) and its profile is dropped. A thin disc smeared by thick or
-    tilted slices may not fall below either plate: the search would pass the body's own plate and stop at
-    the next body's, up to ~9 mm further out. The own plate is then taken where the profile shows it
-    (``_own_plate_before``), and an edge far beyond the line its end plate follows at the depths where the
-    plate is unambiguous returns onto it (``_agree_across_depth``).
+    missed, the next vertebra, a pedicle root) and its profile is dropped.
 
     Middle = the height at 0.5 (the line's value there when that profile fails). Anterior and posterior =
     a Theil-Sen line fitted to the heights over the depth, evaluated at the anterior (0) and posterior (1)
@@ -555,7 +551,10 @@ def profile_height_fit(
     pu, pv = (x.ravel() for x in np.meshgrid(du, dv, indexing="ij"))
     # the mask's extent runs between voxel centres and its outline is rounded to the 2 mm working grid
     tol = abs(float(a[2])) * sz + abs(float(a[1])) * sy + 2.0
-    seen: list[_Profile] = []
+    fr: list[float] = []
+    hs: list[float] = []
+    mids: list[float] = []
+    h_mid: float | None = None
     for frac in PROFILE_FRACTIONS:
         vt = v0 + frac * (v1 - v0)
         col = band & (np.abs(v - vt) <= 1.5)
@@ -580,26 +579,19 @@ def profile_height_fit(
         p = ndi.gaussian_filter1d(prof.reshape(s.size, pu.size).mean(axis=1).astype(float), 0.5 / ds)
         marrow = float(np.median(p[np.abs(s) <= max(2.0, 0.2 * half_span)]))
         near = half_span - DISC_NEAR_MM
-        sides = (p[n:], p[n::-1])
-        edges = [_endplate_edge(q, marrow, ds, near) for q in sides]
+        up = _endplate_edge(p[n:], marrow, ds, near)
+        dn = _endplate_edge(p[n::-1], marrow, ds, near)
+        if up is None or dn is None:
+            continue
         # the working-grid mask may be too tall (its closing along the axis fills a wedge) but an end
         # plate beyond the mask's own extent by more than a slice and a working voxel is another structure
         # (a thin posterior disc missed, the next vertebra, a pedicle root)
-        edges = [e if e is not None and e <= half_span + tol else None for e in edges]
-        seen.append(_Profile(frac, c, marrow, sides, edges))
-    _agree_across_depth(seen, ds)
-    fr: list[float] = []
-    hs: list[float] = []
-    mids: list[float] = []
-    h_mid: float | None = None
-    for pr in seen:
-        up, dn = pr.edges
-        if up is None or dn is None:
+        if max(up, dn) > half_span + tol:
             continue
-        fr.append(pr.frac)
+        fr.append(frac)
         hs.append(up + dn)
-        mids.append(pr.centre + 0.5 * (up - dn))
-        if pr.frac == 0.5:
+        mids.append(c + 0.5 * (up - dn))
+        if frac == 0.5:
             h_mid = up + dn
     if len(hs) < 5:
         return None
@@ -687,88 +679,6 @@ def mask_height_fit(
     )
 
 
-#: An end-plate edge more than this (mm) beyond the line its end plate follows at the other depths has
-#: crossed the disc to the next body's end plate (a disc is 3-10 mm thick, the plate 1-2 mm, so the jump
-#: is at least ~5 mm); an end plate's own concavity and noise move it by 1-3 mm.
-ENDPLATE_JUMP_MM = 4.0
-
-
-@dataclass
-class _Profile:
-    """One end-plate profile of ``profile_height_fit``: its depth fraction, its centre along the axis (mm,
-    in the box's coordinates), the marrow level, the profile walked outwards from the centre on each side
-    (up, down) and the edge found on each (mm from the centre, None when none)."""
-
-    frac: float
-    centre: float
-    marrow: float
-    sides: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]
-    edges: list[float | None]
-
-
-def _agree_across_depth(profiles: list[_Profile], ds: float) -> None:
-    """One end plate is one smooth surface over the depth: where a smeared thin disc let the edge search
-    pass its own end plate (the plate's drop into the disc too small to count) at some depths, pull those
-    edges back onto it.
-
-    Per side (up, down): an edge is *unambiguous* when no other end-plate-like peak lies within
-    ``DISC_PAIR_MM`` inside it (``_peak_edges``). The Theil-Sen line of the unambiguous edges over the depth
-    (at least three) is where the end plate runs. An edge lying more than ``ENDPLATE_JUMP_MM`` beyond that
-    line, with a peak inside it whose edge lies within ``ENDPLATE_JUMP_MM`` of the line, met the next body's
-    end plate across the disc: the inner peak's edge replaces it. Only edges beyond the line move, and only
-    onto a peak the profile shows: an end plate pushed in (a central depression, a fracture) stays where the
-    profiles put it."""
-    for side, sign in ((0, 1.0), (1, -1.0)):
-        have = [pr for pr in profiles if pr.edges[side] is not None]
-        inner = {
-            id(pr): [
-                e
-                for e in _peak_edges(pr.sides[side], pr.marrow, ds, float(pr.edges[side] or 0.0) - ds)
-                if e >= float(pr.edges[side] or 0.0) - DISC_PAIR_MM
-            ]
-            for pr in have
-        }
-        ref = [pr for pr in have if not inner[id(pr)]]
-        if len(ref) < 3:
-            continue
-        f = np.array([pr.frac for pr in ref])
-        # each edge's outward position along the axis (one coordinate for every profile of this end plate)
-        icpt, slope = _theil_sen(f, np.array([sign * pr.centre + float(pr.edges[side] or 0.0) for pr in ref]))
-        for pr in have:
-            if not inner[id(pr)]:
-                continue
-            expected = icpt + slope * pr.frac - sign * pr.centre  # mm from this profile's centre
-            if float(pr.edges[side] or 0.0) - expected <= ENDPLATE_JUMP_MM:
-                continue
-            best = min(inner[id(pr)], key=lambda e: abs(e - expected))
-            if abs(best - expected) <= ENDPLATE_JUMP_MM:
-                pr.edges[side] = best
-
-
-def _peak_edges(q: npt.NDArray[np.float64], marrow: float, ds: float, before_mm: float) -> list[float]:
-    """The outer half-maximum edges (mm from ``q[0]``) of every end-plate-like peak of ``q`` (a local
-    maximum ``ENDPLATE_MIN_RISE_HU`` above the marrow) whose edge lies inside ``before_mm``: each edge
-    half-way between the peak and the lowest point before the next peak (or within 8 mm)."""
-    w = max(2, int(8.0 / ds))
-    out: list[float] = []
-    for k in range(1, min(q.size - 1, int(before_mm / ds) + 1)):
-        if q[k] < q[k - 1] or q[k] < q[k + 1] or q[k] < marrow + ENDPLATE_MIN_RISE_HU:
-            continue
-        j = k + 1
-        while j < min(q.size, k + w) and q[j] <= q[j - 1]:
-            j += 1
-        low = float(q[j - 1])
-        half = 0.5 * (float(q[k]) + low)
-        for i in range(k + 1, j):
-            if q[i] < half:
-                t = (float(q[i - 1]) - half) / max(1e-6, float(q[i - 1] - q[i]))
-                e = (i - 1 + t) * ds
-                if e < before_mm:
-                    out.append(e)
-                break
-    return out
-
-
 def _endplate_edge(
     q: npt.NDArray[np.float64], marrow: float, ds: float, disc_from_mm: float | None = None
 ) -> float | None:
@@ -792,9 +702,6 @@ def _endplate_edge(
             if j_disc is None:
                 continue
             j_low, low = j_disc - k, float(q[j_disc])
-        own = _own_plate_before(q, k, marrow, ds, disc_from_mm)
-        if own is not None:
-            return own
         # the half-maximum of the cortical end plate: half-way between its peak and the disc. Half-way
         # between marrow and disc instead would put the edge of a bright plate up to a slice outwards and
         # pull every wedge ratio towards 1 (a 50 % wedge read 0.70 at 3 mm slices)
@@ -805,58 +712,6 @@ def _endplate_edge(
                 return (j - 1 + t) * ds
         return None
     return None
-
-
-#: A bright structure that begins at least this far (mm) inside an end-plate peak is a separate plate: the
-#: body's own end plate, the disc between (3-10 mm) and the next body's end plate (1-2 mm each).
-PLATE_PAIR_MIN_MM = 5.0
-#: The rise into a plate has topped out where the profile climbs at less than this fraction of its steepest
-#: climb into that plate (a peak, or a shoulder when a smeared thin disc leaves no dip).
-PLATE_STALL = 0.25
-#: Least depth (HU) of the notch between two plates below the chord joining them: less is one plate's
-#: texture.
-PLATE_NOTCH_HU = 5.0
-
-
-def _own_plate_before(
-    q: npt.NDArray[np.float64], k: int, marrow: float, ds: float, disc_from_mm: float | None
-) -> float | None:
-    """When the end-plate peak ``q[k]`` is the next body's plate, seen across a disc too thin or smeared to
-    fall below either plate: the edge (mm from ``q[0]``) of the body's own plate before it; None otherwise.
-
-    The own plate is a bright structure that the profile climbs into (``ENDPLATE_MIN_RISE_HU`` above the
-    marrow) between ``DISC_PAIR_MM`` and ``PLATE_PAIR_MIN_MM`` inside the peak, whose climb tops out
-    (``PLATE_STALL``: a peak of its own or a shoulder) in the outer part of the body (beyond
-    ``disc_from_mm``) before the profile climbs again to the peak. Its edge is the notch between the two
-    plates: the point lying deepest (at least ``PLATE_NOTCH_HU``) below the chord from its top to the peak,
-    the disc's trace. A single thick plate climbs without topping out, or shows no notch; a peak followed by
-    a disc darker than the marrow is the body's own plate."""
-    if disc_from_mm is None:
-        return None
-    # a disc darker than the marrow beyond the peak: the peak is this body's own plate (and what lies inside
-    # it a dense zone of the body: a sclerotic core, an impacted fracture zone), as in ``_thin_disc``
-    if float(q[k : k + max(2, int(8.0 / ds))].min()) < marrow - DISC_DIP_HU:
-        return None
-    level = marrow + ENDPLATE_MIN_RISE_HU
-    lo = max(1, k - int(DISC_PAIR_MM / ds))
-    i1 = next((i for i in range(lo, k) if q[i] >= level and q[i - 1] < level), None)
-    if i1 is None or (k - i1) * ds < PLATE_PAIR_MIN_MM:
-        return None
-    dq = np.diff(q)
-    w = max(1, int(2.0 / ds))
-    rise = float(dq[max(0, i1 - w) : i1 + w].max())
-    if rise <= 0.0:
-        return None
-    top = next((j for j in range(i1, k) if dq[j] <= PLATE_STALL * rise), None)
-    if top is None or top >= k - 1 or top * ds < disc_from_mm:
-        return None
-    xs = np.arange(top, k + 1)
-    chord = q[top] + (q[k] - q[top]) * (xs - top) / max(1, k - top)
-    notch = chord - q[top : k + 1]
-    j = int(np.argmax(notch))
-    if float(notch[j]) < PLATE_NOTCH_HU:
-        return None
-    return float((top + j) * ds)
 
 
 def _thin_disc(

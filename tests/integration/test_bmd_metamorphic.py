@@ -536,3 +536,28 @@ def test_lidc_enhanced_kidney_is_not_a_rib(lidc: Volume, lidc_rows: list[Row]) -
     at = _untilt(before, "x", -3.4, l1.roi_centroid_lps_mm)
     d = float(np.linalg.norm(np.subtract(at, ref)))
     assert d <= SAME_VERTEBRA_MM, f"L1 ROI {d:.0f} mm from the original's L1"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known failure: across L1's thin, smeared discs the end-plate search passes L1's own plate at the "
+    "posterior depths and stops at the next body's, which reads L1 as a grade 3 wedge (0.58 and 0.45) and "
+    "excludes it; pulling those edges back (a notch between two plates, one plate over the depth) fixed "
+    "these two copies but made a random 4 mm copy tilted 6.3 degrees anterior-posterior call a fracture",
+)
+@pytest.mark.parametrize(
+    ("label", "spacing", "degrees"),
+    [("tilt -6 LR", None, -6.0), ("2 mm slabs, 0.8 mm, tilt -3 LR", (0.8, 0.8, 2.0), -3.0)],
+)
+def test_lidc_l1_is_no_fracture_on_slightly_tilted_copies(
+    lidc: Volume, lidc_rows: list[Row], label: str, spacing: tuple[float, float, float] | None, degrees: float
+) -> None:
+    # L1's discs are thin, each between two bright end plates. Tilted a few degrees against the slices, the
+    # disc above L1 no longer falls below its plates at the posterior depths, and the end-plate search
+    # passed L1's own plate (a shoulder or a shallow peak) for T12's, 8-10 mm further out: posterior
+    # heights of 34-37 mm against 24-27 mm at the front read L1 as a grade 3 wedge (0.58 and 0.45), which
+    # excluded it. The fracture flags must be the original's.
+    before = lidc if spacing is None else _resample(lidc, spacing, slab_mm=spacing[2])
+    row = _row(label, analyze_volume(_tilt(before, "x", degrees)).result)
+    assert row.fractures == lidc_rows[0].fractures, f"{label}: fracture flags {sorted(row.fractures)}"
+    assert "L1" in row.levels and row.l1_hu is not None
