@@ -506,6 +506,19 @@ def test_lidc_fracture_flags(lidc_rows: list[Row]) -> None:
     _check_fractures(lidc_rows)
 
 
+def _assert_l1_in_the_originals(
+    res: AnalysisResult, before: Volume, degrees_lr: float, lidc_rows: list[Row]
+) -> None:
+    """The L1 ROI of ``res`` (a copy of ``before`` tilted ``degrees_lr`` about left-right), the tilt undone,
+    lies in the same vertebra as the original's L1 ROI."""
+    ref = lidc_rows[0].l1_at
+    assert ref is not None
+    (l1,) = [v for v in res.vertebrae if v.level == "L1"]
+    at = _untilt(before, "x", degrees_lr, l1.roi_centroid_lps_mm)
+    d = float(np.linalg.norm(np.subtract(at, ref)))
+    assert d <= SAME_VERTEBRA_MM, f"L1 ROI {d:.0f} mm from the original's L1"
+
+
 def test_lidc_thoracic_discs_hold_on_tilted_thick_slices(lidc: Volume, lidc_rows: list[Row]) -> None:
     # 2.5 mm slabs on a 1 mm grid, tilted 9.2 degrees about left-right (a copy drawn by
     # benchmarks/invariance_sweep.py --random, seed 1). The thin thoracic discs merge with their end plates
@@ -514,12 +527,7 @@ def test_lidc_thoracic_discs_hold_on_tilted_thick_slices(lidc: Volume, lidc_rows
     # became one vertebra and "L1" lay on L2. Named confidently or not, L1 must be the original's L1.
     before = _resample(lidc, (1.0, 1.0, 2.5), slab_mm=2.5)
     res = analyze_volume(_tilt(before, "x", 9.2)).result
-    ref = lidc_rows[0].l1_at
-    assert ref is not None
-    (l1,) = [v for v in res.vertebrae if v.level == "L1"]
-    at = _untilt(before, "x", 9.2, l1.roi_centroid_lps_mm)
-    d = float(np.linalg.norm(np.subtract(at, ref)))
-    assert d <= SAME_VERTEBRA_MM, f"L1 ROI {d:.0f} mm from the original's L1"
+    _assert_l1_in_the_originals(res, before, 9.2, lidc_rows)
 
 
 def test_lidc_enhanced_kidney_is_not_a_rib(lidc: Volume, lidc_rows: list[Row]) -> None:
@@ -530,12 +538,7 @@ def test_lidc_enhanced_kidney_is_not_a_rib(lidc: Volume, lidc_rows: list[Row]) -
     # counted as rib-bearing: names one level off (flagged), "L1" on L2.
     before = _resample(lidc, (0.8, 0.8, 1.0))
     res = analyze_volume(_small_fov(_tilt(before, "x", -3.4), 300.0)).result
-    ref = lidc_rows[0].l1_at
-    assert ref is not None
-    (l1,) = [v for v in res.vertebrae if v.level == "L1"]
-    at = _untilt(before, "x", -3.4, l1.roi_centroid_lps_mm)
-    d = float(np.linalg.norm(np.subtract(at, ref)))
-    assert d <= SAME_VERTEBRA_MM, f"L1 ROI {d:.0f} mm from the original's L1"
+    _assert_l1_in_the_originals(res, before, -3.4, lidc_rows)
 
 
 @pytest.mark.xfail(
