@@ -15,7 +15,9 @@ slab-averaged or point-sampled up to 2.5 mm, in-plane 0.6-1.0 mm, a tilt up to 1
 noise up to 20 HU, a field of view down to 220 mm; ``--seed`` fixes the draw), and sorts each answer by
 where its L1 ROI lies against the original's, the tilt undone: *confident, L1 in place* (within 12 mm, less
 than half a vertebra), *uncertain* (no category: the safe failure), *confident, L1 elsewhere* (the failure
-that matters) and *refused*. It prints the tally and the spread of the confident L1 means.
+that matters) and *refused*. Each row also names the fracture flags that appear (+) or disappear (-)
+against the original's. It prints the tally, the spread of the confident L1 means and the number of copies
+whose fracture flags differ.
 
     .venv/bin/python benchmarks/invariance_sweep.py [--patient basel|lidc|both] [--only SUBSTRING ...]
     .venv/bin/python benchmarks/invariance_sweep.py --random 14 [--seed 1] [--patient ...]
@@ -127,6 +129,7 @@ def _random_sweep(patient: str, vol: Volume, n: int, seed: int) -> None:
         return
     tally = {"confident, L1 in place": 0, "uncertain": 0, "confident, L1 elsewhere": 0, "refused": 0}
     means: list[float] = []
+    flags_differ = 0
     print(f"\n[{patient}] {n} random copies (seed {seed}); original L1 {base.l1_hu:.1f} HU, {base.category}")
     for _ in range(n):
         label, fn, tilt = _draw(rng)
@@ -156,14 +159,21 @@ def _random_sweep(patient: str, vol: Volume, n: int, seed: int) -> None:
         tally[verdict] += 1
         l1 = f"{row.l1_hu:6.1f}" if row.l1_hu is not None else "     -"
         dist = f"{d:5.1f} mm" if d is not None else "    -   "
+        # fracture flags that appear (+) or disappear (-) against the original's
+        fr = " ".join(
+            [f"+{lv}" for lv in sorted(row.fractures - base.fractures)]
+            + [f"-{lv}" for lv in sorted(base.fractures - row.fractures)]
+        )
+        flags_differ += bool(fr)
         print(
             f"[{patient}] {label:52s} {verdict:24s} L1 {l1} HU at {dist} {row.category or '-':13s}"
-            f" {time.perf_counter() - t0:4.0f} s",
+            f" fractures {fr or 'same':9s} {time.perf_counter() - t0:4.0f} s",
             flush=True,
         )
     spread = f"{max(means) - min(means):.1f} HU ({min(means):.1f}-{max(means):.1f})" if means else "-"
     print(f"[{patient}] tally: " + ", ".join(f"{k} {v}" for k, v in tally.items()))
     print(f"[{patient}] L1 mean spread over the confident copies whose L1 is used: {spread}")
+    print(f"[{patient}] copies whose fracture flags differ from the original's: {flags_differ} of {n}")
 
 
 def main() -> None:

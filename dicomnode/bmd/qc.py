@@ -124,9 +124,10 @@ def l1_hu_flags(hu: float) -> tuple[str, ...]:
 
 def reference_height(st: RoiStats, truncated: bool) -> float | None:
     """A vertebra's tallest height as its neighbours' reference (the < 80 % of neighbours rule): only from
-    its end-plate profiles. An outline-only height follows the segmentation (it met a merged disc or the
+    its end-plate profiles, when their heights do not step part-way through the depth (one end plate's edge
+    met another structure). An outline-only height follows the segmentation (it met a merged disc or the
     next body) and can be far too tall; a body cut by the field of view has no height."""
-    if truncated or st.heights_mm is None or st.heights_se_mm is None:
+    if truncated or st.heights_mm is None or st.heights_se_mm is None or st.height_step_mm is not None:
         return None
     return max(st.heights_mm)
 
@@ -238,6 +239,16 @@ def build_vertebrae(
                 f"height ratio unclear (end-plate profiles {_trunc3(r)}, body outline {_trunc3(r_mask)}): "
                 "fracture not assessed, check the sagittal view"
             )
+        elif r < FRACTURE_RATIO and st.height_step_mm is not None:
+            # the profiles' heights step part-way through the depth by more than the slices can make: one end
+            # plate's edge jumped to another structure (past a thin disc smeared by the slices or a tilt, onto
+            # the next body's end plate), and the ratio between the two sides of the step is no evidence of a
+            # wedge, whose heights change gradually. Not called a fracture; the level is kept and flagged.
+            qcs[lv].append(
+                f"height ratio unclear (end-plate profiles {_trunc3(r)}, but their heights step by "
+                f"{st.height_step_mm:.1f} mm part-way through the depth, more than the slices explain): "
+                "fracture not assessed, check the sagittal view"
+            )
         elif surely_below and nb and max(h) > TALLER_THAN_NEIGHBOURS * max(nb):
             # a compression fracture shortens a body; profiles that read it much taller than either neighbour
             # ran past one of its end plates (into the disc or the next body), and the ratio they give is no
@@ -264,7 +275,12 @@ def build_vertebrae(
                 f"possible mild deformity (height ratio {_trunc3(r)} < {FRACTURE_RATIO}, Genant grade 1; "
                 "physiological wedging looks alike): kept"
             )
-        elif st.heights_se_mm is not None and nb and max(h) < FRACTURE_RATIO * float(np.mean(nb)):
+        elif (
+            st.heights_se_mm is not None
+            and st.height_step_mm is None
+            and nb
+            and max(h) < FRACTURE_RATIO * float(np.mean(nb))
+        ):
             reasons[lv].append(
                 f"suspected compression fracture (height {max(h):.1f} mm < 80% of neighbours' "
                 f"{np.mean(nb):.1f} mm)"

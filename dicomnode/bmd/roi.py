@@ -44,6 +44,8 @@ class RoiStats:
     outliers_mm3: float = 0.0
     #: the body ends within ``PROFILE_BEYOND_MM`` of the top or bottom of the scan (no heights then)
     near_edge: bool = False
+    #: the end-plate profiles' heights step by this much part-way through the depth (``HeightFit.step_mm``)
+    height_step_mm: float | None = None
 
 
 def padded_box(box: Box, shape: tuple[int, int, int], pad: int = 2) -> Box:
@@ -265,6 +267,7 @@ def trabecular_roi(
             heights_se,
             mask_heights,
             near_edge=near_edge,
+            height_step_mm=None if pfit is None else pfit.step_mm,
         )
     # weighted statistics (frequency weights: voxels near the slab's faces count for less)
     w_sum = float(w.sum())
@@ -290,6 +293,7 @@ def trabecular_roi(
         mask_heights_mm=mask_heights,
         outliers_mm3=float(n_out) * voxel,
         near_edge=near_edge,
+        height_step_mm=None if pfit is None else pfit.step_mm,
     )
 
 
@@ -482,6 +486,9 @@ class HeightFit:
     #: given (mm along the axis); the depth fraction runs from ``depth_mm[0]`` (front) to ``depth_mm[1]``
     mid_line_mm: tuple[float, float]
     depth_mm: tuple[float, float]
+    #: the step by which a run of neighbouring profile heights differs from all the others
+    #: (``_height_step``), when larger than the slice quantisation allows; None when there is none
+    step_mm: float | None = None
 
 
 def profile_heights(
@@ -518,7 +525,8 @@ def profile_height_fit(
     a slice (+ 2 mm) beyond the mask's own extent there has met another structure (a thin posterior disc
     missed, the next vertebra, a pedicle root) and its profile is dropped.
 
-    Middle = the height at 0.5 (the line's value there when that profile fails). Anterior and posterior =
+    Middle = the height at 0.5 (the line's value there when that profile fails, or when it reads taller than
+    the line by more than 3 robust SDs of the residuals and a slice + 2 mm). Anterior and posterior =
     a Theil-Sen line fitted to the heights over the depth, evaluated at the anterior (0) and posterior (1)
     margins: Genant's heights are taken at the corners, which a profile cannot sample (the cortex of the
     anterior / posterior wall runs along it), and a wedge is linear in depth; a symmetric end-plate
@@ -612,7 +620,13 @@ def profile_height_fit(
     def _se(f: float) -> float:
         return sigma * float(np.sqrt(1.0 / n + (f - float(f_in.mean())) ** 2 / sxx))
 
+    # the middle profile reads taller than the line through all of them by more than the slices and the end
+    # plates' concavity allow: it ran past an end plate (the next body, a disc merged with its plates). A
+    # fracture shortens the middle (a biconcave deformity), never lengthens it; the line's value stands in.
+    if h_mid is not None and h_mid - (icpt + 0.5 * slope) > max(3.0 * robust_sd, tol):
+        h_mid = None
     m_icpt, m_slope = _theil_sen(fa, np.asarray(mids))
+    step = _height_step(ha)
     return HeightFit(
         heights_mm=(icpt, h_mid if h_mid is not None else icpt + 0.5 * slope, icpt + slope),
         se_mm=(_se(0.0), sigma if h_mid is not None else _se(0.5), _se(1.0)),
@@ -620,7 +634,39 @@ def profile_height_fit(
         profile_heights_mm=tuple(float(x) for x in ha),
         mid_line_mm=(m_icpt, m_slope),
         depth_mm=(v0, v1),
+        step_mm=step if step > tol else None,
     )
+
+
+def _height_step(hs: npt.NDArray[np.float64]) -> float:
+    """The largest step in the profile heights ``hs`` (front to back): over each run of neighbouring profiles
+    set against all the others, the gap by which every height of one exceeds every height of the other,
+    counted only where it also exceeds the spread within each (a step, not a ramp); 0 when none.
+
+    A run at the front or the back counts either way (taller or shorter than the rest): which side met
+    another structure is not known. A run inside the depth counts only when it is the taller: a fracture
+    shortens the middle of a body (a biconcave deformity, a Schmorl node), never lengthens it. A run may be
+    one profile: with five profiles, one that jumped at the end tilts the Theil-Sen line as far as a wedge
+    does (LIDC's T12 on 2.5 mm slabs tilted 9 degrees: 22.2 24.8 25.9 26.9 | 37.9 mm read 0.49).
+
+    A wedge is a ramp: its heights change as much within each group as between them, and between neighbouring
+    profiles by at most ~3 mm (a 60 % wedge of a 33 mm body over 0.15 of the depth). A step larger than the
+    slices can make (each end plate's edge is placed to about half a slice) is one end plate's edge that
+    jumped from one structure to another part-way through the depth: on a thin disc smeared by the slices or
+    by a tilt, the profiles behind the jump passed the body's own end plate and stopped at the next body's."""
+    n = hs.size
+    best = 0.0
+    for i in range(n):
+        for j in range(i + 1, n + 1):
+            if i == 0 and j == n:
+                continue
+            run, rest = hs[i:j], np.concatenate([hs[:i], hs[j:]])
+            gap = float(run.min() - rest.max())
+            if i == 0 or j == n:
+                gap = max(gap, float(rest.min() - run.max()))
+            if gap > max(float(np.ptp(run)), float(np.ptp(rest))):
+                best = max(best, gap)
+    return best
 
 
 def _theil_sen(x: npt.NDArray[np.float64], y: npt.NDArray[np.float64]) -> tuple[float, float]:

@@ -178,3 +178,35 @@ def test_ratio_standard_error() -> None:
     # ... while a clean 1 mm measurement of the same ratio is
     r_se = ratio_se((22.0, 26.0, 32.5), (0.2, 0.2, 0.2), 0, 2, 1.0)
     assert 22.0 / 32.5 + FRACTURE_Z * r_se < FRACTURE_EXCLUDE_RATIO
+
+
+def test_a_middle_profile_that_ran_past_a_gap_in_the_end_plate_is_not_the_middle_height() -> None:
+    """A regular 25 mm body under an 8 mm disc and the next body, on a generous mask (the working grid's
+    closing takes in the disc): the upper end plate has a 4 mm gap at mid-depth, so the middle
+    profile passes it and stops at the next body's plate, 8 mm further out. A fracture shortens the middle,
+    never lengthens it: the middle height is the line's, and the ratio stays regular (with the middle
+    profile's own height it read 0.77, a possible deformity)."""
+    sx, sy, sz = 0.8, 0.8, 1.0
+    nz, ny, nx = 80, int(60 / sy), int(60 / sx)
+    z = (np.arange(nz) + 0.5) * sz
+    j = np.arange(ny) * sy
+    i = np.arange(nx) * sx
+    zz, jj, ii = np.meshgrid(z, j, i, indexing="ij")
+    ell = ((ii - 30) / 20) ** 2 + ((jj - 30) / 15) ** 2 <= 1.0
+    bottom, top, disc = 20.0, 45.0, 8.0
+    data = np.full(zz.shape, 90.0, dtype=np.float32)
+    data[ell & (zz >= bottom) & (zz <= top)] = 150.0
+    data[ell & (zz >= top + disc)] = 150.0  # the next body
+    data[ell & (np.abs(zz - bottom) < 1.0)] = 700.0
+    data[ell & (np.abs(zz - top) < 1.0) & (np.abs(jj - 30.0) > 2.0)] = 700.0  # a gap at mid-depth
+    data[ell & (np.abs(zz - (top + disc)) < 1.0)] = 700.0
+    body = ell & (zz >= bottom) & (zz <= top + disc)
+    fit = profile_height_fit(data, body, (sx, sy, sz))
+    assert fit is not None, "no fit"
+    assert 0.5 in fit.fractions, fit
+    i_mid = fit.fractions.index(0.5)
+    # the middle profile did run past the gap: it is the tallest, by about the disc
+    assert fit.profile_heights_mm[i_mid] > max(np.delete(fit.profile_heights_mm, i_mid)) + 5.0
+    ant, mid, post = fit.heights_mm
+    assert abs(mid - 0.5 * (ant + post)) < 1.0
+    assert min(fit.heights_mm) / max(fit.heights_mm) > 0.9

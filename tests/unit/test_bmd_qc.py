@@ -108,10 +108,16 @@ def test_patient_info(header: dict[str, str], age: float | None, sex: str | None
     assert info.sex == sex
 
 
-def _stats(heights: tuple[float, float, float] | None, se: tuple[float, float, float] | None) -> RoiStats:
+def _stats(
+    heights: tuple[float, float, float] | None,
+    se: tuple[float, float, float] | None,
+    step: float | None = None,
+) -> RoiStats:
     box = (slice(0, 1), slice(0, 1), slice(0, 1))
     roi = np.ones((1, 1, 1), dtype=bool)
-    return RoiStats(roi, box, 100.0, 100.0, 20.0, 2000.0, (0.0, 0.0, 0.0), 0.0, heights, se)
+    return RoiStats(
+        roi, box, 100.0, 100.0, 20.0, 2000.0, (0.0, 0.0, 0.0), 0.0, heights, se, height_step_mm=step
+    )
 
 
 def test_neighbour_reference_height_comes_from_end_plate_profiles_only() -> None:
@@ -123,10 +129,14 @@ def test_neighbour_reference_height_comes_from_end_plate_profiles_only() -> None
     # a body cut by the field of view has no height to compare
     assert reference_height(_stats((30.0, 28.0, 31.0), (0.5, 0.5, 0.5)), truncated=True) is None
     assert reference_height(_stats(None, None), truncated=False) is None
+    # profiles whose heights step part-way through the depth met another structure: no reference either
+    assert reference_height(_stats((24.0, 26.0, 34.0), (0.5, 0.5, 0.5), step=6.4), truncated=False) is None
 
 
 def _rows_for(
-    heights: dict[str, tuple[float, float, float]], above: tuple[str, ...] = ()
+    heights: dict[str, tuple[float, float, float]],
+    above: tuple[str, ...] = (),
+    steps: dict[str, float] | None = None,
 ) -> dict[str, VertebraResult]:
     """``build_vertebrae`` on three levels whose ROIs are alike but for their end-plate profile heights;
     ``above``: whole vertebrae named above them but not measured."""
@@ -137,7 +147,7 @@ def _rows_for(
     vol = Volume(np.zeros((4, 4, 4), dtype=np.float32), np.eye(4))
     levels = tuple(heights)
     seg = SpineSegmentation(above + levels, np.zeros((4, 4, 4), dtype=np.uint8), level_uncertain=False)
-    stats = {lv: _stats(h, (0.5, 0.5, 0.5)) for lv, h in heights.items()}
+    stats = {lv: _stats(h, (0.5, 0.5, 0.5), (steps or {}).get(lv)) for lv, h in heights.items()}
     fit = cal.TissueFit(1.0, 0.0, {}, (), ())
     rows = qc.build_vertebrae(
         volume=vol,
@@ -166,6 +176,17 @@ def test_profiles_that_read_a_body_much_taller_than_its_neighbours_are_no_fractu
     l1 = rows["L1"]
     assert not l1.excluded and l1.vbmd_mg_cm3 is not None
     assert any("height ratio unclear" in q and "exceeds the neighbours'" in q for q in l1.qc), l1.qc
+
+
+def test_profiles_whose_heights_step_part_way_through_the_depth_are_no_fracture() -> None:
+    # LIDC's L1 tilted 6 degrees: profile heights 23.9 26.2 27.0 26.4 | 34.1 34.2 33.4 mm, a 6.4 mm step
+    # where the posterior profiles passed L1's own end plate for T12's; the line through them reads 0.58,
+    # within 20 % of the neighbours' heights. The same heights without the step are a grade 3 fracture.
+    h = {"T12": (27.5, 28.0, 29.0), "L1": (20.0, 27.0, 34.5), "L2": (28.5, 29.0, 30.0)}
+    l1 = _rows_for(h, steps={"L1": 6.4})["L1"]
+    assert not l1.excluded and l1.vbmd_mg_cm3 is not None, l1.exclusion_reason
+    assert any("heights step by 6.4 mm" in q and "fracture not assessed" in q for q in l1.qc), l1.qc
+    assert "Genant grade 3" in (_rows_for(h)["L1"].exclusion_reason or "")
 
 
 def test_a_body_much_taller_than_the_one_below_is_two_bodies_in_one() -> None:
