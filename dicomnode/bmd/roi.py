@@ -46,6 +46,8 @@ class RoiStats:
     near_edge: bool = False
     #: the end-plate profiles' heights step by this much part-way through the depth (``HeightFit.step_mm``)
     height_step_mm: float | None = None
+    #: residual degrees of freedom behind ``heights_se_mm`` (``HeightFit.dof``; None: no profile fit)
+    heights_dof: int | None = None
 
 
 def padded_box(box: Box, shape: tuple[int, int, int], pad: int = 2) -> Box:
@@ -268,6 +270,7 @@ def trabecular_roi(
             mask_heights,
             near_edge=near_edge,
             height_step_mm=None if pfit is None else pfit.step_mm,
+            heights_dof=None if pfit is None else pfit.dof,
         )
     # weighted statistics (frequency weights: voxels near the slab's faces count for less)
     w_sum = float(w.sum())
@@ -294,6 +297,7 @@ def trabecular_roi(
         outliers_mm3=float(n_out) * voxel,
         near_edge=near_edge,
         height_step_mm=None if pfit is None else pfit.step_mm,
+        heights_dof=None if pfit is None else pfit.dof,
     )
 
 
@@ -489,6 +493,9 @@ class HeightFit:
     #: the step by which a run of neighbouring profile heights differs from all the others
     #: (``_height_step``), when larger than the slice quantisation allows; None when there is none
     step_mm: float | None = None
+    #: residual degrees of freedom of the line (profiles within 3 robust SDs of it, less 2): ``se_mm`` is
+    #: estimated from that few residuals
+    dof: int = 0
 
 
 def profile_heights(
@@ -635,6 +642,7 @@ def profile_height_fit(
         mid_line_mm=(m_icpt, m_slope),
         depth_mm=(v0, v1),
         step_mm=step if step > tol else None,
+        dof=max(1, n - 2),
     )
 
 

@@ -112,11 +112,23 @@ def _stats(
     heights: tuple[float, float, float] | None,
     se: tuple[float, float, float] | None,
     step: float | None = None,
+    dof: int | None = None,
 ) -> RoiStats:
     box = (slice(0, 1), slice(0, 1), slice(0, 1))
     roi = np.ones((1, 1, 1), dtype=bool)
     return RoiStats(
-        roi, box, 100.0, 100.0, 20.0, 2000.0, (0.0, 0.0, 0.0), 0.0, heights, se, height_step_mm=step
+        roi,
+        box,
+        100.0,
+        100.0,
+        20.0,
+        2000.0,
+        (0.0, 0.0, 0.0),
+        0.0,
+        heights,
+        se,
+        height_step_mm=step,
+        heights_dof=dof,
     )
 
 
@@ -137,6 +149,8 @@ def _rows_for(
     heights: dict[str, tuple[float, float, float]],
     above: tuple[str, ...] = (),
     steps: dict[str, float] | None = None,
+    se: float = 0.5,
+    dof: int | None = None,
 ) -> dict[str, VertebraResult]:
     """``build_vertebrae`` on three levels whose ROIs are alike but for their end-plate profile heights;
     ``above``: whole vertebrae named above them but not measured."""
@@ -147,7 +161,7 @@ def _rows_for(
     vol = Volume(np.zeros((4, 4, 4), dtype=np.float32), np.eye(4))
     levels = tuple(heights)
     seg = SpineSegmentation(above + levels, np.zeros((4, 4, 4), dtype=np.uint8), level_uncertain=False)
-    stats = {lv: _stats(h, (0.5, 0.5, 0.5), (steps or {}).get(lv)) for lv, h in heights.items()}
+    stats = {lv: _stats(h, (se, se, se), (steps or {}).get(lv), dof) for lv, h in heights.items()}
     fit = cal.TissueFit(1.0, 0.0, {}, (), ())
     rows = qc.build_vertebrae(
         volume=vol,
@@ -187,6 +201,25 @@ def test_profiles_whose_heights_step_part_way_through_the_depth_are_no_fracture(
     assert not l1.excluded and l1.vbmd_mg_cm3 is not None, l1.exclusion_reason
     assert any("heights step by 6.4 mm" in q and "fracture not assessed" in q for q in l1.qc), l1.qc
     assert "Genant grade 3" in (_rows_for(h)["L1"].exclusion_reason or "")
+
+
+def test_the_fracture_margin_widens_for_few_residuals() -> None:
+    # the normal 2 SE for an error of known size; Student's t at the same one-sided level for an error
+    # estimated from the residuals of 5-7 profiles around their line (3-5 degrees of freedom)
+    assert qc.fracture_z(None) == qc.FRACTURE_Z
+    assert qc.fracture_z(3) == pytest.approx(3.31, abs=0.01)
+    assert qc.fracture_z(5) == pytest.approx(2.65, abs=0.01)
+    zs = [qc.fracture_z(d) for d in (1, 2, 3, 5, 10, 100)]
+    assert zs == sorted(zs, reverse=True) and zs[-1] == pytest.approx(qc.FRACTURE_Z, abs=0.05)
+    # a 0.61 ratio with 1.6 mm height errors: below 0.75 by more than 2 SE, not by 3.31 SE. From five
+    # profiles (3 degrees of freedom) it is kept, flagged "within the measurement uncertainty"; from many
+    # it is excluded as a fracture
+    h = {"T12": (27.5, 28.0, 29.0), "L1": (18.3, 24.0, 30.0), "L2": (28.5, 29.0, 30.0)}
+    few = _rows_for(h, se=1.6, dof=3)["L1"]
+    assert not few.excluded, few.exclusion_reason
+    assert any("within the measurement uncertainty" in q for q in few.qc), few.qc
+    many = _rows_for(h, se=1.6, dof=100)["L1"]
+    assert many.excluded and "Genant grade 2" in (many.exclusion_reason or ""), many.exclusion_reason
 
 
 def test_a_body_much_taller_than_the_one_below_is_two_bodies_in_one() -> None:
