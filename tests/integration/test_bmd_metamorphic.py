@@ -563,3 +563,30 @@ def test_lidc_l1_is_no_fracture_on_slightly_tilted_copies(
     l1 = next(v for v in res.vertebrae if v.level == "L1")
     assert not l1.excluded, l1.exclusion_reason
     assert any("heights step by" in q and "fracture not assessed" in q for q in l1.qc), l1.qc
+
+
+@pytest.mark.parametrize(
+    ("label", "make"),
+    [
+        # L2, the last body above the bottom edge, read 0.51 from five scattered profiles (20.4 36.6 26.4 31.7
+        # 30.1 mm), below 0.75 by 2.1 of their standard errors: grade 3. Student's t for their three residual
+        # degrees of freedom asks for 3.31
+        ("2 mm slabs, 0.8 mm", lambda v: _resample(v, (0.8, 0.8, 2.0), slab_mm=2.0)),
+        # L1's middle profile passed its end plate (23.0 25.2 26.2 34.6 26.0 26.6 26.9 mm): ant / mid 0.67,
+        # grade 2; a fracture shortens the middle, so the line's value stands in (a copy drawn by
+        # benchmarks/invariance_sweep.py --random, seed 3)
+        (
+            "1.25 mm slabs, 1 mm, tilt +2.7 AP, noise 20",
+            lambda v: _noise(_tilt(_resample(v, (1.0, 1.0, 1.25), slab_mm=1.25), "y", 2.7), 20.0, seed=21159),
+        ),
+        # two of T12's profiles inside the depth jumped 9 mm to the next body (23.5 25.7 26.2 | 35.1 33.0 |
+        # 25.9 mm) and tilted the line to 0.62, grade 2: a step, not a wedge (seed 4)
+        ("2 mm sampled, 0.8 mm, tilt +4.4 LR", lambda v: _tilt(_resample(v, (0.8, 0.8, 2.0)), "x", 4.4)),
+    ],
+)
+def test_lidc_fracture_flags_hold_on_copies_whose_profiles_went_astray(
+    lidc: Volume, lidc_rows: list[Row], label: str, make: Callable[[Volume], Volume]
+) -> None:
+    row = _row(label, analyze_volume(make(lidc)).result)
+    assert row.fractures == lidc_rows[0].fractures, f"{label}: fracture flags {sorted(row.fractures)}"
+    assert "L1" in row.levels and row.l1_hu is not None
