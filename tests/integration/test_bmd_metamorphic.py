@@ -582,6 +582,12 @@ def test_lidc_l1_is_no_fracture_on_slightly_tilted_copies(
         # two of T12's profiles inside the depth jumped 9 mm to the next body (23.5 25.7 26.2 | 35.1 33.0 |
         # 25.9 mm) and tilted the line to 0.62, grade 2: a step, not a wedge (seed 4)
         ("2 mm sampled, 0.8 mm, tilt +4.4 LR", lambda v: _tilt(_resample(v, (0.8, 0.8, 2.0)), "x", 4.4)),
+        # three of T12's five profiles on a line (22.2 25.5 26.8 27.6 32.8 mm) gave a 0.2 mm height SE from
+        # their residuals alone and a grade 3 call at 0.59: the spread is now taken over all five (seed 6)
+        (
+            "1.5 mm sampled, 0.9 mm, tilt +6.3 AP, noise 10",
+            lambda v: _noise(_tilt(_resample(v, (0.9, 0.9, 1.5)), "y", 6.3), 10.0, seed=49507),
+        ),
     ],
 )
 def test_lidc_fracture_flags_hold_on_copies_whose_profiles_went_astray(
