@@ -216,6 +216,8 @@ def trabecular_roi(
         shift = np.array(
             [(b.start - c.start) * d for b, c, d in zip(box[::-1], ctx[::-1], (sx, sy, sz), strict=True)]
         )
+    # the fit's step and residual degrees of freedom, for the fracture QC (none without a profile fit)
+    step, dof = (pfit.step_mm, pfit.dof) if pfit is not None else (None, None)
     if body.any():
         kk, jj, ii = np.nonzero(body)
         # mid-vertebral slab: the central half of the body height along its own axis (clinical L1 ROIs are
@@ -269,8 +271,8 @@ def trabecular_roi(
             heights_se,
             mask_heights,
             near_edge=near_edge,
-            height_step_mm=None if pfit is None else pfit.step_mm,
-            heights_dof=None if pfit is None else pfit.dof,
+            height_step_mm=step,
+            heights_dof=dof,
         )
     # weighted statistics (frequency weights: voxels near the slab's faces count for less)
     w_sum = float(w.sum())
@@ -296,8 +298,8 @@ def trabecular_roi(
         mask_heights_mm=mask_heights,
         outliers_mm3=float(n_out) * voxel,
         near_edge=near_edge,
-        height_step_mm=None if pfit is None else pfit.step_mm,
-        heights_dof=None if pfit is None else pfit.dof,
+        height_step_mm=step,
+        heights_dof=dof,
     )
 
 
