@@ -147,21 +147,41 @@ def reference_height(st: RoiStats, truncated: bool) -> float | None:
     return max(st.heights_mm)
 
 
-def _outliers(hu: dict[str, float]) -> list[tuple[str, float]]:
+def _outliers(
+    hu: dict[str, float], beside: dict[str, float] | None = None, order: tuple[str, ...] = ()
+) -> list[tuple[str, float]]:
     """The levels whose trabecular HU lies far from the other levels' median (more than ``OUTLIER_MIN_HU``
     and ``OUTLIER_FRACTION`` of that median), with their difference: the most deviant first, each set aside
     before the next is judged, while at least three levels are left to judge against.
 
     Measured against the median of all the others rather than the mean of the two next to it, one wrong level
     (a ROI on a body the segmentation cut obliquely, 195 HU beside 80-110) is not the reason its right
-    neighbour is excluded, and a level at either end of the measured range is judged too."""
+    neighbour is excluded, and a level at either end of the measured range is judged too.
+
+    ``beside`` holds levels measured but not judged (a body ending near the scan's edge: its heights are not
+    in view, its trabecular bone is): a level that reads within those bounds of such a level next to it
+    (``order``: the level names from top to bottom) is not flagged. At the end of the judged range its others
+    all lie on one side, so a step between the thoracic and lumbar bodies (LIDC: T11-T12 98-106 HU, L1-L2
+    63-72 HU, with L2 at the scan's edge) otherwise reads as a lone low L1; the body beyond shows the step.
+    """
     left = dict(hu)
+    beside = beside or {}
+    pos = {lv: i for i, lv in enumerate(order)}
+
+    def far(a: float, b: float) -> bool:
+        return abs(a - b) > OUTLIER_MIN_HU and abs(a - b) > OUTLIER_FRACTION * abs(b)
+
+    def shared(lv: str) -> bool:
+        near = [o for o in beside if lv in pos and o in pos and abs(pos[o] - pos[lv]) == 1]
+        return any(not far(left[lv], beside[o]) for o in near)
+
     out: list[tuple[str, float]] = []
     while len(left) >= 3:
         dev = {lv: v - float(np.median([o for k, o in left.items() if k != lv])) for lv, v in left.items()}
-        lv = max(dev, key=lambda k: abs(dev[k]))
-        ref = left[lv] - dev[lv]
-        if not (abs(dev[lv]) > OUTLIER_MIN_HU and abs(dev[lv]) > OUTLIER_FRACTION * abs(ref)):
+        # the most deviant level, passing over those a body beside them explains; none beyond the bounds: done
+        beyond = {k: far(left[k], left[k] - dev[k]) for k in left}
+        lv = next((k for k in sorted(dev, key=lambda k: -abs(dev[k])) if not (beyond[k] and shared(k))), None)
+        if lv is None or not beyond[lv]:
             break
         out.append((lv, dev[lv]))
         del left[lv]
@@ -336,7 +356,17 @@ def build_vertebrae(
     # outliers against the other levels (calibrated HU), among otherwise valid levels
     cal_hu = {lv: fit.apply(stats[lv].mean) for lv in levels if np.isfinite(stats[lv].mean)}
     valid = [lv for lv in levels if not reasons[lv] and lv in cal_hu]
-    for lv, d in _outliers({lv: cal_hu[lv] for lv in valid}):
+    # bodies set aside only for ending near the scan's edge: their trabecular HU is measured
+    at_edge = {
+        lv: cal_hu[lv]
+        for lv in levels
+        if lv in cal_hu
+        and stats[lv].near_edge
+        and len(reasons[lv]) == 1
+        and lv not in seg.truncated
+        and stats[lv].volume_mm3 >= min_roi_mm3
+    }
+    for lv, d in _outliers({lv: cal_hu[lv] for lv in valid}, at_edge, tuple(seg.levels)):
         qcs[lv].append(f"trabecular HU {d:+.0f} HU from the other measured levels' median")
         reasons[lv].append("outlier against neighbours (lesion, sclerosis or mislabelled structure?)")
     out: list[VertebraResult] = []

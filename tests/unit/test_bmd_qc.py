@@ -270,3 +270,21 @@ def test_outliers_are_judged_against_the_median_of_the_other_levels() -> None:
     # the ordinary spread between levels is no outlier; two levels are not judged
     assert _outliers({"T12": 110.0, "L1": 96.0, "L2": 111.0, "L3": 104.0, "L4": 107.0, "L5": 111.0}) == []
     assert _outliers({"L1": 80.0, "L2": 200.0}) == []
+
+
+def test_a_level_that_reads_like_the_body_beside_it_at_the_scan_edge_is_no_outlier() -> None:
+    from dicomnode.bmd.qc import _outliers
+
+    order = ("T11", "T12", "L1", "L2")
+    judged = {"T11": 106.0, "T12": 103.5, "L1": 70.6}
+    # the last judged level, 33 HU below the two above it: alone, it reads as an outlier ...
+    assert [lv for lv, _ in _outliers(judged)] == ["L1"]
+    # ... but the body below it, measured though not judged (it ends near the scan's edge), reads the same:
+    # a step between the thoracic and lumbar bodies, not a lesion or a wrong ROI at L1
+    assert _outliers(judged, {"L2": 63.2}, order) == []
+    # a body beside it that does not read the same shows nothing, and one two levels away is no neighbour
+    assert [lv for lv, _ in _outliers(judged, {"L2": 101.0}, order)] == ["L1"]
+    assert [lv for lv, _ in _outliers(judged, {"L3": 66.0}, (*order, "L3"))] == ["L1"]
+    # a spike inside the judged range is judged as before
+    spike = {"T11": 106.0, "T12": 40.0, "L1": 103.0, "L2": 104.0}
+    assert [lv for lv, _ in _outliers(spike, {"L3": 41.0}, (*order, "L3"))] == ["T12"]

@@ -256,3 +256,67 @@ def test_a_ramp_of_heights_is_no_step_and_a_jump_is() -> None:
     assert _height_step(np.array([23.5, 25.7, 26.2, 35.1, 33.0, 25.9])) == pytest.approx(6.8)
     # but a shorter run inside the depth is what a fracture makes (a central end-plate depression): no step
     assert _height_step(np.array([27.0, 26.5, 20.0, 19.5, 20.2, 26.8, 27.2])) == 0.0
+
+
+def _graded_body(spacing: tuple[float, float, float], grow_mm: float) -> tuple[Volume, np.ndarray]:
+    """An elliptic body 44 x 32 mm, 26 mm tall, with a 1.5 mm cortex of 700 HU; its trabecular bone reads
+    100 HU in the middle and rises to 200 HU towards the cortex over the outer 5 mm (denser bone under the
+    cortex, as in real vertebrae); 40 HU around it. The mask is the body grown by ``grow_mm`` in plane: a body
+    mask made on a coarse grid runs a few mm beyond the cortex."""
+    sx, sy, sz = spacing
+    nx, ny, nz = int(80 / sx), int(70 / sy), int(50 / sz)
+    k, j, i = np.meshgrid(np.arange(nz) * sz, np.arange(ny) * sy, np.arange(nx) * sx, indexing="ij")
+    r_out = np.hypot((i - 40) / 22, (j - 35) / 16)
+    r_in = np.hypot((i - 40) / 20.5, (j - 35) / 14.5)
+    tall = np.abs(k - 25) <= 13
+    data = np.full((nz, ny, nx), 40.0, dtype=np.float32)
+    data[(r_out <= 1.0) & tall] = 700.0
+    inner = (r_in <= 1.0) & (np.abs(k - 25) <= 11.5)
+    depth_in = (1.0 - r_in) * 14.5  # about the distance (mm) inside the cortex's inner edge
+    data[inner] = (100.0 + 100.0 * np.clip(1.0 - depth_in / 5.0, 0.0, 1.0))[inner]
+    mask = (np.hypot((i - 40) / (22 + grow_mm), (j - 35) / (16 + grow_mm)) <= 1.0) & tall
+    return Volume(data=data, affine=np.diag([sx, sy, sz, 1.0])), mask
+
+
+@pytest.mark.parametrize("spacing", [(0.7, 0.7, 1.0), (0.8, 0.8, 3.0)])
+def test_roi_is_placed_from_the_cortex_not_from_a_generous_mask(spacing: tuple[float, float, float]) -> None:
+    sx, sy, _ = spacing
+    means = []
+    for grow in (0.0, 2.0, 4.0):
+        vol, mask = _graded_body(spacing, grow)
+        box = (slice(0, vol.shape[0]), slice(0, vol.shape[1]), slice(0, vol.shape[2]))
+        st = trabecular_roi(vol, mask, box, erosion_mm=3.0, endplate_margin_mm=5.0)
+        assert st.volume_mm3 > 500.0
+        _, jj, ii = np.nonzero(st.roi)
+        # every ROI voxel keeps the erosion inside the cortex's inner edge (a voxel's tolerance)
+        r = np.hypot((ii * sx - 40) / (20.5 - 3.0 + sx), (jj * sy - 35) / (14.5 - 3.0 + sy))
+        assert r.max() <= 1.0, f"mask grown {grow} mm: an ROI voxel within 3 mm of the cortex"
+        means.append(st.mean)
+    # the same bone whatever the mask's margin (an oval sized from the mask took in the denser rim)
+    assert max(means) - min(means) < 3.0, means
+    assert min(means) < 110.0
+
+
+def test_inner_outline_ignores_a_bone_island_and_keeps_the_mask_edge_without_cortex() -> None:
+    from dicomnode.bmd.roi import _inner_outline
+
+    spacing = (0.7, 0.7, 1.0)
+    vol, mask = _graded_body(spacing, 4.0)
+    data = vol.data.copy()
+    nz, ny, nx = data.shape
+    _, j, i = np.meshgrid(np.arange(nz), np.arange(ny) * 0.7, np.arange(nx) * 0.7, indexing="ij")
+    data[np.hypot(i - 46.0, j - 33.0) <= 2.5] = 900.0  # a bone island 6 mm right of the centre
+    ks = np.arange(int(18 / 1.0), int(32 / 1.0))
+    out = _inner_outline(data, mask, 100.0, (0.7, 0.7), ks)
+    assert out is not None
+    depth, width, front, middle = out.frame(nz)
+    # the compartment inside the cortex: 41 x 29 mm (half way down the cortex's inner step, a voxel's play)
+    assert width == pytest.approx(41.0, abs=1.5) and depth == pytest.approx(29.0, abs=1.5)
+    assert float(np.median(front.ravel()[ks])) == pytest.approx(35.0 - 14.5, abs=1.0)
+    assert float(np.median(middle.ravel()[ks])) == pytest.approx(40.0, abs=1.0)
+    # no cortex at all (a uniform body): the rays keep the mask's edge
+    flat = np.where(mask, 100.0, 40.0).astype(np.float32)
+    out = _inner_outline(flat, mask, 100.0, (0.7, 0.7), ks)
+    assert out is not None
+    _, width, _, _ = out.frame(nz)
+    assert width == pytest.approx(2 * (22 + 4.0), abs=1.5)
