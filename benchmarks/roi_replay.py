@@ -135,7 +135,8 @@ def replay(folder: Path, patient: str, level: str) -> None:
         sets: dict[str, list[tuple[float, float, float, float]]] = {}
         for key, _, unc, got in rows:
             if not unc and lvl in got and all(np.isfinite(got[lvl][:3])):
-                sets.setdefault(key.split("-")[1], []).append(got[lvl])
+                part = key.split("-")[1]  # "v00" (the fixed variants) or "s3" (random seed 3)
+                sets.setdefault(part if part.startswith("s") else "v", []).append(got[lvl])
         every = [v for vs in sets.values() for v in vs]
         if not every:
             continue
