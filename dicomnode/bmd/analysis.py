@@ -51,8 +51,8 @@ class BmdOptions:
     Attributes
     ----------
     erosion_mm
-        Distance kept from the outer body surface (cortex and partial volume); TotalSegmentator's spine
-        report erodes 4 mm.
+        Distance kept from the outer body surface (cortex and partial volume), and from the cortex's inner
+        edge where the image shows it (``roi._inner_outline``); TotalSegmentator's spine report erodes 4 mm.
     endplate_margin_mm
         Distance kept from the end plates along the cranio-caudal axis (at least erosion + half a slice).
     min_roi_volume_mm3
