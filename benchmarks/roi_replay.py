@@ -117,6 +117,7 @@ def capture(folder: Path, patient: str, n_random: int, seed: int) -> None:
 def replay(folder: Path, patient: str, level: str) -> None:
     """Re-run this tree's ``trabecular_roi`` on every stored input of ``patient`` and print the spreads."""
     rows: list[tuple[str, str, bool, dict[str, tuple[float, float, float, float]]]] = []
+    slabs: dict[tuple[str, str], str] = {}
     for path in sorted(folder.glob(f"{patient}-*.pkl")):
         with open(path, "rb") as fh:
             d = pickle.load(fh)
@@ -126,6 +127,15 @@ def replay(folder: Path, patient: str, level: str) -> None:
             box = tuple(slice(a, b) for a, b in c["box"])
             st = roi.trabecular_roi(canon, c["body"], box, c["erosion"], c["margin"], c["axis"])  # type: ignore[arg-type]
             got[lvl] = (c["mean"], st.mean, st.median, st.volume_mm3)
+            # where the mid-vertebral slab came from: the end-plate profiles (their heights, with standard
+            # errors) or the mask's ends (the outline's heights shown; none for a body at the scan's edge)
+            h = st.heights_mm
+            src = "the end-plate profiles" if st.heights_se_mm is not None else "the mask's ends"
+            slabs[(path.stem, lvl)] = f"slab from {src}" + (
+                f" (heights {h[0]:.1f}/{h[1]:.1f}/{h[2]:.1f} mm)"
+                if h is not None
+                else " (at the scan's edge)"
+            )
         rows.append((path.stem, d["label"], d["uncertain"], got))
     print(
         f"[{patient}] {len(rows)} copies; over the confident ones:"
@@ -154,7 +164,10 @@ def replay(folder: Path, patient: str, level: str) -> None:
         if level in got:
             o, n, _, v = got[level]
             flag = "uncertain " if unc else ""
-            print(f"  {key:14s} {label:52s} {flag}{level} {o:6.1f} -> {n:6.1f} HU, {v:5.0f} mm3")
+            print(
+                f"  {key:14s} {label:52s} {flag}{level} {o:6.1f} -> {n:6.1f} HU, {v:5.0f} mm3,"
+                f" {slabs[(key, level)]}"
+            )
 
 
 def main() -> None:
