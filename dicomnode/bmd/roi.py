@@ -332,6 +332,9 @@ RAY_WITHIN_MM = 10.0
 #: Step (mm) along a ray, and its length (beyond any vertebral body's half width).
 RAY_STEP_MM = 0.5
 RAY_LENGTH_MM = 80.0
+#: The rays' unit directions (x, y), in-plane.
+_RAY_DX = np.cos(np.linspace(0.0, 2.0 * np.pi, CORTEX_RAYS, endpoint=False))
+_RAY_DY = np.sin(np.linspace(0.0, 2.0 * np.pi, CORTEX_RAYS, endpoint=False))
 
 
 @dataclass(frozen=True)
@@ -346,17 +349,16 @@ class InnerOutline:
     radii: npt.NDArray[np.float64]  # (len(ks), CORTEX_RAYS)
     spacing: tuple[float, float]
 
-    def _vertices(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-        ang = np.linspace(0.0, 2.0 * np.pi, CORTEX_RAYS, endpoint=False)
-        return (
-            self.cy[:, None] + np.sin(ang)[None, :] * self.radii,
-            self.cx[:, None] + np.cos(ang)[None, :] * self.radii,
-        )
+    def _vertices(
+        self, radii: npt.NDArray[np.float64]
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """The outline's vertices (y, x in mm; one row per slice) for ``radii`` along the rays."""
+        return self.cy[:, None] + _RAY_DY[None, :] * radii, self.cx[:, None] + _RAY_DX[None, :] * radii
 
     def frame(self, nk: int) -> tuple[float, float, npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         """Depth and width (mm) of the trabecular compartment (medians over the slices) and, per slice of
         the box, its front (y, mm) and its middle (x, mm), as robust lines over the slices."""
-        vy, vx = self._vertices()
+        vy, vx = self._vertices(self.radii)
         front, back = vy.min(axis=1), vy.max(axis=1)
         left, right = vx.min(axis=1), vx.max(axis=1)
         depth = max(float(np.median(back - front)), 1.0)
@@ -370,12 +372,9 @@ class InnerOutline:
         polygon: Any = draw.polygon  # untyped library function
         sx, sy = self.spacing
         out = np.zeros(shape, dtype=bool)
-        ang = np.linspace(0.0, 2.0 * np.pi, CORTEX_RAYS, endpoint=False)
+        vy, vx = self._vertices(np.maximum(self.radii - margin_mm, 0.0))
         for q, k in enumerate(self.ks):
-            r = np.maximum(self.radii[q] - margin_mm, 0.0)
-            rr, cc = polygon(
-                (self.cy[q] + np.sin(ang) * r) / sy, (self.cx[q] + np.cos(ang) * r) / sx, shape=shape[1:]
-            )
+            rr, cc = polygon(vy[q] / sy, vx[q] / sx, shape=shape[1:])
             out[k, rr, cc] = True
         return out
 
@@ -406,8 +405,7 @@ def _inner_outline(
     leaning body's section moves steadily, one slice's bone island or gap in the cortex does not move the
     outline. None without a section of at least 20 voxels."""
     sx, sy = spacing
-    ang = np.linspace(0.0, 2.0 * np.pi, CORTEX_RAYS, endpoint=False)
-    dx, dy = np.cos(ang), np.sin(ang)
+    dx, dy = _RAY_DX, _RAY_DY
     t = np.arange(0.0, RAY_LENGTH_MM, RAY_STEP_MM)
     within, beyond = int(RAY_WITHIN_MM / RAY_STEP_MM), int(RAY_BEYOND_MM / RAY_STEP_MM)
     kept = np.array([k for k in ks if np.count_nonzero(body[k]) >= 20], dtype=np.intp)
