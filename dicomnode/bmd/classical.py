@@ -21,9 +21,13 @@ sizes in mm; the numbers are anatomical sizes, not fitted to any one scan):
    thoracic body between two merged bands, on thick or tilted slices): then both stay candidates. The
    chain of discs is chosen by dynamic programming over pairs of discs: a 14-50 mm pitch that changes
    smoothly from one vertebra to the next (each disc costs 25 HU of score), gaps of a missed disc are
-   filled (``_find_discs``). Bodies are split by the disc planes (perpendicular to the axis, so tilted
-   L5/S1 discs split cleanly), closed along the axis, and each slice replaced by the convex hull of what
-   its cortex encloses (an enhanced vessel lumen pressed against the body has no cortex and is dropped).
+   filled (``_find_discs``), and so is the column above the top disc when it is longer than 1.2 pitches of
+   the vertebrae below: at one pitch (0.8-1.2) above the top disc, a dip of the profile, else a candidate
+   band (a faint disc beside a dense band in the body below it falls to neither the chain nor the band
+   arbitration; Basel on 4 mm slabs or tilted 5 degrees lost its T12/L1 disc so, and with it T12). Bodies
+   are split by the disc planes (perpendicular to the axis, so tilted L5/S1 discs split cleanly), closed
+   along the axis, and each slice replaced by the convex hull of what its cortex encloses (an enhanced
+   vessel lumen pressed against the body has no cortex and is dropped).
 4. **Anchors.** *Ribs*: thin bone (no 12 mm ball fits: not an enhanced organ) outside a 30 mm core that
    reaches >= 58 mm from the axis (lumbar transverse processes end before) and whose medial end reaches the
    spine (<= 40 mm), the lowest piece of a side dropped when its head end lies far in front of the rib heads
@@ -38,7 +42,8 @@ sizes in mm; the numbers are anatomical sizes, not fitted to any one scan):
    solid bone joined to the body 28-60 mm beside it on one side, summed between its own disc planes (a
    volume, so noise or thick slices that break the ala on a few slices lower it a little instead of
    removing it, and a steep lumbosacral disc does not hand S1's alae to L5); both sides: strong evidence.
-   The vertebra above it is L5.
+   The run of pieces with alae may pass one without them when the piece above has alae on both sides (a
+   lower sacral piece split off by a tilted plane, pelvic bone below it). The vertebra above it is L5.
 5. **Naming.** Both anchors: names agree when five rib-free vertebrae lie between them (T12 ... L5);
    otherwise every level is uncertain (11/13 rib pairs, transitional vertebra) and the sacrum-based names
    are used. No anchor: uncertain. One anchor: names from it, confident only when the anchor is
@@ -554,6 +559,31 @@ def _flank_span(ps: npt.NDArray[np.float64], z: int, g: float) -> float:
     return float((b - a) * g)
 
 
+#: Least depth (HU) of a dip of the column profile: below the peak of its darker flank (the brightest point
+#: within 6 mm on that side).
+DIP_MIN_HU = 12.0
+
+
+def _dips(p: npt.NDArray[np.float64], z_lo: int, z_hi: int, g: float) -> dict[int, float]:
+    """The dips of the column profile ``p`` between ``z_lo`` and ``z_hi``: local maxima of the depth below
+    the brightest point within 6 mm on each side (the darker side counts), >= ``DIP_MIN_HU``."""
+    nz = p.size
+    k0, k1 = 1, max(2, round(6.0 / g))
+    d = np.full(nz, -np.inf)
+    for z in range(max(0, z_lo) + k1, min(nz - 1, z_hi) - k1 + 1):
+        lo, hi = p[z - k1 : z - k0 + 1], p[z + k0 : z + k1 + 1]
+        if np.isfinite(lo).any() and np.isfinite(hi).any() and np.isfinite(p[z]):
+            d[z] = min(np.nanmax(lo), np.nanmax(hi)) - p[z]
+    return {
+        z: float(d[z])
+        for z in range(nz)
+        if np.isfinite(d[z])
+        and d[z] >= DIP_MIN_HU
+        and d[z] >= d[max(0, z - 1)]
+        and d[z] >= d[min(nz - 1, z + 1)]
+    }
+
+
 def _disc_candidates(p: npt.NDArray[np.float64], z_lo: int, z_hi: int, g: float) -> dict[int, float]:
     """Disc candidates along the column profile, with a score in HU.
 
@@ -567,18 +597,7 @@ def _disc_candidates(p: npt.NDArray[np.float64], z_lo: int, z_hi: int, g: float)
     weak dips, and bright foci in a body (a bone island) as bands; the chain's pitch consistency
     (``_find_discs``) chooses among them.
     """
-    nz = p.size
-    k0, k1 = 1, max(2, round(6.0 / g))
-    d = np.full(nz, -np.inf)
-    for z in range(z_lo + k1, z_hi - k1 + 1):
-        lo, hi = p[z - k1 : z - k0 + 1], p[z + k0 : z + k1 + 1]
-        if np.isfinite(lo).any() and np.isfinite(hi).any() and np.isfinite(p[z]):
-            d[z] = min(np.nanmax(lo), np.nanmax(hi)) - p[z]
-    dips = {
-        z: float(d[z])
-        for z in range(nz)
-        if np.isfinite(d[z]) and d[z] >= 12.0 and d[z] >= d[max(0, z - 1)] and d[z] >= d[min(nz - 1, z + 1)]
-    }
+    dips = _dips(p, z_lo, z_hi, g)
     ps = ndi.gaussian_filter1d(np.where(np.isfinite(p), p, np.nanmedian(p)), 1.0 / g, mode="nearest")
     near, far = max(2, round(5.0 / g)), max(3, round(16.0 / g))
     bands: dict[int, float] = {}
@@ -681,6 +700,13 @@ def _find_discs(p: npt.NDArray[np.float64], z_lo: int, z_hi: int, g: float) -> l
     return _fill_gaps(chain, cands, p, z_hi, g)
 
 
+#: The column above the top disc holds another disc when it is longer than this many pitches of the vertebrae
+#: below it (a vertebra and its disc: at most ~1.15 of the pitch below); that disc is looked for at these
+#: fractions of their pitch above the top disc.
+TOP_PIECE_PITCHES = 1.2
+TOP_PITCH_WINDOW = (0.8, 1.2)
+
+
 def _fill_gaps(
     chain: list[int], cands: dict[int, float], p: npt.NDArray[np.float64], z_hi: int, g: float
 ) -> list[int]:
@@ -691,7 +717,30 @@ def _fill_gaps(
     smin = PITCH_MIN_MM
     pitch = float(np.median(np.diff(out))) * g
     top = max(out)
-    if (z_hi - top) * g > 1.6 * pitch:
+    # the pitch of the top complete vertebra, and the median of the top three (a fractured one among them
+    # does not move it): the column above is judged against the shorter, the disc looked for at the median
+    last = (out[-1] - out[-2]) * g
+    near_pitch = float(np.median(np.diff(out[-4:]))) * g
+    found = None
+    if (z_hi - top) * g > TOP_PIECE_PITCHES * min(last, near_pitch):
+        # the column above the top disc is longer than a vertebra and its disc can be (neighbouring pitches
+        # differ by ~5-15 %): a disc lies in it, about one pitch of the vertebra below above the top disc. A
+        # weak one (a disc smeared by thick or tilted slices beside a bright end plate or a band in the
+        # body, which the chain's cost and the band beside it kept out) is looked for where the pitch puts
+        # it: a dip of the profile there (with its 6 mm of context), else a candidate band
+        lo_z = top + TOP_PITCH_WINDOW[0] * near_pitch / g
+        hi_z = top + TOP_PITCH_WINDOW[1] * near_pitch / g
+        dips = {z: v for z, v in _dips(p, top, z_hi, g).items() if lo_z <= z <= hi_z}
+        near = [z for z in cands if lo_z <= z <= hi_z]
+        if dips:
+            # a dip is direct evidence of a disc; a band (an end plate, a bone island) only where none is
+            found = max(dips, key=lambda z: dips[z])
+        elif near:
+            found = max(near, key=lambda z: cands[z])
+    if found is not None:
+        out.append(found)
+        out.sort()
+    elif (z_hi - top) * g > 1.6 * pitch:
         # above the top disc: another vertebra's worth of column means a missed disc up there
         above = [z for z in cands if top + pitch * 0.6 / g <= z <= z_hi - 10.0 / g]
         if above:
@@ -1288,8 +1337,12 @@ def _ala_volumes(
 
 
 def _find_sacrum(segs: list[Segment], ala: dict[int, tuple[float, float]]) -> tuple[int | None, bool, str]:
-    """The sacrum: walking up from the lowest vertebra (at most four), the highest of a contiguous run of
-    pieces with sacral evidence (S1-S2 remnant discs split the sacrum into pieces).
+    """The sacrum: walking up from the lowest vertebra (at most four), the highest of a run of pieces with
+    sacral evidence (S1-S2 remnant discs split the sacrum into pieces). The run may pass one piece without
+    alae when the piece above it has alae on both sides (S1's): below the sacrum a tilted plane splits
+    the lower sacrum into pieces and pelvic bone joined to one of them looks like an ala (Basel tilted 10
+    degrees about anterior-posterior: a 124 cm3 piece with 13.9 / 6.0 cm3 beside it, under one without,
+    under S1 with 11.3 / 13.3 cm3).
 
     Sacral evidence is the volume of solid bone joined to the piece 28-60 mm beside it, between its own
     disc planes: the alae of S1 (a lateral mass about 30 mm wide, deep and tall, joined to the ilium at the
@@ -1298,14 +1351,22 @@ def _find_sacrum(segs: list[Segment], ala: dict[int, tuple[float, float]]) -> tu
     break the alae on a few slices lower it a little instead of removing it. Strong evidence: both sides.
     """
     found: tuple[int, bool, float, float] | None = None
+    gap = False  # one piece without alae passed since the last piece with them
     for i in range(len(segs) - 1, max(-1, len(segs) - 5), -1):
         s = segs[i]
         if s.has_rib:
             break
         vl, vr = ala.get(s.slab, (0.0, 0.0))
-        if max(vl, vr) >= ALA_MIN_MM3:
-            found = (i, min(vl, vr) >= ALA_MIN_MM3, vl, vr)
-        elif found is not None:
+        if max(vl, vr) >= ALA_MIN_MM3 and not (gap and min(vl, vr) < ALA_MIN_MM3):
+            found, gap = (i, min(vl, vr) >= ALA_MIN_MM3, vl, vr), False
+        elif found is None:
+            continue
+        elif not gap:
+            # a piece without alae between two with them (a lower sacral segment split off by a tilted plane,
+            # or pelvic bone below the sacrum taken as a piece with alae): the piece above counts only with
+            # alae on both sides, like S1's; L5 lies on S1 itself, never above a piece without alae
+            gap = True
+        else:
             break
     if found is None:
         return None, False, ""

@@ -238,3 +238,24 @@ def test_large_processes_above_the_sacrum_make_sacrum_only_names_uncertain() -> 
     assert uncertain
     assert "transverse processes large enough" in ev
     assert names[-1] == "L5"  # still named from the sacrum, flagged
+
+
+def test_the_sacral_run_passes_one_piece_without_alae_below_s1() -> None:
+    # T12, L1-L5, S1, a lower sacral piece without alae, pelvic bone below it that looks like an ala
+    segs = _pieces(8)
+    ala = {
+        2: (ALA_MIN_MM3 * 1.9, ALA_MIN_MM3 * 2.2),
+        1: (0.3 * ALA_MIN_MM3, 0.0),
+        0: (ALA_MIN_MM3 * 2.3, ALA_MIN_MM3),
+    }
+    sacrum, strong, _ = _find_sacrum(segs, ala)
+    assert sacrum == len(segs) - 3
+    assert strong
+    # above a piece without alae, a one-sided ala is not S1's: the run ends at the lower piece
+    ala[2] = (ALA_MIN_MM3 * 1.9, 0.5 * ALA_MIN_MM3)
+    assert _find_sacrum(segs, ala)[0] == len(segs) - 1
+    # a lowest piece without alae (the coccyx) is passed before the run starts
+    assert _find_sacrum(segs, {1: (ALA_MIN_MM3 * 2, ALA_MIN_MM3 * 2)})[0] == len(segs) - 2
+    # two pieces without alae end the run
+    ala[2], ala[1], ala[3] = (0.0, 0.0), (0.0, 0.0), (ALA_MIN_MM3 * 2, ALA_MIN_MM3 * 2)
+    assert _find_sacrum(segs, ala)[0] == len(segs) - 1

@@ -69,3 +69,25 @@ def test_flank_span_is_a_disc_height_around_a_disc_and_a_body_height_around_marr
     p, truth = _thoracic(20.0, 4.0, 30.0)
     marrow = int(np.argmin(p[round(truth[1]) : round(truth[2])])) + round(truth[1])
     assert _flank_span(p, marrow, G) >= MARROW_SPAN_MM
+
+
+def test_a_weak_disc_beside_a_dense_band_is_found_where_the_pitch_puts_it() -> None:
+    # four resolved lumbar discs, 34 mm apart; above the top one the column runs on for 1.35 pitches to the
+    # scan's edge. The disc there, 32 mm above the top one, is faint (smeared by thick or tilted slices: a
+    # 25 HU dip under a faint end plate) and 8 mm below it, inside the body, lies a dense band (sclerosis
+    # under the end plate). The faint dip beside the band is taken for the marrow beside a merged thoracic
+    # band, the band alone would make a 24 mm vertebra over a 34 mm one (the chain pays more for that than
+    # the band scores): neither joins the chain, yet a vertebra and a half of column cannot hold no disc
+    z = np.arange(N) * G
+    p = np.full(N, 130.0)
+    for c in (30.0, 64.0, 98.0, 132.0):
+        p -= 45.0 * np.exp(-0.5 * ((z - c) / 3.0) ** 2)
+        for e in (c - 6.0, c + 6.0):
+            p += 150.0 * np.exp(-0.5 * ((z - e) / 1.5) ** 2)
+    top = 164.0
+    p -= 25.0 * np.exp(-0.5 * ((z - top) / 2.0) ** 2)
+    p += 5.0 * np.exp(-0.5 * ((z - (top + 5.0)) / 1.5) ** 2)
+    p += 75.0 * np.exp(-0.5 * ((z - (top - 8.0)) / 3.0) ** 2)
+    z_hi = round((132.0 + 1.35 * 34.0) / G)
+    found = _find_discs(p, 5, z_hi, G)
+    assert _matches(found, [15.0, 32.0, 49.0, 66.0, top / G]), found
