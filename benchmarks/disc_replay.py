@@ -19,7 +19,6 @@ the same.
 
 from __future__ import annotations
 
-import argparse
 import pickle
 import sys
 from pathlib import Path
@@ -104,13 +103,7 @@ def replay(folder: Path, patient: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("action", choices=("capture", "replay"))
-    ap.add_argument("folder", type=Path)
-    ap.add_argument("--patient", choices=("basel", "lidc"), default="lidc")
-    ap.add_argument("--random", type=int, default=0, metavar="N")
-    ap.add_argument("--seed", type=int, default=1)
-    args = ap.parse_args()
+    args = roi_replay.parser(__doc__).parse_args()
     if args.action == "capture":
         capture(args.folder, args.patient, args.random, args.seed)
     else:

@@ -170,13 +170,21 @@ def replay(folder: Path, patient: str, level: str) -> None:
             )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The command line of a capture / replay benchmark (this one, ``disc_replay.py``): the action, the
+    folder, the patient and which copies (``invariance_sweep.py``'s fixed variants, or ``--random N --seed
+    S``)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("action", choices=("capture", "replay"))
     ap.add_argument("folder", type=Path)
     ap.add_argument("--patient", choices=("basel", "lidc"), default="lidc")
     ap.add_argument("--random", type=int, default=0, metavar="N")
     ap.add_argument("--seed", type=int, default=1)
+    return ap
+
+
+def main() -> None:
+    ap = parser(__doc__)
     ap.add_argument("--level", default="L1", choices=LEVELS)
     args = ap.parse_args()
     if args.action == "capture":

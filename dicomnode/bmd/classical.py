@@ -1357,8 +1357,9 @@ def _find_sacrum(segs: list[Segment], ala: dict[int, tuple[float, float]]) -> tu
         if s.has_rib:
             break
         vl, vr = ala.get(s.slab, (0.0, 0.0))
-        if max(vl, vr) >= ALA_MIN_MM3 and not (gap and min(vl, vr) < ALA_MIN_MM3):
-            found, gap = (i, min(vl, vr) >= ALA_MIN_MM3, vl, vr), False
+        strong = min(vl, vr) >= ALA_MIN_MM3
+        if max(vl, vr) >= ALA_MIN_MM3 and (strong or not gap):
+            found, gap = (i, strong, vl, vr), False
         elif found is None:
             continue
         elif not gap:
