@@ -542,20 +542,28 @@ DIP_VS_BAND = 0.4
 MARROW_SPAN_MM = 18.0
 
 
-def _flank_span(ps: npt.NDArray[np.float64], z: int, g: float) -> float:
-    """Distance (mm) between the bright flanks of the dip of the profile ``ps`` at ``z``: from the dip's
-    lowest point (within 4 mm), uphill on each side to the first peak. Around a disc these are its two end
+def _flanks(
+    ps: npt.NDArray[np.float64], z: int, g: float, lo: int = 0, hi: int | None = None
+) -> tuple[int, int]:
+    """The bright flanks of the dip of the profile ``ps`` at ``z``: from the dip's lowest point (within 4 mm),
+    uphill on each side to the first peak, not past ``lo`` and ``hi``. Around a disc these are its two end
     plates, around a body's marrow the two end-plate bands."""
-    n = ps.size
+    hi = ps.size - 1 if hi is None else hi
     r = max(1, round(4.0 / g))
-    lo_i = max(0, z - r)
-    m = lo_i + int(np.argmin(ps[lo_i : min(n, z + r + 1)]))
+    lo_i = max(lo, z - r)
+    m = lo_i + int(np.argmin(ps[lo_i : min(hi, z + r) + 1]))
     a = m
-    while a > 0 and ps[a - 1] >= ps[a]:
+    while a > lo and ps[a - 1] >= ps[a]:
         a -= 1
     b = m
-    while b < n - 1 and ps[b + 1] >= ps[b]:
+    while b < hi and ps[b + 1] >= ps[b]:
         b += 1
+    return a, b
+
+
+def _flank_span(ps: npt.NDArray[np.float64], z: int, g: float) -> float:
+    """Distance (mm) between the bright flanks (``_flanks``) of the dip of the profile ``ps`` at ``z``."""
+    a, b = _flanks(ps, z, g)
     return float((b - a) * g)
 
 
@@ -697,7 +705,64 @@ def _find_discs(p: npt.NDArray[np.float64], z_lo: int, z_hi: int, g: float) -> l
                 idx.append(key[0])
             key = prev_key
         chain = sorted(c[q] for q in idx)
-    return _fill_gaps(chain, cands, p, z_hi, g)
+    return _fill_gaps(_resolved_discs(chain, p, z_lo, z_hi, g), cands, p, z_hi, g)
+
+
+#: Vertebrae at least this tall (pitch: body and disc; T12 ~28-31 mm, L1 ~33-37 mm, spine-anatomy.md 1)
+#: have bodies of at least ~22 mm: the bright flanks around their marrow lie further apart than
+#: ``MARROW_SPAN_MM``, those around a resolved disc (its two end plates) closer. Among the small thoracic
+#: bodies (17-23 mm) the two overlap on thick or tilted slices, and the spans do not tell them apart.
+RESOLVED_PITCH_MM = 28.0
+#: How far (mm) from a band the dip of the disc it may be an end plate of is looked for: half a lumbar disc
+#: (up to ~12 mm thick, spine-anatomy.md 1.2) and a thick end plate or a bone island beside it.
+RESOLVED_REACH_MM = 12.0
+
+
+def _pitches_free(chain: list[int], i: int, z: int) -> bool:
+    """Whether every pitch ratio that the disc ``i`` of ``chain``, put at ``z``, takes part in lies within
+    ``PITCH_FREE`` (the spread of a healthy spine). False when the chain has no ratio to judge it by."""
+    q = [*chain[:i], z, *chain[i + 1 :]]
+    pit = np.diff(q).astype(np.float64)
+    ratios = [pit[k + 1] / pit[k] for k in (i - 2, i - 1, i) if k >= 0 and k + 1 < pit.size]
+    return bool(ratios) and all(r > 0 and abs(np.log(r)) <= np.log(PITCH_FREE) for r in ratios)
+
+
+def _resolved_discs(
+    chain: list[int], p: npt.NDArray[np.float64], z_lo: int, z_hi: int, g: float
+) -> list[int]:
+    """Move a disc the chain took on a band to the dip beside it where the band is an end plate of that dip.
+
+    A bright band in the upper or lower part of a body (a thick end plate, a bone island) beside a faint disc
+    can outscore the disc's dip (``DIP_VS_BAND`` pops a dip shallow against a strong band), and at the chain's
+    end nothing on the far side holds the pitch. Where the vertebrae beside it are large
+    (``RESOLVED_PITCH_MM``), a dip within ``RESOLVED_REACH_MM`` whose bright flanks are the band and another
+    peak (or the profile's end) a disc's height away (closer than ``MARROW_SPAN_MM``) is the disc of a
+    resolved pair of end plates. It replaces the band when it puts every pitch around it within
+    ``PITCH_FREE`` of its neighbours' and the band did not; the deepest such dip is taken."""
+    if len(chain) < 3:
+        return chain
+    dips = _dips(p, z_lo, z_hi, g)
+    ps = ndi.gaussian_filter1d(np.where(np.isfinite(p), p, np.nanmedian(p)), 1.0 / g, mode="nearest")
+    out = list(chain)
+    for i, z in enumerate(out):
+        if any(abs(z - d) <= 1 for d in dips) or _pitches_free(out, i, z):
+            continue
+        # the pitches of the vertebrae this disc does not bound
+        others = [b - a for k, (a, b) in enumerate(itertools.pairwise(out)) if k < i - 1 or k > i]
+        if not others or float(np.median(others)) * g < RESOLVED_PITCH_MM:
+            continue
+        best: int | None = None
+        for d, depth in dips.items():
+            if abs(d - z) * g > RESOLVED_REACH_MM or not _pitches_free(out, i, d):
+                continue
+            a, b = _flanks(ps, d, g, z_lo, z_hi)
+            if min(abs(a - z), abs(b - z)) > 1 or (b - a) * g >= MARROW_SPAN_MM:
+                continue
+            if best is None or depth > dips[best]:
+                best = d
+        if best is not None:
+            out[i] = best
+    return out
 
 
 #: The column above the top disc holds another disc when it is longer than this many pitches of the vertebrae

@@ -7,7 +7,15 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from dicomnode.bmd.classical import MARROW_SPAN_MM, _disc_candidates, _find_discs, _flank_span
+from dicomnode.bmd.classical import (
+    MARROW_SPAN_MM,
+    _dips,
+    _disc_candidates,
+    _find_discs,
+    _flank_span,
+    _pitches_free,
+    _resolved_discs,
+)
 
 G = 2.0
 N = 100
@@ -88,3 +96,42 @@ def test_a_weak_disc_beside_a_dense_band_is_found_where_the_pitch_puts_it() -> N
     z_hi = round((132.0 + 1.35 * 34.0) / G)
     found = _find_discs(p, 5, z_hi, G)
     assert _matches(found, [*truth, top / G]), found
+
+
+def test_a_dense_band_under_a_faint_lumbar_disc_is_its_end_plate_not_the_disc() -> None:
+    # four lumbar vertebrae 34 mm apart; the scan's edge lies 14 mm above the top disc. In the top body a
+    # dense band (a thick end plate with a bone island) peaks 10 mm under that disc, which is faint (a 28 HU
+    # dip under a faint end plate of the body above). The band outscores the dip; at the chain's top nothing
+    # above holds the pitch, and the band (a 24 mm vertebra over 34 mm ones) beat the disc. The band is the
+    # lower flank of the dip, whose flanks lie a disc's height apart: it is the disc's end plate
+    p, truth = _lumbar(34.0)
+    z = np.arange(N) * G
+    top = 132.0
+    body = z > 108.0
+    p[body] = 130.0
+    p -= 28.0 * np.exp(-0.5 * ((z - top) / 3.0) ** 2) * body
+    p += 10.0 * np.exp(-0.5 * ((z - (top + 6.0)) / 1.5) ** 2)
+    p += 150.0 * np.exp(-0.5 * ((z - (top - 10.0)) / 3.0) ** 2)
+    z_hi = round((top + 14.0) / G)
+    cands = _disc_candidates(p, 5, z_hi, G)
+    band = round((top - 10.0) / G)
+    assert band in cands and cands[band] > max(v for k, v in cands.items() if abs(k - top / G) <= 1), cands
+    found = _find_discs(p, 5, z_hi, G)
+    assert _matches(found, truth), (found, truth)
+
+
+def test_a_short_top_vertebra_keeps_its_band_disc_beside_a_dark_spot_in_the_body_above() -> None:
+    # merged bands (the discs) 30 mm apart, the top vertebra 33 % short (a compression fracture); the scan
+    # ends 32 mm above its disc, in the body above, where a dark spot (a basivertebral vein) lies 12 mm above
+    # the band. The spot is a dip within reach whose pitch would be free, but its bright flanks are the band
+    # and the scan's end, a body's height apart: marrow, not a disc. The fractured vertebra keeps its disc
+    z = np.arange(N) * G
+    p = np.full(N, 105.0)
+    for d in (30.0, 60.0, 90.0, 120.0, 140.0, 176.0):
+        p += 120.0 * np.exp(-0.5 * ((z - d) / 4.0) ** 2)
+    p -= 25.0 * np.exp(-0.5 * ((z - 151.0) / 3.0) ** 2)
+    z_hi = round(172.0 / G)
+    chain = _find_discs(p, 5, z_hi, G)
+    assert chain == [15, 30, 45, 60, 70], chain
+    assert 76 in _dips(p, 5, z_hi, G) and _pitches_free(chain, 4, 76) and not _pitches_free(chain, 4, 70)
+    assert _resolved_discs(chain, p, 5, z_hi, G) == chain
