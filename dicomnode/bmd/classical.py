@@ -542,6 +542,11 @@ DIP_VS_BAND = 0.4
 MARROW_SPAN_MM = 18.0
 
 
+def _smoothed(p: npt.NDArray[np.float64], g: float) -> Any:
+    """The column profile smoothed over 1 mm (its gaps filled with its median), for its peaks and flanks."""
+    return ndi.gaussian_filter1d(np.where(np.isfinite(p), p, np.nanmedian(p)), 1.0 / g, mode="nearest")
+
+
 def _flanks(
     ps: npt.NDArray[np.float64], z: int, g: float, lo: int = 0, hi: int | None = None
 ) -> tuple[int, int]:
@@ -606,7 +611,7 @@ def _disc_candidates(p: npt.NDArray[np.float64], z_lo: int, z_hi: int, g: float)
     (``_find_discs``) chooses among them.
     """
     dips = _dips(p, z_lo, z_hi, g)
-    ps = ndi.gaussian_filter1d(np.where(np.isfinite(p), p, np.nanmedian(p)), 1.0 / g, mode="nearest")
+    ps = _smoothed(p, g)
     near, far = max(2, round(5.0 / g)), max(3, round(16.0 / g))
     bands: dict[int, float] = {}
     for z in range(z_lo + near, z_hi - near + 1):
@@ -742,7 +747,7 @@ def _resolved_discs(
     if len(chain) < 3:
         return chain
     dips = _dips(p, z_lo, z_hi, g)
-    ps = ndi.gaussian_filter1d(np.where(np.isfinite(p), p, np.nanmedian(p)), 1.0 / g, mode="nearest")
+    ps = _smoothed(p, g)
     out = list(chain)
     for i, z in enumerate(out):
         if any(abs(z - d) <= 1 for d in dips) or _pitches_free(out, i, z):
