@@ -14,10 +14,13 @@ Tilted copies report their centroid in the tilted frame (not mapped back), so co
 slab-averaged or point-sampled up to 2.5 mm, in-plane 0.6-1.0 mm, a tilt up to 10 degrees about one axis,
 noise up to 20 HU, a field of view down to 220 mm; ``--seed`` fixes the draw), and sorts each answer by
 where its L1 ROI lies against the original's, the tilt undone: *confident, L1 in place* (within 12 mm, less
-than half a vertebra), *uncertain* (no category: the safe failure), *confident, L1 elsewhere* (the failure
-that matters) and *refused*. Each row also names the fracture flags that appear (+) or disappear (-)
-against the original's. It prints the tally, the spread of the confident L1 means and the number of copies
-whose fracture flags differ.
+than half a vertebra, and its figure used), *uncertain* (no category: the safe failure), *confident, L1 set
+aside* (no L1 figure in the report: no ROI, too small, or excluded; the category comes from other levels),
+*confident, L1 elsewhere* (its ROI more than 12 mm away: named off, the failure that matters) and *refused*.
+Before 2026-12-07 late evening the set-aside copies were counted "in place" when their ROI had a centroid
+within 12 mm and "elsewhere" when it had none. Each row also names the fracture flags that appear (+) or
+disappear (-) against the original's. It prints the tally, the spread of the confident L1 means and the
+number of copies whose fracture flags differ.
 
     .venv/bin/python benchmarks/invariance_sweep.py [--patient basel|lidc|both] [--only SUBSTRING ...]
     .venv/bin/python benchmarks/invariance_sweep.py --random 14 [--seed 1] [--patient ...]
@@ -127,7 +130,13 @@ def _random_sweep(patient: str, vol: Volume, n: int, seed: int) -> None:
     if base.l1_at is None:
         print(f"[{patient}] the original has no L1 ROI: nothing to compare with")
         return
-    tally = {"confident, L1 in place": 0, "uncertain": 0, "confident, L1 elsewhere": 0, "refused": 0}
+    tally = {
+        "confident, L1 in place": 0,
+        "uncertain": 0,
+        "confident, L1 set aside": 0,
+        "confident, L1 elsewhere": 0,
+        "refused": 0,
+    }
     means: list[float] = []
     flags_differ = 0
     print(f"\n[{patient}] {n} random copies (seed {seed}); original L1 {base.l1_hu:.1f} HU, {base.category}")
@@ -148,14 +157,19 @@ def _random_sweep(patient: str, vol: Volume, n: int, seed: int) -> None:
             if tilt is not None:
                 at = meta._untilt(before_tilt, tilt[0], tilt[1], at)
             d = float(np.linalg.norm(np.subtract(at, base.l1_at)))
+        # L1's figure as the report uses it (None where L1 is set aside)
+        used = row.l1_hu if res.summary is not None and res.summary.l1_hu is not None else None
         if row.uncertain:
             verdict = "uncertain"
-        elif d is not None and d <= SAME_BODY_MM:
-            verdict = "confident, L1 in place"
-            if row.l1_hu is not None and res.summary is not None and res.summary.l1_hu is not None:
-                means.append(row.l1_hu)
-        else:
+        elif d is not None and d > SAME_BODY_MM:
             verdict = "confident, L1 elsewhere"
+        elif d is None or used is None:
+            # no L1 figure in the report (ROI too small or none, L1 excluded): the category comes from other
+            # levels; where its ROI lies cannot tell a misnamed L1 from a badly segmented one
+            verdict = "confident, L1 set aside"
+        else:
+            verdict = "confident, L1 in place"
+            means.append(used)
         tally[verdict] += 1
         l1 = f"{row.l1_hu:6.1f}" if row.l1_hu is not None else "     -"
         dist = f"{d:5.1f} mm" if d is not None else "    -   "
@@ -165,9 +179,13 @@ def _random_sweep(patient: str, vol: Volume, n: int, seed: int) -> None:
             + [f"-{lv}" for lv in sorted(base.fractures - row.fractures)]
         )
         flags_differ += bool(fr)
+        why = ""
+        if verdict == "confident, L1 set aside":
+            l1v = [v for v in res.vertebrae if v.level == "L1"]
+            why = f"  ({(l1v[0].exclusion_reason or 'not used') if l1v else 'no L1'})"[:90]
         print(
             f"[{patient}] {label:52s} {verdict:24s} L1 {l1} HU at {dist} {row.category or '-':13s}"
-            f" fractures {fr or 'same':9s} {time.perf_counter() - t0:4.0f} s",
+            f" fractures {fr or 'same':9s} {time.perf_counter() - t0:4.0f} s{why}",
             flush=True,
         )
     spread = f"{max(means) - min(means):.1f} HU ({min(means):.1f}-{max(means):.1f})" if means else "-"
