@@ -75,9 +75,14 @@ def capture(folder: Path, patient: str, n_random: int, seed: int) -> None:
         classical._find_discs = original
 
 
+def _near(z: int, chain: list[int]) -> bool:
+    """Whether a disc of ``chain`` lies within one working voxel of ``z``."""
+    return any(abs(z - o) <= 1 for o in chain)
+
+
 def _marked(new: list[int], old: list[int]) -> str:
     """``new`` with every disc that is not within one working voxel of one of ``old`` starred."""
-    return " ".join(f"{z}{'' if any(abs(z - o) <= 1 for o in old) else '*'}" for z in new)
+    return " ".join(f"{z}{'' if _near(z, old) else '*'}" for z in new)
 
 
 def replay(folder: Path, patient: str) -> None:
@@ -97,7 +102,7 @@ def replay(folder: Path, patient: str) -> None:
         if not same:
             print(
                 f"    now    {_marked(new, old)}   (* not in the stored chain; stored ones gone: "
-                f"{' '.join(str(o) for o in old if not any(abs(o - z) <= 1 for z in new)) or 'none'})"
+                f"{' '.join(str(o) for o in old if not _near(o, new)) or 'none'})"
             )
     print(f"[{patient}] {len(paths)} copies, {changed} whose chain changed")
 
