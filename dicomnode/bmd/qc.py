@@ -158,11 +158,18 @@ def _outliers(
     (a ROI on a body the segmentation cut obliquely, 195 HU beside 80-110) is not the reason its right
     neighbour is excluded, and a level at either end of the measured range is judged too.
 
-    ``beside`` holds levels measured but not judged (a body ending near the scan's edge: its heights are not
-    in view, its trabecular bone is): a level that reads within those bounds of such a level next to it
-    (``order``: the level names from top to bottom) is not flagged. At the end of the judged range its others
-    all lie on one side, so a step between the thoracic and lumbar bodies (LIDC: T11-T12 98-106 HU, L1-L2
-    63-72 HU, with L2 at the scan's edge) otherwise reads as a lone low L1; the body beyond shows the step.
+    A deviation is a step, not a lone level, when the level and a body next to it (``order``: the level names
+    from top to bottom) read alike and together end the measured column, with every other judged level beyond
+    them on one side, and the step goes the way trabecular density goes along the spine: lower caudally (it
+    falls from T10 to L1, and the cut-offs for one category are lower at T12 than at T11: sources below).
+    Alike: within the bounds of each other, and the body next to it nearer to the level than to the others'
+    median. At the end of the judged range the others all lie on one side, so a step between the thoracic and
+    lumbar bodies (LIDC: T11-T12 98-115 HU, L1-L2 62-73 HU) otherwise reads as a lone low L1.
+    The body next to it may be judged or in ``beside``: measured but not judged, for a reason about its shape
+    or the scan's edge rather than its bone. A step's levels are kept and leave the median the others are
+    judged against: the levels beyond a step are judged among themselves (else the step's high thoracic
+    levels lift the median and the lumbar ones below read as outliers). Two agreeing levels inside the range,
+    or a caudal end that reads higher (two sclerotic bodies), stay outliers.
     """
     left = dict(hu)
     beside = beside or {}
@@ -171,21 +178,48 @@ def _outliers(
     def far(a: float, b: float) -> bool:
         return abs(a - b) > OUTLIER_MIN_HU and abs(a - b) > OUTLIER_FRACTION * abs(b)
 
-    def shared(lv: str) -> bool:
-        near = [o for o in beside if lv in pos and o in pos and abs(pos[o] - pos[lv]) == 1]
-        return any(not far(left[lv], beside[o]) for o in near)
-
     out: list[tuple[str, float]] = []
-    while len(left) >= 3:
-        dev = {lv: v - float(np.median([o for k, o in left.items() if k != lv])) for lv, v in left.items()}
-        # the most deviant level, passing over those a body beside them explains; none beyond the bounds: done
-        beyond = {k: far(left[k], left[k] - dev[k]) for k in left}
-        lv = next((k for k in sorted(dev, key=lambda k: -abs(dev[k])) if not (beyond[k] and shared(k))), None)
-        if lv is None or not beyond[lv]:
+    stepped: set[str] = set()  # levels of a step: kept, and no longer part of the others' median
+
+    def step(lv: str, d: float) -> bool:
+        if lv not in pos:
+            return False
+        measured = {**beside, **left}
+        for o in (k for k in measured if k in pos and abs(pos[k] - pos[lv]) == 1):
+            # o reads like lv, nearer to it than to the others' median: it shares the step
+            if far(left[lv], measured[o]) or abs(left[lv] - measured[o]) >= abs(d) / 2:
+                continue
+            # the judged levels beyond the step (a step's levels already found are part of it)
+            others = [pos[k] for k in left if k not in (lv, o) and k not in stepped]
+            if not others or any(k not in pos for k in left):
+                continue
+            lo, hi = min(pos[lv], pos[o]), max(pos[lv], pos[o])
+            if (d < 0 and all(p < lo for p in others)) or (d > 0 and all(p > hi for p in others)):
+                return True
+        return False
+
+    while len(left) - len(stepped) >= 3:
+        pool = {k: v for k, v in left.items() if k not in stepped}
+        dev = {lv: v - float(np.median([o for k, o in pool.items() if k != lv])) for lv, v in pool.items()}
+        beyond = {k: far(pool[k], pool[k] - dev[k]) for k in pool}
+        # the most deviant level; none beyond the bounds: done
+        lv = max(dev, key=lambda k: abs(dev[k]))
+        if not beyond[lv]:
             break
+        if step(lv, dev[lv]):
+            # the levels on the other side of a step are judged among themselves
+            stepped.add(lv)
+            continue
         out.append((lv, dev[lv]))
         del left[lv]
     return out
+
+
+# Trabecular density falls along the spine from the lower thoracic to the first lumbar bodies: "Vertebral body
+# trabecular density at the thoracolumbar junction using quantitative computed tomography" (26 post-mortem
+# spines: a significant decrease from T10 to L1); Xue et al., Asian Spine J 2024;18(3):336-345,
+# doi:10.31616/asj.2023.0438 (470 patients: the cut-offs for osteoporosis and for normal BMD are 105 and
+# 147 HU at T11, 86 and 136 HU at T12).
 
 
 def build_vertebrae(
@@ -211,15 +245,19 @@ def build_vertebrae(
     def _max_h(lv: str | None) -> float | None:
         return None if lv is None else reference_height(stats[lv], lv in seg.truncated)
 
+    # how many of a level's reasons are about its shape or the scan's edge, not its trabecular bone
+    shape_only: dict[str, int] = {lv: 0 for lv in levels}
     for i, lv in enumerate(levels):
         st = stats[lv]
         if lv in seg.truncated:
             reasons[lv].append("vertebral body cut by the field of view")
+            shape_only[lv] += 1
         elif st.near_edge:
             reasons[lv].append(
                 f"vertebral body ends within {PROFILE_BEYOND_MM:.0f} mm of the scan's edge (its end plate "
                 "and the disc beyond are not in view)"
             )
+            shape_only[lv] += 1
         if lv in seg.unreliable:
             reasons[lv].append(seg.unreliable[lv])
         if st.metal_mm3 >= METAL_MIN_MM3:
@@ -259,6 +297,7 @@ def build_vertebrae(
                 f"vertebral body outline unreliable (height ratio {_trunc3(r)}, heights "
                 f"{'/'.join(f'{x:.0f}' for x in h)} mm): not measured"
             )
+            shape_only[lv] += 1
         elif st.heights_se_mm is None and r < FRACTURE_RATIO:
             # the end-plate profiles failed and the heights are the working-grid outline's, which follows
             # the segmentation rather than the end plates (it read a regular Basel L1 at 0.46 on a copy with
@@ -356,17 +395,17 @@ def build_vertebrae(
     # outliers against the other levels (calibrated HU), among otherwise valid levels
     cal_hu = {lv: fit.apply(stats[lv].mean) for lv in levels if np.isfinite(stats[lv].mean)}
     valid = [lv for lv in levels if not reasons[lv] and lv in cal_hu]
-    # bodies set aside only for ending near the scan's edge: their trabecular HU is measured
-    at_edge = {
+    # bodies set aside only for their shape or the scan's edge (cut by the field of view, ending near the
+    # edge, an outline that met something else), with a ROI of full size: their trabecular bone is measured
+    beside = {
         lv: cal_hu[lv]
         for lv in levels
         if lv in cal_hu
-        and stats[lv].near_edge
-        and len(reasons[lv]) == 1
-        and lv not in seg.truncated
+        and lv not in valid
+        and len(reasons[lv]) == shape_only[lv]
         and stats[lv].volume_mm3 >= min_roi_mm3
     }
-    for lv, d in _outliers({lv: cal_hu[lv] for lv in valid}, at_edge, tuple(seg.levels)):
+    for lv, d in _outliers({lv: cal_hu[lv] for lv in valid}, beside, tuple(seg.levels)):
         qcs[lv].append(f"trabecular HU {d:+.0f} HU from the other measured levels' median")
         reasons[lv].append("outlier against neighbours (lesion, sclerosis or mislabelled structure?)")
     out: list[VertebraResult] = []

@@ -165,6 +165,35 @@ def _untilt(
     return (float(x), float(y), float(z))
 
 
+def _bend(vol: Volume, amp_mm: float) -> Volume:
+    """The column curved sideways (a scoliosis-like path): each slice shifted left-right by ``amp_mm`` times
+    the sine of its place along the scan (0 at both ends, ``amp_mm`` in the middle; 20 mm leans the column up
+    to ~10 degrees from the scan's axis). It moves the column's path only: the vertebrae keep their own
+    shape and orientation, which real scoliosis rotates and wedges as well."""
+    canon = vol.canonical()
+    data = canon.data.astype(np.float32)
+    out = np.empty_like(data)
+    nz = data.shape[0]
+    for k in range(nz):
+        dx = _bend_vox(canon, amp_mm, k)
+        out[k] = ndi.shift(data[k], (0.0, dx), order=1, mode="constant", cval=-1024.0)
+    return replace(canon, data=out, slice_sop_instance_uids=(), slice_frame_numbers=())
+
+
+def _bend_vox(canon: Volume, amp_mm: float, k: float) -> float:
+    """The shift (index units along the slice's rows) that ``_bend`` gives slice ``k``."""
+    nz = canon.shape[0]
+    return float(amp_mm * np.sin(np.pi * k / max(1, nz - 1)) / canon.spacing[0])
+
+
+def _unbend(vol: Volume, amp_mm: float, lps: tuple[float, float, float]) -> tuple[float, float, float]:
+    """A point of the copy made by ``_bend(vol, amp_mm)`` back in the original patient's frame."""
+    canon = vol.canonical()
+    i, j, k, _ = np.linalg.inv(canon.affine) @ np.array([*lps, 1.0])
+    x, y, z = canon.index_to_lps((float(i) - _bend_vox(canon, amp_mm, float(k)), float(j), float(k)))
+    return (float(x), float(y), float(z))
+
+
 def _sharp_kernel(vol: Volume, sigma_mm: float = 1.0, noise_hu: float = 20.0) -> Volume:
     """A sharp (bone) reconstruction kernel: on a 0.7 mm in-plane grid (the patient re-gridded where coarser),
     each slice edge-enhanced by unsharp masking (the image plus its difference from a Gaussian blur of
@@ -278,6 +307,7 @@ def _variants(tmp: Path, crop_from_top: bool) -> list[tuple[str, Callable[[Volum
         ("prone", _roundtrip(tmp, orientation="HFP")),
         # an export that clips at the top of a 12-bit range: cortex, metal and dense contrast lose their peaks
         ("HU clipped at 1023", lambda v: replace(v, data=np.minimum(v.data, 1023.0).astype(v.data.dtype))),
+        (BEND, lambda v: _bend(v, 20.0)),
         crop,
     ]
 
@@ -302,6 +332,8 @@ def _run_suite(name: str, vol: Volume, tmp: Path, crop_from_top: bool) -> list[R
         row = _row(label, res)
         if row.l1_at is not None and label in TILT_OF:
             row = replace(row, l1_at=_untilt(vol, *TILT_OF[label], row.l1_at))
+        if row.l1_at is not None and label == BEND:
+            row = replace(row, l1_at=_unbend(vol, 20.0, row.l1_at))
         rows.append(row)
     print(
         f"\n[{name}] {'variant':38s} {'levels':17s} unc  {'fractures':11s} L1 HU   L1-L2  L1 at (orig. mm)"
@@ -397,6 +429,8 @@ def _check_fractures(rows: list[Row]) -> None:
 
 
 TILTS = ("tilt 10 deg about left-right", "tilt -8 deg about anterior-posterior")
+#: the column's path curved sideways, 20 mm at the scan's middle (``_bend``)
+BEND = "column curved sideways 20 mm"
 TILT_OF = {TILTS[0]: ("x", 10.0), TILTS[1]: ("y", -8.0)}
 
 

@@ -288,3 +288,80 @@ def test_a_level_that_reads_like_the_body_beside_it_at_the_scan_edge_is_no_outli
     # a spike inside the judged range is judged as before
     spike = {"T11": 106.0, "T12": 40.0, "L1": 103.0, "L2": 104.0}
     assert [lv for lv, _ in _outliers(spike, {"L3": 41.0}, (*order, "L3"))] == ["T12"]
+
+
+def test_a_step_at_the_end_of_the_column_is_no_outlier_but_two_sclerotic_bodies_are() -> None:
+    from dicomnode.bmd.qc import _outliers
+
+    order = ("T10", "T11", "T12", "L1", "L2", "L3", "L4")
+    # LIDC on a random copy: T11-T12 read 115/100, L1-L2 70/62, all four judged. Judged one by one against the
+    # others' median, two of the four go, though each pair agrees: the thoracolumbar step, read as lone levels
+    lidc = {"T11": 115.0, "T12": 100.0, "L1": 70.0, "L2": 62.0}
+    assert len(_outliers(lidc)) == 2
+    # two bodies ending the column that read alike, lower caudally (as density falls from T10 to L1): a step
+    assert _outliers(lidc, {}, order) == []
+    # ... and the same at the column's top: the thoracic bodies above a lumbar range read higher
+    assert _outliers({"T11": 140.0, "T12": 135.0, "L1": 100.0, "L2": 98.0, "L3": 103.0}, {}, order) == []
+    # the caudal end reading higher is not the way density goes: two sclerotic bodies, both outliers
+    blastic = {"T11": 100.0, "T12": 104.0, "L1": 98.0, "L2": 240.0, "L3": 250.0}
+    assert sorted(lv for lv, _ in _outliers(blastic, {}, order)) == ["L2", "L3"]
+    # nor the cranial end reading lower
+    low_top = {"T11": 60.0, "T12": 65.0, "L1": 100.0, "L2": 104.0}
+    assert sorted(lv for lv, _ in _outliers(low_top, {}, order)) == ["T11", "T12"]
+    # two agreeing levels inside the judged range are two lesions, not a step
+    inside = {"T12": 100.0, "L1": 240.0, "L2": 250.0, "L3": 104.0, "L4": 98.0}
+    assert sorted(lv for lv, _ in _outliers(inside, {}, order)) == ["L1", "L2"]
+    # a body next to it that lies nearer the others than the level itself does not share its step
+    lone = {"T11": 100.0, "T12": 100.0, "L1": 68.0, "L2": 90.0}
+    assert [lv for lv, _ in _outliers(lone, {}, order)] == ["L1"]
+    # a run of three thoracic bodies above three lumbar ones: the step's levels leave the median, so the
+    # levels beyond it are judged among themselves and the middle of the run is part of the step
+    run = {"T10": 170.0, "T11": 165.0, "T12": 160.0, "L1": 100.0, "L2": 105.0, "L3": 98.0}
+    assert _outliers(run, {}, order) == []
+    # one body beyond, set aside but measured (cut by the field of view), shows the step as well
+    assert _outliers({"T11": 113.0, "T12": 107.0, "L1": 70.0}, {"L2": 63.0}, order) == []
+
+
+def _rows_hu(
+    hu: dict[str, float], truncated: frozenset[str] = frozenset(), volume: float = 2000.0
+) -> dict[str, VertebraResult]:
+    """``build_vertebrae`` on levels whose heights are regular and whose ROIs read ``hu``; ``truncated``: cut
+    by the field of view, with a ROI of ``volume`` mm3."""
+    from dataclasses import replace
+
+    from dicomnode.bmd import calibration as cal
+    from dicomnode.bmd.segmentation import SpineSegmentation
+    from dicomnode.imaging.volume import Volume
+
+    vol = Volume(np.zeros((4, 4, 4), dtype=np.float32), np.eye(4))
+    seg = SpineSegmentation(
+        tuple(hu), np.zeros((4, 4, 4), dtype=np.uint8), level_uncertain=False, truncated=truncated
+    )
+    base = _stats((27.0, 27.5, 28.0), (0.5, 0.5, 0.5))
+    stats = {
+        lv: replace(base, mean=v, median=v, volume_mm3=volume if lv in truncated else base.volume_mm3)
+        for lv, v in hu.items()
+    }
+    rows = qc.build_vertebrae(
+        volume=vol,
+        canon=vol,
+        seg=seg,
+        stats=stats,
+        fit=cal.TissueFit(1.0, 0.0, {}, (), ()),
+        correction=0.0,
+        vbmd_ok=True,
+        min_roi_mm3=1000.0,
+        outline=lambda *_: None,
+    )
+    return {r.level: r for r in rows}
+
+
+def test_a_body_cut_by_the_field_of_view_shows_the_step_beside_the_last_judged_level() -> None:
+    hu = {"T11": 113.0, "T12": 107.0, "L1": 70.0, "L2": 63.0}
+    # L2 cut by the scan's edge with a full-size ROI reading like L1: L1 is judged, not set aside
+    rows = _rows_hu(hu, frozenset({"L2"}), volume=3100.0)
+    assert rows["L2"].excluded and "cut by the field of view" in (rows["L2"].exclusion_reason or "")
+    assert not rows["L1"].excluded, rows["L1"].exclusion_reason
+    # its ROI too small to trust: L1 is judged against T11-T12 alone and read as an outlier
+    rows = _rows_hu(hu, frozenset({"L2"}), volume=300.0)
+    assert rows["L1"].excluded and "outlier" in (rows["L1"].exclusion_reason or "")
