@@ -182,7 +182,7 @@ def _outliers(
     stepped: set[str] = set()  # levels of a step: kept, and no longer part of the others' median
 
     def step(lv: str, d: float) -> bool:
-        if lv not in pos:
+        if lv not in pos or any(k not in pos for k in left):
             return False
         measured = {**beside, **left}
         for o in (k for k in measured if k in pos and abs(pos[k] - pos[lv]) == 1):
@@ -191,7 +191,7 @@ def _outliers(
                 continue
             # the judged levels beyond the step (a step's levels already found are part of it)
             others = [pos[k] for k in left if k not in (lv, o) and k not in stepped]
-            if not others or any(k not in pos for k in left):
+            if not others:
                 continue
             lo, hi = min(pos[lv], pos[o]), max(pos[lv], pos[o])
             if (d < 0 and all(p < lo for p in others)) or (d > 0 and all(p > hi for p in others)):

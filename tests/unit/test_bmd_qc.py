@@ -145,6 +145,33 @@ def test_neighbour_reference_height_comes_from_end_plate_profiles_only() -> None
     assert reference_height(_stats((24.0, 26.0, 34.0), (0.5, 0.5, 0.5), step=6.4), truncated=False) is None
 
 
+def _build(
+    levels: tuple[str, ...], stats: dict[str, RoiStats], truncated: frozenset[str] = frozenset()
+) -> dict[str, VertebraResult]:
+    """``build_vertebrae`` on a 4 x 4 x 4 scene named ``levels`` (cranial to caudal), with ``stats`` for the
+    measured ones, an identity calibration and a 1000 mm3 least ROI."""
+    from dicomnode.bmd import calibration as cal
+    from dicomnode.bmd.segmentation import SpineSegmentation
+    from dicomnode.imaging.volume import Volume
+
+    vol = Volume(np.zeros((4, 4, 4), dtype=np.float32), np.eye(4))
+    seg = SpineSegmentation(
+        levels, np.zeros((4, 4, 4), dtype=np.uint8), level_uncertain=False, truncated=truncated
+    )
+    rows = qc.build_vertebrae(
+        volume=vol,
+        canon=vol,
+        seg=seg,
+        stats=stats,
+        fit=cal.TissueFit(1.0, 0.0, {}, (), ()),
+        correction=0.0,
+        vbmd_ok=True,
+        min_roi_mm3=1000.0,
+        outline=lambda *_: None,
+    )
+    return {r.level: r for r in rows}
+
+
 def _rows_for(
     heights: dict[str, tuple[float, float, float]],
     above: tuple[str, ...] = (),
@@ -154,27 +181,8 @@ def _rows_for(
 ) -> dict[str, VertebraResult]:
     """``build_vertebrae`` on three levels whose ROIs are alike but for their end-plate profile heights;
     ``above``: whole vertebrae named above them but not measured."""
-    from dicomnode.bmd import calibration as cal
-    from dicomnode.bmd.segmentation import SpineSegmentation
-    from dicomnode.imaging.volume import Volume
-
-    vol = Volume(np.zeros((4, 4, 4), dtype=np.float32), np.eye(4))
-    levels = tuple(heights)
-    seg = SpineSegmentation(above + levels, np.zeros((4, 4, 4), dtype=np.uint8), level_uncertain=False)
     stats = {lv: _stats(h, (se, se, se), (steps or {}).get(lv), dof) for lv, h in heights.items()}
-    fit = cal.TissueFit(1.0, 0.0, {}, (), ())
-    rows = qc.build_vertebrae(
-        volume=vol,
-        canon=vol,
-        seg=seg,
-        stats=stats,
-        fit=fit,
-        correction=0.0,
-        vbmd_ok=True,
-        min_roi_mm3=1000.0,
-        outline=lambda *_: None,
-    )
-    return {r.level: r for r in rows}
+    return _build(above + tuple(heights), stats)
 
 
 def test_a_wedge_between_regular_neighbours_is_a_fracture() -> None:
@@ -329,31 +337,12 @@ def _rows_hu(
     by the field of view, with a ROI of ``volume`` mm3."""
     from dataclasses import replace
 
-    from dicomnode.bmd import calibration as cal
-    from dicomnode.bmd.segmentation import SpineSegmentation
-    from dicomnode.imaging.volume import Volume
-
-    vol = Volume(np.zeros((4, 4, 4), dtype=np.float32), np.eye(4))
-    seg = SpineSegmentation(
-        tuple(hu), np.zeros((4, 4, 4), dtype=np.uint8), level_uncertain=False, truncated=truncated
-    )
     base = _stats((27.0, 27.5, 28.0), (0.5, 0.5, 0.5))
     stats = {
         lv: replace(base, mean=v, median=v, volume_mm3=volume if lv in truncated else base.volume_mm3)
         for lv, v in hu.items()
     }
-    rows = qc.build_vertebrae(
-        volume=vol,
-        canon=vol,
-        seg=seg,
-        stats=stats,
-        fit=cal.TissueFit(1.0, 0.0, {}, (), ()),
-        correction=0.0,
-        vbmd_ok=True,
-        min_roi_mm3=1000.0,
-        outline=lambda *_: None,
-    )
-    return {r.level: r for r in rows}
+    return _build(tuple(hu), stats, truncated)
 
 
 def test_a_body_cut_by_the_field_of_view_shows_the_step_beside_the_last_judged_level() -> None:
